@@ -1,0 +1,140 @@
+"""The Python API: bring a ``torch.nn.Module``, federated data and a loss; train with one call.
+
+    import flotilla
+    result = flotilla.train(model, {"alice": ds_a, "bob": ds_b}, rounds=20, cohort=2)
+
+The CLI (``flotilla run``) is a thin layer over :func:`train` and :func:`run_experiment`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from flotilla.config import ConfigError, ExperimentConfig, validate
+from flotilla.core.client import ClientSpec, LossFn
+from flotilla.core.evaluate import evaluate
+from flotilla.core.server_opt import ServerOptimizerSpec
+from flotilla.data.base import FederatedDataset, from_torch_datasets
+from flotilla.runner import Runner
+from flotilla.runs.rundir import RunDir
+from flotilla.sim.sync import SyncFedAvg
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module                  # the user's module, holding the final global weights
+    weights: torch.Tensor             # the final global weights as one flat vector
+    history: list[dict[str, Any]]     # one metrics record per round
+    run_dir: Path | None
+
+
+def as_federated(data) -> FederatedDataset:
+    """Accept a FederatedDataset, a ``{client: Dataset}`` mapping, or a ``(train, test)`` pair of them."""
+    if isinstance(data, FederatedDataset):
+        return data
+    if isinstance(data, tuple) and len(data) == 2 and all(isinstance(d, Mapping) for d in data):
+        return from_torch_datasets(data[0], data[1])
+    if isinstance(data, Mapping):
+        return from_torch_datasets(data)
+    raise TypeError(f"data: expected a FederatedDataset, a {{client: Dataset}} mapping or a (train, test) pair, got {type(data).__name__}")
+
+
+def eval_clients(dataset: FederatedDataset, max_clients: int | None, seed: int) -> list[int]:
+    """All clients with test data, or a fixed seeded subset of them."""
+    have_test = [c for c in range(dataset.num_clients) if dataset.num_test(c) > 0]
+    if max_clients is not None and max_clients < len(have_test):
+        rng = np.random.default_rng([seed, 0xE7A1])
+        have_test = sorted(rng.choice(have_test, size=max_clients, replace=False).tolist())
+    return have_test
+
+
+def train(
+    model: nn.Module,
+    data,
+    loss_fn: LossFn = F.cross_entropy,
+    *,
+    rounds: int = 10,
+    cohort: int = 10,
+    client: ClientSpec | Mapping[str, Any] = ClientSpec(),
+    server: ServerOptimizerSpec | Mapping[str, Any] = ServerOptimizerSpec(),
+    weighting: str = "examples",
+    seed: int = 0,
+    eval_every: int = 1,
+    eval_max_clients: int | None = None,
+    eval_batch_size: int = 1024,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    checkpoint_every: int = 1,
+    progress: bool = False,
+    tensorboard: bool = False,
+) -> TrainResult:
+    """Synchronous federated training of ``model`` (in place) on ``data``.
+
+    ``client`` and ``server`` accept the spec dataclasses or plain dicts of their fields
+    (``server={"name": "fedadam", "lr": 0.01}``).  With ``run_dir`` set, metrics, checkpoints,
+    the final model and a plot are written there; ``resume=True`` continues from its checkpoint.
+    """
+    dataset = as_federated(data)
+    client = client if isinstance(client, ClientSpec) else ClientSpec(**client)
+    server = server if isinstance(server, ServerOptimizerSpec) else ServerOptimizerSpec(**server)
+    algorithm = SyncFedAvg(model, dataset, loss_fn, cohort=cohort, client=client, server=server, weighting=weighting, seed=seed)
+    clients = eval_clients(dataset, eval_max_clients, seed)
+    evaluate_fn = (lambda w: evaluate(algorithm.flat, w, dataset, clients, loss_fn, eval_batch_size)) if clients else None
+    rd = RunDir(run_dir) if run_dir is not None else None
+    runner = Runner(algorithm, evaluate_fn, rounds=rounds, eval_every=eval_every, run_dir=rd,
+                    checkpoint_every=checkpoint_every, progress=progress, tensorboard=tensorboard)
+    if resume:
+        runner.resume()
+    elif rd is not None:
+        rd.path.mkdir(parents=True, exist_ok=True)
+        if rd.metrics_file.exists():
+            rd.metrics_file.unlink()
+    history = runner.run()
+    algorithm.flat.load(algorithm.weights)
+    return TrainResult(model, algorithm.weights.clone(), history, rd.path if rd else None)
+
+
+# --- config-driven experiments (what `flotilla run` calls) -----------------------------------
+def _run_name(cfg: ExperimentConfig) -> str:
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return f"{cfg.task.name}-{cfg.server.optimizer}-{stamp}"
+
+
+def run_experiment(cfg: ExperimentConfig, run_dir: str | Path | None = None, resume: bool = False) -> TrainResult:
+    """Build the task named in ``cfg`` and train it, writing a run directory."""
+    from flotilla.tasks.registry import build_task
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    task = build_task(cfg.task, cfg.seed)
+    if cfg.cohort > task.dataset.num_clients:
+        raise ConfigError(f"invalid config:\n  cohort: {cfg.cohort} is larger than the population ({task.dataset.num_clients} clients in {cfg.task.name})")
+    path = Path(run_dir) if run_dir is not None else Path(cfg.output.dir) / (cfg.output.name or _run_name(cfg))
+    rd = RunDir(path)
+    if not resume:
+        if rd.has_state():
+            raise FileExistsError(f"{path} already holds a run; use --resume {path} or another output.name")
+        rd.write_config(cfg.model_dump(mode="json"))
+    c, s = cfg.client, cfg.server
+    return train(
+        task.model, task.dataset, task.loss_fn, rounds=cfg.rounds, cohort=cfg.cohort,
+        client=ClientSpec(c.epochs, c.steps, c.batch_size, c.lr, c.momentum, c.weight_decay),
+        server=ServerOptimizerSpec(s.optimizer, s.lr, s.momentum, s.beta1, s.beta2, s.tau),
+        weighting=cfg.weighting, seed=cfg.seed, eval_every=cfg.eval.every, eval_max_clients=cfg.eval.max_clients,
+        eval_batch_size=cfg.eval.batch_size, run_dir=path, resume=resume, checkpoint_every=cfg.output.checkpoint_every,
+        progress=cfg.output.progress, tensorboard=cfg.output.tensorboard,
+    )
+
+
+def resume_experiment(run_dir: str | Path) -> TrainResult:
+    cfg = validate(RunDir(run_dir).read_config())
+    return run_experiment(cfg, run_dir=run_dir, resume=True)

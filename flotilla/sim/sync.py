@@ -1,0 +1,88 @@
+"""Synchronous federated rounds in one process: the default runtime.
+
+One round: sample a cohort uniformly without replacement, train each client in turn on the
+one shared model (in place), add its delta into the aggregator, then take one server step.
+All randomness is derived from (seed, round, client), so any round can be replayed and a
+resumed run is bit-identical to an uninterrupted one.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from flotilla.core.aggregate import WeightedMean
+from flotilla.core.client import ClientSpec, LocalTrainer, LossFn, client_seed
+from flotilla.core.flat import FlatModel
+from flotilla.core.server_opt import ServerOptimizer, ServerOptimizerSpec
+from flotilla.data.base import FederatedDataset
+
+
+def sample_cohort(seed: int, round_: int, population: int, cohort: int) -> np.ndarray:
+    """``cohort`` distinct clients out of ``population``, uniformly, reproducible per round."""
+    rng = np.random.default_rng([seed, round_, 0x5EED])
+    return rng.choice(population, size=cohort, replace=False)
+
+
+class SyncFedAvg:
+    """The FedAvg family: FedAvg, FedAvgM, FedAdam, FedYogi, FedAdagrad (by server optimizer)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        dataset: FederatedDataset,
+        loss_fn: LossFn,
+        *,
+        cohort: int,
+        client: ClientSpec = ClientSpec(),
+        server: ServerOptimizerSpec = ServerOptimizerSpec(),
+        weighting: str = "examples",
+        seed: int = 0,
+        aggregator=None,
+    ):
+        if not 1 <= cohort <= dataset.num_clients:
+            raise ValueError(f"cohort: must be between 1 and the population size {dataset.num_clients}, got {cohort}")
+        if weighting not in ("examples", "uniform"):
+            raise ValueError(f"weighting: must be 'examples' or 'uniform', got {weighting!r}")
+        self.dataset = dataset
+        self.flat = FlatModel(model)
+        self.weights = self.flat.flat.clone()          # the global model
+        self.delta = torch.empty(self.flat.numel)      # reused by every client
+        self.server_opt = ServerOptimizer(server, self.flat.numel)
+        self.aggregator = aggregator if aggregator is not None else WeightedMean(self.flat.numel)
+        self.trainer = LocalTrainer(self.flat, loss_fn, client)
+        self.cohort = cohort
+        self.weighting = weighting
+        self.seed = seed
+        self.round = 0
+
+    def step(self) -> dict[str, float]:
+        """Run one round; return its training metrics."""
+        clients = sample_cohort(self.seed, self.round, self.dataset.num_clients, self.cohort)
+        self.aggregator.reset()
+        loss_sum = seen = 0.0
+        for c in clients.tolist():
+            r = self.trainer.train(self.dataset, c, self.weights, client_seed(self.seed, self.round, c), self.delta)
+            weight = float(r.num_examples) if self.weighting == "examples" else 1.0
+            if r.num_examples > 0:
+                self.aggregator.add(self.delta, weight, c)
+            loss_sum += r.loss * r.examples_seen
+            seen += r.examples_seen
+        if self.aggregator.count:
+            self.server_opt.step(self.weights, self.aggregator.result())
+        self.round += 1
+        return {"round": self.round, "train_loss": loss_sum / max(seen, 1), "examples_seen": seen, "clients": len(clients)}
+
+    # -- checkpointing -------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {"weights": self.weights.clone(), "round": torch.tensor(self.round)}
+        state.update({f"server_opt.{k}": v for k, v in self.server_opt.state_dict().items()})
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if state["weights"].shape != self.weights.shape:
+            raise ValueError(f"checkpoint has {state['weights'].numel()} weights, model has {self.weights.numel()}")
+        opt = {k.removeprefix("server_opt."): v for k, v in state.items() if k.startswith("server_opt.")}
+        self.server_opt.load_state_dict(opt)
+        self.weights.copy_(state["weights"])
+        self.round = int(state["round"])
