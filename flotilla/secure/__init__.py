@@ -1,0 +1,17 @@
+"""Secure aggregation: the server learns only the sum of client updates.
+
+- ``SecureAggregator``: the sync aggregator interface over Bonawitz et al.'s protocol (SecAgg+ option).
+- ``SecureBuffer``: an enclave-style buffer for async (FedBuff) aggregation.
+- ``SecAggClient`` / ``SecAggServer``: the protocol's message-passing state machines.
+See docs/security.md for the threat model.
+"""
+from flotilla.secure.encoding import FixedPointEncoder
+from flotilla.secure.errors import (BufferNotReady, ProtocolError, ReplayedMessage, SecAggAborted, SecAggError,
+                                    TamperedMessage)
+from flotilla.secure.graph import default_degree, neighbours
+from flotilla.secure.protocol import SecAggClient, SecAggConfig, SecAggServer
+
+__all__ = [
+    "FixedPointEncoder", "SecAggClient", "SecAggConfig", "SecAggServer", "default_degree", "neighbours",
+    "SecAggError", "SecAggAborted", "ProtocolError", "TamperedMessage", "ReplayedMessage", "BufferNotReady",
+]

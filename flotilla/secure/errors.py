@@ -1,0 +1,33 @@
+"""Errors raised by secure aggregation.
+
+Every rejection leaves the receiver's state exactly as it was before the bad message, so an honest
+retry (or simply carrying on without the bad party) still gives the right aggregate.  Rejections of
+a single message also subclass ``UpdateRejected`` so aggregator callers can catch one type.
+"""
+from __future__ import annotations
+
+from flotilla.core.aggregate import UpdateRejected
+
+
+class SecAggError(Exception):
+    """Base class of every secure-aggregation error."""
+
+
+class SecAggAborted(SecAggError):
+    """Too few parties survived to finish the round; nothing about any input was disclosed."""
+
+
+class ProtocolError(SecAggError, UpdateRejected):
+    """A message was malformed, out of order, from an unexpected party, or for another round."""
+
+
+class TamperedMessage(ProtocolError):
+    """Authentication failed: a ciphertext, share or commitment does not verify."""
+
+
+class ReplayedMessage(ProtocolError):
+    """The same message (or nonce) was already accepted once."""
+
+
+class BufferNotReady(SecAggError):
+    """The secure buffer holds fewer than K updates and will not release their sum."""
