@@ -76,17 +76,24 @@ def train(
     checkpoint_every: int = 1,
     progress: bool = False,
     tensorboard: bool = False,
+    workers: int = 1,
 ) -> TrainResult:
     """Synchronous federated training of ``model`` (in place) on ``data``.
 
     ``client`` and ``server`` accept the spec dataclasses or plain dicts of their fields
     (``server={"name": "fedadam", "lr": 0.01}``).  With ``run_dir`` set, metrics, checkpoints,
     the final model and a plot are written there; ``resume=True`` continues from its checkpoint.
+    ``workers=N`` trains each round's cohort in N processes (Linux; see flotilla.sim.parallel).
     """
     dataset = as_federated(data)
     client = client if isinstance(client, ClientSpec) else ClientSpec(**client)
     server = server if isinstance(server, ServerOptimizerSpec) else ServerOptimizerSpec(**server)
-    algorithm = SyncFedAvg(model, dataset, loss_fn, cohort=cohort, client=client, server=server, weighting=weighting, seed=seed)
+    if workers > 1:
+        from flotilla.sim.parallel import ParallelFedAvg
+        algorithm = ParallelFedAvg(model, dataset, loss_fn, cohort=cohort, client=client, server=server,
+                                   weighting=weighting, seed=seed, workers=workers)
+    else:
+        algorithm = SyncFedAvg(model, dataset, loss_fn, cohort=cohort, client=client, server=server, weighting=weighting, seed=seed)
     clients = eval_clients(dataset, eval_max_clients, seed)
     evaluate_fn = (lambda w: evaluate(algorithm.flat, w, dataset, clients, loss_fn, eval_batch_size)) if clients else None
     rd = RunDir(run_dir) if run_dir is not None else None
@@ -98,7 +105,11 @@ def train(
         rd.path.mkdir(parents=True, exist_ok=True)
         if rd.metrics_file.exists():
             rd.metrics_file.unlink()
-    history = runner.run()
+    try:
+        history = runner.run()
+    finally:
+        if hasattr(algorithm, "close"):
+            algorithm.close()
     algorithm.flat.load(algorithm.weights)
     return TrainResult(model, algorithm.weights.clone(), history, rd.path if rd else None)
 
@@ -131,7 +142,7 @@ def run_experiment(cfg: ExperimentConfig, run_dir: str | Path | None = None, res
         server=ServerOptimizerSpec(s.optimizer, s.lr, s.momentum, s.beta1, s.beta2, s.tau),
         weighting=cfg.weighting, seed=cfg.seed, eval_every=cfg.eval.every, eval_max_clients=cfg.eval.max_clients,
         eval_batch_size=cfg.eval.batch_size, run_dir=path, resume=resume, checkpoint_every=cfg.output.checkpoint_every,
-        progress=cfg.output.progress, tensorboard=cfg.output.tensorboard,
+        progress=cfg.output.progress, tensorboard=cfg.output.tensorboard, workers=cfg.workers,
     )
 
 

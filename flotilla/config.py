@@ -92,6 +92,7 @@ class ExperimentConfig(Strict):
     cohort: int = Field(10, ge=1, description="clients per round (must not exceed the population)")
     weighting: Literal["examples", "uniform"] = Field("examples", description="weight client deltas by example count or uniformly")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's choice)")
+    workers: int = Field(1, ge=1, description="processes that train each round's cohort (Linux; 1 = in-process)")
     client: ClientConfig = ClientConfig()
     server: ServerConfig = ServerConfig()
     eval: EvalConfig = EvalConfig()
