@@ -5,6 +5,8 @@
 - ``SecAggClient`` / ``SecAggServer``: the protocol's message-passing state machines.
 See docs/security.md for the threat model.
 """
+from flotilla.secure.aggregator import DropoutSim, SecureAggregator
+from flotilla.secure.buffer import Assignment, EncryptedUpdate, Release, SecureBuffer, seal_update
 from flotilla.secure.encoding import FixedPointEncoder
 from flotilla.secure.errors import (BufferNotReady, ProtocolError, ReplayedMessage, SecAggAborted, SecAggError,
                                     TamperedMessage)
@@ -12,6 +14,7 @@ from flotilla.secure.graph import default_degree, neighbours
 from flotilla.secure.protocol import SecAggClient, SecAggConfig, SecAggServer
 
 __all__ = [
+    "SecureAggregator", "DropoutSim", "SecureBuffer", "Assignment", "EncryptedUpdate", "Release", "seal_update",
     "FixedPointEncoder", "SecAggClient", "SecAggConfig", "SecAggServer", "default_degree", "neighbours",
     "SecAggError", "SecAggAborted", "ProtocolError", "TamperedMessage", "ReplayedMessage", "BufferNotReady",
 ]

@@ -1,0 +1,217 @@
+"""``SecureAggregator``: the synchronous aggregator interface (see flotilla/core/aggregate.py) run
+through the secure-aggregation protocol, with every party simulated in this process.
+
+The cohort size is fixed up front: on the first ``add`` of a round the key rounds (0 and 1) run for
+``cohort`` protocol slots, as a deployment would run them before training.  The i-th ``add`` of a
+round is the client in slot i: it clips and encodes ``weight * delta`` (plus the weight itself as an
+extra coordinate), masks it and sends it.  The server only ever holds the running sum of masked
+vectors.  ``result()`` runs the unmasking round and returns the weighted mean.  Slots that never
+receive an ``add`` are clients that dropped before sending their masked input; their pairwise masks
+are removed through the survivors' shares.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from flotilla.core.aggregate import UpdateRejected, check_update
+from flotilla.secure.encoding import FixedPointEncoder
+from flotilla.secure.errors import SecAggAborted
+from flotilla.secure.graph import default_degree
+from flotilla.secure.protocol import SecAggClient, SecAggConfig, SecAggServer
+from flotilla.secure.prg import PRG
+
+STAGES = ("advertise", "share", "mask", "unmask")
+
+
+@dataclass
+class DropoutSim:
+    """Which protocol slots drop out, and before finishing which stage.
+
+    The rates are fractions of the cohort (rounded to whole clients) dropping:
+      advertise: before advertising keys         -> its update is lost
+      share:     before sharing its secrets      -> lost
+      mask:      before sending its masked input -> lost; its pairwise masks are recovered
+      unmask:    after its masked input, before revealing shares -> its update IS in the sum
+    ``slots`` pins stages for given slots (1-based arrival order), overriding the rates.
+    """
+    advertise: float = 0.0
+    share: float = 0.0
+    mask: float = 0.0
+    unmask: float = 0.0
+    seed: int = 0
+    slots: dict[int, str] = field(default_factory=dict)
+
+    def draw(self, cohort: int, round_: int) -> dict[int, str]:
+        rng = np.random.default_rng([self.seed, round_])
+        order = (rng.permutation(cohort) + 1).tolist()
+        out: dict[int, str] = {}
+        for stage in STAGES:
+            for _ in range(round(getattr(self, stage) * cohort)):
+                if order:
+                    out[order.pop()] = stage
+        for slot, stage in self.slots.items():
+            if stage not in STAGES:
+                raise ValueError(f"dropout stage must be one of {STAGES}, got {stage!r}")
+            out[slot] = stage
+        return out
+
+
+class SecureAggregator:
+    """Weighted mean of client deltas where the server sees only masked vectors and their sum.
+
+    numel:      model size.
+    cohort:     clients per round (protocol slots); more ``add`` calls in a round are rejected.
+    clip:       per-coordinate bound on each delta; larger values are clipped (counted in ``clipped``).
+    max_weight: public bound on a client's weight; the weight w enters as w / max_weight <= 1.
+    bits:       ring Z_{2^bits}; 32 is faster, 64 gives ~2^19 times finer quantisation.
+    degree:     None: complete graph (Bonawitz); "auto": SecAgg+ with ~4 log2(cohort) neighbours; or k.
+    threshold:  shares needed to recover a secret (default: strict majority of a neighbourhood).
+    dropout:    simulated dropouts (DropoutSim).
+    noise_fn:   optional central-DP hook: applied by the server to the unmasked weighted sum
+                sum_i (w_i / max_weight) * clip(d_i) (float32 tensor) before dividing by the weight sum.
+    """
+
+    def __init__(self, numel: int, cohort: int, *, clip: float = 1.0, max_weight: float = 1.0, bits: int = 32,
+                 degree: int | str | None = None, threshold: int | None = None, dropout: DropoutSim | None = None,
+                 noise_fn: Callable[[torch.Tensor], torch.Tensor] | None = None, validate: bool = True):
+        if not (math.isfinite(max_weight) and max_weight > 0):
+            raise ValueError(f"max_weight: must be a positive finite number, got {max_weight}")
+        self.numel = numel
+        self.cohort = cohort
+        self.max_weight = float(max_weight)
+        self.degree = default_degree(cohort) if degree == "auto" else degree
+        self.threshold = threshold
+        self.bits = bits
+        self.encoder = FixedPointEncoder(clip, cohort, bits)
+        self.dropout = dropout or DropoutSim()
+        self.noise_fn = noise_fn
+        self.validate = validate
+        self._prg = PRG(numel + 1, self.encoder.dtype)   # one keystream buffer shared by all simulated parties
+        self._ring = np.empty(numel + 1, self.encoder.dtype)
+        self._out = torch.zeros(numel)
+        self.rounds = 0
+        self.timing = {"client_s": 0.0, "server_s": 0.0}  # cumulative protocol compute, for benchmarks
+        self.reset()
+
+    def reset(self) -> None:
+        self._server: SecAggServer | None = None
+        self._clients: dict[int, SecAggClient] = {}
+        self._bundles = {}
+        self._aborted: SecAggAborted | None = None
+        self._slots: dict[int, object] = {}               # slot -> caller's client id
+        self._done = False
+        self.count = 0
+        self.included: list = []                          # client ids whose update is in the result
+        self.dropped: dict = {}                           # client id -> stage it dropped at
+        self.clipped = 0
+
+    @property
+    def config(self) -> SecAggConfig | None:
+        return self._server.config if self._server else None
+
+    # -- protocol plumbing --------------------------------------------------------------
+    def _timed(self, side: str, fn, *args):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.timing[side] += time.perf_counter() - t0
+
+    def _setup(self) -> None:
+        """Rounds 0 and 1 for every slot (data-independent: a deployment runs them before training)."""
+        cfg = SecAggConfig(length=self.numel + 1, cohort=self.cohort, bits=self.bits, degree=self.degree,
+                           threshold=self.threshold)
+        self._server = server = SecAggServer(cfg, self._prg)
+        self._stages = self.dropout.draw(self.cohort, self.rounds)
+        self.rounds += 1
+        self._clients = {s: SecAggClient(s, cfg, self._prg) for s in range(1, self.cohort + 1)}
+        try:
+            live = [s for s in self._clients if self._stages.get(s) != "advertise"]
+            for s in live:
+                server.receive_advertise(self._timed("client_s", self._clients[s].advertise))
+            directory = self._timed("server_s", server.close_advertise)
+            live = [s for s in live if self._stages.get(s) != "share"]
+            for s in live:
+                server.receive_shares(self._timed("client_s", self._clients[s].share_keys, directory))
+            self._bundles = self._timed("server_s", server.close_shares)
+        except SecAggAborted as e:
+            self._aborted = e
+
+    # -- aggregator interface -----------------------------------------------------------
+    def add(self, delta: torch.Tensor, weight: float = 1.0, client: int | str | None = None) -> None:
+        where = f"update from client {client}" if client is not None else "update"
+        if self._done:
+            raise UpdateRejected(f"{where}: the round is finished; call reset() first")
+        if self.validate:
+            check_update(delta, self.numel, where)
+        if not (math.isfinite(weight) and weight > 0):
+            raise UpdateRejected(f"{where}: weight must be a positive finite number, got {weight}")
+        if weight > self.max_weight:
+            raise UpdateRejected(f"{where}: weight {weight} exceeds max_weight {self.max_weight} "
+                                 f"(secure aggregation needs a public bound on weights; raise max_weight)")
+        if len(self._slots) >= self.cohort:
+            raise UpdateRejected(f"{where}: this round already has {self.cohort} clients (the cohort size)")
+        if self._server is None:
+            self._setup()
+        if self._aborted is not None:
+            raise self._aborted
+        slot = len(self._slots) + 1
+        self._slots[slot] = client
+        stage = self._stages.get(slot)
+        if stage in ("advertise", "share", "mask"):
+            self.dropped[client] = stage                  # this update never reaches the server
+            return
+
+        t0 = time.perf_counter()
+        d = delta.detach().numpy()
+        self.clipped += int(np.count_nonzero(np.abs(d) > self.encoder.clip))
+        factor = weight / self.max_weight
+        ring = self._ring
+        ring[:-1] = self.encoder.encode(d, factor)
+        ring[-1] = self.encoder.encode([self.encoder.clip], factor)[0]   # the weight travels masked too
+        msg = self._clients[slot].masked_input(self._bundles[slot], ring)
+        self.timing["client_s"] += time.perf_counter() - t0
+        self._timed("server_s", self._server.receive_masked_input, msg)
+        self.count += 1
+        self.included.append(client)
+        if stage == "unmask":
+            self.dropped[client] = stage                  # included, but will not help unmask
+
+    def result(self) -> torch.Tensor:
+        if self._done:
+            return self._out
+        if self.count == 0:
+            raise RuntimeError("no updates to aggregate")
+        server = self._server
+        request = self._timed("server_s", server.close_masked_input)
+        for slot in sorted(request.survivors):
+            if self._stages.get(slot) != "unmask":
+                server.receive_unmask(self._timed("client_s", self._clients[slot].unmask, request))
+        t0 = time.perf_counter()
+        total = server.finish()
+        dec = self.encoder.decode(total)
+        weight_sum = dec[-1] / self.encoder.clip          # sum_i w_i / max_weight
+        s = torch.from_numpy(dec[:-1]).to(torch.float32)
+        if self.noise_fn is not None:
+            s = self.noise_fn(s)
+        torch.div(s, weight_sum, out=self._out)
+        self.timing["server_s"] += time.perf_counter() - t0
+        self.weight_sum = weight_sum * self.max_weight
+        self._done = True
+        self._clients, self._bundles = {}, {}             # secrets of the finished round are gone
+        return self._out
+
+    def error_bound(self) -> float:
+        """Worst-case per-coordinate error of the last result() against the exact weighted mean of the
+        clipped deltas: fixed-point quantisation plus float32 rounding of the output."""
+        n, step, clip = self.count, self.encoder.step, self.encoder.clip
+        wn = self.weight_sum / self.max_weight            # decoded sum of w_i / max_weight
+        # Sum S and weight sum W decode with |dS| <= n*step and |dW| <= n*step/clip (module encoding).
+        # S/W is a weighted mean of values in [-clip, clip], so |S'/W' - S/W| <= (|dS| + clip*|dW|) / W'.
+        return 2 * n * step / wn + clip * 2.0 ** -22
