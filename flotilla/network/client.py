@@ -1,0 +1,387 @@
+"""The device side: a TLS connection to a Flotilla server, and a device loop that trains on local data.
+
+    from flotilla.client import Device
+    device = Device("server.example:50051", token, model=MyNet(), data=(x, y), ca="certs/ca.pem")
+    report = device.run()      # check in, download, train, upload ... until the server says done
+
+Training uses the simulator's :class:`~flotilla.core.client.LocalTrainer` on one flat model, with
+the local settings and seed that the server's assignment names.  Connection failures (server
+restarting, network down) are retried with exponential backoff and jitter; an upload interrupted
+by a restart is sent again with the same ticket, and the server's "already accepted" answer counts
+as success (the server keeps exactly one copy).  :class:`Connection` is the low-level API (one RPC
+per method) that :class:`Device` is built on.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from flotilla.core.client import ClientSpec, LocalTrainer, LossFn
+from flotilla.core.flat import FlatModel
+from flotilla.data.base import FederatedDataset, from_torch_datasets
+from flotilla.network import wire
+from flotilla.network.wire import pb
+
+log = logging.getLogger("flotilla.client")
+
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
+
+
+class Refused(RuntimeError):
+    """The server refused a request; ``code`` is the gRPC status, ``str()`` the server's reason."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.details = message
+
+
+def _refused(err: grpc.RpcError) -> Refused:
+    return Refused(err.code(), err.details() or "")
+
+
+@dataclass
+class Assignment:
+    id: str
+    ticket: str
+    version: int
+    round: int
+    seed: int
+    client: ClientSpec
+    numel: int
+    expires_in_s: float
+
+
+@dataclass
+class CheckIn:
+    action: str                      # "train" | "wait" | "done"
+    assignment: Assignment | None
+    retry_after_s: float
+    task: dict[str, Any]
+    device_id: str
+    message: str = ""
+
+
+def _read(path: str | Path | None, what: str) -> bytes | None:
+    if path is None:
+        return None
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{what}: {p} not found")
+    return p.read_bytes()
+
+
+class Connection:
+    """One TLS channel to a server, authenticated with a device token; one method per RPC."""
+
+    def __init__(
+        self,
+        server: str,
+        token: str | None,
+        *,
+        ca: str | Path | None = None,
+        cert: str | Path | None = None,
+        key: str | Path | None = None,
+        server_name: str | None = None,
+        compression: str | None = None,
+        chunk_bytes: int = wire.DEFAULT_CHUNK_BYTES,
+        max_message_bytes: int = wire.DEFAULT_MAX_MESSAGE_BYTES,
+        timeout_s: float = 120.0,
+    ):
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=_read(ca, "ca"), private_key=_read(key, "key"), certificate_chain=_read(cert, "cert"))
+        options = wire.channel_options(max_message_bytes)
+        if server_name:
+            options.append(("grpc.ssl_target_name_override", server_name))
+        self.server = server
+        self.chunk_bytes = chunk_bytes
+        self.timeout_s = timeout_s
+        self.channel = grpc.secure_channel(server, creds, options=options, compression=wire.compression(compression))
+        self.metadata = ((wire.AUTH_HEADER, f"Bearer {token}"),) if token else ()
+        ser = lambda m: m.SerializeToString()  # noqa: E731
+        self._check_in = self.channel.unary_unary(wire.CHECK_IN, ser, pb.CheckInReply.FromString)
+        self._download = self.channel.unary_stream(wire.DOWNLOAD, ser, pb.ModelChunk.FromString)
+        self._upload = self.channel.stream_unary(wire.UPLOAD, ser, pb.UploadReply.FromString)
+        self._status = self.channel.unary_unary(wire.STATUS, ser, pb.StatusReply.FromString)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def check_in(self, num_examples: int = 0) -> CheckIn:
+        try:
+            r = self._check_in(pb.CheckInRequest(num_examples=num_examples, sdk_version=wire.SDK_VERSION),
+                               metadata=self.metadata, timeout=self.timeout_s)
+        except grpc.RpcError as e:
+            raise _refused(e) from None
+        action = {pb.CheckInReply.WAIT: "wait", pb.CheckInReply.TRAIN: "train", pb.CheckInReply.DONE: "done"}[r.action]
+        a = None
+        if action == "train":
+            x = r.assignment
+            a = Assignment(x.assignment_id, x.ticket, x.version, x.round, x.seed,
+                           ClientSpec(**json.loads(x.client_json)), x.numel, x.expires_in_s)
+        return CheckIn(action, a, r.retry_after_s, json.loads(r.task_json or "{}"), r.device_id, r.message)
+
+    def download(self, version: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The model at ``version`` as a flat float32 vector (written into ``out`` if given)."""
+        view = None
+        received = 0
+        try:
+            for chunk in self._download(pb.DownloadRequest(version=version), metadata=self.metadata, timeout=self.timeout_s):
+                if view is None:
+                    if chunk.total_bytes % 4:
+                        raise Refused(grpc.StatusCode.DATA_LOSS, f"model of {chunk.total_bytes} bytes is not float32")
+                    if out is None:
+                        out = torch.empty(chunk.total_bytes // 4, dtype=torch.float32)
+                    if out.numel() * 4 != chunk.total_bytes:
+                        raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                                      f"the server's model has {chunk.total_bytes // 4} parameters, this device's has {out.numel()}")
+                    view = memoryview(out.numpy()).cast("B")
+                n = len(chunk.data)
+                if chunk.offset != received or received + n > len(view):
+                    raise Refused(grpc.StatusCode.DATA_LOSS, f"model chunk at offset {chunk.offset} out of order")
+                view[received:received + n] = chunk.data
+                received += n
+        except grpc.RpcError as e:
+            raise _refused(e) from None
+        if view is None or received != len(view):
+            raise Refused(grpc.StatusCode.DATA_LOSS, f"model download ended after {received} bytes")
+        return out
+
+    def upload(self, assignment: Assignment, delta: torch.Tensor, num_examples: int,
+               train_loss: float = 0.0, examples_seen: int = 0, steps: int = 0) -> tuple[int, int]:
+        """Send ``delta`` (trained from ``assignment.version``); returns ``(ledger seq, server version)``."""
+        data = delta.detach().contiguous().numpy()
+        return self.upload_raw(assignment.ticket, assignment.version, str(data.dtype), list(delta.shape), data,
+                               num_examples, train_loss, examples_seen, steps)
+
+    def upload_raw(self, ticket: str, base_version: int, dtype: str, shape: list[int], data,
+                   num_examples: int, train_loss: float = 0.0, examples_seen: int = 0, steps: int = 0,
+                   chunk_bytes: int | None = None) -> tuple[int, int]:
+        """Send any header and bytes (the protocol as is, for tests and other SDKs)."""
+        header = pb.UploadHeader(ticket=ticket, base_version=base_version, dtype=dtype, shape=shape,
+                                 num_examples=num_examples, train_loss=train_loss, examples_seen=examples_seen, steps=steps)
+
+        def parts():
+            yield pb.UploadPart(header=header)
+            for part in wire.chunks(data, chunk_bytes or self.chunk_bytes):
+                yield pb.UploadPart(data=bytes(part))
+        try:
+            r = self._upload(parts(), metadata=self.metadata, timeout=self.timeout_s)
+        except grpc.RpcError as e:
+            raise _refused(e) from None
+        return r.seq, r.version
+
+    def status(self) -> dict[str, Any]:
+        try:
+            return json.loads(self._status(pb.StatusRequest(), metadata=self.metadata, timeout=self.timeout_s).json)
+        except grpc.RpcError as e:
+            raise _refused(e) from None
+
+
+def as_device_data(data, client: int = 0) -> tuple[FederatedDataset, int]:
+    """A device's own data as ``(FederatedDataset, client index)``.
+
+    Accepts ``(x, y)`` tensors, a torch ``Dataset`` of ``(x, y)`` items, or a FederatedDataset
+    (``client`` picks which of its clients this device is)."""
+    if isinstance(data, FederatedDataset):
+        if not 0 <= client < data.num_clients:
+            raise ValueError(f"client: {client} is not a client of {data.name} (0..{data.num_clients - 1})")
+        return data, client
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        x, y = data
+        if len(x) != len(y):
+            raise ValueError(f"data: x has {len(x)} examples but y has {len(y)}")
+        return FederatedDataset("device", lambda idx: (x[idx], y[idx]), [torch.arange(len(x))]), 0
+    if isinstance(data, torch.utils.data.Dataset):
+        return from_torch_datasets({"device": data}), 0
+    raise TypeError(f"data: expected (x, y) tensors, a torch Dataset or a FederatedDataset, got {type(data).__name__}")
+
+
+def save_device_data(path: str | Path, x: torch.Tensor, y: torch.Tensor) -> None:
+    """Write one device's data as the safetensors file ``flotilla join --data`` reads (keys x, y)."""
+    from safetensors.torch import save_file
+    save_file({"x": x.contiguous(), "y": y.contiguous()}, str(path))
+
+
+def load_device_data(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+    from safetensors.torch import load_file
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"--data: {p} not found")
+    try:
+        t = load_file(str(p))
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types
+        raise ValueError(f"--data: {p} is not a safetensors file ({e})") from None
+    missing = {"x", "y"} - set(t)
+    if missing:
+        raise ValueError(f"--data: {p} lacks tensor(s) {sorted(missing)} (expected keys 'x' and 'y')")
+    return t["x"], t["y"]
+
+
+def export_clients(dataset: FederatedDataset, out_dir: str | Path, clients: list[int] | None = None) -> list[Path]:
+    """Write each client's training data to ``out_dir/client<i>.safetensors`` (for test deployments)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for c in clients if clients is not None else range(dataset.num_clients):
+        x, y = dataset.fetch(dataset.train_indices[c])
+        p = out / f"client{c}.safetensors"
+        save_device_data(p, x, y)
+        paths.append(p)
+    return paths
+
+
+@dataclass
+class Backoff:
+    """Exponential backoff with full jitter, reset after a success."""
+    initial_s: float = 0.2
+    max_s: float = 5.0
+    give_up_after_s: float = 300.0
+    _attempt: int = 0
+    _since: float | None = None
+
+    def reset(self) -> None:
+        self._attempt = 0
+        self._since = None
+
+    def wait(self, error: Exception) -> None:
+        now = time.monotonic()
+        if self._since is None:
+            self._since = now
+        if now - self._since > self.give_up_after_s:
+            raise ConnectionError(f"server unreachable for {now - self._since:.0f} s, giving up: {error}") from error
+        delay = min(self.max_s, self.initial_s * 2 ** self._attempt) * random.uniform(0.5, 1.0)
+        self._attempt += 1
+        time.sleep(delay)
+
+
+@dataclass
+class DeviceReport:
+    accepted: list[dict[str, Any]] = field(default_factory=list)   # {seq, version, assignment}
+    refused: list[str] = field(default_factory=list)
+    reconnects: int = 0
+    tasks: int = 0
+
+
+class Device:
+    """A device: trains ``model`` on its own ``data`` whenever the server assigns it work."""
+
+    def __init__(
+        self,
+        server: str,
+        token: str,
+        model: nn.Module,
+        data,
+        loss_fn: LossFn = F.cross_entropy,
+        *,
+        client: int = 0,
+        ca: str | Path | None = None,
+        cert: str | Path | None = None,
+        key: str | Path | None = None,
+        server_name: str | None = None,
+        compression: str | None = None,
+        backoff: Backoff | None = None,
+        max_tasks: int | None = None,
+        on_event: Callable[[str, dict[str, Any]], None] | None = None,
+    ):
+        self.dataset, self.client = as_device_data(data, client)
+        self.num_examples = self.dataset.num_train(self.client)
+        if self.num_examples == 0:
+            raise ValueError("data: this device has no training examples")
+        self.flat = FlatModel(model)
+        self.loss_fn = loss_fn
+        self.start = torch.empty(self.flat.numel)
+        self.delta = torch.empty(self.flat.numel)
+        self._trainer: LocalTrainer | None = None
+        self.conn = Connection(server, token, ca=ca, cert=cert, key=key, server_name=server_name, compression=compression)
+        self.backoff = backoff or Backoff()
+        self.max_tasks = max_tasks
+        self.on_event = on_event or (lambda kind, info: None)
+
+    def _trainer_for(self, spec: ClientSpec) -> LocalTrainer:
+        if self._trainer is None or self._trainer.spec != spec:
+            self._trainer = LocalTrainer(self.flat, self.loss_fn, spec)
+        return self._trainer
+
+    def _retry(self, report: DeviceReport, fn, *args):
+        while True:
+            try:
+                out = fn(*args)
+                self.backoff.reset()
+                return out
+            except Refused as e:
+                if e.code not in RETRYABLE:
+                    raise
+                report.reconnects += 1
+                self.on_event("reconnect", {"error": e.details})
+                log.info("server unreachable (%s); retrying with backoff", e.code.name)
+                self.backoff.wait(e)
+
+    def run(self) -> DeviceReport:
+        """Work until the server says training is done (or ``max_tasks`` uploads were made)."""
+        report = DeviceReport()
+        try:
+            while self.max_tasks is None or report.tasks < self.max_tasks:
+                ci = self._retry(report, self.conn.check_in, self.num_examples)
+                if ci.action == "done":
+                    self.on_event("done", {"message": ci.message})
+                    return report
+                if ci.action == "wait":
+                    time.sleep(ci.retry_after_s * random.uniform(0.5, 1.5))
+                    continue
+                a = ci.assignment
+                try:
+                    self._retry(report, self.conn.download, a.version, self.start)
+                except Refused as e:   # e.g. the version moved on between check-in and download
+                    report.refused.append(str(e))
+                    continue
+                r = self._trainer_for(a.client).train(self.dataset, self.client, self.start, a.seed, self.delta)
+                report.tasks += 1
+                try:
+                    seq, version = self._upload_once(report, a, r)
+                except Refused as e:
+                    report.refused.append(str(e))
+                    self.on_event("refused", {"assignment": a.id, "error": str(e)})
+                    continue
+                info = {"seq": seq, "version": version, "assignment": a.id, "base_version": a.version}
+                report.accepted.append(info)
+                self.on_event("accepted", info)
+        finally:
+            self.conn.close()
+        return report
+
+    def _upload_once(self, report: DeviceReport, a: Assignment, r) -> tuple[int, int]:
+        retried = False
+        while True:
+            try:
+                out = self.conn.upload(a, self.delta, r.num_examples, r.loss, r.examples_seen, r.steps)
+                self.backoff.reset()
+                return out
+            except Refused as e:
+                if e.code in RETRYABLE:
+                    retried = True
+                    report.reconnects += 1
+                    self.on_event("reconnect", {"error": e.details})
+                    self.backoff.wait(e)
+                    continue
+                if retried and e.code == grpc.StatusCode.ALREADY_EXISTS:
+                    # The first attempt did land before the connection broke: it counts once.
+                    return -1, -1
+                raise

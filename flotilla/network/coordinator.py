@@ -1,0 +1,453 @@
+"""The server's decision logic, free of any networking: who trains, which uploads count, when to step.
+
+The gRPC layer (:mod:`flotilla.network.server`) authenticates the caller, streams bytes and maps
+:class:`Refused` to a gRPC status; everything else happens here, on the same algorithm objects
+as the simulator: an aggregator with the ``reset/add/count/result`` interface
+(:class:`~flotilla.core.aggregate.WeightedMean` by default), :func:`~flotilla.core.aggregate.check_update`
+and a :class:`~flotilla.core.server_opt.ServerOptimizer`.
+
+Modes
+-----
+``sync``  rounds as in :class:`~flotilla.sim.sync.SyncFedAvg`: up to ``ceil(cohort *
+          over_selection)`` devices hold an assignment for the current round; the round closes at
+          the first ``cohort`` accepted updates (later ones are refused as *late*), or at
+          ``round_deadline_s`` if at least ``min_updates`` arrived.  One server step per round.
+``async`` buffered asynchronous aggregation: at most ``concurrency`` assignments in flight; each
+          accepted update is weighted by a staleness function and added to the buffer; one server
+          step every ``buffer_size`` updates.  The staleness weighting is supplied by the caller
+          (see :mod:`flotilla.network.server`), so the network server and the simulator share it.
+
+Assignments are stateless signed *tickets* (HMAC over assignment id = nonce, device, model
+version, round, expiry), so uploads for assignments issued before a server restart still verify.
+Replays are refused from the set of nonces already accepted within the staleness window (older
+tickets are refused as stale anyway), so that memory is bounded by concurrency, not population.
+
+Every upload is checked before it touches state: ticket signature and owner, expiry, replayed
+nonce, version (named by the upload, must match the ticket; within the staleness limit), dtype,
+shape, number of examples, finite values, norm bound.  A refusal is counted under its reason and
+logged; the model, buffer and ledger are unchanged.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import logging
+import math
+import secrets
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from flotilla.core.aggregate import UpdateRejected, WeightedMean, check_update
+from flotilla.core.client import ClientSpec, client_seed
+from flotilla.core.server_opt import ServerOptimizer
+from flotilla.network.store import StateStore
+
+log = logging.getLogger("flotilla.network")
+
+StalenessWeight = Callable[[int], float]
+
+
+class Refused(Exception):
+    """An RPC refused: ``code`` names the gRPC status, ``reason`` the counter, ``str()`` the detail."""
+
+    def __init__(self, code: str, reason: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class CoordinatorSettings:
+    mode: str = "sync"                      # "sync" | "async"
+    total_steps: int = 10                   # server steps (rounds / buffer flushes) to run
+    seed: int = 0
+    weighting: str = "examples"             # "examples" | "uniform"
+    # sync
+    cohort: int = 10
+    over_selection: float = 1.3
+    min_updates: int = 1
+    round_deadline_s: float | None = None
+    # async
+    concurrency: int = 10
+    buffer_size: int = 10
+    max_staleness: int | None = None
+    # both
+    assignment_timeout_s: float = 120.0
+    max_update_norm: float | None = None
+    max_examples: int | None = None
+    retry_after_s: float = 0.5
+    selection_window_s: float = 1.0         # sync: collect check-ins this long, then sample the cohort
+
+    def __post_init__(self):
+        if self.mode not in ("sync", "async"):
+            raise ValueError(f"network.mode: must be 'sync' or 'async', got {self.mode!r}")
+        if self.weighting not in ("examples", "uniform"):
+            raise ValueError(f"weighting: must be 'examples' or 'uniform', got {self.weighting!r}")
+        if self.over_selection < 1:
+            raise ValueError(f"network.over_selection: must be >= 1, got {self.over_selection}")
+        if not 1 <= self.min_updates <= self.cohort:
+            raise ValueError(f"network.min_updates: must be between 1 and cohort={self.cohort}, got {self.min_updates}")
+        for name in ("total_steps", "cohort", "concurrency", "buffer_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def slots(self) -> int:
+        """Assignments that may be outstanding (sync: including the round's accepted ones)."""
+        return math.ceil(self.cohort * self.over_selection) if self.mode == "sync" else self.concurrency
+
+    @property
+    def step_size(self) -> int:
+        return self.cohort if self.mode == "sync" else self.buffer_size
+
+    @property
+    def staleness_limit(self) -> int | None:
+        return 0 if self.mode == "sync" else self.max_staleness
+
+
+@dataclass(frozen=True)
+class Ticket:
+    id: str          # the per-assignment nonce
+    device: str
+    version: int
+    round: int
+    seed: int
+    expires: float   # unix time
+
+    def encode(self, secret: bytes) -> str:
+        payload = base64.urlsafe_b64encode(json.dumps(asdict(self), separators=(",", ":")).encode()).decode()
+        return payload + "." + hmac.new(secret, payload.encode(), hashlib.sha256).hexdigest()
+
+    @staticmethod
+    def decode(text: str, secret: bytes) -> Ticket:
+        payload, _, sig = text.rpartition(".")
+        good = hmac.new(secret, payload.encode(), hashlib.sha256).hexdigest()
+        if not payload or not hmac.compare_digest(sig, good):
+            raise Refused("PERMISSION_DENIED", "ticket", "upload refused: the assignment ticket is not one this server signed")
+        try:
+            return Ticket(**json.loads(base64.urlsafe_b64decode(payload)))
+        except (ValueError, TypeError) as e:  # signed but unreadable: a server bug, not an attack
+            raise Refused("INVALID_ARGUMENT", "ticket", f"upload refused: unreadable ticket ({e})") from None
+
+
+@dataclass
+class Upload:
+    """A validated upload, ready to commit."""
+    ticket: Ticket
+    num_examples: int
+    train_loss: float
+    examples_seen: int
+    delta: torch.Tensor
+    norm: float
+
+
+class Coordinator:
+    """Owns the global model, the aggregator, the server optimizer and the durable store."""
+
+    def __init__(
+        self,
+        weights: torch.Tensor,
+        server_opt: ServerOptimizer,
+        settings: CoordinatorSettings,
+        client_spec: ClientSpec,
+        store: StateStore,
+        *,
+        aggregator=None,
+        staleness_weight: StalenessWeight | None = None,
+        device_index: Callable[[str], int] = lambda device: 0,
+        on_step: Callable[[dict[str, Any]], None] | None = None,
+        clock: Callable[[], float] = time.time,
+    ):
+        self.weights = weights
+        self.numel = weights.numel()
+        self.server_opt = server_opt
+        self.settings = settings
+        self.client_spec = client_spec
+        self.store = store
+        self.aggregator = aggregator if aggregator is not None else WeightedMean(self.numel)
+        self.staleness_weight = staleness_weight or (lambda tau: 1.0)
+        self.device_index = device_index
+        self.on_step = on_step
+        self.clock = clock
+        self.secret = store.secret()
+        self.lock = asyncio.Lock()
+
+        self.version = 0
+        self.live: dict[str, Ticket] = {}              # outstanding assignments
+        self.buffer: list[dict[str, Any]] = []         # ledger entries of updates in the aggregator
+        self.used: dict[str, tuple[int, int, float]] = {}  # nonce -> (seq, version, expires) within the window
+        self.counters: Counter[str] = Counter()        # accepted, rejected.<reason>, assigned
+        self.round_started = clock()
+        self.candidates: set[str] = set()              # sync: devices that checked in during the window
+        self.selected_round = -1
+        self.next_seq = 0
+        self.examples_seen_total = 0
+        self._recover()
+        self._model_bytes = self._serialize()
+
+    # -- start-up ---------------------------------------------------------------------------
+    def _recover(self) -> None:
+        rec = self.store.recover(self.numel)
+        for line in rec.repairs:
+            log.warning("recovery: %s", line)
+        if rec.tensors is not None:
+            w = rec.tensors["weights"]
+            if w.shape != self.weights.shape:
+                raise ValueError(f"{self.store.path}: saved model has {w.numel()} weights, this model has {self.numel}")
+            self.weights.copy_(w)
+            self.server_opt.load_state_dict({k.removeprefix("server_opt."): v for k, v in rec.tensors.items()
+                                             if k.startswith("server_opt.")})
+            self.version = int(rec.meta["version"])
+            self.counters.update(rec.meta.get("counters", {}))
+            self.examples_seen_total = int(rec.meta.get("examples_seen", 0))
+        self.next_seq = rec.next_seq
+        self.aggregator.reset()
+        for entry, delta in rec.pending:
+            self.aggregator.add(delta, float(entry["weight"]), entry["device"])
+            self.buffer.append(entry)
+            self.used[entry["assignment"]] = (int(entry["seq"]), int(entry["base_version"]), float(entry["expires"]))
+        # ``accepted`` is authoritative in the ledger: recount it (a crash may have lost the
+        # in-memory increments made after the last snapshot).
+        self.counters["accepted"] = self.next_seq
+        if rec.tensors is not None or rec.pending:
+            log.info("resumed at version %d with %d buffered updates (next ledger seq %d)",
+                     self.version, len(self.buffer), self.next_seq)
+
+    def _serialize(self) -> bytes:
+        return self.weights.numpy().tobytes()
+
+    # -- what devices see -------------------------------------------------------------------
+    @property
+    def done(self) -> bool:
+        return self.version >= self.settings.total_steps
+
+    def model_bytes(self, version: int) -> bytes:
+        if version != self.version:
+            raise Refused("FAILED_PRECONDITION", "version_gone",
+                          f"model version {version} is no longer served (current {self.version}); check in again")
+        return self._model_bytes
+
+    def _prune(self, now: float) -> None:
+        for aid, t in list(self.live.items()):
+            if t.expires <= now:
+                del self.live[aid]
+                self.counters["timed_out"] += 1
+                log.info("assignment %s of %s timed out; its slot is free for another device", aid[:8], t.device)
+            elif self.settings.mode == "sync" and t.version != self.version:
+                del self.live[aid]
+
+    def check_in(self, device: str) -> Ticket | float | None:
+        """A ticket to train, seconds to wait, or ``None`` when training is finished."""
+        if self.done:
+            return None
+        now = self.clock()
+        self._prune(now)
+        s = self.settings
+        if s.mode == "sync":
+            if any(e["device"] == device for e in self.buffer):
+                return s.retry_after_s   # already contributed to this round
+            opens = self.round_started + s.selection_window_s
+            if now < opens:
+                self.candidates.add(device)
+                return opens - now + 0.05
+            if self.selected_round != self.version:
+                self._select(now)
+            for t in self.live.values():
+                if t.device == device:
+                    return t             # selected, or asked again after a restart: same assignment
+            if len(self.live) + len(self.buffer) >= s.slots:
+                return s.retry_after_s
+        elif len(self.live) >= s.slots:
+            return s.retry_after_s
+        return self._issue(device, now)
+
+    def _issue(self, device: str, now: float) -> Ticket:
+        s = self.settings
+        ticket = Ticket(secrets.token_hex(16), device, self.version, self.version,
+                        client_seed(s.seed, self.version, self.device_index(device)), now + s.assignment_timeout_s)
+        self.live[ticket.id] = ticket
+        self.counters["assigned"] += 1
+        return ticket
+
+    def _select(self, now: float) -> None:
+        """Sync: draw the round's devices uniformly from those that checked in during the window
+        (as the simulator samples its cohort), not first come first served, which favours the
+        devices that just finished the previous round.  Later check-ins fill any free slots."""
+        self.selected_round = self.version
+        pool = sorted(self.candidates - {e["device"] for e in self.buffer} - {t.device for t in self.live.values()})
+        self.candidates = set()
+        free = self.settings.slots - len(self.live) - len(self.buffer)
+        if free <= 0 or not pool:
+            return
+        rng = np.random.default_rng([self.settings.seed, self.version, 0x5E1EC7])
+        for i in sorted(rng.choice(len(pool), size=min(free, len(pool)), replace=False).tolist()):
+            self._issue(pool[i], now)
+
+    def ticket_text(self, ticket: Ticket) -> str:
+        return ticket.encode(self.secret)
+
+    # -- validation (nothing here changes state except the rejection counters) ----------------
+    def refuse(self, err: Refused, device: str) -> Refused:
+        self.counters[f"rejected.{err.reason}"] += 1
+        log.warning("refused %s: %s", device, err)
+        return err
+
+    def check_header(self, device: str, ticket_text: str, base_version: int, dtype: str,
+                     shape: list[int], num_examples: int) -> Ticket:
+        """Everything that can be judged before the delta's bytes arrive."""
+        ticket = Ticket.decode(ticket_text, self.secret)
+        if ticket.device != device:
+            raise Refused("PERMISSION_DENIED", "ticket", f"upload refused: assignment {ticket.id[:8]} belongs to another device")
+        self._check_fresh(ticket)
+        if base_version != ticket.version:
+            raise Refused("INVALID_ARGUMENT", "version",
+                          f"upload refused: it names model version {base_version} but assignment {ticket.id[:8]} was for version {ticket.version}")
+        if dtype != "float32":
+            raise Refused("INVALID_ARGUMENT", "dtype", f"upload refused: dtype {dtype!r}, expected 'float32'")
+        if list(shape) != [self.numel]:
+            raise Refused("INVALID_ARGUMENT", "shape", f"upload refused: shape {tuple(shape)}, expected ({self.numel},)")
+        if num_examples < 1 or (self.settings.max_examples is not None and num_examples > self.settings.max_examples):
+            raise Refused("INVALID_ARGUMENT", "examples",
+                          f"upload refused: num_examples={num_examples}, must be between 1 and {self.settings.max_examples or 'inf'}")
+        return ticket
+
+    def _check_fresh(self, ticket: Ticket) -> None:
+        """Replay, expiry and staleness: checked on the header and again at commit time."""
+        if ticket.id in self.used:
+            raise Refused("ALREADY_EXISTS", "replay",
+                          f"upload refused: replayed nonce, assignment {ticket.id[:8]} was already accepted as update #{self.used[ticket.id][0]}")
+        if self.done:
+            raise Refused("FAILED_PRECONDITION", "late", f"upload refused: training finished at version {self.version}")
+        if ticket.expires <= self.clock():
+            raise Refused("DEADLINE_EXCEEDED", "expired", f"upload refused: assignment {ticket.id[:8]} expired")
+        staleness = self.version - ticket.version
+        if staleness < 0:
+            raise Refused("INVALID_ARGUMENT", "version", f"upload refused: version {ticket.version} is ahead of the server ({self.version})")
+        if self.settings.mode == "sync":
+            if staleness > 0:
+                raise Refused("FAILED_PRECONDITION", "late",
+                              f"upload refused: late, round {ticket.round} closed (the server is at round {self.version})")
+            if any(e["device"] == ticket.device for e in self.buffer):
+                raise Refused("ALREADY_EXISTS", "replay", f"upload refused: device {ticket.device} already contributed to round {self.version}")
+        elif self.settings.max_staleness is not None and staleness > self.settings.max_staleness:
+            raise Refused("FAILED_PRECONDITION", "stale",
+                          f"upload refused: stale, trained from version {ticket.version}, server is at {self.version} "
+                          f"(staleness {staleness} > max_staleness {self.settings.max_staleness})")
+
+    def check_delta(self, delta: torch.Tensor, device: str) -> float:
+        try:
+            check_update(delta, self.numel, f"upload from {device}")
+        except UpdateRejected as e:
+            raise Refused("INVALID_ARGUMENT", "nonfinite" if "non-finite" in str(e) else "invalid", f"upload refused: {e}") from None
+        norm = float(torch.linalg.vector_norm(delta))
+        bound = self.settings.max_update_norm
+        if bound is not None and norm > bound:
+            raise Refused("INVALID_ARGUMENT", "norm", f"upload refused: update norm {norm:.4g} exceeds the bound {bound:.4g}")
+        return norm
+
+    # -- committing ---------------------------------------------------------------------------
+    async def commit(self, up: Upload, raw: bytes | memoryview) -> tuple[int, int]:
+        """Make an upload count: durable first, then into the aggregator; maybe a server step.
+        Returns ``(seq, version)``."""
+        async with self.lock:
+            self._check_fresh(up.ticket)     # the version may have moved while the bytes streamed
+            s = self.settings
+            staleness = self.version - up.ticket.version
+            weight = (float(up.num_examples) if s.weighting == "examples" else 1.0) * float(self.staleness_weight(staleness))
+            if not (math.isfinite(weight) and weight > 0):
+                raise Refused("FAILED_PRECONDITION", "stale", f"upload refused: staleness {staleness} gives weight {weight}")
+            seq = self.next_seq
+            entry = {"seq": seq, "assignment": up.ticket.id, "device": up.ticket.device, "base_version": up.ticket.version,
+                     "expires": up.ticket.expires, "version": self.version, "staleness": staleness, "num_examples": up.num_examples, "weight": weight,
+                     "norm": round(up.norm, 6), "train_loss": up.train_loss, "examples_seen": up.examples_seen}
+            await asyncio.get_running_loop().run_in_executor(None, self.store.accept, entry, raw)
+            self.next_seq += 1
+            self.aggregator.add(up.delta, weight, up.ticket.device)
+            self.buffer.append(entry)
+            self.used[up.ticket.id] = (seq, up.ticket.version, up.ticket.expires)
+            self.live.pop(up.ticket.id, None)
+            self.counters["accepted"] += 1
+            if self.aggregator.count >= s.step_size:
+                await self._step()
+            return seq, self.version
+
+    async def close_round_if_due(self) -> None:
+        """Sync mode: apply a round whose deadline has passed, if it has ``min_updates``."""
+        s = self.settings
+        if s.mode != "sync" or s.round_deadline_s is None or self.done:
+            return
+        if self.clock() - self.round_started < s.round_deadline_s:
+            return
+        async with self.lock:
+            if self.clock() - self.round_started < s.round_deadline_s or self.done:
+                return
+            if len(self.buffer) >= s.min_updates:
+                log.info("round %d: deadline reached with %d of %d updates; closing it", self.version, len(self.buffer), s.cohort)
+                await self._step()
+            else:
+                log.warning("round %d: deadline reached with %d updates (< min_updates=%d); extending it",
+                            self.version, len(self.buffer), s.min_updates)
+                self.round_started = self.clock()
+
+    async def _step(self) -> None:
+        entries = self.buffer
+        self.server_opt.step(self.weights, self.aggregator.result())
+        self.version += 1
+        seen = sum(int(e["examples_seen"]) for e in entries)
+        self.examples_seen_total += seen
+        meta = {"counters": dict(self.counters), "examples_seen": self.examples_seen_total}
+        state = {"weights": self.weights}
+        state.update({f"server_opt.{k}": v for k, v in self.server_opt.state.items()})
+        seqs = [int(e["seq"]) for e in entries]
+        await asyncio.get_running_loop().run_in_executor(None, self.store.step, self.version, seqs, state, meta)
+        self._model_bytes = self._serialize()
+        self.aggregator.reset()
+        self.buffer = []
+        self.round_started = self.clock()
+        self._prune_used()
+        record = {
+            "round": self.version,
+            "train_loss": sum(e["train_loss"] * e["examples_seen"] for e in entries) / max(seen, 1),
+            "examples_seen": seen,
+            "clients": len(entries),
+            "staleness_mean": sum(e["staleness"] for e in entries) / max(len(entries), 1),
+            "staleness_max": max((e["staleness"] for e in entries), default=0),
+        }
+        log.info("step %d: %d updates, train_loss %.4f", self.version, len(entries), record["train_loss"])
+        if self.on_step is not None:
+            self.on_step(record)
+
+    def _prune_used(self) -> None:
+        """Forget nonces whose tickets would now be refused anyway (expired or too stale)."""
+        now, limit = self.clock(), self.settings.staleness_limit
+        self.used = {n: u for n, u in self.used.items()
+                     if u[2] > now and (limit is None or self.version - u[1] <= limit)}
+
+    # -- status --------------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        self._prune(self.clock())
+        rejected = {k.removeprefix("rejected."): v for k, v in self.counters.items() if k.startswith("rejected.")}
+        return {
+            "mode": self.settings.mode,
+            "version": self.version,
+            "round": self.version,
+            "total_steps": self.settings.total_steps,
+            "done": self.done,
+            "in_flight": len(self.live),
+            "buffered": len(self.buffer),
+            "accepted": self.counters["accepted"],
+            "rejected": sum(rejected.values()),
+            "rejected_by_reason": rejected,
+            "assigned": self.counters["assigned"],
+            "timed_out": self.counters["timed_out"],
+            "weights_sha256": hashlib.sha256(self._model_bytes).hexdigest(),
+        }

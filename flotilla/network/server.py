@@ -1,0 +1,362 @@
+"""The gRPC server: TLS, authentication, rate limits and streaming around the :class:`Coordinator`.
+
+    server = FlotillaServer(model, tls=TLSFiles(...), tokens=TokenTable.load(...), state_dir=...,
+                            settings=CoordinatorSettings(mode="sync", cohort=10, total_steps=20))
+    server.serve(port=50051)            # blocks until training is done (and linger_s has passed)
+
+``flotilla serve CONFIG.yaml --port P`` builds one from an experiment config (see
+:func:`server_from_config`).  Everything runs on one asyncio loop (grpc.aio); disk writes and
+evaluation run on worker threads so that check-ins and streams keep flowing meanwhile.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+from torch import nn
+
+from flotilla.core.client import ClientSpec
+from flotilla.core.flat import FlatModel
+from flotilla.core.server_opt import ServerOptimizer, ServerOptimizerSpec
+from flotilla.network import wire
+from flotilla.network.auth import Identity, RateLimiter, TokenTable
+from flotilla.network.coordinator import Coordinator, CoordinatorSettings, Refused, StalenessWeight, Ticket, Upload
+from flotilla.network.store import StateStore
+from flotilla.network.wire import pb
+
+log = logging.getLogger("flotilla.network")
+
+EvalFn = Callable[[torch.Tensor], dict[str, float]]
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    cert: str                      # server certificate chain (PEM)
+    key: str                       # its private key (PEM)
+    ca: str | None = None          # CA that signs client certificates (mutual TLS)
+    require_client_cert: bool = False
+
+    def credentials(self) -> grpc.ServerCredentials:
+        def read(path: str, what: str) -> bytes:
+            p = Path(path)
+            if not p.exists():
+                raise FileNotFoundError(f"network.tls.{what}: {p} not found (make test certificates with `flotilla certs DIR`)")
+            return p.read_bytes()
+        pair = [(read(self.key, "key"), read(self.cert, "cert"))]
+        if self.require_client_cert:
+            if not self.ca:
+                raise ValueError("network.tls.ca: required when require_client_cert is true")
+            return grpc.ssl_server_credentials(pair, root_certificates=read(self.ca, "ca"), require_client_auth=True)
+        return grpc.ssl_server_credentials(pair)
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_message_bytes: int = wire.DEFAULT_MAX_MESSAGE_BYTES
+    chunk_bytes: int = wire.DEFAULT_CHUNK_BYTES
+    rate: float = 20.0        # requests per second per device, on average
+    burst: int = 40
+
+    def __post_init__(self):
+        if self.chunk_bytes + 1024 > self.max_message_bytes:
+            raise ValueError(f"network: chunk size {self.chunk_bytes} B must be at least 1 KiB below the message limit {self.max_message_bytes} B")
+
+
+_CODES = {c.name: c for c in grpc.StatusCode}
+
+
+class FlotillaServer:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        tls: TLSFiles,
+        tokens: TokenTable,
+        state_dir: str | Path,
+        settings: CoordinatorSettings = CoordinatorSettings(),
+        client: ClientSpec = ClientSpec(),
+        server: ServerOptimizerSpec = ServerOptimizerSpec(),
+        aggregator=None,
+        staleness_weight: StalenessWeight | None = None,
+        evaluate: Callable[[FlatModel, torch.Tensor], dict[str, float]] | None = None,
+        eval_every: int = 1,
+        limits: Limits = Limits(),
+        compression: str | None = None,
+        task: dict[str, Any] | None = None,
+        config: dict[str, Any] | None = None,
+        fsync: bool = True,
+        linger_s: float = 5.0,
+    ):
+        self.flat = FlatModel(model)
+        self.tls = tls
+        self.tokens = tokens
+        self.limits = limits
+        self.compression = wire.compression(compression)
+        self.task_json = json.dumps(task or {})
+        self.client_json = json.dumps(asdict(client))
+        self.evaluate = evaluate
+        self.eval_every = eval_every
+        self.linger_s = linger_s
+        self.store = StateStore(state_dir, fsync=fsync)
+        if config is not None and not (self.store.path / "config.yaml").exists():
+            self.store.run_dir.write_config(config)
+        weights = self.flat.flat.clone()
+        self.coord = Coordinator(
+            weights, ServerOptimizer(server, self.flat.numel), settings, client, self.store,
+            aggregator=aggregator, staleness_weight=staleness_weight, device_index=tokens.index, on_step=self._on_step,
+        )
+        if self.store.run_dir.metrics_file.exists():
+            self.store.run_dir.truncate_metrics(self.coord.version)
+        self.limiter = RateLimiter(limits.rate, limits.burst)
+        self.latest_metrics: dict[str, Any] = {}
+        self.started = time.time()
+        self._history = self.store.run_dir.read_metrics()
+        self._wall = float(self._history[-1].get("wall_time_s", 0.0)) if self._history else 0.0
+        self._seen = float(self._history[-1].get("examples_seen", 0.0)) if self._history else 0.0
+        self._last_step_t = time.perf_counter()
+        self._evaluator = ThreadPoolExecutor(1, thread_name_prefix="flotilla-eval")
+        self._pending_records: list[asyncio.Future] = []
+        self._server: grpc.aio.Server | None = None
+        self.port: int | None = None
+        self._finished = False
+
+    # -- metrics (on the evaluation thread, in version order) --------------------------------
+    def _on_step(self, record: dict[str, Any]) -> None:
+        now = time.perf_counter()
+        self._wall += now - self._last_step_t
+        self._last_step_t = now
+        self._seen += record.pop("examples_seen")
+        c = self.coord
+        record.update(wall_time_s=round(self._wall, 4), examples_seen=self._seen,
+                      accepted=c.counters["accepted"],
+                      rejected=sum(v for k, v in c.counters.items() if k.startswith("rejected.")))
+        version = record["round"]
+        weights = c.weights.clone() if self.evaluate is not None and (version % self.eval_every == 0 or c.done) else None
+        fut = asyncio.get_running_loop().run_in_executor(self._evaluator, self._write_record, record, weights, c.done)
+        self._pending_records.append(fut)
+
+    def _write_record(self, record: dict[str, Any], weights: torch.Tensor | None, final: bool) -> None:
+        if weights is not None:
+            record.update(self.evaluate(self.flat, weights))
+        else:
+            record.setdefault("loss", None)
+            record.setdefault("accuracy", None)
+        self.store.run_dir.append_metrics(record)
+        self.latest_metrics = record
+        if final:
+            self.flat.load(self.coord.weights)
+            self.store.run_dir.save_model(self.flat.named_views())
+            log.info("training finished at version %d; final model in %s", record["round"], self.store.path / "model.safetensors")
+
+    # -- authentication ------------------------------------------------------------------------
+    async def _identify(self, context: grpc.aio.ServicerContext, roles=("device",)) -> Identity:
+        token = None
+        for key, value in context.invocation_metadata() or ():
+            if key == wire.AUTH_HEADER and isinstance(value, str) and value.startswith("Bearer "):
+                token = value[7:]
+        who = self.tokens.identify(token)
+        if who is None:
+            self.coord.counters["rejected.auth"] += 1
+            log.warning("refused an unauthenticated call from %s", context.peer())
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                "unknown client: send a device token issued for this server (authorization: Bearer <token>)")
+        if who.role not in roles:
+            self.coord.counters["rejected.auth"] += 1
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{who.device} ({who.role}) may not call this method")
+        if not self.limiter.allow(who.device):
+            self.coord.counters["rejected.rate"] += 1
+            log.warning("rate limit: refused a call from %s", who.device)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"rate limit: more than {self.limits.rate:g} requests/s from {who.device}; slow down")
+        return who
+
+    async def _refuse(self, context, err: Refused, device: str):
+        self.coord.refuse(err, device)
+        await context.abort(_CODES[err.code], str(err))
+
+    # -- RPCs ------------------------------------------------------------------------------------
+    async def check_in(self, request: pb.CheckInRequest, context) -> pb.CheckInReply:
+        who = await self._identify(context)
+        result = self.coord.check_in(who.device)
+        reply = pb.CheckInReply(task_json=self.task_json, device_id=who.device)
+        if result is None:
+            reply.action = pb.CheckInReply.DONE
+            reply.message = f"training finished at version {self.coord.version}"
+        elif isinstance(result, Ticket):
+            reply.action = pb.CheckInReply.TRAIN
+            a = reply.assignment
+            a.assignment_id, a.ticket, a.version, a.round = result.id, self.coord.ticket_text(result), result.version, result.round
+            a.seed, a.client_json, a.numel = result.seed, self.client_json, self.coord.numel
+            a.expires_in_s, a.model_bytes = max(0.0, result.expires - time.time()), 4 * self.coord.numel
+        else:
+            reply.action = pb.CheckInReply.WAIT
+            reply.retry_after_s = float(result)
+        return reply
+
+    async def download(self, request: pb.DownloadRequest, context):
+        who = await self._identify(context)
+        try:
+            data = self.coord.model_bytes(request.version)
+        except Refused as e:
+            await self._refuse(context, e, who.device)
+        total = len(data)
+        for off, part in zip(range(0, total, self.limits.chunk_bytes), wire.chunks(data, self.limits.chunk_bytes)):
+            yield pb.ModelChunk(version=request.version, offset=off, total_bytes=total, data=bytes(part))
+
+    async def upload(self, request_iterator, context) -> pb.UploadReply:
+        who = await self._identify(context)
+        c = self.coord
+        try:
+            try:
+                first = await anext(aiter(request_iterator))
+            except StopAsyncIteration:
+                raise Refused("INVALID_ARGUMENT", "invalid", "upload refused: empty stream (send the header first)") from None
+            if first.WhichOneof("part") != "header":
+                raise Refused("INVALID_ARGUMENT", "invalid", "upload refused: the first message must be the header")
+            h = first.header
+            ticket = c.check_header(who.device, h.ticket, h.base_version, h.dtype, list(h.shape), h.num_examples)
+            size = 4 * c.numel
+            buf = bytearray(size)
+            pos = 0
+            async for part in request_iterator:
+                if part.WhichOneof("part") != "data":
+                    raise Refused("INVALID_ARGUMENT", "invalid", "upload refused: a second header in the stream")
+                n = len(part.data)
+                if pos + n > size:
+                    raise Refused("INVALID_ARGUMENT", "shape", f"upload refused: more than the {size} bytes of shape ({c.numel},) float32")
+                buf[pos:pos + n] = part.data
+                pos += n
+            if pos != size:
+                raise Refused("INVALID_ARGUMENT", "shape", f"upload refused: {pos} bytes received, shape ({c.numel},) float32 needs {size}")
+            delta = torch.frombuffer(buf, dtype=torch.float32)
+            norm = c.check_delta(delta, who.device)
+            seq, version = await c.commit(Upload(ticket, int(h.num_examples), float(h.train_loss), int(h.examples_seen), delta, norm), buf)
+        except Refused as e:
+            await self._refuse(context, e, who.device)
+        return pb.UploadReply(seq=seq, version=version)
+
+    async def status(self, request: pb.StatusRequest, context) -> pb.StatusReply:
+        await self._identify(context, roles=("device", "admin"))
+        s = self.coord.status()
+        s.update(uptime_s=round(time.time() - self.started, 1), metrics=self.latest_metrics,
+                 limits=asdict(self.limits), state_dir=str(self.store.path))
+        return pb.StatusReply(json=json.dumps(s))
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def _handler(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(wire.SERVICE, {
+            "CheckIn": grpc.unary_unary_rpc_method_handler(
+                self.check_in, pb.CheckInRequest.FromString, pb.CheckInReply.SerializeToString),
+            "Download": grpc.unary_stream_rpc_method_handler(
+                self.download, pb.DownloadRequest.FromString, pb.ModelChunk.SerializeToString),
+            "Upload": grpc.stream_unary_rpc_method_handler(
+                self.upload, pb.UploadPart.FromString, pb.UploadReply.SerializeToString),
+            "Status": grpc.unary_unary_rpc_method_handler(
+                self.status, pb.StatusRequest.FromString, pb.StatusReply.SerializeToString),
+        })
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        """Start listening (TLS only); returns the bound port."""
+        self._server = grpc.aio.server(options=wire.channel_options(self.limits.max_message_bytes),
+                                       compression=self.compression)
+        self._server.add_generic_rpc_handlers((self._handler(),))
+        self.port = self._server.add_secure_port(f"{host}:{port}", self.tls.credentials())
+        if self.port == 0:
+            raise OSError(f"could not listen on {host}:{port}")
+        await self._server.start()
+        self._last_step_t = time.perf_counter()
+        log.info("serving on %s:%d (TLS%s), %s mode, version %d of %d", host, self.port,
+                 ", client certificates required" if self.tls.require_client_cert else "",
+                 self.coord.settings.mode, self.coord.version, self.coord.settings.total_steps)
+        return self.port
+
+    async def run_until_done(self, stop: asyncio.Event | None = None) -> None:
+        """Serve until training is finished (then ``linger_s`` more, telling devices DONE) or ``stop``."""
+        stop = stop or asyncio.Event()
+        while not self.coord.done and not stop.is_set():
+            await self.coord.close_round_if_due()
+            try:
+                await asyncio.wait_for(stop.wait(), 0.25)
+            except asyncio.TimeoutError:
+                pass
+        if self._pending_records:
+            await asyncio.gather(*self._pending_records)
+        if self.coord.done and not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), self.linger_s)
+            except asyncio.TimeoutError:
+                pass
+        await self.stop()
+
+    async def stop(self, grace: float = 1.0) -> None:
+        if self._server is not None:
+            await self._server.stop(grace)
+            self._server = None
+        self._evaluator.shutdown(wait=True)
+        self.store.close()
+
+    def serve(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        """Blocking: start, train to the end, linger, stop."""
+        async def main():
+            await self.start(host, port)
+            await self.run_until_done()
+        asyncio.run(main())
+
+
+class ServerThread:
+    """Runs a :class:`FlotillaServer` on its own event loop in a background thread (tests, notebooks)."""
+
+    def __init__(self, server: FlotillaServer, host: str = "127.0.0.1", port: int = 0):
+        self.server = server
+        self._ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, args=(host, port), daemon=True, name="flotilla-server")
+        self._thread.start()
+        self._ready.wait(30)
+        if self._error is not None:
+            raise self._error
+        self.port = server.port
+
+    def _main(self, host: str, port: int) -> None:
+        async def main():
+            self._loop = asyncio.get_running_loop()
+            self._stop = asyncio.Event()
+            try:
+                await self.server.start(host, port)
+            except BaseException as e:
+                self._error = e
+                self._ready.set()
+                return
+            self._ready.set()
+            await self.server.run_until_done(self._stop)
+        asyncio.run(main())
+
+    def call(self, fn, *args):
+        """Run ``fn(*args)`` on the server's loop (coroutine functions are awaited) and return its result."""
+        async def wrapper():
+            out = fn(*args)
+            return await out if asyncio.iscoroutine(out) else out
+        return asyncio.run_coroutine_threadsafe(wrapper(), self._loop).result(30)
+
+    def stop(self) -> None:
+        if self._loop is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(30)
+
+    def __enter__(self) -> ServerThread:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

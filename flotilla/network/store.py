@@ -1,0 +1,209 @@
+"""The server's durable state: snapshot, pending updates and the accepted-update ledger.
+
+Layout of the state directory (it is also a run directory: ``flotilla report`` reads it)::
+
+    state.safetensors     snapshot after the latest server step: weights, server-optimizer state,
+                          version; metadata: the last ledger seq folded into the weights, counters
+    pending/<seq>.bin     the raw float32 delta of every accepted update not yet in a server step
+                          (the buffer / the current round's updates)
+    ledger.jsonl          append-only: one "accepted" line per accepted update, one "step" line
+                          per server step naming the seqs it applied
+    secret.key            the key that signs assignment tickets (so tickets survive a restart)
+    config.yaml, metrics.jsonl, model.safetensors   as in any run directory
+
+Write order, each file fsync'd before the next step (``fsync=False`` skips the syncs, for tests
+on slow disks):
+
+* accept: ``pending/<seq>.bin`` (temp + rename), then the ledger line, then the client's ack.
+* step:   snapshot (temp + rename), then the ledger "step" line, then delete the pending files.
+
+Recovery (:meth:`StateStore.recover`) therefore sees one of a few states and repairs each one:
+a pending file with no ledger line (crash before the ack: the update was never accepted; deleted),
+a torn last ledger line (dropped), a snapshot newer than the last "step" line (the line is
+written), pending files already folded into the snapshot (deleted).  Every accepted update is in
+exactly one place, the snapshot or ``pending/``, and is applied exactly once.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from flotilla.runs.rundir import RunDir
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class Recovered:
+    """What :meth:`StateStore.recover` found on disk."""
+    tensors: dict[str, torch.Tensor] | None      # the snapshot (None: fresh start)
+    meta: dict[str, Any]                          # snapshot metadata (counters, version, applied_seq)
+    pending: list[tuple[dict[str, Any], torch.Tensor]] = field(default_factory=list)  # (ledger entry, delta)
+    next_seq: int = 0
+    repairs: list[str] = field(default_factory=list)   # what recovery fixed, for the log
+
+
+class StateStore:
+    def __init__(self, path: str | os.PathLike, fsync: bool = True):
+        self.path = Path(path)
+        self.fsync = fsync
+        self.run_dir = RunDir(self.path)
+        self.pending_dir = self.path / "pending"
+        self.ledger_file = self.path / "ledger.jsonl"
+        self.snapshot_file = self.path / "state.safetensors"
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.pending_dir.mkdir(exist_ok=True)
+        self._ledger = None
+
+    # -- small durable writes ---------------------------------------------------------------
+    def _atomic(self, path: Path, write) -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        write(tmp)
+        if self.fsync:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        os.replace(tmp, path)
+        if self.fsync:
+            _fsync_dir(path.parent)
+
+    def _append(self, record: dict[str, Any]) -> None:
+        if self._ledger is None:
+            self._ledger = open(self.ledger_file, "a", encoding="utf-8")
+        self._ledger.write(json.dumps(record, separators=(",", ":")) + "\n")
+        self._ledger.flush()
+        if self.fsync:
+            os.fsync(self._ledger.fileno())
+
+    def close(self) -> None:
+        if self._ledger is not None:
+            self._ledger.close()
+            self._ledger = None
+
+    def secret(self) -> bytes:
+        """The ticket-signing key, created on first use (mode 0600)."""
+        f = self.path / "secret.key"
+        if not f.exists():
+            key = secrets.token_bytes(32)
+            fd = os.open(f.with_name("secret.key.tmp"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as out:
+                out.write(key)
+            os.replace(f.with_name("secret.key.tmp"), f)
+        return f.read_bytes()
+
+    # -- the two durable transitions --------------------------------------------------------
+    def accept(self, entry: dict[str, Any], delta: bytes | memoryview) -> None:
+        """Make one accepted update durable: its delta, then its ledger line.  Call before acking."""
+        seq = int(entry["seq"])
+        self._atomic(self.pending_dir / f"{seq}.bin", lambda p: p.write_bytes(delta))
+        self._append({"event": "accepted", **entry, "t": round(time.time(), 3)})
+
+    def step(self, version: int, seqs: list[int], tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Record a server step that applied ``seqs`` and produced ``version`` (``tensors``)."""
+        meta = {**meta, "version": version, "applied_seq": max(seqs, default=meta.get("applied_seq", -1))}
+        tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
+        self._atomic(self.snapshot_file, lambda p: save_file(tensors, str(p), metadata={"flotilla": json.dumps(meta)}))
+        self._append({"event": "step", "version": version, "seqs": sorted(seqs), "t": round(time.time(), 3)})
+        for s in seqs:
+            (self.pending_dir / f"{s}.bin").unlink(missing_ok=True)
+
+    # -- reading back ---------------------------------------------------------------------------
+    def read_ledger(self) -> list[dict[str, Any]]:
+        """Every complete ledger record (a torn last line, from a crash mid-write, is skipped)."""
+        if not self.ledger_file.exists():
+            return []
+        out = []
+        for line in self.ledger_file.read_text(encoding="utf-8").splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+        return out
+
+    def recover(self, numel: int) -> Recovered:
+        """Load the snapshot and the pending updates, repairing what a crash left half-done."""
+        repairs: list[str] = []
+        tensors, meta = None, {}
+        if self.snapshot_file.exists():
+            from safetensors import safe_open
+            with safe_open(str(self.snapshot_file), "pt") as f:
+                meta = json.loads(f.metadata()["flotilla"])
+            tensors = load_file(str(self.snapshot_file))
+        applied_seq = int(meta.get("applied_seq", -1))
+        version = int(meta.get("version", 0))
+
+        records = self._repair_torn_tail(repairs)
+        accepted = {int(r["seq"]): r for r in records if r["event"] == "accepted"}
+        stepped = {s for r in records if r["event"] == "step" for s in r["seqs"]}
+        last_step = max((r["version"] for r in records if r["event"] == "step"), default=0)
+        if version > last_step:
+            # The snapshot was written but the crash came before its ledger line: write it now.
+            seqs = sorted(s for s in accepted if s <= applied_seq and s not in stepped)
+            self._append({"event": "step", "version": version, "seqs": seqs, "t": round(time.time(), 3), "recovered": True})
+            stepped.update(seqs)
+            repairs.append(f"wrote the missing ledger line for step {version} ({len(seqs)} updates)")
+        elif version < last_step:
+            raise RuntimeError(f"{self.path}: ledger records step {last_step} but the snapshot is at version {version}; "
+                               "the state directory is inconsistent (was state.safetensors replaced?)")
+
+        pending = []
+        for f in sorted(self.pending_dir.iterdir(), key=lambda p: p.name):
+            name = f.name
+            if name.endswith(".tmp"):
+                f.unlink()
+                continue
+            seq = int(name.removesuffix(".bin"))
+            if seq not in accepted:
+                f.unlink()   # written, but the crash came before the ledger line: never acked
+                repairs.append(f"dropped unacknowledged update #{seq} (no ledger line)")
+            elif seq <= applied_seq:
+                f.unlink()   # already folded into the snapshot
+                repairs.append(f"removed update #{seq}, already applied in the snapshot")
+        for seq, entry in sorted(accepted.items()):
+            if seq <= applied_seq or seq in stepped:
+                continue
+            f = self.pending_dir / f"{seq}.bin"
+            if not f.exists():
+                raise RuntimeError(f"{self.path}: ledger accepted update #{seq} but {f} is missing; cannot recover it")
+            data = f.read_bytes()
+            if len(data) != 4 * numel:
+                raise RuntimeError(f"{f}: {len(data)} bytes, expected {4 * numel} (float32 x {numel})")
+            pending.append((entry, torch.frombuffer(bytearray(data), dtype=torch.float32)))
+        next_seq = max(accepted, default=-1) + 1
+        return Recovered(tensors, meta, pending, next_seq, repairs)
+
+    def _repair_torn_tail(self, repairs: list[str]) -> list[dict[str, Any]]:
+        if not self.ledger_file.exists():
+            return []
+        raw = self.ledger_file.read_bytes()
+        good = raw.rfind(b"\n") + 1
+        records = []
+        pos = 0
+        for line in raw[:good].split(b"\n")[:-1]:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                good = pos
+                break
+            pos += len(line) + 1
+        if good < len(raw):
+            with open(self.ledger_file, "r+b") as f:
+                f.truncate(good)
+            repairs.append(f"dropped a torn ledger tail of {len(raw) - good} bytes")
+        return records

@@ -1,0 +1,64 @@
+"""What goes over the wire: method names, message classes, chunking, auth metadata.
+
+The messages are defined in ``flotilla.proto`` and compiled into the committed
+``flotilla_pb2.py`` (protobuf >= 7.35.1, < 8).  After editing the .proto, regenerate with
+grpcio-tools 1.85 (a development-time tool only)::
+
+    python -m grpc_tools.protoc -I flotilla/network --python_out=flotilla/network flotilla/network/flotilla.proto
+
+The service is registered with ``grpc.method_handlers_generic_handler`` (server) and called
+with ``channel.unary_unary`` and friends (client), so no generated service stubs are needed.
+Tensors travel as raw little-endian float32 bytes split into chunks of at most ``chunk_bytes``,
+so a model of any size fits under gRPC's per-message limit.
+"""
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+
+import grpc
+
+from flotilla.network import flotilla_pb2 as pb
+
+if sys.byteorder != "little":  # the wire format is little-endian float32, as torch stores it here
+    raise ImportError("flotilla.network needs a little-endian machine")
+
+SERVICE = "flotilla.v1.Flotilla"
+CHECK_IN = f"/{SERVICE}/CheckIn"
+DOWNLOAD = f"/{SERVICE}/Download"
+UPLOAD = f"/{SERVICE}/Upload"
+STATUS = f"/{SERVICE}/Status"
+
+AUTH_HEADER = "authorization"          # metadata: "Bearer <token>"
+DEFAULT_CHUNK_BYTES = 1 << 20          # 1 MiB per chunk
+DEFAULT_MAX_MESSAGE_BYTES = 4 << 20    # per gRPC message (gRPC's own default)
+SDK_VERSION = "1"
+
+COMPRESSION = {"none": grpc.Compression.NoCompression, "gzip": grpc.Compression.Gzip, "deflate": grpc.Compression.Deflate}
+
+
+def compression(name: str | None) -> grpc.Compression:
+    name = name or "none"
+    if name not in COMPRESSION:
+        raise ValueError(f"compression: must be one of {sorted(COMPRESSION)}, got {name!r}")
+    return COMPRESSION[name]
+
+
+def chunks(data: bytes | memoryview, chunk_bytes: int) -> Iterator[memoryview]:
+    """Consecutive slices of at most ``chunk_bytes`` (views: no copies)."""
+    if chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes: must be >= 1, got {chunk_bytes}")
+    view = memoryview(data).cast("B")
+    for start in range(0, len(view), chunk_bytes):
+        yield view[start:start + chunk_bytes]
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+    ]
+
+
+__all__ = ["pb", "SERVICE", "CHECK_IN", "DOWNLOAD", "UPLOAD", "STATUS", "AUTH_HEADER", "DEFAULT_CHUNK_BYTES",
+           "DEFAULT_MAX_MESSAGE_BYTES", "SDK_VERSION", "chunks", "channel_options", "compression"]
