@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from flotilla.fleet.config import AsyncConfig, FleetConfig
+
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the key and the reason."""
@@ -86,6 +88,8 @@ class OutputConfig(Strict):
 
 
 class ExperimentConfig(Strict):
+    # `async` is a Python keyword: the field is `async_`, the YAML key (alias) is `async`.
+    model_config = ConfigDict(extra="forbid", validate_by_name=True, validate_by_alias=True, serialize_by_alias=True)
     seed: int = Field(0, ge=0, description="seed for model init, cohorts and local shuffling")
     task: TaskConfig
     rounds: int = Field(..., ge=1, description="number of server rounds")
@@ -97,6 +101,29 @@ class ExperimentConfig(Strict):
     server: ServerConfig = ServerConfig()
     eval: EvalConfig = EvalConfig()
     output: OutputConfig = OutputConfig()
+    mode: Literal["sync", "async"] = Field("sync", description="sync rounds, or asynchronous training on a simulated fleet (see async)")
+    fleet: FleetConfig | None = Field(None, description="simulate a device fleet in simulated time (sync: over-selection, deadline; async: always)")
+    async_: AsyncConfig | None = Field(None, alias="async", description="mode async: FedBuff / FedAsync settings")
+
+    @model_validator(mode="after")
+    def _fleet_fits(self):
+        import math
+        if self.mode == "async":
+            if self.async_ is None:
+                self.async_ = AsyncConfig()
+            pop = (self.fleet or FleetConfig()).population
+            if self.async_.concurrency > pop:
+                raise ValueError(f"async.concurrency: {self.async_.concurrency} is larger than fleet.population={pop}")
+        elif self.async_ is not None:
+            raise ValueError("async: only used with mode: async (set mode: async or remove the section)")
+        if self.fleet is not None and self.mode == "sync":
+            select = math.ceil(self.cohort * self.fleet.over_selection - 1e-9)
+            if select > self.fleet.population:
+                raise ValueError(f"fleet.over_selection: cohort x over_selection = {select} devices per round is larger "
+                                 f"than fleet.population={self.fleet.population}")
+        if (self.fleet is not None or self.mode == "async") and self.workers > 1:
+            raise ValueError("workers: the fleet simulator trains one client at a time in-process; set workers: 1")
+        return self
 
     @model_validator(mode="after")
     def _cohort_fits(self):
@@ -119,7 +146,7 @@ def _format(err: ValidationError) -> str:
             msg = "required key is missing"
         given = f" (got {e['input']!r})" if e["type"] not in ("extra_forbidden", "missing") and not isinstance(e.get("input"), dict) else ""
         # A model_validator error names its own key: print it bare.
-        if msg.split(":")[0] in ("cohort",) and key == "config":
+        if msg.split(":")[0] in ("cohort", "async", "async.concurrency", "fleet.over_selection", "workers") and key == "config":
             lines.append(f"  {msg}")
         else:
             lines.append(f"  {key}: {msg}{given}")
@@ -166,7 +193,7 @@ def describe_options(model: type[BaseModel] = ExperimentConfig, prefix: str = ""
     """One line per option (key, type, default, description), for ``flotilla run --help``."""
     lines = []
     for name, field in model.model_fields.items():
-        key = f"{prefix}{name}"
+        key = f"{prefix}{field.alias or name}"
         ann = field.annotation
         sub = [a for a in getattr(ann, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)]
         if isinstance(ann, type) and issubclass(ann, BaseModel):

@@ -1,0 +1,478 @@
+"""Federated training on a simulated fleet: FedBuff / FedAsync, and synchronous rounds with
+over-selection and deadlines, all on a simulated wall clock.
+
+Both algorithms plug into :class:`flotilla.runner.Runner` like :class:`~flotilla.sim.sync.SyncFedAvg`:
+``step()`` is one *server step* (a FedBuff buffer flush, one FedAsync update, or one
+synchronous round) and returns its metrics, including
+
+    sim_time_s        simulated clock at the end of the step
+    trips             client trips started (= model downloads), cumulative
+    uploads           results that reached the server, cumulative
+    dropouts          trips abandoned by their device, cumulative
+    bytes_down/up     model bytes sent to / received from clients, cumulative
+    wasted_trips      trips whose work did not reach the model (dropped, late, too stale), cumulative
+    wasted_device_s   device time spent on those trips, cumulative
+    staleness_mean/max/p90   of the updates applied in this step (async)
+    concurrency       time-averaged number of trips in flight during this step
+
+Memory: clients in flight hold no model copy.  A client's local training is executed lazily at
+its completion event, from the model version it downloaded, so one model is trained at a time.
+The global weights serve the current version; a snapshot of version ``v`` is taken only when
+the server moves past ``v`` while trips that downloaded ``v`` are still in flight, and is freed
+when the last of them ends.  Memory therefore grows with the number of distinct versions in
+flight (FedBuff: about max staleness; with ``max_staleness`` set, at most ``max_staleness + 1``
+because older snapshots are released early and their trips are known to be discarded).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from flotilla.core.aggregate import UpdateRejected, WeightedMean
+from flotilla.core.client import ClientSpec, LocalTrainer, LossFn, client_seed
+from flotilla.core.fedbuff import FedAsyncServer, FedBuff, FedBuffServer
+from flotilla.core.flat import FlatModel
+from flotilla.core.server_opt import ServerOptimizer, ServerOptimizerSpec
+from flotilla.core.staleness import Staleness
+from flotilla.data.base import FederatedDataset
+from flotilla.fleet.clock import AsyncScheduler, FleetStalled, SyncScheduler
+from flotilla.fleet.fleet import Fleet
+
+_NP_PREFIX = "fleet."
+
+
+def _stall_limit(concurrency: int) -> int:
+    return max(100_000, 100 * concurrency)
+
+
+class _Counters:
+    """Cumulative accounting shared by both algorithms (checkpointed)."""
+    NAMES = ("uploads", "dropouts", "bytes_up", "wasted_trips", "wasted_device_s",
+             "stale_discarded", "late_discarded", "rejected", "since_accept", "examples_seen_total")
+
+    def __init__(self):
+        for n in self.NAMES:
+            setattr(self, n, 0.0 if n == "wasted_device_s" else 0)
+
+    def as_tensor(self) -> torch.Tensor:
+        return torch.tensor([float(getattr(self, n)) for n in self.NAMES], dtype=torch.float64)
+
+    def load(self, t: torch.Tensor) -> None:
+        for n, v in zip(self.NAMES, t.tolist()):
+            setattr(self, n, v if n == "wasted_device_s" else int(v))
+
+
+class _FleetAlgorithm:
+    """Shared plumbing: model, trainer, fleet, counters, checkpoint helpers."""
+
+    def __init__(self, model, dataset, loss_fn, fleet: Fleet, client: ClientSpec, weighting: str, seed: int,
+                 null_client: bool):
+        if weighting not in ("examples", "uniform"):
+            raise ValueError(f"weighting: must be 'examples' or 'uniform', got {weighting!r}")
+        if fleet.population.num_clients != dataset.num_clients:
+            raise ValueError(f"the fleet maps devices onto {fleet.population.num_clients} clients, "
+                             f"the dataset has {dataset.num_clients}")
+        self.dataset = dataset
+        self.fleet = fleet
+        self.weighting = weighting
+        self.seed = seed
+        self.null_client = null_client
+        self.flat = FlatModel(model)
+        self.weights = self.flat.flat.clone()
+        self.model_bytes = fleet.model_bytes
+        self.delta = torch.empty(0 if null_client else self.flat.numel)
+        self.trainer = LocalTrainer(self.flat, loss_fn, client)
+        self.c = _Counters()
+        self.round = 0
+
+    def _train(self, trip_id: int, client: int, start: torch.Tensor):
+        return self.trainer.train(self.dataset, client, start, client_seed(self.seed, trip_id, client), self.delta)
+
+    def _weight(self, num_examples: int) -> float:
+        return float(num_examples) if self.weighting == "examples" else 1.0
+
+    def _common_metrics(self, sched) -> dict[str, Any]:
+        c = self.c
+        return {
+            "sim_time_s": sched.now, "trips": sched.trips_started, "uploads": c.uploads, "dropouts": c.dropouts,
+            "bytes_down": sched.trips_started * self.model_bytes, "bytes_up": c.bytes_up, "wasted_trips": c.wasted_trips,
+            "wasted_device_s": round(c.wasted_device_s, 3),
+        }
+
+
+class AsyncFleetSim(_FleetAlgorithm):
+    """FedBuff (``algorithm="fedbuff"``) or FedAsync (``"fedasync"``) with ``concurrency``
+    clients in flight on a simulated fleet."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        dataset: FederatedDataset,
+        loss_fn: LossFn,
+        *,
+        fleet: Fleet,
+        concurrency: int,
+        algorithm: str = "fedbuff",
+        buffer_size: int = 10,
+        staleness: Staleness = Staleness(),
+        normalize: str = "mean",
+        max_staleness: int | None = None,
+        mixing: float = 0.6,
+        client: ClientSpec = ClientSpec(),
+        server: ServerOptimizerSpec = ServerOptimizerSpec(),
+        weighting: str = "examples",
+        seed: int = 0,
+        null_client: bool = False,
+        trace: bool = False,
+    ):
+        if algorithm not in ("fedbuff", "fedasync"):
+            raise ValueError(f"async.algorithm: must be 'fedbuff' or 'fedasync', got {algorithm!r}")
+        super().__init__(model, dataset, loss_fn, fleet, client, weighting, seed, null_client)
+        self.algorithm = algorithm
+        self.sched = AsyncScheduler(fleet, concurrency, trace=trace)
+        self.max_staleness = max_staleness
+        numel = self.flat.numel
+        if algorithm == "fedbuff":
+            buf = FedBuff(0 if null_client else numel, buffer_size, staleness, normalize=normalize, max_staleness=max_staleness)
+            self.server = FedBuffServer(self.weights, buf, ServerOptimizer(server, 0 if null_client else numel))
+        else:
+            self.server = FedAsyncServer(self.weights, mixing, staleness, max_staleness=max_staleness)
+        self.buffer_size = buffer_size if algorithm == "fedbuff" else 1
+        self._null_count = 0
+        self.snapshots: dict[int, torch.Tensor] = {}   # version -> weights, only for versions still in flight
+        self._pool: list[torch.Tensor] = []
+        self.staleness_counts: dict[int, int] = {}     # histogram of applied updates' staleness
+        self.peak_snapshots = 0
+        self.sched.fill()
+
+    @property
+    def version(self) -> int:
+        return self.server.version
+
+    # -- the version store ------------------------------------------------------------------
+    def _snapshot_current(self) -> None:
+        """Called just before the global weights change: keep them if trips still need them."""
+        v = self.server.version
+        if self.null_client or self.sched.refs.get(v, 0) == 0:
+            return
+        buf = self._pool.pop() if self._pool else torch.empty_like(self.weights)
+        buf.copy_(self.weights)
+        self.snapshots[v] = buf
+        self.peak_snapshots = max(self.peak_snapshots, len(self.snapshots))
+
+    def _release(self, v: int) -> None:
+        if v in self.snapshots and v not in self.sched.refs:
+            buf = self.snapshots.pop(v)
+            if len(self._pool) < 2:
+                self._pool.append(buf)
+
+    def _evict_too_stale(self) -> None:
+        """With max_staleness, versions older than ``version - max_staleness`` can never be applied:
+        free their snapshots now; their trips will be discarded on arrival."""
+        if self.max_staleness is None:
+            return
+        floor = self.server.version - self.max_staleness
+        for v in [v for v in self.snapshots if v < floor]:
+            del self.snapshots[v]
+
+    def _start_weights(self, v: int) -> torch.Tensor:
+        return self.weights if v == self.server.version else self.snapshots[v]
+
+    # -- one server step --------------------------------------------------------------------
+    def step(self) -> dict[str, Any]:
+        sched, c, mb = self.sched, self.c, self.model_bytes
+        t_begin, area_begin = sched.now, sched.area
+        taus: list[int] = []
+        loss_sum = seen = 0.0
+        limit = _stall_limit(sched.concurrency)
+        stepped = False
+        while not stepped:
+            t, _, tid, device, client, v0, t_start, dropped = sched.pop()
+            if dropped:
+                c.dropouts += 1
+                c.wasted_trips += 1
+                c.wasted_device_s += t - t_start
+                c.since_accept += 1
+            else:
+                c.uploads += 1
+                c.bytes_up += mb
+                tau = self.server.version - v0
+                if self.max_staleness is not None and tau > self.max_staleness:
+                    c.stale_discarded += 1
+                    c.wasted_trips += 1
+                    c.wasted_device_s += t - t_start
+                    c.since_accept += 1
+                else:
+                    applied, r_loss, r_seen = self._apply(tid, client, v0, tau)
+                    if applied is None:
+                        c.since_accept += 1
+                    else:
+                        c.since_accept = 0
+                        taus.append(tau)
+                        self.staleness_counts[tau] = self.staleness_counts.get(tau, 0) + 1
+                        loss_sum += r_loss * r_seen
+                        seen += r_seen
+                        stepped = applied
+            self._release(v0)
+            if c.since_accept > limit:
+                raise FleetStalled(self._stall_message(limit))
+            sched.fill()
+        self._evict_too_stale()
+        self.round += 1
+        dt = sched.now - t_begin
+        tau_np = np.asarray(taus)
+        out = {
+            "round": self.round, "version": self.server.version, "updates": len(taus),
+            **self._common_metrics(sched),
+            "stale_discarded": c.stale_discarded,
+            "staleness_mean": float(tau_np.mean()) if taus else None,
+            "staleness_p90": float(np.percentile(tau_np, 90)) if taus else None,
+            "staleness_max": int(tau_np.max()) if taus else None,
+            "concurrency": (sched.area - area_begin) / dt if dt > 0 else float(sched.in_flight),
+            "versions_in_memory": len(self.snapshots) + 1,
+            "train_loss": loss_sum / seen if seen else None,
+            "examples_seen": seen,
+        }
+        c.examples_seen_total += int(seen)
+        return out
+
+    def _apply(self, tid: int, client: int, v0: int, tau: int) -> tuple[bool | None, float, float]:
+        """Train the client lazily from version ``v0`` and hand its update to the server.
+
+        Returns (stepped, loss, examples_seen); stepped is None when nothing was applied."""
+        if self.null_client:
+            self._null_count += 1
+            if self._null_count >= self.buffer_size:
+                self._null_count = 0
+                self.server.version += 1
+                self.sched.version = self.server.version
+                return True, 0.0, 0.0
+            return False, 0.0, 0.0
+        start = self._start_weights(v0)
+        r = self._train(tid, client, start)
+        if r.num_examples == 0:
+            return None, 0.0, 0.0
+        try:
+            if self.algorithm == "fedbuff":
+                buf = self.server.buffer
+                if buf.count + 1 >= buf.buffer_size:
+                    self._snapshot_current()
+                res = self.server.submit(self.delta, self._weight(r.num_examples), v0, client)
+            else:
+                self._snapshot_current()
+                res = self.server.submit(self.delta, start, v0, client)
+        except UpdateRejected:
+            self.c.rejected += 1
+            self.c.wasted_trips += 1
+            return None, 0.0, 0.0
+        if res.stepped:
+            self.sched.version = self.server.version
+        return res.stepped, r.loss, r.examples_seen
+
+    def _stall_message(self, limit: int) -> str:
+        c, av = self.c, self.fleet.availability
+        return (f"fleet simulation stalled: {limit} client trips in a row ended without an update reaching the model "
+                f"(simulated time {self.sched.now:.0f} s; so far {c.dropouts} dropouts, {c.stale_discarded} too stale, "
+                f"{c.rejected} rejected). No client can finish: check fleet.availability.dropout ({av.dropout}), "
+                f"fleet.availability.session_s (sessions shorter than trips drop out) and async.max_staleness "
+                f"({self.max_staleness}).")
+
+    def staleness_histogram(self) -> dict[int, int]:
+        return dict(sorted(self.staleness_counts.items()))
+
+    # -- checkpointing ----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {"weights": self.weights.clone(), "round": torch.tensor(self.round),
+                 "version": torch.tensor(self.server.version), "fleet.counters": self.c.as_tensor(),
+                 "fleet.null_count": torch.tensor(self._null_count)}
+        for k, v in self.sched.state_arrays().items():
+            state[_NP_PREFIX + k] = torch.from_numpy(np.ascontiguousarray(v))
+        for v, w in self.snapshots.items():
+            state[f"snapshot.{v}"] = w.clone()
+        if self.staleness_counts:
+            items = sorted(self.staleness_counts.items())
+            state["fleet.staleness_hist"] = torch.tensor(items, dtype=torch.int64)
+        if self.algorithm == "fedbuff" and not self.null_client:
+            state.update({f"buffer.{k}": v for k, v in self.server.buffer.state_dict().items()})
+            state.update({f"server_opt.{k}": v for k, v in self.server.server_opt.state_dict().items()})
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if state["weights"].shape != self.weights.shape:
+            raise ValueError(f"checkpoint has {state['weights'].numel()} weights, model has {self.weights.numel()}")
+        if self.algorithm == "fedbuff" and not self.null_client:
+            self.server.server_opt.load_state_dict({k.removeprefix("server_opt."): v for k, v in state.items() if k.startswith("server_opt.")})
+            self.server.buffer.load_state_dict({k.removeprefix("buffer."): v for k, v in state.items() if k.startswith("buffer.")})
+        self.weights.copy_(state["weights"])
+        self.round = int(state["round"])
+        self.server.version = int(state["version"])
+        self.c.load(state["fleet.counters"])
+        self._null_count = int(state["fleet.null_count"])
+        self.sched.load_state_arrays({k.removeprefix(_NP_PREFIX): v.numpy() for k, v in state.items() if k.startswith(_NP_PREFIX)})
+        self.snapshots = {int(k.removeprefix("snapshot.")): v.clone() for k, v in state.items() if k.startswith("snapshot.")}
+        hist = state.get("fleet.staleness_hist")
+        self.staleness_counts = {int(a): int(b) for a, b in hist.tolist()} if hist is not None else {}
+
+
+class SyncFleetSim(_FleetAlgorithm):
+    """Synchronous FedAvg-family rounds in simulated time.
+
+    Each round selects ``ceil(cohort * over_selection)`` eligible devices, closes at the
+    ``cohort``-th arrival (or at ``deadline_s`` after the round start, or when every selected
+    trip has ended), aggregates the results that arrived before the close and discards the
+    rest as wasted work.  Discarded clients are never trained on the host.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        dataset: FederatedDataset,
+        loss_fn: LossFn,
+        *,
+        fleet: Fleet,
+        cohort: int,
+        over_selection: float = 1.3,
+        deadline_s: float | None = None,
+        client: ClientSpec = ClientSpec(),
+        server: ServerOptimizerSpec = ServerOptimizerSpec(),
+        weighting: str = "examples",
+        seed: int = 0,
+        aggregator=None,
+        null_client: bool = False,
+        trace: bool = False,
+        max_empty_rounds: int = 100,
+    ):
+        if over_selection < 1:
+            raise ValueError(f"fleet.over_selection: must be >= 1, got {over_selection}")
+        if cohort < 1:
+            raise ValueError(f"cohort: must be >= 1, got {cohort}")
+        self.select = math.ceil(cohort * over_selection - 1e-9)
+        if self.select > fleet.size:
+            raise ValueError(f"cohort x fleet.over_selection = {self.select} is larger than fleet.population={fleet.size}")
+        super().__init__(model, dataset, loss_fn, fleet, client, weighting, seed, null_client)
+        self.cohort = cohort
+        self.deadline_s = deadline_s
+        self.sched = SyncScheduler(fleet, trace=trace)
+        self.server_opt = ServerOptimizer(server, 0 if null_client else self.flat.numel)
+        self.aggregator = aggregator if aggregator is not None else WeightedMean(0 if null_client else self.flat.numel)
+        self.max_empty_rounds = max_empty_rounds
+        self.empty_rounds = 0
+        self.last_round = None
+
+    def step(self) -> dict[str, Any]:
+        sched, c, mb = self.sched, self.c, self.model_bytes
+        out = sched.round(self.select, self.cohort, self.deadline_s)
+        self.last_round = out
+        c.bytes_up += (len(out.accepted) + len(out.late)) * mb
+        c.uploads += len(out.accepted) + len(out.late)
+        c.dropouts += len(out.dropped)
+        c.late_discarded += len(out.late)
+        c.wasted_trips += len(out.late) + len(out.dropped)
+        c.wasted_device_s += out.wasted_device_s
+        loss_sum = seen = 0.0
+        self.aggregator.reset()
+        if not self.null_client:
+            for tid, device, client in out.accepted:
+                r = self._train(tid, client, self.weights)
+                if r.num_examples > 0:
+                    try:
+                        self.aggregator.add(self.delta, self._weight(r.num_examples), client)
+                    except UpdateRejected:
+                        c.rejected += 1
+                        c.wasted_trips += 1
+                loss_sum += r.loss * r.examples_seen
+                seen += r.examples_seen
+            if self.aggregator.count:
+                self.server_opt.step(self.weights, self.aggregator.result())
+        if out.accepted:
+            self.empty_rounds = 0
+        else:
+            self.empty_rounds += 1
+            if self.empty_rounds >= self.max_empty_rounds:
+                raise FleetStalled(
+                    f"fleet simulation stalled: {self.empty_rounds} rounds in a row closed with no result "
+                    f"(simulated time {sched.now:.0f} s; {c.dropouts} dropouts, {c.late_discarded} late). No client can "
+                    f"finish: check fleet.deadline_s ({self.deadline_s}) against the trip durations, "
+                    f"fleet.availability.dropout and fleet.availability.session_s.")
+        self.round += 1
+        dt = out.t_close - out.t_start
+        c.examples_seen_total += int(seen)
+        return {
+            "round": self.round, "updates": len(out.accepted), **self._common_metrics(sched),
+            "late_discarded": c.late_discarded, "round_time_s": dt,
+            "concurrency": out.busy_device_s / dt if dt > 0 else float(out.selected),
+            "train_loss": loss_sum / seen if seen else None, "examples_seen": seen,
+        }
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {"weights": self.weights.clone(), "round": torch.tensor(self.round),
+                 "fleet.counters": self.c.as_tensor(), "fleet.empty_rounds": torch.tensor(self.empty_rounds)}
+        for k, v in self.sched.state_arrays().items():
+            state[_NP_PREFIX + k] = torch.from_numpy(np.ascontiguousarray(v))
+        state.update({f"server_opt.{k}": v for k, v in self.server_opt.state_dict().items()})
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if state["weights"].shape != self.weights.shape:
+            raise ValueError(f"checkpoint has {state['weights'].numel()} weights, model has {self.weights.numel()}")
+        self.server_opt.load_state_dict({k.removeprefix("server_opt."): v for k, v in state.items() if k.startswith("server_opt.")})
+        self.weights.copy_(state["weights"])
+        self.round = int(state["round"])
+        self.c.load(state["fleet.counters"])
+        self.empty_rounds = int(state["fleet.empty_rounds"])
+        self.sched.load_state_arrays({k.removeprefix(_NP_PREFIX): v.numpy() for k, v in state.items() if k.startswith(_NP_PREFIX)})
+
+
+# --- config-driven construction (what `flotilla run` uses) ---------------------------------
+def build_fleet_algorithm(cfg, task, **kw):
+    """The fleet algorithm an :class:`~flotilla.config.ExperimentConfig` asks for."""
+    from flotilla.fleet.config import FleetConfig
+    from flotilla.fleet.fleet import fleet_from_config
+
+    fcfg = cfg.fleet if cfg.fleet is not None else FleetConfig()
+    c, s = cfg.client, cfg.server
+    numel = sum(p.numel() for p in task.model.parameters() if p.requires_grad)
+    fleet = fleet_from_config(fcfg, cfg.seed, task.dataset.train_sizes.numpy(), numel * 4, c)
+    client = ClientSpec(c.epochs, c.steps, c.batch_size, c.lr, c.momentum, c.weight_decay)
+    server = ServerOptimizerSpec(s.optimizer, s.lr, s.momentum, s.beta1, s.beta2, s.tau)
+    if cfg.mode == "async":
+        a = cfg.async_
+        st = Staleness(a.staleness.kind, a.staleness.exponent, a.staleness.a, a.staleness.b)
+        return AsyncFleetSim(task.model, task.dataset, task.loss_fn, fleet=fleet, concurrency=a.concurrency,
+                             algorithm=a.algorithm, buffer_size=a.buffer_size, staleness=st, normalize=a.normalize,
+                             max_staleness=a.max_staleness, mixing=a.mixing, client=client, server=server,
+                             weighting=cfg.weighting, seed=cfg.seed, **kw)
+    return SyncFleetSim(task.model, task.dataset, task.loss_fn, fleet=fleet, cohort=cfg.cohort,
+                        over_selection=fcfg.over_selection, deadline_s=fcfg.deadline_s, client=client, server=server,
+                        weighting=cfg.weighting, seed=cfg.seed, **kw)
+
+
+def run_fleet_experiment(cfg, task, path, resume: bool):
+    """``flotilla run`` for ``mode: async`` or a ``fleet:`` section (called by flotilla.api)."""
+    from flotilla.api import TrainResult, eval_clients
+    from flotilla.core.evaluate import evaluate
+    from flotilla.runner import Runner
+    from flotilla.runs.rundir import RunDir
+
+    algorithm = build_fleet_algorithm(cfg, task)
+    clients = eval_clients(task.dataset, cfg.eval.max_clients, cfg.seed)
+    evaluate_fn = (lambda w: evaluate(algorithm.flat, w, task.dataset, clients, task.loss_fn, cfg.eval.batch_size)) if clients else None
+    rd = RunDir(path)
+    max_t = cfg.fleet.max_sim_time_s if cfg.fleet is not None else None
+    stop = (lambda rec: rec.get("sim_time_s", 0.0) >= max_t) if max_t is not None else None
+    runner = Runner(algorithm, evaluate_fn, rounds=cfg.rounds, eval_every=cfg.eval.every, run_dir=rd,
+                    checkpoint_every=cfg.output.checkpoint_every, progress=cfg.output.progress,
+                    tensorboard=cfg.output.tensorboard, stop=stop)
+    if resume:
+        runner.resume()
+    else:
+        rd.path.mkdir(parents=True, exist_ok=True)
+        if rd.metrics_file.exists():
+            rd.metrics_file.unlink()
+    history = runner.run()
+    algorithm.flat.load(algorithm.weights)
+    return TrainResult(task.model, algorithm.weights.clone(), history, rd.path)
