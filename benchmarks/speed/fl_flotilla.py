@@ -58,7 +58,7 @@ class OnDemandUsers(FederatedDataset):
         self.wl = workload
         self.name = "synthetic-on-demand"
         self.train_indices = _Same(workload.num_users, torch.arange(m["per_user"]))
-        self._train_sizes = _Same(workload.num_users, m["per_user"])
+        self._train_sizes = self._train_sizes_list = _Same(workload.num_users, m["per_user"])
         self.test_indices = _TestSlots(workload.num_users, m["test_users"], 10)
         self.client_names = _Same(workload.num_users, "synthetic")
         self._current = None

@@ -52,7 +52,6 @@ def main() -> None:
             x, y = wl.user_data(c)
             s = client_seed(m["seed"], r, c)
             gen = torch.Generator().manual_seed(s)
-            torch.manual_seed(s)
             n = len(y)
             for _ in range(m["epochs"]):
                 order = torch.randperm(n, generator=gen)

@@ -66,7 +66,9 @@ class LocalTrainer:
         if self._momentum is not None:
             self._momentum.zero_()
         generator = torch.Generator().manual_seed(seed)
-        torch.manual_seed(seed)  # dropout and other in-model randomness
+        # Dropout and other in-model randomness.  Only the CPU generator: torch.manual_seed also
+        # seeds every accelerator backend and records a stack trace, ~2 ms per client.
+        torch.default_generator.manual_seed(seed)
         model.train()
         steps = seen = 0
         loss_sum = torch.zeros(())
@@ -77,12 +79,13 @@ class LocalTrainer:
             self._sgd_step()
             loss_sum += loss.detach()
             steps += 1
-            seen += len(y)
+            seen += y.shape[0]
         flat.delta_into(start, delta_out)
         return ClientResult(client, dataset.num_train(client), seen, steps, float(loss_sum) / max(steps, 1))
 
-    @torch.no_grad()
     def _sgd_step(self) -> None:
+        # No no_grad() needed (its context manager costs ~0.1 ms a step): the flat vectors are
+        # plain tensors, not parameters, so autograd records nothing here.
         w, g, spec = self.flat.flat, self.flat.grad, self.spec
         if spec.weight_decay:
             g.add_(w, alpha=spec.weight_decay)

@@ -42,13 +42,14 @@ class FederatedDataset:
         )
         self.client_names = list(client_names) if client_names is not None else [str(i) for i in range(len(train_indices))]
         self._train_sizes = torch.tensor([len(i) for i in self.train_indices])
+        self._train_sizes_list = self._train_sizes.tolist()  # num_train without tensor indexing (hot path)
 
     @property
     def num_clients(self) -> int:
         return len(self.train_indices)
 
     def num_train(self, client: int) -> int:
-        return int(self._train_sizes[client])
+        return self._train_sizes_list[client]
 
     def num_test(self, client: int) -> int:
         return len(self.test_indices[client])
