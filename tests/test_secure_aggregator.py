@@ -62,6 +62,8 @@ def test_too_many_dropouts_abort_the_round():
         agg.add(ds[i], ws[i], i)
     with pytest.raises(SecAggAborted):
         agg.result()
+    with pytest.raises(SecAggAborted):
+        agg.result()
     agg = SecureAggregator(N, 5, max_weight=10, dropout=DropoutSim(advertise=0.6))
     with pytest.raises(SecAggAborted):
         agg.add(ds[0], ws[0], 0)

@@ -186,15 +186,22 @@ class SecureAggregator:
     def result(self) -> torch.Tensor:
         if self._done:
             return self._out
+        if self._aborted is not None:
+            raise self._aborted
         if self.count == 0:
             raise RuntimeError("no updates to aggregate")
         server = self._server
-        request = self._timed("server_s", server.close_masked_input)
-        for slot in sorted(request.survivors):
-            if self._stages.get(slot) != "unmask":
-                server.receive_unmask(self._timed("client_s", self._clients[slot].unmask, request))
-        t0 = time.perf_counter()
-        total = server.finish()
+        try:
+            request = self._timed("server_s", server.close_masked_input)
+            for slot in sorted(request.survivors):
+                if self._stages.get(slot) != "unmask":
+                    server.receive_unmask(self._timed("client_s", self._clients[slot].unmask, request))
+            t0 = time.perf_counter()
+            total = server.finish()
+        except SecAggAborted as e:
+            self._aborted = e                             # every later call reports the same abort
+            self._clients, self._bundles = {}, {}
+            raise
         dec = self.encoder.decode(total)
         weight_sum = dec[-1] / self.encoder.clip          # sum_i w_i / max_weight
         s = torch.from_numpy(dec[:-1]).to(torch.float32)
