@@ -66,7 +66,7 @@ def train(
     cohort: int = 10,
     client: ClientSpec | Mapping[str, Any] = ClientSpec(),
     server: ServerOptimizerSpec | Mapping[str, Any] = ServerOptimizerSpec(),
-    weighting: str = "examples",
+    weighting: str | None = None,
     seed: int = 0,
     eval_every: int = 1,
     eval_max_clients: int | None = None,
@@ -77,6 +77,7 @@ def train(
     progress: bool = False,
     tensorboard: bool = False,
     workers: int = 1,
+    privacy: Any = None,
 ) -> TrainResult:
     """Synchronous federated training of ``model`` (in place) on ``data``.
 
@@ -84,21 +85,39 @@ def train(
     (``server={"name": "fedadam", "lr": 0.01}``).  With ``run_dir`` set, metrics, checkpoints,
     the final model and a plot are written there; ``resume=True`` continues from its checkpoint.
     ``workers=N`` trains each round's cohort in N processes (Linux; see flotilla.sim.parallel).
+    ``weighting`` defaults to ``"examples"`` (``"uniform"`` under user-level DP).
+    ``privacy`` (a :class:`flotilla.privacy.PrivacySpec` or the ``privacy:`` config section as a
+    dict) adds sample-level DP-SGD and/or user-level DP-FedAvg; training then stops early when
+    the privacy budget is spent (see docs/privacy.md).
     """
     dataset = as_federated(data)
     client = client if isinstance(client, ClientSpec) else ClientSpec(**client)
     server = server if isinstance(server, ServerOptimizerSpec) else ServerOptimizerSpec(**server)
+    dp = None
+    if privacy is not None:
+        from flotilla.privacy import PrivacyError, PrivacySpec, prepare_model
+        dp = PrivacySpec.from_dict(privacy)
+        if workers > 1:
+            raise PrivacyError("workers: DP trains every client in one process; use workers=1")
+        prepare_model(model, dp)  # e.g. nn.LSTM -> Opacus DPLSTM, before the model is bound to a flat vector
+    if weighting is None:
+        weighting = "uniform" if dp is not None and dp.user_level is not None else "examples"
     if workers > 1:
         from flotilla.sim.parallel import ParallelFedAvg
         algorithm = ParallelFedAvg(model, dataset, loss_fn, cohort=cohort, client=client, server=server,
                                    weighting=weighting, seed=seed, workers=workers)
     else:
         algorithm = SyncFedAvg(model, dataset, loss_fn, cohort=cohort, client=client, server=server, weighting=weighting, seed=seed)
+    if dp is not None:
+        from flotilla.privacy import make_private
+        algorithm = make_private(algorithm, dp, rounds=rounds, eval_every=eval_every)
+        rounds = algorithm.rounds  # fewer if the privacy budget ends first
     clients = eval_clients(dataset, eval_max_clients, seed)
     evaluate_fn = (lambda w: evaluate(algorithm.flat, w, dataset, clients, loss_fn, eval_batch_size)) if clients else None
     rd = RunDir(run_dir) if run_dir is not None else None
     runner = Runner(algorithm, evaluate_fn, rounds=rounds, eval_every=eval_every, run_dir=rd,
-                    checkpoint_every=checkpoint_every, progress=progress, tensorboard=tensorboard)
+                    checkpoint_every=checkpoint_every, progress=progress, tensorboard=tensorboard,
+                    stop=algorithm.budget_spent if dp is not None else None)
     if resume:
         runner.resume()
     elif rd is not None:
@@ -131,6 +150,11 @@ def run_experiment(cfg: ExperimentConfig, run_dir: str | Path | None = None, res
         raise ConfigError(f"invalid config:\n  cohort: {cfg.cohort} is larger than the population ({task.dataset.num_clients} clients in {cfg.task.name})")
     path = Path(run_dir) if run_dir is not None else Path(cfg.output.dir) / (cfg.output.name or _run_name(cfg))
     rd = RunDir(path)
+    if cfg.privacy is not None and cfg.privacy.user_level is not None and cfg.mode == "sync":
+        from flotilla.privacy import PrivacySpec, plan_user_level
+        # delta vs population, target epsilon vs rounds, budget: refused before the run directory is written
+        plan_user_level(PrivacySpec.from_dict(cfg.privacy.model_dump()).user_level, population=task.dataset.num_clients,
+                        expected_cohort=float(cfg.cohort), rounds=cfg.rounds, accountant=cfg.privacy.accountant)
     if not resume:
         if rd.has_state():
             raise FileExistsError(f"{path} already holds a run; use --resume {path} or another output.name")
@@ -146,6 +170,7 @@ def run_experiment(cfg: ExperimentConfig, run_dir: str | Path | None = None, res
         weighting=cfg.weighting, seed=cfg.seed, eval_every=cfg.eval.every, eval_max_clients=cfg.eval.max_clients,
         eval_batch_size=cfg.eval.batch_size, run_dir=path, resume=resume, checkpoint_every=cfg.output.checkpoint_every,
         progress=cfg.output.progress, tensorboard=cfg.output.tensorboard, workers=cfg.workers,
+        privacy=cfg.privacy.model_dump() if cfg.privacy is not None else None,
     )
 
 

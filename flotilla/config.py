@@ -87,6 +87,50 @@ class OutputConfig(Strict):
     progress: bool = Field(True, description="show a progress bar")
 
 
+# --- differential privacy (flotilla.privacy; see docs/privacy.md) -------------------------------
+class SampleLevelPrivacy(Strict):
+    """DP-SGD on each client through Opacus (per-example clipping + Gaussian noise, Poisson batches)."""
+    noise_multiplier: float = Field(1.0, ge=0, description="sigma: noise std / max_grad_norm")
+    max_grad_norm: float = Field(1.0, gt=0, description="C: per-example gradient L2 clip")
+    delta: float = Field(1e-5, gt=0, lt=1, description="delta at which each client's epsilon is reported")
+    secure_mode: bool = Field(False, description="Opacus' floating-point-attack-resistant noise (slower)")
+
+
+class AdaptiveClippingConfig(Strict):
+    target_quantile: float = Field(0.5, gt=0, lt=1, description="aim the clip norm at this quantile of update norms (Andrew et al. 2021)")
+    learning_rate: float = Field(0.2, gt=0, description="geometric step of the clip-norm update")
+    count_noise_multiplier: float | None = Field(None, gt=0, description="noise std of the clipped count (default: expected cohort / 20)")
+
+
+class UserLevelPrivacy(Strict):
+    """DP-FedAvg / DP-FedBuff: clip each user's delta to clip_norm, Gaussian noise on the sum."""
+    clip_norm: float = Field(..., gt=0, description="S: L2 clip of each user's whole delta (initial S with adaptive clipping)")
+    noise_multiplier: float | None = Field(None, ge=0, description="z: noise std / S (or give target_epsilon)")
+    target_epsilon: float | None = Field(None, gt=0, description="calibrate z so that `rounds` server steps spend this epsilon")
+    max_epsilon: float | None = Field(None, gt=0, description="stop training before epsilon would exceed this (default: target_epsilon)")
+    delta: float | None = Field(None, gt=0, lt=1, description="delta (must be < 1/population; default 1/population^1.1)")
+    sampling: Literal["fixed", "poisson"] = Field("fixed", description="cohort sampling: fixed size, or each user with probability cohort/population")
+    adaptive_clipping: AdaptiveClippingConfig | None = Field(None, description="adapt S to a quantile of update norms")
+
+    @model_validator(mode="after")
+    def _one_noise(self):
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError("give exactly one of noise_multiplier and target_epsilon")
+        return self
+
+
+class PrivacyConfig(Strict):
+    accountant: Literal["rdp", "prv"] = Field("rdp", description="Opacus accountant: RDP or PRV")
+    sample_level: SampleLevelPrivacy | None = Field(None, description="DP-SGD on clients")
+    user_level: UserLevelPrivacy | None = Field(None, description="DP-FedAvg / DP-FedBuff on the server")
+
+    @model_validator(mode="after")
+    def _something(self):
+        if self.sample_level is None and self.user_level is None:
+            raise ValueError("give sample_level and/or user_level (an empty privacy section protects nothing)")
+        return self
+
+
 class ExperimentConfig(Strict):
     # `async` is a Python keyword: the field is `async_`, the YAML key (alias) is `async`.
     model_config = ConfigDict(extra="forbid", validate_by_name=True, validate_by_alias=True, serialize_by_alias=True)
@@ -104,6 +148,7 @@ class ExperimentConfig(Strict):
     mode: Literal["sync", "async"] = Field("sync", description="sync rounds, or asynchronous training on a simulated fleet (see async)")
     fleet: FleetConfig | None = Field(None, description="simulate a device fleet in simulated time (sync: over-selection, deadline; async: always)")
     async_: AsyncConfig | None = Field(None, alias="async", description="mode async: FedBuff / FedAsync settings")
+    privacy: PrivacyConfig | None = Field(None, description="differential privacy (sample-level DP-SGD and/or user-level DP-FedAvg)")
 
     @model_validator(mode="after")
     def _fleet_fits(self):
@@ -131,6 +176,30 @@ class ExperimentConfig(Strict):
             raise ValueError(f"cohort: {self.cohort} is larger than the population task.num_clients={self.task.num_clients}")
         return self
 
+    @model_validator(mode="after")
+    def _privacy_fits(self):
+        p = self.privacy
+        if p is None:
+            return self
+        if getattr(self, "workers", 1) > 1:
+            raise ValueError("privacy: DP trains every client in one process; set workers: 1")
+        if self.mode == "sync" and self.fleet is not None:
+            raise ValueError("privacy: a sync fleet round keeps the first arrivals (over-selection, deadline), a cohort "
+                             "sampling the accountant does not cover; remove fleet or use mode: async with algorithm fedbuff")
+        if p.user_level is not None:
+            if self.mode == "async" and self.async_ is not None and self.async_.algorithm != "fedbuff":
+                raise ValueError(f"privacy: user-level DP covers FedBuff (one noise release per buffer of K updates), not "
+                                 f"async.algorithm={self.async_.algorithm} which applies every update on its own")
+            if self.weighting == "examples" and "weighting" in self.model_fields_set:
+                raise ValueError("weighting: user-level DP needs weighting: uniform (weighting users by example count "
+                                 "breaks the per-user sensitivity bound clip_norm)")
+            self.weighting = "uniform"
+            d = p.user_level.delta
+            if d is not None and isinstance(self.task, FashionMNISTTask) and d >= 1 / self.task.num_clients:
+                raise ValueError(f"privacy.user_level.delta: {d} is not below 1/population = 1/{self.task.num_clients}; "
+                                 f"such a delta permits publishing a whole user's data")
+        return self
+
 
 # --- loading ------------------------------------------------------------------------------
 def _format(err: ValidationError) -> str:
@@ -146,7 +215,8 @@ def _format(err: ValidationError) -> str:
             msg = "required key is missing"
         given = f" (got {e['input']!r})" if e["type"] not in ("extra_forbidden", "missing") and not isinstance(e.get("input"), dict) else ""
         # A model_validator error names its own key: print it bare.
-        if msg.split(":")[0] in ("cohort", "async", "async.concurrency", "fleet.over_selection", "workers") and key == "config":
+        if (msg.split(":")[0] in ("cohort", "async", "async.concurrency", "fleet.over_selection", "workers", "weighting")
+                or msg.startswith("privacy")) and key == "config":
             lines.append(f"  {msg}")
         else:
             lines.append(f"  {key}: {msg}{given}")

@@ -55,10 +55,12 @@ class SyncFedAvg:
         self.weighting = weighting
         self.seed = seed
         self.round = 0
+        # How a round's cohort is drawn; privacy swaps in Poisson sampling (flotilla.privacy.user.poisson_cohort).
+        self.sample_cohort = sample_cohort
 
     def step(self) -> dict[str, float]:
         """Run one round; return its training metrics."""
-        clients = sample_cohort(self.seed, self.round, self.dataset.num_clients, self.cohort)
+        clients = self.sample_cohort(self.seed, self.round, self.dataset.num_clients, self.cohort)
         self.aggregator.reset()
         loss_sum = seen = 0.0
         for c in clients.tolist():
@@ -68,7 +70,8 @@ class SyncFedAvg:
                 self.aggregator.add(self.delta, weight, c)
             loss_sum += r.loss * r.examples_seen
             seen += r.examples_seen
-        if self.aggregator.count:
+        # A DP aggregator releases (pure noise) even for an empty cohort: skipping would leak it.
+        if self.aggregator.count or getattr(self.aggregator, "release_when_empty", False):
             self.server_opt.step(self.weights, self.aggregator.result())
         self.round += 1
         return {"round": self.round, "train_loss": loss_sum / max(seen, 1), "examples_seen": seen, "clients": len(clients)}

@@ -1,0 +1,168 @@
+"""Sample-level DP on the client: DP-SGD (Abadi et al. 2016) through Opacus.
+
+:class:`DPLocalTrainer` has the interface of :class:`flotilla.core.client.LocalTrainer` and is a
+drop-in replacement for it (``algorithm.trainer = DPLocalTrainer(...)``).  Every local step:
+
+1. Poisson-samples a batch (each of the client's examples with probability ``q = 1/ceil(n/B)``,
+   Opacus' ``UniformWithReplacementSampler``), so the expected batch is ~B and the schedule is
+   exactly the one Opacus' ``make_private`` would build for that client's DataLoader;
+2. computes per-example gradients with Opacus' ``GradSampleModule`` hooks;
+3. clips each example's gradient to ``max_grad_norm``, sums, adds N(0, (sigma C)^2) and divides by
+   the expected batch size: Opacus' ``DPOptimizer`` around a plain ``torch.optim.SGD``.
+
+The one model is made private ONCE (hooks attached, optimizer built) when the trainer is built and
+reused for every client: no per-client wrapping cost and no per-client model copy.  Parameters stay
+views into ``FlatModel.flat`` (the SGD update is in place), so the delta is still one subtraction.
+
+Recurrent layers: ``nn.LSTM`` computes its gradient in one fused kernel that per-sample hooks
+cannot see; :func:`make_dp_compatible` swaps it, in place and keeping the weights, for Opacus'
+``DPLSTM`` (same parameter names) BEFORE the FlatModel binds the parameters.
+
+Each result carries the client's epsilon for that participation: Opacus' accountant over that
+client's ``(sigma, q, local steps)``.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from flotilla.core.client import ClientResult, ClientSpec, LossFn
+from flotilla.core.flat import FlatModel
+from flotilla.data.base import FederatedDataset
+from flotilla.privacy.accountant import PrivacyError, dpsgd_schedule, epsilon
+
+# Layers whose Opacus fixer is a weight-preserving drop-in replacement (nn.LSTM -> DPLSTM, ...).
+_RECURRENT = (nn.LSTM, nn.GRU, nn.RNN)
+
+
+@dataclass(frozen=True)
+class SampleLevelSpec:
+    noise_multiplier: float = 1.0     # sigma: noise std / max_grad_norm
+    max_grad_norm: float = 1.0        # C: per-example gradient clip (L2)
+    delta: float = 1e-5               # delta at which each client's epsilon is reported
+    accountant: str = "rdp"           # "rdp" or "prv"
+    secure_mode: bool = False         # Opacus' floating-point-attack-resistant noise (slower)
+
+    def __post_init__(self):
+        if not self.max_grad_norm > 0:
+            raise PrivacyError(f"privacy.sample_level.max_grad_norm: must be > 0, got {self.max_grad_norm}")
+        if not self.noise_multiplier >= 0:
+            raise PrivacyError(f"privacy.sample_level.noise_multiplier: must be >= 0, got {self.noise_multiplier}")
+        if not 0 < self.delta < 1:
+            raise PrivacyError(f"privacy.sample_level.delta: must be in (0, 1), got {self.delta}")
+
+
+@dataclass
+class DPClientResult(ClientResult):
+    epsilon: float = 0.0          # this participation's sample-level epsilon at ``delta``
+    sample_rate: float = 0.0      # q of the local Poisson sampling
+
+
+def make_dp_compatible(model: nn.Module) -> nn.Module:
+    """Make ``model`` trainable by Opacus, in place: recurrent layers become Opacus' DP layers
+    with the same weights and parameter names.  Anything else Opacus cannot train privately
+    (e.g. BatchNorm, whose statistics mix examples) is refused with Opacus' reason.
+
+    Call it before the algorithm binds the model to a FlatModel.
+    """
+    from opacus.validators import ModuleValidator
+
+    if isinstance(model, _RECURRENT):
+        raise PrivacyError(f"privacy.sample_level: the model itself is a bare {type(model).__name__}; wrap it in a module")
+    for name, sub in list(model.named_modules()):
+        if isinstance(sub, _RECURRENT) and type(sub) in ModuleValidator.FIXERS:
+            new = ModuleValidator.FIXERS[type(sub)](sub)
+            parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+            setattr(parent, name.rpartition(".")[2], new)
+    was_training = model.training
+    model.train()
+    errors = ModuleValidator.validate(model, strict=False)
+    model.train(was_training)
+    if errors:
+        raise PrivacyError("privacy.sample_level: Opacus cannot train this model privately: " + "; ".join(str(e) for e in errors))
+    return model
+
+
+class DPLocalTrainer:
+    """DP-SGD local training of ``flat``'s model for one client at a time (no per-client state)."""
+
+    def __init__(self, flat: FlatModel, loss_fn: LossFn, spec: ClientSpec, dp: SampleLevelSpec):
+        from opacus import GradSampleModule
+        from opacus.optimizers import DPOptimizer
+
+        bad = [n for n, m in flat.model.named_modules() if isinstance(m, _RECURRENT)]
+        if bad:
+            raise PrivacyError(f"privacy.sample_level: layers {bad} need make_dp_compatible(model) before the FlatModel is built")
+        self.flat = flat
+        self.loss_fn = loss_fn
+        self.spec = spec
+        self.dp = dp
+        # Made private once: hooks on the one model, one optimizer over its (flat-backed) parameters.
+        self.module = GradSampleModule(flat.model, batch_first=True, loss_reduction="mean", strict=True)
+        self._sgd = torch.optim.SGD(flat.params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
+        self.optimizer = DPOptimizer(
+            self._sgd, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
+            expected_batch_size=spec.batch_size, loss_reduction="mean", secure_mode=dp.secure_mode,
+        )
+        self.results: list[DPClientResult] = []   # this round's results (read and cleared by the caller)
+        # Opacus' full backward hooks on the first layer (whose input needs no grad) warn every step.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect to module outputs")
+
+    def train(self, dataset: FederatedDataset, client: int, start: torch.Tensor, seed: int, delta_out: torch.Tensor) -> DPClientResult:
+        """DP-SGD from global weights ``start``; write ``w_end - start`` into ``delta_out``."""
+        from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+        flat, spec, dp = self.flat, self.spec, self.dp
+        flat.load(start)
+        n = dataset.num_train(client)
+        if n == 0:
+            delta_out.zero_()
+            return DPClientResult(client, 0, 0, 0, 0.0)
+        q, steps = dpsgd_schedule(n, spec.batch_size, spec.epochs, spec.steps)
+        self._sgd.state.clear()                       # momentum does not leak between clients
+        self.optimizer.expected_batch_size = q * n
+        generator = torch.Generator().manual_seed(seed)
+        self.optimizer.generator = None if dp.secure_mode else torch.Generator().manual_seed(seed ^ 0x5A5A5A5A)
+        torch.manual_seed(seed)  # dropout and other in-model randomness
+        self.module.train()
+        indices = dataset.train_indices[client]
+        sampler = UniformWithReplacementSampler(num_samples=n, sample_rate=q, generator=generator, steps=steps)
+        seen = 0
+        loss_sum = torch.zeros(())
+        try:
+            for batch in sampler:
+                self.optimizer.zero_grad(set_to_none=False)
+                if batch:
+                    x, y = dataset.fetch(indices[torch.as_tensor(batch)])
+                    loss = self.loss_fn(self.module(x), y)
+                    loss.backward()
+                    loss_sum += loss.detach() * len(batch)
+                    seen += len(batch)
+                else:  # an empty Poisson batch still takes a (pure-noise) step, as Opacus does
+                    for p in flat.params:
+                        p.grad_sample = torch.zeros((0, *p.shape))
+                self.optimizer.step()
+        finally:
+            self.optimizer.zero_grad(set_to_none=False)
+            self._rebind_grads()
+        flat.delta_into(start, delta_out)
+        eps = epsilon(dp.noise_multiplier, q, steps, dp.delta, dp.accountant)
+        result = DPClientResult(client, n, seen, steps, float(loss_sum) / max(seen, 1), epsilon=eps, sample_rate=q)
+        self.results.append(result)
+        return result
+
+    def _rebind_grads(self) -> None:
+        """DPOptimizer leaves fresh tensors in ``p.grad``; point them back into ``flat.grad``."""
+        flat, offset = self.flat, 0
+        flat.grad.zero_()
+        for p in flat.params:
+            k = p.numel()
+            p.grad = flat.grad[offset:offset + k].view_as(p)
+            offset += k
+
+    def close(self) -> None:
+        """Remove Opacus' hooks from the model (the user's module is left as a plain module)."""
+        self.module.to_standard_module()
