@@ -34,10 +34,10 @@ T0 = time.perf_counter()
 
 # --- workload definitions (the single source of truth for every framework) -------------------
 WORKLOADS = {
-    "fmnist": dict(users=1000, per_user=50, cohort=50, rounds=20, epochs=1, batch=10, lr=0.1, seed=0),
-    "shakespeare": dict(min_chars=1000, seq_len=80, per_user=50, test_per_user=10, cohort=20, rounds=20,
+    "fmnist": dict(users=1000, per_user=50, cohort=50, rounds=10, epochs=1, batch=10, lr=0.1, seed=0),
+    "shakespeare": dict(min_chars=1000, seq_len=80, per_user=50, test_per_user=10, cohort=20, rounds=10,
                         epochs=1, batch=10, lr=0.8, seed=0, embed=8, hidden=128, layers=1),
-    "scale": dict(users=100_000, per_user=50, cohort=50, rounds=20, epochs=1, batch=10, lr=0.1, seed=0,
+    "scale": dict(users=100_000, per_user=50, cohort=50, rounds=10, epochs=1, batch=10, lr=0.1, seed=0,
                   dim=20, classes=5, hidden=64, test_users=200),
 }
 
