@@ -150,11 +150,12 @@ def run_experiment(cfg: ExperimentConfig, run_dir: str | Path | None = None, res
         raise ConfigError(f"invalid config:\n  cohort: {cfg.cohort} is larger than the population ({task.dataset.num_clients} clients in {cfg.task.name})")
     path = Path(run_dir) if run_dir is not None else Path(cfg.output.dir) / (cfg.output.name or _run_name(cfg))
     rd = RunDir(path)
-    if cfg.privacy is not None and cfg.privacy.user_level is not None and cfg.mode == "sync":
+    if cfg.privacy is not None and cfg.privacy.user_level is not None:
         from flotilla.privacy import PrivacySpec, plan_user_level
         # delta vs population, target epsilon vs rounds, budget: refused before the run directory is written
         plan_user_level(PrivacySpec.from_dict(cfg.privacy.model_dump()).user_level, population=task.dataset.num_clients,
-                        expected_cohort=float(cfg.cohort), rounds=cfg.rounds, accountant=cfg.privacy.accountant)
+                        expected_cohort=float(cfg.cohort if cfg.mode == "sync" else cfg.async_.buffer_size),
+                        rounds=cfg.rounds, accountant=cfg.privacy.accountant)
     if not resume:
         if rd.has_state():
             raise FileExistsError(f"{path} already holds a run; use --resume {path} or another output.name")

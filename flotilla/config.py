@@ -111,6 +111,7 @@ class UserLevelPrivacy(Strict):
     delta: float | None = Field(None, gt=0, lt=1, description="delta (must be < 1/population; default 1/population^1.1)")
     sampling: Literal["fixed", "poisson"] = Field("fixed", description="cohort sampling: fixed size, or each user with probability cohort/population")
     adaptive_clipping: AdaptiveClippingConfig | None = Field(None, description="adapt S to a quantile of update norms")
+    amplification: bool = Field(True, description="account sampling rate q = cohort (or async.buffer_size) / population; false: q = 1, no sampling assumption")
 
     @model_validator(mode="after")
     def _one_noise(self):
@@ -190,6 +191,9 @@ class ExperimentConfig(Strict):
             if self.mode == "async" and self.async_ is not None and self.async_.algorithm != "fedbuff":
                 raise ValueError(f"privacy: user-level DP covers FedBuff (one noise release per buffer of K updates), not "
                                  f"async.algorithm={self.async_.algorithm} which applies every update on its own")
+            if self.mode == "async" and p.user_level.sampling == "poisson":
+                raise ValueError("privacy.user_level.sampling: poisson is for sync rounds; a FedBuff buffer takes the first K "
+                                 "arrivals (see docs/privacy.md)")
             if self.weighting == "examples" and "weighting" in self.model_fields_set:
                 raise ValueError("weighting: user-level DP needs weighting: uniform (weighting users by example count "
                                  "breaks the per-user sensitivity bound clip_norm)")

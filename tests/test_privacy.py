@@ -171,6 +171,10 @@ def test_training_stops_cleanly_when_the_budget_is_spent(tmp_path):
     assert "accuracy" in last and last["accuracy"] is not None  # the final (budget) step is evaluated
     with pytest.raises(PrivacyError, match="budget"):
         train(mlp(), ds, rounds=10, cohort=4, privacy={"user_level": {"clip_norm": 1.0, "noise_multiplier": 0.1, "max_epsilon": 0.5}})
+    # a budget that does not bind: all rounds run and nothing is flagged
+    loose = train(mlp(), ds, rounds=3, cohort=4, privacy={"user_level": {**spec["user_level"], "max_epsilon": 50.0}},
+                  client={"steps": 1, "batch_size": 4})
+    assert len(loose.history) == 3 and "privacy_budget_spent" not in loose.history[-1]
 
 
 def test_resume_is_bit_identical_with_adaptive_clipping_and_dp_sgd(tmp_path):

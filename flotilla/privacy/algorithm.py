@@ -73,7 +73,7 @@ class UserLevelPlan:
     delta: float
     expected_cohort: float    # m: the sum is divided by this
     budget: float | None      # epsilon at which training stops (None: no budget, just report)
-    max_steps: int | None     # steps affordable within the budget
+    max_steps: int | None     # steps affordable within the budget (capped at rounds + 1: "does not bind")
     rounds: int               # steps the run will take: min(requested rounds, max_steps)
 
 
@@ -88,7 +88,7 @@ def plan_user_level(u: UserLevelSpec, *, population: int, expected_cohort: float
     """
     if not 0 < expected_cohort <= population:
         raise PrivacyError(f"privacy.user_level: expected cohort {expected_cohort} must be in (0, population={population}]")
-    q = expected_cohort / population
+    q = expected_cohort / population if u.amplification else 1.0
     delta = u.resolved_delta(population)
     z = u.noise_multiplier if u.noise_multiplier is not None else calibrate_noise(u.target_epsilon, delta, q, rounds, accountant)
     if u.adaptive_clipping is not None:
@@ -96,7 +96,7 @@ def plan_user_level(u: UserLevelSpec, *, population: int, expected_cohort: float
     budget = u.max_epsilon if u.max_epsilon is not None else u.target_epsilon
     steps = None
     if budget is not None:
-        steps = max_steps(z, q, delta, budget, accountant, limit=max(rounds, 1))
+        steps = max_steps(z, q, delta, budget, accountant, limit=rounds + 1)  # rounds + 1: the budget does not bind
         if steps == 0:
             eps1 = epsilon(z, q, 1, delta, accountant)
             key = "max_epsilon" if u.max_epsilon is not None else "target_epsilon"
@@ -119,8 +119,20 @@ def _kind(algorithm) -> str:
     from flotilla.sim.sync import SyncFedAvg
     if isinstance(algorithm, SyncFedAvg):
         return "sync"
-    if getattr(algorithm, "privacy_kind", None) == "fedbuff":
+    try:
+        from flotilla.sim.fleet import AsyncFleetSim, SyncFleetSim
+    except ImportError:  # pragma: no cover - the fleet simulator is part of Flotilla
+        AsyncFleetSim = SyncFleetSim = ()
+    if isinstance(algorithm, AsyncFleetSim):
+        if algorithm.algorithm != "fedbuff":
+            raise PrivacyError(f"privacy.user_level: async.algorithm={algorithm.algorithm} is not covered: it applies every "
+                               f"client update on its own; user-level DP here is DP-FedBuff (one noise release per buffer of K)")
+        if algorithm.null_client:
+            raise PrivacyError("privacy: the null client trains nothing, there is nothing to privatise")
         return "fedbuff"
+    if isinstance(algorithm, SyncFleetSim):
+        raise PrivacyError("privacy.user_level: a sync fleet round keeps the first arrivals (over-selection, deadline), a "
+                           "cohort sampling the accountant does not cover; use SyncFedAvg or FedBuff")
     raise PrivacyError(
         f"privacy.user_level: {type(algorithm).__name__} is not covered: user-level DP here is DP-FedAvg over "
         f"synchronous rounds (SyncFedAvg) or DP-FedBuff over a buffer of K updates; an algorithm that applies each "
@@ -233,6 +245,7 @@ def make_private(algorithm, spec: PrivacySpec | Mapping[str, Any], *, rounds: in
     every check has passed.
     """
     spec = PrivacySpec.from_dict(spec)
+    kind = None
     if getattr(algorithm, "workers", 1) > 1:
         raise PrivacyError("workers: DP trains every client in one process (per-client clipping, noise and "
                            "accounting in the parent); use workers=1")
@@ -249,21 +262,44 @@ def make_private(algorithm, spec: PrivacySpec | Mapping[str, Any], *, rounds: in
         expected = float(algorithm.cohort if kind == "sync" else algorithm.buffer_size)
         plan = plan_user_level(u, population=algorithm.dataset.num_clients, expected_cohort=expected,
                                rounds=rounds, accountant=spec.accountant)
-        aggregator = DPFedAvg(algorithm.flat.numel, clip_norm=u.clip_norm, noise_multiplier=plan.noise_multiplier,
-                              expected_cohort=expected, seed=algorithm.seed, adaptive=u.adaptive_clipping)
+        if kind == "sync":
+            aggregator = DPFedAvg(algorithm.flat.numel, clip_norm=u.clip_norm, noise_multiplier=plan.noise_multiplier,
+                                  expected_cohort=expected, seed=algorithm.seed, adaptive=u.adaptive_clipping)
+        else:
+            from flotilla.privacy.fedbuff import DPFedBuff
+            dp_buffer = DPFedBuff(algorithm.server.buffer, clip_norm=u.clip_norm, noise_multiplier=plan.noise_multiplier,
+                                  seed=algorithm.seed, adaptive=u.adaptive_clipping)
+            aggregator = dp_buffer.mechanism
     trainer = None
     if spec.sample_level is not None:
         old = algorithm.trainer
         dp = dataclasses.replace(spec.sample_level, accountant=spec.accountant)
         trainer = DPLocalTrainer(algorithm.flat, old.loss_fn, old.spec, dp)   # the last check; attaches hooks
     # All checks passed: now modify the algorithm.
-    if aggregator is not None:
+    if aggregator is not None and kind == "fedbuff":
+        algorithm.server.buffer = dp_buffer
+    elif aggregator is not None:
         algorithm.aggregator = aggregator
         if spec.user_level.sampling == "poisson":
             algorithm.sample_cohort = poisson_cohort
     if trainer is not None:
         algorithm.trainer = trainer
     return PrivateAlgorithm(algorithm, spec, rounds=rounds, eval_every=eval_every, aggregator=aggregator, plan=plan, trainer=trainer)
+
+
+def with_privacy(cfg, task, build):
+    """Config-driven runtimes: ``build()`` the algorithm for ``cfg`` with ``cfg.privacy`` wired in.
+
+    Returns ``(algorithm, rounds)``: the algorithm itself and ``cfg.rounds`` when there is no
+    ``privacy:`` section; otherwise the :class:`PrivateAlgorithm` and the rounds the budget allows.
+    The model is prepared (DPLSTM swap) before ``build`` binds it to a flat vector.
+    """
+    if getattr(cfg, "privacy", None) is None:
+        return build(), cfg.rounds
+    spec = PrivacySpec.from_dict(cfg.privacy.model_dump())
+    prepare_model(task.model, spec)
+    private = make_private(build(), spec, rounds=cfg.rounds, eval_every=cfg.eval.every)
+    return private, private.rounds
 
 
 def describe(private: PrivateAlgorithm) -> str:
@@ -281,4 +317,5 @@ def describe(private: PrivateAlgorithm) -> str:
     return "; ".join(parts) if parts else "no DP"
 
 
-__all__ = ["PrivacySpec", "PrivateAlgorithm", "UserLevelPlan", "describe", "make_private", "plan_user_level", "prepare_model"]
+__all__ = ["PrivacySpec", "PrivateAlgorithm", "UserLevelPlan", "describe", "make_private", "plan_user_level", "prepare_model",
+           "with_privacy"]

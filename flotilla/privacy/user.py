@@ -58,6 +58,7 @@ class UserLevelSpec:
     delta: float | None = None                 # default: 1 / population^1.1
     sampling: str = "fixed"                    # cohort sampling: fixed size or Poisson(q)
     adaptive_clipping: AdaptiveClippingSpec | None = None
+    amplification: bool = True                 # account q = cohort/population; False: q = 1 (no sampling assumption)
 
     def __post_init__(self):
         if not (isinstance(self.clip_norm, (int, float)) and self.clip_norm > 0 and math.isfinite(self.clip_norm)):
@@ -156,8 +157,15 @@ class DPFedAvg:
             check_update(delta, self.numel, where)
         if weight != 1.0:
             raise UpdateRejected(f"{where}: user-level DP gives every user weight 1 (got {weight}); use weighting='uniform'")
+        self.accumulate(delta)
+
+    @torch.no_grad()
+    def accumulate(self, delta: torch.Tensor, scale: float = 1.0) -> None:
+        """Add ``scale * clip(delta, S)`` (``0 < scale <= 1``, e.g. a staleness weight), unvalidated."""
+        if not 0 < scale <= 1:
+            raise UpdateRejected(f"update scale must be in (0, 1] to keep the sensitivity <= S, got {scale}")
         norm = float(torch.linalg.vector_norm(delta))
-        self.sum.add_(delta, alpha=min(1.0, self.clip_norm / norm) if norm > 0 else 1.0)
+        self.sum.add_(delta, alpha=scale * min(1.0, self.clip_norm / norm) if norm > 0 else scale)
         self.count += 1
         self.unclipped += norm <= self.clip_norm
 

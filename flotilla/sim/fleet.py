@@ -458,13 +458,17 @@ def run_fleet_experiment(cfg, task, path, resume: bool):
     from flotilla.runner import Runner
     from flotilla.runs.rundir import RunDir
 
-    algorithm = build_fleet_algorithm(cfg, task)
+    if getattr(cfg, "privacy", None) is not None:  # DP-FedBuff / DP-SGD clients (flotilla.privacy)
+        from flotilla.privacy import with_privacy
+        algorithm, rounds = with_privacy(cfg, task, lambda: build_fleet_algorithm(cfg, task))
+    else:
+        algorithm, rounds = build_fleet_algorithm(cfg, task), cfg.rounds
     clients = eval_clients(task.dataset, cfg.eval.max_clients, cfg.seed)
     evaluate_fn = (lambda w: evaluate(algorithm.flat, w, task.dataset, clients, task.loss_fn, cfg.eval.batch_size)) if clients else None
     rd = RunDir(path)
     max_t = cfg.fleet.max_sim_time_s if cfg.fleet is not None else None
     stop = (lambda rec: rec.get("sim_time_s", 0.0) >= max_t) if max_t is not None else None
-    runner = Runner(algorithm, evaluate_fn, rounds=cfg.rounds, eval_every=cfg.eval.every, run_dir=rd,
+    runner = Runner(algorithm, evaluate_fn, rounds=rounds, eval_every=cfg.eval.every, run_dir=rd,
                     checkpoint_every=cfg.output.checkpoint_every, progress=cfg.output.progress,
                     tensorboard=cfg.output.tensorboard, stop=stop)
     if resume:
