@@ -3,6 +3,8 @@
     flotilla run CONFIG.yaml [--set key=value ...]
     flotilla run --resume RUN_DIR
     flotilla report RUN_DIR [RUN_DIR ...] [--out FILE] [--x round|sim_time_s|wall_time_s]
+    flotilla certs DIR | serve CONFIG.yaml --port P | join --server HOST:P --token T --data PATH
+    flotilla status --server HOST:P                     (network deployment: flotilla/network/cli.py)
 """
 from __future__ import annotations
 
@@ -33,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     rep.add_argument("--out", default="flotilla-report.png", help="plot file (default: flotilla-report.png)")
     rep.add_argument("--x", default="round", choices=["round", "sim_time_s", "wall_time_s"], help="x axis of the plot")
+
+    from flotilla.network import cli as network_cli
+    network_cli.add_parsers(sub)
     return p
 
 
@@ -46,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
             print(report(args.run_dirs, Path(args.out), x=args.x))
             print(f"plot: {args.out}")
             return 0
+        from flotilla.network import cli as network_cli
+        if args.command in network_cli.COMMANDS:
+            return network_cli.run(args)
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"flotilla: error: {e}", file=sys.stderr)
         return 2

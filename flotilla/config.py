@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from flotilla.fleet.config import AsyncConfig, FleetConfig
+from flotilla.network.config import NetworkConfig
 
 
 class ConfigError(ValueError):
@@ -149,6 +150,7 @@ class ExperimentConfig(Strict):
     mode: Literal["sync", "async"] = Field("sync", description="sync rounds, or asynchronous training on a simulated fleet (see async)")
     fleet: FleetConfig | None = Field(None, description="simulate a device fleet in simulated time (sync: over-selection, deadline; async: always)")
     async_: AsyncConfig | None = Field(None, alias="async", description="mode async: FedBuff / FedAsync settings")
+    network: NetworkConfig | None = Field(None, description="flotilla serve: TLS, device tokens, limits (see docs/deployment.md)")
     privacy: PrivacyConfig | None = Field(None, description="differential privacy (sample-level DP-SGD and/or user-level DP-FedAvg)")
 
     @model_validator(mode="after")

@@ -116,8 +116,10 @@ def make_deployment(
     _write_private(out / "client.key", _key_pem(client_key))
 
     width = max(3, len(str(max(devices - 1, 0))))
-    tokens = {f"device-{i:0{width}d}": secrets.token_urlsafe(32) for i in range(devices)}
-    tokens["admin"] = secrets.token_urlsafe(32)
+    # A fixed prefix makes tokens recognisable (secret scanners, logs) and never starts with "-",
+    # which a command line would read as an option.
+    tokens = {f"device-{i:0{width}d}": "flt_" + secrets.token_urlsafe(32) for i in range(devices)}
+    tokens["admin"] = "flt_" + secrets.token_urlsafe(32)
     table = {"devices": {name: {"sha256": token_hash(t), "role": "admin" if name == "admin" else "device"}
                          for name, t in tokens.items()}}
     (out / "tokens.json").write_text(json.dumps(table, indent=1) + "\n")

@@ -281,13 +281,16 @@ class DeviceReport:
 
 
 class Device:
-    """A device: trains ``model`` on its own ``data`` whenever the server assigns it work."""
+    """A device: trains ``model`` on its own ``data`` whenever the server assigns it work.
+
+    ``model`` is a module, or a function ``task -> module`` called on the first check-in with the
+    server's task config (``flotilla join`` passes :func:`model_for_task`)."""
 
     def __init__(
         self,
         server: str,
         token: str,
-        model: nn.Module,
+        model: nn.Module | Callable[[dict[str, Any]], nn.Module],
         data,
         loss_fn: LossFn = F.cross_entropy,
         *,
@@ -305,15 +308,22 @@ class Device:
         self.num_examples = self.dataset.num_train(self.client)
         if self.num_examples == 0:
             raise ValueError("data: this device has no training examples")
-        self.flat = FlatModel(model)
+        self._model = model
+        self.flat: FlatModel | None = None
         self.loss_fn = loss_fn
-        self.start = torch.empty(self.flat.numel)
-        self.delta = torch.empty(self.flat.numel)
         self._trainer: LocalTrainer | None = None
         self.conn = Connection(server, token, ca=ca, cert=cert, key=key, server_name=server_name, compression=compression)
         self.backoff = backoff or Backoff()
         self.max_tasks = max_tasks
         self.on_event = on_event or (lambda kind, info: None)
+
+    def _prepare(self, task: dict[str, Any]) -> None:
+        if self.flat is not None:
+            return
+        model = self._model if isinstance(self._model, nn.Module) else self._model(task)
+        self.flat = FlatModel(model)
+        self.start = torch.empty(self.flat.numel)
+        self.delta = torch.empty(self.flat.numel)
 
     def _trainer_for(self, spec: ClientSpec) -> LocalTrainer:
         if self._trainer is None or self._trainer.spec != spec:
@@ -347,6 +357,9 @@ class Device:
                     time.sleep(ci.retry_after_s * random.uniform(0.5, 1.5))
                     continue
                 a = ci.assignment
+                self._prepare(ci.task)
+                if a.numel != self.flat.numel:
+                    raise ValueError(f"the server's model has {a.numel} parameters, this device's model has {self.flat.numel}")
                 try:
                     self._retry(report, self.conn.download, a.version, self.start)
                 except Refused as e:   # e.g. the version moved on between check-in and download
@@ -385,3 +398,21 @@ class Device:
                     # The first attempt did land before the connection broke: it counts once.
                     return -1, -1
                 raise
+
+
+def model_for_task(task: dict[str, Any]) -> nn.Module:
+    """The built-in model of a built-in task config (what the server sends at check-in)."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from flotilla.config import TaskConfig
+    from flotilla.tasks.models import CharLSTM, SmallCNN
+    try:
+        cfg = TypeAdapter(TaskConfig).validate_python(task)
+    except ValidationError as e:
+        raise ValueError(f"the server's task {task.get('name')!r} has no built-in model here; use the Python SDK "
+                         f"(flotilla.client.Device) with your own model ({e.errors()[0]['msg']})") from None
+    if cfg.name == "fashion-mnist":
+        return SmallCNN()
+    from flotilla.data.shakespeare import VOCAB_SIZE
+    m = cfg.model
+    return CharLSTM(VOCAB_SIZE, m.embed_dim, m.hidden, m.layers)

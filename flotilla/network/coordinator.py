@@ -12,10 +12,10 @@ Modes
           over_selection)`` devices hold an assignment for the current round; the round closes at
           the first ``cohort`` accepted updates (later ones are refused as *late*), or at
           ``round_deadline_s`` if at least ``min_updates`` arrived.  One server step per round.
-``async`` buffered asynchronous aggregation: at most ``concurrency`` assignments in flight; each
-          accepted update is weighted by a staleness function and added to the buffer; one server
-          step every ``buffer_size`` updates.  The staleness weighting is supplied by the caller
-          (see :mod:`flotilla.network.server`), so the network server and the simulator share it.
+``async`` FedBuff (:class:`~flotilla.core.fedbuff.FedBuff`, the simulator's buffer): at most
+          ``concurrency`` assignments in flight; each accepted update is added with its staleness
+          weight ``s(tau)`` (:class:`~flotilla.core.staleness.Staleness`); one server step every
+          ``buffer_size`` updates.  Updates staler than ``max_staleness`` are refused.
 
 Assignments are stateless signed *tickets* (HMAC over assignment id = nonce, device, model
 version, round, expiry), so uploads for assignments issued before a server restart still verify.
@@ -48,13 +48,12 @@ import torch
 
 from flotilla.core.aggregate import UpdateRejected, WeightedMean, check_update
 from flotilla.core.client import ClientSpec, client_seed
+from flotilla.core.fedbuff import FedBuff
 from flotilla.core.server_opt import ServerOptimizer
+from flotilla.core.staleness import Staleness
 from flotilla.network.store import StateStore
 
 log = logging.getLogger("flotilla.network")
-
-StalenessWeight = Callable[[int], float]
-
 
 class Refused(Exception):
     """An RPC refused: ``code`` names the gRPC status, ``reason`` the counter, ``str()`` the detail."""
@@ -80,6 +79,8 @@ class CoordinatorSettings:
     concurrency: int = 10
     buffer_size: int = 10
     max_staleness: int | None = None
+    staleness: Staleness = Staleness()
+    normalize: str = "mean"                 # FedBuff: "mean" or "sum" (see flotilla.core.fedbuff)
     # both
     assignment_timeout_s: float = 120.0
     max_update_norm: float | None = None
@@ -162,7 +163,6 @@ class Coordinator:
         store: StateStore,
         *,
         aggregator=None,
-        staleness_weight: StalenessWeight | None = None,
         device_index: Callable[[str], int] = lambda device: 0,
         on_step: Callable[[dict[str, Any]], None] | None = None,
         clock: Callable[[], float] = time.time,
@@ -173,8 +173,12 @@ class Coordinator:
         self.settings = settings
         self.client_spec = client_spec
         self.store = store
-        self.aggregator = aggregator if aggregator is not None else WeightedMean(self.numel)
-        self.staleness_weight = staleness_weight or (lambda tau: 1.0)
+        if aggregator is None:
+            # validate=False: check_delta has already run check_update on every upload.
+            aggregator = WeightedMean(self.numel, validate=False) if settings.mode == "sync" else FedBuff(
+                self.numel, settings.buffer_size, settings.staleness, normalize=settings.normalize,
+                max_staleness=settings.max_staleness, validate=False)
+        self.aggregator = aggregator
         self.device_index = device_index
         self.on_step = on_step
         self.clock = clock
@@ -182,7 +186,7 @@ class Coordinator:
         self.lock = asyncio.Lock()
 
         self.version = 0
-        self.live: dict[str, Ticket] = {}              # outstanding assignments
+        self.live: dict[str, Ticket] = {}              # device -> its outstanding assignment
         self.buffer: list[dict[str, Any]] = []         # ledger entries of updates in the aggregator
         self.used: dict[str, tuple[int, int, float]] = {}  # nonce -> (seq, version, expires) within the window
         self.counters: Counter[str] = Counter()        # accepted, rejected.<reason>, assigned
@@ -192,7 +196,7 @@ class Coordinator:
         self.next_seq = 0
         self.examples_seen_total = 0
         self._recover()
-        self._model_bytes = self._serialize()
+        self._served = {self.version: self._serialize()}   # model bytes of versions still in flight
 
     # -- start-up ---------------------------------------------------------------------------
     def _recover(self) -> None:
@@ -212,7 +216,7 @@ class Coordinator:
         self.next_seq = rec.next_seq
         self.aggregator.reset()
         for entry, delta in rec.pending:
-            self.aggregator.add(delta, float(entry["weight"]), entry["device"])
+            self._add(delta, entry)
             self.buffer.append(entry)
             self.used[entry["assignment"]] = (int(entry["seq"]), int(entry["base_version"]), float(entry["expires"]))
         # ``accepted`` is authoritative in the ledger: recount it (a crash may have lost the
@@ -231,19 +235,25 @@ class Coordinator:
         return self.version >= self.settings.total_steps
 
     def model_bytes(self, version: int) -> bytes:
-        if version != self.version:
+        """The weights of ``version`` as bytes.  Versions are kept while an assignment needs them
+        (memory grows with the versions in flight, not with the devices)."""
+        data = self._served.get(version)
+        if data is None:
             raise Refused("FAILED_PRECONDITION", "version_gone",
                           f"model version {version} is no longer served (current {self.version}); check in again")
-        return self._model_bytes
+        return data
 
     def _prune(self, now: float) -> None:
-        for aid, t in list(self.live.items()):
+        for device, t in list(self.live.items()):
             if t.expires <= now:
-                del self.live[aid]
+                del self.live[device]
                 self.counters["timed_out"] += 1
-                log.info("assignment %s of %s timed out; its slot is free for another device", aid[:8], t.device)
+                log.info("assignment %s of %s timed out; its slot is free for another device", t.id[:8], device)
             elif self.settings.mode == "sync" and t.version != self.version:
-                del self.live[aid]
+                del self.live[device]
+        needed = {t.version for t in self.live.values()} | {self.version}
+        for v in [v for v in self._served if v not in needed]:
+            del self._served[v]
 
     def check_in(self, device: str) -> Ticket | float | None:
         """A ticket to train, seconds to wait, or ``None`` when training is finished."""
@@ -261,20 +271,22 @@ class Coordinator:
                 return opens - now + 0.05
             if self.selected_round != self.version:
                 self._select(now)
-            for t in self.live.values():
-                if t.device == device:
-                    return t             # selected, or asked again after a restart: same assignment
+            if device in self.live:
+                return self.live[device]   # selected, or asked again after a restart: same assignment
             if len(self.live) + len(self.buffer) >= s.slots:
                 return s.retry_after_s
-        elif len(self.live) >= s.slots:
-            return s.retry_after_s
+        else:
+            # One assignment per device at a time: asking again gives up the previous one.
+            self.live.pop(device, None)
+            if len(self.live) >= s.slots:
+                return s.retry_after_s
         return self._issue(device, now)
 
     def _issue(self, device: str, now: float) -> Ticket:
         s = self.settings
         ticket = Ticket(secrets.token_hex(16), device, self.version, self.version,
                         client_seed(s.seed, self.version, self.device_index(device)), now + s.assignment_timeout_s)
-        self.live[ticket.id] = ticket
+        self.live[device] = ticket
         self.counters["assigned"] += 1
         return ticket
 
@@ -283,7 +295,7 @@ class Coordinator:
         (as the simulator samples its cohort), not first come first served, which favours the
         devices that just finished the previous round.  Later check-ins fill any free slots."""
         self.selected_round = self.version
-        pool = sorted(self.candidates - {e["device"] for e in self.buffer} - {t.device for t in self.live.values()})
+        pool = sorted(self.candidates - {e["device"] for e in self.buffer} - set(self.live))
         self.candidates = set()
         free = self.settings.slots - len(self.live) - len(self.buffer)
         if free <= 0 or not pool:
@@ -362,23 +374,29 @@ class Coordinator:
             self._check_fresh(up.ticket)     # the version may have moved while the bytes streamed
             s = self.settings
             staleness = self.version - up.ticket.version
-            weight = (float(up.num_examples) if s.weighting == "examples" else 1.0) * float(self.staleness_weight(staleness))
-            if not (math.isfinite(weight) and weight > 0):
-                raise Refused("FAILED_PRECONDITION", "stale", f"upload refused: staleness {staleness} gives weight {weight}")
+            weight = float(up.num_examples) if s.weighting == "examples" else 1.0
             seq = self.next_seq
             entry = {"seq": seq, "assignment": up.ticket.id, "device": up.ticket.device, "base_version": up.ticket.version,
                      "expires": up.ticket.expires, "version": self.version, "staleness": staleness, "num_examples": up.num_examples, "weight": weight,
                      "norm": round(up.norm, 6), "train_loss": up.train_loss, "examples_seen": up.examples_seen}
             await asyncio.get_running_loop().run_in_executor(None, self.store.accept, entry, raw)
             self.next_seq += 1
-            self.aggregator.add(up.delta, weight, up.ticket.device)
+            self._add(up.delta, entry)
             self.buffer.append(entry)
             self.used[up.ticket.id] = (seq, up.ticket.version, up.ticket.expires)
-            self.live.pop(up.ticket.id, None)
+            if (held := self.live.get(up.ticket.device)) is not None and held.id == up.ticket.id:
+                del self.live[up.ticket.device]
             self.counters["accepted"] += 1
             if self.aggregator.count >= s.step_size:
                 await self._step()
             return seq, self.version
+
+    def _add(self, delta: torch.Tensor, entry: dict[str, Any]) -> None:
+        """Into the aggregator, exactly as the simulator adds (also used to rebuild the buffer on restart)."""
+        if self.settings.mode == "sync":
+            self.aggregator.add(delta, float(entry["weight"]), entry["device"])
+        elif self.aggregator.add(delta, float(entry["weight"]), int(entry["staleness"]), entry["device"]) == 0.0:
+            raise RuntimeError(f"update #{entry['seq']} was dropped by the buffer as too stale after it was accepted")
 
     async def close_round_if_due(self) -> None:
         """Sync mode: apply a round whose deadline has passed, if it has ``min_updates``."""
@@ -409,7 +427,8 @@ class Coordinator:
         state.update({f"server_opt.{k}": v for k, v in self.server_opt.state.items()})
         seqs = [int(e["seq"]) for e in entries]
         await asyncio.get_running_loop().run_in_executor(None, self.store.step, self.version, seqs, state, meta)
-        self._model_bytes = self._serialize()
+        self._served[self.version] = self._serialize()
+        self._prune(self.clock())
         self.aggregator.reset()
         self.buffer = []
         self.round_started = self.clock()
@@ -449,5 +468,5 @@ class Coordinator:
             "rejected_by_reason": rejected,
             "assigned": self.counters["assigned"],
             "timed_out": self.counters["timed_out"],
-            "weights_sha256": hashlib.sha256(self._model_bytes).hexdigest(),
+            "weights_sha256": hashlib.sha256(self._served[self.version]).hexdigest(),
         }

@@ -30,7 +30,7 @@ from flotilla.core.flat import FlatModel
 from flotilla.core.server_opt import ServerOptimizer, ServerOptimizerSpec
 from flotilla.network import wire
 from flotilla.network.auth import Identity, RateLimiter, TokenTable
-from flotilla.network.coordinator import Coordinator, CoordinatorSettings, Refused, StalenessWeight, Ticket, Upload
+from flotilla.network.coordinator import Coordinator, CoordinatorSettings, Refused, Ticket, Upload
 from flotilla.network.store import StateStore
 from flotilla.network.wire import pb
 
@@ -87,7 +87,6 @@ class FlotillaServer:
         client: ClientSpec = ClientSpec(),
         server: ServerOptimizerSpec = ServerOptimizerSpec(),
         aggregator=None,
-        staleness_weight: StalenessWeight | None = None,
         evaluate: Callable[[FlatModel, torch.Tensor], dict[str, float]] | None = None,
         eval_every: int = 1,
         limits: Limits = Limits(),
@@ -113,7 +112,7 @@ class FlotillaServer:
         weights = self.flat.flat.clone()
         self.coord = Coordinator(
             weights, ServerOptimizer(server, self.flat.numel), settings, client, self.store,
-            aggregator=aggregator, staleness_weight=staleness_weight, device_index=tokens.index, on_step=self._on_step,
+            aggregator=aggregator, device_index=tokens.index, on_step=self._on_step,
         )
         if self.store.run_dir.metrics_file.exists():
             self.store.run_dir.truncate_metrics(self.coord.version)
@@ -237,7 +236,10 @@ class FlotillaServer:
                 buf[pos:pos + n] = part.data
                 pos += n
             if pos != size:
-                raise Refused("INVALID_ARGUMENT", "shape", f"upload refused: {pos} bytes received, shape ({c.numel},) float32 needs {size}")
+                # Also where a message over max_message_bytes ends up: gRPC drops it (the client
+                # gets RESOURCE_EXHAUSTED "larger than max") and the stream looks cut short here.
+                raise Refused("INVALID_ARGUMENT", "truncated",
+                              f"upload refused: the stream ended after {pos} of the {size} bytes that shape ({c.numel},) float32 needs")
             delta = torch.frombuffer(buf, dtype=torch.float32)
             norm = c.check_delta(delta, who.device)
             seq, version = await c.commit(Upload(ticket, int(h.num_examples), float(h.train_loss), int(h.examples_seen), delta, norm), buf)
@@ -360,3 +362,61 @@ class ServerThread:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def server_from_config(cfg, state_dir: str | Path | None = None) -> FlotillaServer:
+    """A server for an :class:`~flotilla.config.ExperimentConfig` with a ``network:`` section:
+    the task's model (seeded as in the simulator), its evaluation clients, the config's client,
+    server-optimizer, sync (cohort) or async (FedBuff) settings.  An existing state directory
+    is resumed."""
+    from flotilla.api import eval_clients
+    from flotilla.config import ConfigError
+    from flotilla.core.evaluate import evaluate
+    from flotilla.core.staleness import Staleness
+    from flotilla.tasks.registry import build_task
+
+    net = cfg.network
+    if net is None:
+        raise ConfigError("invalid config:\n  network: flotilla serve needs a network section (tls, tokens); see docs/deployment.md")
+    if cfg.fleet is not None:
+        raise ConfigError("invalid config:\n  fleet: describes a simulated fleet; flotilla serve trains real devices "
+                          "(set over-selection and deadlines under network:)")
+    if cfg.mode == "async" and cfg.async_.algorithm != "fedbuff":
+        raise ConfigError(f"invalid config:\n  async.algorithm: the network server runs fedbuff, not {cfg.async_.algorithm}")
+    if cfg.privacy is not None:
+        raise ConfigError("invalid config:\n  privacy: not available in flotilla serve yet (simulation only)")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    a = cfg.async_
+    try:
+        settings = CoordinatorSettings(
+            mode=cfg.mode, total_steps=cfg.rounds, seed=cfg.seed, weighting=cfg.weighting,
+            cohort=cfg.cohort, over_selection=net.over_selection, min_updates=net.min_updates,
+            round_deadline_s=net.round_deadline_s, selection_window_s=net.selection_window_s,
+            assignment_timeout_s=net.assignment_timeout_s, max_update_norm=net.max_update_norm,
+            max_examples=net.max_examples, retry_after_s=net.retry_after_s,
+            **({} if a is None else dict(
+                concurrency=a.concurrency, buffer_size=a.buffer_size, max_staleness=a.max_staleness, normalize=a.normalize,
+                staleness=Staleness(a.staleness.kind, a.staleness.exponent, a.staleness.a, a.staleness.b))),
+        )
+    except ValueError as e:
+        raise ConfigError(f"invalid config:\n  {e}") from None
+    task = build_task(cfg.task, cfg.seed)
+    clients = eval_clients(task.dataset, cfg.eval.max_clients, cfg.seed)
+    evaluate_fn = None
+    if clients:
+        def evaluate_fn(flat: FlatModel, weights: torch.Tensor) -> dict[str, float]:
+            return evaluate(flat, weights, task.dataset, clients, task.loss_fn, cfg.eval.batch_size)
+    c, s = cfg.client, cfg.server
+    if state_dir is None:
+        state_dir = net.state_dir or Path(cfg.output.dir) / (cfg.output.name or f"{cfg.task.name}-serve")
+    return FlotillaServer(
+        task.model, tls=TLSFiles(net.tls.cert, net.tls.key, net.tls.ca, net.tls.require_client_cert),
+        tokens=TokenTable.load(net.tokens), state_dir=state_dir, settings=settings,
+        client=ClientSpec(c.epochs, c.steps, c.batch_size, c.lr, c.momentum, c.weight_decay),
+        server=ServerOptimizerSpec(s.optimizer, s.lr, s.momentum, s.beta1, s.beta2, s.tau),
+        evaluate=evaluate_fn, eval_every=cfg.eval.every,
+        limits=Limits(int(net.max_message_mb * 2**20), net.chunk_kb * 1024, net.rate_limit, net.rate_burst),
+        compression=net.compression, task=cfg.task.model_dump(mode="json"),
+        config=cfg.model_dump(mode="json", by_alias=True), fsync=net.fsync, linger_s=net.linger_s,
+    )

@@ -1,0 +1,157 @@
+"""The network subcommands of ``flotilla`` (registered by :mod:`flotilla.cli`).
+
+    flotilla certs DIR [--hosts localhost,127.0.0.1] [--devices 10]
+    flotilla serve CONFIG.yaml --port P [--state-dir DIR] [--set key=value ...]
+    flotilla join --server HOST:P --token T --data PATH [--ca DIR/ca.pem]
+    flotilla status --server HOST:P [--token T] [--ca DIR/ca.pem] [--json]
+
+Imports nothing heavy until a subcommand runs, so ``flotilla --help`` stays instant.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+COMMANDS = ("certs", "serve", "join", "status")
+
+
+def add_parsers(sub) -> None:
+    c = sub.add_parser("certs", help="make a CA, server/client certificates and device tokens for a test deployment")
+    c.add_argument("dir", help="folder to write ca.pem, server.pem/.key, client.pem/.key, tokens.json, tokens.txt")
+    c.add_argument("--hosts", default="localhost,127.0.0.1", help="comma-separated names/IPs the server certificate is valid for")
+    c.add_argument("--devices", type=int, default=10, help="number of device tokens (plus one admin token)")
+    c.add_argument("--days", type=int, default=30, help="certificate validity in days")
+    c.add_argument("--force", action="store_true", help="overwrite existing files in DIR")
+
+    s = sub.add_parser("serve", help="run a training server (gRPC over TLS) from an experiment config with a network section")
+    s.add_argument("config", help="experiment YAML with a network: section (see docs/deployment.md)")
+    s.add_argument("--port", type=int, required=True, help="TCP port to listen on (0: any free port, printed at start)")
+    s.add_argument("--host", help="address to listen on (default: network.host)")
+    s.add_argument("--state-dir", help="server state / run directory (default: network.state_dir, else output.dir/output.name); "
+                                       "an existing one is resumed")
+    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+
+    j = sub.add_parser("join", help="run a device: train on local data whenever the server assigns work")
+    j.add_argument("--server", required=True, metavar="HOST:PORT")
+    j.add_argument("--token", default=os.environ.get("FLOTILLA_TOKEN"), help="device token (default: $FLOTILLA_TOKEN)")
+    j.add_argument("--data", required=True, help="safetensors file with tensors x (inputs) and y (labels)")
+    _tls_args(j)
+    j.add_argument("--compression", choices=["none", "gzip", "deflate"], default="none", help="compress uploads")
+    j.add_argument("--max-tasks", type=int, help="stop after this many trained assignments")
+    j.add_argument("--threads", type=int, default=1, help="torch threads for local training (default 1)")
+
+    st = sub.add_parser("status", help="show a server's version, clients in flight, accepted/rejected updates, metrics")
+    st.add_argument("--server", required=True, metavar="HOST:PORT")
+    st.add_argument("--token", default=os.environ.get("FLOTILLA_TOKEN"), help="device or admin token (default: $FLOTILLA_TOKEN)")
+    _tls_args(st)
+    st.add_argument("--json", action="store_true", help="print the raw JSON")
+
+
+def _tls_args(p) -> None:
+    p.add_argument("--ca", default=os.environ.get("FLOTILLA_CA"), help="CA certificate that signed the server's (default: $FLOTILLA_CA, else system roots)")
+    p.add_argument("--cert", help="client certificate (servers that require mutual TLS)")
+    p.add_argument("--key", help="client certificate's private key")
+    p.add_argument("--server-name", help="expected name in the server certificate, if not the host in --server")
+
+
+def run(args) -> int:
+    from flotilla.network.client import Refused
+    try:
+        return {"certs": _certs, "serve": _serve, "join": _join, "status": _status}[args.command](args)
+    except (Refused, ConnectionError) as e:   # the server said no, or could not be reached
+        print(f"flotilla: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _certs(args) -> int:
+    from flotilla.network.certs import make_deployment
+    paths = make_deployment(args.dir, hosts=[h.strip() for h in args.hosts.split(",") if h.strip()],
+                            devices=args.devices, days=args.days, overwrite=args.force)
+    print(f"wrote {', '.join(p.name for p in paths.values())} to {args.dir}")
+    print(f"server: network.tls.cert={paths['server_pem']} key={paths['server_key']}, network.tokens={paths['tokens_json']}")
+    print(f"devices: --ca {paths['ca_pem']} and one line of {paths['tokens_txt']} each (keep it secret)")
+    return 0
+
+
+def _logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def _serve(args) -> int:
+    from flotilla.config import load_config
+    cfg = load_config(args.config, args.overrides)
+    _logging()
+    from flotilla.network.server import server_from_config
+    server = server_from_config(cfg, state_dir=args.state_dir)
+    host = args.host or cfg.network.host
+    print(f"state directory: {server.store.path}", flush=True)
+
+    import asyncio
+
+    async def main():
+        port = await server.start(host, args.port)
+        print(f"listening on {host}:{port}", flush=True)
+        await server.run_until_done()
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        print("interrupted; state is saved, run the same command to resume", file=sys.stderr)
+        return 130
+    m = server.latest_metrics
+    if m.get("accuracy") is not None:
+        print(f"final: version {m['round']} accuracy {m['accuracy']:.4f} loss {m['loss']:.4f}")
+    print(f"run directory: {server.store.path}")
+    return 0
+
+
+def _join(args) -> int:
+    if not args.token:
+        raise ValueError("--token: give this device's token (or set FLOTILLA_TOKEN)")
+    import torch
+
+    from flotilla.network.client import Device, load_device_data, model_for_task
+    torch.set_num_threads(args.threads)
+    _logging()
+    x, y = load_device_data(args.data)
+    tls = dict(ca=args.ca, cert=args.cert, key=args.key, server_name=args.server_name)
+
+    def event(kind, info):
+        print(json.dumps({"event": kind, **info}), flush=True)
+    device = Device(args.server, args.token, model_for_task, (x, y), compression=args.compression,
+                    max_tasks=args.max_tasks, on_event=event, **tls)
+    report = device.run()
+    print(json.dumps({"event": "finished", "tasks": report.tasks, "accepted": len(report.accepted),
+                      "refused": len(report.refused), "reconnects": report.reconnects}), flush=True)
+    return 0
+
+
+def _status(args) -> int:
+    from flotilla.network.client import Connection
+    with Connection(args.server, args.token, ca=args.ca, cert=args.cert, key=args.key,
+                    server_name=args.server_name, timeout_s=10) as c:
+        s = c.status()
+    if args.json:
+        print(json.dumps(s, indent=1))
+        return 0
+    print(format_status(s))
+    return 0
+
+
+def format_status(s: dict) -> str:
+    mode = s["mode"]
+    where = f"round {s['round']}" if mode == "sync" else f"version {s['version']}"
+    lines = [
+        f"{mode} training, {where} of {s['total_steps']}{' (done)' if s['done'] else ''}, up {s.get('uptime_s', 0):.0f} s",
+        f"clients in flight: {s['in_flight']}   buffered updates: {s['buffered']}   timed out: {s['timed_out']}",
+        f"updates accepted: {s['accepted']}   rejected: {s['rejected']}"
+        + (" (" + ", ".join(f"{k} {v}" for k, v in sorted(s["rejected_by_reason"].items())) + ")" if s["rejected_by_reason"] else ""),
+    ]
+    m = s.get("metrics") or {}
+    if m:
+        parts = [f"{k} {m[k]:.4f}" for k in ("train_loss", "loss", "accuracy") if isinstance(m.get(k), (int, float))]
+        lines.append(f"metrics at version {m.get('round')}: " + ("   ".join(parts) or "(none yet)"))
+    lines.append(f"model sha256: {s['weights_sha256'][:16]}")
+    return "\n".join(lines)

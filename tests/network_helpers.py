@@ -1,0 +1,41 @@
+"""Shared pieces of the network tests: certificates, an in-process server, tokens."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from flotilla.network.auth import TokenTable
+from flotilla.network.certs import make_deployment, read_tokens_txt
+from flotilla.network.coordinator import CoordinatorSettings
+from flotilla.network.server import FlotillaServer, Limits, ServerThread, TLSFiles
+
+
+class PKI:
+    def __init__(self, root: Path, devices: int = 4):
+        self.paths = make_deployment(root, devices=devices)
+        self.root = root
+        self.tokens = read_tokens_txt(self.paths["tokens_txt"])
+        self.ca = str(self.paths["ca_pem"])
+
+    def token(self, i: int) -> str:
+        return self.tokens[f"device-{i:03d}"]
+
+    def tls(self, require_client_cert: bool = False) -> TLSFiles:
+        return TLSFiles(str(self.paths["server_pem"]), str(self.paths["server_key"]), self.ca, require_client_cert)
+
+
+def tiny_model(seed: int = 0, out: int = 3) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Linear(5, out)
+
+
+def start_server(pki: PKI, state_dir: Path, model: nn.Module | None = None, *, limits: Limits = Limits(),
+                 require_client_cert: bool = False, linger_s: float = 0.0, **settings) -> ServerThread:
+    settings.setdefault("selection_window_s", 0.0)
+    server = FlotillaServer(
+        model if model is not None else tiny_model(), tls=pki.tls(require_client_cert),
+        tokens=TokenTable.load(pki.paths["tokens_json"]), state_dir=state_dir,
+        settings=CoordinatorSettings(**settings), limits=limits, fsync=False, linger_s=linger_s)
+    return ServerThread(server)
