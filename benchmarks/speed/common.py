@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import resource
 import time
 from pathlib import Path
 
@@ -35,7 +36,7 @@ T0 = time.perf_counter()
 # --- workload definitions (the single source of truth for every framework) -------------------
 WORKLOADS = {
     "fmnist": dict(users=1000, per_user=50, cohort=50, rounds=10, epochs=1, batch=10, lr=0.1, seed=0),
-    "shakespeare": dict(min_chars=1000, seq_len=80, per_user=50, test_per_user=10, cohort=20, rounds=10,
+    "shakespeare": dict(min_chars=1000, seq_len=80, per_user=100, test_per_user=10, cohort=10, rounds=30,
                         epochs=1, batch=10, lr=0.8, seed=0, embed=8, hidden=128, layers=1),
     "scale": dict(users=100_000, per_user=50, cohort=50, rounds=10, epochs=1, batch=10, lr=0.1, seed=0,
                   dim=20, classes=5, hidden=64, test_users=200),
@@ -151,6 +152,8 @@ def round_stats(stamps: list[float]) -> dict:
 def emit(result: dict) -> None:
     """Print the result line the harness reads (and the in-process time since import)."""
     result.setdefault("in_process_s", time.perf_counter() - T0)
+    own, reaped = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    result.setdefault("process_cpu_s", own.ru_utime + own.ru_stime + reaped.ru_utime + reaped.ru_stime)
     result.setdefault("torch_threads", torch.get_num_threads())
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -162,6 +165,7 @@ def base_args(description: str):
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--users", type=int, default=None, help="scale workload: population size")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    p.add_argument("--seed", type=int, default=None, help="override the workload's seed (model init, sampling)")
     return p
 
 
@@ -171,6 +175,8 @@ def load(args) -> Workload:
         overrides["rounds"] = args.rounds
     if getattr(args, "users", None):
         overrides["users"] = args.users
+    if getattr(args, "seed", None) is not None:
+        overrides["seed"] = args.seed
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     set_threads(args.threads)
     return Workload(args.data, overrides)

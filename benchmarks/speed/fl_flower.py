@@ -82,7 +82,7 @@ def main() -> None:
     wl = load(args)
     m = wl.meta
     os.environ["BENCH_DATA"] = str(Path(args.data).resolve())
-    os.environ["BENCH_OVERRIDES"] = json.dumps({k: m[k] for k in ("rounds", "users") if k in m})
+    os.environ["BENCH_OVERRIDES"] = json.dumps({k: m[k] for k in ("rounds", "users", "seed") if k in m})
     net = make_model(m)
     stamps: list[float] = []
     server_app = ServerApp()

@@ -11,6 +11,9 @@ Reported per framework (medians over repeats; repeats are interleaved so load dr
 * wall: process start to process exit (interpreter start, imports, data loading, training,
   final evaluation, shutdown) - what a researcher waits for.
 * s/round: median duration of a round after the first (steady state).
+* cpu: CPU seconds (user + system) of the whole process tree, each process's own time as last
+  sampled (every 0.2 s, so up to 0.2 s per process is missed).  On a loaded, shared machine this
+  is the steadier measure of work; wall time is what one waits for.
 * peak memory: the largest sum of PSS over the whole process tree (every process in the
   child's session or descended from it: Ray's raylet, GCS and workers count), sampled every 0.2 s.
 * accuracy: on the workload's central test set after the last round.
@@ -51,27 +54,31 @@ PEER_OF = {"pfl": "pfl", "flower": "flower"}
 
 
 # --- process-tree memory --------------------------------------------------------------------
-def _stat(pid: str) -> tuple[int, int] | None:
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _stat(pid: str) -> tuple[int, int, float] | None:
     try:
         with open(f"/proc/{pid}/stat") as f:
             s = f.read()
     except OSError:
         return None
     rest = s[s.rfind(")") + 2:].split()
-    return int(rest[1]), int(rest[3])  # ppid, session id
+    # ppid, session id, own CPU seconds (utime + stime; children's times are not included)
+    return int(rest[1]), int(rest[3]), (int(rest[11]) + int(rest[12])) / TICK
 
 
-def tree(root: int) -> list[int]:
-    """Processes in ``root``'s session or descended from ``root``."""
+def tree(root: int, cpu: dict[int, float] | None = None) -> list[int]:
+    """Processes in ``root``'s session or descended from ``root`` (their CPU seconds into ``cpu``)."""
     info = {}
     for d in os.listdir("/proc"):
         if d.isdigit():
             st = _stat(d)
             if st:
                 info[int(d)] = st
-    out = {p for p, (_, sid) in info.items() if sid == root}
+    out = {p for p, (_, sid, _) in info.items() if sid == root}
     children: dict[int, list[int]] = {}
-    for p, (pp, _) in info.items():
+    for p, (pp, _, _) in info.items():
         children.setdefault(pp, []).append(p)
     stack = [root]
     while stack:
@@ -79,6 +86,9 @@ def tree(root: int) -> list[int]:
         if p in info:
             out.add(p)
         stack.extend(c for c in children.get(p, []) if c not in out)
+    if cpu is not None:
+        for p in out:
+            cpu[p] = max(cpu.get(p, 0.0), info[p][2])
     return sorted(out)
 
 
@@ -99,11 +109,12 @@ class MemoryWatch(threading.Thread):
         self.root, self.every = root, every
         self.peak_kb = 0
         self.max_procs = 0
+        self.cpu: dict[int, float] = {}   # pid -> last seen CPU seconds
         self.done = threading.Event()
 
     def run(self) -> None:
         while not self.done.is_set():
-            pids = tree(self.root)
+            pids = tree(self.root, self.cpu)
             self.max_procs = max(self.max_procs, len(pids))
             self.peak_kb = max(self.peak_kb, sum(pss_kb(p) for p in pids))
             self.done.wait(self.every)
@@ -140,7 +151,8 @@ def run_one(name: str, data_dir: Path, extra: list[str], threads: int, timeout: 
         _kill_leftovers(proc.pid)
         if rc == "timeout":
             proc.wait()
-    result = {"framework": name, "wall_s": wall, "peak_mb": watch.peak_kb / 1024, "max_procs": watch.max_procs,
+    result = {"framework": name, "wall_s": wall, "cpu_s": sum(watch.cpu.values()),
+              "peak_mb": watch.peak_kb / 1024, "max_procs": watch.max_procs,
               "rc": rc, "load1_before": load_before, "load1_after": os.getloadavg()[0], "log": str(log)}
     for line in log.read_text(errors="replace").splitlines():
         if line.startswith("RESULT "):
@@ -161,20 +173,20 @@ def summarise(runs: list[dict], names: list[str]) -> tuple[str, dict]:
     for n in names:
         ok = [r for r in runs if r["framework"] == n and "error" not in r]
         if ok:
-            med[n] = {k: _median(ok, k) for k in ("wall_s", "round_s_median", "first_round_s", "peak_mb", "accuracy",
-                                                   "load1_before", "max_procs")}
+            med[n] = {k: _median(ok, k) for k in ("wall_s", "cpu_s", "round_s_median", "first_round_s", "peak_mb",
+                                                   "accuracy", "load1_before", "max_procs")}
             accs = [r["accuracy"] for r in ok]
             med[n].update(n_ok=len(ok), acc_min=min(accs), acc_max=max(accs),
                           shas=sorted({r.get("weights_sha") for r in ok if r.get("weights_sha")}))
-    lines = ["| framework | runs | wall s (median) | s/round (steady) | first round s | peak MB (PSS, tree) | procs | accuracy (median, min-max) | load1 at start |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| framework | runs | wall s | CPU s (tree) | s/round (steady) | first round s | peak MB (PSS, tree) | procs | accuracy (median, min-max) | load1 at start |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for n in names:
         if n not in med:
             fails = [r.get("error", "") for r in runs if r["framework"] == n]
-            lines.append(f"| {n} | 0 | failed: {fails[:1]} | | | | | | |")
+            lines.append(f"| {n} | 0 | failed: {fails[:1]} | | | | | | | |")
             continue
         m = med[n]
-        lines.append(f"| {n} | {m['n_ok']} | {m['wall_s']:.1f} | {m['round_s_median']:.3f} | {m['first_round_s']:.2f} | "
+        lines.append(f"| {n} | {m['n_ok']} | {m['wall_s']:.1f} | {m['cpu_s']:.1f} | {m['round_s_median']:.3f} | {m['first_round_s']:.2f} | "
                      f"{m['peak_mb']:.0f} | {m['max_procs']:.0f} | {m['accuracy']:.4f} ({m['acc_min']:.4f}-{m['acc_max']:.4f}) | "
                      f"{m['load1_before']:.2f} |")
     ratios = []
@@ -184,8 +196,9 @@ def summarise(runs: list[dict], names: list[str]) -> tuple[str, dict]:
         for peer in ("raw", "pfl", "flower"):
             if peer in med:
                 w = med[fl]["wall_s"] / med[peer]["wall_s"]
+                c = med[fl]["cpu_s"] / med[peer]["cpu_s"]
                 r = med[fl]["round_s_median"] / med[peer]["round_s_median"]
-                ratios.append(f"- {fl} / {peer}: wall {w:.2f}x, steady s/round {r:.2f}x"
+                ratios.append(f"- {fl} / {peer}: wall {w:.2f}x, CPU {c:.2f}x, steady s/round {r:.2f}x"
                               + (f"  ({1 / w:.1f}x faster end to end)" if w < 1 else ""))
     if "raw" in med and "flotilla" in med:
         same = set(med["raw"]["shas"]) & set(med["flotilla"]["shas"])
@@ -241,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
                 r.update(repeat=rep, users=pop)
                 runs.append(r)
                 print(f"  [{a.workload}{'' if pop is None else f' users={pop}'} repeat {rep + 1}/{a.repeats}] {n:12s} "
-                      f"wall {r['wall_s']:7.1f}s  s/round {r.get('round_s_median', float('nan')):.3f}  "
+                      f"wall {r['wall_s']:7.1f}s  cpu {r['cpu_s']:7.1f}s  s/round {r.get('round_s_median', float('nan')):.3f}  "
                       f"peak {r['peak_mb']:6.0f}MB  acc {r.get('accuracy', float('nan')):.4f}  load {r['load1_before']:.2f}"
                       + (f"  ERROR {r['error']}" if "error" in r else ""), flush=True)
         table, med = summarise(runs, [n for n in names if any(r["framework"] == n for r in runs)])
