@@ -194,19 +194,20 @@ def test_sync_twenty_devices_with_a_server_kill(tmp_path):
 
 def test_async_fedbuff_twenty_devices(tmp_path):
     """FedBuff over the network against the fleet simulator's FedBuff with the same settings.
-    Timing (hence staleness) differs, so compare the mean accuracy of the last three evaluations;
-    in calibration runs the simulator's final accuracy varied with sd ~0.013 across seeds."""
-    config = {**BASE, "mode": "async", "rounds": 16, "eval": {**BASE["eval"], "every": 4},
+    Timing (hence staleness and who trains when) differs, so the runs are compared after 200
+    client trips, near the plateau: mean accuracy of the last two evaluations.  (Early in
+    training the accuracy swings by +-0.07 between runs of either runtime.)"""
+    config = {**BASE, "mode": "async", "rounds": 40, "eval": {**BASE["eval"], "every": 10},
               "async": {"concurrency": 10, "buffer_size": 5, "max_staleness": 8}}
     dep = Deployment(tmp_path, config)
     sim = simulate(config, tmp_path)
     dep.start_server()
     dep.start_devices()
     dep.wait()
-    ledger = check_ledger(dep, steps=16, per_step=5)
+    ledger = check_ledger(dep, steps=40, per_step=5)
     staleness = [r["staleness"] for r in ledger if r["event"] == "accepted"]
     assert max(staleness) > 0, "async training saw no staleness at all"
-    net = sum(dep.accuracies()[-3:]) / 3
-    ref = sum(h["accuracy"] for h in sim.history if h.get("accuracy") is not None and h["round"] >= 8) / 3
-    assert net > 0.55
-    assert abs(net - ref) <= 0.06, (net, ref)
+    net = sum(dep.accuracies()[-2:]) / 2
+    ref = sum(h["accuracy"] for h in sim.history if h["round"] in (30, 40)) / 2
+    assert net > 0.65
+    assert abs(net - ref) <= 0.05, (net, ref)

@@ -12,8 +12,8 @@ from tests.network_helpers import PKI, start_server
 N = 6
 
 
-def entry(seq, device="d", version=0):
-    return {"seq": seq, "assignment": f"a{seq}", "device": device, "base_version": version, "expires": 1e12,
+def entry(seq, file, device="d", version=0):
+    return {"seq": seq, "file": file, "assignment": f"a{seq}", "device": device, "base_version": version, "expires": 1e12,
             "version": version, "staleness": 0, "num_examples": 1, "weight": 1.0, "norm": 0.0,
             "train_loss": 0.0, "examples_seen": 1}
 
@@ -29,11 +29,11 @@ def test_fresh_directory_recovers_to_nothing(tmp_path):
 
 def test_accepted_updates_survive_and_unacknowledged_ones_are_dropped(tmp_path):
     s = StateStore(tmp_path, fsync=False)
-    s.accept(entry(0), delta(1).numpy().tobytes())
-    s.accept(entry(1), delta(2).numpy().tobytes())
+    s.accept(entry(0, s.stage(delta(1).numpy().tobytes())))
+    s.accept(entry(1, s.stage(delta(2).numpy().tobytes())))
+    # crash after staging update 2's delta but before its ledger line (so it was never acked)
+    orphan = s.stage(delta(3).numpy().tobytes())
     s.close()
-    # crash after writing update 2's delta but before its ledger line (so it was never acked)
-    (tmp_path / "pending" / "2.bin").write_bytes(delta(3).numpy().tobytes())
     # and a torn half line at the end of the ledger
     with open(tmp_path / "ledger.jsonl", "a") as f:
         f.write('{"event":"accepted","seq":3,"assi')
@@ -41,35 +41,36 @@ def test_accepted_updates_survive_and_unacknowledged_ones_are_dropped(tmp_path):
     assert [e["seq"] for e, _ in rec.pending] == [0, 1]
     assert torch.equal(rec.pending[1][1], delta(2))
     assert rec.next_seq == 2
-    assert not (tmp_path / "pending" / "2.bin").exists()
+    assert not (tmp_path / "pending" / orphan).exists()
     assert len(rec.repairs) == 2
     assert (tmp_path / "ledger.jsonl").read_text().endswith("}\n")   # torn tail cut off
 
 
 def test_a_step_interrupted_after_its_snapshot_is_completed_once(tmp_path):
     s = StateStore(tmp_path, fsync=False)
-    for i in range(3):
-        s.accept(entry(i), delta(i).numpy().tobytes())
-    s.step(1, [0, 1], {"weights": delta(9)}, {"counters": {}})
+    entries = [entry(i, s.stage(delta(i).numpy().tobytes())) for i in range(3)]
+    for e in entries:
+        s.accept(e)
+    s.step(1, entries[:2], {"weights": delta(9)}, {"counters": {}})
     # crash between the snapshot and the "step" ledger line: remove the line, bring back the files
     lines = (tmp_path / "ledger.jsonl").read_text().splitlines()
     assert json.loads(lines[-1])["event"] == "step"
     (tmp_path / "ledger.jsonl").write_text("\n".join(lines[:-1]) + "\n")
     for i in (0, 1):
-        (tmp_path / "pending" / f"{i}.bin").write_bytes(delta(i).numpy().tobytes())
+        (tmp_path / "pending" / entries[i]["file"]).write_bytes(delta(i).numpy().tobytes())
     s.close()
     rec = StateStore(tmp_path).recover(N)
     assert torch.equal(rec.tensors["weights"], delta(9)) and rec.meta["version"] == 1
     assert [e["seq"] for e, _ in rec.pending] == [2]          # 0 and 1 are in the snapshot already
     steps = [r for r in StateStore(tmp_path).read_ledger() if r["event"] == "step"]
     assert steps == [{"event": "step", "version": 1, "seqs": [0, 1], "t": steps[0]["t"], "recovered": True}]
-    assert sorted(p.name for p in (tmp_path / "pending").iterdir()) == ["2.bin"]
+    assert [p.name for p in (tmp_path / "pending").iterdir()] == [entries[2]["file"]]
 
 
 def test_a_step_interrupted_before_its_snapshot_is_redone(tmp_path):
     s = StateStore(tmp_path, fsync=False)
     for i in range(2):
-        s.accept(entry(i), delta(i).numpy().tobytes())
+        s.accept(entry(i, s.stage(delta(i).numpy().tobytes())))
     s.close()   # crash before the snapshot: both updates are still pending and get re-added
     rec = StateStore(tmp_path).recover(N)
     assert rec.tensors is None and [e["seq"] for e, _ in rec.pending] == [0, 1]

@@ -192,6 +192,10 @@ class Coordinator:
         self.counters: Counter[str] = Counter()        # accepted, rejected.<reason>, assigned
         self.round_started = clock()
         self.candidates: set[str] = set()              # sync: devices that checked in during the window
+        # async: a device that just uploaded waits retry_after_s before its next assignment, so
+        # the slot it freed goes to whichever waiting device checks in first (about uniformly
+        # random, as the simulator draws from the eligible devices) rather than back to itself.
+        self.cooldown: dict[str, float] = {}
         self.selected_round = -1
         self.next_seq = 0
         self.examples_seen_total = 0
@@ -251,6 +255,7 @@ class Coordinator:
                 log.info("assignment %s of %s timed out; its slot is free for another device", t.id[:8], device)
             elif self.settings.mode == "sync" and t.version != self.version:
                 del self.live[device]
+        self.cooldown = {d: t for d, t in self.cooldown.items() if t > now}
         needed = {t.version for t in self.live.values()} | {self.version}
         for v in [v for v in self._served if v not in needed]:
             del self._served[v]
@@ -278,14 +283,20 @@ class Coordinator:
         else:
             # One assignment per device at a time: asking again gives up the previous one.
             self.live.pop(device, None)
+            rest = self.cooldown.get(device, 0.0) - now
+            if rest > 0:
+                return rest
             if len(self.live) >= s.slots:
                 return s.retry_after_s
         return self._issue(device, now)
 
     def _issue(self, device: str, now: float) -> Ticket:
         s = self.settings
+        # Sync: the simulator's seed for (round, client).  Async: a device may train several times
+        # from one version, so each assignment gets its own seed (as each simulated trip does).
+        nth = self.version if s.mode == "sync" else self.counters["assigned"]
         ticket = Ticket(secrets.token_hex(16), device, self.version, self.version,
-                        client_seed(s.seed, self.version, self.device_index(device)), now + s.assignment_timeout_s)
+                        client_seed(s.seed, nth, self.device_index(device)), now + s.assignment_timeout_s)
         self.live[device] = ticket
         self.counters["assigned"] += 1
         return ticket
@@ -356,11 +367,14 @@ class Coordinator:
                           f"(staleness {staleness} > max_staleness {self.settings.max_staleness})")
 
     def check_delta(self, delta: torch.Tensor, device: str) -> float:
-        try:
-            check_update(delta, self.numel, f"upload from {device}")
-        except UpdateRejected as e:
-            raise Refused("INVALID_ARGUMENT", "nonfinite" if "non-finite" in str(e) else "invalid", f"upload refused: {e}") from None
         norm = float(torch.linalg.vector_norm(delta))
+        # A NaN or inf anywhere makes the norm non-finite, so the full element-wise check (the
+        # core's check_update, 3x the cost of the norm) runs only when the norm is not finite.
+        if not math.isfinite(norm) or delta.dtype != torch.float32 or delta.shape != (self.numel,):
+            try:
+                check_update(delta, self.numel, f"upload from {device}")
+            except UpdateRejected as e:
+                raise Refused("INVALID_ARGUMENT", "nonfinite" if "non-finite" in str(e) else "invalid", f"upload refused: {e}") from None
         bound = self.settings.max_update_norm
         if bound is not None and norm > bound:
             raise Refused("INVALID_ARGUMENT", "norm", f"upload refused: update norm {norm:.4g} exceeds the bound {bound:.4g}")
@@ -369,27 +383,39 @@ class Coordinator:
     # -- committing ---------------------------------------------------------------------------
     async def commit(self, up: Upload, raw: bytes | memoryview) -> tuple[int, int]:
         """Make an upload count: durable first, then into the aggregator; maybe a server step.
-        Returns ``(seq, version)``."""
-        async with self.lock:
-            self._check_fresh(up.ticket)     # the version may have moved while the bytes streamed
-            s = self.settings
-            staleness = self.version - up.ticket.version
-            weight = float(up.num_examples) if s.weighting == "examples" else 1.0
-            seq = self.next_seq
-            entry = {"seq": seq, "assignment": up.ticket.id, "device": up.ticket.device, "base_version": up.ticket.version,
-                     "expires": up.ticket.expires, "version": self.version, "staleness": staleness, "num_examples": up.num_examples, "weight": weight,
-                     "norm": round(up.norm, 6), "train_loss": up.train_loss, "examples_seen": up.examples_seen}
-            await asyncio.get_running_loop().run_in_executor(None, self.store.accept, entry, raw)
-            self.next_seq += 1
-            self._add(up.delta, entry)
-            self.buffer.append(entry)
-            self.used[up.ticket.id] = (seq, up.ticket.version, up.ticket.expires)
-            if (held := self.live.get(up.ticket.device)) is not None and held.id == up.ticket.id:
-                del self.live[up.ticket.device]
-            self.counters["accepted"] += 1
-            if self.aggregator.count >= s.step_size:
-                await self._step()
-            return seq, self.version
+        Returns ``(seq, version)``.  Callers must not cancel it half-way (the server shields it)."""
+        self._check_fresh(up.ticket)
+        loop = asyncio.get_running_loop()
+        # Stage the bytes (the slow, fsync'd part) outside the lock, so uploads stage in parallel.
+        name = await loop.run_in_executor(None, self.store.stage, raw)
+        attempted = False   # once the ledger write starts the file must stay (recovery decides)
+        try:
+            async with self.lock:
+                self._check_fresh(up.ticket)     # the version may have moved while the bytes streamed
+                s = self.settings
+                weight = float(up.num_examples) if s.weighting == "examples" else 1.0
+                seq = self.next_seq
+                entry = {"seq": seq, "assignment": up.ticket.id, "device": up.ticket.device, "base_version": up.ticket.version,
+                         "expires": up.ticket.expires, "version": self.version, "staleness": self.version - up.ticket.version,
+                         "num_examples": up.num_examples, "weight": weight, "norm": round(up.norm, 6),
+                         "train_loss": up.train_loss, "examples_seen": up.examples_seen, "file": name}
+                attempted = True
+                await loop.run_in_executor(None, self.store.accept, entry)
+                self.next_seq += 1
+                self._add(up.delta, entry)
+                self.buffer.append(entry)
+                self.used[up.ticket.id] = (seq, up.ticket.version, up.ticket.expires)
+                if (held := self.live.get(up.ticket.device)) is not None and held.id == up.ticket.id:
+                    del self.live[up.ticket.device]
+                if s.mode == "async":
+                    self.cooldown[up.ticket.device] = self.clock() + s.retry_after_s
+                self.counters["accepted"] += 1
+                if self.aggregator.count >= s.step_size:
+                    await self._step()
+                return seq, self.version
+        finally:
+            if not attempted:
+                self.store.discard(name)
 
     def _add(self, delta: torch.Tensor, entry: dict[str, Any]) -> None:
         """Into the aggregator, exactly as the simulator adds (also used to rebuild the buffer on restart)."""
@@ -425,9 +451,8 @@ class Coordinator:
         meta = {"counters": dict(self.counters), "examples_seen": self.examples_seen_total}
         state = {"weights": self.weights}
         state.update({f"server_opt.{k}": v for k, v in self.server_opt.state.items()})
-        seqs = [int(e["seq"]) for e in entries]
-        await asyncio.get_running_loop().run_in_executor(None, self.store.step, self.version, seqs, state, meta)
-        self._served[self.version] = self._serialize()
+        self._served[self.version] = self._serialize()   # before any await: check-ins may hand it out
+        await asyncio.get_running_loop().run_in_executor(None, self.store.step, self.version, entries, state, meta)
         self._prune(self.clock())
         self.aggregator.reset()
         self.buffer = []

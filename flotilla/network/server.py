@@ -66,6 +66,7 @@ class Limits:
     chunk_bytes: int = wire.DEFAULT_CHUNK_BYTES
     rate: float = 20.0        # requests per second per device, on average
     burst: int = 40
+    upload_slots: int = 64    # uploads whose bytes are received at once; others wait (flow control)
 
     def __post_init__(self):
         if self.chunk_bytes + 1024 > self.max_message_bytes:
@@ -126,6 +127,7 @@ class FlotillaServer:
         self._evaluator = ThreadPoolExecutor(1, thread_name_prefix="flotilla-eval")
         self._pending_records: list[asyncio.Future] = []
         self._server: grpc.aio.Server | None = None
+        self._upload_slots: asyncio.Semaphore | None = None   # made on the serving loop
         self.port: int | None = None
         self._finished = False
 
@@ -224,25 +226,30 @@ class FlotillaServer:
                 raise Refused("INVALID_ARGUMENT", "invalid", "upload refused: the first message must be the header")
             h = first.header
             ticket = c.check_header(who.device, h.ticket, h.base_version, h.dtype, list(h.shape), h.num_examples)
-            size = 4 * c.numel
-            buf = bytearray(size)
-            pos = 0
-            async for part in request_iterator:
-                if part.WhichOneof("part") != "data":
-                    raise Refused("INVALID_ARGUMENT", "invalid", "upload refused: a second header in the stream")
-                n = len(part.data)
-                if pos + n > size:
-                    raise Refused("INVALID_ARGUMENT", "shape", f"upload refused: more than the {size} bytes of shape ({c.numel},) float32")
-                buf[pos:pos + n] = part.data
-                pos += n
-            if pos != size:
-                # Also where a message over max_message_bytes ends up: gRPC drops it (the client
-                # gets RESOURCE_EXHAUSTED "larger than max") and the stream looks cut short here.
-                raise Refused("INVALID_ARGUMENT", "truncated",
-                              f"upload refused: the stream ended after {pos} of the {size} bytes that shape ({c.numel},) float32 needs")
-            delta = torch.frombuffer(buf, dtype=torch.float32)
-            norm = c.check_delta(delta, who.device)
-            seq, version = await c.commit(Upload(ticket, int(h.num_examples), float(h.train_loss), int(h.examples_seen), delta, norm), buf)
+            # At most `upload_slots` deltas are held in memory at once, whatever the concurrency;
+            # the other streams wait here, throttled by HTTP/2 flow control.
+            async with self._upload_slots:
+                size = 4 * c.numel
+                buf = bytearray(size)
+                pos = 0
+                async for part in request_iterator:
+                    if part.WhichOneof("part") != "data":
+                        raise Refused("INVALID_ARGUMENT", "invalid", "upload refused: a second header in the stream")
+                    n = len(part.data)
+                    if pos + n > size:
+                        raise Refused("INVALID_ARGUMENT", "shape", f"upload refused: more than the {size} bytes of shape ({c.numel},) float32")
+                    buf[pos:pos + n] = part.data
+                    pos += n
+                if pos != size:
+                    # Also where a message over max_message_bytes ends up: gRPC drops it (the client
+                    # gets RESOURCE_EXHAUSTED "larger than max") and the stream looks cut short here.
+                    raise Refused("INVALID_ARGUMENT", "truncated",
+                                  f"upload refused: the stream ended after {pos} of the {size} bytes that shape ({c.numel},) float32 needs")
+                delta = torch.frombuffer(buf, dtype=torch.float32)
+                norm = c.check_delta(delta, who.device)
+                # Shielded: a client hanging up must not cut a commit (or a server step) in half.
+                seq, version = await asyncio.shield(c.commit(
+                    Upload(ticket, int(h.num_examples), float(h.train_loss), int(h.examples_seen), delta, norm), buf))
         except Refused as e:
             await self._refuse(context, e, who.device)
         return pb.UploadReply(seq=seq, version=version)
@@ -269,6 +276,7 @@ class FlotillaServer:
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
         """Start listening (TLS only); returns the bound port."""
+        self._upload_slots = asyncio.Semaphore(self.limits.upload_slots)
         self._server = grpc.aio.server(options=wire.channel_options(self.limits.max_message_bytes),
                                        compression=self.compression)
         self._server.add_generic_rpc_handlers((self._handler(),))
@@ -286,7 +294,7 @@ class FlotillaServer:
         """Serve until training is finished (then ``linger_s`` more, telling devices DONE) or ``stop``."""
         stop = stop or asyncio.Event()
         while not self.coord.done and not stop.is_set():
-            await self.coord.close_round_if_due()
+            await asyncio.shield(self.coord.close_round_if_due())
             try:
                 await asyncio.wait_for(stop.wait(), 0.25)
             except asyncio.TimeoutError:

@@ -4,8 +4,8 @@ Layout of the state directory (it is also a run directory: ``flotilla report`` r
 
     state.safetensors     snapshot after the latest server step: weights, server-optimizer state,
                           version; metadata: the last ledger seq folded into the weights, counters
-    pending/<seq>.bin     the raw float32 delta of every accepted update not yet in a server step
-                          (the buffer / the current round's updates)
+    pending/<name>.bin    the raw float32 delta of every accepted update not yet in a server step
+                          (the buffer / the current round's updates); its ledger line names the file
     ledger.jsonl          append-only: one "accepted" line per accepted update, one "step" line
                           per server step naming the seqs it applied
     secret.key            the key that signs assignment tickets (so tickets survive a restart)
@@ -14,7 +14,9 @@ Layout of the state directory (it is also a run directory: ``flotilla report`` r
 Write order, each file fsync'd before the next step (``fsync=False`` skips the syncs, for tests
 on slow disks):
 
-* accept: ``pending/<seq>.bin`` (temp + rename), then the ledger line, then the client's ack.
+* accept: the delta is *staged* to a fresh ``pending/<random>.bin`` (file and folder fsync'd;
+          many uploads stage at once, outside the commit lock), then the ledger line naming
+          it is appended under the lock, then the client is acked.
 * step:   snapshot (temp + rename), then the ledger "step" line, then delete the pending files.
 
 Recovery (:meth:`StateStore.recover`) therefore sees one of a few states and repairs each one:
@@ -107,21 +109,38 @@ class StateStore:
             os.replace(f.with_name("secret.key.tmp"), f)
         return f.read_bytes()
 
-    # -- the two durable transitions --------------------------------------------------------
-    def accept(self, entry: dict[str, Any], delta: bytes | memoryview) -> None:
-        """Make one accepted update durable: its delta, then its ledger line.  Call before acking."""
-        seq = int(entry["seq"])
-        self._atomic(self.pending_dir / f"{seq}.bin", lambda p: p.write_bytes(delta))
+    # -- the durable transitions ------------------------------------------------------------
+    def stage(self, delta: bytes | memoryview) -> str:
+        """Write an upload's delta durably under a fresh name; it counts only once :meth:`accept`
+        names it.  Returns the file name."""
+        name = secrets.token_hex(12) + ".bin"
+        with open(self.pending_dir / name, "wb") as f:
+            f.write(delta)
+            if self.fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        if self.fsync:
+            _fsync_dir(self.pending_dir)
+        return name
+
+    def discard(self, name: str) -> None:
+        """Remove a staged delta that was not accepted after all."""
+        (self.pending_dir / name).unlink(missing_ok=True)
+
+    def accept(self, entry: dict[str, Any]) -> None:
+        """The update counts from here: its ledger line (naming the staged ``entry["file"]``) is
+        durable.  Call before acking the client."""
         self._append({"event": "accepted", **entry, "t": round(time.time(), 3)})
 
-    def step(self, version: int, seqs: list[int], tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        """Record a server step that applied ``seqs`` and produced ``version`` (``tensors``)."""
+    def step(self, version: int, entries: list[dict[str, Any]], tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Record a server step that applied the accepted ``entries`` and produced ``version``."""
+        seqs = sorted(int(e["seq"]) for e in entries)
         meta = {**meta, "version": version, "applied_seq": max(seqs, default=meta.get("applied_seq", -1))}
         tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
         self._atomic(self.snapshot_file, lambda p: save_file(tensors, str(p), metadata={"flotilla": json.dumps(meta)}))
-        self._append({"event": "step", "version": version, "seqs": sorted(seqs), "t": round(time.time(), 3)})
-        for s in seqs:
-            (self.pending_dir / f"{s}.bin").unlink(missing_ok=True)
+        self._append({"event": "step", "version": version, "seqs": seqs, "t": round(time.time(), 3)})
+        for e in entries:
+            self.discard(e["file"])
 
     # -- reading back ---------------------------------------------------------------------------
     def read_ledger(self) -> list[dict[str, Any]]:
@@ -162,23 +181,20 @@ class StateStore:
             raise RuntimeError(f"{self.path}: ledger records step {last_step} but the snapshot is at version {version}; "
                                "the state directory is inconsistent (was state.safetensors replaced?)")
 
+        waiting = {seq: e for seq, e in accepted.items() if seq > applied_seq and seq not in stepped}
+        keep = {e["file"] for e in waiting.values()}
+        applied_files = {e["file"] for seq, e in accepted.items() if seq not in waiting}
+        for f in sorted(self.pending_dir.iterdir()):
+            if f.name in keep:
+                continue
+            f.unlink()
+            if f.name in applied_files:
+                repairs.append(f"removed {f.name}, already applied in the snapshot")
+            elif not f.name.endswith(".tmp"):
+                repairs.append(f"dropped unacknowledged upload {f.name} (no ledger line)")
         pending = []
-        for f in sorted(self.pending_dir.iterdir(), key=lambda p: p.name):
-            name = f.name
-            if name.endswith(".tmp"):
-                f.unlink()
-                continue
-            seq = int(name.removesuffix(".bin"))
-            if seq not in accepted:
-                f.unlink()   # written, but the crash came before the ledger line: never acked
-                repairs.append(f"dropped unacknowledged update #{seq} (no ledger line)")
-            elif seq <= applied_seq:
-                f.unlink()   # already folded into the snapshot
-                repairs.append(f"removed update #{seq}, already applied in the snapshot")
-        for seq, entry in sorted(accepted.items()):
-            if seq <= applied_seq or seq in stepped:
-                continue
-            f = self.pending_dir / f"{seq}.bin"
+        for seq, entry in sorted(waiting.items()):
+            f = self.pending_dir / entry["file"]
             if not f.exists():
                 raise RuntimeError(f"{self.path}: ledger accepted update #{seq} but {f} is missing; cannot recover it")
             data = f.read_bytes()

@@ -1,0 +1,191 @@
+"""Load test of the network server: many concurrent devices uploading a ~1M-parameter model.
+
+    .venv/bin/python benchmarks/network_load.py                       # 200 clients, 30 s, fsync on
+    .venv/bin/python benchmarks/network_load.py --clients 400 --procs 4 --no-fsync
+
+One server process (``FlotillaServer``, async FedBuff mode, TLS, token auth, every upload
+validated, written to the ledger and fsync'd, as in production) and ``--procs`` load processes
+that run ``--clients`` devices as asyncio coroutines, each with its own TLS channel and token.
+A device does no training: check in, download the model (4 MB, chunked), upload a fixed small
+delta (4 MB, chunked), repeat.  Reported over the measurement window (after ``--warmup``):
+accepted updates per second, upload latency p50/p99 (call start to the server's ack), download
+latency, server CPU, and the server's own accepted/rejected counts.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def mlp(params: int):
+    """784 -> h -> 200 MLP with about ``params`` parameters."""
+    from torch import nn
+    hidden = max(1, round((params - 200) / (784 + 1 + 200)))
+    return nn.Sequential(nn.Linear(784, hidden), nn.ReLU(), nn.Linear(hidden, 200))
+
+
+def serve(args, pki_dir: str, state_dir: str, ready, stop) -> None:
+    import logging
+
+    import torch
+    logging.getLogger("flotilla.network").setLevel(logging.ERROR)
+    torch.set_num_threads(1)
+    from flotilla.network.auth import TokenTable
+    from flotilla.network.coordinator import CoordinatorSettings
+    from flotilla.network.server import FlotillaServer, Limits, ServerThread, TLSFiles
+    torch.manual_seed(0)
+    p = Path(pki_dir)
+    server = FlotillaServer(
+        mlp(args.params), tls=TLSFiles(str(p / "server.pem"), str(p / "server.key")),
+        tokens=TokenTable.load(p / "tokens.json"), state_dir=state_dir,
+        settings=CoordinatorSettings(mode="async", total_steps=10**9, concurrency=args.clients, buffer_size=args.buffer,
+                                     assignment_timeout_s=600, max_update_norm=100.0),
+        limits=Limits(rate=1000.0, burst=1000), fsync=not args.no_fsync, compression=args.compression, linger_s=0)
+    st = ServerThread(server)
+    ready.put((st.port, server.flat.numel, os.getpid()))
+    stop.wait()
+    st.stop()
+
+
+async def device(i: int, token: str, port: int, ca: bytes, deadline: float, delta_parts, records: list, compression: str):
+    import grpc
+
+    from flotilla.network import wire
+    from flotilla.network.wire import pb
+    creds = grpc.ssl_channel_credentials(root_certificates=ca)
+    options = wire.channel_options(wire.DEFAULT_MAX_MESSAGE_BYTES)
+    meta = ((wire.AUTH_HEADER, f"Bearer {token}"),)
+    ser = lambda m: m.SerializeToString()  # noqa: E731
+    async with grpc.aio.secure_channel(f"localhost:{port}", creds, options=options,
+                                       compression=wire.compression(compression)) as ch:
+        check_in = ch.unary_unary(wire.CHECK_IN, ser, pb.CheckInReply.FromString)
+        download = ch.unary_stream(wire.DOWNLOAD, ser, pb.ModelChunk.FromString)
+        upload = ch.stream_unary(wire.UPLOAD, ser, pb.UploadReply.FromString)
+        while time.time() < deadline:
+            try:
+                r = await check_in(pb.CheckInRequest(num_examples=10), metadata=meta)
+                if r.action != pb.CheckInReply.TRAIN:
+                    await asyncio.sleep(r.retry_after_s or 0.1)
+                    continue
+                a = r.assignment
+                t0 = time.time()
+                n = 0
+                async for chunk in download(pb.DownloadRequest(version=a.version), metadata=meta):
+                    n += len(chunk.data)
+                t1 = time.time()
+                header = pb.UploadPart(header=pb.UploadHeader(
+                    ticket=a.ticket, base_version=a.version, dtype="float32", shape=[a.numel], num_examples=10))
+
+                async def parts():
+                    yield header
+                    for p in delta_parts:
+                        yield p
+                await upload(parts(), metadata=meta)
+                t2 = time.time()
+                records.append((t2, t2 - t1, t1 - t0, True))
+            except grpc.aio.AioRpcError as e:
+                records.append((time.time(), 0.0, 0.0, False))
+                if e.code() not in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ALREADY_EXISTS):
+                    await asyncio.sleep(0.5)
+
+
+def load(args, pki_dir: str, port: int, numel: int, devices: list[tuple[str, str]], deadline: float, out) -> None:
+    import torch
+
+    from flotilla.network.wire import chunks, pb
+    torch.manual_seed(1)
+    data = (torch.randn(numel) * 1e-3).numpy().tobytes()
+    delta_parts = [pb.UploadPart(data=bytes(c)) for c in chunks(data, 1 << 20)]
+    ca = (Path(pki_dir) / "ca.pem").read_bytes()
+    records: list = []
+
+    async def main():
+        await asyncio.gather(*(device(i, tok, port, ca, deadline, delta_parts, records, args.compression)
+                               for i, (name, tok) in enumerate(devices)))
+    asyncio.run(main())
+    out.put(records)
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clients", type=int, default=200)
+    ap.add_argument("--procs", type=int, default=2, help="load-generator processes (clients split among them)")
+    ap.add_argument("--params", type=int, default=1_000_000)
+    ap.add_argument("--buffer", type=int, default=10, help="FedBuff K")
+    ap.add_argument("--duration", type=float, default=30.0, help="seconds of load after the warm-up")
+    ap.add_argument("--warmup", type=float, default=10.0)
+    ap.add_argument("--no-fsync", action="store_true")
+    ap.add_argument("--compression", default="none", choices=["none", "gzip"])
+    ap.add_argument("--json", help="also write the results to this file")
+    args = ap.parse_args()
+
+    from flotilla.network.certs import make_deployment, read_tokens_txt
+    tmp = Path(tempfile.mkdtemp(prefix="flotilla-load-"))
+    paths = make_deployment(tmp / "pki", devices=args.clients)
+    tokens = [(k, v) for k, v in read_tokens_txt(paths["tokens_txt"]).items() if k != "admin"]
+    ctx = mp.get_context("spawn")
+    ready, stop, out = ctx.Queue(), ctx.Event(), ctx.Queue()
+    server = ctx.Process(target=serve, args=(args, str(tmp / "pki"), str(tmp / "state"), ready, stop))
+    server.start()
+    port, numel, server_pid = ready.get(timeout=120)
+    start = time.time()
+    deadline = start + args.warmup + args.duration
+    shares = [tokens[i::args.procs] for i in range(args.procs)]
+    workers = [ctx.Process(target=load, args=(args, str(tmp / "pki"), port, numel, s, deadline, out)) for s in shares]
+    for w in workers:
+        w.start()
+    time.sleep(max(0.0, start + args.warmup - time.time()))
+    cpu0, t0 = cpu_seconds(server_pid), time.time()
+    records = [r for _ in workers for r in out.get(timeout=args.warmup + args.duration + 300)]
+    t1 = min(time.time(), deadline)
+    cpu1 = cpu_seconds(server_pid)
+    for w in workers:
+        w.join()
+    from flotilla.network.client import Connection
+    with Connection(f"localhost:{port}", read_tokens_txt(paths["tokens_txt"])["admin"], ca=paths["ca_pem"]) as c:
+        status = c.status()
+    stop.set()
+    server.join(60)
+
+    window = [r for r in records if start + args.warmup <= r[0] <= deadline]
+    ok = [r for r in window if r[3]]
+    up = sorted(r[1] for r in ok)
+    down = sorted(r[2] for r in ok)
+
+    def pct(xs, q):
+        return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+    res = {
+        "clients": args.clients, "params": numel, "model_mb": round(4 * numel / 2**20, 2), "buffer_k": args.buffer,
+        "fsync": not args.no_fsync, "compression": args.compression, "window_s": round(args.duration, 1),
+        "accepted_per_s": round(len(ok) / args.duration, 1),
+        "upload_p50_s": round(pct(up, 0.5), 3), "upload_p99_s": round(pct(up, 0.99), 3),
+        "upload_mean_s": round(statistics.fmean(up), 3) if up else None,
+        "download_p50_s": round(pct(down, 0.5), 3), "download_p99_s": round(pct(down, 0.99), 3),
+        "failed_calls_in_window": len(window) - len(ok),
+        "server_cpu_cores": round((cpu1 - cpu0) / max(t1 - t0, 1e-9), 2),
+        "server_version": status["version"], "server_accepted": status["accepted"], "server_rejected": status["rejected"],
+        "load_avg": os.getloadavg(), "cpus": os.cpu_count(),
+    }
+    print(json.dumps(res, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
