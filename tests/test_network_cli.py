@@ -1,0 +1,92 @@
+"""`flotilla certs`, `flotilla status`, and the `network:` config section."""
+from __future__ import annotations
+
+import json
+import stat
+import time
+
+import pytest
+import torch
+import yaml
+
+from flotilla.cli import main
+from flotilla.client import Connection
+from flotilla.config import ConfigError, load_config
+from flotilla.network.server import Limits, server_from_config
+from tests.network_helpers import PKI, start_server
+
+
+def test_certs_writes_a_working_pki_with_private_files(tmp_path, capsys):
+    assert main(["certs", str(tmp_path / "pki"), "--devices", "2"]) == 0
+    names = sorted(p.name for p in (tmp_path / "pki").iterdir())
+    assert names == ["ca.key", "ca.pem", "client.key", "client.pem", "server.key", "server.pem", "tokens.json", "tokens.txt"]
+    for private in ("ca.key", "server.key", "client.key", "tokens.txt"):
+        assert stat.S_IMODE((tmp_path / "pki" / private).stat().st_mode) == 0o600
+    table = json.loads((tmp_path / "pki" / "tokens.json").read_text())["devices"]
+    assert sorted(table) == ["admin", "device-000", "device-001"]
+    assert all(len(e["sha256"]) == 64 for e in table.values())          # hashes only, no tokens
+    assert "flt_" not in (tmp_path / "pki" / "tokens.json").read_text()
+    # refuses to overwrite a deployment by accident
+    assert main(["certs", str(tmp_path / "pki")]) == 2
+    assert "already holds" in capsys.readouterr().err
+
+
+def test_status_command_shows_progress_and_refusals(tmp_path, capsys):
+    pki = PKI(tmp_path / "pki", devices=2)
+    with start_server(pki, tmp_path / "s", cohort=1, total_steps=3, limits=Limits(rate=100, burst=200)) as st:
+        with Connection(f"localhost:{st.port}", pki.token(0), ca=pki.ca) as c:
+            a = c.check_in(5).assignment
+            c.upload(a, torch.full((18,), 0.01), 5)
+            a = c.check_in(5).assignment
+            with pytest.raises(Exception):
+                c.upload(a, torch.full((18,), float("nan")), 5)
+            for _ in range(100):          # metrics are written by the evaluation thread
+                if c.status()["metrics"]:
+                    break
+                time.sleep(0.05)
+        args = ["status", "--server", f"localhost:{st.port}", "--ca", pki.ca, "--token", pki.tokens["admin"]]
+        assert main(args) == 0
+        out = capsys.readouterr().out
+        assert "sync training, round 1 of 3" in out
+        assert "clients in flight: 1" in out
+        assert "updates accepted: 1   rejected: 1 (nonfinite 1)" in out
+        assert "metrics at version 1: train_loss 0.0000" in out
+        assert main(args + ["--json"]) == 0
+        s = json.loads(capsys.readouterr().out)
+        assert (s["version"], s["accepted"], s["rejected_by_reason"]) == (1, 1, {"nonfinite": 1})
+        assert main(args[:-1] + ["wrong"]) == 1
+        assert "UNAUTHENTICATED" in capsys.readouterr().err
+
+
+def _serve_config(tmp_path, pki, **network):
+    cfg = {"task": {"name": "fashion-mnist", "num_clients": 4, "examples_per_client": 5}, "rounds": 1, "cohort": 2,
+           "network": {"tls": {"cert": str(pki.paths["server_pem"]), "key": str(pki.paths["server_key"])},
+                       "tokens": str(pki.paths["tokens_json"]), **network}}
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.parametrize("network, key, reason", [
+    ({"chunk_kb": 8192}, "network", "chunk_kb: 8192 KiB chunks do not fit"),
+    ({"tls": {"cert": "a", "key": "b", "require_client_cert": True}}, "network.tls", "ca: required"),
+    ({"over_selection": 0.5}, "network.over_selection", "greater than or equal to 1"),
+    ({"rate_limit": 0}, "network.rate_limit", "greater than 0"),
+    ({"bogus": 1}, "network.bogus", "unknown key"),
+])
+def test_network_config_errors_name_the_key(tmp_path, network, key, reason):
+    pki = PKI(tmp_path / "pki", devices=1)
+    with pytest.raises(ConfigError) as e:
+        load_config(_serve_config(tmp_path, pki, **network))
+    assert f"{key}:" in str(e.value) and reason in str(e.value)
+
+
+def test_serve_refuses_settings_it_cannot_honour(tmp_path):
+    pki = PKI(tmp_path / "pki", devices=1)
+    path = _serve_config(tmp_path, pki, min_updates=5)
+    with pytest.raises(ConfigError, match="network.min_updates: must be between 1 and cohort=2"):
+        server_from_config(load_config(path), state_dir=tmp_path / "s")
+    with pytest.raises(ConfigError, match="fleet: describes a simulated fleet"):
+        server_from_config(load_config(path, ["network.min_updates=1", "fleet={}"]), state_dir=tmp_path / "s")
+    with pytest.raises(ConfigError, match="network: flotilla serve needs a network section"):
+        server_from_config(load_config(path, ["network=null"]), state_dir=tmp_path / "s")
