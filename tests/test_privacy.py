@@ -12,7 +12,7 @@ from flotilla.config import ConfigError, validate
 from flotilla.core.client import ClientResult, ClientSpec, LocalTrainer
 from flotilla.core.flat import FlatModel
 from flotilla.privacy import (
-    AdaptiveClippingSpec, DPFedAvg, DPLocalTrainer, PrivacyError, PrivacySpec, SampleLevelSpec, calibrate_noise,
+    AdaptiveClippingSpec, DPFedAvg, DPLocalTrainer, GaussianSumNoise, PrivacyError, PrivacySpec, SampleLevelSpec, calibrate_noise,
     delta_noise_multiplier, dpsgd_schedule, epsilon, make_dp_compatible, make_private, poisson_cohort,
 )
 from flotilla.sim.sync import SyncFedAvg
@@ -93,6 +93,16 @@ def test_noise_of_a_zero_release_has_the_predicted_std():
     # A second release draws fresh noise.
     agg.reset()
     assert float(torch.corrcoef(torch.stack([out, agg.result()]))[0, 1]) == pytest.approx(0.0, abs=0.01)
+
+
+def test_gaussian_sum_noise_for_the_secure_aggregators():
+    noise = GaussianSumNoise(clip_norm=2.0, noise_multiplier=0.5, seed=1)
+    first = noise(torch.zeros(200_000))
+    assert float(first.std()) == pytest.approx(1.0, rel=0.01) and noise.releases == 1
+    assert not torch.equal(first, noise(torch.zeros(200_000)))
+    assert torch.equal(first, GaussianSumNoise(2.0, 0.5, seed=1)(torch.zeros(200_000)))   # replays from the seed...
+    secure = [GaussianSumNoise(2.0, 0.5, seed=1, secure_noise=True)(torch.zeros(1000)) for _ in range(2)]
+    assert not torch.equal(secure[0], secure[1])                                           # ...unless secure
 
 
 def test_adaptive_clipping_splits_the_noise_and_moves_S_towards_the_quantile():

@@ -9,10 +9,12 @@ from flotilla.privacy.algorithm import (
 )
 from flotilla.privacy.fedbuff import DPFedBuff
 from flotilla.privacy.sample import DPClientResult, DPLocalTrainer, SampleLevelSpec, make_dp_compatible
-from flotilla.privacy.user import AdaptiveClippingSpec, DPFedAvg, UserLevelSpec, delta_noise_multiplier, poisson_cohort
+from flotilla.privacy.user import (
+    AdaptiveClippingSpec, DPFedAvg, GaussianSumNoise, UserLevelSpec, delta_noise_multiplier, poisson_cohort,
+)
 
 __all__ = [
-    "AdaptiveClippingSpec", "DPClientResult", "DPFedAvg", "DPFedBuff", "DPLocalTrainer", "PrivacyError", "PrivacySpec",
+    "AdaptiveClippingSpec", "DPClientResult", "DPFedAvg", "DPFedBuff", "DPLocalTrainer", "GaussianSumNoise", "PrivacyError", "PrivacySpec",
     "PrivateAlgorithm", "SampleLevelSpec", "UserLevelPlan", "UserLevelSpec", "plan_user_level", "calibrate_noise", "delta_noise_multiplier", "describe",
     "dpsgd_schedule", "epsilon", "make_dp_compatible", "make_private", "max_steps", "poisson_cohort", "prepare_model",
     "with_privacy",

@@ -23,6 +23,7 @@ client's ``(sigma, q, local steps)``.
 """
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -44,7 +45,7 @@ class SampleLevelSpec:
     max_grad_norm: float = 1.0        # C: per-example gradient clip (L2)
     delta: float = 1e-5               # delta at which each client's epsilon is reported
     accountant: str = "rdp"           # "rdp" or "prv"
-    secure_mode: bool = False         # Opacus' floating-point-attack-resistant noise (slower)
+    secure_mode: bool = False         # Opacus' floating-point-attack-resistant noise, seeded from os.urandom
 
     def __post_init__(self):
         if not self.max_grad_norm > 0:
@@ -125,7 +126,10 @@ class DPLocalTrainer:
         self._sgd.state.clear()                       # momentum does not leak between clients
         self.optimizer.expected_batch_size = q * n
         generator = torch.Generator().manual_seed(seed)
-        self.optimizer.generator = None if dp.secure_mode else torch.Generator().manual_seed(seed ^ 0x5A5A5A5A)
+        # Reproducible noise from the client seed; secure_mode: an unpredictable seed (os.urandom) and Opacus'
+        # floating-point-attack-resistant sampling (runs are then not reproducible).
+        noise_seed = int.from_bytes(os.urandom(8), "little") >> 1 if dp.secure_mode else seed ^ 0x5A5A5A5A
+        self.optimizer.generator = torch.Generator().manual_seed(noise_seed)
         torch.manual_seed(seed)  # dropout and other in-model randomness
         self.module.train()
         indices = dataset.train_indices[client]

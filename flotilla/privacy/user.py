@@ -23,6 +23,7 @@ FedBuff buffer alike.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -114,14 +115,16 @@ class DPFedAvg:
 
     ``noise_multiplier`` is the one the accountant sees; with adaptive clipping part of it goes
     to the clipped-count release (see module docstring).  Noise is drawn from a generator seeded
-    by ``(seed, release index)``, so runs replay exactly (a simulator; a deployment should use
-    ``torch``'s secure path, see docs/privacy.md).
+    by ``(seed, release index)``, so runs replay exactly: right for a simulator, wrong for a
+    deployment, where anyone who knows the seed could subtract the noise.  ``secure_noise=True``
+    seeds every release from ``os.urandom`` instead (not reproducible).
     """
 
     release_when_empty = True   # a round with no participant still releases (pure noise)
 
     def __init__(self, numel: int, *, clip_norm: float, noise_multiplier: float, expected_cohort: float,
-                 seed: int = 0, adaptive: AdaptiveClippingSpec | None = None, validate: bool = True):
+                 seed: int = 0, adaptive: AdaptiveClippingSpec | None = None, validate: bool = True,
+                 secure_noise: bool = False):
         if not clip_norm > 0:
             raise PrivacyError(f"privacy.user_level.clip_norm: must be > 0, got {clip_norm}")
         if not expected_cohort > 0:
@@ -133,6 +136,7 @@ class DPFedAvg:
         self.seed = seed
         self.adaptive = adaptive
         self.validate = validate
+        self.secure_noise = secure_noise
         self.count_noise_multiplier = None
         self.delta_noise_multiplier = self.noise_multiplier
         if adaptive is not None:
@@ -172,7 +176,7 @@ class DPFedAvg:
     @torch.no_grad()
     def result(self) -> torch.Tensor:
         """The noised, normalised sum; also updates S when clipping is adaptive."""
-        g = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, self.releases, 0xD1FF]).generate_state(1, np.uint64)[0] >> 1))
+        g = _release_generator(self.seed, self.releases, 0xD1FF, self.secure_noise)
         out = torch.randn(self.numel, generator=g, out=self._out)
         out.mul_(self.delta_noise_multiplier * self.clip_norm).add_(self.sum).div_(self.expected_cohort)
         metrics = {"clip_norm": self.clip_norm, "dp_updates": self.count,
@@ -186,3 +190,36 @@ class DPFedAvg:
         self.releases += 1
         self.last_metrics = metrics
         return out
+
+
+class GaussianSumNoise:
+    """``noise_fn`` for the secure aggregators (flotilla.secure): adds N(0, (z S)^2 I) to a clipped
+    SUM, in place, once per call (one call = one release, accounted like one DP-FedAvg step).
+
+    The caller must make every contribution to the sum have L2 norm <= S and weight 1 (the secure
+    buffer's ``max_norm=S``, the secure aggregator with ``weight = max_weight = 1``), and divide by
+    the expected cohort size afterwards if it wants the mean.
+    """
+
+    def __init__(self, clip_norm: float, noise_multiplier: float, seed: int = 0, secure_noise: bool = False):
+        if not clip_norm > 0:
+            raise PrivacyError(f"privacy.user_level.clip_norm: must be > 0, got {clip_norm}")
+        if not noise_multiplier >= 0:
+            raise PrivacyError(f"privacy.user_level.noise_multiplier: must be >= 0, got {noise_multiplier}")
+        self.std = float(clip_norm) * float(noise_multiplier)
+        self.seed = seed
+        self.secure_noise = secure_noise
+        self.releases = 0
+
+    @torch.no_grad()
+    def __call__(self, total: torch.Tensor) -> torch.Tensor:
+        g = _release_generator(self.seed, self.releases, 0x5EC0, self.secure_noise)
+        self.releases += 1
+        return total.add_(torch.randn(total.shape, generator=g, dtype=total.dtype), alpha=self.std)
+
+
+def _release_generator(seed: int, release: int, tag: int, secure: bool) -> torch.Generator:
+    """Noise generator of one release: reproducible from (seed, release), or seeded from os.urandom."""
+    if secure:
+        return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, release, tag]).generate_state(1, np.uint64)[0] >> 1))
