@@ -8,7 +8,7 @@ See docs/security.md for the threat model.
 from flotilla.secure.aggregator import DropoutSim, SecureAggregator
 from flotilla.secure.buffer import Assignment, EncryptedUpdate, Release, SecureBuffer, seal_update
 from flotilla.secure.encoding import FixedPointEncoder
-from flotilla.secure.errors import (BufferNotReady, ProtocolError, ReplayedMessage, SecAggAborted, SecAggError,
+from flotilla.secure.errors import (BufferNotReady, DuplicateContribution, ProtocolError, ReplayedMessage, SecAggAborted, SecAggError,
                                     TamperedMessage)
 from flotilla.secure.graph import default_degree, neighbours
 from flotilla.secure.protocol import SecAggClient, SecAggConfig, SecAggServer
@@ -16,5 +16,5 @@ from flotilla.secure.protocol import SecAggClient, SecAggConfig, SecAggServer
 __all__ = [
     "SecureAggregator", "DropoutSim", "SecureBuffer", "Assignment", "EncryptedUpdate", "Release", "seal_update",
     "FixedPointEncoder", "SecAggClient", "SecAggConfig", "SecAggServer", "default_degree", "neighbours",
-    "SecAggError", "SecAggAborted", "ProtocolError", "TamperedMessage", "ReplayedMessage", "BufferNotReady",
+    "SecAggError", "SecAggAborted", "ProtocolError", "TamperedMessage", "ReplayedMessage", "BufferNotReady", "DuplicateContribution",
 ]

@@ -75,13 +75,22 @@ class SecureAggregator:
     dropout:    simulated dropouts (DropoutSim).
     noise_fn:   optional central-DP hook: applied by the server to the unmasked weighted sum
                 sum_i (w_i / max_weight) * clip(d_i) (float32 tensor) before dividing by the weight sum.
+    l2_clip:    if set, each client first scales its delta to L2 norm <= l2_clip (client side, before
+                encoding; user-level DP's S). Counted in ``l2_clipped``.
+    denominator: if set, ``result()`` divides the (noised) sum by this public number (DP-FedAvg's
+                expected cohort size) instead of the decoded weight sum.
     """
 
     def __init__(self, numel: int, cohort: int, *, clip: float = 1.0, max_weight: float = 1.0, bits: int = 32,
                  degree: int | str | None = None, threshold: int | None = None, dropout: DropoutSim | None = None,
-                 noise_fn: Callable[[torch.Tensor], torch.Tensor] | None = None, validate: bool = True):
+                 noise_fn: Callable[[torch.Tensor], torch.Tensor] | None = None, validate: bool = True,
+                 l2_clip: float | None = None, denominator: float | None = None):
         if not (math.isfinite(max_weight) and max_weight > 0):
             raise ValueError(f"max_weight: must be a positive finite number, got {max_weight}")
+        if l2_clip is not None and not (math.isfinite(l2_clip) and l2_clip > 0):
+            raise ValueError(f"l2_clip: must be a positive finite number, got {l2_clip}")
+        if denominator is not None and not (math.isfinite(denominator) and denominator > 0):
+            raise ValueError(f"denominator: must be a positive finite number, got {denominator}")
         self.numel = numel
         self.cohort = cohort
         self.max_weight = float(max_weight)
@@ -92,6 +101,8 @@ class SecureAggregator:
         self.dropout = dropout or DropoutSim()
         self.noise_fn = noise_fn
         self.validate = validate
+        self.l2_clip = l2_clip
+        self.denominator = denominator
         self._prg = PRG(numel + 1, self.encoder.dtype)   # one keystream buffer shared by all simulated parties
         self._ring = np.empty(numel + 1, self.encoder.dtype)
         self._out = torch.zeros(numel)
@@ -110,6 +121,7 @@ class SecureAggregator:
         self.included: list = []                          # client ids whose update is in the result
         self.dropped: dict = {}                           # client id -> stage it dropped at
         self.clipped = 0
+        self.l2_clipped = 0                               # updates scaled down to l2_clip this round
 
     @property
     def config(self) -> SecAggConfig | None:
@@ -170,6 +182,11 @@ class SecureAggregator:
 
         t0 = time.perf_counter()
         d = delta.detach().numpy()
+        if self.l2_clip is not None:                      # client side: bound the update's L2 norm first
+            norm = float(np.linalg.norm(d.astype(np.float64)))
+            if norm > self.l2_clip:
+                d = d * np.float32(self.l2_clip / norm)
+                self.l2_clipped += 1
         self.clipped += int(np.count_nonzero(np.abs(d) > self.encoder.clip))
         factor = weight / self.max_weight
         ring = self._ring
@@ -207,7 +224,7 @@ class SecureAggregator:
         s = torch.from_numpy(dec[:-1]).to(torch.float32)
         if self.noise_fn is not None:
             s = self.noise_fn(s)
-        torch.div(s, weight_sum, out=self._out)
+        torch.div(s, weight_sum if self.denominator is None else self.denominator, out=self._out)
         self.timing["server_s"] += time.perf_counter() - t0
         self.weight_sum = weight_sum * self.max_weight
         self._done = True
@@ -218,7 +235,26 @@ class SecureAggregator:
         """Worst-case per-coordinate error of the last result() against the exact weighted mean of the
         clipped deltas: fixed-point quantisation plus float32 rounding of the output."""
         n, step, clip = self.count, self.encoder.step, self.encoder.clip
+        if self.denominator is not None:                  # S' / m: only the sum's error, |dS| <= n*step
+            return n * step / self.denominator + clip * n / self.denominator * 2.0 ** -22
         wn = self.weight_sum / self.max_weight            # decoded sum of w_i / max_weight
         # Sum S and weight sum W decode with |dS| <= n*step and |dW| <= n*step/clip (module encoding).
         # S/W is a weighted mean of values in [-clip, clip], so |S'/W' - S/W| <= (|dS| + clip*|dW|) / W'.
         return 2 * n * step / wn + clip * 2.0 ** -22
+
+    # -- what a round loop records and checkpoints ---------------------------------------
+    def round_metrics(self) -> dict[str, int]:
+        """This round's protocol outcome for the metrics record.  ``secagg_clipped`` (coordinates
+        outside [-clip, clip]) and ``secagg_l2_clipped`` are simulator diagnostics: in a deployment
+        they are known only to each client."""
+        out = {"secagg_updates": self.count, "secagg_dropped": len(self.dropped), "secagg_clipped": self.clipped}
+        if self.l2_clip is not None:
+            out["secagg_l2_clipped"] = self.l2_clipped
+        return out
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The round counter that seeds the simulated dropouts (so a resumed run draws the same ones)."""
+        return {"rounds": torch.tensor(self.rounds)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.rounds = int(state["rounds"])

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 import struct
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
 
@@ -26,7 +27,7 @@ import torch
 
 from flotilla.core.aggregate import UpdateRejected, check_update
 from flotilla.secure import keys as K
-from flotilla.secure.errors import BufferNotReady, ProtocolError, ReplayedMessage, TamperedMessage
+from flotilla.secure.errors import BufferNotReady, DuplicateContribution, ProtocolError, ReplayedMessage, TamperedMessage
 
 NONCE_BYTES = 16
 _INFO = b"flotilla-buffer update v1"
@@ -58,6 +59,7 @@ class Release:
     count: int
     total_weight: float        # sum_i staleness(tau_i) * weight_i
     version: int               # server version at the last accepted update
+    weight_sum: float = 0.0    # sum_i weight_i (before staleness: FedBuff's "mean" divides by it)
 
 
 def _client_bytes(client) -> bytes:
@@ -87,11 +89,16 @@ class SecureBuffer:
     max_norm:         reject updates whose L2 norm exceeds this (None: no bound).
     max_staleness:    reject updates staler than this (None: no bound).
     noise_fn:         DP hook applied to the sum inside the buffer before it is released.
+    one_per_client:   reject a second update from a client already in the current buffer
+                      (``DuplicateContribution``; user-level DP: one contribution per user per release).
+    replay_window:    how many accepted nonces are remembered to name a replay as such; an older
+                      replay is still refused, as an unknown nonce (memory stays bounded).
     """
 
     def __init__(self, numel: int, min_updates: int, *, staleness_weight: Callable[[int], float] | None = None,
                  max_norm: float | None = None, max_staleness: int | None = None,
-                 noise_fn: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                 noise_fn: Callable[[torch.Tensor], torch.Tensor] | None = None, one_per_client: bool = False,
+                 replay_window: int = 1 << 16):
         if min_updates < 1:
             raise ValueError(f"min_updates: must be >= 1, got {min_updates}")
         self.numel = numel
@@ -100,13 +107,17 @@ class SecureBuffer:
         self.max_norm = max_norm
         self.max_staleness = max_staleness
         self.noise_fn = noise_fn
+        self.one_per_client = one_per_client
+        self.replay_window = replay_window
         self._sk, self.public_key = K.new_keypair()   # the private key never leaves the buffer
         self._issued: dict[bytes, tuple[object, int]] = {}
-        self._used: set[bytes] = set()                # every nonce ever accepted: replays stay rejected
+        self._used: OrderedDict[bytes, None] = OrderedDict()  # recently accepted nonces (older ones: unknown)
+        self._contributors: set = set()               # clients in the current buffer (one_per_client)
         self._sum = torch.zeros(numel)
         self._version = -1
         self.count = 0
         self.total_weight = 0.0
+        self.weight_sum = 0.0
 
     @property
     def ready(self) -> bool:
@@ -117,6 +128,10 @@ class SecureBuffer:
         nonce = os.urandom(NONCE_BYTES)
         self._issued[nonce] = (client, int(version))
         return Assignment(client, int(version), nonce, self.public_key)
+
+    def cancel(self, assignment: Assignment) -> None:
+        """Forget an assignment whose update will never come (the trip was abandoned or rejected)."""
+        self._issued.pop(assignment.nonce, None)
 
     def receive(self, update: EncryptedUpdate, server_version: int) -> float:
         """Decrypt, validate and buffer one update; return the weight applied to it.
@@ -136,6 +151,8 @@ class SecureBuffer:
         if server_version < max(update.version, self._version):
             raise ProtocolError(f"{who}: server version {server_version} went backwards")
         tau = server_version - update.version
+        if self.one_per_client and _client_bytes(update.client) in self._contributors:
+            raise DuplicateContribution(f"{who}: this client already has an update in the buffer (one per release)")
         if self.max_staleness is not None and tau > self.max_staleness:
             raise UpdateRejected(f"{who}: staleness {tau} exceeds max_staleness {self.max_staleness}")
         if len(update.ephemeral_pk) != 32:
@@ -162,10 +179,15 @@ class SecureBuffer:
         # Everything checked: now, and only now, change state.
         self._sum.add_(delta, alpha=w)
         self.total_weight += w
+        self.weight_sum += weight
         self.count += 1
         self._version = server_version
         del self._issued[update.nonce]
-        self._used.add(update.nonce)
+        self._used[update.nonce] = None
+        if len(self._used) > self.replay_window:
+            self._used.popitem(last=False)
+        if self.one_per_client:
+            self._contributors.add(_client_bytes(update.client))
         return w
 
     def release(self) -> Release:
@@ -175,7 +197,7 @@ class SecureBuffer:
         out = self._sum.clone()
         if self.noise_fn is not None:
             out = self.noise_fn(out)
-        rel = Release(out, self.count, self.total_weight, self._version)
+        rel = Release(out, self.count, self.total_weight, self._version, self.weight_sum)
         self.reset()
         return rel
 
@@ -184,3 +206,23 @@ class SecureBuffer:
         self._sum.zero_()
         self.count = 0
         self.total_weight = 0.0
+        self.weight_sum = 0.0
+        self._contributors.clear()
+
+    # -- checkpoints: a stand-in for the enclave's sealed storage -----------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The buffered sum and counters.  A real enclave would seal this to itself; the simulator's
+        checkpoints hold it in the clear (they are taken right after a release, when it is empty)."""
+        return {"sum": self._sum.clone(), "count": torch.tensor(self.count),
+                "total_weight": torch.tensor(self.total_weight, dtype=torch.float64),
+                "weight_sum": torch.tensor(self.weight_sum, dtype=torch.float64),
+                "version": torch.tensor(self._version)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if state["sum"].shape != self._sum.shape:
+            raise ValueError(f"secure buffer state has {state['sum'].numel()} values, expected {self.numel}")
+        self._sum.copy_(state["sum"])
+        self.count = int(state["count"])
+        self.total_weight = float(state["total_weight"])
+        self.weight_sum = float(state["weight_sum"])
+        self._version = int(state["version"])

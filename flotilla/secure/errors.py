@@ -14,7 +14,12 @@ class SecAggError(Exception):
 
 
 class SecAggAborted(SecAggError):
-    """Too few parties survived to finish the round; nothing about any input was disclosed."""
+    """Too few parties survived to finish the round; nothing about any input was disclosed.
+
+    ``aborts_round``: round loops (``flotilla.sim.sync.SyncFedAvg``) recognise the flag without
+    importing this package: the round makes no server step and its metrics record says so.
+    """
+    aborts_round = True
 
 
 class ProtocolError(SecAggError, UpdateRejected):
@@ -27,6 +32,10 @@ class TamperedMessage(ProtocolError):
 
 class ReplayedMessage(ProtocolError):
     """The same message (or nonce) was already accepted once."""
+
+
+class DuplicateContribution(SecAggError, UpdateRejected):
+    """The secure buffer already holds an update from this client (``one_per_client``)."""
 
 
 class BufferNotReady(SecAggError):
