@@ -2,6 +2,10 @@
 
 One round: sample a cohort uniformly without replacement, train each client in turn on the
 one shared model (in place), add its delta into the aggregator, then take one server step.
+An aggregator may abort a round by raising an exception whose class sets ``aborts_round = True``
+(secure aggregation's ``SecAggAborted`` when too few clients survive): that round makes no server
+step, the model and server-optimizer state stay as they were, and its metrics record carries
+``aborted: True`` and the reason.
 All randomness is derived from (seed, round, client), so any round can be replayed and a
 resumed run is bit-identical to an uninterrupted one.
 """
@@ -63,23 +67,38 @@ class SyncFedAvg:
         clients = self.sample_cohort(self.seed, self.round, self.dataset.num_clients, self.cohort)
         self.aggregator.reset()
         loss_sum = seen = 0.0
-        for c in clients.tolist():
-            r = self.trainer.train(self.dataset, c, self.weights, client_seed(self.seed, self.round, c), self.delta)
-            weight = float(r.num_examples) if self.weighting == "examples" else 1.0
-            if r.num_examples > 0:
-                self.aggregator.add(self.delta, weight, c)
-            loss_sum += r.loss * r.examples_seen
-            seen += r.examples_seen
-        # A DP aggregator releases (pure noise) even for an empty cohort: skipping would leak it.
-        if self.aggregator.count or getattr(self.aggregator, "release_when_empty", False):
-            self.server_opt.step(self.weights, self.aggregator.result())
+        aborted = None
+        try:
+            for c in clients.tolist():
+                r = self.trainer.train(self.dataset, c, self.weights, client_seed(self.seed, self.round, c), self.delta)
+                weight = float(r.num_examples) if self.weighting == "examples" else 1.0
+                loss_sum += r.loss * r.examples_seen
+                seen += r.examples_seen
+                if r.num_examples > 0:
+                    self.aggregator.add(self.delta, weight, c)
+            # A DP aggregator releases (pure noise) even for an empty cohort: skipping would leak it.
+            if self.aggregator.count or getattr(self.aggregator, "release_when_empty", False):
+                update = self.aggregator.result()
+                self.server_opt.step(self.weights, update)
+        except Exception as e:
+            if not getattr(e, "aborts_round", False):
+                raise
+            aborted = e                                # no server step: weights and optimizer state untouched
         self.round += 1
-        return {"round": self.round, "train_loss": loss_sum / max(seen, 1), "examples_seen": seen, "clients": len(clients)}
+        record = {"round": self.round, "train_loss": loss_sum / max(seen, 1), "examples_seen": seen, "clients": len(clients)}
+        round_metrics = getattr(self.aggregator, "round_metrics", None)
+        if round_metrics is not None:
+            record.update(round_metrics())
+        if aborted is not None:
+            record.update(aborted=True, abort_reason=str(aborted))
+        return record
 
     # -- checkpointing -------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = {"weights": self.weights.clone(), "round": torch.tensor(self.round)}
         state.update({f"server_opt.{k}": v for k, v in self.server_opt.state_dict().items()})
+        if hasattr(self.aggregator, "state_dict"):     # e.g. secure aggregation's round counter
+            state.update({f"aggregator.{k}": v for k, v in self.aggregator.state_dict().items()})
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -87,5 +106,8 @@ class SyncFedAvg:
             raise ValueError(f"checkpoint has {state['weights'].numel()} weights, model has {self.weights.numel()}")
         opt = {k.removeprefix("server_opt."): v for k, v in state.items() if k.startswith("server_opt.")}
         self.server_opt.load_state_dict(opt)
+        agg = {k.removeprefix("aggregator."): v for k, v in state.items() if k.startswith("aggregator.")}
+        if agg and hasattr(self.aggregator, "load_state_dict"):
+            self.aggregator.load_state_dict(agg)
         self.weights.copy_(state["weights"])
         self.round = int(state["round"])
