@@ -78,6 +78,7 @@ def train(
     tensorboard: bool = False,
     workers: int = 1,
     privacy: Any = None,
+    secure_aggregation: Any = None,
 ) -> TrainResult:
     """Synchronous federated training of ``model`` (in place) on ``data``.
 
@@ -89,6 +90,10 @@ def train(
     ``privacy`` (a :class:`flotilla.privacy.PrivacySpec` or the ``privacy:`` config section as a
     dict) adds sample-level DP-SGD and/or user-level DP-FedAvg; training then stops early when
     the privacy budget is spent (see docs/privacy.md).
+    ``secure_aggregation`` (a :class:`flotilla.secure.wiring.SecureAggregationSpec` or the
+    ``secure_aggregation:`` config section as a dict, ``{}`` for the defaults) runs every round
+    through the secure-aggregation protocol, so the server sees only the sum of the cohort's
+    updates; composes with ``privacy`` (see docs/security.md).
     """
     dataset = as_federated(data)
     client = client if isinstance(client, ClientSpec) else ClientSpec(**client)
@@ -100,6 +105,8 @@ def train(
         if workers > 1:
             raise PrivacyError("workers: DP trains every client in one process; use workers=1")
         prepare_model(model, dp)  # e.g. nn.LSTM -> Opacus DPLSTM, before the model is bound to a flat vector
+    if secure_aggregation is not None and workers > 1:
+        raise ValueError("workers: secure aggregation runs the protocol over the whole cohort in one process; use workers=1")
     if weighting is None:
         weighting = "uniform" if dp is not None and dp.user_level is not None else "examples"
     if workers > 1:
@@ -112,6 +119,9 @@ def train(
         from flotilla.privacy import make_private
         algorithm = make_private(algorithm, dp, rounds=rounds, eval_every=eval_every)
         rounds = algorithm.rounds  # fewer if the privacy budget ends first
+    if secure_aggregation is not None:  # after make_private: with user-level DP the noise moves into the protocol
+        from flotilla.secure.wiring import make_secure
+        make_secure(algorithm, secure_aggregation)
     clients = eval_clients(dataset, eval_max_clients, seed)
     evaluate_fn = (lambda w: evaluate(algorithm.flat, w, dataset, clients, loss_fn, eval_batch_size)) if clients else None
     rd = RunDir(run_dir) if run_dir is not None else None
@@ -172,6 +182,7 @@ def run_experiment(cfg: ExperimentConfig, run_dir: str | Path | None = None, res
         eval_batch_size=cfg.eval.batch_size, run_dir=path, resume=resume, checkpoint_every=cfg.output.checkpoint_every,
         progress=cfg.output.progress, tensorboard=cfg.output.tensorboard, workers=cfg.workers,
         privacy=cfg.privacy.model_dump() if cfg.privacy is not None else None,
+        secure_aggregation=cfg.secure_aggregation.model_dump() if cfg.secure_aggregation is not None else None,
     )
 
 

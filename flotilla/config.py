@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from flotilla.fleet.config import AsyncConfig, FleetConfig
 from flotilla.network.config import NetworkConfig
@@ -133,6 +133,52 @@ class PrivacyConfig(Strict):
         return self
 
 
+# --- secure aggregation (flotilla.secure; see docs/security.md) --------------------------------
+class SecAggDropoutConfig(Strict):
+    """Simulated protocol dropouts (sync): disjoint fractions of the cohort, redrawn every round."""
+    advertise: float = Field(0.0, ge=0, le=1, description="drop before advertising keys (update lost)")
+    share: float = Field(0.0, ge=0, le=1, description="drop before sharing secrets (update lost)")
+    mask: float = Field(0.0, ge=0, le=1, description="drop before sending the masked input (update lost, its masks recovered)")
+    unmask: float = Field(0.0, ge=0, le=1, description="drop after the masked input, before unmasking (update kept)")
+    seed: int | None = Field(None, ge=0, description="seed of the draws (default: the experiment seed)")
+
+    @model_validator(mode="after")
+    def _fractions(self):
+        total = self.advertise + self.share + self.mask + self.unmask
+        if total > 1:
+            raise ValueError(f"the dropout fractions add up to {total:g} > 1 (each client drops at most once)")
+        return self
+
+
+class SecureAggregationConfig(Strict):
+    """The server learns only the sum of client updates: masking (sync) or a secure buffer (async)."""
+    degree: int | Literal["auto", "full"] = Field("auto", description="sync: 'full' = every pair of clients masks (Bonawitz et al.); 'auto' = SecAgg+ with ~4 log2(cohort) neighbours; or k neighbours (>= cohort - 1: full)")
+    threshold: int | None = Field(None, ge=1, description="sync: Shamir shares needed to recover a secret (default: a strict majority of a client's neighbourhood)")
+    clip: float | None = Field(None, gt=0, description="sync: fixed-point range [-clip, clip] per coordinate; larger values are clipped (default 1.0; with user-level DP: privacy.user_level.clip_norm)")
+    bits: Literal[32, 64] = Field(32, description="sync: ring Z_2^bits of the masked vectors (64: ~2^19 x finer quantisation, 2 x mask cost)")
+    max_weight: float | None = Field(None, gt=0, description="sync: public bound on a client's weight (default: the largest client's example count; 1 with uniform weighting)")
+    dropout: SecAggDropoutConfig | None = Field(None, description="sync: simulate clients dropping at each protocol stage")
+    max_norm: float | None = Field(None, gt=0, description="async: the buffer rejects updates of larger L2 norm (default: none; with user-level DP: clip_norm)")
+
+    @field_validator("degree", mode="before")
+    @classmethod
+    def _degree(cls, v):
+        if v in ("auto", "full") or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            return v
+        raise ValueError("must be 'auto', 'full' or a number of neighbours >= 1")
+
+
+def _secagg_neighbourhood(cohort: int, degree) -> tuple[int, int]:
+    """(neighbours per client, share holders per client) as flotilla.secure.SecAggConfig computes them."""
+    import math
+    if degree == "full":
+        return cohort - 1, cohort
+    if degree == "auto":
+        degree = min(2 * math.ceil(2 * math.log2(cohort)), cohort - 1) if cohort > 2 else cohort - 1
+    even = 2 * ((degree + 1) // 2)
+    return (even, even + 1) if even < cohort - 1 else (cohort - 1, cohort)
+
+
 class ExperimentConfig(Strict):
     # `async` is a Python keyword: the field is `async_`, the YAML key (alias) is `async`.
     model_config = ConfigDict(extra="forbid", validate_by_name=True, validate_by_alias=True, serialize_by_alias=True)
@@ -152,6 +198,7 @@ class ExperimentConfig(Strict):
     async_: AsyncConfig | None = Field(None, alias="async", description="mode async: FedBuff / FedAsync settings")
     network: NetworkConfig | None = Field(None, description="flotilla serve: TLS, device tokens, limits (see docs/deployment.md)")
     privacy: PrivacyConfig | None = Field(None, description="differential privacy (sample-level DP-SGD and/or user-level DP-FedAvg)")
+    secure_aggregation: SecureAggregationConfig | None = Field(None, description="secure aggregation: the server sees only sums of updates (see docs/security.md)")
 
     @model_validator(mode="after")
     def _fleet_fits(self):
@@ -207,6 +254,56 @@ class ExperimentConfig(Strict):
         return self
 
 
+    @model_validator(mode="after")
+    def _secure_aggregation_fits(self):
+        sa = self.secure_aggregation
+        if sa is None:
+            return self
+        if self.workers > 1:
+            raise ValueError("secure_aggregation: the protocol runs over the whole cohort in one process; set workers: 1")
+        if self.network is not None:
+            raise ValueError("secure_aggregation: not available in flotilla serve yet (simulation only); remove the "
+                             "network section or secure_aggregation")
+        u = self.privacy.user_level if self.privacy is not None else None
+        if u is not None and u.adaptive_clipping is not None:
+            raise ValueError("secure_aggregation: privacy.user_level.adaptive_clipping is not wired with secure "
+                             "aggregation (the noised count of unclipped updates would have to be aggregated securely "
+                             "too); use a fixed clip_norm")
+        given = sa.model_fields_set
+        if self.mode == "async":
+            if self.async_.algorithm != "fedbuff":
+                raise ValueError(f"secure_aggregation: async.algorithm={self.async_.algorithm} applies every update on its "
+                                 f"own, so the server would see single updates; use async.algorithm: fedbuff")
+            if self.async_.buffer_size < 2:
+                raise ValueError("secure_aggregation: async.buffer_size must be >= 2 (a released sum of one update is that update)")
+            sync_only = [k for k in ("degree", "threshold", "clip", "bits", "max_weight", "dropout") if k in given]
+            if sync_only:
+                raise ValueError(f"secure_aggregation.{sync_only[0]}: only used by sync masking; mode: async uses the "
+                                 f"secure buffer (keys: max_norm; K is async.buffer_size)")
+            return self
+        if self.fleet is not None:
+            raise ValueError("secure_aggregation: not wired for sync rounds on a simulated fleet (fleet section with "
+                             "mode: sync); remove fleet, or use mode: async (the secure buffer)")
+        if "max_norm" in given:
+            raise ValueError("secure_aggregation.max_norm: only for mode: async (the buffer sees plaintext inside); masked "
+                             "sync inputs cannot be inspected: bound norms client-side with privacy.user_level.clip_norm")
+        if u is not None and u.sampling == "poisson":
+            raise ValueError("secure_aggregation: privacy.user_level.sampling: poisson gives a cohort of random size; the "
+                             "protocol is set up for a fixed number of clients; use sampling: fixed")
+        if self.cohort < 2:
+            raise ValueError(f"secure_aggregation: needs cohort >= 2, got {self.cohort} (the sum of one update is that update)")
+        k, holders = _secagg_neighbourhood(self.cohort, sa.degree)
+        if sa.threshold is not None and sa.threshold > holders:
+            where = f"the cohort ({self.cohort})" if holders == self.cohort else \
+                f"a client's neighbourhood ({holders} share holders: itself and {k} neighbours)"
+            raise ValueError(f"secure_aggregation.threshold: {sa.threshold} is larger than {where}; no secret could "
+                             f"ever be reconstructed")
+        if sa.max_weight is not None and self.weighting == "uniform" and sa.max_weight < 1:
+            raise ValueError(f"secure_aggregation.max_weight: {sa.max_weight} is below 1, the weight of every client "
+                             f"with weighting: uniform")
+        return self
+
+
 # --- loading ------------------------------------------------------------------------------
 def _format(err: ValidationError) -> str:
     lines = []
@@ -222,7 +319,7 @@ def _format(err: ValidationError) -> str:
         given = f" (got {e['input']!r})" if e["type"] not in ("extra_forbidden", "missing") and not isinstance(e.get("input"), dict) else ""
         # A model_validator error names its own key: print it bare.
         if (msg.split(":")[0] in ("cohort", "async", "async.concurrency", "fleet.over_selection", "workers", "weighting")
-                or msg.startswith("privacy")) and key == "config":
+                or msg.startswith(("privacy", "secure_aggregation"))) and key == "config":
             lines.append(f"  {msg}")
         else:
             lines.append(f"  {key}: {msg}{given}")
