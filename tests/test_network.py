@@ -253,3 +253,25 @@ def test_devices_train_with_the_simulators_local_trainer(pki, tmp_path):
     assert [m["round"] for m in metrics] == [1, 2, 3, 4]
     assert metrics[-1]["train_loss"] < metrics[0]["train_loss"]
     assert (tmp_path / "s" / "model.safetensors").exists()
+
+
+def test_sync_round_closes_at_its_deadline_with_min_updates(pki, tmp_path):
+    with start_server(pki, tmp_path / "s", cohort=3, min_updates=2, round_deadline_s=0.6, assignment_timeout_s=30) as st:
+        w0 = st.server.coord.weights.clone()
+        conns = [connect(pki, st, i) for i in range(3)]
+        asg = [assignment(c) for c in conns]
+        conns[0].upload(asg[0], torch.full((NUMEL,), 0.1), 10)
+        time.sleep(1.0)
+        assert status(st)["version"] == 0            # deadline passed with 1 < min_updates: extended
+        conns[1].upload(asg[1], torch.full((NUMEL,), 0.3), 10)
+        for _ in range(40):                          # the next deadline closes it with 2 updates
+            if status(st)["version"] == 1:
+                break
+            time.sleep(0.05)
+        assert status(st)["version"] == 1
+        assert torch.allclose(st.server.coord.weights, w0 + 0.2)
+        with pytest.raises(Refused) as e:            # the straggler is late
+            conns[2].upload(asg[2], torch.zeros(NUMEL), 10)
+        assert "late" in str(e.value)
+        for c in conns:
+            c.close()

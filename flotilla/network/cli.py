@@ -9,7 +9,6 @@ Imports nothing heavy until a subcommand runs, so ``flotilla --help`` stays inst
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os

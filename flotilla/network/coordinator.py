@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from flotilla.core.aggregate import UpdateRejected, WeightedMean, check_update
-from flotilla.core.client import ClientSpec, client_seed
+from flotilla.core.client import client_seed
 from flotilla.core.fedbuff import FedBuff
 from flotilla.core.server_opt import ServerOptimizer
 from flotilla.core.staleness import Staleness
@@ -159,7 +159,6 @@ class Coordinator:
         weights: torch.Tensor,
         server_opt: ServerOptimizer,
         settings: CoordinatorSettings,
-        client_spec: ClientSpec,
         store: StateStore,
         *,
         aggregator=None,
@@ -171,7 +170,6 @@ class Coordinator:
         self.numel = weights.numel()
         self.server_opt = server_opt
         self.settings = settings
-        self.client_spec = client_spec
         self.store = store
         if aggregator is None:
             # validate=False: check_delta has already run check_update on every upload.
@@ -197,6 +195,7 @@ class Coordinator:
         # random, as the simulator draws from the eligible devices) rather than back to itself.
         self.cooldown: dict[str, float] = {}
         self.selected_round = -1
+        self._pruned_at = 0.0
         self.next_seq = 0
         self.examples_seen_total = 0
         self._recover()
@@ -247,7 +246,12 @@ class Coordinator:
                           f"model version {version} is no longer served (current {self.version}); check in again")
         return data
 
-    def _prune(self, now: float) -> None:
+    def _prune(self, now: float, force: bool = False) -> None:
+        """Drop expired assignments (freeing their slots), old cooldowns and unneeded versions;
+        at most every 0.1 s unless forced, since every check-in calls it."""
+        if not force and now - self._pruned_at < 0.1:
+            return
+        self._pruned_at = now
         for device, t in list(self.live.items()):
             if t.expires <= now:
                 del self.live[device]
@@ -453,7 +457,7 @@ class Coordinator:
         state.update({f"server_opt.{k}": v for k, v in self.server_opt.state.items()})
         self._served[self.version] = self._serialize()   # before any await: check-ins may hand it out
         await asyncio.get_running_loop().run_in_executor(None, self.store.step, self.version, entries, state, meta)
-        self._prune(self.clock())
+        self._prune(self.clock(), force=True)
         self.aggregator.reset()
         self.buffer = []
         self.round_started = self.clock()
@@ -478,7 +482,7 @@ class Coordinator:
 
     # -- status --------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
-        self._prune(self.clock())
+        self._prune(self.clock(), force=True)
         rejected = {k.removeprefix("rejected."): v for k, v in self.counters.items() if k.startswith("rejected.")}
         return {
             "mode": self.settings.mode,

@@ -112,24 +112,22 @@ class FlotillaServer:
             self.store.run_dir.write_config(config)
         weights = self.flat.flat.clone()
         self.coord = Coordinator(
-            weights, ServerOptimizer(server, self.flat.numel), settings, client, self.store,
+            weights, ServerOptimizer(server, self.flat.numel), settings, self.store,
             aggregator=aggregator, device_index=tokens.index, on_step=self._on_step,
         )
-        if self.store.run_dir.metrics_file.exists():
-            self.store.run_dir.truncate_metrics(self.coord.version)
+        # metrics written after the snapshot we resumed from are dropped (those steps are redone)
+        history = self.store.run_dir.truncate_metrics(self.coord.version) if self.store.run_dir.metrics_file.exists() else []
         self.limiter = RateLimiter(limits.rate, limits.burst)
-        self.latest_metrics: dict[str, Any] = {}
+        self.latest_metrics: dict[str, Any] = history[-1] if history else {}
         self.started = time.time()
-        self._history = self.store.run_dir.read_metrics()
-        self._wall = float(self._history[-1].get("wall_time_s", 0.0)) if self._history else 0.0
-        self._seen = float(self._history[-1].get("examples_seen", 0.0)) if self._history else 0.0
+        self._wall = float(history[-1].get("wall_time_s", 0.0)) if history else 0.0
+        self._seen = float(history[-1].get("examples_seen", 0.0)) if history else 0.0
         self._last_step_t = time.perf_counter()
         self._evaluator = ThreadPoolExecutor(1, thread_name_prefix="flotilla-eval")
         self._pending_records: list[asyncio.Future] = []
         self._server: grpc.aio.Server | None = None
         self._upload_slots: asyncio.Semaphore | None = None   # made on the serving loop
         self.port: int | None = None
-        self._finished = False
 
     # -- metrics (on the evaluation thread, in version order) --------------------------------
     def _on_step(self, record: dict[str, Any]) -> None:
@@ -141,13 +139,13 @@ class FlotillaServer:
         record.update(wall_time_s=round(self._wall, 4), examples_seen=self._seen,
                       accepted=c.counters["accepted"],
                       rejected=sum(v for k, v in c.counters.items() if k.startswith("rejected.")))
-        version = record["round"]
-        weights = c.weights.clone() if self.evaluate is not None and (version % self.eval_every == 0 or c.done) else None
-        fut = asyncio.get_running_loop().run_in_executor(self._evaluator, self._write_record, record, weights, c.done)
-        self._pending_records.append(fut)
+        evaluate = self.evaluate is not None and (record["round"] % self.eval_every == 0 or c.done)
+        weights = c.weights.clone() if evaluate or c.done else None
+        fut = asyncio.get_running_loop().run_in_executor(self._evaluator, self._write_record, record, weights, evaluate, c.done)
+        self._pending_records = [f for f in self._pending_records if not f.done()] + [fut]
 
-    def _write_record(self, record: dict[str, Any], weights: torch.Tensor | None, final: bool) -> None:
-        if weights is not None:
+    def _write_record(self, record: dict[str, Any], weights: torch.Tensor | None, evaluate: bool, final: bool) -> None:
+        if evaluate:
             record.update(self.evaluate(self.flat, weights))
         else:
             record.setdefault("loss", None)
@@ -155,7 +153,7 @@ class FlotillaServer:
         self.store.run_dir.append_metrics(record)
         self.latest_metrics = record
         if final:
-            self.flat.load(self.coord.weights)
+            self.flat.load(weights)
             self.store.run_dir.save_model(self.flat.named_views())
             log.info("training finished at version %d; final model in %s", record["round"], self.store.path / "model.safetensors")
 
@@ -411,10 +409,8 @@ def server_from_config(cfg, state_dir: str | Path | None = None) -> FlotillaServ
         raise ConfigError(f"invalid config:\n  {e}") from None
     task = build_task(cfg.task, cfg.seed)
     clients = eval_clients(task.dataset, cfg.eval.max_clients, cfg.seed)
-    evaluate_fn = None
-    if clients:
-        def evaluate_fn(flat: FlatModel, weights: torch.Tensor) -> dict[str, float]:
-            return evaluate(flat, weights, task.dataset, clients, task.loss_fn, cfg.eval.batch_size)
+    def evaluate_fn(flat: FlatModel, weights: torch.Tensor) -> dict[str, float]:
+        return evaluate(flat, weights, task.dataset, clients, task.loss_fn, cfg.eval.batch_size)
     c, s = cfg.client, cfg.server
     if state_dir is None:
         state_dir = net.state_dir or Path(cfg.output.dir) / (cfg.output.name or f"{cfg.task.name}-serve")
@@ -423,7 +419,7 @@ def server_from_config(cfg, state_dir: str | Path | None = None) -> FlotillaServ
         tokens=TokenTable.load(net.tokens), state_dir=state_dir, settings=settings,
         client=ClientSpec(c.epochs, c.steps, c.batch_size, c.lr, c.momentum, c.weight_decay),
         server=ServerOptimizerSpec(s.optimizer, s.lr, s.momentum, s.beta1, s.beta2, s.tau),
-        evaluate=evaluate_fn, eval_every=cfg.eval.every,
+        evaluate=evaluate_fn if clients else None, eval_every=cfg.eval.every,
         limits=Limits(int(net.max_message_mb * 2**20), net.chunk_kb * 1024, net.rate_limit, net.rate_burst),
         compression=net.compression, task=cfg.task.model_dump(mode="json"),
         config=cfg.model_dump(mode="json", by_alias=True), fsync=net.fsync, linger_s=net.linger_s,
