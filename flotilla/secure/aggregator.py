@@ -11,6 +11,7 @@ are removed through the survivors' shares.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -79,12 +80,16 @@ class SecureAggregator:
                 encoding; user-level DP's S). Counted in ``l2_clipped``.
     denominator: if set, ``result()`` divides the (noised) sum by this public number (DP-FedAvg's
                 expected cohort size) instead of the decoded weight sum.
+    session_seed: simulation only: derive each round's session id from (session_seed, round) instead
+                of os.urandom, so the SecAgg+ graph, and with dropouts whether a round aborts, replays
+                exactly.  Keys and masks stay random (they never change the sum).  A deployment keeps
+                the fresh random session.
     """
 
     def __init__(self, numel: int, cohort: int, *, clip: float = 1.0, max_weight: float = 1.0, bits: int = 32,
                  degree: int | str | None = None, threshold: int | None = None, dropout: DropoutSim | None = None,
                  noise_fn: Callable[[torch.Tensor], torch.Tensor] | None = None, validate: bool = True,
-                 l2_clip: float | None = None, denominator: float | None = None):
+                 l2_clip: float | None = None, denominator: float | None = None, session_seed: int | None = None):
         if not (math.isfinite(max_weight) and max_weight > 0):
             raise ValueError(f"max_weight: must be a positive finite number, got {max_weight}")
         if l2_clip is not None and not (math.isfinite(l2_clip) and l2_clip > 0):
@@ -103,6 +108,7 @@ class SecureAggregator:
         self.validate = validate
         self.l2_clip = l2_clip
         self.denominator = denominator
+        self.session_seed = session_seed
         self._prg = PRG(numel + 1, self.encoder.dtype)   # one keystream buffer shared by all simulated parties
         self._ring = np.empty(numel + 1, self.encoder.dtype)
         self._out = torch.zeros(numel)
@@ -137,8 +143,12 @@ class SecureAggregator:
 
     def _setup(self) -> None:
         """Rounds 0 and 1 for every slot (data-independent: a deployment runs them before training)."""
+        session = {}
+        if self.session_seed is not None:
+            session["session"] = hashlib.sha256(b"flotilla-sim-session" + int(self.session_seed).to_bytes(8, "big", signed=True)
+                                                + self.rounds.to_bytes(8, "big")).digest()[:16]
         cfg = SecAggConfig(length=self.numel + 1, cohort=self.cohort, bits=self.bits, degree=self.degree,
-                           threshold=self.threshold)
+                           threshold=self.threshold, **session)
         self._server = server = SecAggServer(cfg, self._prg)
         self._stages = self.dropout.draw(self.cohort, self.rounds)
         self.rounds += 1

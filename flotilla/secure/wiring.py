@@ -145,7 +145,8 @@ def _secure_sync(inner, private, spec: SecureAggregationSpec, user, default_samp
     if spec.max_norm is not None:
         raise ValueError("secure_aggregation.max_norm: only for the async secure buffer; masked sync inputs cannot be "
                          "inspected (bound norms client-side with privacy.user_level.clip_norm)")
-    common = dict(degree=spec.protocol_degree, threshold=spec.threshold, bits=spec.bits, dropout=spec.dropout)
+    common = dict(degree=spec.protocol_degree, threshold=spec.threshold, bits=spec.bits, dropout=spec.dropout,
+                  session_seed=inner.seed)   # the simulator replays rounds exactly (see SecureAggregator)
     if user is not None:
         if user.sampling == "poisson" or inner.sample_cohort is not default_sampler:
             raise ValueError("secure_aggregation: privacy.user_level.sampling: poisson gives a cohort of random size; "
