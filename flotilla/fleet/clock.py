@@ -75,7 +75,9 @@ class _Scheduler:
         """Consume candidates until one is idle and eligible now; its batch index, or None.
 
         Rejection sampling: the number of tries is sized so that missing an eligible device
-        when the fraction eligible-and-idle is ``f`` has probability ``exp(-40)``.
+        when the fraction eligible-and-idle is ``f`` has probability ``exp(-40)``.  With a
+        diurnal curve, eligibility is computed for the whole batch at once (vectorised) each
+        simulated hour, and only the eligible positions are visited.
         """
         av = self.av
         frac = 1.0 if av.always else av.fraction(self.now)
@@ -83,22 +85,36 @@ class _Scheduler:
         if frac <= 0.0 or free <= 0:
             return None
         limit = min(int(40.0 / (frac * free / self.size)) + 1, 10_000_000)
-        busy, always = self.busy, av.always
+        busy = self.busy
+        if av.always:
+            for _ in range(limit):
+                if self._i >= self._n:
+                    self._refill()
+                i = self._i
+                self._i = i + 1
+                if self._dev[i] not in busy:
+                    return i
+            return None
         hour = int(self.now // 3600.0)
-        for _ in range(limit):
+        tries = 0
+        while tries < limit:
             if self._i >= self._n:
                 self._refill()
-            i = self._i
-            self._i = i + 1
-            if self._dev[i] in busy:
+            if self._elig_hour != hour:
+                mask = av.eligible(self._dev_np[self._i:], self.now)
+                self._pos = (np.flatnonzero(mask) + self._i).tolist()
+                self._p = 0
+                self._elig_hour = hour
+            if self._p >= len(self._pos):  # no eligible candidate left in this batch
+                tries += self._n - self._i
+                self._i = self._n
                 continue
-            if not always:
-                if self._elig_hour != hour:
-                    self._elig = av.eligible(self._dev_np, self.now).tolist()
-                    self._elig_hour = hour
-                if not self._elig[i]:
-                    continue
-            return i
+            i = self._pos[self._p]
+            self._p += 1
+            tries += i - self._i + 1
+            self._i = i + 1
+            if self._dev[i] not in busy:
+                return i
         return None
 
     def _stall_check(self) -> None:

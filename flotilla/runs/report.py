@@ -13,14 +13,24 @@ def summarize(records: list[dict[str, Any]], config: dict[str, Any]) -> dict[str
     last = records[-1] if records else {}
     return {
         "task": config.get("task", {}).get("name", "?"),
-        "algorithm": config.get("mode", "sync") + "/" + config.get("server", {}).get("optimizer", "?"),
+        "algorithm": _algorithm(config),
         "rounds": last.get("round", 0),
         "final_acc": evals[-1]["accuracy"] if evals else None,
         "best_acc": max(r["accuracy"] for r in evals) if evals else None,
         "final_loss": evals[-1]["loss"] if evals else None,
         "wall_s": last.get("wall_time_s"),
         "sim_s": last.get("sim_time_s"),
+        "trips": last.get("trips"),
     }
+
+
+def _algorithm(config: dict[str, Any]) -> str:
+    """sync/fedavgm, sync-fleet/fedavgm, async/fedbuff+fedavg, async/fedasync."""
+    opt = config.get("server", {}).get("optimizer", "?")
+    if config.get("mode") == "async":
+        algo = (config.get("async") or {}).get("algorithm", "fedbuff")
+        return f"async/{algo}" if algo == "fedasync" else f"async/{algo}+{opt}"
+    return ("sync-fleet/" if config.get("fleet") else "sync/") + opt
 
 
 def _fmt(v: Any) -> str:

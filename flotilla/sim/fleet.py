@@ -184,56 +184,85 @@ class AsyncFleetSim(_FleetAlgorithm):
 
     # -- one server step --------------------------------------------------------------------
     def step(self) -> dict[str, Any]:
-        sched, c, mb = self.sched, self.c, self.model_bytes
+        # The hot loop of the simulator (100k+ trip ends per second with a null client): counters
+        # live in locals and are written back once per server step.
+        sched, c, server = self.sched, self.c, self.server
+        pop, fill, refs, snapshots = sched.pop, sched.fill, sched.refs, self.snapshots
+        hist, max_s, null, buffer_size = self.staleness_counts, self.max_staleness, self.null_client, self.buffer_size
         t_begin, area_begin = sched.now, sched.area
+        limit = _stall_limit(sched.concurrency)
         taus: list[int] = []
         loss_sum = seen = 0.0
-        limit = _stall_limit(sched.concurrency)
+        dropouts = uploads = wasted = stale = 0
+        wasted_s = 0.0
+        since = c.since_accept
         stepped = False
-        while not stepped:
-            t, _, tid, device, client, v0, t_start, dropped = sched.pop()
-            if dropped:
-                c.dropouts += 1
-                c.wasted_trips += 1
-                c.wasted_device_s += t - t_start
-                c.since_accept += 1
-            else:
-                c.uploads += 1
-                c.bytes_up += mb
-                tau = self.server.version - v0
-                if self.max_staleness is not None and tau > self.max_staleness:
-                    c.stale_discarded += 1
-                    c.wasted_trips += 1
-                    c.wasted_device_s += t - t_start
-                    c.since_accept += 1
+        try:
+            while not stepped:
+                t, _, tid, device, client, v0, t_start, dropped = pop()
+                if dropped:
+                    dropouts += 1
+                    wasted += 1
+                    wasted_s += t - t_start
+                    since += 1
                 else:
-                    applied, r_loss, r_seen = self._apply(tid, client, v0, tau)
-                    if applied is None:
-                        c.since_accept += 1
-                    else:
-                        c.since_accept = 0
+                    uploads += 1
+                    tau = server.version - v0
+                    if max_s is not None and tau > max_s:
+                        stale += 1
+                        wasted += 1
+                        wasted_s += t - t_start
+                        since += 1
+                    elif null:
+                        since = 0
                         taus.append(tau)
-                        self.staleness_counts[tau] = self.staleness_counts.get(tau, 0) + 1
-                        loss_sum += r_loss * r_seen
-                        seen += r_seen
-                        stepped = applied
-            self._release(v0)
-            if c.since_accept > limit:
-                raise FleetStalled(self._stall_message(limit))
-            sched.fill()
+                        hist[tau] = hist.get(tau, 0) + 1
+                        self._null_count += 1
+                        if self._null_count >= buffer_size:
+                            self._null_count = 0
+                            server.version += 1
+                            sched.version = server.version
+                            stepped = True
+                    else:
+                        applied, r_loss, r_seen = self._apply(tid, client, v0, tau)
+                        if applied is None:
+                            since += 1
+                            wasted += 1
+                            wasted_s += t - t_start
+                        else:
+                            since = 0
+                            taus.append(tau)
+                            hist[tau] = hist.get(tau, 0) + 1
+                            loss_sum += r_loss * r_seen
+                            seen += r_seen
+                            stepped = applied
+                if snapshots and v0 in snapshots and v0 not in refs:
+                    self._release(v0)
+                if since > limit:
+                    raise FleetStalled(self._stall_message(limit, dropouts, stale))
+                fill()
+        finally:
+            c.dropouts += dropouts
+            c.uploads += uploads
+            c.bytes_up += uploads * self.model_bytes
+            c.wasted_trips += wasted
+            c.wasted_device_s += wasted_s
+            c.stale_discarded += stale
+            c.since_accept = since
         self._evict_too_stale()
         self.round += 1
         dt = sched.now - t_begin
-        tau_np = np.asarray(taus)
+        n = len(taus)
+        ordered = sorted(taus)
         out = {
-            "round": self.round, "version": self.server.version, "updates": len(taus),
+            "round": self.round, "version": server.version, "updates": n,
             **self._common_metrics(sched),
             "stale_discarded": c.stale_discarded,
-            "staleness_mean": float(tau_np.mean()) if taus else None,
-            "staleness_p90": float(np.percentile(tau_np, 90)) if taus else None,
-            "staleness_max": int(tau_np.max()) if taus else None,
+            "staleness_mean": sum(taus) / n if n else None,
+            "staleness_p90": ordered[min(n - 1, int(0.9 * n))] if n else None,
+            "staleness_max": ordered[-1] if n else None,
             "concurrency": (sched.area - area_begin) / dt if dt > 0 else float(sched.in_flight),
-            "versions_in_memory": len(self.snapshots) + 1,
+            "versions_in_memory": len(snapshots) + 1,
             "train_loss": loss_sum / seen if seen else None,
             "examples_seen": seen,
         }
@@ -244,14 +273,6 @@ class AsyncFleetSim(_FleetAlgorithm):
         """Train the client lazily from version ``v0`` and hand its update to the server.
 
         Returns (stepped, loss, examples_seen); stepped is None when nothing was applied."""
-        if self.null_client:
-            self._null_count += 1
-            if self._null_count >= self.buffer_size:
-                self._null_count = 0
-                self.server.version += 1
-                self.sched.version = self.server.version
-                return True, 0.0, 0.0
-            return False, 0.0, 0.0
         start = self._start_weights(v0)
         r = self._train(tid, client, start)
         if r.num_examples == 0:
@@ -267,16 +288,16 @@ class AsyncFleetSim(_FleetAlgorithm):
                 res = self.server.submit(self.delta, start, v0, client)
         except UpdateRejected:
             self.c.rejected += 1
-            self.c.wasted_trips += 1
             return None, 0.0, 0.0
         if res.stepped:
             self.sched.version = self.server.version
         return res.stepped, r.loss, r.examples_seen
 
-    def _stall_message(self, limit: int) -> str:
+    def _stall_message(self, limit: int, dropouts: int = 0, stale: int = 0) -> str:
         c, av = self.c, self.fleet.availability
         return (f"fleet simulation stalled: {limit} client trips in a row ended without an update reaching the model "
-                f"(simulated time {self.sched.now:.0f} s; so far {c.dropouts} dropouts, {c.stale_discarded} too stale, "
+                f"(simulated time {self.sched.now:.0f} s; so far {c.dropouts + dropouts} dropouts, "
+                f"{c.stale_discarded + stale} too stale, "
                 f"{c.rejected} rejected). No client can finish: check fleet.availability.dropout ({av.dropout}), "
                 f"fleet.availability.session_s (sessions shorter than trips drop out) and async.max_staleness "
                 f"({self.max_staleness}).")
