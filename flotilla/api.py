@@ -170,9 +170,6 @@ def run_experiment(cfg: ExperimentConfig, run_dir: str | Path | None = None, res
         if rd.has_state():
             raise FileExistsError(f"{path} already holds a run; use --resume {path} or another output.name")
         rd.write_config(cfg.model_dump(mode="json"))
-    if cfg.mode == "async" and cfg.secure_aggregation is not None:  # FedBuff through the secure buffer
-        from flotilla.secure.fleet import run_secure_fleet_experiment
-        return run_secure_fleet_experiment(cfg, task, path, resume)
     if cfg.mode == "async" or cfg.fleet is not None:  # simulated fleet: FedBuff/FedAsync or sync with stragglers
         from flotilla.sim.fleet import run_fleet_experiment
         return run_fleet_experiment(cfg, task, path, resume)

@@ -484,6 +484,9 @@ def run_fleet_experiment(cfg, task, path, resume: bool):
         algorithm, rounds = with_privacy(cfg, task, lambda: build_fleet_algorithm(cfg, task))
     else:
         algorithm, rounds = build_fleet_algorithm(cfg, task), cfg.rounds
+    if getattr(cfg, "secure_aggregation", None) is not None:  # FedBuff's buffer inside the secure buffer (flotilla.secure)
+        from flotilla.secure.wiring import make_secure
+        make_secure(algorithm, cfg.secure_aggregation.model_dump())
     clients = eval_clients(task.dataset, cfg.eval.max_clients, cfg.seed)
     evaluate_fn = (lambda w: evaluate(algorithm.flat, w, task.dataset, clients, task.loss_fn, cfg.eval.batch_size)) if clients else None
     rd = RunDir(path)
