@@ -128,6 +128,7 @@ class SecureAggregator:
         self.dropped: dict = {}                           # client id -> stage it dropped at
         self.clipped = 0
         self.l2_clipped = 0                               # updates scaled down to l2_clip this round
+        self._timing0 = dict(self.timing)
 
     @property
     def config(self) -> SecAggConfig | None:
@@ -254,10 +255,13 @@ class SecureAggregator:
 
     # -- what a round loop records and checkpoints ---------------------------------------
     def round_metrics(self) -> dict[str, int]:
-        """This round's protocol outcome for the metrics record.  ``secagg_clipped`` (coordinates
+        """This round's protocol outcome and compute for the metrics record.  ``secagg_clipped`` (coordinates
         outside [-clip, clip]) and ``secagg_l2_clipped`` are simulator diagnostics: in a deployment
         they are known only to each client."""
-        out = {"secagg_updates": self.count, "secagg_dropped": len(self.dropped), "secagg_clipped": self.clipped}
+        out = {"secagg_updates": self.count, "secagg_dropped": len(self.dropped), "secagg_clipped": self.clipped,
+               # protocol compute this round (all simulated clients together / the server), seconds
+               "secagg_client_s": round(self.timing["client_s"] - self._timing0["client_s"], 4),
+               "secagg_server_s": round(self.timing["server_s"] - self._timing0["server_s"], 4)}
         if self.l2_clip is not None:
             out["secagg_l2_clipped"] = self.l2_clipped
         return out
