@@ -79,6 +79,9 @@ def test_fleet_runs_resume_and_report_by_simulated_time(tmp_path, capsys):
     sync = _run(tmp_path, "sync", {"fleet": {**FLEET, "deadline_s": 30.0}})
     last = [json.loads(x) for x in (sync / "metrics.jsonl").read_text().splitlines()][-1]
     assert last["trips"] == 6 * 6  # ceil(4 x 1.3) selected per round
+    # fleet.max_sim_time_s stops the run once the simulated clock passes it.
+    short = _run(tmp_path, "short", {**fedbuff, "fleet": {**FLEET, "max_sim_time_s": 1e-6}})
+    assert len((short / "metrics.jsonl").read_text().splitlines()) == 1
     capsys.readouterr()
     out = tmp_path / "sim.png"
     assert main(["report", str(a), str(fedasync), str(sync), "--x", "sim_time_s", "--out", str(out)]) == 0

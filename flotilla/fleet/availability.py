@@ -49,6 +49,7 @@ class Availability:
             raise ValueError(f"fleet.availability.dropout: must be in [0, 1), got {dropout}")
         self.population = population
         self.curve = check_curve(diurnal)
+        self.always = self.curve is None  # every device eligible at all times
         self.session = session
         self.dropout = float(dropout)
         spread = population.timezone_spread_h
@@ -57,10 +58,6 @@ class Availability:
             [1.0] * 24 if self.curve is None else [spread_fraction(self.curve, h, spread) for h in range(24)]
         )
         self._curve_np = None if self.curve is None else np.asarray(self.curve)
-
-    @property
-    def always(self) -> bool:
-        return self.curve is None
 
     def fraction(self, t: float) -> float:
         """Expected fraction of the fleet eligible at simulated time ``t``."""

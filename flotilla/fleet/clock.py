@@ -62,14 +62,28 @@ class _Scheduler:
 
     def _refill(self) -> None:
         k0 = self._k0 + self._i
-        b = self.fleet.trips(k0, self.batch)
-        self._k0, self._i, self._n = k0, 0, self.batch
-        self._dev_np = b.device
-        self._dev = b.device.tolist()
-        self._cli = b.client.tolist()
-        self._dur = b.duration.tolist()
-        self._drop = b.drop_at.tolist()
+        n = self.batch
+        self._k0, self._i, self._n = k0, 0, n
+        self._k_np = np.arange(k0, k0 + n, dtype=np.uint64)
+        self._dev_np = self.fleet.population.candidates(self._k_np)
+        self._dev = self._dev_np.tolist()
         self._elig_hour = None
+        if self.av.always:
+            b = self.fleet.durations.trips_for(self._k_np, self._dev_np)
+            self._cli, self._dur, self._drop = b.client.tolist(), b.duration.tolist(), b.drop_at.tolist()
+        else:
+            # Trip outcomes are computed only for candidates that are eligible when visited.
+            self._have = np.zeros(n, dtype=bool)
+            self._cli_np, self._dur_np, self._drop_np = np.zeros(n, dtype=np.int64), np.zeros(n), np.zeros(n)
+
+    def _outcomes(self, positions: np.ndarray) -> None:
+        new = positions[~self._have[positions]]
+        if len(new) == 0:
+            return
+        b = self.fleet.durations.trips_for(self._k_np[new], self._dev_np[new])
+        self._cli_np[new], self._dur_np[new], self._drop_np[new] = b.client, b.duration, b.drop_at
+        self._have[new] = True
+        self._cli, self._dur, self._drop = self._cli_np.tolist(), self._dur_np.tolist(), self._drop_np.tolist()
 
     def _eligible_index(self) -> int | None:
         """Consume candidates until one is idle and eligible now; its batch index, or None.
@@ -80,13 +94,15 @@ class _Scheduler:
         simulated hour, and only the eligible positions are visited.
         """
         av = self.av
-        frac = 1.0 if av.always else av.fraction(self.now)
+        always = av.always
+        hour = int(self.now // 3600.0)
+        frac = 1.0 if always else av.fraction_by_hour[hour % 24]
         free = self.size - len(self.busy)
         if frac <= 0.0 or free <= 0:
             return None
         limit = min(int(40.0 / (frac * free / self.size)) + 1, 10_000_000)
         busy = self.busy
-        if av.always:
+        if always:
             for _ in range(limit):
                 if self._i >= self._n:
                     self._refill()
@@ -95,14 +111,15 @@ class _Scheduler:
                 if self._dev[i] not in busy:
                     return i
             return None
-        hour = int(self.now // 3600.0)
         tries = 0
         while tries < limit:
             if self._i >= self._n:
                 self._refill()
             if self._elig_hour != hour:
                 mask = av.eligible(self._dev_np[self._i:], self.now)
-                self._pos = (np.flatnonzero(mask) + self._i).tolist()
+                pos = np.flatnonzero(mask) + self._i
+                self._outcomes(pos)
+                self._pos = pos.tolist()
                 self._p = 0
                 self._elig_hour = hour
             if self._p >= len(self._pos):  # no eligible candidate left in this batch

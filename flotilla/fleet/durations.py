@@ -84,9 +84,14 @@ class DurationModel:
         self.latency_s = float(latency_s)
 
     def trips(self, k0: int, n: int) -> TripBatch:
+        return self.trips_for(np.arange(k0, k0 + n, dtype=np.uint64))
+
+    def trips_for(self, k: np.ndarray, device: np.ndarray | None = None) -> TripBatch:
+        """Outcomes of candidates ``k`` (uint64 counters); ``device`` = their device ids if known."""
         pop, av = self.population, self.availability
-        k = np.arange(k0, k0 + n, dtype=np.uint64)
-        device = pop.candidates(k)
+        k = np.asarray(k, dtype=np.uint64)
+        n = len(k)
+        device = pop.candidates(k) if device is None else device
         client = pop.client_of(device)
         work = self.work[client]
         if self.per_example is not None:
