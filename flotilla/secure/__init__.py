@@ -3,6 +3,9 @@
 - ``SecureAggregator``: the sync aggregator interface over Bonawitz et al.'s protocol (SecAgg+ option).
 - ``SecureBuffer``: an enclave-style buffer for async (FedBuff) aggregation.
 - ``SecAggClient`` / ``SecAggServer``: the protocol's message-passing state machines.
+- ``flotilla.secure.wiring.make_secure`` / ``SecureAggregationSpec``: turn it on in SyncFedAvg or the
+  fleet simulator's FedBuff (``flotilla.secure.fedbuff.SecureFedBuff``), with or without user-level DP;
+  what the ``secure_aggregation:`` config section uses.
 See docs/security.md for the threat model.
 """
 from flotilla.secure.aggregator import DropoutSim, SecureAggregator
