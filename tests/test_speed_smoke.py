@@ -16,7 +16,7 @@ def test_speed_harness_smoke(tmp_path):
         assert r["rc"] == 0 and r["rounds"] == 2
         assert 0.0 <= r["accuracy"] <= 1.0
         assert r["wall_s"] > 0 and r["peak_mb"] > 10       # the tree was sampled
-    assert runs["flotilla-w2"]["max_procs"] >= 2           # a worker process really ran
+    assert runs["flotilla-w2"]["workers"] == 2 and runs["flotilla"]["workers"] == 1
     assert runs["raw"]["weights_sha"] == runs["flotilla"]["weights_sha"]
     assert runs["flotilla-w2"]["accuracy"] == pytest.approx(runs["flotilla"]["accuracy"], abs=0.02)
     report = (tmp_path / "speed-scale.json").read_text()
