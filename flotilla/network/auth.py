@@ -58,6 +58,11 @@ class TokenTable:
     def index(self, device: str) -> int:
         return self._index.get(device, 0)
 
+    @property
+    def devices(self) -> int:
+        """Enrolled devices (role 'device'): the population user-level DP accounts over."""
+        return sum(i.role == "device" for i in self._by_hash.values())
+
     def __len__(self) -> int:
         return len(self._by_hash)
 

@@ -165,6 +165,7 @@ class Coordinator:
         device_index: Callable[[str], int] = lambda device: 0,
         on_step: Callable[[dict[str, Any]], None] | None = None,
         clock: Callable[[], float] = time.time,
+        privacy=None,
     ):
         self.weights = weights
         self.numel = weights.numel()
@@ -177,6 +178,8 @@ class Coordinator:
                 self.numel, settings.buffer_size, settings.staleness, normalize=settings.normalize,
                 max_staleness=settings.max_staleness, validate=False)
         self.aggregator = aggregator
+        # User-level DP (flotilla.network.dp.NetworkPrivacy): epsilon, budget, mechanism state.
+        self.privacy = privacy
         self.device_index = device_index
         self.on_step = on_step
         self.clock = clock
@@ -216,6 +219,8 @@ class Coordinator:
             self.version = int(rec.meta["version"])
             self.counters.update(rec.meta.get("counters", {}))
             self.examples_seen_total = int(rec.meta.get("examples_seen", 0))
+            if self.privacy is not None:
+                self.privacy.load(rec.meta.get("dp", {}))
         self.next_seq = rec.next_seq
         self.aggregator.reset()
         for entry, delta in rec.pending:
@@ -234,8 +239,19 @@ class Coordinator:
 
     # -- what devices see -------------------------------------------------------------------
     @property
+    def step_limit(self) -> int:
+        """Server steps to run: total_steps, or fewer when the privacy budget allows fewer."""
+        s = self.settings.total_steps
+        return s if self.privacy is None else min(s, self.privacy.limit)
+
+    @property
     def done(self) -> bool:
-        return self.version >= self.settings.total_steps
+        return self.version >= self.step_limit
+
+    @property
+    def one_per_device(self) -> bool:
+        """User-level DP in async mode: a device contributes at most once per buffer."""
+        return self.privacy is not None and self.settings.mode == "async"
 
     def model_bytes(self, version: int) -> bytes:
         """The weights of ``version`` as bytes.  Versions are kept while an assignment needs them
@@ -287,6 +303,8 @@ class Coordinator:
         else:
             # One assignment per device at a time: asking again gives up the previous one.
             self.live.pop(device, None)
+            if self.one_per_device and any(e["device"] == device for e in self.buffer):
+                return s.retry_after_s   # DP: already in this buffer; wait for the release
             rest = self.cooldown.get(device, 0.0) - now
             if rest > 0:
                 return rest
@@ -353,7 +371,8 @@ class Coordinator:
             raise Refused("ALREADY_EXISTS", "replay",
                           f"upload refused: replayed nonce, assignment {ticket.id[:8]} was already accepted as update #{self.used[ticket.id][0]}")
         if self.done:
-            raise Refused("FAILED_PRECONDITION", "late", f"upload refused: training finished at version {self.version}")
+            why = " (privacy budget spent)" if self.privacy is not None and self.version >= self.privacy.limit else ""
+            raise Refused("FAILED_PRECONDITION", "late", f"upload refused: training finished at version {self.version}{why}")
         if ticket.expires <= self.clock():
             raise Refused("DEADLINE_EXCEEDED", "expired", f"upload refused: assignment {ticket.id[:8]} expired")
         staleness = self.version - ticket.version
@@ -365,6 +384,10 @@ class Coordinator:
                               f"upload refused: late, round {ticket.round} closed (the server is at round {self.version})")
             if any(e["device"] == ticket.device for e in self.buffer):
                 raise Refused("ALREADY_EXISTS", "replay", f"upload refused: device {ticket.device} already contributed to round {self.version}")
+        elif self.one_per_device and any(e["device"] == ticket.device for e in self.buffer):
+            raise Refused("ALREADY_EXISTS", "duplicate",
+                          f"upload refused: device {ticket.device} already has an update in this buffer "
+                          f"(user-level DP: one update per device per release)")
         elif self.settings.max_staleness is not None and staleness > self.settings.max_staleness:
             raise Refused("FAILED_PRECONDITION", "stale",
                           f"upload refused: stale, trained from version {ticket.version}, server is at {self.version} "
@@ -453,6 +476,8 @@ class Coordinator:
         seen = sum(int(e["examples_seen"]) for e in entries)
         self.examples_seen_total += seen
         meta = {"counters": dict(self.counters), "examples_seen": self.examples_seen_total}
+        if self.privacy is not None:
+            meta["dp"] = self.privacy.state()
         state = {"weights": self.weights}
         state.update({f"server_opt.{k}": v for k, v in self.server_opt.state.items()})
         self._served[self.version] = self._serialize()   # before any await: check-ins may hand it out
@@ -470,6 +495,9 @@ class Coordinator:
             "staleness_mean": sum(e["staleness"] for e in entries) / max(len(entries), 1),
             "staleness_max": max((e["staleness"] for e in entries), default=0),
         }
+        if self.privacy is not None:
+            dp = self.privacy.report(self.version)
+            record.update(epsilon=dp["epsilon"], delta=dp["delta"], clip_norm=dp["clip_norm"])
         log.info("step %d: %d updates, train_loss %.4f", self.version, len(entries), record["train_loss"])
         if self.on_step is not None:
             self.on_step(record)
@@ -489,6 +517,7 @@ class Coordinator:
             "version": self.version,
             "round": self.version,
             "total_steps": self.settings.total_steps,
+            "step_limit": self.step_limit,
             "done": self.done,
             "in_flight": len(self.live),
             "buffered": len(self.buffer),
@@ -498,4 +527,5 @@ class Coordinator:
             "assigned": self.counters["assigned"],
             "timed_out": self.counters["timed_out"],
             "weights_sha256": hashlib.sha256(self._served[self.version]).hexdigest(),
+            **({} if self.privacy is None else {"privacy": self.privacy.report(self.version)}),
         }

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from flotilla.core.client import ClientSpec
+from flotilla.core.fedbuff import FedBuff
 from flotilla.core.flat import FlatModel
 from flotilla.core.server_opt import ServerOptimizer, ServerOptimizerSpec
 from flotilla.network import wire
@@ -96,6 +97,8 @@ class FlotillaServer:
         config: dict[str, Any] | None = None,
         fsync: bool = True,
         linger_s: float = 5.0,
+        privacy=None,
+        accountant: str = "rdp",
     ):
         self.flat = FlatModel(model)
         self.tls = tls
@@ -111,9 +114,25 @@ class FlotillaServer:
         if config is not None and not (self.store.path / "config.yaml").exists():
             self.store.run_dir.write_config(config)
         weights = self.flat.flat.clone()
+        dp = None
+        if privacy is not None:
+            # User-level DP (flotilla.privacy.UserLevelSpec): DPFedAvg per round / DPFedBuff per buffer.
+            from flotilla.network.dp import NetworkPrivacy
+            if aggregator is not None:
+                raise ValueError("privacy: the DP aggregator replaces the aggregator; give one or the other")
+            if settings.weighting != "uniform":
+                raise ValueError("weighting: user-level DP needs weighting: uniform (example-count weights break the "
+                                 "per-device sensitivity bound clip_norm)")
+            dp = NetworkPrivacy(privacy, population=tokens.devices, mode=settings.mode, cohort=settings.cohort,
+                                buffer_size=settings.buffer_size, total_steps=settings.total_steps,
+                                accountant=accountant, seed=settings.seed)
+            fedbuff = None if settings.mode == "sync" else FedBuff(
+                self.flat.numel, settings.buffer_size, settings.staleness, normalize=settings.normalize,
+                max_staleness=settings.max_staleness, validate=False)
+            aggregator = dp.aggregator(self.flat.numel, fedbuff)
         self.coord = Coordinator(
             weights, ServerOptimizer(server, self.flat.numel), settings, self.store,
-            aggregator=aggregator, device_index=tokens.index, on_step=self._on_step,
+            aggregator=aggregator, device_index=tokens.index, on_step=self._on_step, privacy=dp,
         )
         # metrics written after the snapshot we resumed from are dropped (those steps are redone)
         history = self.store.run_dir.truncate_metrics(self.coord.version) if self.store.run_dir.metrics_file.exists() else []
@@ -191,6 +210,8 @@ class FlotillaServer:
         if result is None:
             reply.action = pb.CheckInReply.DONE
             reply.message = f"training finished at version {self.coord.version}"
+            if self.coord.privacy is not None and self.coord.version < self.coord.settings.total_steps:
+                reply.message += " (privacy budget spent)"
         elif isinstance(result, Ticket):
             reply.action = pb.CheckInReply.TRAIN
             a = reply.assignment
@@ -389,8 +410,19 @@ def server_from_config(cfg, state_dir: str | Path | None = None) -> FlotillaServ
                           "(set over-selection and deadlines under network:)")
     if cfg.mode == "async" and cfg.async_.algorithm != "fedbuff":
         raise ConfigError(f"invalid config:\n  async.algorithm: the network server runs fedbuff, not {cfg.async_.algorithm}")
+    user = None
     if cfg.privacy is not None:
-        raise ConfigError("invalid config:\n  privacy: not available in flotilla serve yet (simulation only)")
+        from flotilla.network.dp import network_user_level
+        from flotilla.privacy import PrivacyError, PrivacySpec
+        if cfg.privacy.sample_level is not None:
+            raise ConfigError("invalid config:\n  privacy.sample_level: DP-SGD runs on the devices, and the device SDK "
+                              "(flotilla join / flotilla.client.Device) trains without it; flotilla serve supports "
+                              "privacy.user_level only (server-side clipping and noise, see docs/deployment.md)")
+        try:
+            spec = PrivacySpec.from_dict(cfg.privacy.model_dump())
+            user = network_user_level(spec.user_level, "amplification" in cfg.privacy.user_level.model_fields_set)
+        except PrivacyError as e:
+            raise ConfigError(f"invalid config:\n  {e}") from None
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     a = cfg.async_
@@ -414,13 +446,24 @@ def server_from_config(cfg, state_dir: str | Path | None = None) -> FlotillaServ
     c, s = cfg.client, cfg.server
     if state_dir is None:
         state_dir = net.state_dir or Path(cfg.output.dir) / (cfg.output.name or f"{cfg.task.name}-serve")
+    try:
+        return _build_server(task, net, cfg, state_dir, settings, user, evaluate_fn if clients else None)
+    except ValueError as e:
+        if user is None or type(e).__name__ != "PrivacyError":
+            raise
+        raise ConfigError(f"invalid config:\n  {e}") from None
+
+
+def _build_server(task, net, cfg, state_dir, settings, user, evaluate_fn) -> FlotillaServer:
+    c, s = cfg.client, cfg.server
     return FlotillaServer(
         task.model, tls=TLSFiles(net.tls.cert, net.tls.key, net.tls.ca, net.tls.require_client_cert),
         tokens=TokenTable.load(net.tokens), state_dir=state_dir, settings=settings,
         client=ClientSpec(c.epochs, c.steps, c.batch_size, c.lr, c.momentum, c.weight_decay),
         server=ServerOptimizerSpec(s.optimizer, s.lr, s.momentum, s.beta1, s.beta2, s.tau),
-        evaluate=evaluate_fn if clients else None, eval_every=cfg.eval.every,
+        evaluate=evaluate_fn, eval_every=cfg.eval.every,
         limits=Limits(int(net.max_message_mb * 2**20), net.chunk_kb * 1024, net.rate_limit, net.rate_burst),
         compression=net.compression, task=cfg.task.model_dump(mode="json"),
         config=cfg.model_dump(mode="json", by_alias=True), fsync=net.fsync, linger_s=net.linger_s,
+        privacy=user, accountant=cfg.privacy.accountant if cfg.privacy is not None else "rdp",
     )

@@ -1,0 +1,163 @@
+"""User-level DP and the async secure buffer in network mode (in-process server over loopback TLS)."""
+from __future__ import annotations
+
+import json
+import math
+
+import grpc
+import pytest
+import torch
+
+from flotilla.client import Connection, Refused
+from flotilla.privacy import UserLevelSpec, epsilon
+from flotilla.network.auth import TokenTable
+from flotilla.network.coordinator import CoordinatorSettings
+from flotilla.network.server import FlotillaServer, ServerThread
+from tests.network_helpers import PKI, tiny_model
+
+NUMEL = 18  # nn.Linear(5, 3)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    return PKI(tmp_path_factory.mktemp("pki"), devices=4)
+
+
+def start_server(pki, state_dir, *, privacy=None, **settings) -> ServerThread:
+    """tests.network_helpers.start_server with the server's privacy argument."""
+    settings.setdefault("selection_window_s", 0.0)
+    return ServerThread(FlotillaServer(
+        tiny_model(), tls=pki.tls(), tokens=TokenTable.load(pki.paths["tokens_json"]), state_dir=state_dir,
+        settings=CoordinatorSettings(**settings), fsync=False, linger_s=0.0, privacy=privacy))
+
+
+def connect(pki, st, i=0) -> Connection:
+    return Connection(f"localhost:{st.port}", pki.token(i), ca=pki.ca)
+
+
+def status(st) -> dict:
+    return st.call(st.server.coord.status)
+
+
+def assignment(conn):
+    ci = conn.check_in(10)
+    assert ci.action == "train", ci
+    return ci.assignment
+
+
+def dp(**kw) -> UserLevelSpec:
+    kw.setdefault("delta", 1e-3)
+    kw.setdefault("amplification", False)
+    return UserLevelSpec(**kw)
+
+
+def test_sync_dp_clips_each_device_to_S_over_the_expected_cohort(pki, tmp_path):
+    S = 0.5
+    with start_server(pki, tmp_path / "s", cohort=2, over_selection=1.0, weighting="uniform", total_steps=3,
+                      privacy=dp(clip_norm=S, noise_multiplier=0.0)) as st:
+        w0 = st.server.coord.weights.clone()
+        conns = [connect(pki, st, i) for i in range(2)]
+        asg = [assignment(c) for c in conns]
+        huge = torch.full((NUMEL,), 1e4)
+        conns[0].upload(asg[0], huge, 10)
+        assert conns[1].upload(asg[1], torch.zeros(NUMEL), 10000) == (1, 1)   # example counts do not weigh
+        moved = st.server.coord.weights - w0
+        assert math.isclose(float(moved.norm()), S / 2, rel_tol=1e-5)          # ||clip(d)|| / expected cohort
+        assert torch.allclose(moved, huge / huge.norm() * S / 2, atol=1e-7)
+        assert status(st)["privacy"]["epsilon"] is None                         # z = 0: no guarantee, reported as such
+        for c in conns:
+            c.close()
+
+
+def test_sync_dp_reports_epsilon_growing_with_steps_and_stops_at_the_budget(pki, tmp_path):
+    z, d = 1.0, 1e-3
+    e1, e2, e3 = (epsilon(z, 1.0, t, d) for t in (1, 2, 3))   # q = 1: no amplification (the network default)
+    budget = (e2 + e3) / 2                                          # affords exactly two rounds
+    with start_server(pki, tmp_path / "s", cohort=2, over_selection=1.0, weighting="uniform", total_steps=10,
+                      privacy=dp(clip_norm=1.0, noise_multiplier=z, max_epsilon=budget, delta=d)) as st:
+        s0 = status(st)
+        assert s0["privacy"]["epsilon"] == 0.0 and s0["step_limit"] == 2 and s0["privacy"]["sample_rate"] == 1.0
+        conns = [connect(pki, st, i) for i in range(3)]
+        seen = []
+        for _ in range(2):
+            asg = [assignment(c) for c in conns[:2]]
+            for c, a in zip(conns, asg):
+                c.upload(a, torch.full((NUMEL,), 0.01), 10)
+            seen.append(status(st)["privacy"]["epsilon"])
+        assert seen == pytest.approx([e1, e2]) and e1 < e2 <= budget
+        end = status(st)
+        assert end["done"] and end["version"] == 2 and end["privacy"]["budget_spent"]
+        ci = conns[2].check_in(10)
+        assert ci.action == "done" and "privacy budget spent" in ci.message
+        for c in conns:
+            c.close()
+    records = [json.loads(x) for x in st.server.store.run_dir.metrics_file.read_text().splitlines()]
+    assert [r["epsilon"] for r in records] == pytest.approx([e1, e2])
+
+
+def test_budget_refuses_uploads_after_it_is_spent(pki, tmp_path):
+    z, d = 1.0, 1e-3
+    budget = (epsilon(z, 1.0, 1, d) + epsilon(z, 1.0, 2, d)) / 2    # one round only
+    with start_server(pki, tmp_path / "s", cohort=1, over_selection=1.0, weighting="uniform", total_steps=10,
+                      privacy=dp(clip_norm=1.0, noise_multiplier=z, max_epsilon=budget, delta=d)) as st:
+        c0, c1 = connect(pki, st, 0), connect(pki, st, 1)
+        a0 = assignment(c0)
+        c0.upload(a0, torch.full((NUMEL,), 0.01), 10)
+        before = status(st)
+        assert before["done"] and before["version"] == 1
+        with pytest.raises(Refused) as e:
+            c0.upload(a0, torch.full((NUMEL,), 0.01), 10)
+        assert e.value.code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ALREADY_EXISTS)
+        assert c1.check_in(10).action == "done"
+        after = status(st)
+        assert after["weights_sha256"] == before["weights_sha256"] and after["accepted"] == 1
+        c0.close()
+        c1.close()
+
+
+def test_async_dpfedbuff_clips_to_S_over_K_and_keeps_one_update_per_device(pki, tmp_path):
+    S = 0.5
+    with start_server(pki, tmp_path / "s", mode="async", concurrency=4, buffer_size=2, weighting="uniform",
+                      total_steps=3, retry_after_s=0.01, privacy=dp(clip_norm=S, noise_multiplier=0.0)) as st:
+        w0 = st.server.coord.weights.clone()
+        c0, c1 = connect(pki, st, 0), connect(pki, st, 1)
+        first, second = assignment(c0), assignment(c0)       # two valid tickets for one device
+        c0.upload(first, torch.full((NUMEL,), 1e4), 10)
+        before = status(st)
+        with pytest.raises(Refused) as e:
+            c0.upload(second, torch.full((NUMEL,), 1.0), 10)
+        assert e.value.code == grpc.StatusCode.ALREADY_EXISTS and "one update per device" in str(e.value)
+        after = status(st)
+        assert after["rejected_by_reason"] == {"duplicate": 1} and after["buffered"] == before["buffered"] == 1
+        assert c1.upload(assignment(c1), torch.zeros(NUMEL), 10) == (1, 1)
+        moved = st.server.coord.weights - w0
+        assert math.isclose(float(moved.norm()), S / 2, rel_tol=1e-5)        # clip(d) / K (staleness 0: s = 1)
+        assert status(st)["privacy"]["sample_rate"] == 1.0
+        c0.close()
+        c1.close()
+
+
+def test_serve_config_privacy_defaults_to_no_amplification_and_refuses_what_it_cannot_honour(tmp_path):
+    import yaml
+
+    from flotilla.config import ConfigError, load_config
+    from flotilla.network.server import server_from_config
+    keys = PKI(tmp_path / "pki", devices=4)
+    cfg = {"task": {"name": "fashion-mnist", "num_clients": 4, "examples_per_client": 5}, "rounds": 3, "cohort": 2,
+           "privacy": {"user_level": {"clip_norm": 1.0, "noise_multiplier": 1.0, "delta": 1e-3}},
+           "network": {"tls": {"cert": str(keys.paths["server_pem"]), "key": str(keys.paths["server_key"])},
+                       "tokens": str(keys.paths["tokens_json"])}}
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    server = server_from_config(load_config(path), state_dir=tmp_path / "a")
+    assert server.coord.privacy.plan.sample_rate == 1.0 and server.coord.settings.weighting == "uniform"
+    server.store.close()
+    server = server_from_config(load_config(path, ["privacy.user_level.amplification=true"]), state_dir=tmp_path / "b")
+    assert server.coord.privacy.plan.sample_rate == 0.5                        # cohort / enrolled devices, as asked
+    server.store.close()
+    with pytest.raises(ConfigError, match="privacy.sample_level: DP-SGD runs on the devices"):
+        server_from_config(load_config(path, ["privacy.sample_level={}"]), state_dir=tmp_path / "c")
+    with pytest.raises(ConfigError, match="sampling: poisson needs the server to draw"):
+        server_from_config(load_config(path, ["privacy.user_level.sampling=poisson"]), state_dir=tmp_path / "d")
+    with pytest.raises(ConfigError, match="delta"):
+        server_from_config(load_config(path, ["privacy.user_level.delta=0.3"]), state_dir=tmp_path / "e")
