@@ -23,12 +23,13 @@ def pki(tmp_path_factory):
     return PKI(tmp_path_factory.mktemp("pki"), devices=4)
 
 
-def start_server(pki, state_dir, *, privacy=None, **settings) -> ServerThread:
+def start_server(pki, state_dir, *, privacy=None, secure_buffer=False, linger_s=0.0, **settings) -> ServerThread:
     """tests.network_helpers.start_server with the server's privacy argument."""
     settings.setdefault("selection_window_s", 0.0)
     return ServerThread(FlotillaServer(
         tiny_model(), tls=pki.tls(), tokens=TokenTable.load(pki.paths["tokens_json"]), state_dir=state_dir,
-        settings=CoordinatorSettings(**settings), fsync=False, linger_s=0.0, privacy=privacy))
+        settings=CoordinatorSettings(**settings), fsync=False, linger_s=linger_s, privacy=privacy,
+        secure_buffer=secure_buffer))
 
 
 def connect(pki, st, i=0) -> Connection:
@@ -161,3 +162,105 @@ def test_serve_config_privacy_defaults_to_no_amplification_and_refuses_what_it_c
         server_from_config(load_config(path, ["privacy.user_level.sampling=poisson"]), state_dir=tmp_path / "d")
     with pytest.raises(ConfigError, match="delta"):
         server_from_config(load_config(path, ["privacy.user_level.delta=0.3"]), state_dir=tmp_path / "e")
+    cfg.pop("privacy")
+    cfg["secure_aggregation"] = {}
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ConfigError, match="4-round masking protocol"):
+        load_config(path)
+    server = server_from_config(load_config(path, ["mode=async", "async={buffer_size: 2}"]), state_dir=tmp_path / "f")
+    assert server.coord.sealed and server.coord.aggregator.buffer_size == 2
+    server.store.close()
+    with pytest.raises(ConfigError, match="with privacy is not wired in flotilla serve"):
+        load_config(path, ["mode=async", "privacy={user_level: {clip_norm: 1.0, noise_multiplier: 1.0}}"])
+
+
+def _two_buffers(pki, st) -> torch.Tensor:
+    """The same four updates, two buffers of K = 2 (one update with staleness 1); the final weights."""
+    c = [connect(pki, st, i) for i in range(4)]
+    a = [assignment(c[i]) for i in range(3)]                         # all from version 0
+    g = torch.Generator().manual_seed(5)
+    d = [torch.randn(NUMEL, generator=g) * 0.1 for _ in range(4)]
+    c[0].upload(a[0], d[0], 10)
+    assert c[1].upload(a[1], d[1], 30) == (1, 1)                     # first release
+    a3 = assignment(c[3])                                             # from version 1
+    c[2].upload(a[2], d[2], 20)                                       # staleness 1
+    assert c[3].upload(a3, d[3], 40) == (3, 2)                       # second release
+    for x in c:
+        x.close()
+    return st.server.coord.weights.clone()
+
+
+def test_async_secure_buffer_matches_plaintext_fedbuff(pki, tmp_path):
+    from flotilla.core.staleness import Staleness
+    kw = dict(mode="async", concurrency=4, buffer_size=2, total_steps=5, retry_after_s=0.01,
+              staleness=Staleness("polynomial", 0.5))
+    with start_server(pki, tmp_path / "plain", **kw) as st:
+        plain = _two_buffers(pki, st)
+    with start_server(pki, tmp_path / "sealed", secure_buffer=True, **kw) as st:
+        sealed = _two_buffers(pki, st)
+        s = status(st)
+        assert (s["version"], s["accepted"], s["rejected"]) == (2, 4, 0)
+    ledger = [json.loads(x) for x in (tmp_path / "sealed" / "ledger.jsonl").read_text().splitlines()]
+    assert [r["norm"] for r in ledger if r["event"] == "accepted"] == [None] * 4                  # the server never saw a delta
+    assert torch.allclose(sealed, plain, rtol=0, atol=1e-6)
+
+
+def test_async_secure_buffer_refuses_tampered_and_plaintext_uploads(pki, tmp_path):
+    from flotilla.secure.buffer import Assignment as BufferAssignment, seal_update
+    with start_server(pki, tmp_path / "s", mode="async", concurrency=4, buffer_size=2, total_steps=5,
+                      secure_buffer=True) as st:
+        c0 = connect(pki, st, 0)
+        a = assignment(c0)
+        assert len(a.buffer_key) == 32 and len(a.buffer_nonce) == 16 and a.id == a.buffer_nonce.hex()
+        before = status(st)
+        sealed = seal_update(torch.full((NUMEL,), 0.1), 10.0, BufferAssignment(a.device, a.version, a.buffer_nonce, a.buffer_key))
+        bad = bytearray(sealed.ciphertext)
+        bad[40] ^= 1
+        with pytest.raises(Refused) as e:
+            c0.upload_raw(a.ticket, a.version, "sealed", [NUMEL], bytes(bad), 10, ephemeral_pk=sealed.ephemeral_pk)
+        assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "tampered" in str(e.value).lower()
+        with pytest.raises(Refused) as e:                              # plaintext to a sealed server
+            c0.upload_raw(a.ticket, a.version, "float32", [NUMEL], torch.zeros(NUMEL).numpy(), 10)
+        assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "seal the update" in str(e.value)
+        after = status(st)
+        assert after["weights_sha256"] == before["weights_sha256"]
+        assert (after["buffered"], after["accepted"]) == (0, 0)
+        assert after["rejected_by_reason"] == {"tampered": 1, "dtype": 1}
+        assert st.server.coord.aggregator.count == 0
+        # The buffer is unchanged, so the genuine ciphertext for the same assignment still counts once.
+        assert c0.upload_raw(a.ticket, a.version, "sealed", [NUMEL], sealed.ciphertext, 10,
+                             ephemeral_pk=sealed.ephemeral_pk) == (0, 0)
+        with pytest.raises(Refused) as e:
+            c0.upload_raw(a.ticket, a.version, "sealed", [NUMEL], sealed.ciphertext, 10, ephemeral_pk=sealed.ephemeral_pk)
+        assert e.value.code == grpc.StatusCode.ALREADY_EXISTS
+        assert st.server.coord.aggregator.count == 1
+        c0.close()
+
+
+@pytest.mark.parametrize("mode", ["dp-sync", "sealed-async"])
+def test_sdk_devices_train_with_dp_or_the_secure_buffer(pki, tmp_path, mode):
+    """SDK devices (flotilla.client.Device) in threads run to the end unchanged: the assignment
+    tells them to seal, and DP is all on the server."""
+    import threading
+
+    from torch import nn
+
+    from flotilla.client import Device
+    from tests.helpers import synthetic_dataset
+    data = synthetic_dataset(num_clients=4, per_client=20)
+    kw = (dict(cohort=2, weighting="uniform", privacy=dp(clip_norm=1.0, noise_multiplier=0.5)) if mode == "dp-sync" else
+          dict(mode="async", concurrency=3, buffer_size=2, retry_after_s=0.05, secure_buffer=True))
+    with start_server(pki, tmp_path / "s", total_steps=3, linger_s=1.0, **kw) as st:
+        def device(i):
+            torch.manual_seed(i)
+            Device(f"localhost:{st.port}", pki.token(i), nn.Linear(5, 3), data, client=i, ca=pki.ca).run()
+        threads = [threading.Thread(target=device, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not any(t.is_alive() for t in threads)
+        s = status(st)
+    assert s["version"] == 3 and set(s["rejected_by_reason"]) <= {"late"}   # over-selection: late ones only
+    if mode == "dp-sync":
+        assert 0 < s["privacy"]["epsilon"] < math.inf

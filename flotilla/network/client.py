@@ -61,6 +61,10 @@ class Assignment:
     client: ClientSpec
     numel: int
     expires_in_s: float
+    device: str = ""                 # who the server says this device is (the sealed update names it)
+    buffer_key: bytes = b""          # async secure buffer: seal the update to this key ...
+    buffer_nonce: bytes = b""        # ... binding this single-use nonce
+    seal_weight: float = 0.0         # sealed weight: this, or num_examples when 0
 
 
 @dataclass
@@ -135,7 +139,8 @@ class Connection:
         if action == "train":
             x = r.assignment
             a = Assignment(x.assignment_id, x.ticket, x.version, x.round, x.seed,
-                           ClientSpec(**json.loads(x.client_json)), x.numel, x.expires_in_s)
+                           ClientSpec(**json.loads(x.client_json)), x.numel, x.expires_in_s,
+                           r.device_id, bytes(x.buffer_key), bytes(x.buffer_nonce), x.seal_weight)
         return CheckIn(action, a, r.retry_after_s, json.loads(r.task_json or "{}"), r.device_id, r.message)
 
     def download(self, version: int, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -166,17 +171,29 @@ class Connection:
 
     def upload(self, assignment: Assignment, delta: torch.Tensor, num_examples: int,
                train_loss: float = 0.0, examples_seen: int = 0, steps: int = 0) -> tuple[int, int]:
-        """Send ``delta`` (trained from ``assignment.version``); returns ``(ledger seq, server version)``."""
+        """Send ``delta`` (trained from ``assignment.version``); returns ``(ledger seq, server version)``.
+
+        When the assignment carries a secure buffer key, the delta is sealed to it
+        (:func:`flotilla.secure.seal_update`) and only the ciphertext leaves the device."""
+        if assignment.buffer_key:
+            from flotilla.secure.buffer import Assignment as BufferAssignment, seal_update
+            weight = assignment.seal_weight or float(num_examples)
+            sealed = seal_update(delta, weight, BufferAssignment(assignment.device, assignment.version,
+                                                                 assignment.buffer_nonce, assignment.buffer_key))
+            return self.upload_raw(assignment.ticket, assignment.version, "sealed", [int(delta.numel())],
+                                   sealed.ciphertext, num_examples, train_loss, examples_seen, steps,
+                                   ephemeral_pk=sealed.ephemeral_pk)
         data = delta.detach().contiguous().numpy()
         return self.upload_raw(assignment.ticket, assignment.version, str(data.dtype), list(delta.shape), data,
                                num_examples, train_loss, examples_seen, steps)
 
     def upload_raw(self, ticket: str, base_version: int, dtype: str, shape: list[int], data,
                    num_examples: int, train_loss: float = 0.0, examples_seen: int = 0, steps: int = 0,
-                   chunk_bytes: int | None = None) -> tuple[int, int]:
+                   chunk_bytes: int | None = None, ephemeral_pk: bytes = b"") -> tuple[int, int]:
         """Send any header and bytes (the protocol as is, for tests and other SDKs)."""
         header = pb.UploadHeader(ticket=ticket, base_version=base_version, dtype=dtype, shape=shape,
-                                 num_examples=num_examples, train_loss=train_loss, examples_seen=examples_seen, steps=steps)
+                                 num_examples=num_examples, train_loss=train_loss, examples_seen=examples_seen, steps=steps,
+                                 ephemeral_pk=ephemeral_pk)
 
         def parts():
             yield pb.UploadPart(header=header)

@@ -147,8 +147,10 @@ class Upload:
     num_examples: int
     train_loss: float
     examples_seen: int
-    delta: torch.Tensor
+    delta: torch.Tensor | None        # None for a sealed upload (the server cannot read it)
     norm: float
+    ephemeral_pk: bytes = b""         # sealed upload: the client's ephemeral X25519 key
+    ciphertext: bytes = b""           # sealed upload: what the secure buffer opens
 
 
 class Coordinator:
@@ -166,6 +168,7 @@ class Coordinator:
         on_step: Callable[[dict[str, Any]], None] | None = None,
         clock: Callable[[], float] = time.time,
         privacy=None,
+        sealed: bool = False,
     ):
         self.weights = weights
         self.numel = weights.numel()
@@ -180,6 +183,11 @@ class Coordinator:
         self.aggregator = aggregator
         # User-level DP (flotilla.network.dp.NetworkPrivacy): epsilon, budget, mechanism state.
         self.privacy = privacy
+        # Async secure buffer (flotilla.secure.fedbuff.SecureFedBuff): devices seal their update to
+        # the buffer's key; the server relays ciphertexts it cannot read; only sums of >= K leave.
+        self.sealed = sealed
+        if sealed and (settings.mode != "async" or not hasattr(aggregator, "secure")):
+            raise ValueError("secure_aggregation: the network server runs the secure buffer (a SecureFedBuff) in async mode only")
         self.device_index = device_index
         self.on_step = on_step
         self.clock = clock
@@ -223,7 +231,13 @@ class Coordinator:
                 self.privacy.load(rec.meta.get("dp", {}))
         self.next_seq = rec.next_seq
         self.aggregator.reset()
-        for entry, delta in rec.pending:
+        if self.sealed and rec.pending:
+            # The buffer's key pair lives only in memory (an enclave's sealed storage is out of scope):
+            # ciphertexts accepted before the restart cannot be opened by the new buffer.
+            log.warning("recovery: %d sealed updates buffered before the restart are lost (the secure buffer's key "
+                        "does not survive a restart); they are folded out at the next step", len(rec.pending))
+            self.counters["lost_on_restart"] += len(rec.pending)
+        for entry, delta in ([] if self.sealed else rec.pending):
             self._add(delta, entry)
             self.buffer.append(entry)
             self.used[entry["assignment"]] = (int(entry["seq"]), int(entry["base_version"]), float(entry["expires"]))
@@ -271,6 +285,7 @@ class Coordinator:
         for device, t in list(self.live.items()):
             if t.expires <= now:
                 del self.live[device]
+                self._cancel(t)
                 self.counters["timed_out"] += 1
                 log.info("assignment %s of %s timed out; its slot is free for another device", t.id[:8], device)
             elif self.settings.mode == "sync" and t.version != self.version:
@@ -302,7 +317,9 @@ class Coordinator:
                 return s.retry_after_s
         else:
             # One assignment per device at a time: asking again gives up the previous one.
-            self.live.pop(device, None)
+            given_up = self.live.pop(device, None)
+            if given_up is not None:
+                self._cancel(given_up)
             if self.one_per_device and any(e["device"] == device for e in self.buffer):
                 return s.retry_after_s   # DP: already in this buffer; wait for the release
             rest = self.cooldown.get(device, 0.0) - now
@@ -317,7 +334,9 @@ class Coordinator:
         # Sync: the simulator's seed for (round, client).  Async: a device may train several times
         # from one version, so each assignment gets its own seed (as each simulated trip does).
         nth = self.version if s.mode == "sync" else self.counters["assigned"]
-        ticket = Ticket(secrets.token_hex(16), device, self.version, self.version,
+        # Secure buffer: the buffer issues the single-use nonce, and it is the assignment id.
+        nonce = self.aggregator.secure.assign(device, self.version).nonce.hex() if self.sealed else secrets.token_hex(16)
+        ticket = Ticket(nonce, device, self.version, self.version,
                         client_seed(s.seed, nth, self.device_index(device)), now + s.assignment_timeout_s)
         self.live[device] = ticket
         self.counters["assigned"] += 1
@@ -336,6 +355,16 @@ class Coordinator:
         rng = np.random.default_rng([self.settings.seed, self.version, 0x5E1EC7])
         for i in sorted(rng.choice(len(pool), size=min(free, len(pool)), replace=False).tolist()):
             self._issue(pool[i], now)
+
+    def _cancel(self, ticket: Ticket) -> None:
+        """Secure buffer: forget the nonce of an assignment whose update will not come."""
+        if self.sealed:
+            from flotilla.secure.buffer import Assignment
+            self.aggregator.secure.cancel(Assignment(ticket.device, ticket.version, bytes.fromhex(ticket.id), b""))
+
+    def seal_info(self, ticket: Ticket) -> tuple[bytes, bytes]:
+        """(buffer public key, nonce) that a device seals its update to."""
+        return self.aggregator.secure.public_key, bytes.fromhex(ticket.id)
 
     def ticket_text(self, ticket: Ticket) -> str:
         return ticket.encode(self.secret)
@@ -356,8 +385,11 @@ class Coordinator:
         if base_version != ticket.version:
             raise Refused("INVALID_ARGUMENT", "version",
                           f"upload refused: it names model version {base_version} but assignment {ticket.id[:8]} was for version {ticket.version}")
-        if dtype != "float32":
-            raise Refused("INVALID_ARGUMENT", "dtype", f"upload refused: dtype {dtype!r}, expected 'float32'")
+        expected = "sealed" if self.sealed else "float32"
+        if dtype != expected:
+            why = (" (this server runs the secure buffer: seal the update to the buffer key sent with the assignment)"
+                   if self.sealed else "")
+            raise Refused("INVALID_ARGUMENT", "dtype", f"upload refused: dtype {dtype!r}, expected {expected!r}{why}")
         if list(shape) != [self.numel]:
             raise Refused("INVALID_ARGUMENT", "shape", f"upload refused: shape {tuple(shape)}, expected ({self.numel},)")
         if num_examples < 1 or (self.settings.max_examples is not None and num_examples > self.settings.max_examples):
@@ -426,10 +458,14 @@ class Coordinator:
                          "expires": up.ticket.expires, "version": self.version, "staleness": self.version - up.ticket.version,
                          "num_examples": up.num_examples, "weight": weight, "norm": round(up.norm, 6),
                          "train_loss": up.train_loss, "examples_seen": up.examples_seen, "file": name}
+                if self.sealed:
+                    entry["norm"] = None                 # the server cannot see it
+                    self._receive_sealed(up)             # the buffer opens, validates and adds, or refuses
                 attempted = True
                 await loop.run_in_executor(None, self.store.accept, entry)
                 self.next_seq += 1
-                self._add(up.delta, entry)
+                if not self.sealed:
+                    self._add(up.delta, entry)
                 self.buffer.append(entry)
                 self.used[up.ticket.id] = (seq, up.ticket.version, up.ticket.expires)
                 if (held := self.live.get(up.ticket.device)) is not None and held.id == up.ticket.id:
@@ -450,6 +486,28 @@ class Coordinator:
             self.aggregator.add(delta, float(entry["weight"]), entry["device"])
         elif self.aggregator.add(delta, float(entry["weight"]), int(entry["staleness"]), entry["device"]) == 0.0:
             raise RuntimeError(f"update #{entry['seq']} was dropped by the buffer as too stale after it was accepted")
+
+    def _receive_sealed(self, up: Upload) -> None:
+        """Relay a ciphertext into the secure buffer; its refusals leave the buffer unchanged."""
+        from flotilla.core.aggregate import UpdateRejected
+        from flotilla.secure.buffer import EncryptedUpdate
+        from flotilla.secure.errors import DuplicateContribution, ProtocolError, ReplayedMessage, TamperedMessage
+        t = up.ticket
+        sealed = EncryptedUpdate(t.device, t.version, bytes.fromhex(t.id), up.ephemeral_pk, up.ciphertext)
+        try:
+            self.aggregator.secure.receive(sealed, self.version)
+        except TamperedMessage as e:
+            raise Refused("INVALID_ARGUMENT", "tampered", f"upload refused: {e}") from None
+        except ReplayedMessage as e:
+            raise Refused("ALREADY_EXISTS", "replay", f"upload refused: {e}") from None
+        except ProtocolError as e:
+            raise Refused("FAILED_PRECONDITION", "unknown_assignment",
+                          f"upload refused: {e} (the assignment was given up, timed out or issued before a server "
+                          f"restart); check in again") from None
+        except DuplicateContribution as e:
+            raise Refused("ALREADY_EXISTS", "duplicate", f"upload refused: {e}") from None
+        except UpdateRejected as e:
+            raise Refused("INVALID_ARGUMENT", "invalid", f"upload refused: {e}") from None
 
     async def close_round_if_due(self) -> None:
         """Sync mode: apply a round whose deadline has passed, if it has ``min_updates``."""

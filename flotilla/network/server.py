@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -99,6 +100,8 @@ class FlotillaServer:
         linger_s: float = 5.0,
         privacy=None,
         accountant: str = "rdp",
+        secure_buffer: bool = False,
+        secure_max_norm: float | None = None,
     ):
         self.flat = FlatModel(model)
         self.tls = tls
@@ -130,9 +133,24 @@ class FlotillaServer:
                 self.flat.numel, settings.buffer_size, settings.staleness, normalize=settings.normalize,
                 max_staleness=settings.max_staleness, validate=False)
             aggregator = dp.aggregator(self.flat.numel, fedbuff)
+        if secure_buffer:
+            # Async only: devices seal updates to the buffer; sync SecAgg (the 4-round masking
+            # protocol) is not run over the network.
+            from flotilla.secure.fedbuff import SecureFedBuff
+            if settings.mode != "async":
+                raise ValueError("secure_aggregation: flotilla serve runs the async secure buffer only; synchronous "
+                                 "secure aggregation (the 4-round masking protocol) is not available over the network; "
+                                 "use mode: async, or the simulator")
+            if dp is not None or aggregator is not None:
+                raise ValueError("secure_aggregation: with privacy (or a custom aggregator) is not wired in flotilla serve "
+                                 "yet; the simulator runs the combination (docs/security.md)")
+            aggregator = SecureFedBuff(self.flat.numel, settings.buffer_size, settings.staleness,
+                                       version_fn=lambda: self.coord.version, normalize=settings.normalize,
+                                       max_staleness=settings.max_staleness, max_norm=secure_max_norm)
         self.coord = Coordinator(
             weights, ServerOptimizer(server, self.flat.numel), settings, self.store,
             aggregator=aggregator, device_index=tokens.index, on_step=self._on_step, privacy=dp,
+            sealed=secure_buffer,
         )
         # metrics written after the snapshot we resumed from are dropped (those steps are redone)
         history = self.store.run_dir.truncate_metrics(self.coord.version) if self.store.run_dir.metrics_file.exists() else []
@@ -218,6 +236,9 @@ class FlotillaServer:
             a.assignment_id, a.ticket, a.version, a.round = result.id, self.coord.ticket_text(result), result.version, result.round
             a.seed, a.client_json, a.numel = result.seed, self.client_json, self.coord.numel
             a.expires_in_s, a.model_bytes = max(0.0, result.expires - time.time()), 4 * self.coord.numel
+            if self.coord.sealed:
+                a.buffer_key, a.buffer_nonce = self.coord.seal_info(result)
+                a.seal_weight = 1.0 if self.coord.settings.weighting == "uniform" else 0.0   # 0: num_examples
         else:
             reply.action = pb.CheckInReply.WAIT
             reply.retry_after_s = float(result)
@@ -247,8 +268,11 @@ class FlotillaServer:
             ticket = c.check_header(who.device, h.ticket, h.base_version, h.dtype, list(h.shape), h.num_examples)
             # At most `upload_slots` deltas are held in memory at once, whatever the concurrency;
             # the other streams wait here, throttled by HTTP/2 flow control.
+            if c.sealed and len(h.ephemeral_pk) != 32:
+                raise Refused("INVALID_ARGUMENT", "tampered", "upload refused: a sealed upload needs the 32-byte ephemeral key")
             async with self._upload_slots:
-                size = 4 * c.numel
+                # sealed: AES-GCM nonce (12) + weight (8) + float32 delta + tag (16)
+                size = 4 * c.numel + (36 if c.sealed else 0)
                 buf = bytearray(size)
                 pos = 0
                 async for part in request_iterator:
@@ -264,11 +288,15 @@ class FlotillaServer:
                     # gets RESOURCE_EXHAUSTED "larger than max") and the stream looks cut short here.
                     raise Refused("INVALID_ARGUMENT", "truncated",
                                   f"upload refused: the stream ended after {pos} of the {size} bytes that shape ({c.numel},) float32 needs")
-                delta = torch.frombuffer(buf, dtype=torch.float32)
-                norm = c.check_delta(delta, who.device)
+                if c.sealed:   # the buffer validates what it opens; the server sees only ciphertext
+                    up = Upload(ticket, int(h.num_examples), float(h.train_loss), int(h.examples_seen), None, math.nan,
+                                bytes(h.ephemeral_pk), bytes(buf))
+                else:
+                    delta = torch.frombuffer(buf, dtype=torch.float32)
+                    norm = c.check_delta(delta, who.device)
+                    up = Upload(ticket, int(h.num_examples), float(h.train_loss), int(h.examples_seen), delta, norm)
                 # Shielded: a client hanging up must not cut a commit (or a server step) in half.
-                seq, version = await asyncio.shield(c.commit(
-                    Upload(ticket, int(h.num_examples), float(h.train_loss), int(h.examples_seen), delta, norm), buf))
+                seq, version = await asyncio.shield(c.commit(up, buf))
         except Refused as e:
             await self._refuse(context, e, who.device)
         return pb.UploadReply(seq=seq, version=version)
@@ -466,4 +494,6 @@ def _build_server(task, net, cfg, state_dir, settings, user, evaluate_fn) -> Flo
         compression=net.compression, task=cfg.task.model_dump(mode="json"),
         config=cfg.model_dump(mode="json", by_alias=True), fsync=net.fsync, linger_s=net.linger_s,
         privacy=user, accountant=cfg.privacy.accountant if cfg.privacy is not None else "rdp",
+        secure_buffer=cfg.secure_aggregation is not None,
+        secure_max_norm=cfg.secure_aggregation.max_norm if cfg.secure_aggregation is not None else None,
     )
