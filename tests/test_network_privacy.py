@@ -264,3 +264,28 @@ def test_sdk_devices_train_with_dp_or_the_secure_buffer(pki, tmp_path, mode):
     assert s["version"] == 3 and set(s["rejected_by_reason"]) <= {"late"}   # over-selection: late ones only
     if mode == "dp-sync":
         assert 0 < s["privacy"]["epsilon"] < math.inf
+
+
+def test_secure_buffer_restart_drops_the_enclaves_unreleased_updates_and_goes_on(pki, tmp_path):
+    """The buffer's key lives only in memory: after a restart, ciphertexts buffered before it are
+    lost (counted), old assignments are refused, and training continues with the new key."""
+    kw = dict(mode="async", concurrency=4, buffer_size=2, total_steps=5, secure_buffer=True)
+    with start_server(pki, tmp_path / "s", **kw) as st:
+        c0, c1 = connect(pki, st, 0), connect(pki, st, 1)
+        c0.upload(assignment(c0), torch.full((NUMEL,), 0.1), 10)
+        old = assignment(c1)
+        key = old.buffer_key
+    with start_server(pki, tmp_path / "s", **kw) as st:
+        s = status(st)
+        assert (s["version"], s["buffered"], st.server.coord.counters["lost_on_restart"]) == (0, 0, 1)
+        c1 = connect(pki, st, 1)
+        with pytest.raises(Refused) as e:
+            c1.upload(old, torch.full((NUMEL,), 0.1), 10)
+        assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION and "check in again" in str(e.value)
+        c0 = connect(pki, st, 0)
+        a0, a1 = assignment(c0), assignment(c1)
+        assert a0.buffer_key == a1.buffer_key != key
+        c0.upload(a0, torch.full((NUMEL,), 0.1), 10)
+        assert c1.upload(a1, torch.full((NUMEL,), 0.1), 10) == (2, 1)
+        c0.close()
+        c1.close()

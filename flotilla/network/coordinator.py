@@ -214,7 +214,7 @@ class Coordinator:
 
     # -- start-up ---------------------------------------------------------------------------
     def _recover(self) -> None:
-        rec = self.store.recover(self.numel)
+        rec = self.store.recover(self.numel, sealed=self.sealed)
         for line in rec.repairs:
             log.warning("recovery: %s", line)
         if rec.tensors is not None:

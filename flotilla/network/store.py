@@ -155,8 +155,9 @@ class StateStore:
                 break
         return out
 
-    def recover(self, numel: int) -> Recovered:
-        """Load the snapshot and the pending updates, repairing what a crash left half-done."""
+    def recover(self, numel: int, sealed: bool = False) -> Recovered:
+        """Load the snapshot and the pending updates, repairing what a crash left half-done.
+        ``sealed``: pending files are ciphertexts for the secure buffer; their deltas are ``None``."""
         repairs: list[str] = []
         tensors, meta = None, {}
         if self.snapshot_file.exists():
@@ -197,6 +198,9 @@ class StateStore:
             f = self.pending_dir / entry["file"]
             if not f.exists():
                 raise RuntimeError(f"{self.path}: ledger accepted update #{seq} but {f} is missing; cannot recover it")
+            if sealed:
+                pending.append((entry, None))
+                continue
             data = f.read_bytes()
             if len(data) != 4 * numel:
                 raise RuntimeError(f"{f}: {len(data)} bytes, expected {4 * numel} (float32 x {numel})")
