@@ -265,9 +265,6 @@ class ExperimentConfig(Strict):
             raise ValueError("secure_aggregation: flotilla serve runs the async secure buffer only (mode: async, FedBuff); "
                              "synchronous secure aggregation over the network (the 4-round masking protocol) is not "
                              "implemented; use mode: async, or run sync SecAgg in the simulator")
-        if self.network is not None and self.privacy is not None:
-            raise ValueError("secure_aggregation: with privacy is not wired in flotilla serve yet (the simulator runs "
-                             "the combination); remove one of them")
         u = self.privacy.user_level if self.privacy is not None else None
         if u is not None and u.adaptive_clipping is not None:
             raise ValueError("secure_aggregation: privacy.user_level.adaptive_clipping is not wired with secure "

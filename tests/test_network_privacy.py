@@ -170,8 +170,11 @@ def test_serve_config_privacy_defaults_to_no_amplification_and_refuses_what_it_c
     server = server_from_config(load_config(path, ["mode=async", "async={buffer_size: 2}"]), state_dir=tmp_path / "f")
     assert server.coord.sealed and server.coord.aggregator.buffer_size == 2
     server.store.close()
-    with pytest.raises(ConfigError, match="with privacy is not wired in flotilla serve"):
-        load_config(path, ["mode=async", "privacy={user_level: {clip_norm: 1.0, noise_multiplier: 1.0}}"])
+    both = load_config(path, ["mode=async", "async={buffer_size: 2}",
+                              "privacy={user_level: {clip_norm: 1.0, noise_multiplier: 1.0, delta: 0.001}}"])
+    server = server_from_config(both, state_dir=tmp_path / "g")
+    assert server.coord.sealed and server.coord.privacy.plan.sample_rate == 1.0
+    server.store.close()
 
 
 def _two_buffers(pki, st) -> torch.Tensor:
@@ -289,3 +292,38 @@ def test_secure_buffer_restart_drops_the_enclaves_unreleased_updates_and_goes_on
         assert c1.upload(a1, torch.full((NUMEL,), 0.1), 10) == (2, 1)
         c0.close()
         c1.close()
+
+
+def test_async_secure_buffer_with_dp_devices_clip_and_the_buffer_noises(pki, tmp_path):
+    S = 0.5
+    with start_server(pki, tmp_path / "s", mode="async", concurrency=4, buffer_size=2, total_steps=5, weighting="uniform",
+                      retry_after_s=0.01, secure_buffer=True, privacy=dp(clip_norm=S, noise_multiplier=0.0)) as st:
+        w0 = st.server.coord.weights.clone()
+        c0, c1 = connect(pki, st, 0), connect(pki, st, 1)
+        given_up, a0 = assignment(c0), assignment(c0)                # asking again gives the first one up
+        assert a0.clip_norm == S and a0.seal_weight == 1.0
+        c0.upload(a0, torch.full((NUMEL,), 1e4), 10)                  # the SDK clips before sealing
+        with pytest.raises(Refused) as e:
+            c0.upload(given_up, torch.full((NUMEL,), 1.0), 10)
+        assert e.value.code == grpc.StatusCode.ALREADY_EXISTS        # one update per device per release
+        assert c0.check_in(10).action == "wait"                       # ... so no new work until the release
+        assert c1.upload(assignment(c1), torch.zeros(NUMEL), 10) == (1, 1)
+        moved = st.server.coord.weights - w0
+        assert float(moved.norm()) <= S / 2 and math.isclose(float(moved.norm()), S / 2, rel_tol=1e-5)
+        s = status(st)
+        assert s["privacy"]["clip_norm"] == S and s["rejected_by_reason"] == {"duplicate": 1}
+    with start_server(pki, tmp_path / "t", mode="async", concurrency=4, buffer_size=2, total_steps=5, weighting="uniform",
+                      secure_buffer=True, privacy=dp(clip_norm=S, noise_multiplier=1.0)) as st:
+        c0 = connect(pki, st, 0)
+        a = assignment(c0)
+        unclipped = seal_raw(a, torch.full((NUMEL,), 1.0))             # a device that does not clip
+        with pytest.raises(Refused) as e:
+            c0.upload_raw(a.ticket, a.version, "sealed", [NUMEL], unclipped.ciphertext, 10, ephemeral_pk=unclipped.ephemeral_pk)
+        assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "max_norm" in str(e.value)
+        assert status(st)["privacy"]["epsilon"] == 0.0
+        c0.close()
+
+
+def seal_raw(a, delta):
+    from flotilla.secure.buffer import Assignment as BufferAssignment, seal_update
+    return seal_update(delta, 1.0, BufferAssignment(a.device, a.version, a.buffer_nonce, a.buffer_key))

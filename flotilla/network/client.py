@@ -65,6 +65,7 @@ class Assignment:
     buffer_key: bytes = b""          # async secure buffer: seal the update to this key ...
     buffer_nonce: bytes = b""        # ... binding this single-use nonce
     seal_weight: float = 0.0         # sealed weight: this, or num_examples when 0
+    clip_norm: float = 0.0           # > 0: clip the delta to this L2 norm before sealing (user-level DP)
 
 
 @dataclass
@@ -140,7 +141,7 @@ class Connection:
             x = r.assignment
             a = Assignment(x.assignment_id, x.ticket, x.version, x.round, x.seed,
                            ClientSpec(**json.loads(x.client_json)), x.numel, x.expires_in_s,
-                           r.device_id, bytes(x.buffer_key), bytes(x.buffer_nonce), x.seal_weight)
+                           r.device_id, bytes(x.buffer_key), bytes(x.buffer_nonce), x.seal_weight, x.clip_norm)
         return CheckIn(action, a, r.retry_after_s, json.loads(r.task_json or "{}"), r.device_id, r.message)
 
     def download(self, version: int, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -178,6 +179,10 @@ class Connection:
         if assignment.buffer_key:
             from flotilla.secure.buffer import Assignment as BufferAssignment, seal_update
             weight = assignment.seal_weight or float(num_examples)
+            if assignment.clip_norm > 0:   # as SecureFedBuff's clients: just under S, so float rounding stays <= S
+                norm = float(torch.linalg.vector_norm(delta, dtype=torch.float64))
+                if norm > assignment.clip_norm:
+                    delta = delta * (assignment.clip_norm * (1 - 1e-6) / norm)
             sealed = seal_update(delta, weight, BufferAssignment(assignment.device, assignment.version,
                                                                  assignment.buffer_nonce, assignment.buffer_key))
             return self.upload_raw(assignment.ticket, assignment.version, "sealed", [int(delta.numel())],

@@ -65,6 +65,24 @@ class NetworkPrivacy:
             self.mechanism = agg.mechanism
         return agg
 
+    def secure_aggregator(self, numel: int, settings, version_fn, max_norm: float | None = None):
+        """Async secure buffer with DP (as flotilla.secure.wiring wires the simulator): devices clip
+        to S before sealing, the buffer enforces ||d|| <= S, keeps one update per device per release
+        and adds N(0, (z S)^2) inside, before the sum leaves; the server divides by K."""
+        from flotilla.privacy import GaussianSumNoise
+        from flotilla.secure.fedbuff import SecureFedBuff
+        from flotilla.secure.wiring import SecureDPMechanism
+        u, p = self.user, self.plan
+        if u.adaptive_clipping is not None:
+            raise PrivacyError("secure_aggregation: privacy.user_level.adaptive_clipping is not wired with the secure buffer "
+                               "(the noised count of unclipped updates would have to come out of the buffer too); use a fixed clip_norm")
+        noise = GaussianSumNoise(u.clip_norm, p.noise_multiplier, seed=self.seed, secure_noise=True)
+        buf = SecureFedBuff(numel, settings.buffer_size, settings.staleness, version_fn=version_fn,
+                            normalize=settings.normalize, max_staleness=settings.max_staleness, max_norm=max_norm,
+                            dp_clip=u.clip_norm, noise_fn=noise)
+        self.mechanism = SecureDPMechanism(u.clip_norm, noise, lambda: buf.last_metrics)
+        return buf
+
     def epsilon(self, steps: int) -> float:
         p = self.plan
         return epsilon(p.noise_multiplier, p.sample_rate, steps, p.delta, self.accountant)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0eflotilla.proto\x12\x0bflotilla.v1";\n\x0eCheckInRequest\x12\x14\n\x0cnum_examples\x18\x01 \x01(\x03\x12\x13\n\x0bsdk_version\x18\x02 \x01(\t"\x93\x02\n\nAssignment\x12\x15\n\rassignment_id\x18\x01 \x01(\t\x12\x0e\n\x06ticket\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\r\n\x05round\x18\x04 \x01(\x03\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x13\n\x0bclient_json\x18\x06 \x01(\t\x12\x14\n\x0cexpires_in_s\x18\x07 \x01(\x01\x12\r\n\x05numel\x18\x08 \x01(\x03\x12\x13\n\x0bmodel_bytes\x18\t \x01(\x03\x12\x1d\n\nbuffer_key\x18\n \x01(\x0cR\tbufferKey\x12!\n\x0cbuffer_nonce\x18\x0b \x01(\x0cR\x0bbufferNonce\x12\x1f\n\x0bseal_weight\x18\x0c \x01(\x01R\nsealWeight"\xe4\x01\n\x0cCheckInReply\x120\n\x06action\x18\x01 \x01(\x0e2 .flotilla.v1.CheckInReply.Action\x12\x15\n\rretry_after_s\x18\x02 \x01(\x01\x12+\n\nassignment\x18\x03 \x01(\x0b2\x17.flotilla.v1.Assignment\x12\x11\n\ttask_json\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x11\n\tdevice_id\x18\x06 \x01(\t"\'\n\x06Action\x12\x08\n\x04WAIT\x10\x00\x12\t\n\x05TRAIN\x10\x01\x12\x08\n\x04DONE\x10\x02""\n\x0fDownloadRequest\x12\x0f\n\x07version\x18\x01 \x01(\x03"P\n\nModelChunk\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x03\x12\x0c\n\x04data\x18\x04 \x01(\x0c"\xc5\x01\n\x0cUploadHeader\x12\x0e\n\x06ticket\x18\x01 \x01(\t\x12\x14\n\x0cbase_version\x18\x02 \x01(\x03\x12\r\n\x05dtype\x18\x03 \x01(\t\x12\r\n\x05shape\x18\x04 \x03(\x03\x12\x14\n\x0cnum_examples\x18\x05 \x01(\x03\x12\x12\n\ntrain_loss\x18\x06 \x01(\x01\x12\x15\n\rexamples_seen\x18\x07 \x01(\x03\x12\r\n\x05steps\x18\x08 \x01(\x03\x12!\n\x0cephemeral_pk\x18\t \x01(\x0cR\x0bephemeralPk"Q\n\nUploadPart\x12+\n\x06header\x18\x01 \x01(\x0b2\x19.flotilla.v1.UploadHeaderH\x00\x12\x0e\n\x04data\x18\x02 \x01(\x0cH\x00B\x06\n\x04part"+\n\x0bUploadReply\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12\x0f\n\x07version\x18\x02 \x01(\x03"\x0f\n\rStatusRequest"\x1b\n\x0bStatusReply\x12\x0c\n\x04json\x18\x01 \x01(\t2\x91\x02\n\x08Flotilla\x12A\n\x07CheckIn\x12\x1b.flotilla.v1.CheckInRequest\x1a\x19.flotilla.v1.CheckInReply\x12C\n\x08Download\x12\x1c.flotilla.v1.DownloadRequest\x1a\x17.flotilla.v1.ModelChunk0\x01\x12=\n\x06Upload\x12\x17.flotilla.v1.UploadPart\x1a\x18.flotilla.v1.UploadReply(\x01\x12>\n\x06Status\x12\x1a.flotilla.v1.StatusRequest\x1a\x18.flotilla.v1.StatusReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0eflotilla.proto\x12\x0bflotilla.v1";\n\x0eCheckInRequest\x12\x14\n\x0cnum_examples\x18\x01 \x01(\x03\x12\x13\n\x0bsdk_version\x18\x02 \x01(\t"\xb0\x02\n\nAssignment\x12\x15\n\rassignment_id\x18\x01 \x01(\t\x12\x0e\n\x06ticket\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\r\n\x05round\x18\x04 \x01(\x03\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x13\n\x0bclient_json\x18\x06 \x01(\t\x12\x14\n\x0cexpires_in_s\x18\x07 \x01(\x01\x12\r\n\x05numel\x18\x08 \x01(\x03\x12\x13\n\x0bmodel_bytes\x18\t \x01(\x03\x12\x1d\n\nbuffer_key\x18\n \x01(\x0cR\tbufferKey\x12!\n\x0cbuffer_nonce\x18\x0b \x01(\x0cR\x0bbufferNonce\x12\x1f\n\x0bseal_weight\x18\x0c \x01(\x01R\nsealWeight\x12\x1b\n\tclip_norm\x18\r \x01(\x01R\x08clipNorm"\xe4\x01\n\x0cCheckInReply\x120\n\x06action\x18\x01 \x01(\x0e2 .flotilla.v1.CheckInReply.Action\x12\x15\n\rretry_after_s\x18\x02 \x01(\x01\x12+\n\nassignment\x18\x03 \x01(\x0b2\x17.flotilla.v1.Assignment\x12\x11\n\ttask_json\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x11\n\tdevice_id\x18\x06 \x01(\t"\'\n\x06Action\x12\x08\n\x04WAIT\x10\x00\x12\t\n\x05TRAIN\x10\x01\x12\x08\n\x04DONE\x10\x02""\n\x0fDownloadRequest\x12\x0f\n\x07version\x18\x01 \x01(\x03"P\n\nModelChunk\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x03\x12\x0c\n\x04data\x18\x04 \x01(\x0c"\xc5\x01\n\x0cUploadHeader\x12\x0e\n\x06ticket\x18\x01 \x01(\t\x12\x14\n\x0cbase_version\x18\x02 \x01(\x03\x12\r\n\x05dtype\x18\x03 \x01(\t\x12\r\n\x05shape\x18\x04 \x03(\x03\x12\x14\n\x0cnum_examples\x18\x05 \x01(\x03\x12\x12\n\ntrain_loss\x18\x06 \x01(\x01\x12\x15\n\rexamples_seen\x18\x07 \x01(\x03\x12\r\n\x05steps\x18\x08 \x01(\x03\x12!\n\x0cephemeral_pk\x18\t \x01(\x0cR\x0bephemeralPk"Q\n\nUploadPart\x12+\n\x06header\x18\x01 \x01(\x0b2\x19.flotilla.v1.UploadHeaderH\x00\x12\x0e\n\x04data\x18\x02 \x01(\x0cH\x00B\x06\n\x04part"+\n\x0bUploadReply\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12\x0f\n\x07version\x18\x02 \x01(\x03"\x0f\n\rStatusRequest"\x1b\n\x0bStatusReply\x12\x0c\n\x04json\x18\x01 \x01(\t2\x91\x02\n\x08Flotilla\x12A\n\x07CheckIn\x12\x1b.flotilla.v1.CheckInRequest\x1a\x19.flotilla.v1.CheckInReply\x12C\n\x08Download\x12\x1c.flotilla.v1.DownloadRequest\x1a\x17.flotilla.v1.ModelChunk0\x01\x12=\n\x06Upload\x12\x17.flotilla.v1.UploadPart\x1a\x18.flotilla.v1.UploadReply(\x01\x12>\n\x06Status\x12\x1a.flotilla.v1.StatusRequest\x1a\x18.flotilla.v1.StatusReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,25 +34,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHECKINREQUEST']._serialized_start=31
   _globals['_CHECKINREQUEST']._serialized_end=90
   _globals['_ASSIGNMENT']._serialized_start=93
-  _globals['_ASSIGNMENT']._serialized_end=368
-  _globals['_CHECKINREPLY']._serialized_start=371
-  _globals['_CHECKINREPLY']._serialized_end=599
-  _globals['_CHECKINREPLY_ACTION']._serialized_start=560
-  _globals['_CHECKINREPLY_ACTION']._serialized_end=599
-  _globals['_DOWNLOADREQUEST']._serialized_start=601
-  _globals['_DOWNLOADREQUEST']._serialized_end=635
-  _globals['_MODELCHUNK']._serialized_start=637
-  _globals['_MODELCHUNK']._serialized_end=717
-  _globals['_UPLOADHEADER']._serialized_start=720
-  _globals['_UPLOADHEADER']._serialized_end=917
-  _globals['_UPLOADPART']._serialized_start=919
-  _globals['_UPLOADPART']._serialized_end=1000
-  _globals['_UPLOADREPLY']._serialized_start=1002
-  _globals['_UPLOADREPLY']._serialized_end=1045
-  _globals['_STATUSREQUEST']._serialized_start=1047
-  _globals['_STATUSREQUEST']._serialized_end=1062
-  _globals['_STATUSREPLY']._serialized_start=1064
-  _globals['_STATUSREPLY']._serialized_end=1091
-  _globals['_FLOTILLA']._serialized_start=1094
-  _globals['_FLOTILLA']._serialized_end=1367
+  _globals['_ASSIGNMENT']._serialized_end=397
+  _globals['_CHECKINREPLY']._serialized_start=400
+  _globals['_CHECKINREPLY']._serialized_end=628
+  _globals['_CHECKINREPLY_ACTION']._serialized_start=589
+  _globals['_CHECKINREPLY_ACTION']._serialized_end=628
+  _globals['_DOWNLOADREQUEST']._serialized_start=630
+  _globals['_DOWNLOADREQUEST']._serialized_end=664
+  _globals['_MODELCHUNK']._serialized_start=666
+  _globals['_MODELCHUNK']._serialized_end=746
+  _globals['_UPLOADHEADER']._serialized_start=749
+  _globals['_UPLOADHEADER']._serialized_end=946
+  _globals['_UPLOADPART']._serialized_start=948
+  _globals['_UPLOADPART']._serialized_end=1029
+  _globals['_UPLOADREPLY']._serialized_start=1031
+  _globals['_UPLOADREPLY']._serialized_end=1074
+  _globals['_STATUSREQUEST']._serialized_start=1076
+  _globals['_STATUSREQUEST']._serialized_end=1091
+  _globals['_STATUSREPLY']._serialized_start=1093
+  _globals['_STATUSREPLY']._serialized_end=1120
+  _globals['_FLOTILLA']._serialized_start=1123
+  _globals['_FLOTILLA']._serialized_end=1396
 # @@protoc_insertion_point(module_scope)

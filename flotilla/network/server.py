@@ -129,10 +129,13 @@ class FlotillaServer:
             dp = NetworkPrivacy(privacy, population=tokens.devices, mode=settings.mode, cohort=settings.cohort,
                                 buffer_size=settings.buffer_size, total_steps=settings.total_steps,
                                 accountant=accountant, seed=settings.seed)
-            fedbuff = None if settings.mode == "sync" else FedBuff(
-                self.flat.numel, settings.buffer_size, settings.staleness, normalize=settings.normalize,
-                max_staleness=settings.max_staleness, validate=False)
-            aggregator = dp.aggregator(self.flat.numel, fedbuff)
+            if secure_buffer and settings.mode == "async":
+                aggregator = dp.secure_aggregator(self.flat.numel, settings, lambda: self.coord.version, secure_max_norm)
+            else:
+                fedbuff = None if settings.mode == "sync" else FedBuff(
+                    self.flat.numel, settings.buffer_size, settings.staleness, normalize=settings.normalize,
+                    max_staleness=settings.max_staleness, validate=False)
+                aggregator = dp.aggregator(self.flat.numel, fedbuff)
         if secure_buffer:
             # Async only: devices seal updates to the buffer; sync SecAgg (the 4-round masking
             # protocol) is not run over the network.
@@ -141,10 +144,9 @@ class FlotillaServer:
                 raise ValueError("secure_aggregation: flotilla serve runs the async secure buffer only; synchronous "
                                  "secure aggregation (the 4-round masking protocol) is not available over the network; "
                                  "use mode: async, or the simulator")
-            if dp is not None or aggregator is not None:
-                raise ValueError("secure_aggregation: with privacy (or a custom aggregator) is not wired in flotilla serve "
-                                 "yet; the simulator runs the combination (docs/security.md)")
-            aggregator = SecureFedBuff(self.flat.numel, settings.buffer_size, settings.staleness,
+            if dp is None and aggregator is not None:
+                raise ValueError("secure_aggregation: the secure buffer replaces the aggregator; give one or the other")
+            aggregator = aggregator if dp is not None else SecureFedBuff(self.flat.numel, settings.buffer_size, settings.staleness,
                                        version_fn=lambda: self.coord.version, normalize=settings.normalize,
                                        max_staleness=settings.max_staleness, max_norm=secure_max_norm)
         self.coord = Coordinator(
@@ -239,6 +241,8 @@ class FlotillaServer:
             if self.coord.sealed:
                 a.buffer_key, a.buffer_nonce = self.coord.seal_info(result)
                 a.seal_weight = 1.0 if self.coord.settings.weighting == "uniform" else 0.0   # 0: num_examples
+                if self.coord.privacy is not None:
+                    a.clip_norm = self.coord.privacy.user.clip_norm   # the buffer refuses larger norms
         else:
             reply.action = pb.CheckInReply.WAIT
             reply.retry_after_s = float(result)
