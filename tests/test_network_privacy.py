@@ -327,3 +327,13 @@ def test_async_secure_buffer_with_dp_devices_clip_and_the_buffer_noises(pki, tmp
 def seal_raw(a, delta):
     from flotilla.secure.buffer import Assignment as BufferAssignment, seal_update
     return seal_update(delta, 1.0, BufferAssignment(a.device, a.version, a.buffer_nonce, a.buffer_key))
+
+
+def test_secure_buffer_enforces_the_networks_max_update_norm(pki, tmp_path):
+    with start_server(pki, tmp_path / "s", mode="async", concurrency=4, buffer_size=2, total_steps=5,
+                      secure_buffer=True, max_update_norm=1.0) as st:
+        with connect(pki, st, 0) as c0:
+            with pytest.raises(Refused) as e:
+                c0.upload(assignment(c0), torch.full((NUMEL,), 1.0), 10)     # norm sqrt(18) > 1
+            assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "max_norm" in str(e.value)
+            assert c0.upload(assignment(c0), torch.full((NUMEL,), 0.1), 10) == (0, 0)

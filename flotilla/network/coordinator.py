@@ -22,6 +22,11 @@ version, round, expiry), so uploads for assignments issued before a server resta
 Replays are refused from the set of nonces already accepted within the staleness window (older
 tickets are refused as stale anyway), so that memory is bounded by concurrency, not population.
 
+User-level DP (``privacy``, :mod:`flotilla.network.dp`): the aggregator is the privacy package's
+DPFedAvg (sync) or DPFedBuff (async); epsilon is reported by step and ``done`` comes at the
+budget.  Secure buffer (``sealed``, async only): the aggregator is a SecureFedBuff, assignment ids
+are the buffer's nonces, and uploads are ciphertexts relayed into it (:meth:`_receive_sealed`).
+
 Every upload is checked before it touches state: ticket signature and owner, expiry, replayed
 nonce, version (named by the upload, must match the ticket; within the staleness limit), dtype,
 shape, number of examples, finite values, norm bound.  A refusal is counted under its reason and

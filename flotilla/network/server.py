@@ -148,7 +148,9 @@ class FlotillaServer:
                 raise ValueError("secure_aggregation: the secure buffer replaces the aggregator; give one or the other")
             aggregator = aggregator if dp is not None else SecureFedBuff(self.flat.numel, settings.buffer_size, settings.staleness,
                                        version_fn=lambda: self.coord.version, normalize=settings.normalize,
-                                       max_staleness=settings.max_staleness, max_norm=secure_max_norm)
+                                       max_staleness=settings.max_staleness,
+                                       # the server cannot see norms of sealed updates: the buffer checks them
+                                       max_norm=secure_max_norm if secure_max_norm is not None else settings.max_update_norm)
         self.coord = Coordinator(
             weights, ServerOptimizer(server, self.flat.numel), settings, self.store,
             aggregator=aggregator, device_index=tokens.index, on_step=self._on_step, privacy=dp,
