@@ -17,7 +17,6 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from flotilla.runs.plot import plot_runs
 from flotilla.runs.rundir import RunDir
 
 EvalFn = Callable[[torch.Tensor], dict[str, float]]
@@ -120,4 +119,6 @@ class Runner:
             return
         self.algorithm.flat.load(self.algorithm.weights)
         self.run_dir.save_model(self.algorithm.flat.named_views())
+        from flotilla.runs.plot import plot_runs  # matplotlib costs ~0.6 s: import only when plotting
+
         plot_runs({self.run_dir.path.name: self.history}, self.run_dir.path / "plot.png")

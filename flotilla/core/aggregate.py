@@ -29,7 +29,8 @@ def check_update(delta: torch.Tensor, numel: int, where: str = "update") -> None
         raise UpdateRejected(f"{where}: dtype {delta.dtype}, expected torch.float32")
     if delta.dim() != 1 or delta.numel() != numel:
         raise UpdateRejected(f"{where}: shape {tuple(delta.shape)}, expected ({numel},)")
-    if not bool(torch.isfinite(delta).all()):
+    # Fast path: a NaN or inf anywhere makes the sum non-finite; only then count exactly.
+    if not bool(torch.isfinite(delta.sum())) and not bool(torch.isfinite(delta).all()):
         bad = int((~torch.isfinite(delta)).sum())
         raise UpdateRejected(f"{where}: {bad} non-finite values (NaN or inf)")
 
