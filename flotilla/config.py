@@ -262,9 +262,18 @@ class ExperimentConfig(Strict):
         if self.workers > 1:
             raise ValueError("secure_aggregation: the protocol runs over the whole cohort in one process; set workers: 1")
         if self.network is not None and self.mode != "async":
-            raise ValueError("secure_aggregation: flotilla serve runs the async secure buffer only (mode: async, FedBuff); "
-                             "synchronous secure aggregation over the network (the 4-round masking protocol) is not "
-                             "implemented; use mode: async, or run sync SecAgg in the simulator")
+            # flotilla serve runs the 4-round masking protocol between devices (flotilla.network.secagg)
+            if sa.dropout is not None:
+                raise ValueError("secure_aggregation.dropout: simulates dropouts in the simulator; real devices drop "
+                                 "out by themselves in flotilla serve; remove it")
+            if self.privacy is not None:
+                raise ValueError("secure_aggregation: flotilla serve does not combine sync masking with privacy (the "
+                                 "server would have to noise a sum it only sees unmasked); use mode: async (the "
+                                 "secure buffer with DP), or the simulator")
+            if self.weighting != "uniform" and sa.max_weight is None and self.network.max_examples is None:
+                raise ValueError("secure_aggregation.max_weight: flotilla serve needs a public bound on a device's "
+                                 "weight with weighting: examples (set max_weight or network.max_examples), or use "
+                                 "weighting: uniform")
         u = self.privacy.user_level if self.privacy is not None else None
         if u is not None and u.adaptive_clipping is not None:
             raise ValueError("secure_aggregation: privacy.user_level.adaptive_clipping is not wired with secure "

@@ -66,6 +66,7 @@ class Assignment:
     buffer_nonce: bytes = b""        # ... binding this single-use nonce
     seal_weight: float = 0.0         # sealed weight: this, or num_examples when 0
     clip_norm: float = 0.0           # > 0: clip the delta to this L2 norm before sealing (user-level DP)
+    secagg: bool = False             # sync secure aggregation: run the masking protocol instead of uploading
 
 
 @dataclass
@@ -119,6 +120,7 @@ class Connection:
         self._download = self.channel.unary_stream(wire.DOWNLOAD, ser, pb.ModelChunk.FromString)
         self._upload = self.channel.stream_unary(wire.UPLOAD, ser, pb.UploadReply.FromString)
         self._status = self.channel.unary_unary(wire.STATUS, ser, pb.StatusReply.FromString)
+        self._secagg = self.channel.unary_unary(wire.SECAGG_STEP, None, None)
 
     def close(self) -> None:
         self.channel.close()
@@ -141,7 +143,8 @@ class Connection:
             x = r.assignment
             a = Assignment(x.assignment_id, x.ticket, x.version, x.round, x.seed,
                            ClientSpec(**json.loads(x.client_json)), x.numel, x.expires_in_s,
-                           r.device_id, bytes(x.buffer_key), bytes(x.buffer_nonce), x.seal_weight, x.clip_norm)
+                           r.device_id, bytes(x.buffer_key), bytes(x.buffer_nonce), x.seal_weight, x.clip_norm,
+                           r.message == "secagg")
         return CheckIn(action, a, r.retry_after_s, json.loads(r.task_json or "{}"), r.device_id, r.message)
 
     def download(self, version: int, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -175,7 +178,12 @@ class Connection:
         """Send ``delta`` (trained from ``assignment.version``); returns ``(ledger seq, server version)``.
 
         When the assignment carries a secure buffer key, the delta is sealed to it
-        (:func:`flotilla.secure.seal_update`) and only the ciphertext leaves the device."""
+        (:func:`flotilla.secure.seal_update`) and only the ciphertext leaves the device.  When it says
+        ``secagg`` (sync secure aggregation), the delta enters the masking protocol
+        (:func:`flotilla.network.secagg.run_device`) and only a masked vector leaves the device;
+        returns ``(-1, version after the round)``."""
+        if assignment.secagg:
+            return -1, self.secagg_round(assignment, delta, num_examples, train_loss, examples_seen)
         if assignment.buffer_key:
             from flotilla.secure.buffer import Assignment as BufferAssignment, seal_update
             weight = assignment.seal_weight or float(num_examples)
@@ -209,6 +217,24 @@ class Connection:
         except grpc.RpcError as e:
             raise _refused(e) from None
         return r.seq, r.version
+
+    def secagg_call(self, request: dict[str, Any]) -> dict[str, Any]:
+        """One SecAggStep request (JSON both ways)."""
+        try:
+            return json.loads(self._secagg(json.dumps(request).encode(), metadata=self.metadata, timeout=self.timeout_s))
+        except grpc.RpcError as e:
+            raise _refused(e) from None
+
+    def secagg_round(self, assignment: Assignment, delta: torch.Tensor, num_examples: int, train_loss: float = 0.0,
+                     examples_seen: int = 0, stop_after: str | None = None) -> int:
+        """This device's part of a sync secure round; the server's version afterwards.  An aborted
+        round raises Refused(ABORTED)."""
+        from flotilla.network.secagg import RoundAborted, run_device
+        try:
+            return run_device(self.secagg_call, assignment.ticket, delta, float(num_examples), num_examples,
+                              train_loss, examples_seen, stop_after=stop_after)
+        except RoundAborted as e:
+            raise Refused(grpc.StatusCode.ABORTED, str(e)) from None
 
     def status(self) -> dict[str, Any]:
         try:

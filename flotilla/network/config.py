@@ -36,6 +36,7 @@ class NetworkConfig(_Strict):
     # sync rounds
     over_selection: float = Field(1.3, ge=1, description="sync: hand out up to ceil(cohort x this) assignments per round; late results are refused")
     selection_window_s: float = Field(1.0, ge=0, description="sync: collect check-ins this long, then draw the round's devices uniformly")
+    secagg_stage_s: float = Field(30.0, gt=0, description="sync secure aggregation: a protocol stage closes this long after it opened (devices that have not answered dropped out)")
     round_deadline_s: float | None = Field(None, gt=0, description="sync: close a round after this many seconds if min_updates arrived")
     min_updates: int = Field(1, ge=1, description="sync: updates a round needs to close at its deadline")
     # both modes

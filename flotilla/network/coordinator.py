@@ -26,6 +26,9 @@ User-level DP (``privacy``, :mod:`flotilla.network.dp`): the aggregator is the p
 DPFedAvg (sync) or DPFedBuff (async); epsilon is reported by step and ``done`` comes at the
 budget.  Secure buffer (``sealed``, async only): the aggregator is a SecureFedBuff, assignment ids
 are the buffer's nonces, and uploads are ciphertexts relayed into it (:meth:`_receive_sealed`).
+Sync secure aggregation (``masked``, :mod:`flotilla.network.secagg`): devices run the 4-round
+masking protocol through :meth:`secagg_step` instead of uploading; the round's SecAggServer holds
+only the sum of masked vectors; the unmasked weighted mean is the round's step; an abort makes none.
 
 Every upload is checked before it touches state: ticket signature and owner, expiry, replayed
 nonce, version (named by the upload, must match the ticket; within the staleness limit), dtype,
@@ -92,6 +95,7 @@ class CoordinatorSettings:
     max_examples: int | None = None
     retry_after_s: float = 0.5
     selection_window_s: float = 1.0         # sync: collect check-ins this long, then sample the cohort
+    secagg_stage_s: float = 30.0            # sync secure aggregation: a protocol stage closes this long after it opened
 
     def __post_init__(self):
         if self.mode not in ("sync", "async"):
@@ -174,6 +178,7 @@ class Coordinator:
         clock: Callable[[], float] = time.time,
         privacy=None,
         sealed: bool = False,
+        masked=None,
     ):
         self.weights = weights
         self.numel = weights.numel()
@@ -193,6 +198,14 @@ class Coordinator:
         self.sealed = sealed
         if sealed and (settings.mode != "async" or not hasattr(aggregator, "secure")):
             raise ValueError("secure_aggregation: the network server runs the secure buffer (a SecureFedBuff) in async mode only")
+        # Sync secure aggregation (flotilla.network.secagg.SecAggParams): devices run the 4-round
+        # masking protocol through secagg_step; the server holds only the sum of masked vectors.
+        self.masked = masked
+        self.secagg = None                             # the current round's SecAggRound
+        self.secagg_aborted: set[str] = set()          # tickets of aborted secure rounds (cleared at each step)
+        self.secagg_restart = -math.inf                # tickets issued before the last abort cannot join
+        if masked is not None and (settings.mode != "sync" or sealed or privacy is not None):
+            raise ValueError("secure_aggregation: the masking protocol runs in sync mode, without the secure buffer or DP")
         self.device_index = device_index
         self.on_step = on_step
         self.clock = clock
@@ -390,6 +403,9 @@ class Coordinator:
         if base_version != ticket.version:
             raise Refused("INVALID_ARGUMENT", "version",
                           f"upload refused: it names model version {base_version} but assignment {ticket.id[:8]} was for version {ticket.version}")
+        if self.masked is not None:
+            raise Refused("INVALID_ARGUMENT", "dtype", "upload refused: this server runs synchronous secure aggregation; "
+                          "devices send masked inputs through SecAggStep, never a plaintext delta")
         expected = "sealed" if self.sealed else "float32"
         if dtype != expected:
             why = (" (this server runs the secure buffer: seal the update to the buffer key sent with the assignment)"
@@ -514,9 +530,162 @@ class Coordinator:
         except UpdateRejected as e:
             raise Refused("INVALID_ARGUMENT", "invalid", f"upload refused: {e}") from None
 
+    # -- sync secure aggregation (flotilla.network.secagg) -----------------------------------------
+    async def secagg_step(self, device: str, req: dict[str, Any]) -> dict[str, Any]:
+        """One SecAggStep request of ``device`` (see flotilla.network.secagg); a refusal changes no state."""
+        from flotilla.network.secagg import MESSAGES, SecAggRound
+        from flotilla.secure.errors import ProtocolError, ReplayedMessage, SecAggAborted, TamperedMessage
+        from flotilla.secure.serialize import dumps, loads
+        if self.masked is None:
+            raise Refused("FAILED_PRECONDITION", "invalid", "SecAggStep: this server does not run synchronous secure aggregation")
+        if not isinstance(req, dict) or not isinstance(req.get("ticket"), str) or req.get("op") not in (*MESSAGES, "join", "get"):
+            raise Refused("INVALID_ARGUMENT", "invalid", "SecAggStep: expected {op: join|advertise|shares|masked|unmask|get, ticket, ...}")
+        ticket = Ticket.decode(req["ticket"], self.secret)
+        if ticket.device != device:
+            raise Refused("PERMISSION_DENIED", "ticket", f"SecAggStep: assignment {ticket.id[:8]} belongs to another device")
+        op = req["op"]
+        async with self.lock:
+            await self._secagg_advance()
+            r = self.secagg
+            if op == "get" and req.get("want") == "result" and ticket.version < self.version:
+                return {"status": "ok", "version": self.version}
+            if ticket.version != self.version or self.done:
+                return {"status": "abort", "message": f"round {ticket.version} is over (the server is at round {self.version}); check in again"}
+            if ticket.expires <= self.clock():
+                raise Refused("DEADLINE_EXCEEDED", "expired", f"SecAggStep: assignment {ticket.id[:8]} expired")
+            if op == "join":
+                if ticket.id in self.secagg_aborted or ticket.expires - self.settings.assignment_timeout_s < self.secagg_restart - 1e-3:
+                    return {"status": "abort", "message": f"round {self.version} was aborted; check in again"}
+                if r is None:
+                    r = self.secagg = SecAggRound(self.numel, self.settings.slots, self.masked, self.version, self.clock())
+                if device not in r.ids:
+                    if r.stage != "advertise" or len(r.ids) >= r.config.cohort:
+                        raise Refused("FAILED_PRECONDITION", "late", f"SecAggStep: round {self.version} has closed its cohort; check in again later")
+                    n = req.get("num_examples")
+                    if isinstance(n, bool) or not isinstance(n, int) or n < 1 or (
+                            self.settings.weighting == "examples" and n > self.masked.max_weight):
+                        raise Refused("INVALID_ARGUMENT", "examples", f"SecAggStep: num_examples must be an int in "
+                                      f"[1, max_weight={self.masked.max_weight:g}], got {n!r}")
+                    loss, seen = req.get("train_loss", 0.0), req.get("examples_seen", 0)
+                    if not isinstance(loss, (int, float)) or not math.isfinite(loss) or not isinstance(seen, int) or seen < 0:
+                        raise Refused("INVALID_ARGUMENT", "invalid", "SecAggStep: train_loss must be finite, examples_seen an int >= 0")
+                    r.ids[device] = len(r.ids) + 1
+                    r.meta[r.ids[device]] = {"num_examples": n, "train_loss": float(loss), "examples_seen": seen, "ticket": ticket}
+                    if len(r.ids) == 1:
+                        r.opened = self.clock()
+                return {"status": "ok", "id": r.ids[device],
+                        "config": {**r.config_json(), "uniform": self.settings.weighting == "uniform"}}
+            if r is None or device not in r.ids:
+                if ticket.id in self.secagg_aborted:
+                    return {"status": "abort", "message": f"round {self.version} was aborted; check in again"}
+                raise Refused("FAILED_PRECONDITION", "invalid", "SecAggStep: join the round first")
+            me = r.ids[device]
+            if op == "get":
+                want = req.get("want")
+                ready = {"directory": r.directory is not None, "bundle": r.bundles is not None,
+                         "request": r.request is not None, "result": False}
+                if want not in ready:
+                    raise Refused("INVALID_ARGUMENT", "invalid", f"SecAggStep: unknown want {want!r}")
+                if not ready[want]:
+                    return {"status": "wait", "retry_after_s": 0.05}
+                if want == "directory":
+                    msg = r.directory
+                elif want == "bundle":
+                    if me not in r.bundles:
+                        return {"status": "abort", "message": "this device dropped out of the round (no share bundle)"}
+                    msg = r.bundles[me]
+                else:
+                    if me not in r.request.survivors:
+                        return {"status": "abort", "message": "this device dropped out of the round (no masked input)"}
+                    msg = r.request
+                return {"status": "ok", "msg": dumps(msg)}
+            cls = MESSAGES[op]
+            try:
+                msg = loads(req.get("msg"), cls, length=r.config.length)
+                if getattr(msg, "sender") != me:
+                    raise Refused("PERMISSION_DENIED", "ticket", f"SecAggStep: {cls.__name__} names sender {msg.sender}, this device is {me}")
+                receive = {"advertise": r.server.receive_advertise, "shares": r.server.receive_shares,
+                           "masked": r.server.receive_masked_input, "unmask": r.server.receive_unmask}[op]
+                receive(msg)
+            except TamperedMessage as e:
+                raise Refused("INVALID_ARGUMENT", "tampered", f"SecAggStep: {e}") from None
+            except ReplayedMessage as e:
+                raise Refused("ALREADY_EXISTS", "replay", f"SecAggStep: {e}") from None
+            except ProtocolError as e:
+                late = f"stage {r.stage!r}" in str(e) or "cannot" in str(e)
+                raise Refused("FAILED_PRECONDITION" if late else "INVALID_ARGUMENT", "late" if late else "invalid",
+                              f"SecAggStep: {e}") from None
+            except SecAggAborted as e:
+                await self._secagg_abort(str(e))
+                return {"status": "abort", "message": str(e)}
+            await self._secagg_advance()
+            return {"status": "ok"}
+
+    async def _secagg_advance(self) -> None:
+        """Close due stages; finish (one server step) or abort the round.  Called with the lock held."""
+        from flotilla.secure.errors import SecAggAborted
+        r = self.secagg
+        if r is None:
+            return
+        try:
+            for _ in range(4):
+                stage = r.stage
+                if r.advance(self.clock(), self.settings.secagg_stage_s, self.settings.cohort):
+                    mean, _ = r.finish()
+                    await self._secagg_commit(r, mean)
+                    return
+                if r.stage == stage:
+                    return
+        except SecAggAborted as e:
+            await self._secagg_abort(str(e))
+
+    async def _secagg_abort(self, why: str) -> None:
+        """No step: the model is unchanged; the round starts over with a new selection."""
+        log.warning("round %d: %s; the round starts over", self.version, why)
+        self.counters["secagg_aborted"] += 1
+        if self.secagg is not None:
+            self.secagg_aborted |= {m["ticket"].id for m in self.secagg.meta.values()}
+        self.secagg = None
+        for device, t in list(self.live.items()):
+            if t.version == self.version:
+                del self.live[device]
+        self.selected_round = -1
+        self.round_started = self.secagg_restart = self.clock()
+
+    async def _secagg_commit(self, r, mean: torch.Tensor) -> None:
+        """The unmasked weighted mean becomes this round's step; the ledger records who was in the sum
+        (no delta, no norm: the server never had either)."""
+        loop = asyncio.get_running_loop()
+        included = sorted(r.server.u3)
+        for pid in included:
+            m = r.meta[pid]
+            t = m["ticket"]
+            weight = float(m["num_examples"]) if self.settings.weighting == "examples" else 1.0
+            entry = {"seq": self.next_seq, "assignment": t.id, "device": t.device, "base_version": t.version,
+                     "expires": t.expires, "version": self.version, "staleness": 0, "num_examples": m["num_examples"],
+                     "weight": weight, "norm": None, "train_loss": m["train_loss"], "examples_seen": m["examples_seen"],
+                     "file": f"secagg-{t.id}.none", "secagg_id": pid}
+            await loop.run_in_executor(None, self.store.accept, entry)
+            self.next_seq += 1
+            self.buffer.append(entry)
+            self.used[t.id] = (entry["seq"], t.version, t.expires)
+            if (held := self.live.get(t.device)) is not None and held.id == t.id:
+                del self.live[t.device]
+            self.counters["accepted"] += 1
+        self.counters["secagg_dropped"] += len(r.server.u1 | r.server.u2) - len(included)
+        self.aggregator.reset()
+        self.aggregator.add(mean, 1.0, "secagg")
+        self.secagg = None
+        self.secagg_aborted = set()
+        await self._step()
+
     async def close_round_if_due(self) -> None:
         """Sync mode: apply a round whose deadline has passed, if it has ``min_updates``."""
         s = self.settings
+        if self.masked is not None and self.secagg is not None and not self.done:
+            async with self.lock:
+                await self._secagg_advance()
+            return
         if s.mode != "sync" or s.round_deadline_s is None or self.done:
             return
         if self.clock() - self.round_started < s.round_deadline_s:

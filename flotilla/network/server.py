@@ -102,6 +102,7 @@ class FlotillaServer:
         accountant: str = "rdp",
         secure_buffer: bool = False,
         secure_max_norm: float | None = None,
+        secure_masking=None,
     ):
         self.flat = FlatModel(model)
         self.tls = tls
@@ -136,6 +137,9 @@ class FlotillaServer:
                     self.flat.numel, settings.buffer_size, settings.staleness, normalize=settings.normalize,
                     max_staleness=settings.max_staleness, validate=False)
                 aggregator = dp.aggregator(self.flat.numel, fedbuff)
+        if secure_masking is not None and (secure_buffer or dp is not None or aggregator is not None):
+            raise ValueError("secure_aggregation: sync masking in flotilla serve runs without DP, the secure buffer or "
+                             "a custom aggregator")
         if secure_buffer:
             # Async only: devices seal updates to the buffer; sync SecAgg (the 4-round masking
             # protocol) is not run over the network.
@@ -154,7 +158,7 @@ class FlotillaServer:
         self.coord = Coordinator(
             weights, ServerOptimizer(server, self.flat.numel), settings, self.store,
             aggregator=aggregator, device_index=tokens.index, on_step=self._on_step, privacy=dp,
-            sealed=secure_buffer,
+            sealed=secure_buffer, masked=secure_masking,
         )
         # metrics written after the snapshot we resumed from are dropped (those steps are redone)
         history = self.store.run_dir.truncate_metrics(self.coord.version) if self.store.run_dir.metrics_file.exists() else []
@@ -245,10 +249,26 @@ class FlotillaServer:
                 a.seal_weight = 1.0 if self.coord.settings.weighting == "uniform" else 0.0   # 0: num_examples
                 if self.coord.privacy is not None:
                     a.clip_norm = self.coord.privacy.user.clip_norm   # the buffer refuses larger norms
+            if self.coord.masked is not None:
+                from flotilla.network.secagg import SECAGG_FLAG
+                reply.message = SECAGG_FLAG   # run the masking protocol (SecAggStep) instead of uploading
         else:
             reply.action = pb.CheckInReply.WAIT
             reply.retry_after_s = float(result)
         return reply
+
+    async def secagg_step(self, request: bytes, context) -> bytes:
+        """Sync secure aggregation: one protocol step (JSON in, JSON out; see flotilla.network.secagg)."""
+        who = await self._identify(context)
+        try:
+            try:
+                req = json.loads(request)
+            except (ValueError, UnicodeDecodeError):
+                raise Refused("INVALID_ARGUMENT", "invalid", "SecAggStep: the request is not JSON") from None
+            reply = await asyncio.shield(self.coord.secagg_step(who.device, req))
+        except Refused as e:
+            await self._refuse(context, e, who.device)
+        return json.dumps(reply).encode()
 
     async def download(self, request: pb.DownloadRequest, context):
         who = await self._identify(context)
@@ -325,6 +345,8 @@ class FlotillaServer:
                 self.upload, pb.UploadPart.FromString, pb.UploadReply.SerializeToString),
             "Status": grpc.unary_unary_rpc_method_handler(
                 self.status, pb.StatusRequest.FromString, pb.StatusReply.SerializeToString),
+            # bytes in and out (JSON): registered by hand, no .proto message
+            "SecAggStep": grpc.unary_unary_rpc_method_handler(self.secagg_step, None, None),
         })
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
@@ -464,7 +486,7 @@ def server_from_config(cfg, state_dir: str | Path | None = None) -> FlotillaServ
         settings = CoordinatorSettings(
             mode=cfg.mode, total_steps=cfg.rounds, seed=cfg.seed, weighting=cfg.weighting,
             cohort=cfg.cohort, over_selection=net.over_selection, min_updates=net.min_updates,
-            round_deadline_s=net.round_deadline_s, selection_window_s=net.selection_window_s,
+            round_deadline_s=net.round_deadline_s, selection_window_s=net.selection_window_s, secagg_stage_s=net.secagg_stage_s,
             assignment_timeout_s=net.assignment_timeout_s, max_update_norm=net.max_update_norm,
             max_examples=net.max_examples, retry_after_s=net.retry_after_s,
             **({} if a is None else dict(
@@ -500,6 +522,18 @@ def _build_server(task, net, cfg, state_dir, settings, user, evaluate_fn) -> Flo
         compression=net.compression, task=cfg.task.model_dump(mode="json"),
         config=cfg.model_dump(mode="json", by_alias=True), fsync=net.fsync, linger_s=net.linger_s,
         privacy=user, accountant=cfg.privacy.accountant if cfg.privacy is not None else "rdp",
-        secure_buffer=cfg.secure_aggregation is not None,
+        secure_buffer=cfg.secure_aggregation is not None and cfg.mode == "async",
+        secure_masking=_masking(cfg),
         secure_max_norm=cfg.secure_aggregation.max_norm if cfg.secure_aggregation is not None else None,
     )
+
+
+def _masking(cfg):
+    """Sync secure aggregation's public parameters (flotilla.network.secagg.SecAggParams), or None."""
+    sa = cfg.secure_aggregation
+    if sa is None or cfg.mode != "sync":
+        return None
+    from flotilla.network.secagg import SecAggParams
+    max_weight = 1.0 if cfg.weighting == "uniform" else float(sa.max_weight or cfg.network.max_examples)
+    return SecAggParams(clip=sa.clip or 1.0, max_weight=max_weight, bits=sa.bits,
+                        degree=None if sa.degree == "full" else sa.degree, threshold=sa.threshold)

@@ -28,6 +28,7 @@ CHECK_IN = f"/{SERVICE}/CheckIn"
 DOWNLOAD = f"/{SERVICE}/Download"
 UPLOAD = f"/{SERVICE}/Upload"
 STATUS = f"/{SERVICE}/Status"
+SECAGG_STEP = f"/{SERVICE}/SecAggStep"   # sync secure aggregation: JSON bytes both ways (flotilla.network.secagg)
 
 AUTH_HEADER = "authorization"          # metadata: "Bearer <token>"
 DEFAULT_CHUNK_BYTES = 1 << 20          # 1 MiB per chunk

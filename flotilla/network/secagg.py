@@ -1,0 +1,185 @@
+"""Synchronous secure aggregation over the network: the 4-round protocol of flotilla.secure.protocol
+between devices, relayed by the server, for ``mode: sync`` with ``secure_aggregation``.
+
+Transport: one unary RPC ``SecAggStep`` whose request and reply are JSON (UTF-8 bytes); protocol
+messages inside are encoded by :mod:`flotilla.secure.serialize` (strict, no pickle).  A device that
+holds a sync assignment (its check-in reply says ``secagg``) trains, then, instead of uploading its
+delta:
+
+    join      {ticket, num_examples, train_loss, examples_seen} -> its protocol id and the round's public
+              parameters (SecAggConfig fields, clip, max_weight)
+    advertise AdvertiseKeys;   get directory -> KeyDirectory
+    shares    ShareKeys;       get bundle    -> ShareBundle
+    masked    MaskedInput;     get request   -> UnmaskRequest
+    unmask    UnmaskResponse;  get result    -> the new model version
+
+``get`` answers ``wait`` until the server closes the stage: when every device still in the protocol
+has answered, or ``secagg_stage_s`` after the stage opened (those that did not answer dropped out
+at that stage).  Advertising closes at ``cohort`` devices or at the stage deadline (counted from the
+first join).  Fewer than the threshold at any stage aborts the round
+(``abort``): no step, the model is unchanged, and a new selection starts for the same round.
+
+The device encodes ``(w / max_weight) * clip(delta)`` and the weight itself in Z_{2^bits}
+(:class:`~flotilla.secure.encoding.FixedPointEncoder`, as :class:`~flotilla.secure.aggregator.SecureAggregator`);
+the server only ever holds the running sum of masked vectors, and after unmasking the weighted
+mean, which it applies with the ServerOptimizer as a plaintext round would.
+"""
+from __future__ import annotations
+
+import base64
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from flotilla.secure.encoding import FixedPointEncoder
+from flotilla.secure.errors import SecAggAborted
+from flotilla.secure.messages import AdvertiseKeys, KeyDirectory, MaskedInput, ShareBundle, ShareKeys, UnmaskRequest, UnmaskResponse
+from flotilla.secure.protocol import SecAggClient, SecAggConfig, SecAggServer
+from flotilla.secure.serialize import dumps, loads
+
+SECAGG_FLAG = "secagg"        # CheckInReply.message of a TRAIN reply: run the masking protocol, do not upload
+
+
+@dataclass(frozen=True)
+class SecAggParams:
+    """Public parameters of sync masking in ``flotilla serve`` (from the config's secure_aggregation)."""
+    clip: float = 1.0
+    max_weight: float = 1.0
+    bits: int = 32
+    degree: int | str | None = "auto"     # None: complete graph; "auto": SecAgg+ ~4 log2 n; or k
+    threshold: int | None = None
+
+    def __post_init__(self):
+        if not (math.isfinite(self.clip) and self.clip > 0):
+            raise ValueError(f"secure_aggregation.clip: must be positive, got {self.clip}")
+        if not (math.isfinite(self.max_weight) and self.max_weight > 0):
+            raise ValueError(f"secure_aggregation.max_weight: must be positive, got {self.max_weight}")
+
+
+def _config_json(cfg: SecAggConfig, p: SecAggParams) -> dict[str, Any]:
+    return {"length": cfg.length, "cohort": cfg.cohort, "bits": cfg.bits, "degree": cfg.degree,
+            "threshold": cfg.threshold, "session": base64.b64encode(cfg.session).decode(),
+            "clip": p.clip, "max_weight": p.max_weight}
+
+
+class SecAggRound:
+    """The server's side of one round: protocol ids, the SecAggServer, stage bookkeeping."""
+
+    def __init__(self, numel: int, slots: int, params: SecAggParams, version: int, now: float):
+        from flotilla.secure.graph import default_degree
+        degree = default_degree(slots) if params.degree == "auto" else params.degree
+        self.params = params
+        self.version = version
+        self.config = SecAggConfig(length=numel + 1, cohort=slots, bits=params.bits, degree=degree,
+                                   threshold=params.threshold)
+        self.server = SecAggServer(self.config)
+        self.encoder = FixedPointEncoder(params.clip, slots, params.bits)
+        self.ids: dict[str, int] = {}            # device -> protocol id (1..slots)
+        self.meta: dict[int, dict[str, Any]] = {}  # id -> num_examples, train_loss, examples_seen, ticket
+        self.opened = now                        # when the current stage opened (advertise: first join)
+        self.directory: KeyDirectory | None = None
+        self.bundles: dict[int, ShareBundle] | None = None
+        self.request: UnmaskRequest | None = None
+        self.aborted: str | None = None
+
+    @property
+    def stage(self) -> str:
+        return self.server.stage
+
+    def config_json(self) -> dict[str, Any]:
+        return _config_json(self.config, self.params)
+
+    def advance(self, now: float, stage_s: float, cohort: int) -> bool:
+        """Close the current stage if it is due.  Returns True when the round is ready to finish.
+        Raises SecAggAborted below the threshold (the SecAggServer has then dropped its sum)."""
+        s = self.server
+        due = now - self.opened >= stage_s
+        if s.stage == "advertise" and self.ids:
+            if due or len(s.u1) >= cohort:
+                self.directory = s.close_advertise()
+                self.opened = now
+        elif s.stage == "share":
+            if due or s.u2 == s.u1:
+                self.bundles = s.close_shares()
+                self.opened = now
+        elif s.stage == "mask":
+            if due or s.u3 == s.u2:
+                self.request = s.close_masked_input()
+                self.opened = now
+        elif s.stage == "unmask":
+            return due or s.responders == s.u3
+        return False
+
+    def finish(self) -> tuple[torch.Tensor, float]:
+        """(weighted mean of the survivors' clipped deltas, sum of their weights)."""
+        total = self.server.finish()
+        dec = self.encoder.decode(total)
+        weight_sum = float(dec[-1]) / self.encoder.clip
+        if not weight_sum > 0:
+            raise SecAggAborted("secure aggregation: the unmasked weight sum is not positive")
+        mean = torch.from_numpy(np.asarray(dec[:-1], dtype=np.float64) / weight_sum).to(torch.float32)
+        return mean, weight_sum * self.params.max_weight
+
+
+# -- the device's side --------------------------------------------------------------------------------
+class RoundAborted(Exception):
+    """The server aborted the secure round (fewer than the threshold); check in again."""
+
+
+def run_device(call: Callable[[dict[str, Any]], dict[str, Any]], ticket: str, delta: torch.Tensor, weight: float,
+               num_examples: int, train_loss: float = 0.0, examples_seen: int = 0, *,
+               poll_s: float = 0.05, stop_after: str | None = None) -> int:
+    """Run this device's part of a secure round; returns the server's model version afterwards.
+
+    ``call`` sends one SecAggStep request (a dict) and returns the reply dict.  ``stop_after``
+    (tests) names the op after which the device vanishes, e.g. ``"masked"``."""
+    def get(want: str) -> dict[str, Any]:
+        while True:
+            r = call({"op": "get", "ticket": ticket, "want": want})
+            if r["status"] == "abort":
+                raise RoundAborted(r.get("message", "secure aggregation aborted"))
+            if r["status"] == "ok":
+                return r
+            time.sleep(min(float(r.get("retry_after_s", poll_s)), 1.0))
+
+    def send(op: str, msg) -> bool:
+        r = call({"op": op, "ticket": ticket, "msg": dumps(msg)})
+        if r["status"] == "abort":
+            raise RoundAborted(r.get("message", "secure aggregation aborted"))
+        return stop_after == op
+
+    r = call({"op": "join", "ticket": ticket, "num_examples": int(num_examples), "train_loss": float(train_loss),
+              "examples_seen": int(examples_seen)})
+    if r["status"] == "abort":
+        raise RoundAborted(r.get("message", "secure aggregation aborted"))
+    c = r["config"]
+    cfg = SecAggConfig(length=int(c["length"]), cohort=int(c["cohort"]), bits=int(c["bits"]), degree=c["degree"],
+                       threshold=c["threshold"], session=base64.b64decode(c["session"]))
+    if cfg.length != delta.numel() + 1:
+        raise ValueError(f"secure aggregation: the server expects {cfg.length - 1} weights, this delta has {delta.numel()}")
+    client = SecAggClient(int(r["id"]), cfg)
+    enc = FixedPointEncoder(float(c["clip"]), cfg.cohort, cfg.bits)
+    weight = 1.0 if c.get("uniform") else float(weight)
+    factor = min(weight, float(c["max_weight"])) / float(c["max_weight"])
+    if send("advertise", client.advertise()):
+        return -1
+    directory = loads(get("directory")["msg"], KeyDirectory)
+    if send("shares", client.share_keys(directory)):
+        return -1
+    bundle = loads(get("bundle")["msg"], ShareBundle)
+    ring = np.empty(cfg.length, enc.dtype)
+    ring[:-1] = enc.encode(delta.detach().numpy(), factor)
+    ring[-1] = enc.encode([enc.clip], factor)[0]       # the weight travels masked too
+    if send("masked", client.masked_input(bundle, ring)):
+        return -1
+    request = loads(get("request")["msg"], UnmaskRequest)
+    if send("unmask", client.unmask(request)):
+        return -1
+    return int(get("result")["version"])
+
+
+MESSAGES = {"advertise": AdvertiseKeys, "shares": ShareKeys, "masked": MaskedInput, "unmask": UnmaskResponse}
