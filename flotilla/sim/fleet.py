@@ -472,13 +472,8 @@ def build_fleet_algorithm(cfg, task, **kw):
                         weighting=cfg.weighting, seed=cfg.seed, **kw)
 
 
-def run_fleet_experiment(cfg, task, path, resume: bool):
-    """``flotilla run`` for ``mode: async`` or a ``fleet:`` section (called by flotilla.api)."""
-    from flotilla.api import TrainResult, eval_clients
-    from flotilla.core.evaluate import evaluate
-    from flotilla.runner import Runner
-    from flotilla.runs.rundir import RunDir
-
+def build_configured_fleet_algorithm(cfg, task):
+    """(algorithm, rounds) for ``cfg``: the fleet algorithm, wrapped by DP and secure aggregation if configured."""
     if getattr(cfg, "privacy", None) is not None:  # DP-FedBuff / DP-SGD clients (flotilla.privacy)
         from flotilla.privacy import with_privacy
         algorithm, rounds = with_privacy(cfg, task, lambda: build_fleet_algorithm(cfg, task))
@@ -487,6 +482,17 @@ def run_fleet_experiment(cfg, task, path, resume: bool):
     if getattr(cfg, "secure_aggregation", None) is not None:  # FedBuff's buffer inside the secure buffer (flotilla.secure)
         from flotilla.secure.wiring import make_secure
         make_secure(algorithm, cfg.secure_aggregation.model_dump())
+    return algorithm, rounds
+
+
+def run_fleet_experiment(cfg, task, path, resume: bool):
+    """``flotilla run`` for ``mode: async`` or a ``fleet:`` section (called by flotilla.api)."""
+    from flotilla.api import TrainResult, eval_clients
+    from flotilla.core.evaluate import evaluate
+    from flotilla.runner import Runner
+    from flotilla.runs.rundir import RunDir
+
+    algorithm, rounds = build_configured_fleet_algorithm(cfg, task)
     clients = eval_clients(task.dataset, cfg.eval.max_clients, cfg.seed)
     evaluate_fn = (lambda w: evaluate(algorithm.flat, w, task.dataset, clients, task.loss_fn, cfg.eval.batch_size)) if clients else None
     rd = RunDir(path)
