@@ -109,6 +109,100 @@ def test_sync_secagg_matches_the_plaintext_round_and_the_server_never_holds_a_de
         for p in (tmp_path / "masked").rglob("*"))
 
 
+def test_requests_larger_than_a_message_travel_in_parts_with_the_same_result(pki, tmp_path, monkeypatch):
+    from flotilla.network import secagg
+    seen = []
+    real_add = secagg.RequestParts.add
+
+    def add(self, device, ticket_id, req):
+        seen.append((device, req["index"], req["count"]))
+        return real_add(self, device, ticket_id, req)
+    monkeypatch.setattr(secagg.RequestParts, "add", add)
+    d = deltas()
+    small = SecAggParams(clip=1.0, max_weight=100.0, degree=None, max_request_bytes=450)
+    with start(pki, tmp_path / "parts", masking=small) as st:
+        w0 = st.server.coord.weights.clone()
+        conns, a = checked_in(pki, st)
+        assert run_devices(conns, a, d) == [1] * N
+        assert torch.allclose(st.server.coord.weights, expected(w0, d, range(N)), rtol=0, atol=1e-6)
+    # every device sent at least one request (its shares, its masked input) in two or more parts
+    assert len({dev for dev, _, count in seen if count >= 2}) == N
+
+
+def test_a_model_whose_masked_input_exceeds_the_default_message_limit_aggregates_exactly(pki, tmp_path):
+    from torch import nn
+    torch.manual_seed(0)
+    model = nn.Linear(1000, 1000)          # 1,001,000 parameters: ~5.3 MB of masked input as JSON > 4 MiB
+    numel = sum(p.numel() for p in model.parameters())
+    server = FlotillaServer(model, tls=pki.tls(), tokens=TokenTable.load(pki.paths["tokens_json"]), state_dir=tmp_path / "big",
+                            settings=CoordinatorSettings(mode="sync", cohort=3, over_selection=1.0, total_steps=1,
+                                                         selection_window_s=0.0, retry_after_s=0.05, secagg_stage_s=30.0),
+                            fsync=False, secure_masking=SecAggParams(clip=1.0, max_weight=100.0, degree=None))
+    assert server.coord.masked.max_request_bytes < 5 * numel
+    with ServerThread(server) as st:
+        w0 = st.server.coord.weights.clone()
+        conns = [Connection(f"localhost:{st.port}", pki.token(i), ca=pki.ca) for i in range(3)]
+        a = [c.check_in(10).assignment for c in conns]
+        g = torch.Generator().manual_seed(1)
+        d = [torch.randn(numel, generator=g) * 1e-4 for _ in range(3)]
+        results = [None] * 3
+        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, conns[i].secagg_round(a[i], d[i], EXAMPLES[i])))
+                   for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert results == [1, 1, 1]
+        n = torch.tensor(EXAMPLES[:3], dtype=torch.float32)
+        want = w0 + sum(n[i] * d[i] for i in range(3)) / n.sum()
+        assert torch.allclose(st.server.coord.weights, want, rtol=0, atol=1e-7)
+
+
+def test_request_parts_are_checked_and_a_bad_part_ends_only_that_devices_request():
+    from flotilla.network.secagg import RequestParts, split_request
+    req = {"op": "masked", "ticket": "t" * 40, "msg": {"y": {"dtype": "uint32", "b64": "QUJD" * 200}, "q": 'a"b\\c' * 30}}
+    parts = split_request(req, 300)
+    assert len(parts) > 3 and all(len(json.dumps(p)) <= 300 for p in parts)
+    assert split_request(req, 10**6) == [req]
+    asm = RequestParts(max_chars=10_000)
+    with pytest.raises(ValueError, match="part 0 first"):
+        asm.add("dev", "tid", parts[1])
+    for bad in (parts[2], dict(parts[1], count=99), {**parts[1], "data": 5}, {**parts[1], "index": True}):
+        assert asm.add("dev", "tid", parts[0]) is None and "dev" in asm.pending
+        assert asm.add("other", "tid2", parts[0]) is None
+        with pytest.raises(ValueError):
+            asm.add("dev", "tid", bad)
+        assert "dev" not in asm.pending and "other" in asm.pending   # the device starts over; others are untouched
+    asm.add("dev", "tid", parts[0])
+    with pytest.raises(ValueError, match="same assignment"):
+        asm.add("dev", "another", parts[1])
+    assert asm.add("dev", "tid", parts[0]) is None
+    out = None
+    for p in parts[1:]:
+        assert out is None
+        out = asm.add("dev", "tid", p)
+    assert json.loads(out) == req and "dev" not in asm.pending
+    with pytest.raises(ValueError, match="larger than"):
+        tiny = RequestParts(max_chars=100)
+        tiny.add("dev", "tid", parts[0])
+
+
+def test_a_stray_part_over_the_network_is_refused(pki, tmp_path):
+    with start(pki, tmp_path / "s", masking=MASK) as st:
+        conns, a = checked_in(pki, st)
+        c = conns[0]
+        assert c.secagg_call({"op": "join", "ticket": a[0].ticket, "num_examples": 10})["status"] == "ok"
+        with pytest.raises(Refused) as e:
+            c.secagg_call({"op": "part", "ticket": a[0].ticket, "index": 1, "count": 3, "data": "{}"})
+        assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "part 0 first" in str(e.value)
+        assert c.secagg_call({"op": "part", "ticket": a[0].ticket, "index": 0, "count": 2, "data": '{"op": "get", '})["status"] == "ok"
+        with pytest.raises(Refused) as e:    # reassembled, it is not a protocol message
+            c.secagg_call({"op": "part", "ticket": a[0].ticket, "index": 1, "count": 2,
+                           "data": f'"ticket": "{a[0].ticket}", "want": "directory"}}'})
+        assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "reassembled" in str(e.value)
+        assert st.server.coord.secagg.server.u1 == frozenset()
+
+
 def test_dropouts_after_the_masked_input_are_recovered_and_before_it_are_left_out(pki, tmp_path):
     d = deltas()
     with start(pki, tmp_path / "s", masking=MASK) as st:

@@ -531,6 +531,10 @@ class Coordinator:
             raise Refused("INVALID_ARGUMENT", "invalid", f"upload refused: {e}") from None
 
     # -- sync secure aggregation (flotilla.network.secagg) -----------------------------------------
+    def continues_request(self, device: str) -> bool:
+        """Whether ``device`` is midway through a SecAggStep request sent in parts."""
+        return self.secagg is not None and device in self.secagg.parts.pending
+
     async def secagg_step(self, device: str, req: dict[str, Any]) -> dict[str, Any]:
         """One SecAggStep request of ``device`` (see flotilla.network.secagg); a refusal changes no state."""
         from flotilla.network.secagg import MESSAGES, SecAggRound
@@ -538,8 +542,8 @@ class Coordinator:
         from flotilla.secure.serialize import dumps, loads
         if self.masked is None:
             raise Refused("FAILED_PRECONDITION", "invalid", "SecAggStep: this server does not run synchronous secure aggregation")
-        if not isinstance(req, dict) or not isinstance(req.get("ticket"), str) or req.get("op") not in (*MESSAGES, "join", "get"):
-            raise Refused("INVALID_ARGUMENT", "invalid", "SecAggStep: expected {op: join|advertise|shares|masked|unmask|get, ticket, ...}")
+        if not isinstance(req, dict) or not isinstance(req.get("ticket"), str) or req.get("op") not in (*MESSAGES, "join", "get", "part"):
+            raise Refused("INVALID_ARGUMENT", "invalid", "SecAggStep: expected {op: join|advertise|shares|masked|unmask|get|part, ticket, ...}")
         ticket = Ticket.decode(req["ticket"], self.secret)
         if ticket.device != device:
             raise Refused("PERMISSION_DENIED", "ticket", f"SecAggStep: assignment {ticket.id[:8]} belongs to another device")
@@ -580,6 +584,22 @@ class Coordinator:
                     return {"status": "abort", "message": f"round {self.version} was aborted; check in again"}
                 raise Refused("FAILED_PRECONDITION", "invalid", "SecAggStep: join the round first")
             me = r.ids[device]
+            if op == "part":        # a request too large for one message, in slices (see flotilla.network.secagg)
+                try:
+                    text = r.parts.add(device, ticket.id, req)
+                except ValueError as e:
+                    raise Refused("INVALID_ARGUMENT", "invalid", f"SecAggStep: {e}") from None
+                if text is None:
+                    return {"status": "ok", "part": req["index"]}
+                outer = req["ticket"]
+                try:
+                    req = json.loads(text)
+                except ValueError:
+                    raise Refused("INVALID_ARGUMENT", "invalid", "SecAggStep: the reassembled parts are not JSON") from None
+                if not isinstance(req, dict) or req.get("ticket") != outer or req.get("op") not in MESSAGES:
+                    raise Refused("INVALID_ARGUMENT", "invalid", "SecAggStep: the reassembled request must be "
+                                  "advertise|shares|masked|unmask with the parts' ticket")
+                op = req["op"]
             if op == "get":
                 want = req.get("want")
                 ready = {"directory": r.directory is not None, "bundle": r.bundles is not None,

@@ -13,6 +13,11 @@ delta:
     masked    MaskedInput;     get request   -> UnmaskRequest
     unmask    UnmaskResponse;  get result    -> the new model version
 
+A request larger than the server's ``max_request_bytes`` (the masked input of a large model: about
+5.3 bytes per parameter) travels as ``part`` requests ``{ticket, index, count, data}`` whose
+``data`` are consecutive slices of the request's JSON text; the server reassembles them
+(:class:`RequestParts`) and answers the last part as it would the whole request.
+
 ``get`` answers ``wait`` until the server closes the stage: when every device still in the protocol
 has answered, or ``secagg_stage_s`` after the stage opened (those that did not answer dropped out
 at that stage).  Advertising closes at ``cohort`` devices or at the stage deadline (counted from the
@@ -27,6 +32,7 @@ mean, which it applies with the ServerOptimizer as a plaintext round would.
 from __future__ import annotations
 
 import base64
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -52,18 +58,83 @@ class SecAggParams:
     bits: int = 32
     degree: int | str | None = "auto"     # None: complete graph; "auto": SecAgg+ ~4 log2 n; or k
     threshold: int | None = None
+    max_request_bytes: int = 4 * 2**20 - 1024   # larger requests travel in parts (below the gRPC message limit)
 
     def __post_init__(self):
         if not (math.isfinite(self.clip) and self.clip > 0):
             raise ValueError(f"secure_aggregation.clip: must be positive, got {self.clip}")
         if not (math.isfinite(self.max_weight) and self.max_weight > 0):
             raise ValueError(f"secure_aggregation.max_weight: must be positive, got {self.max_weight}")
+        if self.max_request_bytes < 1:
+            raise ValueError(f"network.max_message_mb: leaves no room for a request ({self.max_request_bytes} B)")
 
 
 def _config_json(cfg: SecAggConfig, p: SecAggParams) -> dict[str, Any]:
     return {"length": cfg.length, "cohort": cfg.cohort, "bits": cfg.bits, "degree": cfg.degree,
             "threshold": cfg.threshold, "session": base64.b64encode(cfg.session).decode(),
-            "clip": p.clip, "max_weight": p.max_weight}
+            "clip": p.clip, "max_weight": p.max_weight, "max_request_bytes": p.max_request_bytes}
+
+
+class RequestParts:
+    """Reassembles the requests devices split into ``part`` requests, one pending request per device.
+
+    Bounded: a request may hold at most ``max_chars`` characters (the largest message the round can
+    need), and a device has one request pending at a time (index 0 starts it anew).  A malformed
+    part is refused with a ValueError and ends the device's pending request (it starts over with
+    part 0, which the server's rate limit counts); nothing else changes."""
+
+    def __init__(self, max_chars: int):
+        self.max_chars = max_chars
+        self.pending: dict[str, tuple[str, int, list[str], int]] = {}  # device -> (ticket id, count, parts, chars)
+
+    def add(self, device: str, ticket_id: str, req: dict[str, Any]) -> str | None:
+        """Take one part; returns the whole request's JSON text once its last part arrived, else None."""
+        try:
+            return self._add(device, ticket_id, req)
+        except ValueError:
+            self.pending.pop(device, None)
+            raise
+
+    def _add(self, device: str, ticket_id: str, req: dict[str, Any]) -> str | None:
+        index, count, data = req.get("index"), req.get("count"), req.get("data")
+        if (not isinstance(index, int) or isinstance(index, bool) or not isinstance(count, int) or isinstance(count, bool)
+                or not isinstance(data, str) or not 0 <= index < count or not 2 <= count <= self.max_chars):
+            raise ValueError("part: expected {index: 0..count-1, count: >= 2, data: a string}")
+        if index == 0:
+            ticket, parts, chars = ticket_id, [], 0
+        else:
+            if device not in self.pending:
+                raise ValueError(f"part {index} of {count}: no request in progress (send part 0 first)")
+            ticket, expect, parts, chars = self.pending[device]
+            if ticket != ticket_id or expect != count or index != len(parts):
+                raise ValueError(f"part {index} of {count}: expected part {len(parts)} of {expect} of the same assignment")
+        if chars + len(data) > self.max_chars:
+            raise ValueError(f"part {index} of {count}: the request is larger than the {self.max_chars} characters this round needs")
+        parts = parts + [data]
+        if len(parts) < count:
+            self.pending[device] = (ticket, count, parts, chars + len(data))
+            return None
+        self.pending.pop(device, None)
+        return "".join(parts)
+
+
+def split_request(req: dict[str, Any], max_bytes: int) -> list[dict[str, Any]]:
+    """``req`` as it travels: itself if its JSON fits in ``max_bytes``, else ``part`` requests that do."""
+    text = json.dumps(req)
+    if len(text.encode()) <= max_bytes:
+        return [req]
+    frame = len(json.dumps({"op": "part", "ticket": req["ticket"], "index": 10**9, "count": 10**9, "data": ""}))
+    budget = max_bytes - frame
+    if budget < 64:
+        raise ValueError(f"secure aggregation: max_request_bytes={max_bytes} leaves no room for a part")
+    slices, i = [], 0
+    while i < len(text):
+        n = budget
+        while len(json.dumps(text[i:i + n]).encode()) - 2 > budget:   # escaped quotes grow a slice
+            n -= max(1, (len(json.dumps(text[i:i + n]).encode()) - 2 - budget))
+        slices.append(text[i:i + n])
+        i += n
+    return [{"op": "part", "ticket": req["ticket"], "index": k, "count": len(slices), "data": d} for k, d in enumerate(slices)]
 
 
 class SecAggRound:
@@ -85,6 +156,9 @@ class SecAggRound:
         self.bundles: dict[int, ShareBundle] | None = None
         self.request: UnmaskRequest | None = None
         self.aborted: str | None = None
+        # the largest request of the round is the masked input: base64 of length x itemsize bytes
+        itemsize = np.dtype(self.encoder.dtype).itemsize
+        self.parts = RequestParts(4 * -(-self.config.length * itemsize // 3) + 65536)
 
     @property
     def stage(self) -> str:
@@ -147,7 +221,10 @@ def run_device(call: Callable[[dict[str, Any]], dict[str, Any]], ticket: str, de
             time.sleep(min(float(r.get("retry_after_s", poll_s)), 1.0))
 
     def send(op: str, msg) -> bool:
-        r = call({"op": op, "ticket": ticket, "msg": dumps(msg)})
+        for req in split_request({"op": op, "ticket": ticket, "msg": dumps(msg)}, max_request):
+            r = call(req)
+            if r["status"] == "abort":
+                break
         if r["status"] == "abort":
             raise RoundAborted(r.get("message", "secure aggregation aborted"))
         return stop_after == op
@@ -157,6 +234,7 @@ def run_device(call: Callable[[dict[str, Any]], dict[str, Any]], ticket: str, de
     if r["status"] == "abort":
         raise RoundAborted(r.get("message", "secure aggregation aborted"))
     c = r["config"]
+    max_request = int(c.get("max_request_bytes", SecAggParams.max_request_bytes))
     cfg = SecAggConfig(length=int(c["length"]), cohort=int(c["cohort"]), bits=int(c["bits"]), degree=c["degree"],
                        threshold=c["threshold"], session=base64.b64decode(c["session"]))
     if cfg.length != delta.numel() + 1:

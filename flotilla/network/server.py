@@ -203,7 +203,7 @@ class FlotillaServer:
             log.info("training finished at version %d; final model in %s", record["round"], self.store.path / "model.safetensors")
 
     # -- authentication ------------------------------------------------------------------------
-    async def _identify(self, context: grpc.aio.ServicerContext, roles=("device",)) -> Identity:
+    async def _identify(self, context: grpc.aio.ServicerContext, roles=("device",), rate_limited: bool = True) -> Identity:
         token = None
         for key, value in context.invocation_metadata() or ():
             if key == wire.AUTH_HEADER and isinstance(value, str) and value.startswith("Bearer "):
@@ -217,12 +217,16 @@ class FlotillaServer:
         if who.role not in roles:
             self.coord.counters["rejected.auth"] += 1
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{who.device} ({who.role}) may not call this method")
+        if rate_limited:
+            await self._rate_limit(context, who)
+        return who
+
+    async def _rate_limit(self, context: grpc.aio.ServicerContext, who: Identity) -> None:
         if not self.limiter.allow(who.device):
             self.coord.counters["rejected.rate"] += 1
             log.warning("rate limit: refused a call from %s", who.device)
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"rate limit: more than {self.limits.rate:g} requests/s from {who.device}; slow down")
-        return who
 
     async def _refuse(self, context, err: Refused, device: str):
         self.coord.refuse(err, device)
@@ -259,12 +263,20 @@ class FlotillaServer:
 
     async def secagg_step(self, request: bytes, context) -> bytes:
         """Sync secure aggregation: one protocol step (JSON in, JSON out; see flotilla.network.secagg)."""
-        who = await self._identify(context)
+        who = await self._identify(context, rate_limited=False)
         try:
             try:
                 req = json.loads(request)
             except (ValueError, UnicodeDecodeError):
-                raise Refused("INVALID_ARGUMENT", "invalid", "SecAggStep: the request is not JSON") from None
+                req = None
+            # a request sent in parts counts once against the rate limit (its first part); the parts
+            # that follow are bounded by the round's largest message, and a refused one ends the request
+            # (flotilla.network.secagg.RequestParts), so only the next part 0 can start another
+            if not (isinstance(req, dict) and req.get("op") == "part" and req.get("index") not in (0, None)
+                    and self.coord.continues_request(who.device)):
+                await self._rate_limit(context, who)
+            if req is None:
+                raise Refused("INVALID_ARGUMENT", "invalid", "SecAggStep: the request is not JSON")
             reply = await asyncio.shield(self.coord.secagg_step(who.device, req))
         except Refused as e:
             await self._refuse(context, e, who.device)
@@ -536,4 +548,5 @@ def _masking(cfg):
     from flotilla.network.secagg import SecAggParams
     max_weight = 1.0 if cfg.weighting == "uniform" else float(sa.max_weight or cfg.network.max_examples)
     return SecAggParams(clip=sa.clip or 1.0, max_weight=max_weight, bits=sa.bits,
-                        degree=None if sa.degree == "full" else sa.degree, threshold=sa.threshold)
+                        degree=None if sa.degree == "full" else sa.degree, threshold=sa.threshold,
+                        max_request_bytes=int(cfg.network.max_message_mb * 2**20) - 1024)
