@@ -124,10 +124,17 @@ def train(
         make_secure(algorithm, secure_aggregation)
     clients = eval_clients(dataset, eval_max_clients, seed)
     evaluate_fn = (lambda w: evaluate(algorithm.flat, w, dataset, clients, loss_fn, eval_batch_size)) if clients else None
+    return run_algorithm(algorithm, model, evaluate_fn, rounds=rounds, run_dir=run_dir, resume=resume,
+                         eval_every=eval_every, checkpoint_every=checkpoint_every, progress=progress,
+                         tensorboard=tensorboard, stop=algorithm.budget_spent if dp is not None else None)
+
+
+def run_algorithm(algorithm, model: nn.Module, evaluate_fn, *, rounds: int, run_dir: str | Path | None, resume: bool,
+                  **runner_options) -> TrainResult:
+    """Drive a built algorithm with the Runner (fresh or resumed run directory) and load the final
+    weights into ``model``.  Shared by :func:`train` and the fleet simulator's experiments."""
     rd = RunDir(run_dir) if run_dir is not None else None
-    runner = Runner(algorithm, evaluate_fn, rounds=rounds, eval_every=eval_every, run_dir=rd,
-                    checkpoint_every=checkpoint_every, progress=progress, tensorboard=tensorboard,
-                    stop=algorithm.budget_spent if dp is not None else None)
+    runner = Runner(algorithm, evaluate_fn, rounds=rounds, run_dir=rd, **runner_options)
     if resume:
         runner.resume()
     elif rd is not None:

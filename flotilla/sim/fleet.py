@@ -487,26 +487,14 @@ def build_configured_fleet_algorithm(cfg, task):
 
 def run_fleet_experiment(cfg, task, path, resume: bool):
     """``flotilla run`` for ``mode: async`` or a ``fleet:`` section (called by flotilla.api)."""
-    from flotilla.api import TrainResult, eval_clients
+    from flotilla.api import eval_clients, run_algorithm
     from flotilla.core.evaluate import evaluate
-    from flotilla.runner import Runner
-    from flotilla.runs.rundir import RunDir
 
     algorithm, rounds = build_configured_fleet_algorithm(cfg, task)
     clients = eval_clients(task.dataset, cfg.eval.max_clients, cfg.seed)
     evaluate_fn = (lambda w: evaluate(algorithm.flat, w, task.dataset, clients, task.loss_fn, cfg.eval.batch_size)) if clients else None
-    rd = RunDir(path)
     max_t = cfg.fleet.max_sim_time_s if cfg.fleet is not None else None
     stop = (lambda rec: rec.get("sim_time_s", 0.0) >= max_t) if max_t is not None else None
-    runner = Runner(algorithm, evaluate_fn, rounds=rounds, eval_every=cfg.eval.every, run_dir=rd,
-                    checkpoint_every=cfg.output.checkpoint_every, progress=cfg.output.progress,
-                    tensorboard=cfg.output.tensorboard, stop=stop)
-    if resume:
-        runner.resume()
-    else:
-        rd.path.mkdir(parents=True, exist_ok=True)
-        if rd.metrics_file.exists():
-            rd.metrics_file.unlink()
-    history = runner.run()
-    algorithm.flat.load(algorithm.weights)
-    return TrainResult(task.model, algorithm.weights.clone(), history, rd.path)
+    return run_algorithm(algorithm, task.model, evaluate_fn, rounds=rounds, run_dir=path, resume=resume,
+                         eval_every=cfg.eval.every, checkpoint_every=cfg.output.checkpoint_every,
+                         progress=cfg.output.progress, tensorboard=cfg.output.tensorboard, stop=stop)
