@@ -266,10 +266,6 @@ class ExperimentConfig(Strict):
             if sa.dropout is not None:
                 raise ValueError("secure_aggregation.dropout: simulates dropouts in the simulator; real devices drop "
                                  "out by themselves in flotilla serve; remove it")
-            if self.privacy is not None:
-                raise ValueError("secure_aggregation: flotilla serve does not combine sync masking with privacy (the "
-                                 "server would have to noise a sum it only sees unmasked); use mode: async (the "
-                                 "secure buffer with DP), or the simulator")
             if self.weighting != "uniform" and sa.max_weight is None and self.network.max_examples is None:
                 raise ValueError("secure_aggregation.max_weight: flotilla serve needs a public bound on a device's "
                                  "weight with weighting: examples (set max_weight or network.max_examples), or use "

@@ -3,6 +3,7 @@ connections via the server (flotilla.network.secagg)."""
 from __future__ import annotations
 
 import json
+import math
 import threading
 
 import grpc
@@ -26,13 +27,13 @@ def pki(tmp_path_factory):
     return PKI(tmp_path_factory.mktemp("pki"), devices=N)
 
 
-def start(pki, state_dir, masking=None, linger_s=0.0, **settings) -> ServerThread:
+def start(pki, state_dir, masking=None, linger_s=0.0, privacy=None, **settings) -> ServerThread:
     kw = dict(mode="sync", cohort=N, over_selection=1.0, total_steps=3, selection_window_s=0.0, retry_after_s=0.05,
               secagg_stage_s=1.0)
     kw.update(settings)
     return ServerThread(FlotillaServer(
         tiny_model(), tls=pki.tls(), tokens=TokenTable.load(pki.paths["tokens_json"]), state_dir=state_dir,
-        settings=CoordinatorSettings(**kw), fsync=False, linger_s=linger_s, secure_masking=masking))
+        settings=CoordinatorSettings(**kw), fsync=False, linger_s=linger_s, secure_masking=masking, privacy=privacy))
 
 
 def deltas():
@@ -292,8 +293,40 @@ def test_serve_config_builds_sync_masking_and_refuses_what_it_cannot_honour(tmp_
     server.store.close()
     with pytest.raises(ConfigError, match="secure_aggregation.dropout"):
         load_config(path, ["weighting=uniform", "secure_aggregation.dropout={mask: 0.1}"])
-    with pytest.raises(ConfigError, match="does not combine sync masking with privacy"):
-        load_config(path, ["privacy={user_level: {clip_norm: 1.0, noise_multiplier: 1.0, delta: 0.001}}"])
+    # user-level DP: weights 1, the fixed-point range defaults to clip_norm, the server noises the unmasked sum
+    dp = "privacy={user_level: {clip_norm: 0.25, noise_multiplier: 1.0, delta: 0.001}}"
+    server = server_from_config(load_config(path, [dp, "secure_aggregation.clip=null"]), state_dir=tmp_path / "c")
+    c = server.coord
+    assert c.settings.weighting == "uniform" and c.masked.max_weight == 1.0 and c.masked.clip == 0.25
+    assert c.masked_release is not None and c.masked_release[1] == 3.0       # the expected cohort
+    server.store.close()
+    with pytest.raises(ConfigError, match="adaptive_clipping"):
+        load_config(path, [dp, "privacy.user_level.adaptive_clipping={target_quantile: 0.5}"])
+
+
+def test_user_level_dp_with_masking_clips_on_devices_and_noises_the_unmasked_sum(pki, tmp_path):
+    from flotilla.privacy import UserLevelSpec, epsilon
+    S, d = 0.05, deltas()
+    d[2] = torch.full((NUMEL,), 10.0)                 # far above S: the device clips it before masking
+    clipped = [x * min(1.0, S / float(x.norm())) for x in d]
+    uniform = SecAggParams(clip=S, max_weight=1.0, degree=None)
+
+    def one_round(z, name):
+        user = UserLevelSpec(clip_norm=S, noise_multiplier=z, delta=1e-3, amplification=False)
+        with start(pki, tmp_path / name, masking=uniform, privacy=user, weighting="uniform") as st:
+            w0 = st.server.coord.weights.clone()
+            conns, a = checked_in(pki, st)
+            assert run_devices(conns, a, d) == [1] * N
+            return w0, st.server.coord.weights.clone(), st.call(st.server.coord.status)
+
+    w0, w1, s = one_round(0.0, "z0")
+    # DP-FedAvg's release: the sum of clipped deltas over the expected cohort (N), example counts ignored
+    assert torch.allclose(w1, w0 + sum(clipped) / N, rtol=0, atol=1e-6)
+    assert s["privacy"]["epsilon"] is None                    # z = 0: no guarantee, reported as such
+    w0, w1z, s = one_round(1.0, "z1")
+    assert math.isclose(s["privacy"]["epsilon"], epsilon(1.0, 1.0, 1, 1e-3), rel_tol=1e-9)
+    noise = (w1z - w0 - sum(clipped) / N) * N                 # the draw N(0, (z S)^2 I) the server added
+    assert 0.3 * S < float(noise.std()) < 1.8 * S        # 18 draws: far outside either bound is ~1e-6 likely
 
 
 def test_sdk_devices_train_rounds_through_the_masking_protocol(pki, tmp_path):

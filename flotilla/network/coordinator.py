@@ -179,6 +179,7 @@ class Coordinator:
         privacy=None,
         sealed: bool = False,
         masked=None,
+        masked_release=None,
     ):
         self.weights = weights
         self.numel = weights.numel()
@@ -201,11 +202,13 @@ class Coordinator:
         # Sync secure aggregation (flotilla.network.secagg.SecAggParams): devices run the 4-round
         # masking protocol through secagg_step; the server holds only the sum of masked vectors.
         self.masked = masked
+        self.masked_release = masked_release           # user-level DP: (noise_fn, expected cohort) for the unmasked sum
         self.secagg = None                             # the current round's SecAggRound
         self.secagg_aborted: set[str] = set()          # tickets of aborted secure rounds (cleared at each step)
         self.secagg_restart = -math.inf                # tickets issued before the last abort cannot join
-        if masked is not None and (settings.mode != "sync" or sealed or privacy is not None):
-            raise ValueError("secure_aggregation: the masking protocol runs in sync mode, without the secure buffer or DP")
+        if masked is not None and (settings.mode != "sync" or sealed or (privacy is None) != (masked_release is None)):
+            raise ValueError("secure_aggregation: the masking protocol runs in sync mode, without the secure buffer; "
+                             "with DP the noise is added to the unmasked sum (masked_release)")
         self.device_index = device_index
         self.on_step = on_step
         self.clock = clock
@@ -561,7 +564,8 @@ class Coordinator:
                 if ticket.id in self.secagg_aborted or ticket.expires - self.settings.assignment_timeout_s < self.secagg_restart - 1e-3:
                     return {"status": "abort", "message": f"round {self.version} was aborted; check in again"}
                 if r is None:
-                    r = self.secagg = SecAggRound(self.numel, self.settings.slots, self.masked, self.version, self.clock())
+                    r = self.secagg = SecAggRound(self.numel, self.settings.slots, self.masked, self.version, self.clock(),
+                                                  dp_clip=self.privacy.user.clip_norm if self.privacy is not None else None)
                 if device not in r.ids:
                     if r.stage != "advertise" or len(r.ids) >= r.config.cohort:
                         raise Refused("FAILED_PRECONDITION", "late", f"SecAggStep: round {self.version} has closed its cohort; check in again later")
@@ -651,7 +655,7 @@ class Coordinator:
             for _ in range(4):
                 stage = r.stage
                 if r.advance(self.clock(), self.settings.secagg_stage_s, self.settings.cohort):
-                    mean, _ = r.finish()
+                    mean, _ = r.finish(*(self.masked_release or ()))
                     await self._secagg_commit(r, mean)
                     return
                 if r.stage == stage:

@@ -3,6 +3,8 @@
 Sync rounds use :class:`~flotilla.privacy.DPFedAvg` as the round's aggregator (clip each device's
 delta to S, one Gaussian noise draw per round on the sum, divide by the expected cohort); async
 uses :class:`~flotilla.privacy.DPFedBuff` as the FedBuff buffer (one noise draw per buffer of K).
+With secure aggregation the same releases happen where the protocol allows: sync masking noises
+the unmasked sum (devices clip), the async secure buffer adds the noise inside.
 Nothing is re-implemented here: this module only builds those objects, asks the Opacus accountant
 (:func:`flotilla.privacy.epsilon`) for epsilon after each step, and tells the coordinator when the
 budget is spent.
@@ -82,6 +84,21 @@ class NetworkPrivacy:
                             dp_clip=u.clip_norm, noise_fn=noise)
         self.mechanism = SecureDPMechanism(u.clip_norm, noise, lambda: buf.last_metrics)
         return buf
+
+    def masked_release(self):
+        """Sync masking with DP (as flotilla.secure.wiring wires the simulator): devices clip to S and
+        weigh 1; the server adds N(0, (z S)^2) to the unmasked sum and divides by the expected cohort.
+        Returns (noise_fn, denominator) for flotilla.network.secagg.SecAggRound.finish."""
+        from flotilla.privacy import GaussianSumNoise
+        from flotilla.secure.wiring import SecureDPMechanism
+        u, p = self.user, self.plan
+        if u.adaptive_clipping is not None:
+            raise PrivacyError("secure_aggregation: privacy.user_level.adaptive_clipping is not wired with secure "
+                               "aggregation (the noised count of unclipped updates would have to be aggregated "
+                               "securely too); use a fixed clip_norm")
+        noise = GaussianSumNoise(u.clip_norm, p.noise_multiplier, seed=self.seed, secure_noise=True)
+        self.mechanism = SecureDPMechanism(u.clip_norm, noise, lambda: {})
+        return noise, float(p.expected_cohort)
 
     def epsilon(self, steps: int) -> float:
         p = self.plan

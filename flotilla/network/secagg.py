@@ -69,10 +69,10 @@ class SecAggParams:
             raise ValueError(f"network.max_message_mb: leaves no room for a request ({self.max_request_bytes} B)")
 
 
-def _config_json(cfg: SecAggConfig, p: SecAggParams) -> dict[str, Any]:
+def _config_json(cfg: SecAggConfig, p: SecAggParams, dp_clip: float | None = None) -> dict[str, Any]:
     return {"length": cfg.length, "cohort": cfg.cohort, "bits": cfg.bits, "degree": cfg.degree,
             "threshold": cfg.threshold, "session": base64.b64encode(cfg.session).decode(),
-            "clip": p.clip, "max_weight": p.max_weight, "max_request_bytes": p.max_request_bytes}
+            "clip": p.clip, "max_weight": p.max_weight, "max_request_bytes": p.max_request_bytes, "dp_clip": dp_clip}
 
 
 class RequestParts:
@@ -140,10 +140,11 @@ def split_request(req: dict[str, Any], max_bytes: int) -> list[dict[str, Any]]:
 class SecAggRound:
     """The server's side of one round: protocol ids, the SecAggServer, stage bookkeeping."""
 
-    def __init__(self, numel: int, slots: int, params: SecAggParams, version: int, now: float):
+    def __init__(self, numel: int, slots: int, params: SecAggParams, version: int, now: float, dp_clip: float | None = None):
         from flotilla.secure.graph import default_degree
         degree = default_degree(slots) if params.degree == "auto" else params.degree
         self.params = params
+        self.dp_clip = dp_clip                   # user-level DP: devices clip their delta to this L2 norm
         self.version = version
         self.config = SecAggConfig(length=numel + 1, cohort=slots, bits=params.bits, degree=degree,
                                    threshold=params.threshold)
@@ -165,7 +166,7 @@ class SecAggRound:
         return self.server.stage
 
     def config_json(self) -> dict[str, Any]:
-        return _config_json(self.config, self.params)
+        return _config_json(self.config, self.params, self.dp_clip)
 
     def advance(self, now: float, stage_s: float, cohort: int) -> bool:
         """Close the current stage if it is due.  Returns True when the round is ready to finish.
@@ -188,14 +189,20 @@ class SecAggRound:
             return due or s.responders == s.u3
         return False
 
-    def finish(self) -> tuple[torch.Tensor, float]:
-        """(weighted mean of the survivors' clipped deltas, sum of their weights)."""
+    def finish(self, noise_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+               denominator: float | None = None) -> tuple[torch.Tensor, float]:
+        """(weighted mean of the survivors' clipped deltas, sum of their weights).  With user-level
+        DP (``noise_fn``, weights 1): the noised sum divided by ``denominator``, the expected cohort
+        (DP-FedAvg's release, as flotilla.secure.SecureAggregator does in the simulator)."""
         total = self.server.finish()
         dec = self.encoder.decode(total)
         weight_sum = float(dec[-1]) / self.encoder.clip
         if not weight_sum > 0:
             raise SecAggAborted("secure aggregation: the unmasked weight sum is not positive")
-        mean = torch.from_numpy(np.asarray(dec[:-1], dtype=np.float64) / weight_sum).to(torch.float32)
+        if noise_fn is None:
+            mean = torch.from_numpy(np.asarray(dec[:-1], dtype=np.float64) / weight_sum).to(torch.float32)
+        else:
+            mean = noise_fn(torch.from_numpy(np.asarray(dec[:-1], dtype=np.float32))).div_(denominator)
         return mean, weight_sum * self.params.max_weight
 
 
@@ -242,6 +249,8 @@ def run_device(call: Callable[[dict[str, Any]], dict[str, Any]], ticket: str, de
     client = SecAggClient(int(r["id"]), cfg)
     enc = FixedPointEncoder(float(c["clip"]), cfg.cohort, cfg.bits)
     weight = 1.0 if c.get("uniform") else float(weight)
+    if c.get("dp_clip"):        # user-level DP: this device's contribution to the sum has L2 norm <= S
+        delta = delta * min(1.0, float(c["dp_clip"]) / max(float(delta.norm()), 1e-12))
     factor = min(weight, float(c["max_weight"])) / float(c["max_weight"])
     if send("advertise", client.advertise()):
         return -1

@@ -118,7 +118,7 @@ class FlotillaServer:
         if config is not None and not (self.store.path / "config.yaml").exists():
             self.store.run_dir.write_config(config)
         weights = self.flat.flat.clone()
-        dp = None
+        dp = masked_release = None
         if privacy is not None:
             # User-level DP (flotilla.privacy.UserLevelSpec): DPFedAvg per round / DPFedBuff per buffer.
             from flotilla.network.dp import NetworkPrivacy
@@ -130,15 +130,17 @@ class FlotillaServer:
             dp = NetworkPrivacy(privacy, population=tokens.devices, mode=settings.mode, cohort=settings.cohort,
                                 buffer_size=settings.buffer_size, total_steps=settings.total_steps,
                                 accountant=accountant, seed=settings.seed)
-            if secure_buffer and settings.mode == "async":
+            if secure_masking is not None:
+                masked_release = dp.masked_release()   # the aggregator stays the plain mean of the one released step
+            elif secure_buffer and settings.mode == "async":
                 aggregator = dp.secure_aggregator(self.flat.numel, settings, lambda: self.coord.version, secure_max_norm)
             else:
                 fedbuff = None if settings.mode == "sync" else FedBuff(
                     self.flat.numel, settings.buffer_size, settings.staleness, normalize=settings.normalize,
                     max_staleness=settings.max_staleness, validate=False)
                 aggregator = dp.aggregator(self.flat.numel, fedbuff)
-        if secure_masking is not None and (secure_buffer or dp is not None or aggregator is not None):
-            raise ValueError("secure_aggregation: sync masking in flotilla serve runs without DP, the secure buffer or "
+        if secure_masking is not None and (secure_buffer or aggregator is not None):
+            raise ValueError("secure_aggregation: sync masking in flotilla serve runs without the secure buffer or "
                              "a custom aggregator")
         if secure_buffer:
             # Async only: devices seal updates to the buffer; sync SecAgg (the 4-round masking
@@ -158,7 +160,7 @@ class FlotillaServer:
         self.coord = Coordinator(
             weights, ServerOptimizer(server, self.flat.numel), settings, self.store,
             aggregator=aggregator, device_index=tokens.index, on_step=self._on_step, privacy=dp,
-            sealed=secure_buffer, masked=secure_masking,
+            sealed=secure_buffer, masked=secure_masking, masked_release=masked_release,
         )
         # metrics written after the snapshot we resumed from are dropped (those steps are redone)
         history = self.store.run_dir.truncate_metrics(self.coord.version) if self.store.run_dir.metrics_file.exists() else []
@@ -547,6 +549,9 @@ def _masking(cfg):
         return None
     from flotilla.network.secagg import SecAggParams
     max_weight = 1.0 if cfg.weighting == "uniform" else float(sa.max_weight or cfg.network.max_examples)
-    return SecAggParams(clip=sa.clip or 1.0, max_weight=max_weight, bits=sa.bits,
+    user = cfg.privacy.user_level if cfg.privacy is not None else None
+    # the fixed-point range: with user-level DP a clipped delta's coordinates lie within clip_norm
+    clip = sa.clip or (user.clip_norm if user is not None else 1.0)
+    return SecAggParams(clip=clip, max_weight=max_weight, bits=sa.bits,
                         degree=None if sa.degree == "full" else sa.degree, threshold=sa.threshold,
                         max_request_bytes=int(cfg.network.max_message_mb * 2**20) - 1024)
