@@ -1,14 +1,17 @@
 """User-level DP and the async secure buffer in network mode (in-process server over loopback TLS)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import threading
 
 import grpc
 import pytest
 import torch
 
 from flotilla.client import Connection, Refused
+from flotilla.core.client import ClientSpec
 from flotilla.privacy import UserLevelSpec, epsilon
 from flotilla.network.auth import TokenTable
 from flotilla.network.coordinator import CoordinatorSettings
@@ -156,8 +159,12 @@ def test_serve_config_privacy_defaults_to_no_amplification_and_refuses_what_it_c
     server = server_from_config(load_config(path, ["privacy.user_level.amplification=true"]), state_dir=tmp_path / "b")
     assert server.coord.privacy.plan.sample_rate == 0.5                        # cohort / enrolled devices, as asked
     server.store.close()
-    with pytest.raises(ConfigError, match="privacy.sample_level: DP-SGD runs on the devices"):
-        server_from_config(load_config(path, ["privacy.sample_level={}"]), state_dir=tmp_path / "c")
+    # sample-level DP: the devices run DP-SGD; every assignment carries its settings
+    server = server_from_config(load_config(path, ["privacy.sample_level={noise_multiplier: 0.8, max_grad_norm: 0.5}"]),
+                                state_dir=tmp_path / "c")
+    assert json.loads(server.client_json)["dp_sgd"] == {"noise_multiplier": 0.8, "max_grad_norm": 0.5, "delta": 1e-5,
+                                                        "accountant": "rdp", "secure_mode": False}
+    server.store.close()
     with pytest.raises(ConfigError, match="sampling: poisson needs the server to draw"):
         server_from_config(load_config(path, ["privacy.user_level.sampling=poisson"]), state_dir=tmp_path / "d")
     with pytest.raises(ConfigError, match="delta"):
@@ -337,3 +344,72 @@ def test_secure_buffer_enforces_the_networks_max_update_norm(pki, tmp_path):
                 c0.upload(assignment(c0), torch.full((NUMEL,), 1.0), 10)     # norm sqrt(18) > 1
             assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "max_norm" in str(e.value)
             assert c0.upload(assignment(c0), torch.full((NUMEL,), 0.1), 10) == (0, 0)
+
+
+def test_devices_run_dp_sgd_seeded_on_the_device_and_account_their_own_epsilon(pki, tmp_path):
+    from torch import nn
+
+    from flotilla.client import Device
+    from flotilla.privacy import SampleLevelSpec
+    from flotilla.privacy.accountant import dpsgd_schedule
+    from tests.helpers import synthetic_dataset
+    data = synthetic_dataset(num_clients=2, per_client=20)
+    sample = SampleLevelSpec(noise_multiplier=1.1, max_grad_norm=1.0, delta=1e-3)
+    server = FlotillaServer(tiny_model(), tls=pki.tls(), tokens=TokenTable.load(pki.paths["tokens_json"]),
+                            state_dir=tmp_path / "s", fsync=False, linger_s=1.0, dp_sgd=sample,
+                            client=ClientSpec(epochs=1, batch_size=5, lr=0.1),
+                            settings=CoordinatorSettings(mode="sync", cohort=2, over_selection=1.0, total_steps=3,
+                                                         selection_window_s=0.0, retry_after_s=0.02))
+    reports = [None, None]
+    with ServerThread(server) as st:
+        devices = [Device(f"localhost:{st.port}", pki.token(i), nn.Linear(5, 3), data, client=i, ca=pki.ca) for i in range(2)]
+        threads = [threading.Thread(target=lambda i=i: reports.__setitem__(i, devices[i].run())) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert status(st)["version"] == 3
+    q, steps = dpsgd_schedule(20, 5, 1)
+    for r in reports:     # three participations of `steps` DP-SGD steps each, composed on the device
+        assert len(r.accepted) == 3 and not r.refused
+        assert math.isclose(r.epsilon, epsilon(1.1, q, 3 * steps, 1e-3), rel_tol=1e-9)
+        assert math.isclose(r.accepted[0]["epsilon"], epsilon(1.1, q, steps, 1e-3), rel_tol=1e-9)
+    # the batch sampling and noise come from the device, not from the assignment's seed: the same
+    # assignment trained twice gives two different deltas (plain SGD would give the same one twice)
+    dev = devices[0]
+    a = dataclasses.replace(_an_assignment(), client=ClientSpec(epochs=1, batch_size=5, lr=0.1), dp_sgd=sample)
+    dev.start.copy_(server.coord.weights)
+    dev._train(a)
+    first = dev.delta.clone()
+    dev._train(a)
+    assert not torch.equal(first, dev.delta)
+    plain = dataclasses.replace(a, dp_sgd=None)
+    dev2 = Device("localhost:1", pki.token(1), nn.Linear(5, 3), data, client=0, ca=pki.ca)
+    dev2._prepare({}, None)
+    dev2.start.copy_(server.coord.weights)
+    dev2._train(plain)
+    first = dev2.delta.clone()
+    dev2._train(plain)
+    assert torch.equal(first, dev2.delta)
+
+
+def _an_assignment():
+    from flotilla.network.client import Assignment
+    return Assignment("id", "ticket", 0, 0, 1234, ClientSpec(), 18, 60.0)
+
+
+def test_a_recurrent_model_is_made_dp_compatible_on_both_sides_so_the_flat_vectors_agree(pki, tmp_path):
+    from flotilla.client import Device
+    from flotilla.privacy import SampleLevelSpec
+    from flotilla.tasks.models import CharLSTM
+    from tests.helpers import synthetic_dataset
+    sample = SampleLevelSpec()
+    torch.manual_seed(0)
+    server = FlotillaServer(CharLSTM(20, 4, 8), tls=pki.tls(), tokens=TokenTable.load(pki.paths["tokens_json"]),
+                            state_dir=tmp_path / "s", fsync=False, dp_sgd=sample, settings=CoordinatorSettings())
+    dev = Device("localhost:1", pki.token(0), CharLSTM(20, 4, 8), synthetic_dataset(num_clients=1), ca=pki.ca)
+    dev._prepare({}, sample)
+    names = lambda flat: [(n, tuple(p.shape)) for n, p in flat.model.named_parameters()]   # noqa: E731
+    assert names(server.flat) == names(dev.flat)
+    assert [n for n, _ in names(dev.flat)][1:4] == ["lstm.weight_ih_l0", "lstm.bias_ih_l0", "lstm.weight_hh_l0"]
+    server.store.close()

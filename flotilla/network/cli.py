@@ -123,7 +123,8 @@ def _join(args) -> int:
                     max_tasks=args.max_tasks, on_event=event, **tls)
     report = device.run()
     print(json.dumps({"event": "finished", "tasks": report.tasks, "accepted": len(report.accepted),
-                      "refused": len(report.refused), "reconnects": report.reconnects}), flush=True)
+                      "refused": len(report.refused), "reconnects": report.reconnects,
+                      **({} if report.epsilon is None else {"epsilon": report.epsilon})}), flush=True)
     return 0
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -67,6 +68,7 @@ class Assignment:
     seal_weight: float = 0.0         # sealed weight: this, or num_examples when 0
     clip_norm: float = 0.0           # > 0: clip the delta to this L2 norm before sealing (user-level DP)
     secagg: bool = False             # sync secure aggregation: run the masking protocol instead of uploading
+    dp_sgd: Any = None               # sample-level DP (flotilla.privacy.SampleLevelSpec): train with DP-SGD
 
 
 @dataclass
@@ -141,10 +143,15 @@ class Connection:
         a = None
         if action == "train":
             x = r.assignment
+            spec = json.loads(x.client_json)
+            dp_sgd = spec.pop("dp_sgd", None)
+            if dp_sgd is not None:
+                from flotilla.privacy.sample import SampleLevelSpec
+                dp_sgd = SampleLevelSpec(**dp_sgd)
             a = Assignment(x.assignment_id, x.ticket, x.version, x.round, x.seed,
-                           ClientSpec(**json.loads(x.client_json)), x.numel, x.expires_in_s,
+                           ClientSpec(**spec), x.numel, x.expires_in_s,
                            r.device_id, bytes(x.buffer_key), bytes(x.buffer_nonce), x.seal_weight, x.clip_norm,
-                           r.message == "secagg")
+                           r.message == "secagg", dp_sgd)
         return CheckIn(action, a, r.retry_after_s, json.loads(r.task_json or "{}"), r.device_id, r.message)
 
     def download(self, version: int, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -326,6 +333,7 @@ class DeviceReport:
     refused: list[str] = field(default_factory=list)
     reconnects: int = 0
     tasks: int = 0
+    epsilon: float | None = None     # sample-level DP: this device's epsilon over all its DP-SGD steps
 
 
 class Device:
@@ -360,23 +368,61 @@ class Device:
         self.flat: FlatModel | None = None
         self.loss_fn = loss_fn
         self._trainer: LocalTrainer | None = None
+        self._dp_compatible = False
+        self.dp_steps: dict[tuple, int] = {}      # (noise multiplier, sample rate, delta, accountant) -> DP-SGD steps
         self.conn = Connection(server, token, ca=ca, cert=cert, key=key, server_name=server_name, compression=compression)
         self.backoff = backoff or Backoff()
         self.max_tasks = max_tasks
         self.on_event = on_event or (lambda kind, info: None)
 
-    def _prepare(self, task: dict[str, Any]) -> None:
+    def _prepare(self, task: dict[str, Any], dp_sgd) -> None:
         if self.flat is not None:
+            if (dp_sgd is not None) != self._dp_compatible:
+                raise ValueError("the server switched sample-level DP on or off mid-run; restart the device")
             return
         model = self._model if isinstance(self._model, nn.Module) else self._model(task)
+        self._dp_compatible = dp_sgd is not None
+        if dp_sgd is not None:   # as the server did: recurrent layers become Opacus' (parameter order changes)
+            from flotilla.privacy.sample import make_dp_compatible
+            make_dp_compatible(model)
         self.flat = FlatModel(model)
         self.start = torch.empty(self.flat.numel)
         self.delta = torch.empty(self.flat.numel)
 
-    def _trainer_for(self, spec: ClientSpec) -> LocalTrainer:
-        if self._trainer is None or self._trainer.spec != spec:
-            self._trainer = LocalTrainer(self.flat, self.loss_fn, spec)
+    def _trainer_for(self, spec: ClientSpec, dp_sgd) -> LocalTrainer:
+        if self._trainer is None or self._trainer.spec != spec or getattr(self._trainer, "dp", None) != dp_sgd:
+            if hasattr(self._trainer, "close"):
+                self._trainer.close()
+            if dp_sgd is None:
+                self._trainer = LocalTrainer(self.flat, self.loss_fn, spec)
+            else:
+                from flotilla.privacy.sample import DPLocalTrainer
+                self._trainer = DPLocalTrainer(self.flat, self.loss_fn, spec, dp_sgd)
         return self._trainer
+
+    def _train(self, a: Assignment):
+        """Local training for assignment ``a`` (into ``self.delta``).  With DP-SGD the batch sampling
+        and noise are seeded on the device, never from the server's seed (the server must not be
+        able to replay the noise), and the device accounts its own epsilon over every DP-SGD step."""
+        trainer = self._trainer_for(a.client, a.dp_sgd)
+        if a.dp_sgd is None:
+            return trainer.train(self.dataset, self.client, self.start, a.seed, self.delta)
+        r = trainer.train(self.dataset, self.client, self.start, secrets.randbits(62), self.delta)
+        trainer.results.clear()
+        key = (a.dp_sgd.noise_multiplier, r.sample_rate, a.dp_sgd.delta, a.dp_sgd.accountant)
+        self.dp_steps[key] = self.dp_steps.get(key, 0) + r.steps
+        return r
+
+    def epsilon(self) -> float | None:
+        """This device's sample-level epsilon over all its DP-SGD steps so far (None without DP-SGD).
+        Steps under different settings compose; the reported delta is the largest of them."""
+        if not self.dp_steps:
+            return None
+        from flotilla.privacy.accountant import epsilon_of_history
+        delta = max(k[2] for k in self.dp_steps)
+        kinds = {k[3] for k in self.dp_steps}
+        return epsilon_of_history([(z, q, t) for (z, q, _, _), t in self.dp_steps.items()], delta,
+                                  kinds.pop() if len(kinds) == 1 else "rdp")
 
     def _retry(self, report: DeviceReport, fn, *args):
         while True:
@@ -405,7 +451,7 @@ class Device:
                     time.sleep(ci.retry_after_s * random.uniform(0.5, 1.5))
                     continue
                 a = ci.assignment
-                self._prepare(ci.task)
+                self._prepare(ci.task, a.dp_sgd)
                 if a.numel != self.flat.numel:
                     raise ValueError(f"the server's model has {a.numel} parameters, this device's model has {self.flat.numel}")
                 try:
@@ -413,8 +459,9 @@ class Device:
                 except Refused as e:   # e.g. the version moved on between check-in and download
                     report.refused.append(str(e))
                     continue
-                r = self._trainer_for(a.client).train(self.dataset, self.client, self.start, a.seed, self.delta)
+                r = self._train(a)
                 report.tasks += 1
+                report.epsilon = self.epsilon()
                 try:
                     seq, version = self._upload_once(report, a, r)
                 except Refused as e:
@@ -422,10 +469,15 @@ class Device:
                     self.on_event("refused", {"assignment": a.id, "error": str(e)})
                     continue
                 info = {"seq": seq, "version": version, "assignment": a.id, "base_version": a.version}
+                if report.epsilon is not None:
+                    info["epsilon"] = report.epsilon
                 report.accepted.append(info)
                 self.on_event("accepted", info)
         finally:
             self.conn.close()
+            if hasattr(self._trainer, "close"):   # DP-SGD: Opacus' hooks come off the user's model
+                self._trainer.close()
+                self._trainer = None
         return report
 
     def _upload_once(self, report: DeviceReport, a: Assignment, r) -> tuple[int, int]:

@@ -103,14 +103,21 @@ class FlotillaServer:
         secure_buffer: bool = False,
         secure_max_norm: float | None = None,
         secure_masking=None,
+        dp_sgd=None,
     ):
+        if dp_sgd is not None:
+            # sample-level DP runs on the devices (flotilla.client.Device); both sides make the model
+            # Opacus-compatible (nn.LSTM -> DPLSTM reorders parameters) so their flat vectors agree
+            from flotilla.privacy.sample import make_dp_compatible
+            make_dp_compatible(model)
         self.flat = FlatModel(model)
         self.tls = tls
         self.tokens = tokens
         self.limits = limits
         self.compression = wire.compression(compression)
         self.task_json = json.dumps(task or {})
-        self.client_json = json.dumps(asdict(client))
+        # what every assignment carries: the local training settings, and DP-SGD's (SampleLevelSpec) if on
+        self.client_json = json.dumps({**asdict(client), **({"dp_sgd": asdict(dp_sgd)} if dp_sgd is not None else {})})
         self.evaluate = evaluate
         self.eval_every = eval_every
         self.linger_s = linger_s
@@ -480,17 +487,15 @@ def server_from_config(cfg, state_dir: str | Path | None = None) -> FlotillaServ
                           "(set over-selection and deadlines under network:)")
     if cfg.mode == "async" and cfg.async_.algorithm != "fedbuff":
         raise ConfigError(f"invalid config:\n  async.algorithm: the network server runs fedbuff, not {cfg.async_.algorithm}")
-    user = None
+    user = sample = None
     if cfg.privacy is not None:
         from flotilla.network.dp import network_user_level
         from flotilla.privacy import PrivacyError, PrivacySpec
-        if cfg.privacy.sample_level is not None:
-            raise ConfigError("invalid config:\n  privacy.sample_level: DP-SGD runs on the devices, and the device SDK "
-                              "(flotilla join / flotilla.client.Device) trains without it; flotilla serve supports "
-                              "privacy.user_level only (server-side clipping and noise, see docs/deployment.md)")
         try:
             spec = PrivacySpec.from_dict(cfg.privacy.model_dump())
-            user = network_user_level(spec.user_level, "amplification" in cfg.privacy.user_level.model_fields_set)
+            sample = spec.sample_level          # DP-SGD on the devices: the assignment carries its settings
+            if spec.user_level is not None:
+                user = network_user_level(spec.user_level, "amplification" in cfg.privacy.user_level.model_fields_set)
         except PrivacyError as e:
             raise ConfigError(f"invalid config:\n  {e}") from None
     if cfg.threads:
@@ -517,14 +522,14 @@ def server_from_config(cfg, state_dir: str | Path | None = None) -> FlotillaServ
     if state_dir is None:
         state_dir = net.state_dir or Path(cfg.output.dir) / (cfg.output.name or f"{cfg.task.name}-serve")
     try:
-        return _build_server(task, net, cfg, state_dir, settings, user, evaluate_fn if clients else None)
+        return _build_server(task, net, cfg, state_dir, settings, user, sample, evaluate_fn if clients else None)
     except ValueError as e:
-        if user is None or type(e).__name__ != "PrivacyError":
+        if cfg.privacy is None or type(e).__name__ != "PrivacyError":
             raise
         raise ConfigError(f"invalid config:\n  {e}") from None
 
 
-def _build_server(task, net, cfg, state_dir, settings, user, evaluate_fn) -> FlotillaServer:
+def _build_server(task, net, cfg, state_dir, settings, user, sample, evaluate_fn) -> FlotillaServer:
     c, s = cfg.client, cfg.server
     return FlotillaServer(
         task.model, tls=TLSFiles(net.tls.cert, net.tls.key, net.tls.ca, net.tls.require_client_cert),
@@ -537,7 +542,7 @@ def _build_server(task, net, cfg, state_dir, settings, user, evaluate_fn) -> Flo
         config=cfg.model_dump(mode="json", by_alias=True), fsync=net.fsync, linger_s=net.linger_s,
         privacy=user, accountant=cfg.privacy.accountant if cfg.privacy is not None else "rdp",
         secure_buffer=cfg.secure_aggregation is not None and cfg.mode == "async",
-        secure_masking=_masking(cfg),
+        secure_masking=_masking(cfg), dp_sgd=sample,
         secure_max_norm=cfg.secure_aggregation.max_norm if cfg.secure_aggregation is not None else None,
     )
 

@@ -47,17 +47,25 @@ def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: floa
 
     ``noise_multiplier == 0`` (no noise) gives ``inf``; ``steps == 0`` gives 0.
     """
+    return epsilon_of_history([(noise_multiplier, sample_rate, steps)], delta, kind)
+
+
+def epsilon_of_history(history: list[tuple[float, float, int]], delta: float, kind: str = "rdp") -> float:
+    """epsilon at ``delta`` of a composition of ``(noise_multiplier, sample_rate, steps)`` runs of the
+    subsampled Gaussian (e.g. one device's DP-SGD over several participations)."""
     _check(kind)
-    if steps <= 0:
+    history = [(float(z), float(q), int(t)) for z, q, t in history if int(t) > 0]
+    if not history:
         return 0.0
-    if noise_multiplier <= 0:
+    if any(z <= 0 for z, _, _ in history):
         return math.inf
     if kind == "rdp":
         # Exactly RDPAccountant.get_epsilon, with the per-step RDP curve cached: T steps cost T x one step.
-        eps, _ = analysis.get_privacy_spent(orders=_ALPHAS, rdp=_rdp_one_step(float(noise_multiplier), float(sample_rate)) * int(steps), delta=delta)
+        rdp = sum(_rdp_one_step(z, q) * t for z, q, t in history)
+        eps, _ = analysis.get_privacy_spent(orders=_ALPHAS, rdp=rdp, delta=delta)
         return max(float(eps), 0.0)  # the RDP conversion can dip below 0 at large delta: (0, delta)-DP holds
     acc = create_accountant(kind)
-    acc.history = [(float(noise_multiplier), float(sample_rate), int(steps))]
+    acc.history = history
     with warnings.catch_warnings():
         # RDP: "optimal order is the largest alpha" only means the bound could be a bit tighter.
         warnings.simplefilter("ignore")
