@@ -209,6 +209,9 @@ class ExperimentConfig(Strict):
             pop = (self.fleet or FleetConfig()).population
             if self.async_.concurrency > pop:
                 raise ValueError(f"async.concurrency: {self.async_.concurrency} is larger than fleet.population={pop}")
+            if self.async_.arrival_rate is not None and self.network is not None:
+                raise ValueError("async.arrival_rate: simulates devices checking in; in flotilla serve real devices check "
+                                 "in by themselves; remove it")
         elif self.async_ is not None:
             raise ValueError("async: only used with mode: async (set mode: async or remove the section)")
         if self.fleet is not None and self.mode == "sync":

@@ -143,6 +143,70 @@ def test_async_keeps_concurrency_in_flight_and_same_seed_same_trace():
     assert kinds == {"start", "done", "drop"}
 
 
+def test_poisson_arrivals_start_trips_at_the_rate_up_to_the_cap():
+    rate = 2.0                                  # arrivals per simulated second
+    s = AsyncScheduler(fleet(seed=3), 10_000, arrival_rate=rate, trace=True)   # the cap never binds
+    s.fill()
+    while s.now < 2000.0:
+        s.pop()
+        s.fill()
+    n, t = s.arrivals, s.now
+    assert s.arrivals_missed == 0 and s.trips_started == n
+    assert abs(n - rate * t) < 5 * math.sqrt(rate * t)              # Poisson count: mean and sd sqrt(rate t)
+    starts = [e[0] for e in s.trace if e[1] == "start"]
+    gaps = np.diff(starts)
+    assert abs(gaps.mean() - 1 / rate) < 5 * (1 / rate) / math.sqrt(len(gaps))
+    assert abs(np.median(gaps) - math.log(2) / rate) < 0.1 / rate   # exponential gaps, not a fixed period
+    # a cap of 3 in flight: arrivals that find 3 trips running are lost, never more than 3 at once
+    capped = AsyncScheduler(fleet(seed=3), 3, arrival_rate=rate, trace=True)
+    capped.fill()
+    for _ in range(3000):
+        capped.pop()
+        assert len(capped.busy) <= 3
+        capped.fill()
+    assert capped.arrivals_missed > 0 and capped.trips_started == capped.arrivals - capped.arrivals_missed
+    # same seed, same trace; arrivals never start a trip in closed hours
+    night = [0.0] * 6 + [1.0] * 18
+    def run(seed):
+        a = AsyncScheduler(fleet(seed=seed, diurnal=night), 50, arrival_rate=0.05, trace=True)
+        a.fill()
+        while a.now < 3 * 86400:
+            a.pop()
+            a.fill()
+        return a
+    a, b = run(7), run(7)
+    assert a.trace == b.trace and a.trace != run(8).trace
+    assert all((t % 86400) >= 6 * 3600 for t, k, *_ in a.trace if k == "start")
+    assert a.arrivals_missed > 0                                     # the night's arrivals find nobody
+
+
+def test_poisson_arrivals_resume_bit_identically(tmp_path):
+    data = synthetic_dataset(num_clients=10, per_client=20)
+
+    def build():
+        torch.manual_seed(0)
+        f = make_fleet(population=500, seed=9, train_sizes=data.train_sizes.numpy(), model_bytes=72, dropout=0.1,
+                       speed={"dist": "lognormal", "median": 10, "sigma": 1.0})
+        return AsyncFleetSim(nn.Linear(5, 3), data, F.cross_entropy, fleet=f, concurrency=8, buffer_size=4,
+                             client=ClientSpec(steps=2, batch_size=8, lr=0.1), arrival_rate=0.5)
+
+    whole = build()
+    hist = [whole.step() for _ in range(8)]
+    assert hist[-1]["arrivals"] > hist[0]["arrivals"] and "arrivals_missed" in hist[-1]
+    part = build()
+    for _ in range(4):
+        part.step()
+    rd = RunDir(tmp_path)
+    rd.path.mkdir(parents=True, exist_ok=True)
+    rd.save_state(part.state_dict(), {"round": part.round})
+    resumed = build()
+    resumed.load_state_dict(rd.load_state())
+    rest = [resumed.step() for _ in range(4)]
+    assert torch.equal(whole.weights, resumed.weights)
+    strip = lambda r: {k: v for k, v in r.items() if k != "concurrency"}  # noqa: E731
+    assert [strip(r) for r in hist[4:]] == [strip(r) for r in rest]
+
+
 def test_sync_round_discards_exactly_the_late_results():
     f = fleet(dropout=0.2, speed={"dist": "lognormal", "median": 5, "sigma": 1.5})
     s = SyncScheduler(f, trace=True)

@@ -27,6 +27,10 @@ FLEET = {"population": 10_000, "speed": {"dist": "lognormal", "median": 5, "sigm
     ({"async": {"concurrency": 3}}, "async: only used with mode: async"),
     ({"mode": "async", "async": {"staleness": {"kind": "cubic"}}}, "async.staleness.kind"),
     ({"mode": "async", "async": {"mixing": 1.5}}, "async.mixing"),
+    ({"mode": "async", "async": {"arrival_rate": 0}}, "async.arrival_rate"),
+    ({"mode": "async", "async": {"arrival_rate": float("inf")}}, "async.arrival_rate"),
+    ({"mode": "async", "async": {"arrival_rate": 1.0}, "network": {"tls": {"cert": "a.pem", "key": "b.key"}, "tokens": "t.json"}},
+     "async.arrival_rate: simulates devices checking in"),
     ({"mode": "async", "fleet": {"speed": {"dist": "lognormal", "median": 3}}}, "fleet.speed: lognormal needs sigma"),
 ])
 def test_impossible_fleet_settings_are_refused_with_the_key_named(patch, message):
@@ -76,6 +80,11 @@ def test_fleet_runs_resume_and_report_by_simulated_time(tmp_path, capsys):
     assert [strip(r) for r in resumed] == [strip(r) for r in records]
 
     fedasync = _run(tmp_path, "fedasync", {**fedbuff, "async": {"algorithm": "fedasync", "concurrency": 8}})
+    # Poisson arrivals (FLSim's async model): fewer than `concurrency` in flight on average, counted arrivals
+    poisson = _run(tmp_path, "poisson", {**fedbuff, "async": {**fedbuff["async"], "arrival_rate": 0.2}})
+    last = [json.loads(x) for x in (poisson / "metrics.jsonl").read_text().splitlines()][-1]
+    assert last["arrivals"] >= last["trips"] > 0 and last["concurrency"] < 8
+    assert last["arrivals"] - last["arrivals_missed"] == last["trips"]
     sync = _run(tmp_path, "sync", {"fleet": {**FLEET, "deadline_s": 30.0}})
     last = [json.loads(x) for x in (sync / "metrics.jsonl").read_text().splitlines()][-1]
     assert last["trips"] == 6 * 6  # ceil(4 x 1.3) selected per round

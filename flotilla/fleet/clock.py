@@ -10,7 +10,10 @@ and a scheduler can be checkpointed as a handful of counters plus the trips in f
 
 * :class:`AsyncScheduler` keeps ``concurrency`` trips in flight: the caller pops the next trip
   end (a completion or a dropout) and calls :meth:`~AsyncScheduler.fill` to start new trips
-  from the currently eligible devices.
+  from the currently eligible devices.  With ``arrival_rate``, trips instead start at the events
+  of a Poisson process of that rate (devices checking in on their own, as FLSim's async
+  simulation has them), up to ``concurrency`` in flight; an arrival that finds the cap reached
+  or no eligible device is lost (``arrivals_missed``).
 * :class:`SyncScheduler` runs synchronous rounds: over-selects a cohort at the round start and
   closes the round at the ``cohort``-th completion or at the deadline; results arriving after
   the close are discarded (wasted work), and their devices stay busy until they finish.
@@ -26,6 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from flotilla.fleet.fleet import Fleet
+from flotilla.fleet.population import STREAM_ARRIVAL, stream_key, uniform_scalar
 
 INF = math.inf
 DAY_S = 86400.0
@@ -146,13 +150,15 @@ class AsyncScheduler(_Scheduler):
 
     Events in the heap are tuples ``(t_end, seq, trip_id, device, client, version, t_start,
     dropped)``; ``trip_id = -1`` marks a wake-up (retry starting trips when no device was
-    eligible).  ``version`` is whatever the caller set in :attr:`version` when the trip started
+    eligible), ``trip_id = -2`` the next arrival (with ``arrival_rate``).  ``version`` is whatever the caller set in :attr:`version` when the trip started
     (the model version the client downloaded); :attr:`refs` counts trips in flight per version.
     """
 
-    def __init__(self, fleet: Fleet, concurrency: int, **kw):
+    def __init__(self, fleet: Fleet, concurrency: int, *, arrival_rate: float | None = None, **kw):
         if concurrency < 1:
             raise ValueError(f"async.concurrency: must be >= 1, got {concurrency}")
+        if arrival_rate is not None and not (math.isfinite(arrival_rate) and arrival_rate > 0):
+            raise ValueError(f"async.arrival_rate: must be a positive number of arrivals per simulated second, got {arrival_rate}")
         if concurrency > fleet.size:
             raise ValueError(f"async.concurrency: {concurrency} is larger than fleet.population={fleet.size}")
         super().__init__(fleet, **kw)
@@ -163,13 +169,23 @@ class AsyncScheduler(_Scheduler):
         self.refs: dict[int, int] = {}
         self.area = 0.0          # integral of (trips in flight) d(simulated time)
         self.wake_pending = False
+        self.arrival_rate = arrival_rate
+        self.arrivals = 0            # Poisson arrivals so far (the counter of the next gap's uniform)
+        self.arrivals_missed = 0     # arrivals that found `concurrency` trips in flight or no eligible device
+        self.arrival_pending = False
+        self._arrival_key = stream_key(fleet.population.seed, STREAM_ARRIVAL)
 
     @property
     def in_flight(self) -> int:
         return len(self.busy)
 
     def fill(self) -> int:
-        """Start trips until ``concurrency`` are in flight or no device is eligible; return how many."""
+        """Start trips until ``concurrency`` are in flight or no device is eligible; return how many.
+        With ``arrival_rate`` trips start only at arrivals: make sure the next one is scheduled."""
+        if self.arrival_rate is not None:
+            if not self.arrival_pending:
+                self._schedule_arrival()
+            return 0
         started = 0
         while len(self.busy) < self.concurrency:
             i = self._eligible_index()
@@ -182,6 +198,24 @@ class AsyncScheduler(_Scheduler):
             self._start(i)
             started += 1
         return started
+
+    def _schedule_arrival(self) -> None:
+        gap = -math.log(uniform_scalar(self._arrival_key, self.arrivals)) / self.arrival_rate
+        heapq.heappush(self.heap, (self.now + gap, self.seq, -2, -1, -1, -1, self.now, False))
+        self.seq += 1
+        self.arrival_pending = True
+
+    def _arrive(self) -> None:
+        """One Poisson arrival: a trip starts if the cap allows and an eligible device is idle."""
+        self.arrival_pending = False
+        self.arrivals += 1
+        i = self._eligible_index() if len(self.busy) < self.concurrency else None
+        if i is None:
+            self.arrivals_missed += 1
+            self._stall_check()
+        else:
+            self._start(i)
+        self._schedule_arrival()
 
     def _start(self, i: int) -> None:
         now, v = self.now, self.version
@@ -208,6 +242,9 @@ class AsyncScheduler(_Scheduler):
             t = ev[0]
             self.area += len(self.busy) * (t - self.now)
             self.now = t
+            if ev[2] == -2:
+                self._arrive()
+                continue
             if ev[2] < 0:  # wake-up
                 self.wake_pending = False
                 self._stall_check()
@@ -234,6 +271,7 @@ class AsyncScheduler(_Scheduler):
             "ev_dropped": np.array([e[7] for e in h], dtype=np.int64),
             "scalars_f": np.array([self.now, self.area, self._last_start], dtype=np.float64),
             "scalars_i": np.array([self.next_candidate, self.seq, self.version, self.trips_started, int(self.wake_pending)], dtype=np.int64),
+            "arrivals": np.array([self.arrivals, self.arrivals_missed, int(self.arrival_pending)], dtype=np.int64),
         }
 
     def load_state_arrays(self, s: dict[str, np.ndarray]) -> None:
@@ -245,6 +283,9 @@ class AsyncScheduler(_Scheduler):
         self.now, self.area, self._last_start = (float(x) for x in s["scalars_f"])
         k, self.seq, self.version, self.trips_started, wake = (int(x) for x in s["scalars_i"])
         self.wake_pending = bool(wake)
+        if "arrivals" in s:
+            self.arrivals, self.arrivals_missed, pending = (int(x) for x in s["arrivals"])
+            self.arrival_pending = bool(pending)
         self._seek(k)
         self.busy = {e[3] for e in self.heap if e[2] >= 0}
         self.refs = {}

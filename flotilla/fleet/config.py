@@ -110,16 +110,17 @@ class StalenessConfig(_Strict):
 
 class AsyncConfig(_Strict):
     algorithm: Literal["fedbuff", "fedasync"] = Field("fedbuff", description="buffered (FedBuff) or per-update mixing (FedAsync)")
-    concurrency: int = Field(100, ge=1, description="clients kept in flight (must not exceed fleet.population)")
+    concurrency: int = Field(100, ge=1, description="clients kept in flight (must not exceed fleet.population); with arrival_rate: the most in flight")
+    arrival_rate: float | None = Field(None, gt=0, description="clients check in as a Poisson process of this many per simulated second (FLSim's async model); an arrival finding `concurrency` in flight or no eligible device is lost. Default: a new trip starts as soon as one ends")
     buffer_size: int = Field(10, ge=1, description="fedbuff: K, updates per server step")
     normalize: Literal["mean", "sum"] = Field("mean", description="fedbuff: divide the buffer by its total example weight (mean) or not (sum = K x mean)")
     staleness: StalenessConfig = StalenessConfig()
     max_staleness: int | None = Field(None, ge=0, description="drop updates staler than this (server versions)")
     mixing: float = Field(0.6, gt=0, le=1, description="fedasync: alpha in w = (1 - alpha s(tau)) w + alpha s(tau) w_client")
 
-    @field_validator("mixing")
+    @field_validator("mixing", "arrival_rate")
     @classmethod
     def _finite(cls, v):
-        if not math.isfinite(v):
+        if v is not None and not math.isfinite(v):
             raise ValueError("must be finite")
         return v

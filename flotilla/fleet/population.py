@@ -35,6 +35,7 @@ STREAM_DROP = 11         # trip -> drops out?  (11: whether, 12: when)
 STREAM_SESSION = 13      # trip -> session length (13, 14)
 STREAM_PER_EXAMPLE = 15  # trip -> per-example duration (15, 16)
 STREAM_EXTRA = 17        # trip -> extra duration (17, 18)
+STREAM_ARRIVAL = 19      # arrival k -> gap to arrival k + 1 (Poisson arrivals)
 
 
 def mix64(x: int) -> int:

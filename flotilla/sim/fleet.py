@@ -128,12 +128,13 @@ class AsyncFleetSim(_FleetAlgorithm):
         seed: int = 0,
         null_client: bool = False,
         trace: bool = False,
+        arrival_rate: float | None = None,
     ):
         if algorithm not in ("fedbuff", "fedasync"):
             raise ValueError(f"async.algorithm: must be 'fedbuff' or 'fedasync', got {algorithm!r}")
         super().__init__(model, dataset, loss_fn, fleet, client, weighting, seed, null_client)
         self.algorithm = algorithm
-        self.sched = AsyncScheduler(fleet, concurrency, trace=trace)
+        self.sched = AsyncScheduler(fleet, concurrency, trace=trace, arrival_rate=arrival_rate)
         self.max_staleness = max_staleness
         numel = self.flat.numel
         if algorithm == "fedbuff":
@@ -263,6 +264,7 @@ class AsyncFleetSim(_FleetAlgorithm):
             "staleness_max": ordered[-1] if n else None,
             "concurrency": (sched.area - area_begin) / dt if dt > 0 else float(sched.in_flight),
             "versions_in_memory": len(snapshots) + 1,
+            **({} if sched.arrival_rate is None else {"arrivals": sched.arrivals, "arrivals_missed": sched.arrivals_missed}),
             "train_loss": loss_sum / seen if seen else None,
             "examples_seen": seen,
         }
@@ -466,7 +468,7 @@ def build_fleet_algorithm(cfg, task, **kw):
         return AsyncFleetSim(task.model, task.dataset, task.loss_fn, fleet=fleet, concurrency=a.concurrency,
                              algorithm=a.algorithm, buffer_size=a.buffer_size, staleness=st, normalize=a.normalize,
                              max_staleness=a.max_staleness, mixing=a.mixing, client=client, server=server,
-                             weighting=cfg.weighting, seed=cfg.seed, **kw)
+                             weighting=cfg.weighting, seed=cfg.seed, arrival_rate=a.arrival_rate, **kw)
     return SyncFleetSim(task.model, task.dataset, task.loss_fn, fleet=fleet, cohort=cfg.cohort,
                         over_selection=fcfg.over_selection, deadline_s=fcfg.deadline_s, client=client, server=server,
                         weighting=cfg.weighting, seed=cfg.seed, **kw)
