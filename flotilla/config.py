@@ -243,6 +243,8 @@ class ExperimentConfig(Strict):
             if self.mode == "async" and self.async_ is not None and self.async_.algorithm != "fedbuff":
                 raise ValueError(f"privacy: user-level DP covers FedBuff (one noise release per buffer of K updates), not "
                                  f"async.algorithm={self.async_.algorithm} which applies every update on its own")
+            if self.mode == "async" and self.async_ is not None and self.async_.staleness.average is not None:
+                raise ValueError("async.staleness.average: normalised staleness weights exceed 1 for fresh updates, which breaks user-level DP's per-update bound clip_norm; leave average unset with privacy")
             if self.mode == "async" and p.user_level.sampling == "poisson":
                 raise ValueError("privacy.user_level.sampling: poisson is for sync rounds; a FedBuff buffer takes the first K "
                                  "arrivals (see docs/privacy.md)")

@@ -42,6 +42,32 @@ def test_staleness_refuses_bad_parameters():
         polynomial()(-1)
 
 
+def test_staleness_normalised_at_the_average_weighs_1_there_and_more_when_fresher():
+    s = Staleness("polynomial", exponent=0.5, average=3.0)         # FLSim's avg_staleness
+    assert s(3) == pytest.approx(1.0)
+    assert s(0) == pytest.approx(2.0)                               # sqrt(1 + 3) / sqrt(1 + 0)
+    assert s(8) == pytest.approx(2.0 / 3.0)                         # sqrt(4) / sqrt(9)
+    assert s.weights(np.array([0, 3, 8])).tolist() == pytest.approx([2.0, 1.0, 2.0 / 3.0])
+    h = Staleness("hinge", a=1.0, b=2.0, average=4.0)              # raw s(4) = 1/3
+    assert h(0) == pytest.approx(3.0) and h(4) == pytest.approx(1.0)
+    assert Staleness("constant", average=5.0)(9) == 1.0
+    buf = FedBuff(2, 2, s, normalize="mean")                        # the buffer uses the normalised weight
+    assert buf.add(torch.tensor([1.0, 0.0]), 1.0, tau=0) == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="staleness.average"):
+        Staleness("polynomial", average=-1.0)
+
+
+def test_normalised_staleness_is_refused_with_user_level_dp():
+    from flotilla.privacy import DPFedBuff, PrivacyError
+    from flotilla.secure.fedbuff import SecureFedBuff
+    normalised = Staleness("polynomial", average=2.0)
+    with pytest.raises(PrivacyError, match="staleness.average"):
+        DPFedBuff(FedBuff(4, 2, normalised), clip_norm=1.0, noise_multiplier=1.0)
+    with pytest.raises(ValueError, match="staleness.average"):
+        SecureFedBuff(4, 2, normalised, version_fn=lambda: 0, dp_clip=1.0)
+    SecureFedBuff(4, 2, normalised, version_fn=lambda: 0)           # without DP the weights may exceed 1
+
+
 def test_fedbuff_mean_and_sum_normalisation_hand_computed():
     d1, d2 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0])
     s = polynomial(0.5)

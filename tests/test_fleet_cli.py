@@ -28,6 +28,8 @@ FLEET = {"population": 10_000, "speed": {"dist": "lognormal", "median": 5, "sigm
     ({"mode": "async", "async": {"staleness": {"kind": "cubic"}}}, "async.staleness.kind"),
     ({"mode": "async", "async": {"mixing": 1.5}}, "async.mixing"),
     ({"mode": "async", "async": {"arrival_rate": 0}}, "async.arrival_rate"),
+    ({"mode": "async", "async": {"staleness": {"average": 2.0}},
+      "privacy": {"user_level": {"clip_norm": 1.0, "noise_multiplier": 1.0, "delta": 1e-3}}}, "async.staleness.average: normalised"),
     ({"mode": "async", "async": {"arrival_rate": float("inf")}}, "async.arrival_rate"),
     ({"mode": "async", "async": {"arrival_rate": 1.0}, "network": {"tls": {"cert": "a.pem", "key": "b.key"}, "tokens": "t.json"}},
      "async.arrival_rate: simulates devices checking in"),

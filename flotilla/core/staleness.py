@@ -7,6 +7,10 @@ client downloaded (0 = fresh).  A weight function ``s(tau)`` in (0, 1] scales th
     polynomial   s = (1 + tau)^-a              (a = 0.5: FedBuff's 1/sqrt(1 + tau))
     hinge        s = 1 if tau <= b else 1 / (a (tau - b) + 1)        (FedAsync)
 
+With ``average`` set (FLSim's ``avg_staleness``), weights are divided by ``s(average)``, so an
+update of the expected staleness weighs 1 and fresher ones weigh more than 1: the step size
+then does not shrink as concurrency (and with it the typical staleness) grows.
+
 An optional ``max_staleness`` (applied by the aggregator, not here) drops updates with
 ``tau > max_staleness`` altogether.
 """
@@ -26,6 +30,7 @@ class Staleness:
     exponent: float = 0.5   # polynomial a
     a: float = 10.0         # hinge slope
     b: float = 4.0          # hinge threshold
+    average: float | None = None   # normalise: s(tau) / s(average) (FLSim's avg_staleness)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -34,26 +39,31 @@ class Staleness:
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0):
                 raise ValueError(f"staleness.{name}: must be a finite number >= 0, got {v}")
+        if self.average is not None and not (math.isfinite(self.average) and self.average >= 0):
+            raise ValueError(f"staleness.average: must be a finite number >= 0, got {self.average}")
+
+    def _raw(self, tau):
+        if self.kind == "constant":
+            return np.ones_like(tau) if isinstance(tau, np.ndarray) else 1.0
+        if self.kind == "polynomial":
+            return (1.0 + tau) ** -self.exponent
+        if isinstance(tau, np.ndarray):
+            return np.where(tau <= self.b, 1.0, 1.0 / (self.a * (tau - self.b) + 1.0))
+        return 1.0 if tau <= self.b else 1.0 / (self.a * (tau - self.b) + 1.0)
 
     def __call__(self, tau: int | float) -> float:
         if tau < 0:
             raise ValueError(f"staleness must be >= 0, got {tau}")
-        if self.kind == "constant":
-            return 1.0
-        if self.kind == "polynomial":
-            return (1.0 + tau) ** -self.exponent
-        return 1.0 if tau <= self.b else 1.0 / (self.a * (tau - self.b) + 1.0)
+        s = self._raw(tau)
+        return s if self.average is None else s / self._raw(float(self.average))
 
     def weights(self, tau: np.ndarray) -> np.ndarray:
         """Vectorised ``s(tau)``."""
         tau = np.asarray(tau, dtype=np.float64)
         if (tau < 0).any():
             raise ValueError("staleness must be >= 0")
-        if self.kind == "constant":
-            return np.ones_like(tau)
-        if self.kind == "polynomial":
-            return (1.0 + tau) ** -self.exponent
-        return np.where(tau <= self.b, 1.0, 1.0 / (self.a * (tau - self.b) + 1.0))
+        s = self._raw(tau)
+        return s if self.average is None else s / self._raw(float(self.average))
 
 
 def constant() -> Staleness:

@@ -106,6 +106,7 @@ class StalenessConfig(_Strict):
     exponent: float = Field(0.5, ge=0, description="polynomial: s = 1/(1+tau)^exponent (0.5: FedBuff's 1/sqrt(1+tau))")
     a: float = Field(10.0, ge=0, description="hinge: s = 1/(a (tau - b) + 1) for tau > b")
     b: float = Field(4.0, ge=0, description="hinge: s = 1 for tau <= b")
+    average: float | None = Field(None, ge=0, description="normalise the weights to 1 at this staleness: s(tau) / s(average) (FLSim's avg_staleness; fresher updates then weigh more than 1)")
 
 
 class AsyncConfig(_Strict):

@@ -510,7 +510,7 @@ def server_from_config(cfg, state_dir: str | Path | None = None) -> FlotillaServ
             max_examples=net.max_examples, retry_after_s=net.retry_after_s,
             **({} if a is None else dict(
                 concurrency=a.concurrency, buffer_size=a.buffer_size, max_staleness=a.max_staleness, normalize=a.normalize,
-                staleness=Staleness(a.staleness.kind, a.staleness.exponent, a.staleness.a, a.staleness.b))),
+                staleness=Staleness(a.staleness.kind, a.staleness.exponent, a.staleness.a, a.staleness.b, a.staleness.average))),
         )
     except ValueError as e:
         raise ConfigError(f"invalid config:\n  {e}") from None

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from flotilla.core.aggregate import UpdateRejected, check_update
+from flotilla.privacy.accountant import PrivacyError
 from flotilla.privacy.user import AdaptiveClippingSpec, DPFedAvg
 
 
@@ -32,6 +33,8 @@ class DPFedBuff:
     def __init__(self, buffer, *, clip_norm: float, noise_multiplier: float, seed: int = 0,
                  adaptive: AdaptiveClippingSpec | None = None):
         # Take over the plain buffer's settings (K, staleness function, normalisation, max staleness).
+        if getattr(buffer.staleness, "average", None) is not None:
+            raise PrivacyError("async.staleness.average: normalised staleness weights exceed 1 for fresh updates, which breaks user-level DP's per-update bound clip_norm; leave average unset with privacy")
         self.numel = buffer.numel
         self.buffer_size = buffer.buffer_size
         self.staleness = buffer.staleness

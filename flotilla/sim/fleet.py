@@ -464,7 +464,7 @@ def build_fleet_algorithm(cfg, task, **kw):
     server = ServerOptimizerSpec(s.optimizer, s.lr, s.momentum, s.beta1, s.beta2, s.tau)
     if cfg.mode == "async":
         a = cfg.async_
-        st = Staleness(a.staleness.kind, a.staleness.exponent, a.staleness.a, a.staleness.b)
+        st = Staleness(a.staleness.kind, a.staleness.exponent, a.staleness.a, a.staleness.b, a.staleness.average)
         return AsyncFleetSim(task.model, task.dataset, task.loss_fn, fleet=fleet, concurrency=a.concurrency,
                              algorithm=a.algorithm, buffer_size=a.buffer_size, staleness=st, normalize=a.normalize,
                              max_staleness=a.max_staleness, mixing=a.mixing, client=client, server=server,
