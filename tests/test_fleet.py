@@ -150,8 +150,8 @@ def test_poisson_arrivals_start_trips_at_the_rate_up_to_the_cap():
     while s.now < 2000.0:
         s.pop()
         s.fill()
-    n, t = s.arrivals, s.now
-    assert s.arrivals_missed == 0 and s.trips_started == n
+    n, t = s.poisson.count, s.now
+    assert s.poisson.missed == 0 and s.trips_started == n
     assert abs(n - rate * t) < 5 * math.sqrt(rate * t)              # Poisson count: mean and sd sqrt(rate t)
     starts = [e[0] for e in s.trace if e[1] == "start"]
     gaps = np.diff(starts)
@@ -164,7 +164,7 @@ def test_poisson_arrivals_start_trips_at_the_rate_up_to_the_cap():
         capped.pop()
         assert len(capped.busy) <= 3
         capped.fill()
-    assert capped.arrivals_missed > 0 and capped.trips_started == capped.arrivals - capped.arrivals_missed
+    assert capped.poisson.missed > 0 and capped.trips_started == capped.poisson.count - capped.poisson.missed
     # same seed, same trace; arrivals never start a trip in closed hours
     night = [0.0] * 6 + [1.0] * 18
     def run(seed):
@@ -177,7 +177,7 @@ def test_poisson_arrivals_start_trips_at_the_rate_up_to_the_cap():
     a, b = run(7), run(7)
     assert a.trace == b.trace and a.trace != run(8).trace
     assert all((t % 86400) >= 6 * 3600 for t, k, *_ in a.trace if k == "start")
-    assert a.arrivals_missed > 0                                     # the night's arrivals find nobody
+    assert a.poisson.missed > 0                                      # the night's arrivals find nobody
 
 
 def test_poisson_arrivals_resume_bit_identically(tmp_path):

@@ -145,13 +145,36 @@ class _Scheduler:
                 f"(simulated time {self.now:.0f} s); check fleet.availability.diurnal and fleet.population")
 
 
+@dataclass
+class PoissonArrivals:
+    """Devices checking in as a Poisson process of ``rate`` per simulated second: the gap after
+    arrival ``count`` is exponential, from the hash of ``(key, count)`` (so it checkpoints as counters)."""
+    rate: float
+    key: int
+    count: int = 0            # arrivals so far
+    missed: int = 0           # arrivals that found `concurrency` trips in flight or no eligible device
+    pending: bool = False     # the next arrival is in the event heap
+
+    def gap(self) -> float:
+        return -math.log(uniform_scalar(self.key, self.count)) / self.rate
+
+    def state(self) -> np.ndarray:
+        return np.array([self.count, self.missed, int(self.pending)], dtype=np.int64)
+
+    def load(self, a: np.ndarray) -> None:
+        self.count, self.missed, pending = (int(x) for x in a)
+        self.pending = bool(pending)
+
+
 class AsyncScheduler(_Scheduler):
-    """Keeps ``concurrency`` trips in flight.
+    """Keeps ``concurrency`` trips in flight (with ``arrival_rate``: at most that many, started at
+    the arrivals of :class:`PoissonArrivals`).
 
     Events in the heap are tuples ``(t_end, seq, trip_id, device, client, version, t_start,
     dropped)``; ``trip_id = -1`` marks a wake-up (retry starting trips when no device was
-    eligible), ``trip_id = -2`` the next arrival (with ``arrival_rate``).  ``version`` is whatever the caller set in :attr:`version` when the trip started
-    (the model version the client downloaded); :attr:`refs` counts trips in flight per version.
+    eligible), ``trip_id = -2`` the next arrival.  ``version`` is whatever the caller set in
+    :attr:`version` when the trip started (the model version the client downloaded); :attr:`refs`
+    counts trips in flight per version.
     """
 
     def __init__(self, fleet: Fleet, concurrency: int, *, arrival_rate: float | None = None, **kw):
@@ -169,23 +192,18 @@ class AsyncScheduler(_Scheduler):
         self.refs: dict[int, int] = {}
         self.area = 0.0          # integral of (trips in flight) d(simulated time)
         self.wake_pending = False
-        self.arrival_rate = arrival_rate
-        self.arrivals = 0            # Poisson arrivals so far (the counter of the next gap's uniform)
-        self.arrivals_missed = 0     # arrivals that found `concurrency` trips in flight or no eligible device
-        self.arrival_pending = False
-        self._arrival_key = stream_key(fleet.population.seed, STREAM_ARRIVAL)
+        # one attribute for the arrival process: the fixed-concurrency hot loop stays as it was
+        self.poisson = None if arrival_rate is None else PoissonArrivals(
+            arrival_rate, stream_key(fleet.population.seed, STREAM_ARRIVAL))
+        if arrival_rate is not None:
+            self.fill = self._fill_arrivals
 
     @property
     def in_flight(self) -> int:
         return len(self.busy)
 
     def fill(self) -> int:
-        """Start trips until ``concurrency`` are in flight or no device is eligible; return how many.
-        With ``arrival_rate`` trips start only at arrivals: make sure the next one is scheduled."""
-        if self.arrival_rate is not None:
-            if not self.arrival_pending:
-                self._schedule_arrival()
-            return 0
+        """Start trips until ``concurrency`` are in flight or no device is eligible; return how many."""
         started = 0
         while len(self.busy) < self.concurrency:
             i = self._eligible_index()
@@ -199,19 +217,26 @@ class AsyncScheduler(_Scheduler):
             started += 1
         return started
 
+    def _fill_arrivals(self) -> int:
+        """``fill`` with ``arrival_rate``: trips start only at arrivals; make sure the next one is due."""
+        if not self.poisson.pending:
+            self._schedule_arrival()
+        return 0
+
     def _schedule_arrival(self) -> None:
-        gap = -math.log(uniform_scalar(self._arrival_key, self.arrivals)) / self.arrival_rate
-        heapq.heappush(self.heap, (self.now + gap, self.seq, -2, -1, -1, -1, self.now, False))
+        p = self.poisson
+        heapq.heappush(self.heap, (self.now + p.gap(), self.seq, -2, -1, -1, -1, self.now, False))
         self.seq += 1
-        self.arrival_pending = True
+        p.pending = True
 
     def _arrive(self) -> None:
         """One Poisson arrival: a trip starts if the cap allows and an eligible device is idle."""
-        self.arrival_pending = False
-        self.arrivals += 1
+        p = self.poisson
+        p.pending = False
+        p.count += 1
         i = self._eligible_index() if len(self.busy) < self.concurrency else None
         if i is None:
-            self.arrivals_missed += 1
+            p.missed += 1
             self._stall_check()
         else:
             self._start(i)
@@ -242,10 +267,11 @@ class AsyncScheduler(_Scheduler):
             t = ev[0]
             self.area += len(self.busy) * (t - self.now)
             self.now = t
-            if ev[2] == -2:
-                self._arrive()
-                continue
-            if ev[2] < 0:  # wake-up
+            if ev[2] < 0:
+                if ev[2] == -2:   # a Poisson arrival
+                    self._arrive()
+                    continue
+                # wake-up
                 self.wake_pending = False
                 self._stall_check()
                 self.fill()
@@ -271,7 +297,7 @@ class AsyncScheduler(_Scheduler):
             "ev_dropped": np.array([e[7] for e in h], dtype=np.int64),
             "scalars_f": np.array([self.now, self.area, self._last_start], dtype=np.float64),
             "scalars_i": np.array([self.next_candidate, self.seq, self.version, self.trips_started, int(self.wake_pending)], dtype=np.int64),
-            "arrivals": np.array([self.arrivals, self.arrivals_missed, int(self.arrival_pending)], dtype=np.int64),
+            **({} if self.poisson is None else {"arrivals": self.poisson.state()}),
         }
 
     def load_state_arrays(self, s: dict[str, np.ndarray]) -> None:
@@ -283,9 +309,8 @@ class AsyncScheduler(_Scheduler):
         self.now, self.area, self._last_start = (float(x) for x in s["scalars_f"])
         k, self.seq, self.version, self.trips_started, wake = (int(x) for x in s["scalars_i"])
         self.wake_pending = bool(wake)
-        if "arrivals" in s:
-            self.arrivals, self.arrivals_missed, pending = (int(x) for x in s["arrivals"])
-            self.arrival_pending = bool(pending)
+        if self.poisson is not None and "arrivals" in s:
+            self.poisson.load(s["arrivals"])
         self._seek(k)
         self.busy = {e[3] for e in self.heap if e[2] >= 0}
         self.refs = {}

@@ -264,7 +264,7 @@ class AsyncFleetSim(_FleetAlgorithm):
             "staleness_max": ordered[-1] if n else None,
             "concurrency": (sched.area - area_begin) / dt if dt > 0 else float(sched.in_flight),
             "versions_in_memory": len(snapshots) + 1,
-            **({} if sched.arrival_rate is None else {"arrivals": sched.arrivals, "arrivals_missed": sched.arrivals_missed}),
+            **({} if sched.poisson is None else {"arrivals": sched.poisson.count, "arrivals_missed": sched.poisson.missed}),
             "train_loss": loss_sum / seen if seen else None,
             "examples_seen": seen,
         }
