@@ -143,6 +143,39 @@ def test_async_keeps_concurrency_in_flight_and_same_seed_same_trace():
     assert kinds == {"start", "done", "drop"}
 
 
+def small_async_sim(data, **kw):
+    """FedBuff (K = 4) on a 500-device fleet with dropouts, training a 5-3 linear model."""
+    torch.manual_seed(0)
+    f = make_fleet(population=500, seed=9, train_sizes=data.train_sizes.numpy(), model_bytes=72, dropout=0.1,
+                   speed={"dist": "lognormal", "median": 10, "sigma": 1.0})
+    return AsyncFleetSim(nn.Linear(5, 3), data, F.cross_entropy, fleet=f, buffer_size=4,
+                         client=ClientSpec(steps=2, batch_size=8, lr=0.1), **kw)
+
+
+def _strip(record):
+    """A step's metrics without the host-timing-dependent ones."""
+    return {k: v for k, v in record.items() if k != "concurrency"}
+
+
+def assert_resume_is_bit_identical(build, steps, tmp_path):
+    """``steps`` server steps in one go vs half, a checkpoint through a run directory, and the rest
+    in a fresh algorithm: same weights, same metrics.  Returns the uninterrupted run's metrics."""
+    whole = build()
+    hist = [whole.step() for _ in range(steps)]
+    part = build()
+    for _ in range(steps // 2):
+        part.step()
+    rd = RunDir(tmp_path)
+    rd.path.mkdir(parents=True, exist_ok=True)
+    rd.save_state(part.state_dict(), {"round": part.round})
+    resumed = build()
+    resumed.load_state_dict(rd.load_state())
+    rest = [resumed.step() for _ in range(steps - steps // 2)]
+    assert torch.equal(whole.weights, resumed.weights)
+    assert [_strip(r) for r in hist[steps // 2:]] == [_strip(r) for r in rest]
+    return hist
+
+
 def test_poisson_arrivals_start_trips_at_the_rate_up_to_the_cap():
     rate = 2.0                                  # arrivals per simulated second
     s = AsyncScheduler(fleet(seed=3), 10_000, arrival_rate=rate, trace=True)   # the cap never binds
@@ -184,27 +217,10 @@ def test_poisson_arrivals_resume_bit_identically(tmp_path):
     data = synthetic_dataset(num_clients=10, per_client=20)
 
     def build():
-        torch.manual_seed(0)
-        f = make_fleet(population=500, seed=9, train_sizes=data.train_sizes.numpy(), model_bytes=72, dropout=0.1,
-                       speed={"dist": "lognormal", "median": 10, "sigma": 1.0})
-        return AsyncFleetSim(nn.Linear(5, 3), data, F.cross_entropy, fleet=f, concurrency=8, buffer_size=4,
-                             client=ClientSpec(steps=2, batch_size=8, lr=0.1), arrival_rate=0.5)
+        return small_async_sim(data, concurrency=8, arrival_rate=0.5)
 
-    whole = build()
-    hist = [whole.step() for _ in range(8)]
+    hist = assert_resume_is_bit_identical(build, 8, tmp_path)
     assert hist[-1]["arrivals"] > hist[0]["arrivals"] and "arrivals_missed" in hist[-1]
-    part = build()
-    for _ in range(4):
-        part.step()
-    rd = RunDir(tmp_path)
-    rd.path.mkdir(parents=True, exist_ok=True)
-    rd.save_state(part.state_dict(), {"round": part.round})
-    resumed = build()
-    resumed.load_state_dict(rd.load_state())
-    rest = [resumed.step() for _ in range(4)]
-    assert torch.equal(whole.weights, resumed.weights)
-    strip = lambda r: {k: v for k, v in r.items() if k != "concurrency"}  # noqa: E731
-    assert [strip(r) for r in hist[4:]] == [strip(r) for r in rest]
 
 
 def test_sync_round_discards_exactly_the_late_results():
@@ -280,30 +296,11 @@ def test_async_same_seed_same_run_and_resume_is_bit_identical(tmp_path):
     data = synthetic_dataset(num_clients=10, per_client=20)
 
     def build():
-        torch.manual_seed(0)
-        f = make_fleet(population=500, seed=9, train_sizes=data.train_sizes.numpy(), model_bytes=72, dropout=0.1,
-                       speed={"dist": "lognormal", "median": 10, "sigma": 1.0})
-        return AsyncFleetSim(nn.Linear(5, 3), data, F.cross_entropy, fleet=f, concurrency=12, buffer_size=4,
-                             client=ClientSpec(steps=2, batch_size=8, lr=0.1),
-                             server=ServerOptimizerSpec("fedavgm", lr=0.7),
-                             max_staleness=6)
+        return small_async_sim(data, concurrency=12, server=ServerOptimizerSpec("fedavgm", lr=0.7), max_staleness=6)
 
-    whole = build()
-    hist = [whole.step() for _ in range(10)]
-    part = build()
-    for _ in range(5):
-        part.step()
-    rd = RunDir(tmp_path)
-    rd.path.mkdir(parents=True, exist_ok=True)
-    rd.save_state(part.state_dict(), {"round": part.round})
-    resumed = build()
-    resumed.load_state_dict(rd.load_state())
-    rest = [resumed.step() for _ in range(5)]
-    assert torch.equal(whole.weights, resumed.weights)
-    strip = lambda r: {k: v for k, v in r.items() if k != "concurrency"}  # noqa: E731
-    assert [strip(r) for r in hist[5:]] == [strip(r) for r in rest]
+    hist = assert_resume_is_bit_identical(build, 10, tmp_path)
     again = build()
-    assert [strip(again.step()) for _ in range(10)] == [strip(r) for r in hist]
+    assert [_strip(again.step()) for _ in range(10)] == [_strip(r) for r in hist]
 
 
 def test_max_staleness_bounds_the_versions_held_in_memory():
