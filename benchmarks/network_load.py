@@ -181,10 +181,15 @@ def main() -> int:
         "server_version": status["version"], "server_accepted": status["accepted"], "server_rejected": status["rejected"],
         "load_avg": os.getloadavg(), "cpus": os.cpu_count(),
     }
-    print(json.dumps(res, indent=1))
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
+    report(res, args.json)
     return 0
+
+
+def report(res: dict, json_path: str | None) -> None:
+    """Print the results, and write them to ``json_path`` if given."""
+    print(json.dumps(res, indent=1))
+    if json_path:
+        Path(json_path).write_text(json.dumps(res, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from network_load import mlp  # noqa: E402
+from network_load import mlp, report  # noqa: E402
 
 
 def serve(args, pki_dir: str, state_dir: str, ready, stop) -> None:
@@ -152,9 +152,7 @@ def main() -> int:
         "masked_input_bytes_raw": 4 * (numel + 1),
         "load_avg": os.getloadavg(), "cpus": os.cpu_count(),
     }
-    print(json.dumps(res, indent=1))
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
+    report(res, args.json)
     return 0
 
 
