@@ -178,6 +178,12 @@ def _median(rows: list[dict], key: str):
     return statistics.median(vals) if vals else None
 
 
+def _paired_wall_ratios(runs: list[dict], a: str, b: str) -> list[float]:
+    """Wall-time ratio a / b within each repeat (run close together, so a load drift hits both)."""
+    wall = {(r["framework"], r.get("repeat")): r["wall_s"] for r in runs if "error" not in r and r.get("wall_s")}
+    return [wall[(a, k)] / wall[(b, k)] for (f, k) in sorted(wall, key=str) if f == a and (b, k) in wall]
+
+
 def summarise(runs: list[dict], names: list[str]) -> tuple[str, dict]:
     med = {}
     for n in names:
@@ -208,8 +214,11 @@ def summarise(runs: list[dict], names: list[str]) -> tuple[str, dict]:
                 w = med[fl]["wall_s"] / med[peer]["wall_s"]
                 c = med[fl]["cpu_s"] / med[peer]["cpu_s"]
                 r = med[fl]["round_s_median"] / med[peer]["round_s_median"]
+                paired = _paired_wall_ratios(runs, fl, peer)
                 ratios.append(f"- {fl} / {peer}: wall {w:.2f}x, CPU {c:.2f}x, steady s/round {r:.2f}x"
-                              + (f"  ({1 / w:.1f}x faster end to end)" if w < 1 else ""))
+                              + (f"  ({1 / w:.1f}x faster end to end)" if w < 1 else "")
+                              + (f"; wall of each repeat's pair {', '.join(f'{x:.2f}x' for x in paired)} "
+                                 f"(median {statistics.median(paired):.2f}x)" if paired else ""))
     if "raw" in med and "flotilla" in med:
         same = set(med["raw"]["shas"]) & set(med["flotilla"]["shas"])
         ratios.append(f"- final weights of flotilla (1 worker) and the bare loop identical: {bool(same)}")
