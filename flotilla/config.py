@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from flotilla.core.staleness import AVERAGE_WITH_DP
 from flotilla.fleet.config import AsyncConfig, FleetConfig
 from flotilla.network.config import NetworkConfig
 
@@ -244,7 +245,7 @@ class ExperimentConfig(Strict):
                 raise ValueError(f"privacy: user-level DP covers FedBuff (one noise release per buffer of K updates), not "
                                  f"async.algorithm={self.async_.algorithm} which applies every update on its own")
             if self.mode == "async" and self.async_ is not None and self.async_.staleness.average is not None:
-                raise ValueError("async.staleness.average: normalised staleness weights exceed 1 for fresh updates, which breaks user-level DP's per-update bound clip_norm; leave average unset with privacy")
+                raise ValueError(AVERAGE_WITH_DP)
             if self.mode == "async" and p.user_level.sampling == "poisson":
                 raise ValueError("privacy.user_level.sampling: poisson is for sync rounds; a FedBuff buffer takes the first K "
                                  "arrivals (see docs/privacy.md)")
@@ -277,9 +278,8 @@ class ExperimentConfig(Strict):
                                  "weighting: uniform")
         u = self.privacy.user_level if self.privacy is not None else None
         if u is not None and u.adaptive_clipping is not None:
-            raise ValueError("secure_aggregation: privacy.user_level.adaptive_clipping is not wired with secure "
-                             "aggregation (the noised count of unclipped updates would have to be aggregated securely "
-                             "too); use a fixed clip_norm")
+            from flotilla.secure.wiring import ADAPTIVE_CLIPPING_REFUSED   # only on this error path
+            raise ValueError(ADAPTIVE_CLIPPING_REFUSED)
         given = sa.model_fields_set
         if self.mode == "async":
             if self.async_.algorithm != "fedbuff":

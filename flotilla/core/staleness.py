@@ -23,6 +23,10 @@ import numpy as np
 
 KINDS = ("constant", "polynomial", "hinge")
 
+# Why user-level DP (whose per-update bound needs s(tau) <= 1) refuses ``average``.
+AVERAGE_WITH_DP = ("async.staleness.average: normalised staleness weights exceed 1 for fresh updates, which breaks "
+                   "user-level DP's per-update bound clip_norm; leave average unset with privacy")
+
 
 @dataclass(frozen=True)
 class Staleness:
@@ -41,6 +45,8 @@ class Staleness:
                 raise ValueError(f"staleness.{name}: must be a finite number >= 0, got {v}")
         if self.average is not None and not (math.isfinite(self.average) and self.average >= 0):
             raise ValueError(f"staleness.average: must be a finite number >= 0, got {self.average}")
+        # the normaliser 1 / s(average), a constant of the weight function (frozen: set once here)
+        object.__setattr__(self, "_scale", 1.0 if self.average is None else 1.0 / self._raw(float(self.average)))
 
     def _raw(self, tau):
         if self.kind == "constant":
@@ -54,16 +60,14 @@ class Staleness:
     def __call__(self, tau: int | float) -> float:
         if tau < 0:
             raise ValueError(f"staleness must be >= 0, got {tau}")
-        s = self._raw(tau)
-        return s if self.average is None else s / self._raw(float(self.average))
+        return self._raw(tau) * self._scale
 
     def weights(self, tau: np.ndarray) -> np.ndarray:
         """Vectorised ``s(tau)``."""
         tau = np.asarray(tau, dtype=np.float64)
         if (tau < 0).any():
             raise ValueError("staleness must be >= 0")
-        s = self._raw(tau)
-        return s if self.average is None else s / self._raw(float(self.average))
+        return self._raw(tau) * self._scale
 
 
 def constant() -> Staleness:

@@ -67,6 +67,13 @@ class NetworkPrivacy:
             self.mechanism = agg.mechanism
         return agg
 
+    def _secure_plan(self):
+        """(user spec, plan) for a secure composition, which needs a fixed clip norm."""
+        from flotilla.secure.wiring import ADAPTIVE_CLIPPING_REFUSED
+        if self.user.adaptive_clipping is not None:
+            raise PrivacyError(ADAPTIVE_CLIPPING_REFUSED)
+        return self.user, self.plan
+
     def secure_aggregator(self, numel: int, settings, version_fn, max_norm: float | None = None):
         """Async secure buffer with DP (as flotilla.secure.wiring wires the simulator): devices clip
         to S before sealing, the buffer enforces ||d|| <= S, keeps one update per device per release
@@ -74,10 +81,7 @@ class NetworkPrivacy:
         from flotilla.privacy import GaussianSumNoise
         from flotilla.secure.fedbuff import SecureFedBuff
         from flotilla.secure.wiring import SecureDPMechanism
-        u, p = self.user, self.plan
-        if u.adaptive_clipping is not None:
-            raise PrivacyError("secure_aggregation: privacy.user_level.adaptive_clipping is not wired with the secure buffer "
-                               "(the noised count of unclipped updates would have to come out of the buffer too); use a fixed clip_norm")
+        u, p = self._secure_plan()
         noise = GaussianSumNoise(u.clip_norm, p.noise_multiplier, seed=self.seed, secure_noise=True)
         buf = SecureFedBuff(numel, settings.buffer_size, settings.staleness, version_fn=version_fn,
                             normalize=settings.normalize, max_staleness=settings.max_staleness, max_norm=max_norm,
@@ -91,11 +95,7 @@ class NetworkPrivacy:
         Returns (noise_fn, denominator) for flotilla.network.secagg.SecAggRound.finish."""
         from flotilla.privacy import GaussianSumNoise
         from flotilla.secure.wiring import SecureDPMechanism
-        u, p = self.user, self.plan
-        if u.adaptive_clipping is not None:
-            raise PrivacyError("secure_aggregation: privacy.user_level.adaptive_clipping is not wired with secure "
-                               "aggregation (the noised count of unclipped updates would have to be aggregated "
-                               "securely too); use a fixed clip_norm")
+        u, p = self._secure_plan()
         noise = GaussianSumNoise(u.clip_norm, p.noise_multiplier, seed=self.seed, secure_noise=True)
         self.mechanism = SecureDPMechanism(u.clip_norm, noise, lambda: {})
         return noise, float(p.expected_cohort)

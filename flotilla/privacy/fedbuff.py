@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from flotilla.core.aggregate import UpdateRejected, check_update
+from flotilla.core.staleness import AVERAGE_WITH_DP
 from flotilla.privacy.accountant import PrivacyError
 from flotilla.privacy.user import AdaptiveClippingSpec, DPFedAvg
 
@@ -34,7 +35,7 @@ class DPFedBuff:
                  adaptive: AdaptiveClippingSpec | None = None):
         # Take over the plain buffer's settings (K, staleness function, normalisation, max staleness).
         if getattr(buffer.staleness, "average", None) is not None:
-            raise PrivacyError("async.staleness.average: normalised staleness weights exceed 1 for fresh updates, which breaks user-level DP's per-update bound clip_norm; leave average unset with privacy")
+            raise PrivacyError(AVERAGE_WITH_DP)
         self.numel = buffer.numel
         self.buffer_size = buffer.buffer_size
         self.staleness = buffer.staleness

@@ -29,6 +29,7 @@ from typing import Callable
 import torch
 
 from flotilla.core.aggregate import UpdateRejected
+from flotilla.core.staleness import AVERAGE_WITH_DP
 from flotilla.secure.buffer import SecureBuffer, seal_update
 from flotilla.secure.errors import DuplicateContribution
 
@@ -48,7 +49,7 @@ class SecureFedBuff:
         if normalize not in ("mean", "sum"):
             raise ValueError(f"async.normalize: must be 'mean' or 'sum', got {normalize!r}")
         if dp_clip is not None and getattr(staleness, "average", None) is not None:
-            raise ValueError("async.staleness.average: normalised staleness weights exceed 1 for fresh updates, which breaks user-level DP's per-update bound clip_norm; leave average unset with privacy")
+            raise ValueError(AVERAGE_WITH_DP)
         if dp_clip is not None and max_norm is not None and max_norm < dp_clip:
             raise ValueError(f"secure_aggregation.max_norm: {max_norm} is below privacy.user_level.clip_norm {dp_clip}; "
                              f"with user-level DP the buffer enforces clip_norm (leave max_norm unset)")

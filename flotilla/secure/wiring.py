@@ -30,6 +30,9 @@ from flotilla.secure.fedbuff import SecureFedBuff
 
 _DROPOUT_KEYS = ("advertise", "share", "mask", "unmask")
 
+ADAPTIVE_CLIPPING_REFUSED = ("secure_aggregation: privacy.user_level.adaptive_clipping is not wired with secure aggregation "
+                             "(the noised count of unclipped updates would have to be aggregated securely too); use a fixed clip_norm")
+
 
 @dataclass(frozen=True)
 class SecureAggregationSpec:
@@ -119,8 +122,7 @@ def make_secure(algorithm, spec: SecureAggregationSpec | Mapping[str, Any]):
     spec = SecureAggregationSpec.from_dict(spec, seed=getattr(inner, "seed", 0))
     user = private.spec.user_level if private is not None and private.plan is not None else None
     if user is not None and user.adaptive_clipping is not None:
-        raise ValueError("secure_aggregation: privacy.user_level.adaptive_clipping is not wired with secure aggregation "
-                         "(the noised count of unclipped updates would have to be aggregated securely too); use a fixed clip_norm")
+        raise ValueError(ADAPTIVE_CLIPPING_REFUSED)
     if getattr(inner, "workers", 1) > 1:
         raise ValueError("secure_aggregation: the protocol runs over the whole cohort in one process; use workers=1")
 
