@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
+from flotilla.core.schema import Section
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from flotilla.core.staleness import AVERAGE_WITH_DP
@@ -21,8 +22,8 @@ class ConfigError(ValueError):
     """A configuration problem; the message names the key and the reason."""
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Strict(Section):
+    """Every key of the experiment config: see flotilla.core.schema."""
 
 
 # --- tasks --------------------------------------------------------------------------------

@@ -8,14 +8,15 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
+from flotilla.core.schema import Section
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from flotilla.fleet.availability import check_curve
 from flotilla.fleet.distributions import make_distribution
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class _Strict(Section):
+    """Every fleet/async key: see flotilla.core.schema."""
 
 
 class DistConfig(_Strict):

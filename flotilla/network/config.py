@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from typing import Literal
 
+from flotilla.core.schema import Section
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class _Strict(Section):
+    """Every fleet/async key: see flotilla.core.schema."""
 
 
 class TLSConfig(_Strict):
