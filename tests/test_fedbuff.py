@@ -131,6 +131,25 @@ def test_fedasync_mixing_hand_computed():
         FedAsyncServer(w, mixing=0.0)
 
 
+def test_fedasync_mixing_weight_is_capped_at_one_with_normalised_staleness():
+    """Issue 11 item 20: with ``average`` set, s(0) = sqrt(1 + 10) > 1, so alpha * s(0) = 3.32 moved
+    w from 0 to 3.3166, past the client's model 1. The mix must stay a convex combination."""
+    st = Staleness("polynomial", exponent=0.5, average=10)
+    w = torch.zeros(1)
+    srv = FedAsyncServer(w, mixing=1.0, staleness=st)
+    r = srv.submit(torch.ones(1), torch.zeros(1), base_version=0)  # fresh: client model = 1
+    assert w.tolist() == [1.0]                      # a = 1: the client's model, not 3.3166
+    assert r.weight == pytest.approx(math.sqrt(11)) and srv.mixing_weight(r.weight) == 1.0
+    # a stale update whose alpha * s(tau) < 1 is not affected by the cap: tau = 20, s = sqrt(11/21)
+    srv.version = 21
+    w.zero_()
+    srv.submit(torch.ones(1), torch.zeros(1), base_version=1)
+    assert w.item() == pytest.approx(math.sqrt(11 / 21))
+    # alpha = 0.5: capped while 0.5 s(tau) > 1 (fresh), scaled below
+    half = FedAsyncServer(torch.zeros(1), mixing=0.5, staleness=st)
+    assert half.mixing_weight(st(0)) == 1.0 and half.mixing_weight(st(100)) == pytest.approx(0.5 * math.sqrt(11 / 101))
+
+
 def test_fedbuff_k1_c1_constant_equals_sequential_fedavg_with_cohort_1(monkeypatch):
     data = synthetic_dataset(num_clients=6, per_client=20)
     spec = ClientSpec(steps=3, batch_size=8, lr=0.2, momentum=0.5)

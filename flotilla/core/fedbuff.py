@@ -26,8 +26,10 @@ Updates with ``tau > max_staleness`` are dropped (counted, never added).
 
 FedAsync
 --------
-Every update is applied at once: ``w <- (1 - a) w + a w_client`` with ``a = alpha * s(tau)``
-and ``w_client = w_v0 + d``.  This needs the weights the client started from, which the
+Every update is applied at once: ``w <- (1 - a) w + a w_client`` with ``a = min(alpha * s(tau), 1)``
+and ``w_client = w_v0 + d``.  The cap matters only with ``staleness.average``, whose
+normalised weights exceed 1 for fresh updates: ``a > 1`` would move the model past the client's
+model (further from it than before), so the mix stays a convex combination, as FLSim asserts.  This needs the weights the client started from, which the
 caller keeps (the simulator's version store does).
 """
 from __future__ import annotations
@@ -156,7 +158,7 @@ class FedBuffServer:
 
 
 class FedAsyncServer:
-    """FedAsync: apply each update at once with mixing weight ``alpha * s(tau)``."""
+    """FedAsync: apply each update at once with mixing weight ``a = min(alpha * s(tau), 1)``."""
 
     def __init__(self, weights: torch.Tensor, mixing: float = 0.6, staleness: Staleness = Staleness(), *,
                  max_staleness: int | None = None, validate: bool = True, version: int = 0):
@@ -174,6 +176,10 @@ class FedAsyncServer:
     def too_stale(self, tau: int) -> bool:
         return self.max_staleness is not None and tau > self.max_staleness
 
+    def mixing_weight(self, s: float) -> float:
+        """``a = alpha * s`` kept in [0, 1]: normalised staleness (``average``) makes s(0) > 1."""
+        return min(self.mixing * s, 1.0)
+
     @torch.no_grad()
     def submit(self, delta: torch.Tensor, base_weights: torch.Tensor, base_version: int, client=None) -> Submitted:
         """``w <- w + a (w_v0 + d - w)``, i.e. ``(1 - a) w + a w_client``."""
@@ -187,7 +193,7 @@ class FedAsyncServer:
             self.dropped_stale += 1
             return Submitted(False, tau, 0.0, False, self.version)
         s = self.staleness(tau)
-        a = self.mixing * s
+        a = self.mixing_weight(s)
         torch.add(base_weights, delta, out=self._scratch).sub_(self.weights)
         self.weights.add_(self._scratch, alpha=a)
         self.version += 1
