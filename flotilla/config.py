@@ -74,6 +74,11 @@ class ServerConfig(Strict):
     beta1: float = Field(0.9, ge=0, lt=1, description="first-moment decay (fedadam/fedyogi/fedadagrad)")
     beta2: float = Field(0.99, ge=0, lt=1, description="second-moment decay (fedadam/fedyogi)")
     tau: float = Field(1e-3, gt=0, description="adaptivity constant added to sqrt(v)")
+    initial_accumulator: float = Field(
+        0.0, ge=0, allow_inf_nan=False,
+        description="starting value of the second moment v (fedadam/fedyogi/fedadagrad). 0 (default) keeps "
+                    "earlier runs unchanged; Reddi et al. start at tau^2 (1e-6 for the default tau), which shrinks "
+                    "a step by at most 2x, and only where sqrt(v) is not well above tau")
 
 
 class EvalConfig(Strict):

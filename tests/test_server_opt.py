@@ -36,13 +36,14 @@ def test_fedavgm_hand_computed():
     assert w.tolist() == pytest.approx(expected, abs=1e-6)
 
 
+@pytest.mark.parametrize("v0", [0.0, 1e-6])   # today's default and Reddi et al.'s tau^2
 @pytest.mark.parametrize("name", ["fedadam", "fedyogi", "fedadagrad"])
-def test_adaptive_hand_computed(name):
+def test_adaptive_hand_computed(name, v0):
     lr, b1, b2, tau = 0.1, 0.9, 0.99, 1e-3
-    w = run(ServerOptimizerSpec(name, lr=lr, beta1=b1, beta2=b2, tau=tau), [D1, D2])
+    w = run(ServerOptimizerSpec(name, lr=lr, beta1=b1, beta2=b2, tau=tau, initial_accumulator=v0), [D1, D2])
     expected = []
     for i in range(3):
-        wi, m, v = W0[i], 0.0, 0.0
+        wi, m, v = W0[i], 0.0, v0
         for d in (D1[i], D2[i]):
             m = b1 * m + (1 - b1) * d
             if name == "fedadagrad":
@@ -74,3 +75,22 @@ def test_state_roundtrip_and_shape_check():
 def test_unknown_optimizer_is_refused():
     with pytest.raises(ValueError, match="unknown server optimizer"):
         ServerOptimizer(ServerOptimizerSpec("fedsgdx"), 3)
+
+
+def test_initial_accumulator_from_yaml_reaches_the_optimizer():
+    """Issue 11 item 19: ``server.initial_accumulator`` is a config key (default 0: earlier runs
+    unchanged; tau^2 for Reddi et al.) and reaches the optimizer's starting v."""
+    from flotilla.config import ConfigError, validate
+    from flotilla.experiment.specs import server_spec
+
+    base = {"task": {"name": "fashion-mnist", "num_clients": 10}, "rounds": 1, "cohort": 2}
+    assert server_spec(validate(base)) == ServerOptimizerSpec()       # default v0 = 0, as before the key
+    assert ServerOptimizer(ServerOptimizerSpec("fedadam"), 3).state["v"].tolist() == [0.0] * 3
+    spec = server_spec(validate({**base, "server": {"optimizer": "fedyogi", "initial_accumulator": 1e-6}}))
+    assert spec.initial_accumulator == 1e-6
+    assert ServerOptimizer(spec, 3).state["v"].tolist() == pytest.approx([1e-6] * 3, rel=1e-6)
+    for bad in (-1.0, float("inf"), float("nan")):
+        with pytest.raises(ConfigError, match="server.initial_accumulator"):
+            validate({**base, "server": {"optimizer": "fedadam", "initial_accumulator": bad}})
+        with pytest.raises(ValueError, match="server.initial_accumulator"):
+            ServerOptimizer(ServerOptimizerSpec("fedadam", initial_accumulator=bad), 3)

@@ -9,6 +9,7 @@ bit-identically.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -18,13 +19,25 @@ OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
 
 @dataclass(frozen=True)
 class ServerOptimizerSpec:
+    """Server optimizer settings (YAML: the ``server`` section).
+
+    ``initial_accumulator`` is the starting value ``v_0`` of the adaptive optimizers' second
+    moment.  Reddi et al. (Algorithm 2) start at ``v_{-1} >= tau^2``; Flotilla's default is 0
+    because that is what every run before the key existed used, and changing it would change
+    their results.  The choice only matters where ``sqrt(v)`` is not well above ``tau``: the
+    denominator ``sqrt(v) + tau`` then grows by at most 2x (``v = 0`` gives ``tau``, ``v = tau^2``
+    gives ``2 tau``), i.e. on coordinates whose updates stay below ~``tau / sqrt(1 - beta2)``
+    (FedAdam, FedYogi; it fades as ``beta2^t``) or for all rounds (FedAdagrad, which never
+    forgets).  To follow the paper set ``initial_accumulator = tau ** 2`` (1e-6 for the default
+    ``tau``).
+    """
     name: str = "fedavg"
     lr: float = 1.0
     momentum: float = 0.9      # fedavgm only
     beta1: float = 0.9         # adaptive optimizers
     beta2: float = 0.99        # fedadam / fedyogi
     tau: float = 1e-3          # adaptivity / numerical floor
-    initial_accumulator: float = 0.0  # starting value of v (Reddi et al. use tau^2 for some runs)
+    initial_accumulator: float = 0.0  # v_0 (Reddi et al.: tau^2); 0 keeps earlier runs unchanged
 
 
 class ServerOptimizer:
@@ -33,6 +46,9 @@ class ServerOptimizer:
     def __init__(self, spec: ServerOptimizerSpec, numel: int):
         if spec.name not in OPTIMIZERS:
             raise ValueError(f"unknown server optimizer {spec.name!r}; choose one of {OPTIMIZERS}")
+        v0 = spec.initial_accumulator
+        if not (isinstance(v0, (int, float)) and math.isfinite(v0) and v0 >= 0):
+            raise ValueError(f"server.initial_accumulator: must be a finite number >= 0 (sqrt(v) is taken), got {v0!r}")
         self.spec = spec
         self.state: dict[str, torch.Tensor] = {}
         if spec.name == "fedavgm":

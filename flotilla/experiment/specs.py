@@ -13,7 +13,7 @@ def client_spec(cfg) -> ClientSpec:
 
 def server_spec(cfg) -> ServerOptimizerSpec:
     s = cfg.server
-    return ServerOptimizerSpec(s.optimizer, s.lr, s.momentum, s.beta1, s.beta2, s.tau)
+    return ServerOptimizerSpec(s.optimizer, s.lr, s.momentum, s.beta1, s.beta2, s.tau, s.initial_accumulator)
 
 
 def staleness_spec(cfg) -> Staleness:
