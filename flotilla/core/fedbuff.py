@@ -150,11 +150,15 @@ class FedBuffServer:
             return Submitted(False, tau, 0.0, False, self.version)
         stepped = False
         if self.buffer.full:
-            self.server_opt.step(self.weights, self.buffer.result())
-            self.buffer.reset()
-            self.version += 1
+            self.step()
             stepped = True
         return Submitted(True, tau, s, stepped, self.version)
+
+    def step(self) -> None:
+        """One server step with what the buffer holds (full, or a round closed early by a deadline)."""
+        self.server_opt.step(self.weights, self.buffer.result())
+        self.buffer.reset()
+        self.version += 1
 
 
 class FedAsyncServer:
