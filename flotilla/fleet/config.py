@@ -5,7 +5,6 @@ its dotted key: ``fleet.speed.sigma: must be >= 0``.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
 from flotilla.core.schema import Section
@@ -21,7 +20,8 @@ class _Strict(Section):
 
 class DistConfig(_Strict):
     """A distribution: ``{dist: lognormal, median: 20, sigma: 1}``; a bare number means constant."""
-    dist: Literal["constant", "uniform", "exponential", "half-normal", "lognormal", "empirical"]
+    dist: Literal["constant", "uniform", "exponential", "half-normal", "lognormal", "empirical"] = Field(
+        description="distribution family; its parameters are the keys below (a bare number, e.g. speed: 20, means constant)")
     value: float | None = Field(None, description="constant: the value")
     low: float | None = Field(None, description="uniform: lower end")
     high: float | None = Field(None, description="uniform: upper end")
@@ -119,10 +119,3 @@ class AsyncConfig(_Strict):
     staleness: StalenessConfig = StalenessConfig()
     max_staleness: int | None = Field(None, ge=0, description="drop updates staler than this (server versions)")
     mixing: float = Field(0.6, gt=0, le=1, description="fedasync: alpha in w = (1 - alpha s(tau)) w + alpha s(tau) w_client")
-
-    @field_validator("mixing", "arrival_rate")
-    @classmethod
-    def _finite(cls, v):
-        if v is not None and not math.isfinite(v):
-            raise ValueError("must be finite")
-        return v

@@ -44,7 +44,7 @@ class NetworkConfig(_Strict):
     assignment_timeout_s: float = Field(120.0, gt=0, description="an assignment not uploaded within this is dropped and its slot reassigned")
     max_update_norm: float | None = Field(None, gt=0, description="refuse updates whose L2 norm exceeds this")
     max_examples: int | None = Field(None, ge=1, description="refuse updates claiming more training examples than this")
-    max_message_mb: float = Field(4.0, gt=0, description="largest gRPC message accepted (models stream in chunks below it)")
+    max_message_mb: float = Field(4.0, gt=0, le=2047, description="largest gRPC message accepted (models stream in chunks below it; gRPC's limit is < 2 GiB)")
     chunk_kb: int = Field(1024, ge=1, description="chunk size of model downloads")
     rate_limit: float = Field(20.0, gt=0, description="requests per second per device, on average")
     rate_burst: int = Field(40, ge=1, description="requests a device may make in a burst")
