@@ -352,7 +352,8 @@ class FlotillaServer:
         await self._identify(context, roles=("device", "admin"))
         s = self.coord.status()
         s.update(uptime_s=round(time.time() - self.started, 1), metrics=self.latest_metrics,
-                 limits=asdict(self.limits), state_dir=str(self.store.path))
+                 limits=asdict(self.limits), state_dir=str(self.store.path),
+                 task=json.loads(self.task_json))   # devices check their data against it before checking in
         return pb.StatusReply(json=json.dumps(s))
 
     # -- lifecycle -------------------------------------------------------------------------------
