@@ -21,6 +21,7 @@ import importlib.util
 import json
 import os
 import resource
+import sys
 import time
 from pathlib import Path
 
@@ -179,5 +180,22 @@ def load(args) -> Workload:
         overrides["seed"] = args.seed
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     set_threads(args.threads)
+    ensure_prepared(Path(args.data))
     return Workload(args.data, overrides)
+
+
+def ensure_prepared(folder: Path) -> None:
+    """Scripts run by hand (profile_round.py, round_ab.py) used to stop with ``KeyError: 'workload'``
+    when prepare.py had not run: a folder named after a workload is now prepared on the spot
+    (with Flotilla's loaders, so only from Flotilla's venv); any other folder is a clear error."""
+    if (folder / "meta.json").exists():
+        return
+    if folder.name not in WORKLOADS:
+        raise SystemExit(f"--data {folder}: no prepared workload there (no meta.json); make one with "
+                         f"`.venv/bin/python benchmarks/speed/prepare.py --workload {{{','.join(WORKLOADS)}}} --out DIR` "
+                         f"and pass DIR/<workload>")
+    print(f"--data {folder}: not prepared yet, running prepare.py --workload {folder.name} --out {folder.parent}",
+          file=sys.stderr, flush=True)
+    from prepare import prepare
+    prepare(folder.name, folder.parent)
 

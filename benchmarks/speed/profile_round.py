@@ -2,6 +2,9 @@
 
     .venv/bin/python benchmarks/speed/profile_round.py --data benchmarks/out/data/fmnist [--rounds 2] [--top 25]
 
+A --data folder named fmnist, shakespeare or scale that prepare.py has not written yet is
+prepared first (common.ensure_prepared).
+
 Builds the workload exactly as fl_flotilla.py does, runs one warm-up round, then profiles
 ``--rounds`` rounds of ``SyncFedAvg.step`` (no evaluation) and prints the top functions by
 own time plus a coarse split: forward, backward, optimizer step, batch fetch, the rest.
