@@ -41,3 +41,34 @@ def test_on_demand_population_holds_no_per_user_data():
     c = list(data.train_batches(7, 10, torch.Generator().manual_seed(0)))
     assert not torch.equal(a[0][0], c[0][0])                                           # other user, other data
     assert data.num_test(19) == 10 and data.num_test(20) == 0
+
+
+def _profile_round(data: Path):
+    import subprocess
+    return subprocess.run([sys.executable, str(SPEED / "profile_round.py"), "--data", str(data), "--users", "1000",
+                           "--rounds", "1", "--top", "3"], capture_output=True, text=True, timeout=300)
+
+
+def test_profile_round_prepares_its_workload_first(tmp_path):
+    """profile_round.py on a folder prepare.py had not written stopped with KeyError: 'workload'
+    (issue 11 item 29); a folder named after a workload is now prepared, anything else is one line."""
+    r = _profile_round(tmp_path / "scale")
+    assert r.returncode == 0, r.stderr
+    assert "profiled 1 round(s)" in r.stdout and (tmp_path / "scale" / "meta.json").exists()
+    r = _profile_round(tmp_path / "mydata")
+    assert r.returncode != 0 and "KeyError" not in r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "prepare.py --workload" in r.stderr
+
+
+def test_roofline_reports_best_of_repeats_and_load(tmp_path):
+    """roofline.py's figures depend on the machine's load: it reports the best of its repeats and
+    the load average before and after (issue 11 item 29)."""
+    import json
+    import subprocess
+    r = subprocess.run([sys.executable, str(SPEED / "roofline.py"), "--repeats", "2", "--flower-wall", "36.3"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["statistic"] == "best of repeats" and out["repeats"] == 2
+    assert len(out["load_average_before"]) == 3 and len(out["load_average_after"]) == 3
+    assert out["lstm_step_ms"] > 0 and "load average" in r.stdout
