@@ -162,7 +162,7 @@ def curve(name, make_model, dataset, *, rounds, cohort, client, server, clip, ta
         torch.manual_seed(0)
         t0 = time.perf_counter()
         res = train(make_model(), dataset, rounds=rounds, cohort=cohort, client=client, server=server,
-                    weighting="uniform", eval_every=rounds, eval_max_clients=eval_clients, privacy=privacy, seed=0)
+                    weighting="uniform", eval={"every": rounds, "max_clients": eval_clients}, privacy=privacy, seed=0)
         last = res.history[-1]
         rows.append({"task": name, "setting": label, "epsilon": last.get("epsilon", math.inf if user else None),
                      "delta": last.get("delta"), "noise_multiplier": last.get("noise_multiplier"),
@@ -177,11 +177,11 @@ def part_curve(quick: bool) -> list[dict]:
     # Clip norms near the median update norm at the start (measured: ~0.13 for the CNN, ~0.77 for the LSTM).
     ds = fmnist(2000)  # 30 images per client
     rows += curve("Fashion-MNIST", SmallCNN, ds, rounds=5 if quick else 20, cohort=50,
-                  client={"epochs": 1, "batch_size": 10, "lr": 0.05}, server={"name": "fedavgm", "lr": 1.0, "momentum": 0.9},
+                  client={"epochs": 1, "batch_size": 10, "lr": 0.05}, server={"optimizer": "fedavgm", "lr": 1.0, "momentum": 0.9},
                   clip=0.1, targets=[4] if quick else [0.25, 1, 4, 16, 64], eval_clients=None)  # all 10,000 test images
     sh, vocab = shakespeare(max_train_samples_per_client=32)
     rows += curve("Shakespeare", lambda: CharLSTM(vocab), sh, rounds=4 if quick else 20, cohort=40,
-                  client={"epochs": 1, "batch_size": 16, "lr": 1.0}, server={"name": "fedavgm", "lr": 1.0, "momentum": 0.9},
+                  client={"epochs": 1, "batch_size": 16, "lr": 1.0}, server={"optimizer": "fedavgm", "lr": 1.0, "momentum": 0.9},
                   clip=0.8, targets=[8] if quick else [0.5, 2, 8, 32], eval_clients=20)
     return rows
 

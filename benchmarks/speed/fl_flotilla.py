@@ -96,7 +96,7 @@ def main() -> None:
     t0 = time.perf_counter()
     res = flotilla.train(model, data, F.cross_entropy, rounds=m["rounds"], cohort=m["cohort"],
                          client=flotilla.ClientSpec(epochs=m["epochs"], batch_size=m["batch"], lr=m["lr"]),
-                         seed=m["seed"], eval_every=m["rounds"], eval_batch_size=1024, workers=args.workers)
+                         seed=m["seed"], eval={"every": m["rounds"], "batch_size": 1024}, workers=args.workers)
     stamps = [0.0] + [h["wall_time_s"] for h in res.history]
     last = res.history[-1]
     emit({"framework": "flotilla", "workers": args.workers, "accuracy": last["accuracy"], "loss": last["loss"],

@@ -52,3 +52,14 @@ def evaluate(
         "client_acc_p90": float(np.percentile(acc, 90)),
         "eval_examples": total,
     }
+
+
+def eval_clients(dataset: FederatedDataset, max_clients: int | None, seed: int) -> list[int]:
+    """All clients with test data, or a fixed seeded subset of them."""
+    import numpy as np
+
+    have_test = [c for c in range(dataset.num_clients) if dataset.num_test(c) > 0]
+    if max_clients is not None and max_clients < len(have_test):
+        rng = np.random.default_rng([seed, 0xE7A1])
+        have_test = sorted(rng.choice(have_test, size=max_clients, replace=False).tolist())
+    return have_test

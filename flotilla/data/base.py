@@ -135,3 +135,16 @@ def from_torch_datasets(
         name, fetcher(train_ds, train_off), train_idx, test_idx, names,
         fetch_test=fetcher(test_ds, test_off) if test is not None else None,
     )
+
+
+def as_federated(data) -> FederatedDataset:
+    """Accept a FederatedDataset, a ``{client: Dataset}`` mapping, or a ``(train, test)`` pair of them."""
+    from collections.abc import Mapping
+
+    if isinstance(data, FederatedDataset):
+        return data
+    if isinstance(data, tuple) and len(data) == 2 and all(isinstance(d, Mapping) for d in data):
+        return from_torch_datasets(data[0], data[1])
+    if isinstance(data, Mapping):
+        return from_torch_datasets(data)
+    raise TypeError(f"data: expected a FederatedDataset, a {{client: Dataset}} mapping or a (train, test) pair, got {type(data).__name__}")

@@ -1,8 +1,7 @@
 """Turn a training algorithm into a private one: wiring, accounting, budget, metrics, state.
 
-    prepare_model(model, spec)                      # before the algorithm binds the model (DPLSTM swap)
-    algorithm = SyncFedAvg(model, dataset, loss, cohort=..., weighting="uniform", ...)
-    private = make_private(algorithm, spec, rounds=R, eval_every=E)
+    kwargs = dict(model=model, dataset=dataset, loss_fn=loss, cohort=..., weighting="uniform", ...)
+    private = make_private(SyncFedAvg, kwargs, spec, rounds=R, eval_every=E)   # DP composed in when built
     Runner(private, evaluate, rounds=private.rounds, stop=private.budget_spent, ...).run()
 
 :class:`PrivateAlgorithm` is itself an algorithm for the Runner (``step / round / weights / flat /
@@ -25,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from flotilla.core.protocols import Components, Shape
 from flotilla.privacy.accountant import ACCOUNTANTS, PrivacyError, calibrate_noise, epsilon, max_steps
 from flotilla.privacy.sample import DPLocalTrainer, SampleLevelSpec, make_dp_compatible
 from flotilla.privacy.user import AdaptiveClippingSpec, DPFedAvg, UserLevelSpec, delta_noise_multiplier, poisson_cohort
@@ -114,29 +114,90 @@ def prepare_model(model: nn.Module, spec: PrivacySpec | None) -> nn.Module:
     return model
 
 
-def _kind(algorithm) -> str:
-    """Which mechanism covers ``algorithm``: 'sync' rounds, or the 'fedbuff' buffer."""
-    from flotilla.sim.sync import SyncFedAvg
-    if isinstance(algorithm, SyncFedAvg):
+def _user_level_kind(shape: Shape) -> str:
+    """Which mechanism covers an algorithm of this shape: 'sync' rounds, or the 'fedbuff' buffer."""
+    if shape.aggregation == "round" and shape.selection == "uniform":
         return "sync"
-    try:
-        from flotilla.sim.fleet import AsyncFleetSim, SyncFleetSim
-    except ImportError:  # pragma: no cover - the fleet simulator is part of Flotilla
-        AsyncFleetSim = SyncFleetSim = ()
-    if isinstance(algorithm, AsyncFleetSim):
-        if algorithm.algorithm != "fedbuff":
-            raise PrivacyError(f"privacy.user_level: async.algorithm={algorithm.algorithm} is not covered: it applies every "
-                               f"client update on its own; user-level DP here is DP-FedBuff (one noise release per buffer of K)")
-        if algorithm.null_client:
+    if shape.aggregation == "buffer":
+        if not shape.trains:
             raise PrivacyError("privacy: the null client trains nothing, there is nothing to privatise")
         return "fedbuff"
-    if isinstance(algorithm, SyncFleetSim):
+    if shape.aggregation == "round":
         raise PrivacyError("privacy.user_level: a sync fleet round keeps the first arrivals (over-selection, deadline), a "
                            "cohort sampling the accountant does not cover; use SyncFedAvg or FedBuff")
-    raise PrivacyError(
-        f"privacy.user_level: {type(algorithm).__name__} is not covered: user-level DP here is DP-FedAvg over "
-        f"synchronous rounds (SyncFedAvg) or DP-FedBuff over a buffer of K updates; an algorithm that applies each "
-        f"client's update on its own (e.g. FedAsync) would need one noise release per client update")
+    raise PrivacyError(f"privacy.user_level: {shape.name} is not covered: it applies every client update on its own "
+                       f"(async.algorithm=fedasync is not covered); user-level DP here is DP-FedAvg over synchronous "
+                       f"rounds or DP-FedBuff (one noise release per buffer of K)")
+
+
+class PrivacyParts:
+    """What privacy contributes to an algorithm that is about to be built.
+
+        parts = PrivacyParts(spec, SyncFedAvg.shape(**kwargs), rounds=R)   # every check happens here
+        private = parts.wrap(SyncFedAvg(**kwargs, components=parts.components))
+
+    ``components`` are factories the algorithm's constructor calls (DP-SGD client update, DP-FedAvg
+    aggregator or DP-FedBuff buffer, Poisson sampler); each records what it built, so :meth:`wrap`
+    can account, meter and checkpoint it.  Secure aggregation may build the user-level mechanism
+    instead (it then sets :attr:`mechanism` itself; see flotilla.secure.wiring).
+    """
+
+    def __init__(self, spec: PrivacySpec | Mapping[str, Any], shape: Shape, *, rounds: int, eval_every: int = 1):
+        spec = PrivacySpec.from_dict(spec)
+        if not shape.composable:
+            raise PrivacyError("workers: DP trains every client in one process (per-client clipping, noise and "
+                               f"accounting in the parent), but {shape.name}: {shape.why_not_composable}; use workers=1")
+        self.spec, self.shape, self.rounds, self.eval_every = spec, shape, rounds, eval_every
+        self.kind = self.plan = None
+        if spec.user_level is not None:
+            u = spec.user_level
+            self.kind = _user_level_kind(shape)
+            if shape.weighting != "uniform":
+                raise PrivacyError(f"weighting: user-level DP needs weighting='uniform' (got {shape.weighting!r}): "
+                                   f"weighting users by example count breaks the per-user sensitivity bound S")
+            if self.kind == "fedbuff" and u.sampling == "poisson":
+                raise PrivacyError("privacy.user_level.sampling: 'poisson' is for synchronous rounds; in FedBuff the buffer "
+                                   "fills with whichever K updates arrive first (see docs/privacy.md)")
+            self.plan = plan_user_level(u, population=shape.population, expected_cohort=float(shape.cohort),
+                                        rounds=rounds, accountant=spec.accountant)
+        self.mechanism = None   # the user-level DP aggregator once built (metrics, clip norm, noise counter)
+        self.trainer = None     # the DP-SGD client update once built
+
+    @property
+    def components(self) -> Components:
+        u = self.spec.user_level
+        return Components(
+            client_update=self._client_update if self.spec.sample_level is not None else None,
+            aggregator=self._aggregator if self.kind == "sync" else None,
+            buffer=self._buffer if self.kind == "fedbuff" else None,
+            sampler=poisson_cohort if u is not None and u.sampling == "poisson" else None,
+        )
+
+    def _client_update(self, flat, loss_fn, client_spec) -> DPLocalTrainer:
+        dp = dataclasses.replace(self.spec.sample_level, accountant=self.spec.accountant)
+        self.trainer = DPLocalTrainer(flat, loss_fn, client_spec, dp)
+        return self.trainer
+
+    def _aggregator(self, numel: int) -> DPFedAvg:
+        u = self.spec.user_level
+        self.mechanism = DPFedAvg(numel, clip_norm=u.clip_norm, noise_multiplier=self.plan.noise_multiplier,
+                                  expected_cohort=float(self.shape.cohort), seed=self.shape.seed, adaptive=u.adaptive_clipping)
+        return self.mechanism
+
+    def _buffer(self, buffer, version_fn):
+        from flotilla.privacy.fedbuff import DPFedBuff
+        u = self.spec.user_level
+        dp_buffer = DPFedBuff(buffer, clip_norm=u.clip_norm, noise_multiplier=self.plan.noise_multiplier,
+                              seed=self.shape.seed, adaptive=u.adaptive_clipping)
+        self.mechanism = dp_buffer.mechanism
+        return dp_buffer
+
+    def wrap(self, algorithm) -> PrivateAlgorithm:
+        """The built algorithm with accounting, the budget stop, DP metrics and DP state in checkpoints."""
+        if self.plan is not None and self.mechanism is None:
+            raise PrivacyError(f"privacy.user_level: {self.shape.name} did not build the DP aggregator it was given")
+        return PrivateAlgorithm(algorithm, self.spec, rounds=self.rounds, eval_every=self.eval_every,
+                                aggregator=self.mechanism, plan=self.plan, trainer=self.trainer)
 
 
 class PrivateAlgorithm:
@@ -237,69 +298,16 @@ class PrivateAlgorithm:
             self.aggregator.releases = int(releases)
 
 
-def make_private(algorithm, spec: PrivacySpec | Mapping[str, Any], *, rounds: int, eval_every: int = 1) -> PrivateAlgorithm:
-    """Wire DP into ``algorithm`` (a SyncFedAvg or a FedBuff-style algorithm) and wrap it.
+def make_private(algorithm_class, kwargs: Mapping[str, Any], spec: PrivacySpec | Mapping[str, Any], *, rounds: int,
+                 eval_every: int = 1) -> PrivateAlgorithm:
+    """Build ``algorithm_class(**kwargs)`` with DP composed in, and wrap it (see :class:`PrivacyParts`).
 
-    ``rounds`` is the number of server steps planned (``target_epsilon`` is calibrated for it).
-    Refuses, with the reason, settings it cannot honour; ``algorithm`` is modified only after
-    every check has passed.
+    Refuses, with the reason, settings it cannot honour, before anything is built.  The model is
+    prepared for DP-SGD (recurrent layers -> Opacus' DP layers) before the algorithm binds it.
     """
-    spec = PrivacySpec.from_dict(spec)
-    kind = None
-    if getattr(algorithm, "workers", 1) > 1:
-        raise PrivacyError("workers: DP trains every client in one process (per-client clipping, noise and "
-                           "accounting in the parent); use workers=1")
-    aggregator = plan = None
-    if spec.user_level is not None:
-        u = spec.user_level
-        kind = _kind(algorithm)
-        if getattr(algorithm, "weighting", "uniform") != "uniform":
-            raise PrivacyError(f"weighting: user-level DP needs weighting='uniform' (got {algorithm.weighting!r}): "
-                               f"weighting users by example count breaks the per-user sensitivity bound S")
-        if kind == "fedbuff" and u.sampling == "poisson":
-            raise PrivacyError("privacy.user_level.sampling: 'poisson' is for synchronous rounds; in FedBuff the buffer "
-                               "fills with whichever K updates arrive first (see docs/privacy.md)")
-        expected = float(algorithm.cohort if kind == "sync" else algorithm.buffer_size)
-        plan = plan_user_level(u, population=algorithm.dataset.num_clients, expected_cohort=expected,
-                               rounds=rounds, accountant=spec.accountant)
-        if kind == "sync":
-            aggregator = DPFedAvg(algorithm.flat.numel, clip_norm=u.clip_norm, noise_multiplier=plan.noise_multiplier,
-                                  expected_cohort=expected, seed=algorithm.seed, adaptive=u.adaptive_clipping)
-        else:
-            from flotilla.privacy.fedbuff import DPFedBuff
-            dp_buffer = DPFedBuff(algorithm.server.buffer, clip_norm=u.clip_norm, noise_multiplier=plan.noise_multiplier,
-                                  seed=algorithm.seed, adaptive=u.adaptive_clipping)
-            aggregator = dp_buffer.mechanism
-    trainer = None
-    if spec.sample_level is not None:
-        old = algorithm.trainer
-        dp = dataclasses.replace(spec.sample_level, accountant=spec.accountant)
-        trainer = DPLocalTrainer(algorithm.flat, old.loss_fn, old.spec, dp)   # the last check; attaches hooks
-    # All checks passed: now modify the algorithm.
-    if aggregator is not None and kind == "fedbuff":
-        algorithm.server.buffer = dp_buffer
-    elif aggregator is not None:
-        algorithm.aggregator = aggregator
-        if spec.user_level.sampling == "poisson":
-            algorithm.sample_cohort = poisson_cohort
-    if trainer is not None:
-        algorithm.trainer = trainer
-    return PrivateAlgorithm(algorithm, spec, rounds=rounds, eval_every=eval_every, aggregator=aggregator, plan=plan, trainer=trainer)
-
-
-def with_privacy(cfg, task, build):
-    """Config-driven runtimes: ``build()`` the algorithm for ``cfg`` with ``cfg.privacy`` wired in.
-
-    Returns ``(algorithm, rounds)``: the algorithm itself and ``cfg.rounds`` when there is no
-    ``privacy:`` section; otherwise the :class:`PrivateAlgorithm` and the rounds the budget allows.
-    The model is prepared (DPLSTM swap) before ``build`` binds it to a flat vector.
-    """
-    if getattr(cfg, "privacy", None) is None:
-        return build(), cfg.rounds
-    spec = PrivacySpec.from_dict(cfg.privacy.model_dump())
-    prepare_model(task.model, spec)
-    private = make_private(build(), spec, rounds=cfg.rounds, eval_every=cfg.eval.every)
-    return private, private.rounds
+    parts = PrivacyParts(spec, algorithm_class.shape(**kwargs), rounds=rounds, eval_every=eval_every)
+    prepare_model(kwargs["model"], parts.spec)
+    return parts.wrap(algorithm_class(**kwargs, components=parts.components))
 
 
 def describe(private: PrivateAlgorithm) -> str:
@@ -317,5 +325,5 @@ def describe(private: PrivateAlgorithm) -> str:
     return "; ".join(parts) if parts else "no DP"
 
 
-__all__ = ["PrivacySpec", "PrivateAlgorithm", "UserLevelPlan", "describe", "make_private", "plan_user_level", "prepare_model",
-           "with_privacy"]
+__all__ = ["PrivacyParts", "PrivacySpec", "PrivateAlgorithm", "UserLevelPlan", "describe", "make_private", "plan_user_level",
+           "prepare_model"]

@@ -1,9 +1,10 @@
 """Turn secure aggregation on in a training algorithm: what ``flotilla.train(secure_aggregation=...)``
 and the ``secure_aggregation:`` config section use.
 
-    algorithm = SyncFedAvg(...)            # or AsyncFleetSim(algorithm="fedbuff"); either may be
-    algorithm = make_private(algorithm, …) # wrapped by flotilla.privacy.make_private first
-    make_secure(algorithm, SecureAggregationSpec(degree="auto"))
+    secure = SecureParts(SecureAggregationSpec(degree="auto"), SyncFedAvg.shape(**kwargs), privacy_parts)
+    algorithm = SyncFedAvg(**kwargs, components=secure.components)   # composed when built
+
+(``flotilla.experiment.compose.build_algorithm`` does this, and privacy, for every runtime.)
 
 * **Sync rounds** (:class:`~flotilla.sim.sync.SyncFedAvg`): the round loop's aggregator becomes a
   :class:`~flotilla.secure.SecureAggregator` over ``cohort`` protocol slots.  Example-count weights
@@ -25,6 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from flotilla.core.protocols import Components, Shape
 from flotilla.secure.aggregator import DropoutSim, SecureAggregator
 from flotilla.secure.fedbuff import SecureFedBuff
 
@@ -106,66 +108,75 @@ class SecureDPMechanism:
         return self._metrics()
 
 
-def _is_private(algorithm) -> bool:
-    from flotilla.privacy import PrivateAlgorithm
-    return isinstance(algorithm, PrivateAlgorithm)
-
-
-def make_secure(algorithm, spec: SecureAggregationSpec | Mapping[str, Any]):
-    """Swap secure aggregation into ``algorithm`` (see module docstring); returns the secure component
-    (the SecureAggregator or the SecureFedBuff).  Refuses, naming the setting, what cannot work;
-    ``algorithm`` is modified only after every check has passed."""
-    from flotilla.sim.sync import SyncFedAvg, sample_cohort
-
-    private = algorithm if _is_private(algorithm) else None
-    inner = private.inner if private is not None else algorithm
-    spec = SecureAggregationSpec.from_dict(spec, seed=getattr(inner, "seed", 0))
-    user = private.spec.user_level if private is not None and private.plan is not None else None
-    if user is not None and user.adaptive_clipping is not None:
-        raise ValueError(ADAPTIVE_CLIPPING_REFUSED)
-    if getattr(inner, "workers", 1) > 1:
-        raise ValueError("secure_aggregation: the protocol runs over the whole cohort in one process; use workers=1")
-
-    if isinstance(inner, SyncFedAvg):
-        return _secure_sync(inner, private, spec, user, sample_cohort)
-    from flotilla.sim.fleet import AsyncFleetSim
-    if isinstance(inner, AsyncFleetSim):
-        return _secure_fedbuff(inner, private, spec, user)
-    raise ValueError(f"secure_aggregation: {type(inner).__name__} is not covered; secure aggregation is wired for "
-                     f"synchronous rounds (SyncFedAvg) and FedBuff on the fleet simulator (mode: async)")
-
-
 def _noise(user, plan, seed: int):
     from flotilla.privacy import GaussianSumNoise
     return GaussianSumNoise(user.clip_norm, plan.noise_multiplier, seed=seed)
 
 
-def _secure_sync(inner, private, spec: SecureAggregationSpec, user, default_sampler) -> SecureAggregator:
-    n, numel = inner.cohort, inner.flat.numel
-    if n < 2:
-        raise ValueError(f"secure_aggregation: needs cohort >= 2, got {n} (the sum of one update is that update)")
-    if spec.max_norm is not None:
-        raise ValueError("secure_aggregation.max_norm: only for the async secure buffer; masked sync inputs cannot be "
-                         "inspected (bound norms client-side with privacy.user_level.clip_norm)")
-    common = dict(degree=spec.protocol_degree, threshold=spec.threshold, bits=spec.bits, dropout=spec.dropout,
-                  session_seed=inner.seed)   # the simulator replays rounds exactly (see SecureAggregator)
-    if user is not None:
-        if user.sampling == "poisson" or inner.sample_cohort is not default_sampler:
-            raise ValueError("secure_aggregation: privacy.user_level.sampling: poisson gives a cohort of random size; "
-                             "the protocol is set up for a fixed number of clients; use sampling: fixed")
-        if spec.max_weight is not None and spec.max_weight != 1:
-            raise ValueError(f"secure_aggregation.max_weight: user-level DP weighs every user 1 (got {spec.max_weight}); leave it unset")
-        plan, S = private.plan, user.clip_norm
-        noise = _noise(user, plan, inner.seed)
-        agg = SecureAggregator(numel, n, clip=spec.clip or S, max_weight=1.0, noise_fn=noise, l2_clip=S,
-                               denominator=plan.expected_cohort, **common)
-        mech = SecureDPMechanism(S, noise, lambda: {
-            "clip_norm": S, "dp_updates": agg.count,
-            # simulator diagnostic, NOT released under DP (each client knows only its own):
-            "clipped_fraction": agg.l2_clipped / agg.count if agg.count else 0.0})
-    else:
-        if inner.weighting == "examples":
-            largest = float(inner.dataset.train_sizes.max())
+class SecureParts:
+    """What secure aggregation contributes to an algorithm that is about to be built.
+
+        privacy = PrivacyParts(...) or None                  # DP first: it decides clipping and noise
+        secure = SecureParts(spec, shape, privacy)           # every check happens here
+        components = privacy.components.merged(secure.components) if privacy else secure.components
+
+    Sync rounds get a :class:`SecureAggregator` factory; FedBuff gets a :class:`SecureFedBuff`
+    factory around the plain buffer.  With user-level DP the noise moves into the protocol, and the
+    secure component installs the DP mechanism the privacy wrapper meters (``privacy.mechanism``).
+    """
+
+    def __init__(self, spec: SecureAggregationSpec | Mapping[str, Any], shape: Shape, privacy=None):
+        self.spec = spec = SecureAggregationSpec.from_dict(spec, seed=shape.seed)
+        self.shape, self.privacy = shape, privacy
+        self.user = privacy.spec.user_level if privacy is not None and privacy.plan is not None else None
+        if self.user is not None and self.user.adaptive_clipping is not None:
+            raise ValueError(ADAPTIVE_CLIPPING_REFUSED)
+        if not shape.composable:
+            raise ValueError(f"secure_aggregation: the protocol runs over the whole cohort in one process, but "
+                             f"{shape.name}: {shape.why_not_composable}; use workers=1")
+        self.built = None          # the SecureAggregator or SecureFedBuff, once built
+        if shape.aggregation == "round" and shape.selection == "uniform":
+            self.components = Components(aggregator=self._check_sync())
+        elif shape.aggregation == "buffer":
+            self.components = Components(buffer=self._check_fedbuff())
+        elif shape.aggregation == "per_update":
+            raise ValueError(f"secure_aggregation: {shape.name} applies every update on its own, so the server would "
+                             f"see single updates; use fedbuff")
+        else:
+            raise ValueError(f"secure_aggregation: {shape.name} is not covered; secure aggregation is wired for "
+                             f"synchronous rounds (SyncFedAvg) and FedBuff on the fleet simulator (mode: async)")
+
+    # -- sync: a SecureAggregator over the cohort's protocol slots ------------------------------------
+    def _check_sync(self):
+        spec, shape, user, n = self.spec, self.shape, self.user, self.shape.cohort
+        if n < 2:
+            raise ValueError(f"secure_aggregation: needs cohort >= 2, got {n} (the sum of one update is that update)")
+        if spec.max_norm is not None:
+            raise ValueError("secure_aggregation.max_norm: only for the async secure buffer; masked sync inputs cannot be "
+                             "inspected (bound norms client-side with privacy.user_level.clip_norm)")
+        common = dict(degree=spec.protocol_degree, threshold=spec.threshold, bits=spec.bits, dropout=spec.dropout,
+                      session_seed=shape.seed)   # the simulator replays rounds exactly (see SecureAggregator)
+        if user is not None:
+            if user.sampling == "poisson":
+                raise ValueError("secure_aggregation: privacy.user_level.sampling: poisson gives a cohort of random size; "
+                                 "the protocol is set up for a fixed number of clients; use sampling: fixed")
+            if spec.max_weight is not None and spec.max_weight != 1:
+                raise ValueError(f"secure_aggregation.max_weight: user-level DP weighs every user 1 (got {spec.max_weight}); leave it unset")
+            plan, S, privacy = self.privacy.plan, user.clip_norm, self.privacy
+
+            def build(numel: int) -> SecureAggregator:
+                noise = _noise(user, plan, shape.seed)
+                agg = SecureAggregator(numel, n, clip=spec.clip or S, max_weight=1.0, noise_fn=noise, l2_clip=S,
+                                       denominator=plan.expected_cohort, **common)
+                privacy.mechanism = SecureDPMechanism(S, noise, lambda: {
+                    "clip_norm": S, "dp_updates": agg.count,
+                    # simulator diagnostic, NOT released under DP (each client knows only its own):
+                    "clipped_fraction": agg.l2_clipped / agg.count if agg.count else 0.0})
+                self.built = agg
+                return agg
+            return build
+        if shape.weighting == "examples":
+            largest = float(shape.dataset.train_sizes.max())
             max_weight = spec.max_weight if spec.max_weight is not None else largest
             if max_weight < largest:
                 raise ValueError(f"secure_aggregation.max_weight: {max_weight:g} is below the largest client's example "
@@ -174,39 +185,39 @@ def _secure_sync(inner, private, spec: SecureAggregationSpec, user, default_samp
             max_weight = spec.max_weight if spec.max_weight is not None else 1.0
             if max_weight < 1:
                 raise ValueError(f"secure_aggregation.max_weight: {max_weight:g} is below 1, every client's weight with weighting: uniform")
-        agg = SecureAggregator(numel, n, clip=spec.clip or 1.0, max_weight=max_weight, **common)
-        mech = None
-    # All checks passed: now modify the algorithm.
-    inner.aggregator = agg
-    if mech is not None:
-        private.aggregator = mech
-    return agg
+
+        def build(numel: int) -> SecureAggregator:
+            self.built = SecureAggregator(numel, n, clip=spec.clip or 1.0, max_weight=max_weight, **common)
+            return self.built
+        return build
+
+    # -- async: FedBuff's buffer inside the secure buffer ---------------------------------------------
+    def _check_fedbuff(self):
+        spec, user, shape = self.spec, self.user, self.shape
+        if not shape.trains:
+            raise ValueError("secure_aggregation: the null client trains nothing, there is nothing to aggregate")
+        given = [k for k in ("threshold", "clip", "max_weight", "dropout") if getattr(spec, k) is not None]
+        if given or spec.degree != "auto" or spec.bits != 32:
+            key = given[0] if given else ("degree" if spec.degree != "auto" else "bits")
+            raise ValueError(f"secure_aggregation.{key}: only used by sync masking; the async secure buffer takes max_norm "
+                             f"(K is async.buffer_size)")
+        privacy = self.privacy
+
+        def build(plain, version_fn) -> SecureFedBuff:   # plain: the FedBuff this buffer takes K and staleness from
+            noise = _noise(user, privacy.plan, shape.seed) if user is not None else None
+            buf = SecureFedBuff(plain.numel, plain.buffer_size, plain.staleness, version_fn=version_fn,
+                                normalize=plain.normalize, max_staleness=plain.max_staleness, max_norm=spec.max_norm,
+                                dp_clip=user.clip_norm if user is not None else None, noise_fn=noise)
+            buf.dropped_stale = plain.dropped_stale
+            if user is not None:
+                privacy.mechanism = SecureDPMechanism(user.clip_norm, noise, lambda: buf.last_metrics)
+            self.built = buf
+            return buf
+        return build
 
 
-def _secure_fedbuff(inner, private, spec: SecureAggregationSpec, user) -> SecureFedBuff:
-    if inner.algorithm != "fedbuff":
-        raise ValueError(f"secure_aggregation: async.algorithm={inner.algorithm} applies every update on its own, so the "
-                         f"server would see single updates; use fedbuff")
-    if inner.null_client:
-        raise ValueError("secure_aggregation: the null client trains nothing, there is nothing to aggregate")
-    given = [k for k in ("threshold", "clip", "max_weight", "dropout") if getattr(spec, k) is not None]
-    if given or spec.degree != "auto" or spec.bits != 32:
-        key = given[0] if given else ("degree" if spec.degree != "auto" else "bits")
-        raise ValueError(f"secure_aggregation.{key}: only used by sync masking; the async secure buffer takes max_norm "
-                         f"(K is async.buffer_size)")
-    server = inner.server
-    old = server.buffer                                    # FedBuff, or DPFedBuff under user-level DP
-    noise = mech = None
-    if user is not None:
-        noise = _noise(user, private.plan, inner.seed)
-    buf = SecureFedBuff(inner.flat.numel, old.buffer_size, old.staleness, version_fn=lambda: server.version,
-                        normalize=old.normalize, max_staleness=old.max_staleness, max_norm=spec.max_norm,
-                        dp_clip=user.clip_norm if user is not None else None, noise_fn=noise)
-    if user is not None:
-        mech = SecureDPMechanism(user.clip_norm, noise, lambda: buf.last_metrics)
-    # All checks passed: now modify the algorithm.
-    buf.dropped_stale = old.dropped_stale
-    server.buffer = buf
-    if mech is not None:
-        private.aggregator = mech
-    return buf
+def make_secure(algorithm_class, kwargs: Mapping[str, Any], spec: SecureAggregationSpec | Mapping[str, Any]):
+    """Build ``algorithm_class(**kwargs)`` with secure aggregation composed in (no DP: see
+    flotilla.experiment.compose for both).  Refuses, naming the setting, what cannot work."""
+    parts = SecureParts(spec, algorithm_class.shape(**kwargs))
+    return algorithm_class(**kwargs, components=parts.components)

@@ -36,6 +36,7 @@ from flotilla.core.aggregate import UpdateRejected, WeightedMean
 from flotilla.core.client import ClientSpec, LocalTrainer, LossFn, client_seed
 from flotilla.core.fedbuff import FedAsyncServer, FedBuff, FedBuffServer
 from flotilla.core.flat import FlatModel
+from flotilla.core.protocols import Components, Shape, refuse_unused
 from flotilla.core.server_opt import ServerOptimizer, ServerOptimizerSpec
 from flotilla.core.staleness import Staleness
 from flotilla.data.base import FederatedDataset
@@ -70,7 +71,7 @@ class _FleetAlgorithm:
     """Shared plumbing: model, trainer, fleet, counters, checkpoint helpers."""
 
     def __init__(self, model, dataset, loss_fn, fleet: Fleet, client: ClientSpec, weighting: str, seed: int,
-                 null_client: bool):
+                 null_client: bool, components: Components):
         if weighting not in ("examples", "uniform"):
             raise ValueError(f"weighting: must be 'examples' or 'uniform', got {weighting!r}")
         if fleet.population.num_clients != dataset.num_clients:
@@ -85,7 +86,7 @@ class _FleetAlgorithm:
         self.weights = self.flat.flat.clone()
         self.model_bytes = fleet.model_bytes
         self.delta = torch.empty(0 if null_client else self.flat.numel)
-        self.trainer = LocalTrainer(self.flat, loss_fn, client)
+        self.trainer = (components.client_update or LocalTrainer)(self.flat, loss_fn, client)
         self.c = _Counters()
         self.round = 0
 
@@ -129,16 +130,21 @@ class AsyncFleetSim(_FleetAlgorithm):
         null_client: bool = False,
         trace: bool = False,
         arrival_rate: float | None = None,
+        components: Components | None = None,
     ):
         if algorithm not in ("fedbuff", "fedasync"):
             raise ValueError(f"async.algorithm: must be 'fedbuff' or 'fedasync', got {algorithm!r}")
-        super().__init__(model, dataset, loss_fn, fleet, client, weighting, seed, null_client)
+        usable = ("client_update", "buffer") if algorithm == "fedbuff" else ("client_update",)
+        parts = refuse_unused(components, f"AsyncFleetSim({algorithm})", usable)
+        super().__init__(model, dataset, loss_fn, fleet, client, weighting, seed, null_client, parts)
         self.algorithm = algorithm
         self.sched = AsyncScheduler(fleet, concurrency, trace=trace, arrival_rate=arrival_rate)
         self.max_staleness = max_staleness
         numel = self.flat.numel
         if algorithm == "fedbuff":
             buf = FedBuff(0 if null_client else numel, buffer_size, staleness, normalize=normalize, max_staleness=max_staleness)
+            if parts.buffer is not None:       # DP-FedBuff or the secure buffer, around this one
+                buf = parts.buffer(buf, lambda: self.server.version)
             self.server = FedBuffServer(self.weights, buf, ServerOptimizer(server, 0 if null_client else numel))
         else:
             self.server = FedAsyncServer(self.weights, mixing, staleness, max_staleness=max_staleness)
@@ -149,6 +155,14 @@ class AsyncFleetSim(_FleetAlgorithm):
         self.staleness_counts: dict[int, int] = {}     # histogram of applied updates' staleness
         self.peak_snapshots = 0
         self.sched.fill()
+
+    @classmethod
+    def shape(cls, *, dataset: FederatedDataset, algorithm: str = "fedbuff", buffer_size: int = 10,
+              weighting: str = "examples", seed: int = 0, null_client: bool = False, **_) -> Shape:
+        buffered = algorithm == "fedbuff"
+        return Shape(f"AsyncFleetSim({algorithm})", "buffer" if buffered else "per_update", "first_arrivals",
+                     buffer_size if buffered else 1, dataset.num_clients, dataset, weighting, seed,
+                     trains=not null_client)
 
     @property
     def version(self) -> int:
@@ -368,6 +382,7 @@ class SyncFleetSim(_FleetAlgorithm):
         null_client: bool = False,
         trace: bool = False,
         max_empty_rounds: int = 100,
+        components: Components | None = None,
     ):
         if over_selection < 1:
             raise ValueError(f"fleet.over_selection: must be >= 1, got {over_selection}")
@@ -376,15 +391,25 @@ class SyncFleetSim(_FleetAlgorithm):
         self.select = math.ceil(cohort * over_selection - 1e-9)
         if self.select > fleet.size:
             raise ValueError(f"cohort x fleet.over_selection = {self.select} is larger than fleet.population={fleet.size}")
-        super().__init__(model, dataset, loss_fn, fleet, client, weighting, seed, null_client)
+        parts = refuse_unused(components, "SyncFleetSim", ("client_update", "aggregator"))
+        super().__init__(model, dataset, loss_fn, fleet, client, weighting, seed, null_client, parts)
         self.cohort = cohort
         self.deadline_s = deadline_s
         self.sched = SyncScheduler(fleet, trace=trace)
         self.server_opt = ServerOptimizer(server, 0 if null_client else self.flat.numel)
-        self.aggregator = aggregator if aggregator is not None else WeightedMean(0 if null_client else self.flat.numel)
+        numel = 0 if null_client else self.flat.numel
+        if aggregator is None:
+            aggregator = parts.aggregator(numel) if parts.aggregator else WeightedMean(numel)
+        self.aggregator = aggregator
         self.max_empty_rounds = max_empty_rounds
         self.empty_rounds = 0
         self.last_round = None
+
+    @classmethod
+    def shape(cls, *, dataset: FederatedDataset, cohort: int, weighting: str = "examples", seed: int = 0,
+              null_client: bool = False, **_) -> Shape:
+        return Shape("SyncFleetSim", "round", "first_arrivals", cohort, dataset.num_clients, dataset,
+                     weighting, seed, trains=not null_client)
 
     def step(self) -> dict[str, Any]:
         sched, c, mb = self.sched, self.c, self.model_bytes
@@ -448,55 +473,3 @@ class SyncFleetSim(_FleetAlgorithm):
         self.c.load(state["fleet.counters"])
         self.empty_rounds = int(state["fleet.empty_rounds"])
         self.sched.load_state_arrays({k.removeprefix(_NP_PREFIX): v.numpy() for k, v in state.items() if k.startswith(_NP_PREFIX)})
-
-
-# --- config-driven construction (what `flotilla run` uses) ---------------------------------
-def build_fleet_algorithm(cfg, task, **kw):
-    """The fleet algorithm an :class:`~flotilla.config.ExperimentConfig` asks for."""
-    from flotilla.fleet.config import FleetConfig
-    from flotilla.fleet.fleet import fleet_from_config
-
-    fcfg = cfg.fleet if cfg.fleet is not None else FleetConfig()
-    c, s = cfg.client, cfg.server
-    numel = sum(p.numel() for p in task.model.parameters() if p.requires_grad)
-    fleet = fleet_from_config(fcfg, cfg.seed, task.dataset.train_sizes.numpy(), numel * 4, c)
-    client = ClientSpec(c.epochs, c.steps, c.batch_size, c.lr, c.momentum, c.weight_decay)
-    server = ServerOptimizerSpec(s.optimizer, s.lr, s.momentum, s.beta1, s.beta2, s.tau)
-    if cfg.mode == "async":
-        a = cfg.async_
-        st = Staleness(a.staleness.kind, a.staleness.exponent, a.staleness.a, a.staleness.b, a.staleness.average)
-        return AsyncFleetSim(task.model, task.dataset, task.loss_fn, fleet=fleet, concurrency=a.concurrency,
-                             algorithm=a.algorithm, buffer_size=a.buffer_size, staleness=st, normalize=a.normalize,
-                             max_staleness=a.max_staleness, mixing=a.mixing, client=client, server=server,
-                             weighting=cfg.weighting, seed=cfg.seed, arrival_rate=a.arrival_rate, **kw)
-    return SyncFleetSim(task.model, task.dataset, task.loss_fn, fleet=fleet, cohort=cfg.cohort,
-                        over_selection=fcfg.over_selection, deadline_s=fcfg.deadline_s, client=client, server=server,
-                        weighting=cfg.weighting, seed=cfg.seed, **kw)
-
-
-def build_configured_fleet_algorithm(cfg, task):
-    """(algorithm, rounds) for ``cfg``: the fleet algorithm, wrapped by DP and secure aggregation if configured."""
-    if getattr(cfg, "privacy", None) is not None:  # DP-FedBuff / DP-SGD clients (flotilla.privacy)
-        from flotilla.privacy import with_privacy
-        algorithm, rounds = with_privacy(cfg, task, lambda: build_fleet_algorithm(cfg, task))
-    else:
-        algorithm, rounds = build_fleet_algorithm(cfg, task), cfg.rounds
-    if getattr(cfg, "secure_aggregation", None) is not None:  # FedBuff's buffer inside the secure buffer (flotilla.secure)
-        from flotilla.secure.wiring import make_secure
-        make_secure(algorithm, cfg.secure_aggregation.model_dump())
-    return algorithm, rounds
-
-
-def run_fleet_experiment(cfg, task, path, resume: bool):
-    """``flotilla run`` for ``mode: async`` or a ``fleet:`` section (called by flotilla.api)."""
-    from flotilla.api import eval_clients, run_algorithm
-    from flotilla.core.evaluate import evaluate
-
-    algorithm, rounds = build_configured_fleet_algorithm(cfg, task)
-    clients = eval_clients(task.dataset, cfg.eval.max_clients, cfg.seed)
-    evaluate_fn = (lambda w: evaluate(algorithm.flat, w, task.dataset, clients, task.loss_fn, cfg.eval.batch_size)) if clients else None
-    max_t = cfg.fleet.max_sim_time_s if cfg.fleet is not None else None
-    stop = (lambda rec: rec.get("sim_time_s", 0.0) >= max_t) if max_t is not None else None
-    return run_algorithm(algorithm, task.model, evaluate_fn, rounds=rounds, run_dir=path, resume=resume,
-                         eval_every=cfg.eval.every, checkpoint_every=cfg.output.checkpoint_every,
-                         progress=cfg.output.progress, tensorboard=cfg.output.tensorboard, stop=stop)

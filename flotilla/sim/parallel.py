@@ -20,6 +20,7 @@ needs every client's delta in one place, so it runs with ``workers=1``.
 """
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing as mp
 import os
 import traceback
@@ -30,6 +31,7 @@ from torch import nn
 
 from flotilla.core.aggregate import UpdateRejected, check_update
 from flotilla.core.client import ClientSpec, LossFn, client_seed
+from flotilla.core.protocols import Components, Shape
 from flotilla.core.server_opt import ServerOptimizerSpec
 from flotilla.data.base import FederatedDataset
 from flotilla.sim.sync import SyncFedAvg, sample_cohort
@@ -57,8 +59,19 @@ def _usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+_NOT_COMPOSABLE = ("each worker process trains its clients and sums their plain deltas in shared memory, so a "
+                   "client update (DP-SGD), an aggregator (DP, secure aggregation) or a cohort sampler given to it "
+                   "would never run")
+
+
 class ParallelFedAvg(SyncFedAvg):
     """:class:`SyncFedAvg` whose rounds are trained by ``workers`` processes (the parent included)."""
+
+    @classmethod
+    def shape(cls, *, workers: int = 2, **kwargs) -> Shape:
+        base = SyncFedAvg.shape(**kwargs)
+        return dataclasses.replace(base, name=f"ParallelFedAvg(workers={workers})", composable=workers <= 1,
+                                   why_not_composable=_NOT_COMPOSABLE)
 
     def __init__(
         self,
@@ -74,11 +87,12 @@ class ParallelFedAvg(SyncFedAvg):
         weighting: str = "examples",
         seed: int = 0,
         aggregator=None,
+        components: Components | None = None,
     ):
         if not isinstance(workers, int) or workers < 1:
             raise ValueError(f"workers: must be an integer >= 1, got {workers!r}")
-        if aggregator is not None:
-            raise ValueError("workers: a custom aggregator needs every client's delta in one process; use workers=1")
+        if aggregator is not None or (components is not None and components.given()):
+            raise ValueError(f"workers: {_NOT_COMPOSABLE}; use workers=1")
         if workers > 1 and "fork" not in mp.get_all_start_methods():
             raise RuntimeError("workers > 1 needs the 'fork' start method (Linux); use workers=1 on this platform")
         super().__init__(model, dataset, loss_fn, cohort=cohort, client=client, server=server,

@@ -18,6 +18,7 @@ from torch import nn
 from flotilla.core.aggregate import WeightedMean
 from flotilla.core.client import ClientSpec, LocalTrainer, LossFn, client_seed
 from flotilla.core.flat import FlatModel
+from flotilla.core.protocols import Components, Shape, refuse_unused
 from flotilla.core.server_opt import ServerOptimizer, ServerOptimizerSpec
 from flotilla.data.base import FederatedDataset
 
@@ -43,6 +44,7 @@ class SyncFedAvg:
         weighting: str = "examples",
         seed: int = 0,
         aggregator=None,
+        components: Components | None = None,
     ):
         if not 1 <= cohort <= dataset.num_clients:
             raise ValueError(f"cohort: must be between 1 and the population size {dataset.num_clients}, got {cohort}")
@@ -53,14 +55,25 @@ class SyncFedAvg:
         self.weights = self.flat.flat.clone()          # the global model
         self.delta = torch.empty(self.flat.numel)      # reused by every client
         self.server_opt = ServerOptimizer(server, self.flat.numel)
-        self.aggregator = aggregator if aggregator is not None else WeightedMean(self.flat.numel)
-        self.trainer = LocalTrainer(self.flat, loss_fn, client)
+        parts = refuse_unused(components, "SyncFedAvg", ("client_update", "aggregator", "sampler"))
+        if aggregator is not None and parts.aggregator is not None:
+            raise ValueError("SyncFedAvg: give an aggregator or an aggregator component, not both")
+        if aggregator is None:
+            aggregator = parts.aggregator(self.flat.numel) if parts.aggregator else WeightedMean(self.flat.numel)
+        self.aggregator = aggregator
+        make_update = parts.client_update or LocalTrainer
+        self.trainer = make_update(self.flat, loss_fn, client)
         self.cohort = cohort
         self.weighting = weighting
         self.seed = seed
         self.round = 0
-        # How a round's cohort is drawn; privacy swaps in Poisson sampling (flotilla.privacy.user.poisson_cohort).
-        self.sample_cohort = sample_cohort
+        # How a round's cohort is drawn (user-level DP may give Poisson sampling as a component).
+        self.sample_cohort = parts.sampler or sample_cohort
+
+    @classmethod
+    def shape(cls, *, dataset: FederatedDataset, cohort: int, weighting: str = "examples", seed: int = 0, **_) -> Shape:
+        return Shape("SyncFedAvg", "round", "uniform", cohort, dataset.num_clients, dataset,
+                     weighting, seed)
 
     def step(self) -> dict[str, float]:
         """Run one round; return its training metrics."""

@@ -1,0 +1,64 @@
+"""The runtimes a config can run on, in one registry: which algorithm class a config selects and
+the constructor arguments it gets.  The network runtime (``flotilla serve``) is built by
+:mod:`flotilla.experiment.serve`; it is not driven round by round from here.
+
+Adding a runtime: write its algorithm (an object the Runner drives; see flotilla.core.protocols),
+then one ``Runtime`` entry below that says when a config selects it and how to build it.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from flotilla.experiment.specs import client_spec, server_spec, staleness_spec
+
+
+@dataclass(frozen=True)
+class Runtime:
+    name: str
+    selects: Callable[[Any], bool]                            # cfg -> does this runtime run it?
+    algorithm: Callable[[Any, Any], tuple[type, dict]]        # (cfg, task) -> (class, constructor kwargs)
+
+
+def _common(cfg, task) -> dict:
+    return dict(model=task.model, dataset=task.dataset, loss_fn=task.loss_fn, client=client_spec(cfg),
+                server=server_spec(cfg), weighting=cfg.weighting, seed=cfg.seed)
+
+
+def _in_process(cfg, task):
+    from flotilla.sim.sync import SyncFedAvg
+    return SyncFedAvg, dict(_common(cfg, task), cohort=cfg.cohort)
+
+
+def _processes(cfg, task):
+    from flotilla.sim.parallel import ParallelFedAvg
+    return ParallelFedAvg, dict(_common(cfg, task), cohort=cfg.cohort, workers=cfg.workers)
+
+
+def _fleet(cfg, task):
+    from flotilla.fleet.config import FleetConfig
+    from flotilla.fleet.fleet import fleet_from_config
+    from flotilla.sim.fleet import AsyncFleetSim, SyncFleetSim
+
+    fcfg = cfg.fleet if cfg.fleet is not None else FleetConfig()
+    numel = sum(p.numel() for p in task.model.parameters() if p.requires_grad)
+    fleet = fleet_from_config(fcfg, cfg.seed, task.dataset.train_sizes.numpy(), numel * 4, cfg.client)
+    common = dict(_common(cfg, task), fleet=fleet)
+    if cfg.mode == "async":
+        a = cfg.async_
+        return AsyncFleetSim, dict(common, concurrency=a.concurrency, algorithm=a.algorithm, buffer_size=a.buffer_size,
+                                   staleness=staleness_spec(cfg), normalize=a.normalize, max_staleness=a.max_staleness,
+                                   mixing=a.mixing, arrival_rate=a.arrival_rate)
+    return SyncFleetSim, dict(common, cohort=cfg.cohort, over_selection=fcfg.over_selection, deadline_s=fcfg.deadline_s)
+
+
+RUNTIMES = (
+    Runtime("fleet", lambda cfg: cfg.mode == "async" or cfg.fleet is not None, _fleet),
+    Runtime("processes", lambda cfg: cfg.workers > 1, _processes),
+    Runtime("in-process", lambda cfg: True, _in_process),
+)
+
+
+def runtime_for(cfg) -> Runtime:
+    return next(r for r in RUNTIMES if r.selects(cfg))
