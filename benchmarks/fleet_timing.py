@@ -21,7 +21,7 @@ from torch.nn import functional as F
 
 from flotilla.fleet import AsyncScheduler, make_fleet
 from flotilla.sim.fleet import AsyncFleetSim, SyncFleetSim
-from flotilla.data.base import FederatedDataset
+from flotilla.core.dataset import FederatedDataset
 
 DIURNAL = [0.1] * 7 + [0.3] * 5 + [0.5] * 6 + [0.9] * 6
 

@@ -2,7 +2,7 @@
 from flotilla.api import TrainResult, train
 from flotilla.core.client import ClientSpec
 from flotilla.core.server_opt import ServerOptimizerSpec
-from flotilla.data.base import FederatedDataset, from_torch_datasets
+from flotilla.core.dataset import FederatedDataset, from_torch_datasets
 
 __all__ = ["train", "TrainResult", "ClientSpec", "ServerOptimizerSpec", "FederatedDataset", "from_torch_datasets"]
 __version__ = "0.1.0"

@@ -22,7 +22,7 @@ from flotilla.config import ConfigError, validate
 from flotilla.core.client import ClientSpec, LossFn
 from flotilla.core.evaluate import eval_clients
 from flotilla.core.server_opt import ServerOptimizerSpec
-from flotilla.data.base import as_federated
+from flotilla.core.dataset import as_federated
 from flotilla.experiment.run import TrainResult, resume_experiment, run_algorithm, run_experiment
 from flotilla.runs.rundir import RunDir
 from flotilla.tasks import Task

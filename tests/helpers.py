@@ -1,7 +1,7 @@
 """Small synthetic federated data for fast core tests."""
 import torch
 
-from flotilla.data.base import FederatedDataset
+from flotilla.core.dataset import FederatedDataset
 
 
 def synthetic_dataset(num_clients=8, per_client=20, dim=5, classes=3, seed=0) -> FederatedDataset:

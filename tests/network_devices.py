@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # The heavy imports, done once before forking.  Nothing runs a torch op here: a thread pool
 # started before fork() would be unusable in the children.
 from flotilla.cli import main as flotilla_main  # noqa: E402
-from flotilla.config import TaskConfig  # noqa: E402,F401  (imported by model_for_task)
+from flotilla.tasks import TaskConfig  # noqa: E402,F401  (imported by model_for_task)
 from flotilla.network.client import Device  # noqa: E402,F401
 from flotilla.tasks.models import SmallCNN  # noqa: E402,F401  (imported by model_for_task)
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from flotilla.core.flat import FlatModel
-from flotilla.data.base import FederatedDataset
+from flotilla.core.dataset import FederatedDataset
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

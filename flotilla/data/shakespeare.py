@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .base import Batch, FederatedDataset
+from flotilla.core.dataset import Batch, FederatedDataset
 from .cache import DatasetMissingError, cached
 
 ALL_LETTERS = "\n !\"&'(),-.0123456789:;>?ABCDEFGHIJKLMNOPQRSTUVWXYZ[]abcdefghijklmnopqrstuvwxyz}"

@@ -30,7 +30,7 @@ from torch.nn import functional as F
 
 from flotilla.core.client import ClientSpec, LocalTrainer, LossFn
 from flotilla.core.flat import FlatModel
-from flotilla.data.base import FederatedDataset, from_torch_datasets
+from flotilla.core.dataset import FederatedDataset, from_torch_datasets
 from flotilla.network import wire
 from flotilla.network.wire import pb
 
@@ -501,18 +501,7 @@ class Device:
 
 
 def model_for_task(task: dict[str, Any]) -> nn.Module:
-    """The built-in model of a built-in task config (what the server sends at check-in)."""
-    from pydantic import TypeAdapter, ValidationError
+    """The model of a registered task's config (what the server sends at check-in); flotilla.tasks."""
+    from flotilla.tasks import model_for_task as registered_model
 
-    from flotilla.config import TaskConfig
-    from flotilla.tasks.models import CharLSTM, SmallCNN
-    try:
-        cfg = TypeAdapter(TaskConfig).validate_python(task)
-    except ValidationError as e:
-        raise ValueError(f"the server's task {task.get('name')!r} has no built-in model here; use the Python SDK "
-                         f"(flotilla.client.Device) with your own model ({e.errors()[0]['msg']})") from None
-    if cfg.name == "fashion-mnist":
-        return SmallCNN()
-    from flotilla.data.shakespeare import VOCAB_SIZE
-    m = cfg.model
-    return CharLSTM(VOCAB_SIZE, m.embed_dim, m.hidden, m.layers)
+    return registered_model(task)

@@ -32,7 +32,7 @@ from torch import nn
 
 from flotilla.core.client import ClientResult, ClientSpec, LossFn
 from flotilla.core.flat import FlatModel
-from flotilla.data.base import FederatedDataset
+from flotilla.core.dataset import FederatedDataset
 from flotilla.privacy.accountant import PrivacyError, dpsgd_schedule, epsilon
 
 # Layers whose Opacus fixer is a weight-preserving drop-in replacement (nn.LSTM -> DPLSTM, ...).

@@ -39,7 +39,7 @@ from flotilla.core.flat import FlatModel
 from flotilla.core.protocols import Components, Shape, refuse_unused
 from flotilla.core.server_opt import ServerOptimizer, ServerOptimizerSpec
 from flotilla.core.staleness import Staleness
-from flotilla.data.base import FederatedDataset
+from flotilla.core.dataset import FederatedDataset
 from flotilla.fleet.clock import AsyncScheduler, FleetStalled, SyncScheduler
 from flotilla.fleet.fleet import Fleet
 

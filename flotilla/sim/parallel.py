@@ -33,7 +33,7 @@ from flotilla.core.aggregate import UpdateRejected, check_update
 from flotilla.core.client import ClientSpec, LossFn, client_seed
 from flotilla.core.protocols import Components, Shape
 from flotilla.core.server_opt import ServerOptimizerSpec
-from flotilla.data.base import FederatedDataset
+from flotilla.core.dataset import FederatedDataset
 from flotilla.sim.sync import SyncFedAvg, sample_cohort
 
 

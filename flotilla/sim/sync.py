@@ -20,7 +20,7 @@ from flotilla.core.client import ClientSpec, LocalTrainer, LossFn, client_seed
 from flotilla.core.flat import FlatModel
 from flotilla.core.protocols import Components, Shape, refuse_unused
 from flotilla.core.server_opt import ServerOptimizer, ServerOptimizerSpec
-from flotilla.data.base import FederatedDataset
+from flotilla.core.dataset import FederatedDataset
 
 
 def sample_cohort(seed: int, round_: int, population: int, cohort: int) -> np.ndarray:

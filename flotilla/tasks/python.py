@@ -23,7 +23,7 @@ from pydantic import Field
 from torch.nn import functional as F
 
 from flotilla.core.schema import Section
-from flotilla.data.base import as_federated
+from flotilla.core.dataset import as_federated
 from flotilla.tasks.registry import Task, TaskType, register
 
 

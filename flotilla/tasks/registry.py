@@ -16,7 +16,7 @@ from pydantic import Field, TypeAdapter, ValidationError
 from torch import nn
 
 from flotilla.core.client import LossFn
-from flotilla.data.base import FederatedDataset
+from flotilla.core.dataset import FederatedDataset
 
 
 @dataclass
