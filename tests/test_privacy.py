@@ -277,7 +277,7 @@ def test_dp_sgd_on_the_lstm_through_the_trainer():
     model = make_dp_compatible(CharLSTM(vocab_size=12, embed_dim=3, hidden=6))
     g = torch.Generator().manual_seed(0)
     xs, ys = torch.randint(0, 12, (40, 5), generator=g), torch.randint(0, 12, (40,), generator=g)
-    from flotilla.data.base import FederatedDataset
+    from flotilla.core.dataset import FederatedDataset
     ds = FederatedDataset("chars", lambda i: (xs[i], ys[i]), [torch.arange(0, 20), torch.arange(20, 40)])
     f = FlatModel(model)
     t = DPLocalTrainer(f, F.cross_entropy, ClientSpec(epochs=1, batch_size=5), SampleLevelSpec(noise_multiplier=1.0))

@@ -16,7 +16,7 @@ import torch  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 import flotilla  # noqa: E402
-from flotilla.data.base import FederatedDataset  # noqa: E402
+from flotilla.core.dataset import FederatedDataset  # noqa: E402
 
 
 class _Same:
