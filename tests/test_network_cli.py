@@ -12,7 +12,8 @@ import yaml
 from flotilla.cli import main
 from flotilla.client import Connection
 from flotilla.config import ConfigError, load_config
-from flotilla.network.server import Limits, server_from_config
+from flotilla.experiment.serve import server_from_config
+from flotilla.network.server import Limits
 from tests.network_helpers import PKI, start_server
 
 

@@ -273,7 +273,7 @@ def test_serve_config_builds_sync_masking_and_refuses_what_it_cannot_honour(tmp_
     import yaml
 
     from flotilla.config import ConfigError, load_config
-    from flotilla.network.server import server_from_config
+    from flotilla.experiment.serve import server_from_config
     keys = PKI(tmp_path / "pki", devices=4)
     cfg = {"task": {"name": "fashion-mnist", "num_clients": 4, "examples_per_client": 5}, "rounds": 3, "cohort": 3,
            "secure_aggregation": {"degree": "full", "clip": 0.5},

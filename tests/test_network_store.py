@@ -76,7 +76,7 @@ def test_a_step_interrupted_before_its_snapshot_is_redone(tmp_path):
     assert rec.tensors is None and [e["seq"] for e, _ in rec.pending] == [0, 1]
 
 
-def test_server_restart_keeps_the_buffer_and_refuses_the_replayed_upload(tmp_path):
+def test_server_restart_keeps_the_buffer_answers_a_retry_the_same_and_refuses_a_replay(tmp_path):
     pki = PKI(tmp_path / "pki", devices=3)
     state = tmp_path / "state"
     up = torch.full((18,), 0.1)
@@ -90,11 +90,14 @@ def test_server_restart_keeps_the_buffer_and_refuses_the_replayed_upload(tmp_pat
         coord = st.server.coord
         assert (coord.version, len(coord.buffer), coord.counters["accepted"]) == (0, 1, 1)
         with Connection(f"localhost:{st.port}", pki.token(0), ca=pki.ca) as c:
+            # the same upload again (a retry whose answer was lost): the same answer, counted once
+            assert c.upload(a, up, 10) == (0, 0)
             try:
-                c.upload(a, up, 10)            # the same ticket again: it must not count twice
+                c.upload(a, up * 2, 10)        # other bytes under the same ticket: a replay
                 raise AssertionError("replay accepted")
             except Exception as e:  # noqa: BLE001
                 assert "replayed nonce" in str(e)
+        assert (coord.version, len(coord.buffer), coord.counters["accepted"]) == (0, 1, 1)
         with Connection(f"localhost:{st.port}", pki.token(1), ca=pki.ca) as c:
             b = c.check_in(10).assignment
             assert c.upload(b, -up, 30) == (1, 1)

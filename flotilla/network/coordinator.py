@@ -1,10 +1,17 @@
-"""The server's decision logic, free of any networking: who trains, which uploads count, when to step.
+"""The server's decision logic, free of any networking: which uploads count, and when to step.
 
 The gRPC layer (:mod:`flotilla.network.server`) authenticates the caller, streams bytes and maps
-:class:`Refused` to a gRPC status; everything else happens here, on the same algorithm objects
-as the simulator: an aggregator with the ``reset/add/count/result`` interface
-(:class:`~flotilla.core.aggregate.WeightedMean` by default), :func:`~flotilla.core.aggregate.check_update`
-and a :class:`~flotilla.core.server_opt.ServerOptimizer`.
+:class:`~flotilla.network.refusals.Refused` to a gRPC status; everything else happens here, on the
+same algorithm objects as the simulator: an aggregator with the ``reset/add/count/result``
+interface (:class:`~flotilla.core.aggregate.WeightedMean` per round, or the FedBuff buffer
+:class:`~flotilla.core.fedbuff.FedBuff`), and core's server step,
+:meth:`flotilla.core.fedbuff.FedBuffServer.step` (the :class:`~flotilla.core.server_opt.ServerOptimizer`
+applied to the aggregate, then the version moves on).  Nothing here re-implements the step.
+
+Pieces in modules of their own: tickets and the per-device assignment table
+(:mod:`~flotilla.network.tickets`), which devices train (:mod:`~flotilla.network.selection`), the
+sync secure-aggregation relay (:mod:`~flotilla.network.secagg`), user-level DP
+(:mod:`~flotilla.network.dp`), durable state (:mod:`~flotilla.network.store`).
 
 Modes
 -----
@@ -12,64 +19,71 @@ Modes
           over_selection)`` devices hold an assignment for the current round; the round closes at
           the first ``cohort`` accepted updates (later ones are refused as *late*), or at
           ``round_deadline_s`` if at least ``min_updates`` arrived.  One server step per round.
-``async`` FedBuff (:class:`~flotilla.core.fedbuff.FedBuff`, the simulator's buffer): at most
-          ``concurrency`` assignments in flight; each accepted update is added with its staleness
-          weight ``s(tau)`` (:class:`~flotilla.core.staleness.Staleness`); one server step every
-          ``buffer_size`` updates.  Updates staler than ``max_staleness`` are refused.
+``async`` FedBuff: at most ``concurrency`` assignments in flight; each accepted update is added
+          with its staleness weight ``s(tau)``; one server step every ``buffer_size`` updates.
+          Updates staler than ``max_staleness`` are refused.
 
-Assignments are stateless signed *tickets* (HMAC over assignment id = nonce, device, model
-version, round, expiry), so uploads for assignments issued before a server restart still verify.
-Replays are refused from the set of nonces already accepted within the staleness window (older
-tickets are refused as stale anyway), so that memory is bounded by concurrency, not population.
+Every upload is checked before it touches state: ticket signature and owner, that it is the
+device's live assignment (one per device, see :mod:`~flotilla.network.tickets`), expiry,
+staleness, version (named by the upload, must match the ticket), dtype, shape, every number the
+device reports (``num_examples``, ``train_loss``, ``examples_seen``), finite values, the norm
+bound and the value bound (``max_update_abs``, on by default: no finite update can overflow the
+sum).  A refusal is counted under its reason and logged; the model, buffer and ledger are
+unchanged.  A refusal the device cannot fix by retrying (``never``, e.g. a norm over the bound)
+spoils its assignment: the device's next check-in revokes it, so its slot goes to another device
+(sync: the device sits out the round, until the round closes or its deadline passes) instead of
+getting the same work back.
+
+After every step the new model is checked: a step that makes it non-finite is rolled back (model,
+server-optimizer and DP state restored, version unchanged), its updates are dropped with a ledger
+line saying why (``nonfinite_step``), and the round starts over.  No non-finite model is served or
+saved.
+
+A retry of an assignment that is already in the ledger gets the same acceptance answer (ledger
+seq and version) in any round, even after a restart, if it carries the same bytes (a different
+payload under that ticket is a replay: ALREADY_EXISTS).
 
 User-level DP (``privacy``, :mod:`flotilla.network.dp`): the aggregator is the privacy package's
 DPFedAvg (sync) or DPFedBuff (async); epsilon is reported by step and ``done`` comes at the
 budget.  Secure buffer (``sealed``, async only): the aggregator is a SecureFedBuff, assignment ids
 are the buffer's nonces, and uploads are ciphertexts relayed into it (:meth:`_receive_sealed`).
-Sync secure aggregation (``masked``, :mod:`flotilla.network.secagg`): devices run the 4-round
-masking protocol through :meth:`secagg_step` instead of uploading; the round's SecAggServer holds
-only the sum of masked vectors; the unmasked weighted mean is the round's step; an abort makes none.
-
-Every upload is checked before it touches state: ticket signature and owner, expiry, replayed
-nonce, version (named by the upload, must match the ticket; within the staleness limit), dtype,
-shape, number of examples, finite values, norm bound.  A refusal is counted under its reason and
-logged; the model, buffer and ledger are unchanged.
+Sealed updates buffered when the server stops cannot be opened by the restarted buffer (its key
+lives only in memory): recovery drops them with a ledger line (``lost_on_restart``), removes their
+files and counts them in ``status`` and metrics.
 """
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
-import hmac
-import json
 import logging
 import math
 import secrets
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from flotilla.core.aggregate import UpdateRejected, WeightedMean, check_update
 from flotilla.core.client import client_seed
-from flotilla.core.fedbuff import FedBuff
+from flotilla.core.fedbuff import FedBuff, FedBuffServer
 from flotilla.core.server_opt import ServerOptimizer
 from flotilla.core.staleness import Staleness
+from flotilla.network.refusals import NEVER, Refused
+from flotilla.network.selection import Selection
 from flotilla.network.store import StateStore
+from flotilla.network.tickets import Answer, AssignmentTable, Ticket
 
 log = logging.getLogger("flotilla.network")
 
-class Refused(Exception):
-    """An RPC refused: ``code`` names the gRPC status, ``reason`` the counter, ``str()`` the detail."""
+__all__ = ["Coordinator", "CoordinatorSettings", "Refused", "Ticket", "Upload", "step_record"]
 
-    def __init__(self, code: str, reason: str, message: str):
-        super().__init__(message)
-        self.code = code
-        self.reason = reason
+DEFAULT_MAX_UPDATE_ABS = 1e6
+MAX_EXAMPLES_SEEN = 2**53       # exact in a float64 (metrics sum them)
+# Refusals of what a device trained (it would send the same again): the assignment is revoked.
+REVOKING = {"nonfinite", "norm", "value", "shape", "dtype", "examples", "numbers", "tampered"}
 
 
 @dataclass(frozen=True)
@@ -82,7 +96,7 @@ class CoordinatorSettings:
     cohort: int = 10
     over_selection: float = 1.3
     min_updates: int = 1
-    round_deadline_s: float | None = None
+    round_deadline_s: float | None = 300.0  # None: a round waits for its cohort however long it takes
     # async
     concurrency: int = 10
     buffer_size: int = 10
@@ -92,6 +106,7 @@ class CoordinatorSettings:
     # both
     assignment_timeout_s: float = 120.0
     max_update_norm: float | None = None
+    max_update_abs: float | None = DEFAULT_MAX_UPDATE_ABS   # largest |value| of any coordinate of an update
     max_examples: int | None = None
     retry_after_s: float = 0.5
     selection_window_s: float = 1.0         # sync: collect check-ins this long, then sample the cohort
@@ -109,6 +124,10 @@ class CoordinatorSettings:
         for name in ("total_steps", "cohort", "concurrency", "buffer_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("max_update_norm", "max_update_abs", "round_deadline_s"):
+            v = getattr(self, name)
+            if v is not None and not (math.isfinite(v) and v > 0):
+                raise ValueError(f"network.{name}: must be a positive finite number or null, got {v}")
 
     @property
     def slots(self) -> int:
@@ -124,31 +143,6 @@ class CoordinatorSettings:
         return 0 if self.mode == "sync" else self.max_staleness
 
 
-@dataclass(frozen=True)
-class Ticket:
-    id: str          # the per-assignment nonce
-    device: str
-    version: int
-    round: int
-    seed: int
-    expires: float   # unix time
-
-    def encode(self, secret: bytes) -> str:
-        payload = base64.urlsafe_b64encode(json.dumps(asdict(self), separators=(",", ":")).encode()).decode()
-        return payload + "." + hmac.new(secret, payload.encode(), hashlib.sha256).hexdigest()
-
-    @staticmethod
-    def decode(text: str, secret: bytes) -> Ticket:
-        payload, _, sig = text.rpartition(".")
-        good = hmac.new(secret, payload.encode(), hashlib.sha256).hexdigest()
-        if not payload or not hmac.compare_digest(sig, good):
-            raise Refused("PERMISSION_DENIED", "ticket", "upload refused: the assignment ticket is not one this server signed")
-        try:
-            return Ticket(**json.loads(base64.urlsafe_b64decode(payload)))
-        except (ValueError, TypeError) as e:  # signed but unreadable: a server bug, not an attack
-            raise Refused("INVALID_ARGUMENT", "ticket", f"upload refused: unreadable ticket ({e})") from None
-
-
 @dataclass
 class Upload:
     """A validated upload, ready to commit."""
@@ -160,10 +154,25 @@ class Upload:
     norm: float
     ephemeral_pk: bytes = b""         # sealed upload: the client's ephemeral X25519 key
     ciphertext: bytes = b""           # sealed upload: what the secure buffer opens
+    digest: str | None = None         # sha256 of the uploaded bytes (answers retries)
+
+
+def step_record(version: int, entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """The training half of a step's metrics record, from the ledger entries it applied."""
+    seen = sum(int(e["examples_seen"]) for e in entries)
+    return {
+        "round": version,
+        "train_loss": sum(e["train_loss"] * e["examples_seen"] for e in entries) / max(seen, 1),
+        "examples_seen": seen,
+        "clients": len(entries),
+        "staleness_mean": sum(e["staleness"] for e in entries) / max(len(entries), 1),
+        "staleness_max": max((e["staleness"] for e in entries), default=0),
+    }
 
 
 class Coordinator:
-    """Owns the global model, the aggregator, the server optimizer and the durable store."""
+    """Owns the global model (through core's FedBuffServer), the aggregator, the assignment table
+    and the durable store."""
 
     def __init__(
         self,
@@ -180,8 +189,8 @@ class Coordinator:
         sealed: bool = False,
         masked=None,
         masked_release=None,
+        uploads_per_device: int = 2,
     ):
-        self.weights = weights
         self.numel = weights.numel()
         self.server_opt = server_opt
         self.settings = settings
@@ -192,6 +201,8 @@ class Coordinator:
                 self.numel, settings.buffer_size, settings.staleness, normalize=settings.normalize,
                 max_staleness=settings.max_staleness, validate=False)
         self.aggregator = aggregator
+        # core's server step: weights, version, the aggregator as its buffer, the server optimizer
+        self.algo = FedBuffServer(weights, aggregator, server_opt)
         # User-level DP (flotilla.network.dp.NetworkPrivacy): epsilon, budget, mechanism state.
         self.privacy = privacy
         # Async secure buffer (flotilla.secure.fedbuff.SecureFedBuff): devices seal their update to
@@ -200,38 +211,56 @@ class Coordinator:
         if sealed and (settings.mode != "async" or not hasattr(aggregator, "secure")):
             raise ValueError("secure_aggregation: the network server runs the secure buffer (a SecureFedBuff) in async mode only")
         # Sync secure aggregation (flotilla.network.secagg.SecAggParams): devices run the 4-round
-        # masking protocol through secagg_step; the server holds only the sum of masked vectors.
+        # masking protocol through the relay; the server holds only the sum of masked vectors.
         self.masked = masked
         self.masked_release = masked_release           # user-level DP: (noise_fn, expected cohort) for the unmasked sum
-        self.secagg = None                             # the current round's SecAggRound
-        self.secagg_aborted: set[str] = set()          # tickets of aborted secure rounds (cleared at each step)
-        self.secagg_restart = -math.inf                # tickets issued before the last abort cannot join
         if masked is not None and (settings.mode != "sync" or sealed or (privacy is None) != (masked_release is None)):
             raise ValueError("secure_aggregation: the masking protocol runs in sync mode, without the secure buffer; "
                              "with DP the noise is added to the unmasked sum (masked_release)")
+        self.relay = None
+        if masked is not None:
+            from flotilla.network.secagg import SecAggRelay
+            self.relay = SecAggRelay(self)
         self.device_index = device_index
         self.on_step = on_step
         self.clock = clock
         self.secret = store.secret()
         self.lock = asyncio.Lock()
 
-        self.version = 0
-        self.live: dict[str, Ticket] = {}              # device -> its outstanding assignment
+        self.table = AssignmentTable(secrets.token_hex(8), uploads_per_device)
+        self.selection = Selection(settings.seed)
         self.buffer: list[dict[str, Any]] = []         # ledger entries of updates in the aggregator
-        self.used: dict[str, tuple[int, int, float]] = {}  # nonce -> (seq, version, expires) within the window
-        self.counters: Counter[str] = Counter()        # accepted, rejected.<reason>, assigned
+        self.contributors: set[str] = set()            # devices with an update in the buffer
+        self.counters: Counter[str] = Counter()        # accepted, rejected.<reason>, dropped.<reason>, assigned
         self.round_started = clock()
-        self.candidates: set[str] = set()              # sync: devices that checked in during the window
-        # async: a device that just uploaded waits retry_after_s before its next assignment, so
-        # the slot it freed goes to whichever waiting device checks in first (about uniformly
-        # random, as the simulator draws from the eligible devices) rather than back to itself.
-        self.cooldown: dict[str, float] = {}
-        self.selected_round = -1
         self._pruned_at = 0.0
         self.next_seq = 0
         self.examples_seen_total = 0
         self._recover()
         self._served = {self.version: self._serialize()}   # model bytes of versions still in flight
+
+    # -- the model, through core's server ----------------------------------------------------
+    @property
+    def weights(self) -> torch.Tensor:
+        return self.algo.weights
+
+    @property
+    def version(self) -> int:
+        return self.algo.version
+
+    @property
+    def live(self) -> AssignmentTable:
+        return self.table
+
+    @property
+    def secagg(self):
+        """The current sync secure round (flotilla.network.secagg.SecAggRound), if any."""
+        return None if self.relay is None else self.relay.round
+
+    @property
+    def grace_s(self) -> float:
+        """How long after its expiry an accepted assignment's answer stays in memory."""
+        return self.settings.assignment_timeout_s
 
     # -- start-up ---------------------------------------------------------------------------
     def _recover(self) -> None:
@@ -245,7 +274,7 @@ class Coordinator:
             self.weights.copy_(w)
             self.server_opt.load_state_dict({k.removeprefix("server_opt."): v for k, v in rec.tensors.items()
                                              if k.startswith("server_opt.")})
-            self.version = int(rec.meta["version"])
+            self.algo.version = int(rec.meta["version"])
             self.counters.update(rec.meta.get("counters", {}))
             self.examples_seen_total = int(rec.meta.get("examples_seen", 0))
             if self.privacy is not None:
@@ -255,19 +284,39 @@ class Coordinator:
         if self.sealed and rec.pending:
             # The buffer's key pair lives only in memory (an enclave's sealed storage is out of scope):
             # ciphertexts accepted before the restart cannot be opened by the new buffer.
-            log.warning("recovery: %d sealed updates buffered before the restart are lost (the secure buffer's key "
-                        "does not survive a restart); they are folded out at the next step", len(rec.pending))
-            self.counters["lost_on_restart"] += len(rec.pending)
+            entries = [e for e, _ in rec.pending]
+            why = (f"{len(entries)} sealed updates buffered before the restart cannot be opened "
+                   "(the secure buffer's key does not survive a restart)")
+            log.warning("recovery: %s; dropped (ledger 'dropped' line, lost_on_restart)", why)
+            self.store.drop(entries, "lost_on_restart", why, self.version)
+            rec.dropped["lost_on_restart"] = rec.dropped.get("lost_on_restart", 0) + len(entries)
         for entry, delta in ([] if self.sealed else rec.pending):
             self._add(delta, entry)
             self.buffer.append(entry)
-            self.used[entry["assignment"]] = (int(entry["seq"]), int(entry["base_version"]), float(entry["expires"]))
-        # ``accepted`` is authoritative in the ledger: recount it (a crash may have lost the
-        # in-memory increments made after the last snapshot).
+            self.contributors.add(entry["device"])
+        # ``accepted`` and ``dropped.*`` are authoritative in the ledger: recount them (a crash may
+        # have lost the in-memory increments made after the last snapshot).
         self.counters["accepted"] = self.next_seq
+        for reason, n in rec.dropped.items():
+            self.counters[f"dropped.{reason}"] = n
+        now = self.clock()
+        for e in rec.accepted:
+            if float(e["expires"]) + self.grace_s > now:
+                self.table.answer(e["assignment"], self._answer_of(e))
         if rec.tensors is not None or rec.pending:
             log.info("resumed at version %d with %d buffered updates (next ledger seq %d)",
                      self.version, len(self.buffer), self.next_seq)
+
+    def _answer_of(self, entry: dict[str, Any]) -> Answer:
+        return Answer(int(entry["seq"]), int(entry.get("reply_version", entry["version"])), entry.get("sha256"),
+                      float(entry["expires"]) + self.grace_s)
+
+    async def start(self) -> None:
+        """On the serving loop, before the first request: finish a step a crash interrupted (the
+        buffer was full when the server stopped)."""
+        async with self.lock:
+            if not self.done and self.buffer and self.aggregator.count >= self.settings.step_size:
+                await self._step()
 
     def _serialize(self) -> bytes:
         return self.weights.numpy().tobytes()
@@ -298,21 +347,22 @@ class Coordinator:
         return data
 
     def _prune(self, now: float, force: bool = False) -> None:
-        """Drop expired assignments (freeing their slots), old cooldowns and unneeded versions;
-        at most every 0.1 s unless forced, since every check-in calls it."""
+        """Drop expired assignments (freeing their slots), old cooldowns, old answers and unneeded
+        versions; at most every 0.1 s unless forced, since every check-in calls it."""
         if not force and now - self._pruned_at < 0.1:
             return
         self._pruned_at = now
-        for device, t in list(self.live.items()):
+        for device, t in self.table.items():
             if t.expires <= now:
-                del self.live[device]
+                self.table.drop(device)
                 self._cancel(t)
                 self.counters["timed_out"] += 1
                 log.info("assignment %s of %s timed out; its slot is free for another device", t.id[:8], device)
             elif self.settings.mode == "sync" and t.version != self.version:
-                del self.live[device]
-        self.cooldown = {d: t for d, t in self.cooldown.items() if t > now}
-        needed = {t.version for t in self.live.values()} | {self.version}
+                self.table.drop(device)
+        self.selection.prune(now)
+        self.table.prune_answers(now)
+        needed = {t.version for t in self.table.values()} | {self.version}
         for v in [v for v in self._served if v not in needed]:
             del self._served[v]
 
@@ -322,31 +372,32 @@ class Coordinator:
             return None
         now = self.clock()
         self._prune(now)
-        s = self.settings
+        s, sel = self.settings, self.selection
+        self._revoke_spoiled(device, now)
         if s.mode == "sync":
-            if any(e["device"] == device for e in self.buffer):
-                return s.retry_after_s   # already contributed to this round
+            if device in self.contributors or device in sel.excluded:
+                return s.retry_after_s   # already contributed to this round, or refused for good in it
             opens = self.round_started + s.selection_window_s
             if now < opens:
-                self.candidates.add(device)
+                sel.candidates.add(device)
                 return opens - now + 0.05
-            if self.selected_round != self.version:
+            if sel.selected_round != self.version:
                 self._select(now)
-            if device in self.live:
-                return self.live[device]   # selected, or asked again after a restart: same assignment
-            if len(self.live) + len(self.buffer) >= s.slots:
+            if (held := self.table.get(device)) is not None:
+                return held              # this round's assignment, asked for again: the same one
+            if len(self.table) + len(self.buffer) >= s.slots:
                 return s.retry_after_s
         else:
-            # One assignment per device at a time: asking again gives up the previous one.
-            given_up = self.live.pop(device, None)
+            # One live assignment per device: asking again revokes the previous one.
+            given_up = self.table.drop(device)
             if given_up is not None:
                 self._cancel(given_up)
-            if self.one_per_device and any(e["device"] == device for e in self.buffer):
+            if self.one_per_device and device in self.contributors:
                 return s.retry_after_s   # DP: already in this buffer; wait for the release
-            rest = self.cooldown.get(device, 0.0) - now
+            rest = sel.resting(device, now)
             if rest > 0:
                 return rest
-            if len(self.live) >= s.slots:
+            if len(self.table) >= s.slots:
                 return s.retry_after_s
         return self._issue(device, now)
 
@@ -358,24 +409,18 @@ class Coordinator:
         # Secure buffer: the buffer issues the single-use nonce, and it is the assignment id.
         nonce = self.aggregator.secure.assign(device, self.version).nonce.hex() if self.sealed else secrets.token_hex(16)
         ticket = Ticket(nonce, device, self.version, self.version,
-                        client_seed(s.seed, nth, self.device_index(device)), now + s.assignment_timeout_s)
-        self.live[device] = ticket
+                        client_seed(s.seed, nth, self.device_index(device)), now + s.assignment_timeout_s, self.table.boot)
+        revoked = self.table.issue(ticket)
+        if revoked is not None:
+            self._cancel(revoked)
         self.counters["assigned"] += 1
         return ticket
 
     def _select(self, now: float) -> None:
-        """Sync: draw the round's devices uniformly from those that checked in during the window
-        (as the simulator samples its cohort), not first come first served, which favours the
-        devices that just finished the previous round.  Later check-ins fill any free slots."""
-        self.selected_round = self.version
-        pool = sorted(self.candidates - {e["device"] for e in self.buffer} - set(self.live))
-        self.candidates = set()
-        free = self.settings.slots - len(self.live) - len(self.buffer)
-        if free <= 0 or not pool:
-            return
-        rng = np.random.default_rng([self.settings.seed, self.version, 0x5E1EC7])
-        for i in sorted(rng.choice(len(pool), size=min(free, len(pool)), replace=False).tolist()):
-            self._issue(pool[i], now)
+        """Sync: draw the round's devices from this window's check-ins (flotilla.network.selection)."""
+        free = self.settings.slots - len(self.table) - len(self.buffer)
+        for device in self.selection.draw(self.version, self.contributors | set(self.table.live), free):
+            self._issue(device, now)
 
     def _cancel(self, ticket: Ticket) -> None:
         """Secure buffer: forget the nonce of an assignment whose update will not come."""
@@ -391,18 +436,50 @@ class Coordinator:
         return ticket.encode(self.secret)
 
     # -- validation (nothing here changes state except the rejection counters) ----------------
-    def refuse(self, err: Refused, device: str) -> Refused:
+    def refuse(self, err: Refused, device: str, ticket: Ticket | None = None) -> Refused:
+        """Count a refusal.  One the device cannot fix by retrying revokes its assignment: its slot
+        goes to another device, and it does not get the same work again at once."""
         self.counters[f"rejected.{err.reason}"] += 1
         log.warning("refused %s: %s", device, err)
+        if (ticket is not None and ticket.device == device and err.retry == NEVER and err.reason in REVOKING
+                and self.table.spoil(ticket)):
+            log.info("assignment %s of %s: its update cannot be accepted; the next check-in revokes it", ticket.id[:8], device)
         return err
 
-    def check_header(self, device: str, ticket_text: str, base_version: int, dtype: str,
-                     shape: list[int], num_examples: int) -> Ticket:
-        """Everything that can be judged before the delta's bytes arrive."""
+    def _revoke_spoiled(self, device: str, now: float) -> bool:
+        """A check-in of a device whose live assignment was refused for good: revoke it, and (sync)
+        keep the device out of this round, since the same work would train to the same refused
+        update.  (Async: the check-in revokes it anyway, and the new work has a new seed.)"""
+        held = self.table.get(device)
+        if held is None or held.id not in self.table.spoiled:
+            return False
+        self.table.drop(device)
+        self._cancel(held)
+        if self.settings.mode == "sync":
+            self.selection.excluded.add(device)
+        return True
+
+    def answer_for(self, ticket: Ticket) -> Answer | None:
+        """The acceptance answer of an assignment already in the ledger, if it is one."""
+        found = self.table.answered(ticket.id)
+        if found is None and ticket.expires + self.grace_s <= self.clock():
+            entry = self.store.find_accepted(ticket.id)   # answered long ago: the ledger on disk knows
+            if entry is not None:
+                found = self._answer_of(entry)
+        return found
+
+    def check_header(self, device: str, ticket_text: str, base_version: int, dtype: str, shape: list[int],
+                     num_examples: int, train_loss: float = 0.0, examples_seen: int = 0) -> tuple[Ticket, Answer | None]:
+        """Everything that can be judged before the delta's bytes arrive.  Returns the ticket, and
+        its acceptance answer if the assignment is already in the ledger (a retry)."""
         ticket = Ticket.decode(ticket_text, self.secret)
         if ticket.device != device:
             raise Refused("PERMISSION_DENIED", "ticket", f"upload refused: assignment {ticket.id[:8]} belongs to another device")
+        answer = self.answer_for(ticket)
+        if answer is not None:
+            return ticket, answer
         self._check_fresh(ticket)
+        self.table.check_live(ticket)
         if base_version != ticket.version:
             raise Refused("INVALID_ARGUMENT", "version",
                           f"upload refused: it names model version {base_version} but assignment {ticket.id[:8]} was for version {ticket.version}")
@@ -416,21 +493,33 @@ class Coordinator:
             raise Refused("INVALID_ARGUMENT", "dtype", f"upload refused: dtype {dtype!r}, expected {expected!r}{why}")
         if list(shape) != [self.numel]:
             raise Refused("INVALID_ARGUMENT", "shape", f"upload refused: shape {tuple(shape)}, expected ({self.numel},)")
-        if num_examples < 1 or (self.settings.max_examples is not None and num_examples > self.settings.max_examples):
+        self.check_numbers(num_examples, train_loss, examples_seen, "upload refused")
+        return ticket, None
+
+    def check_numbers(self, num_examples, train_loss, examples_seen, where: str) -> None:
+        """Every number a device reports with an update (plaintext, sealed or masked)."""
+        cap = self.settings.max_examples
+        if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 1 or (
+                cap is not None and num_examples > cap):
             raise Refused("INVALID_ARGUMENT", "examples",
-                          f"upload refused: num_examples={num_examples}, must be between 1 and {self.settings.max_examples or 'inf'}")
-        return ticket
+                          f"{where}: num_examples={num_examples!r}, must be an integer between 1 and {cap or 'inf'}")
+        if isinstance(train_loss, bool) or not isinstance(train_loss, (int, float)) or not math.isfinite(train_loss):
+            raise Refused("INVALID_ARGUMENT", "numbers", f"{where}: train_loss={train_loss!r}, must be a finite number")
+        if (isinstance(examples_seen, bool) or not isinstance(examples_seen, int)
+                or not 0 <= examples_seen <= MAX_EXAMPLES_SEEN):
+            raise Refused("INVALID_ARGUMENT", "numbers",
+                          f"{where}: examples_seen={examples_seen!r}, must be an integer between 0 and 2^53")
 
     def _check_fresh(self, ticket: Ticket) -> None:
         """Replay, expiry and staleness: checked on the header and again at commit time."""
-        if ticket.id in self.used:
+        if (a := self.table.answered(ticket.id)) is not None:
             raise Refused("ALREADY_EXISTS", "replay",
-                          f"upload refused: replayed nonce, assignment {ticket.id[:8]} was already accepted as update #{self.used[ticket.id][0]}")
+                          f"upload refused: replayed nonce, assignment {ticket.id[:8]} was already accepted as update #{a.seq}")
         if self.done:
             why = " (privacy budget spent)" if self.privacy is not None and self.version >= self.privacy.limit else ""
             raise Refused("FAILED_PRECONDITION", "late", f"upload refused: training finished at version {self.version}{why}")
         if ticket.expires <= self.clock():
-            raise Refused("DEADLINE_EXCEEDED", "expired", f"upload refused: assignment {ticket.id[:8]} expired")
+            raise Refused("FAILED_PRECONDITION", "expired", f"upload refused: assignment {ticket.id[:8]} expired; check in again")
         staleness = self.version - ticket.version
         if staleness < 0:
             raise Refused("INVALID_ARGUMENT", "version", f"upload refused: version {ticket.version} is ahead of the server ({self.version})")
@@ -438,9 +527,9 @@ class Coordinator:
             if staleness > 0:
                 raise Refused("FAILED_PRECONDITION", "late",
                               f"upload refused: late, round {ticket.round} closed (the server is at round {self.version})")
-            if any(e["device"] == ticket.device for e in self.buffer):
+            if ticket.device in self.contributors:
                 raise Refused("ALREADY_EXISTS", "replay", f"upload refused: device {ticket.device} already contributed to round {self.version}")
-        elif self.one_per_device and any(e["device"] == ticket.device for e in self.buffer):
+        elif self.one_per_device and ticket.device in self.contributors:
             raise Refused("ALREADY_EXISTS", "duplicate",
                           f"upload refused: device {ticket.device} already has an update in this buffer "
                           f"(user-level DP: one update per device per release)")
@@ -458,9 +547,16 @@ class Coordinator:
                 check_update(delta, self.numel, f"upload from {device}")
             except UpdateRejected as e:
                 raise Refused("INVALID_ARGUMENT", "nonfinite" if "non-finite" in str(e) else "invalid", f"upload refused: {e}") from None
+            # finite values whose norm overflows float32: over any value bound
+            norm = float(torch.linalg.vector_norm(delta.double()))
         bound = self.settings.max_update_norm
         if bound is not None and norm > bound:
             raise Refused("INVALID_ARGUMENT", "norm", f"upload refused: update norm {norm:.4g} exceeds the bound {bound:.4g}")
+        # max |x| <= norm, so the value bound needs its own pass only when the norm exceeds it
+        cap = self.settings.max_update_abs
+        if cap is not None and norm > cap and (top := float(delta.abs().max())) > cap:
+            raise Refused("INVALID_ARGUMENT", "value", f"upload refused: a value of magnitude {top:.4g} exceeds "
+                          f"network.max_update_abs={cap:.4g}")
         return norm
 
     # -- committing ---------------------------------------------------------------------------
@@ -468,6 +564,7 @@ class Coordinator:
         """Make an upload count: durable first, then into the aggregator; maybe a server step.
         Returns ``(seq, version)``.  Callers must not cancel it half-way (the server shields it)."""
         self._check_fresh(up.ticket)
+        self.table.check_live(up.ticket)
         loop = asyncio.get_running_loop()
         # Stage the bytes (the slow, fsync'd part) outside the lock, so uploads stage in parallel.
         name = await loop.run_in_executor(None, self.store.stage, raw)
@@ -475,30 +572,35 @@ class Coordinator:
         try:
             async with self.lock:
                 self._check_fresh(up.ticket)     # the version may have moved while the bytes streamed
+                self.table.check_live(up.ticket)  # and a new check-in may have revoked the assignment
                 s = self.settings
                 weight = float(up.num_examples) if s.weighting == "examples" else 1.0
                 seq = self.next_seq
+                if self.sealed:
+                    self._receive_sealed(up)             # the buffer opens, validates and adds, or refuses
+                    closes = self.aggregator.count >= s.step_size
+                else:
+                    closes = self.aggregator.count + 1 >= s.step_size
                 entry = {"seq": seq, "assignment": up.ticket.id, "device": up.ticket.device, "base_version": up.ticket.version,
                          "expires": up.ticket.expires, "version": self.version, "staleness": self.version - up.ticket.version,
-                         "num_examples": up.num_examples, "weight": weight, "norm": round(up.norm, 6),
-                         "train_loss": up.train_loss, "examples_seen": up.examples_seen, "file": name}
-                if self.sealed:
-                    entry["norm"] = None                 # the server cannot see it
-                    self._receive_sealed(up)             # the buffer opens, validates and adds, or refuses
+                         "num_examples": up.num_examples, "weight": weight,
+                         "norm": None if self.sealed else round(up.norm, 6),   # the server cannot see a sealed one
+                         "train_loss": up.train_loss, "examples_seen": up.examples_seen, "file": name,
+                         "sha256": up.digest, "reply_version": self.version + int(closes)}
                 attempted = True
                 await loop.run_in_executor(None, self.store.accept, entry)
                 self.next_seq += 1
                 if not self.sealed:
                     self._add(up.delta, entry)
                 self.buffer.append(entry)
-                self.used[up.ticket.id] = (seq, up.ticket.version, up.ticket.expires)
-                if (held := self.live.get(up.ticket.device)) is not None and held.id == up.ticket.id:
-                    del self.live[up.ticket.device]
+                self.contributors.add(up.ticket.device)
+                self.table.settle(up.ticket)
                 if s.mode == "async":
-                    self.cooldown[up.ticket.device] = self.clock() + s.retry_after_s
+                    self.selection.rest(up.ticket.device, self.clock() + s.retry_after_s)
                 self.counters["accepted"] += 1
                 if self.aggregator.count >= s.step_size:
                     await self._step()
+                self.table.answer(up.ticket.id, Answer(seq, self.version, up.digest, up.ticket.expires + self.grace_s))
                 return seq, self.version
         finally:
             if not attempted:
@@ -513,7 +615,6 @@ class Coordinator:
 
     def _receive_sealed(self, up: Upload) -> None:
         """Relay a ciphertext into the secure buffer; its refusals leave the buffer unchanged."""
-        from flotilla.core.aggregate import UpdateRejected
         from flotilla.secure.buffer import EncryptedUpdate
         from flotilla.secure.errors import DuplicateContribution, ProtocolError, ReplayedMessage, TamperedMessage
         t = up.ticket
@@ -531,184 +632,24 @@ class Coordinator:
         except DuplicateContribution as e:
             raise Refused("ALREADY_EXISTS", "duplicate", f"upload refused: {e}") from None
         except UpdateRejected as e:
-            raise Refused("INVALID_ARGUMENT", "invalid", f"upload refused: {e}") from None
+            raise Refused("INVALID_ARGUMENT", "norm" if "max_norm" in str(e) else "invalid", f"upload refused: {e}") from None
 
-    # -- sync secure aggregation (flotilla.network.secagg) -----------------------------------------
+    # -- sync secure aggregation (the relay: flotilla.network.secagg.SecAggRelay) ---------------
     def continues_request(self, device: str) -> bool:
         """Whether ``device`` is midway through a SecAggStep request sent in parts."""
-        return self.secagg is not None and device in self.secagg.parts.pending
+        return self.relay is not None and self.relay.continues_request(device)
 
     async def secagg_step(self, device: str, req: dict[str, Any]) -> dict[str, Any]:
-        """One SecAggStep request of ``device`` (see flotilla.network.secagg); a refusal changes no state."""
-        from flotilla.network.secagg import MESSAGES, SecAggRound
-        from flotilla.secure.errors import ProtocolError, ReplayedMessage, SecAggAborted, TamperedMessage
-        from flotilla.secure.serialize import dumps, loads
-        if self.masked is None:
+        if self.relay is None:
             raise Refused("FAILED_PRECONDITION", "invalid", "SecAggStep: this server does not run synchronous secure aggregation")
-        if not isinstance(req, dict) or not isinstance(req.get("ticket"), str) or req.get("op") not in (*MESSAGES, "join", "get", "part"):
-            raise Refused("INVALID_ARGUMENT", "invalid", "SecAggStep: expected {op: join|advertise|shares|masked|unmask|get|part, ticket, ...}")
-        ticket = Ticket.decode(req["ticket"], self.secret)
-        if ticket.device != device:
-            raise Refused("PERMISSION_DENIED", "ticket", f"SecAggStep: assignment {ticket.id[:8]} belongs to another device")
-        op = req["op"]
-        async with self.lock:
-            await self._secagg_advance()
-            r = self.secagg
-            if op == "get" and req.get("want") == "result" and ticket.version < self.version:
-                return {"status": "ok", "version": self.version}
-            if ticket.version != self.version or self.done:
-                return {"status": "abort", "message": f"round {ticket.version} is over (the server is at round {self.version}); check in again"}
-            if ticket.expires <= self.clock():
-                raise Refused("DEADLINE_EXCEEDED", "expired", f"SecAggStep: assignment {ticket.id[:8]} expired")
-            if op == "join":
-                if ticket.id in self.secagg_aborted or ticket.expires - self.settings.assignment_timeout_s < self.secagg_restart - 1e-3:
-                    return {"status": "abort", "message": f"round {self.version} was aborted; check in again"}
-                if r is None:
-                    r = self.secagg = SecAggRound(self.numel, self.settings.slots, self.masked, self.version, self.clock(),
-                                                  dp_clip=self.privacy.user.clip_norm if self.privacy is not None else None)
-                if device not in r.ids:
-                    if r.stage != "advertise" or len(r.ids) >= r.config.cohort:
-                        raise Refused("FAILED_PRECONDITION", "late", f"SecAggStep: round {self.version} has closed its cohort; check in again later")
-                    n = req.get("num_examples")
-                    if isinstance(n, bool) or not isinstance(n, int) or n < 1 or (
-                            self.settings.weighting == "examples" and n > self.masked.max_weight):
-                        raise Refused("INVALID_ARGUMENT", "examples", f"SecAggStep: num_examples must be an int in "
-                                      f"[1, max_weight={self.masked.max_weight:g}], got {n!r}")
-                    loss, seen = req.get("train_loss", 0.0), req.get("examples_seen", 0)
-                    if not isinstance(loss, (int, float)) or not math.isfinite(loss) or not isinstance(seen, int) or seen < 0:
-                        raise Refused("INVALID_ARGUMENT", "invalid", "SecAggStep: train_loss must be finite, examples_seen an int >= 0")
-                    r.ids[device] = len(r.ids) + 1
-                    r.meta[r.ids[device]] = {"num_examples": n, "train_loss": float(loss), "examples_seen": seen, "ticket": ticket}
-                    if len(r.ids) == 1:
-                        r.opened = self.clock()
-                return {"status": "ok", "id": r.ids[device],
-                        "config": {**r.config_json(), "uniform": self.settings.weighting == "uniform"}}
-            if r is None or device not in r.ids:
-                if ticket.id in self.secagg_aborted:
-                    return {"status": "abort", "message": f"round {self.version} was aborted; check in again"}
-                raise Refused("FAILED_PRECONDITION", "invalid", "SecAggStep: join the round first")
-            me = r.ids[device]
-            if op == "part":        # a request too large for one message, in slices (see flotilla.network.secagg)
-                try:
-                    text = r.parts.add(device, ticket.id, req)
-                except ValueError as e:
-                    raise Refused("INVALID_ARGUMENT", "invalid", f"SecAggStep: {e}") from None
-                if text is None:
-                    return {"status": "ok", "part": req["index"]}
-                outer = req["ticket"]
-                try:
-                    req = json.loads(text)
-                except ValueError:
-                    raise Refused("INVALID_ARGUMENT", "invalid", "SecAggStep: the reassembled parts are not JSON") from None
-                if not isinstance(req, dict) or req.get("ticket") != outer or req.get("op") not in MESSAGES:
-                    raise Refused("INVALID_ARGUMENT", "invalid", "SecAggStep: the reassembled request must be "
-                                  "advertise|shares|masked|unmask with the parts' ticket")
-                op = req["op"]
-            if op == "get":
-                want = req.get("want")
-                ready = {"directory": r.directory is not None, "bundle": r.bundles is not None,
-                         "request": r.request is not None, "result": False}
-                if want not in ready:
-                    raise Refused("INVALID_ARGUMENT", "invalid", f"SecAggStep: unknown want {want!r}")
-                if not ready[want]:
-                    return {"status": "wait", "retry_after_s": 0.05}
-                if want == "directory":
-                    msg = r.directory
-                elif want == "bundle":
-                    if me not in r.bundles:
-                        return {"status": "abort", "message": "this device dropped out of the round (no share bundle)"}
-                    msg = r.bundles[me]
-                else:
-                    if me not in r.request.survivors:
-                        return {"status": "abort", "message": "this device dropped out of the round (no masked input)"}
-                    msg = r.request
-                return {"status": "ok", "msg": dumps(msg)}
-            cls = MESSAGES[op]
-            try:
-                msg = loads(req.get("msg"), cls, length=r.config.length)
-                if getattr(msg, "sender") != me:
-                    raise Refused("PERMISSION_DENIED", "ticket", f"SecAggStep: {cls.__name__} names sender {msg.sender}, this device is {me}")
-                receive = {"advertise": r.server.receive_advertise, "shares": r.server.receive_shares,
-                           "masked": r.server.receive_masked_input, "unmask": r.server.receive_unmask}[op]
-                receive(msg)
-            except TamperedMessage as e:
-                raise Refused("INVALID_ARGUMENT", "tampered", f"SecAggStep: {e}") from None
-            except ReplayedMessage as e:
-                raise Refused("ALREADY_EXISTS", "replay", f"SecAggStep: {e}") from None
-            except ProtocolError as e:
-                late = f"stage {r.stage!r}" in str(e) or "cannot" in str(e)
-                raise Refused("FAILED_PRECONDITION" if late else "INVALID_ARGUMENT", "late" if late else "invalid",
-                              f"SecAggStep: {e}") from None
-            except SecAggAborted as e:
-                await self._secagg_abort(str(e))
-                return {"status": "abort", "message": str(e)}
-            await self._secagg_advance()
-            return {"status": "ok"}
-
-    async def _secagg_advance(self) -> None:
-        """Close due stages; finish (one server step) or abort the round.  Called with the lock held."""
-        from flotilla.secure.errors import SecAggAborted
-        r = self.secagg
-        if r is None:
-            return
-        try:
-            for _ in range(4):
-                stage = r.stage
-                if r.advance(self.clock(), self.settings.secagg_stage_s, self.settings.cohort):
-                    mean, _ = r.finish(*(self.masked_release or ()))
-                    await self._secagg_commit(r, mean)
-                    return
-                if r.stage == stage:
-                    return
-        except SecAggAborted as e:
-            await self._secagg_abort(str(e))
-
-    async def _secagg_abort(self, why: str) -> None:
-        """No step: the model is unchanged; the round starts over with a new selection."""
-        log.warning("round %d: %s; the round starts over", self.version, why)
-        self.counters["secagg_aborted"] += 1
-        if self.secagg is not None:
-            self.secagg_aborted |= {m["ticket"].id for m in self.secagg.meta.values()}
-        self.secagg = None
-        for device, t in list(self.live.items()):
-            if t.version == self.version:
-                del self.live[device]
-        self.selected_round = -1
-        self.round_started = self.secagg_restart = self.clock()
-
-    async def _secagg_commit(self, r, mean: torch.Tensor) -> None:
-        """The unmasked weighted mean becomes this round's step; the ledger records who was in the sum
-        (no delta, no norm: the server never had either)."""
-        loop = asyncio.get_running_loop()
-        included = sorted(r.server.u3)
-        for pid in included:
-            m = r.meta[pid]
-            t = m["ticket"]
-            weight = float(m["num_examples"]) if self.settings.weighting == "examples" else 1.0
-            entry = {"seq": self.next_seq, "assignment": t.id, "device": t.device, "base_version": t.version,
-                     "expires": t.expires, "version": self.version, "staleness": 0, "num_examples": m["num_examples"],
-                     "weight": weight, "norm": None, "train_loss": m["train_loss"], "examples_seen": m["examples_seen"],
-                     "file": f"secagg-{t.id}.none", "secagg_id": pid}
-            await loop.run_in_executor(None, self.store.accept, entry)
-            self.next_seq += 1
-            self.buffer.append(entry)
-            self.used[t.id] = (entry["seq"], t.version, t.expires)
-            if (held := self.live.get(t.device)) is not None and held.id == t.id:
-                del self.live[t.device]
-            self.counters["accepted"] += 1
-        self.counters["secagg_dropped"] += len(r.server.u1 | r.server.u2) - len(included)
-        self.aggregator.reset()
-        self.aggregator.add(mean, 1.0, "secagg")
-        self.secagg = None
-        self.secagg_aborted = set()
-        await self._step()
+        return await self.relay.step(device, req)
 
     async def close_round_if_due(self) -> None:
         """Sync mode: apply a round whose deadline has passed, if it has ``min_updates``."""
         s = self.settings
-        if self.masked is not None and self.secagg is not None and not self.done:
+        if self.relay is not None and self.relay.round is not None and not self.done:
             async with self.lock:
-                await self._secagg_advance()
+                await self.relay.advance()
             return
         if s.mode != "sync" or s.round_deadline_s is None or self.done:
             return
@@ -724,13 +665,19 @@ class Coordinator:
                 log.warning("round %d: deadline reached with %d updates (< min_updates=%d); extending it",
                             self.version, len(self.buffer), s.min_updates)
                 self.round_started = self.clock()
+                self.selection.new_round()      # devices refused for good may try again
 
     async def _step(self) -> None:
+        """Core's server step on the aggregate; rolled back if it makes the model non-finite."""
         entries = self.buffer
-        self.server_opt.step(self.weights, self.aggregator.result())
-        self.version += 1
-        seen = sum(int(e["examples_seen"]) for e in entries)
-        self.examples_seen_total += seen
+        saved = (self.weights.clone(), self.server_opt.state_dict(),
+                 None if self.privacy is None else self.privacy.state())
+        self.algo.step()            # server_opt.step(weights, aggregator.result()); reset; version += 1
+        if not bool(torch.isfinite(self.weights).all()):
+            await self._roll_back(entries, saved)
+            return
+        meta_seen = sum(int(e["examples_seen"]) for e in entries)
+        self.examples_seen_total += meta_seen
         meta = {"counters": dict(self.counters), "examples_seen": self.examples_seen_total}
         if self.privacy is not None:
             meta["dp"] = self.privacy.state()
@@ -738,36 +685,46 @@ class Coordinator:
         state.update({f"server_opt.{k}": v for k, v in self.server_opt.state.items()})
         self._served[self.version] = self._serialize()   # before any await: check-ins may hand it out
         await asyncio.get_running_loop().run_in_executor(None, self.store.step, self.version, entries, state, meta)
-        self._prune(self.clock(), force=True)
-        self.aggregator.reset()
-        self.buffer = []
-        self.round_started = self.clock()
-        self._prune_used()
-        record = {
-            "round": self.version,
-            "train_loss": sum(e["train_loss"] * e["examples_seen"] for e in entries) / max(seen, 1),
-            "examples_seen": seen,
-            "clients": len(entries),
-            "staleness_mean": sum(e["staleness"] for e in entries) / max(len(entries), 1),
-            "staleness_max": max((e["staleness"] for e in entries), default=0),
-        }
+        self._new_round()
+        record = step_record(self.version, entries)
         if self.privacy is not None:
-            dp = self.privacy.report(self.version)
-            record.update(epsilon=dp["epsilon"], delta=dp["delta"], clip_norm=dp["clip_norm"])
+            record.update(self.privacy.metrics(self.version))
+        if self.sealed:
+            record["lost_on_restart"] = self.counters["dropped.lost_on_restart"]
         log.info("step %d: %d updates, train_loss %.4f", self.version, len(entries), record["train_loss"])
         if self.on_step is not None:
             self.on_step(record)
 
-    def _prune_used(self) -> None:
-        """Forget nonces whose tickets would now be refused anyway (expired or too stale)."""
-        now, limit = self.clock(), self.settings.staleness_limit
-        self.used = {n: u for n, u in self.used.items()
-                     if u[2] > now and (limit is None or self.version - u[1] <= limit)}
+    async def _roll_back(self, entries: list[dict[str, Any]], saved) -> None:
+        weights, opt_state, dp_state = saved
+        bad = self.version
+        self.weights.copy_(weights)
+        self.server_opt.load_state_dict(opt_state)
+        if dp_state is not None:
+            self.privacy.load(dp_state)
+        self.algo.version -= 1
+        why = (f"step {bad} made the model non-finite (aggregate of {len(entries)} updates, then the "
+               f"{self.server_opt.spec.name} step); rolled back, the model stays at version {self.version}")
+        log.error("%s; its updates are dropped (ledger 'dropped' line, nonfinite_step)", why)
+        await asyncio.get_running_loop().run_in_executor(None, self.store.drop, entries, "nonfinite_step", why, bad)
+        self.counters["dropped.nonfinite_step"] += len(entries)
+        self.counters["rolled_back_steps"] += 1
+        self._new_round()
+
+    def _new_round(self) -> None:
+        """After a step (or a rolled-back one): empty buffer, a new round and selection."""
+        self.aggregator.reset()
+        self.buffer = []
+        self.contributors = set()
+        self.round_started = self.clock()
+        self.selection.new_round()
+        self._prune(self.clock(), force=True)
 
     # -- status --------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         self._prune(self.clock(), force=True)
         rejected = {k.removeprefix("rejected."): v for k, v in self.counters.items() if k.startswith("rejected.")}
+        dropped = {k.removeprefix("dropped."): v for k, v in self.counters.items() if k.startswith("dropped.") and v}
         return {
             "mode": self.settings.mode,
             "version": self.version,
@@ -775,11 +732,15 @@ class Coordinator:
             "total_steps": self.settings.total_steps,
             "step_limit": self.step_limit,
             "done": self.done,
-            "in_flight": len(self.live),
+            "in_flight": len(self.table),
+            "uploading": len(self.table.in_flight),
             "buffered": len(self.buffer),
             "accepted": self.counters["accepted"],
             "rejected": sum(rejected.values()),
             "rejected_by_reason": rejected,
+            "dropped_by_reason": dropped,
+            "lost_on_restart": self.counters["dropped.lost_on_restart"],
+            "rolled_back_steps": self.counters["rolled_back_steps"],
             "assigned": self.counters["assigned"],
             "timed_out": self.counters["timed_out"],
             "weights_sha256": hashlib.sha256(self._served[self.version]).hexdigest(),

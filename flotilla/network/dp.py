@@ -113,6 +113,12 @@ class NetworkPrivacy:
                 "steps_allowed": self.limit, "clip_norm": self.mechanism.clip_norm, "accountant": self.accountant,
                 "budget_spent": p.budget is not None and steps >= self.limit}
 
+    def metrics(self, steps: int) -> dict[str, Any]:
+        """The privacy fields of a metrics record (as the simulator writes them; epsilon None when
+        unbounded, never a bare Infinity)."""
+        r = self.report(steps)
+        return {k: r[k] for k in ("epsilon", "delta", "noise_multiplier", "clip_norm")}
+
     # -- persisted with each snapshot (adaptive clip norm, release counter) -----------------------------
     def state(self) -> dict[str, Any]:
         return {"clip_norm": self.mechanism.clip_norm, "releases": self.mechanism.releases}

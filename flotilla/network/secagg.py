@@ -31,8 +31,10 @@ mean, which it applies with the ServerOptimizer as a plaintext round would.
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -41,8 +43,10 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from flotilla.network.refusals import Refused
+from flotilla.network.tickets import Answer, Ticket
 from flotilla.secure.encoding import FixedPointEncoder
-from flotilla.secure.errors import SecAggAborted
+from flotilla.secure.errors import ProtocolError, ReplayedMessage, SecAggAborted, TamperedMessage
 from flotilla.secure.messages import AdvertiseKeys, KeyDirectory, MaskedInput, ShareBundle, ShareKeys, UnmaskRequest, UnmaskResponse
 from flotilla.secure.protocol import SecAggClient, SecAggConfig, SecAggServer
 from flotilla.secure.serialize import dumps, loads
@@ -270,3 +274,186 @@ def run_device(call: Callable[[dict[str, Any]], dict[str, Any]], ticket: str, de
 
 
 MESSAGES = {"advertise": AdvertiseKeys, "shares": ShareKeys, "masked": MaskedInput, "unmask": UnmaskResponse}
+
+
+# -- the server's side: the relay between devices --------------------------------------------------
+class SecAggRelay:
+    """Runs the sync secure rounds of a :class:`~flotilla.network.coordinator.Coordinator`: one
+    SecAggStep request at a time (:meth:`step`), stage deadlines (:meth:`advance`), the abort
+    (no step; the round starts over with a new selection) and the commit (the unmasked weighted
+    mean becomes the round's step through the coordinator's ``_step``, core's server step).
+
+    A refusal changes no state.  Tickets of aborted rounds and tickets issued before the last
+    abort cannot join again (the devices check in for a new selection)."""
+
+    def __init__(self, coord):
+        self.coord = coord
+        self.round: SecAggRound | None = None
+        self.aborted: set[str] = set()          # tickets of aborted secure rounds (cleared at each step)
+        self.restart = -math.inf                # tickets issued before the last abort cannot join
+
+    def continues_request(self, device: str) -> bool:
+        """Whether ``device`` is midway through a SecAggStep request sent in parts."""
+        return self.round is not None and device in self.round.parts.pending
+
+    async def step(self, device: str, req: dict[str, Any]) -> dict[str, Any]:
+        """One SecAggStep request of ``device``; a refusal changes no state."""
+        c = self.coord
+        if not isinstance(req, dict) or not isinstance(req.get("ticket"), str) or req.get("op") not in (*MESSAGES, "join", "get", "part"):
+            raise Refused("INVALID_ARGUMENT", "invalid", "SecAggStep: expected {op: join|advertise|shares|masked|unmask|get|part, ticket, ...}")
+        ticket = Ticket.decode(req["ticket"], c.secret)
+        if ticket.device != device:
+            raise Refused("PERMISSION_DENIED", "ticket", f"SecAggStep: assignment {ticket.id[:8]} belongs to another device")
+        op = req["op"]
+        async with c.lock:
+            await self.advance()
+            r = self.round
+            if op == "get" and req.get("want") == "result" and ticket.version < c.version:
+                return {"status": "ok", "version": c.version}
+            if ticket.version != c.version or c.done:
+                return {"status": "abort", "message": f"round {ticket.version} is over (the server is at round {c.version}); check in again"}
+            if ticket.expires <= c.clock():
+                raise Refused("FAILED_PRECONDITION", "expired", f"SecAggStep: assignment {ticket.id[:8]} expired; check in again")
+            if op == "join":
+                if ticket.id in self.aborted or ticket.expires - c.settings.assignment_timeout_s < self.restart - 1e-3:
+                    return {"status": "abort", "message": f"round {c.version} was aborted; check in again"}
+                if r is None:
+                    r = self.round = SecAggRound(c.numel, c.settings.slots, c.masked, c.version, c.clock(),
+                                                 dp_clip=c.privacy.user.clip_norm if c.privacy is not None else None)
+                if device not in r.ids:
+                    if r.stage != "advertise" or len(r.ids) >= r.config.cohort:
+                        raise Refused("FAILED_PRECONDITION", "late", f"SecAggStep: round {c.version} has closed its cohort; check in again later")
+                    c.table.check_live(ticket)
+                    n = req.get("num_examples")
+                    if isinstance(n, bool) or not isinstance(n, int) or n < 1 or (
+                            c.settings.weighting == "examples" and n > c.masked.max_weight):
+                        raise Refused("INVALID_ARGUMENT", "examples", f"SecAggStep: num_examples must be an int in "
+                                      f"[1, max_weight={c.masked.max_weight:g}], got {n!r}")
+                    loss, seen = req.get("train_loss", 0.0), req.get("examples_seen", 0)
+                    c.check_numbers(n, loss, seen, "SecAggStep")
+                    r.ids[device] = len(r.ids) + 1
+                    r.meta[r.ids[device]] = {"num_examples": n, "train_loss": float(loss), "examples_seen": seen, "ticket": ticket}
+                    if len(r.ids) == 1:
+                        r.opened = c.clock()
+                return {"status": "ok", "id": r.ids[device],
+                        "config": {**r.config_json(), "uniform": c.settings.weighting == "uniform"}}
+            if r is None or device not in r.ids:
+                if ticket.id in self.aborted:
+                    return {"status": "abort", "message": f"round {c.version} was aborted; check in again"}
+                raise Refused("FAILED_PRECONDITION", "invalid", "SecAggStep: join the round first")
+            me = r.ids[device]
+            if op == "part":        # a request too large for one message, in slices (RequestParts)
+                try:
+                    text = r.parts.add(device, ticket.id, req)
+                except ValueError as e:
+                    raise Refused("INVALID_ARGUMENT", "invalid", f"SecAggStep: {e}") from None
+                if text is None:
+                    return {"status": "ok", "part": req["index"]}
+                outer = req["ticket"]
+                try:
+                    req = json.loads(text)
+                except ValueError:
+                    raise Refused("INVALID_ARGUMENT", "invalid", "SecAggStep: the reassembled parts are not JSON") from None
+                if not isinstance(req, dict) or req.get("ticket") != outer or req.get("op") not in MESSAGES:
+                    raise Refused("INVALID_ARGUMENT", "invalid", "SecAggStep: the reassembled request must be "
+                                  "advertise|shares|masked|unmask with the parts' ticket")
+                op = req["op"]
+            if op == "get":
+                want = req.get("want")
+                ready = {"directory": r.directory is not None, "bundle": r.bundles is not None,
+                         "request": r.request is not None, "result": False}
+                if want not in ready:
+                    raise Refused("INVALID_ARGUMENT", "invalid", f"SecAggStep: unknown want {want!r}")
+                if not ready[want]:
+                    return {"status": "wait", "retry_after_s": 0.05}
+                if want == "directory":
+                    msg = r.directory
+                elif want == "bundle":
+                    if me not in r.bundles:
+                        return {"status": "abort", "message": "this device dropped out of the round (no share bundle)"}
+                    msg = r.bundles[me]
+                else:
+                    if me not in r.request.survivors:
+                        return {"status": "abort", "message": "this device dropped out of the round (no masked input)"}
+                    msg = r.request
+                return {"status": "ok", "msg": dumps(msg)}
+            cls = MESSAGES[op]
+            try:
+                msg = loads(req.get("msg"), cls, length=r.config.length)
+                if getattr(msg, "sender") != me:
+                    raise Refused("PERMISSION_DENIED", "ticket", f"SecAggStep: {cls.__name__} names sender {msg.sender}, this device is {me}")
+                receive = {"advertise": r.server.receive_advertise, "shares": r.server.receive_shares,
+                           "masked": r.server.receive_masked_input, "unmask": r.server.receive_unmask}[op]
+                receive(msg)
+            except TamperedMessage as e:
+                raise Refused("INVALID_ARGUMENT", "tampered", f"SecAggStep: {e}") from None
+            except ReplayedMessage as e:
+                raise Refused("ALREADY_EXISTS", "replay", f"SecAggStep: {e}") from None
+            except ProtocolError as e:
+                late = f"stage {r.stage!r}" in str(e) or "cannot" in str(e)
+                raise Refused("FAILED_PRECONDITION" if late else "INVALID_ARGUMENT", "late" if late else "invalid",
+                              f"SecAggStep: {e}") from None
+            except SecAggAborted as e:
+                await self._abort(str(e))
+                return {"status": "abort", "message": str(e)}
+            await self.advance()
+            return {"status": "ok"}
+
+    async def advance(self) -> None:
+        """Close due stages; finish (one server step) or abort the round.  Called with the lock held."""
+        r, c = self.round, self.coord
+        if r is None:
+            return
+        try:
+            for _ in range(4):
+                stage = r.stage
+                if r.advance(c.clock(), c.settings.secagg_stage_s, c.settings.cohort):
+                    mean, _ = r.finish(*(c.masked_release or ()))
+                    await self._commit(r, mean)
+                    return
+                if r.stage == stage:
+                    return
+        except SecAggAborted as e:
+            await self._abort(str(e))
+
+    async def _abort(self, why: str) -> None:
+        """No step: the model is unchanged; the round starts over with a new selection."""
+        c = self.coord
+        logging.getLogger("flotilla.network").warning("round %d: %s; the round starts over", c.version, why)
+        c.counters["secagg_aborted"] += 1
+        if self.round is not None:
+            self.aborted |= {m["ticket"].id for m in self.round.meta.values()}
+        self.round = None
+        for device, t in c.table.items():
+            if t.version == c.version:
+                c.table.drop(device)
+        c.selection.redraw()
+        c.round_started = self.restart = c.clock()
+
+    async def _commit(self, r: SecAggRound, mean: torch.Tensor) -> None:
+        """The unmasked weighted mean becomes this round's step; the ledger records who was in the sum
+        (no delta, no norm: the server never had either)."""
+        c = self.coord
+        loop = asyncio.get_running_loop()
+        included = sorted(r.server.u3)
+        for pid in included:
+            m = r.meta[pid]
+            t = m["ticket"]
+            weight = float(m["num_examples"]) if c.settings.weighting == "examples" else 1.0
+            entry = {"seq": c.next_seq, "assignment": t.id, "device": t.device, "base_version": t.version,
+                     "expires": t.expires, "version": c.version, "staleness": 0, "num_examples": m["num_examples"],
+                     "weight": weight, "norm": None, "train_loss": m["train_loss"], "examples_seen": m["examples_seen"],
+                     "file": f"secagg-{t.id}.none", "secagg_id": pid, "reply_version": c.version + 1}
+            await loop.run_in_executor(None, c.store.accept, entry)
+            c.next_seq += 1
+            c.buffer.append(entry)
+            c.contributors.add(t.device)
+            c.table.settle(t)
+            c.table.answer(t.id, Answer(entry["seq"], c.version + 1, None, t.expires + c.grace_s))
+            c.counters["accepted"] += 1
+        c.counters["secagg_dropped"] += len(r.server.u1 | r.server.u2) - len(included)
+        c.aggregator.reset()
+        c.aggregator.add(mean, 1.0, "secagg")
+        self.round = None
+        self.aborted = set()
+        await c._step()

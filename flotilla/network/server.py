@@ -5,15 +5,32 @@
     server.serve(port=50051)            # blocks until training is done (and linger_s has passed)
 
 ``flotilla serve CONFIG.yaml --port P`` builds one from an experiment config (see
-:func:`server_from_config`).  Everything runs on one asyncio loop (grpc.aio); disk writes and
-evaluation run on worker threads so that check-ins and streams keep flowing meanwhile.
+:func:`flotilla.experiment.serve.server_from_config`).  Everything runs on one asyncio loop
+(grpc.aio); disk writes and evaluation run on worker threads so that check-ins and streams keep
+flowing meanwhile.
+
+What a hostile or broken device cannot do (each held by a test, see tests/test_network_hostile.py):
+
+* hold the upload slots: one upload in flight per assignment, ``uploads_per_device`` per device,
+  and every upload stream must finish within ``upload_timeout_s`` (header included), else it is
+  cut (DEADLINE_EXCEEDED, ``stalled``) and its slot freed;
+* fill a buffer alone: one live assignment per device (:mod:`flotilla.network.tickets`);
+* crash or confuse the server with undecodable messages: they are answered INVALID_ARGUMENT
+  (``invalid``) and counted, like every other refusal;
+* share a port or a state directory with another server: ``flotilla serve`` binds its port
+  exclusively (no SO_REUSEPORT) and locks the state directory; either refusal is one line.
+
+Every refusal carries trailing metadata saying what the device should do next (retry the
+request, check in again, or give up): see :mod:`flotilla.network.refusals`.
 """
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import math
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -32,8 +49,10 @@ from flotilla.core.flat import FlatModel
 from flotilla.core.server_opt import ServerOptimizer, ServerOptimizerSpec
 from flotilla.network import wire
 from flotilla.network.auth import Identity, RateLimiter, TokenTable
-from flotilla.network.coordinator import Coordinator, CoordinatorSettings, Refused, Ticket, Upload
+from flotilla.network.coordinator import Coordinator, CoordinatorSettings, Upload, step_record
+from flotilla.network.refusals import InUse, Refused
 from flotilla.network.store import StateStore
+from flotilla.network.tickets import Ticket
 from flotilla.network.wire import pb
 
 log = logging.getLogger("flotilla.network")
@@ -69,13 +88,47 @@ class Limits:
     rate: float = 20.0        # requests per second per device, on average
     burst: int = 40
     upload_slots: int = 64    # uploads whose bytes are received at once; others wait (flow control)
+    uploads_per_device: int = 2       # upload streams one device may have open at once (one per assignment)
+    upload_timeout_s: float = 300.0   # an upload stream (header and body) must finish within this
 
     def __post_init__(self):
         if self.chunk_bytes + 1024 > self.max_message_bytes:
             raise ValueError(f"network: chunk size {self.chunk_bytes} B must be at least 1 KiB below the message limit {self.max_message_bytes} B")
+        if self.uploads_per_device < 1 or not (math.isfinite(self.upload_timeout_s) and self.upload_timeout_s > 0):
+            raise ValueError(f"network: uploads_per_device must be >= 1 and upload_timeout_s positive, got "
+                             f"{self.uploads_per_device} and {self.upload_timeout_s}")
+
+
+def finite_or_none(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` with every non-finite float replaced by None (JSON has no NaN or Infinity)."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+
+
+class _Undecodable:
+    """A request gRPC could not parse as its message: answered INVALID_ARGUMENT and counted."""
+
+    def __init__(self, what: str, error: Exception):
+        self.what = what
+        self.error = error
+
+    def WhichOneof(self, _name):   # so an upload stream's parts can be inspected uniformly
+        return None
+
+
+def _parser(cls):
+    def parse(data: bytes):
+        try:
+            return cls.FromString(data)
+        except Exception as e:   # noqa: BLE001 - protobuf raises DecodeError and friends
+            return _Undecodable(cls.__name__, e)
+    return parse
 
 
 _CODES = {c.name: c for c in grpc.StatusCode}
+
+
+def _sha256(data) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 class FlotillaServer:
@@ -112,6 +165,7 @@ class FlotillaServer:
             make_dp_compatible(model)
         self.flat = FlatModel(model)
         self.tls = tls
+        self._credentials = tls.credentials()   # read the certificate before touching the state directory
         self.tokens = tokens
         self.limits = limits
         self.compression = wire.compression(compression)
@@ -168,9 +222,12 @@ class FlotillaServer:
             weights, ServerOptimizer(server, self.flat.numel), settings, self.store,
             aggregator=aggregator, device_index=tokens.index, on_step=self._on_step, privacy=dp,
             sealed=secure_buffer, masked=secure_masking, masked_release=masked_release,
+            uploads_per_device=limits.uploads_per_device,
         )
-        # metrics written after the snapshot we resumed from are dropped (those steps are redone)
+        # metrics written after the snapshot we resumed from are dropped (those steps are redone);
+        # steps committed whose record a crash lost are written back from the ledger
         history = self.store.run_dir.truncate_metrics(self.coord.version) if self.store.run_dir.metrics_file.exists() else []
+        history += self._restore_metrics(history)
         self.limiter = RateLimiter(limits.rate, limits.burst)
         self.latest_metrics: dict[str, Any] = history[-1] if history else {}
         self.started = time.time()
@@ -184,6 +241,32 @@ class FlotillaServer:
         self.port: int | None = None
 
     # -- metrics (on the evaluation thread, in version order) --------------------------------
+    def _restore_metrics(self, history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Records of committed steps missing from metrics.jsonl (a crash between a step's snapshot
+        and its record), rebuilt from the ledger: training figures exact, evaluation null."""
+        last = history[-1] if history else {}
+        if int(last.get("round", 0)) >= self.coord.version:
+            return []
+        out = []
+        seen = float(last.get("examples_seen", 0.0))
+        for version, entries in self.store.steps():
+            if version <= int(last.get("round", 0)) or version > self.coord.version:
+                continue
+            record = step_record(version, entries)
+            seen += record.pop("examples_seen")
+            record.update(wall_time_s=last.get("wall_time_s"), examples_seen=seen,
+                          accepted=max((int(e["seq"]) for e in entries), default=-1) + 1, rejected=None,
+                          loss=None, accuracy=None, recovered=True)
+            if self.coord.privacy is not None:
+                record.update(self.coord.privacy.metrics(version))
+            record = finite_or_none(record)
+            self.store.run_dir.append_metrics(record)
+            out.append(record)
+        if out:
+            log.warning("recovery: wrote back the metrics records of steps %s (lost in a crash; evaluation not redone)",
+                        ", ".join(str(r["round"]) for r in out))
+        return out
+
     def _on_step(self, record: dict[str, Any]) -> None:
         now = time.perf_counter()
         self._wall += now - self._last_step_t
@@ -204,6 +287,7 @@ class FlotillaServer:
         else:
             record.setdefault("loss", None)
             record.setdefault("accuracy", None)
+        record = finite_or_none(record)
         self.store.run_dir.append_metrics(record)
         self.latest_metrics = record
         if final:
@@ -221,11 +305,13 @@ class FlotillaServer:
         if who is None:
             self.coord.counters["rejected.auth"] += 1
             log.warning("refused an unauthenticated call from %s", context.peer())
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                                "unknown client: send a device token issued for this server (authorization: Bearer <token>)")
+            err = Refused("UNAUTHENTICATED", "auth",
+                          "unknown client: send a device token issued for this server (authorization: Bearer <token>)")
+            await context.abort(_CODES[err.code], str(err), err.trailing_metadata())
         if who.role not in roles:
             self.coord.counters["rejected.auth"] += 1
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{who.device} ({who.role}) may not call this method")
+            err = Refused("PERMISSION_DENIED", "auth", f"{who.device} ({who.role}) may not call this method")
+            await context.abort(_CODES[err.code], str(err), err.trailing_metadata())
         if rate_limited:
             await self._rate_limit(context, who)
         return who
@@ -234,16 +320,25 @@ class FlotillaServer:
         if not self.limiter.allow(who.device):
             self.coord.counters["rejected.rate"] += 1
             log.warning("rate limit: refused a call from %s", who.device)
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"rate limit: more than {self.limits.rate:g} requests/s from {who.device}; slow down")
+            err = Refused("RESOURCE_EXHAUSTED", "rate",
+                          f"rate limit: more than {self.limits.rate:g} requests/s from {who.device}; slow down",
+                          retry_after_s=max(1.0 / self.limits.rate, 0.05))
+            await context.abort(_CODES[err.code], str(err), err.trailing_metadata())
 
-    async def _refuse(self, context, err: Refused, device: str):
-        self.coord.refuse(err, device)
-        await context.abort(_CODES[err.code], str(err))
+    async def _refuse(self, context, err: Refused, device: str, ticket: Ticket | None = None):
+        self.coord.refuse(err, device, ticket)
+        await context.abort(_CODES[err.code], str(err), err.trailing_metadata())
+
+    async def _decoded(self, request, context, who: Identity):
+        """Refuse a request gRPC could not parse (INVALID_ARGUMENT, counted under ``invalid``)."""
+        if isinstance(request, _Undecodable):
+            await self._refuse(context, Refused("INVALID_ARGUMENT", "invalid",
+                                                f"the request is not a valid {request.what} message"), who.device)
 
     # -- RPCs ------------------------------------------------------------------------------------
     async def check_in(self, request: pb.CheckInRequest, context) -> pb.CheckInReply:
         who = await self._identify(context)
+        await self._decoded(request, context, who)
         result = self.coord.check_in(who.device)
         reply = pb.CheckInReply(task_json=self.task_json, device_id=who.device)
         if result is None:
@@ -293,6 +388,7 @@ class FlotillaServer:
 
     async def download(self, request: pb.DownloadRequest, context):
         who = await self._identify(context)
+        await self._decoded(request, context, who)
         try:
             data = self.coord.model_bytes(request.version)
         except Refused as e:
@@ -304,49 +400,79 @@ class FlotillaServer:
     async def upload(self, request_iterator, context) -> pb.UploadReply:
         who = await self._identify(context)
         c = self.coord
+        ticket = None
+        began = False
         try:
             try:
-                first = await anext(aiter(request_iterator))
-            except StopAsyncIteration:
-                raise Refused("INVALID_ARGUMENT", "invalid", "upload refused: empty stream (send the header first)") from None
-            if first.WhichOneof("part") != "header":
-                raise Refused("INVALID_ARGUMENT", "invalid", "upload refused: the first message must be the header")
-            h = first.header
-            ticket = c.check_header(who.device, h.ticket, h.base_version, h.dtype, list(h.shape), h.num_examples)
-            # At most `upload_slots` deltas are held in memory at once, whatever the concurrency;
-            # the other streams wait here, throttled by HTTP/2 flow control.
-            if c.sealed and len(h.ephemeral_pk) != 32:
-                raise Refused("INVALID_ARGUMENT", "tampered", "upload refused: a sealed upload needs the 32-byte ephemeral key")
-            async with self._upload_slots:
-                # sealed: AES-GCM nonce (12) + weight (8) + float32 delta + tag (16)
-                size = 4 * c.numel + (36 if c.sealed else 0)
-                buf = bytearray(size)
-                pos = 0
-                async for part in request_iterator:
-                    if part.WhichOneof("part") != "data":
-                        raise Refused("INVALID_ARGUMENT", "invalid", "upload refused: a second header in the stream")
-                    n = len(part.data)
-                    if pos + n > size:
-                        raise Refused("INVALID_ARGUMENT", "shape", f"upload refused: more than the {size} bytes of shape ({c.numel},) float32")
-                    buf[pos:pos + n] = part.data
-                    pos += n
-                if pos != size:
-                    # Also where a message over max_message_bytes ends up: gRPC drops it (the client
-                    # gets RESOURCE_EXHAUSTED "larger than max") and the stream looks cut short here.
-                    raise Refused("INVALID_ARGUMENT", "truncated",
-                                  f"upload refused: the stream ended after {pos} of the {size} bytes that shape ({c.numel},) float32 needs")
-                if c.sealed:   # the buffer validates what it opens; the server sees only ciphertext
-                    up = Upload(ticket, int(h.num_examples), float(h.train_loss), int(h.examples_seen), None, math.nan,
-                                bytes(h.ephemeral_pk), bytes(buf))
-                else:
-                    delta = torch.frombuffer(buf, dtype=torch.float32)
-                    norm = c.check_delta(delta, who.device)
-                    up = Upload(ticket, int(h.num_examples), float(h.train_loss), int(h.examples_seen), delta, norm)
-                # Shielded: a client hanging up must not cut a commit (or a server step) in half.
-                seq, version = await asyncio.shield(c.commit(up, buf))
+                # The whole stream, header included, within upload_timeout_s: a stalled stream is cut
+                # and frees its slot (one device cannot hold the others' uploads hostage).
+                async with asyncio.timeout(self.limits.upload_timeout_s):
+                    try:
+                        first = await anext(aiter(request_iterator))
+                    except StopAsyncIteration:
+                        raise Refused("INVALID_ARGUMENT", "invalid", "upload refused: empty stream (send the header first)") from None
+                    if isinstance(first, _Undecodable):
+                        raise Refused("INVALID_ARGUMENT", "invalid", "upload refused: the first message is not a valid UploadPart")
+                    if first.WhichOneof("part") != "header":
+                        raise Refused("INVALID_ARGUMENT", "invalid", "upload refused: the first message must be the header")
+                    h = first.header
+                    ticket, answer = c.check_header(who.device, h.ticket, h.base_version, h.dtype, list(h.shape),
+                                                    int(h.num_examples), float(h.train_loss), int(h.examples_seen))
+                    if c.sealed and answer is None and len(h.ephemeral_pk) != 32:
+                        raise Refused("INVALID_ARGUMENT", "tampered", "upload refused: a sealed upload needs the 32-byte ephemeral key")
+                    c.table.begin_upload(ticket)      # one stream per assignment, a few per device
+                    began = True
+                    # At most `upload_slots` deltas are held in memory at once, whatever the concurrency;
+                    # the other streams wait here, throttled by HTTP/2 flow control.
+                    async with self._upload_slots:
+                        buf = await self._receive_body(request_iterator, c.numel, c.sealed)
+            except TimeoutError:
+                raise Refused("DEADLINE_EXCEEDED", "stalled",
+                              f"upload refused: the stream did not finish within {self.limits.upload_timeout_s:g} s "
+                              "(upload_timeout_s); retry on a better connection", retry_after_s=1.0) from None
+            digest = await asyncio.get_running_loop().run_in_executor(None, _sha256, buf)
+            if answer is not None:   # a retry of an assignment already in the ledger
+                if answer.digest is not None and answer.digest == digest:
+                    return pb.UploadReply(seq=answer.seq, version=answer.version)
+                raise Refused("ALREADY_EXISTS", "replay", f"upload refused: replayed nonce, assignment {ticket.id[:8]} "
+                              f"was already accepted as update #{answer.seq} (with other bytes)")
+            if c.sealed:   # the buffer validates what it opens; the server sees only ciphertext
+                up = Upload(ticket, int(h.num_examples), float(h.train_loss), int(h.examples_seen), None, math.nan,
+                            bytes(h.ephemeral_pk), bytes(buf), digest)
+            else:
+                delta = torch.frombuffer(buf, dtype=torch.float32)
+                norm = c.check_delta(delta, who.device)
+                up = Upload(ticket, int(h.num_examples), float(h.train_loss), int(h.examples_seen), delta, norm, digest=digest)
+            # Shielded: a client hanging up must not cut a commit (or a server step) in half.
+            seq, version = await asyncio.shield(c.commit(up, buf))
         except Refused as e:
-            await self._refuse(context, e, who.device)
+            await self._refuse(context, e, who.device, ticket)
+        finally:
+            if began:
+                c.table.end_upload(ticket)
         return pb.UploadReply(seq=seq, version=version)
+
+    async def _receive_body(self, request_iterator, numel: int, sealed: bool) -> bytearray:
+        # sealed: AES-GCM nonce (12) + weight (8) + float32 delta + tag (16)
+        size = 4 * numel + (36 if sealed else 0)
+        buf = bytearray(size)
+        pos = 0
+        async for part in request_iterator:
+            kind = part.WhichOneof("part")
+            if kind != "data":
+                what = "not a valid UploadPart" if isinstance(part, _Undecodable) else "a second header in the stream"
+                raise Refused("INVALID_ARGUMENT", "invalid", f"upload refused: {what}")
+            n = len(part.data)
+            if pos + n > size:
+                raise Refused("INVALID_ARGUMENT", "shape", f"upload refused: more than the {size} bytes of shape ({numel},) float32")
+            buf[pos:pos + n] = part.data
+            pos += n
+        if pos != size:
+            # Also where a message over max_message_bytes ends up: gRPC drops it (the client
+            # gets RESOURCE_EXHAUSTED "larger than max") and the stream looks cut short here.
+            raise Refused("INVALID_ARGUMENT", "truncated",
+                          f"upload refused: the stream ended after {pos} of the {size} bytes that shape ({numel},) float32 needs")
+        return buf
 
     async def status(self, request: pb.StatusRequest, context) -> pb.StatusReply:
         await self._identify(context, roles=("device", "admin"))
@@ -360,26 +486,39 @@ class FlotillaServer:
     def _handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(wire.SERVICE, {
             "CheckIn": grpc.unary_unary_rpc_method_handler(
-                self.check_in, pb.CheckInRequest.FromString, pb.CheckInReply.SerializeToString),
+                self.check_in, _parser(pb.CheckInRequest), pb.CheckInReply.SerializeToString),
             "Download": grpc.unary_stream_rpc_method_handler(
-                self.download, pb.DownloadRequest.FromString, pb.ModelChunk.SerializeToString),
+                self.download, _parser(pb.DownloadRequest), pb.ModelChunk.SerializeToString),
             "Upload": grpc.stream_unary_rpc_method_handler(
-                self.upload, pb.UploadPart.FromString, pb.UploadReply.SerializeToString),
+                self.upload, _parser(pb.UploadPart), pb.UploadReply.SerializeToString),
             "Status": grpc.unary_unary_rpc_method_handler(
-                self.status, pb.StatusRequest.FromString, pb.StatusReply.SerializeToString),
+                self.status, _parser(pb.StatusRequest), pb.StatusReply.SerializeToString),
             # bytes in and out (JSON): registered by hand, no .proto message
             "SecAggStep": grpc.unary_unary_rpc_method_handler(self.secagg_step, None, None),
         })
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
-        """Start listening (TLS only); returns the bound port."""
+        """Start listening (TLS only, the port exclusively); returns the bound port."""
+        if not 0 <= port <= 65535:
+            raise ValueError(f"--port: must be between 0 and 65535, got {port}")
         self._upload_slots = asyncio.Semaphore(self.limits.upload_slots)
-        self._server = grpc.aio.server(options=wire.channel_options(self.limits.max_message_bytes),
+        # grpc.so_reuseport 0: a second server on the same port fails to bind instead of sharing it
+        self._server = grpc.aio.server(options=[*wire.channel_options(self.limits.max_message_bytes), ("grpc.so_reuseport", 0)],
                                        compression=self.compression)
         self._server.add_generic_rpc_handlers((self._handler(),))
-        self.port = self._server.add_secure_port(f"{host}:{port}", self.tls.credentials())
+        try:
+            self.port = self._server.add_secure_port(f"{host}:{port}", self._credentials)
+        except RuntimeError:
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"could not listen on {host}:{port}")
+            self._server = None
+            self.store.close()
+            if _in_use(host, port):
+                raise InUse(f"cannot listen on {host}:{port}: the port is in use (another flotilla serve?); "
+                            "choose another --port") from None
+            raise ValueError(f"cannot listen on {host}:{port}: check the address, and that network.tls.key is the "
+                             "private key of network.tls.cert") from None
+        await self.coord.start()
         await self._server.start()
         self._last_step_t = time.perf_counter()
         log.info("serving on %s:%d (TLS%s), %s mode, version %d of %d", host, self.port,
@@ -418,6 +557,24 @@ class FlotillaServer:
             await self.start(host, port)
             await self.run_until_done()
         asyncio.run(main())
+
+
+def _in_use(host: str, port: int) -> bool:
+    """Whether another socket listens on ``host:port`` (diagnosis after a failed bind)."""
+    if port == 0:
+        return False
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError:
+        return False
+    for family, kind, proto, _, addr in infos:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as gRPC does: TIME_WAIT is not "in use"
+            try:
+                sock.bind(addr)
+            except OSError:
+                return True
+    return False
 
 
 class ServerThread:
@@ -467,97 +624,3 @@ class ServerThread:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-def server_from_config(cfg, state_dir: str | Path | None = None) -> FlotillaServer:
-    """A server for an :class:`~flotilla.config.ExperimentConfig` with a ``network:`` section:
-    the task's model (seeded as in the simulator), its evaluation clients, the config's client,
-    server-optimizer, sync (cohort) or async (FedBuff) settings.  An existing state directory
-    is resumed."""
-    from flotilla.api import eval_clients
-    from flotilla.config import ConfigError
-    from flotilla.core.evaluate import evaluate
-    from flotilla.core.staleness import Staleness
-    from flotilla.tasks.registry import build_task
-
-    net = cfg.network
-    if net is None:
-        raise ConfigError("invalid config:\n  network: flotilla serve needs a network section (tls, tokens); see docs/deployment.md")
-    if cfg.fleet is not None:
-        raise ConfigError("invalid config:\n  fleet: describes a simulated fleet; flotilla serve trains real devices "
-                          "(set over-selection and deadlines under network:)")
-    if cfg.mode == "async" and cfg.async_.algorithm != "fedbuff":
-        raise ConfigError(f"invalid config:\n  async.algorithm: the network server runs fedbuff, not {cfg.async_.algorithm}")
-    user = sample = None
-    if cfg.privacy is not None:
-        from flotilla.network.dp import network_user_level
-        from flotilla.privacy import PrivacyError, PrivacySpec
-        try:
-            spec = PrivacySpec.from_dict(cfg.privacy.model_dump())
-            sample = spec.sample_level          # DP-SGD on the devices: the assignment carries its settings
-            if spec.user_level is not None:
-                user = network_user_level(spec.user_level, "amplification" in cfg.privacy.user_level.model_fields_set)
-        except PrivacyError as e:
-            raise ConfigError(f"invalid config:\n  {e}") from None
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    a = cfg.async_
-    try:
-        settings = CoordinatorSettings(
-            mode=cfg.mode, total_steps=cfg.rounds, seed=cfg.seed, weighting=cfg.weighting,
-            cohort=cfg.cohort, over_selection=net.over_selection, min_updates=net.min_updates,
-            round_deadline_s=net.round_deadline_s, selection_window_s=net.selection_window_s, secagg_stage_s=net.secagg_stage_s,
-            assignment_timeout_s=net.assignment_timeout_s, max_update_norm=net.max_update_norm,
-            max_examples=net.max_examples, retry_after_s=net.retry_after_s,
-            **({} if a is None else dict(
-                concurrency=a.concurrency, buffer_size=a.buffer_size, max_staleness=a.max_staleness, normalize=a.normalize,
-                staleness=Staleness(a.staleness.kind, a.staleness.exponent, a.staleness.a, a.staleness.b, a.staleness.average))),
-        )
-    except ValueError as e:
-        raise ConfigError(f"invalid config:\n  {e}") from None
-    task = build_task(cfg.task, cfg.seed)
-    clients = eval_clients(task.dataset, cfg.eval.max_clients, cfg.seed)
-    def evaluate_fn(flat: FlatModel, weights: torch.Tensor) -> dict[str, float]:
-        return evaluate(flat, weights, task.dataset, clients, task.loss_fn, cfg.eval.batch_size)
-    c, s = cfg.client, cfg.server
-    if state_dir is None:
-        state_dir = net.state_dir or Path(cfg.output.dir) / (cfg.output.name or f"{cfg.task.name}-serve")
-    try:
-        return _build_server(task, net, cfg, state_dir, settings, user, sample, evaluate_fn if clients else None)
-    except ValueError as e:
-        if cfg.privacy is None or type(e).__name__ != "PrivacyError":
-            raise
-        raise ConfigError(f"invalid config:\n  {e}") from None
-
-
-def _build_server(task, net, cfg, state_dir, settings, user, sample, evaluate_fn) -> FlotillaServer:
-    c, s = cfg.client, cfg.server
-    return FlotillaServer(
-        task.model, tls=TLSFiles(net.tls.cert, net.tls.key, net.tls.ca, net.tls.require_client_cert),
-        tokens=TokenTable.load(net.tokens), state_dir=state_dir, settings=settings,
-        client=ClientSpec(c.epochs, c.steps, c.batch_size, c.lr, c.momentum, c.weight_decay),
-        server=ServerOptimizerSpec(s.optimizer, s.lr, s.momentum, s.beta1, s.beta2, s.tau),
-        evaluate=evaluate_fn, eval_every=cfg.eval.every,
-        limits=Limits(int(net.max_message_mb * 2**20), net.chunk_kb * 1024, net.rate_limit, net.rate_burst),
-        compression=net.compression, task=cfg.task.model_dump(mode="json"),
-        config=cfg.model_dump(mode="json", by_alias=True), fsync=net.fsync, linger_s=net.linger_s,
-        privacy=user, accountant=cfg.privacy.accountant if cfg.privacy is not None else "rdp",
-        secure_buffer=cfg.secure_aggregation is not None and cfg.mode == "async",
-        secure_masking=_masking(cfg), dp_sgd=sample,
-        secure_max_norm=cfg.secure_aggregation.max_norm if cfg.secure_aggregation is not None else None,
-    )
-
-
-def _masking(cfg):
-    """Sync secure aggregation's public parameters (flotilla.network.secagg.SecAggParams), or None."""
-    sa = cfg.secure_aggregation
-    if sa is None or cfg.mode != "sync":
-        return None
-    from flotilla.network.secagg import SecAggParams
-    max_weight = 1.0 if cfg.weighting == "uniform" else float(sa.max_weight or cfg.network.max_examples)
-    user = cfg.privacy.user_level if cfg.privacy is not None else None
-    # the fixed-point range: with user-level DP a clipped delta's coordinates lie within clip_norm
-    clip = sa.clip or (user.clip_norm if user is not None else 1.0)
-    return SecAggParams(clip=clip, max_weight=max_weight, bits=sa.bits,
-                        degree=None if sa.degree == "full" else sa.degree, threshold=sa.threshold,
-                        max_request_bytes=int(cfg.network.max_message_mb * 2**20) - 1024)

@@ -7,8 +7,13 @@ Layout of the state directory (it is also a run directory: ``flotilla report`` r
     pending/<name>.bin    the raw float32 delta of every accepted update not yet in a server step
                           (the buffer / the current round's updates); its ledger line names the file
     ledger.jsonl          append-only: one "accepted" line per accepted update, one "step" line
-                          per server step naming the seqs it applied
+                          per server step naming the seqs it applied, one "dropped" line per set
+                          of accepted updates that will never be applied, with its reason
+                          (``nonfinite_step``: the step they formed made the model non-finite and
+                          was rolled back; ``lost_on_restart``: sealed updates the restarted
+                          secure buffer cannot open)
     secret.key            the key that signs assignment tickets (so tickets survive a restart)
+    serve.lock            held (``flock``) by the one server using this directory
     config.yaml, metrics.jsonl, model.safetensors   as in any run directory
 
 Write order, each file fsync'd before the next step (``fsync=False`` skips the syncs, for tests
@@ -22,11 +27,17 @@ on slow disks):
 Recovery (:meth:`StateStore.recover`) therefore sees one of a few states and repairs each one:
 a pending file with no ledger line (crash before the ack: the update was never accepted; deleted),
 a torn last ledger line (dropped), a snapshot newer than the last "step" line (the line is
-written), pending files already folded into the snapshot (deleted).  Every accepted update is in
-exactly one place, the snapshot or ``pending/``, and is applied exactly once.
+written), pending files already folded into the snapshot or dropped (deleted).  Every accepted
+update is in exactly one place, the snapshot, ``pending/`` or a "dropped" line, and is applied at
+most once (exactly once unless dropped, with the reason in the ledger).
+
+Only one server may use a state directory: :class:`StateStore` takes an exclusive ``flock`` on
+``serve.lock`` (released when the process ends, even by ``kill -9``); a second one is refused
+with one line (:class:`~flotilla.network.refusals.InUse`).
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import secrets
@@ -38,6 +49,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from flotilla.network.refusals import InUse
 from flotilla.runs.rundir import RunDir
 
 
@@ -57,6 +69,8 @@ class Recovered:
     pending: list[tuple[dict[str, Any], torch.Tensor]] = field(default_factory=list)  # (ledger entry, delta)
     next_seq: int = 0
     repairs: list[str] = field(default_factory=list)   # what recovery fixed, for the log
+    dropped: dict[str, int] = field(default_factory=dict)  # reason -> accepted updates dropped (ledger)
+    accepted: list[dict[str, Any]] = field(default_factory=list)  # every accepted entry (retries' answers)
 
 
 class StateStore:
@@ -68,8 +82,24 @@ class StateStore:
         self.ledger_file = self.path / "ledger.jsonl"
         self.snapshot_file = self.path / "state.safetensors"
         self.path.mkdir(parents=True, exist_ok=True)
+        self._lock = self._take_lock()
         self.pending_dir.mkdir(exist_ok=True)
         self._ledger = None
+
+    def _take_lock(self):
+        f = open(self.path / "serve.lock", "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "?"
+            f.close()
+            raise InUse(f"state directory {self.path} is in use by another flotilla serve (pid {holder}); "
+                        "stop it first, or give this one another --state-dir") from None
+        f.truncate(0)
+        f.write(str(os.getpid()))
+        f.flush()
+        return f
 
     # -- small durable writes ---------------------------------------------------------------
     def _atomic(self, path: Path, write) -> None:
@@ -88,7 +118,8 @@ class StateStore:
     def _append(self, record: dict[str, Any]) -> None:
         if self._ledger is None:
             self._ledger = open(self.ledger_file, "a", encoding="utf-8")
-        self._ledger.write(json.dumps(record, separators=(",", ":")) + "\n")
+        # allow_nan=False: a non-finite number is a bug upstream (every reported number is validated)
+        self._ledger.write(json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n")
         self._ledger.flush()
         if self.fsync:
             os.fsync(self._ledger.fileno())
@@ -97,6 +128,9 @@ class StateStore:
         if self._ledger is not None:
             self._ledger.close()
             self._ledger = None
+        if self._lock is not None:
+            self._lock.close()          # releases the flock
+            self._lock = None
 
     def secret(self) -> bytes:
         """The ticket-signing key, created on first use (mode 0600)."""
@@ -142,6 +176,37 @@ class StateStore:
         for e in entries:
             self.discard(e["file"])
 
+    def drop(self, entries: list[dict[str, Any]], reason: str, why: str, version: int) -> None:
+        """Accepted updates that will never be applied: their "dropped" line, then their files go."""
+        seqs = sorted(int(e["seq"]) for e in entries)
+        self._append({"event": "dropped", "reason": reason, "why": why, "version": version, "seqs": seqs,
+                      "t": round(time.time(), 3)})
+        for e in entries:
+            self.discard(e["file"])
+
+    def find_accepted(self, assignment: str) -> dict[str, Any] | None:
+        """The ledger entry that accepted ``assignment`` (a linear scan: only for late retries)."""
+        needle = f'"assignment":"{assignment}"'
+        if not self.ledger_file.exists():
+            return None
+        with open(self.ledger_file, encoding="utf-8") as f:
+            for line in f:
+                if needle in line:
+                    try:
+                        r = json.loads(line)
+                    except json.JSONDecodeError:
+                        return None
+                    if r.get("event") == "accepted" and r.get("assignment") == assignment:
+                        return r
+        return None
+
+    def steps(self) -> list[tuple[int, list[dict[str, Any]]]]:
+        """Every committed step: (version, the accepted entries it applied), in order."""
+        records = self.read_ledger()
+        accepted = {int(r["seq"]): r for r in records if r["event"] == "accepted"}
+        return [(int(r["version"]), [accepted[s] for s in r["seqs"] if s in accepted])
+                for r in records if r["event"] == "step"]
+
     # -- reading back ---------------------------------------------------------------------------
     def read_ledger(self) -> list[dict[str, Any]]:
         """Every complete ledger record (a torn last line, from a crash mid-write, is skipped)."""
@@ -170,7 +235,11 @@ class StateStore:
 
         records = self._repair_torn_tail(repairs)
         accepted = {int(r["seq"]): r for r in records if r["event"] == "accepted"}
-        stepped = {s for r in records if r["event"] == "step" for s in r["seqs"]}
+        stepped = {s for r in records if r["event"] in ("step", "dropped") for s in r["seqs"]}
+        dropped: dict[str, int] = {}
+        for r in records:
+            if r["event"] == "dropped":
+                dropped[r["reason"]] = dropped.get(r["reason"], 0) + len(r["seqs"])
         last_step = max((r["version"] for r in records if r["event"] == "step"), default=0)
         if version > last_step:
             # The snapshot was written but the crash came before its ledger line: write it now.
@@ -206,7 +275,7 @@ class StateStore:
                 raise RuntimeError(f"{f}: {len(data)} bytes, expected {4 * numel} (float32 x {numel})")
             pending.append((entry, torch.frombuffer(bytearray(data), dtype=torch.float32)))
         next_seq = max(accepted, default=-1) + 1
-        return Recovered(tensors, meta, pending, next_seq, repairs)
+        return Recovered(tensors, meta, pending, next_seq, repairs, dropped, list(accepted.values()))
 
     def _repair_torn_tail(self, repairs: list[str]) -> list[dict[str, Any]]:
         if not self.ledger_file.exists():
