@@ -12,7 +12,7 @@ import torch
 from flotilla.api import run_experiment, train
 from flotilla.experiment.run import build
 from flotilla.config import ConfigError, validate
-from flotilla.core.aggregate import WeightedMean
+from flotilla.core.aggregate import Aggregator, WeightedMean
 from flotilla.core.client import ClientSpec
 from flotilla.core.server_opt import ServerOptimizerSpec
 from flotilla.secure import DropoutSim, SecureAggregator, SecureBuffer
@@ -58,7 +58,7 @@ def test_sync_run_with_secure_aggregation_matches_plaintext(tmp_path):
         assert rec["secagg_updates"] == 10 and rec["secagg_dropped"] == 0 and "aborted" not in rec
 
 
-class _SkipSlots:
+class _SkipSlots(Aggregator):
     """Plaintext reference for dropouts: a weighted mean that leaves out exactly the updates the
     secure aggregator loses (slots dropping before their masked input)."""
 

@@ -9,6 +9,9 @@ secure aggregation can be swapped without the round loop knowing:
     agg.result() -> Tensor            # the aggregated delta (a view into a preallocated buffer)
 
 ``add`` must not keep a reference to ``delta``: callers reuse that buffer for the next client.
+The optional parts (a release with no update, per-round metrics, checkpointed state) have
+defaults in :class:`Aggregator`, the base every aggregator derives from, so round loops call
+them directly instead of probing for them.
 """
 from __future__ import annotations
 
@@ -19,6 +22,11 @@ import torch
 
 class UpdateRejected(ValueError):
     """An update failed validation; the aggregate is unchanged."""
+
+
+class RoundAborted(RuntimeError):
+    """An aggregator gave up on this round (e.g. secure aggregation with too few survivors): the
+    round makes no server step, and its metrics record says why."""
 
 
 def check_update(delta: torch.Tensor, numel: int, where: str = "update") -> None:
@@ -35,7 +43,26 @@ def check_update(delta: torch.Tensor, numel: int, where: str = "update") -> None
         raise UpdateRejected(f"{where}: {bad} non-finite values (NaN or inf)")
 
 
-class WeightedMean:
+class Aggregator:
+    """Base of every aggregator (see the module docstring for the four required methods)."""
+
+    release_when_empty = False    # True: result() is released even with no update (DP: pure noise)
+    count = 0
+
+    def round_metrics(self) -> dict[str, float]:
+        """Extra metrics of the round just aggregated (secure aggregation's dropouts, ...)."""
+        return {}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """State that must survive a checkpoint (beyond one round)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no state, the checkpoint has {sorted(state)}")
+
+
+class WeightedMean(Aggregator):
     """sum_i w_i d_i / sum_i w_i, accumulated in one preallocated buffer."""
 
     def __init__(self, numel: int, validate: bool = True):

@@ -27,15 +27,23 @@ class ClientUpdate(Protocol):
 
 @runtime_checkable
 class Aggregator(Protocol):
-    """Sums weighted client deltas for one release (WeightedMean, DPFedAvg, SecureAggregator)."""
+    """Sums weighted client deltas for one release (WeightedMean, DPFedAvg, SecureAggregator).
+    flotilla.core.aggregate.Aggregator is the base class with the optional parts' defaults."""
 
     count: int
+    release_when_empty: bool
 
     def reset(self) -> None: ...
 
     def add(self, delta: torch.Tensor, weight: float, client: int) -> None: ...
 
     def result(self) -> torch.Tensor: ...
+
+    def round_metrics(self) -> dict[str, float]: ...
+
+    def state_dict(self) -> dict[str, torch.Tensor]: ...
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
 
 
 @runtime_checkable
@@ -51,6 +59,8 @@ class Algorithm(Protocol):
     def state_dict(self) -> dict[str, torch.Tensor]: ...
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
+
+    def close(self) -> None: ...   # release worker processes, hooks; called once the run ends
 
 
 Sampler = Callable[[int, int, int, int], np.ndarray]   # (seed, round, population, cohort) -> client ids

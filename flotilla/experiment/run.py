@@ -15,6 +15,7 @@ from flotilla.config import ConfigError, ExperimentConfig, validate
 from flotilla.core.evaluate import eval_clients, evaluate
 from flotilla.experiment.compose import build_algorithm
 from flotilla.experiment.runtimes import runtime_for
+from flotilla.experiment.specs import client_spec
 from flotilla.runner import Runner
 from flotilla.runs.rundir import RunDir
 
@@ -51,12 +52,21 @@ def build(cfg: ExperimentConfig, task):
     algorithm, rounds = build_algorithm(
         algorithm_class, kwargs, rounds=cfg.rounds, eval_every=cfg.eval.every,
         privacy=cfg.privacy.model_dump() if cfg.privacy is not None else None,
-        secure_aggregation=cfg.secure_aggregation.model_dump() if cfg.secure_aggregation is not None else None)
+        secure_aggregation=cfg.secure_aggregation.model_dump() if cfg.secure_aggregation is not None else None,
+        client_algorithm=cfg.client.algorithm)
     clients = eval_clients(task.dataset, cfg.eval.max_clients, cfg.seed)
     evaluate_fn = None
     if clients:
+        personal = None
+        if cfg.eval.personalize is not None:             # FedAvg + local fine-tuning: personal_* metrics
+            from flotilla.algorithms.finetune import PersonalizedEvaluation, finetune_spec
+            personal = PersonalizedEvaluation(algorithm.flat, task.dataset, clients, task.loss_fn,
+                                              finetune_spec(cfg.eval.personalize, client_spec(cfg)), seed=cfg.seed,
+                                              batch_size=cfg.eval.batch_size)
+
         def evaluate_fn(w):
-            return evaluate(algorithm.flat, w, task.dataset, clients, task.loss_fn, cfg.eval.batch_size)
+            record = evaluate(algorithm.flat, w, task.dataset, clients, task.loss_fn, cfg.eval.batch_size)
+            return record if personal is None else {**record, **personal(w)}
     stops = []
     if cfg.privacy is not None:
         stops.append(algorithm.budget_spent)
@@ -111,8 +121,6 @@ def run_algorithm(algorithm, model: nn.Module, evaluate_fn, *, rounds: int, run_
     try:
         history = runner.run()
     finally:
-        close = getattr(algorithm, "close", None)   # worker processes, Opacus hooks
-        if close is not None:
-            close()
+        algorithm.close()   # worker processes, Opacus hooks
     algorithm.flat.load(algorithm.weights)
     return TrainResult(model, algorithm.weights.clone(), history, rd.path if rd else None)

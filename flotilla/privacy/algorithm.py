@@ -241,13 +241,11 @@ class PrivateAlgorithm:
         return getattr(self.inner, name)
 
     def close(self) -> None:
-        """Remove Opacus' hooks from the model and close the wrapped algorithm (if it has close())."""
+        """Remove Opacus' hooks from the model and close the wrapped algorithm."""
         if self.trainer is not None:
             self.trainer.close()
             self.trainer = None
-        close = getattr(self.inner, "close", None)
-        if close is not None:
-            close()
+        self.inner.close()
 
     def budget_spent(self, record: Mapping[str, Any] | None = None) -> bool:
         """Runner ``stop`` callback: True once another step would exceed the privacy budget."""

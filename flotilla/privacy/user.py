@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from flotilla.core.aggregate import UpdateRejected, check_update
+from flotilla.core.aggregate import Aggregator, UpdateRejected, check_update
 from flotilla.privacy.accountant import PrivacyError
 
 SAMPLINGS = ("fixed", "poisson")
@@ -110,7 +110,7 @@ def delta_noise_multiplier(noise_multiplier: float, count_noise_multiplier: floa
     return rest ** -0.5
 
 
-class DPFedAvg:
+class DPFedAvg(Aggregator):
     """Clip, sum, add Gaussian noise, divide by the expected cohort size (one preallocated buffer).
 
     ``noise_multiplier`` is the one the accountant sees; with adaptive clipping part of it goes

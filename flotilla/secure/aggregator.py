@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from flotilla.core.aggregate import UpdateRejected, check_update
+from flotilla.core.aggregate import Aggregator, UpdateRejected, check_update
 from flotilla.secure.encoding import FixedPointEncoder
 from flotilla.secure.errors import SecAggAborted
 from flotilla.secure.graph import default_degree
@@ -63,7 +63,7 @@ class DropoutSim:
         return out
 
 
-class SecureAggregator:
+class SecureAggregator(Aggregator):
     """Weighted mean of client deltas where the server sees only masked vectors and their sum.
 
     numel:      model size.

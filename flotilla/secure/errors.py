@@ -6,20 +6,19 @@ a single message also subclass ``UpdateRejected`` so aggregator callers can catc
 """
 from __future__ import annotations
 
-from flotilla.core.aggregate import UpdateRejected
+from flotilla.core.aggregate import RoundAborted, UpdateRejected
 
 
 class SecAggError(Exception):
     """Base class of every secure-aggregation error."""
 
 
-class SecAggAborted(SecAggError):
+class SecAggAborted(SecAggError, RoundAborted):
     """Too few parties survived to finish the round; nothing about any input was disclosed.
 
-    ``aborts_round``: round loops (``flotilla.sim.sync.SyncFedAvg``) recognise the flag without
-    importing this package: the round makes no server step and its metrics record says so.
+    A :class:`flotilla.core.aggregate.RoundAborted`: round loops (``flotilla.sim.sync.SyncFedAvg``)
+    make no server step and the round's metrics record says so.
     """
-    aborts_round = True
 
 
 class ProtocolError(SecAggError, UpdateRejected):

@@ -90,6 +90,9 @@ class _FleetAlgorithm:
         self.c = _Counters()
         self.round = 0
 
+    def close(self) -> None:
+        """Nothing to release: the fleet lives in this process."""
+
     def _train(self, trip_id: int, client: int, start: torch.Tensor):
         return self.trainer.train(self.dataset, client, start, client_seed(self.seed, trip_id, client), self.delta)
 

@@ -34,7 +34,7 @@ from flotilla.core.client import ClientSpec, LossFn, client_seed
 from flotilla.core.protocols import Components, Shape
 from flotilla.core.server_opt import ServerOptimizerSpec
 from flotilla.core.dataset import FederatedDataset
-from flotilla.sim.sync import SyncFedAvg, sample_cohort
+from flotilla.sim.sync import SyncFedAvg
 
 
 def split_cohort(clients: list[int], sizes: list[int], workers: int) -> list[list[int]]:
@@ -172,7 +172,7 @@ class ParallelFedAvg(SyncFedAvg):
 
     # -- the round ---------------------------------------------------------------------------
     def step(self) -> dict[str, float]:
-        draw = getattr(self, "sample_cohort", sample_cohort)  # SyncFedAvg's cohort hook, if any
+        draw = self.sample_cohort
         clients = [int(c) for c in draw(self.seed, self.round, self.dataset.num_clients, self.cohort)]
         shares = split_cohort(clients, [self.dataset.num_train(c) for c in clients], self.workers)
         if self.workers > 1 and not self._procs:

@@ -2,7 +2,7 @@
 
 One round: sample a cohort uniformly without replacement, train each client in turn on the
 one shared model (in place), add its delta into the aggregator, then take one server step.
-An aggregator may abort a round by raising an exception whose class sets ``aborts_round = True``
+An aggregator may abort a round by raising :class:`~flotilla.core.aggregate.RoundAborted`
 (secure aggregation's ``SecAggAborted`` when too few clients survive): that round makes no server
 step, the model and server-optimizer state stay as they were, and its metrics record carries
 ``aborted: True`` and the reason.
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from flotilla.core.aggregate import WeightedMean
+from flotilla.core.aggregate import RoundAborted, WeightedMean
 from flotilla.core.client import ClientSpec, LocalTrainer, LossFn, client_seed
 from flotilla.core.flat import FlatModel
 from flotilla.core.protocols import Components, Shape, refuse_unused
@@ -90,28 +90,27 @@ class SyncFedAvg:
                 if r.num_examples > 0:
                     self.aggregator.add(self.delta, weight, c)
             # A DP aggregator releases (pure noise) even for an empty cohort: skipping would leak it.
-            if self.aggregator.count or getattr(self.aggregator, "release_when_empty", False):
+            if self.aggregator.count or self.aggregator.release_when_empty:
                 update = self.aggregator.result()
                 self.server_opt.step(self.weights, update)
-        except Exception as e:
-            if not getattr(e, "aborts_round", False):
-                raise
+        except RoundAborted as e:
             aborted = e                                # no server step: weights and optimizer state untouched
         self.round += 1
         record = {"round": self.round, "train_loss": loss_sum / max(seen, 1), "examples_seen": seen, "clients": len(clients)}
-        round_metrics = getattr(self.aggregator, "round_metrics", None)
-        if round_metrics is not None:
-            record.update(round_metrics())
+        record.update(self.aggregator.round_metrics())
         if aborted is not None:
             record.update(aborted=True, abort_reason=str(aborted))
         return record
+
+    def close(self) -> None:
+        """Release what the run holds outside this object (nothing here; worker processes in ParallelFedAvg)."""
 
     # -- checkpointing -------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = {"weights": self.weights.clone(), "round": torch.tensor(self.round)}
         state.update({f"server_opt.{k}": v for k, v in self.server_opt.state_dict().items()})
-        if hasattr(self.aggregator, "state_dict"):     # e.g. secure aggregation's round counter
-            state.update({f"aggregator.{k}": v for k, v in self.aggregator.state_dict().items()})
+        # e.g. secure aggregation's round counter
+        state.update({f"aggregator.{k}": v for k, v in self.aggregator.state_dict().items()})
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -120,7 +119,6 @@ class SyncFedAvg:
         opt = {k.removeprefix("server_opt."): v for k, v in state.items() if k.startswith("server_opt.")}
         self.server_opt.load_state_dict(opt)
         agg = {k.removeprefix("aggregator."): v for k, v in state.items() if k.startswith("aggregator.")}
-        if agg and hasattr(self.aggregator, "load_state_dict"):
-            self.aggregator.load_state_dict(agg)
+        self.aggregator.load_state_dict(agg)
         self.weights.copy_(state["weights"])
         self.round = int(state["round"])
