@@ -13,6 +13,7 @@ import yaml
 from flotilla.core.schema import Section
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from flotilla.core.server_opt import OPTIMIZERS
 from flotilla.core.staleness import AVERAGE_WITH_DP
 from flotilla.fleet.config import AsyncConfig, FleetConfig
 from flotilla.network.config import NetworkConfig
@@ -42,7 +43,7 @@ class ClientConfig(Strict):
 
 
 class ServerConfig(Strict):
-    optimizer: Literal["fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"] = Field("fedavg", description="server optimizer (Reddi et al. 2021)")
+    optimizer: Literal[OPTIMIZERS] = Field("fedavg", description="server optimizer (Reddi et al. 2021; flotilla.core.server_opt's registry)")
     lr: float = Field(1.0, gt=0, description="server learning rate")
     momentum: float = Field(0.9, ge=0, lt=1, description="server momentum (fedavgm)")
     beta1: float = Field(0.9, ge=0, lt=1, description="first-moment decay (fedadam/fedyogi/fedadagrad)")
