@@ -17,7 +17,7 @@ from functools import lru_cache
 
 from opacus.accountants import RDPAccountant, create_accountant
 from opacus.accountants.analysis import rdp as analysis
-from opacus.accountants.utils import get_noise_multiplier
+from opacus.accountants.utils import MAX_SIGMA, get_noise_multiplier
 
 ACCOUNTANTS = ("rdp", "prv")
 
@@ -64,26 +64,54 @@ def epsilon_of_history(history: list[tuple[float, float, int]], delta: float, ki
         rdp = sum(_rdp_one_step(z, q) * t for z, q, t in history)
         eps, _ = analysis.get_privacy_spent(orders=_ALPHAS, rdp=rdp, delta=delta)
         return max(float(eps), 0.0)  # the RDP conversion can dip below 0 at large delta: (0, delta)-DP holds
-    acc = create_accountant(kind)
+    return _prv_epsilon(history, delta)
+
+
+# PRV's error: Opacus' default ``eps_error=0.01`` is absolute, 4% of an epsilon of 0.25.  We ask for
+# 0.1% of the value instead; below epsilon 0.1 the floor (1e-4, i.e. 0.1% at 0.1, 1% at 0.01) keeps the
+# cost bounded: Opacus' mesh, and with it the time, grows as 1 / eps_error.
+PRV_RELATIVE_ERROR = 1e-3
+PRV_MIN_ERROR = 1e-4
+_PRV_DEFAULT_ERROR = 0.01  # Opacus' default, used for the first estimate
+_TOP_FIRST_LIMIT = 100_000  # max_steps tries the limit first up to here
+
+
+def _prv_epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
+    """Opacus' PRV upper bound on epsilon with an error of ``PRV_RELATIVE_ERROR`` of the value: a cheap
+    first estimate at Opacus' default error sets the error of a second, finer call."""
+    acc = create_accountant("prv")
     acc.history = history
     with warnings.catch_warnings():
-        # RDP: "optimal order is the largest alpha" only means the bound could be a bit tighter.
         warnings.simplefilter("ignore")
-        return max(float(acc.get_epsilon(delta=delta)), 0.0)
+        rough = float(acc.get_epsilon(delta=delta, eps_error=_PRV_DEFAULT_ERROR))  # an upper bound itself
+        eps_error = max(PRV_RELATIVE_ERROR * rough, PRV_MIN_ERROR)
+        if eps_error >= _PRV_DEFAULT_ERROR:  # epsilon >= 10: the first call is already within 0.1%
+            return max(rough, 0.0)
+        try:
+            fine = float(acc.get_epsilon(delta=delta, eps_error=eps_error))
+        except ValueError:  # Opacus: the finer mesh is too large for float precision at this delta
+            return max(rough, 0.0)
+    return max(min(fine, rough), 0.0)  # both are upper bounds: keep the tighter
 
 
 def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int,
                     kind: str = "rdp", where: str = "privacy.user_level.target_epsilon") -> float:
-    """The smallest noise multiplier (to Opacus' binary-search tolerance, 0.01 in epsilon) such
-    that ``steps`` steps at ``sample_rate`` stay within ``(target_epsilon, delta)``."""
+    """The smallest noise multiplier such that ``steps`` steps at ``sample_rate`` stay within
+    ``(target_epsilon, delta)`` by :func:`epsilon` itself (so the run's reported epsilon never exceeds
+    the target): RDP to Opacus' binary-search tolerance (0.01 in epsilon), PRV to
+    ``PRV_RELATIVE_ERROR`` of the target."""
     _check(kind)
     if not (target_epsilon > 0 and math.isfinite(target_epsilon)):
         raise PrivacyError(f"{where}: must be a positive finite number, got {target_epsilon}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
-                                              sample_rate=sample_rate, steps=steps, accountant=kind))
+            # PRV starts from the RDP answer (cheap; PRV is tighter, so it is usually already enough noise)
+            z = float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
+                                           sample_rate=sample_rate, steps=steps, accountant="rdp"))
+        if kind == "prv":
+            z = _calibrate_prv(z, target_epsilon, delta, sample_rate, steps)
+        return z
     except ValueError as e:  # Opacus gives up past noise multiplier 1e6
         raise PrivacyError(
             f"{where}: epsilon={target_epsilon} at delta={delta} cannot be met in {steps} steps at sampling "
@@ -91,19 +119,78 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
             f"run fewer rounds or sample a smaller cohort") from None
 
 
+def _calibrate_prv(z0: float, target: float, delta: float, q: float, steps: int) -> float:
+    """The smallest z with PRV ``epsilon(z) <= target``, to ``PRV_RELATIVE_ERROR`` of the target, from
+    ``z0``.  Secant steps on log epsilon against log z (nearly a line: epsilon ~ 1/z), always inside a
+    bracket ``lo < z <= hi`` with ``epsilon(lo) > target >= epsilon(hi)``; a bisection step whenever the
+    same end moved twice running.  Each step is a fine PRV evaluation, so few steps matter (3-5)."""
+    def f(z: float) -> float:  # log(epsilon / target), decreasing in z
+        e = epsilon(z, q, steps, delta, "prv")
+        return math.log(e / target) if e > 0 else -math.inf
+
+    done = math.log1p(-PRV_RELATIVE_ERROR)  # stop once log(1 - tol) <= f(hi) <= 0
+    aim = done / 2
+    hi, f_hi = z0, f(z0)
+    lo, f_lo = None, None
+    while f_hi > 0:  # PRV above the target at z0 (unusual): more noise
+        lo, f_lo = hi, f_hi
+        hi *= 1.25
+        if hi > MAX_SIGMA:
+            raise ValueError("The privacy budget is too low.")
+        f_hi = f(hi)
+    slope, last_moved, bisect = -1.0, None, False
+    for _ in range(60):
+        if f_hi >= done or (lo is not None and hi - lo <= 1e-9 * hi):
+            break
+        x_hi = math.log(hi)
+        if lo is None:  # no lower end yet: a step along the slope, at most a factor 4 down
+            x = x_hi - math.log(4.0)
+            if math.isfinite(f_hi):
+                x = max(x_hi + (aim - f_hi) / slope, x)
+        else:
+            x_lo = math.log(lo)
+            x = (x_lo + x_hi) / 2
+            if not bisect and math.isfinite(f_hi):
+                sec = x_hi + (aim - f_hi) * (x_hi - x_lo) / (f_hi - f_lo)
+                x = sec if x_lo < sec < x_hi else x
+        z = math.exp(x)
+        fz = f(z)
+        moved = "lo" if fz > 0 else "hi"
+        bisect, last_moved = moved == last_moved, moved
+        if moved == "lo":
+            lo, f_lo = z, fz
+        else:
+            if lo is None and math.isfinite(fz) and math.isfinite(f_hi) and fz < f_hi:
+                slope = (fz - f_hi) / (x - x_hi)  # measured: negative, and always a step down from hi
+            hi, f_hi = z, fz
+    return hi
+
+
 def max_steps(noise_multiplier: float, sample_rate: float, delta: float, budget: float,
               kind: str = "rdp", limit: int = 10**7) -> int:
     """The largest number of steps whose epsilon stays <= ``budget`` (0 if even one step exceeds it)."""
-    if epsilon(noise_multiplier, sample_rate, 1, delta, kind) > budget:
+    def within(t: int) -> bool:
+        return epsilon(noise_multiplier, sample_rate, t, delta, kind) <= budget
+
+    if not within(1):
         return 0
+    # The common cases cost two evaluations, not a search: a budget that does not bind, or a target
+    # the noise was calibrated to (limit = rounds + 1).  Not for a huge limit: PRV there takes minutes.
+    top_known_over = False
+    if limit <= _TOP_FIRST_LIMIT:
+        if within(limit - 1):
+            return limit if within(limit) else limit - 1
+        top_known_over = True
     lo, hi = 1, 2
-    while hi < limit and epsilon(noise_multiplier, sample_rate, hi, delta, kind) <= budget:
+    while hi < limit and within(hi):
         lo, hi = hi, hi * 2
-    if hi >= limit and epsilon(noise_multiplier, sample_rate, limit, delta, kind) <= budget:
-        return limit
+    if hi >= limit:
+        if not top_known_over and within(limit):
+            return limit
+        hi = limit
     while hi - lo > 1:  # invariant: eps(lo) <= budget < eps(hi)
         mid = (lo + hi) // 2
-        if epsilon(noise_multiplier, sample_rate, mid, delta, kind) <= budget:
+        if within(mid):
             lo = mid
         else:
             hi = mid
