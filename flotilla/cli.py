@@ -1,7 +1,7 @@
 """Command line: a thin layer over flotilla.api.
 
     flotilla run CONFIG.yaml [--set key=value ...]
-    flotilla run --resume RUN_DIR
+    flotilla run --resume RUN_DIR [--set rounds=N]
     flotilla report RUN_DIR [RUN_DIR ...] [--out FILE] [--x round|sim_time_s|wall_time_s]
     flotilla certs DIR | serve CONFIG.yaml --port P | join --server HOST:P --token T --data PATH
     flotilla status --server HOST:P                     (network deployment: flotilla/network/cli.py)
@@ -13,6 +13,36 @@ import sys
 from pathlib import Path
 
 from flotilla.config import ConfigError, describe_options
+from flotilla.runner import DivergedError
+
+# What --resume may change: more (or fewer, not below those done) rounds.  Anything else would
+# make the resumed run a different experiment from the one its checkpoint belongs to.
+RESUME_KEYS = ("rounds",)
+
+
+def port_number(text: str) -> int:
+    """argparse type of a TCP port: 0 (any free port) to 65535; refused, not wrapped, outside it."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number (0-65535)")
+    return port
+
+
+def server_address(text: str) -> str:
+    """argparse type of HOST:PORT (a device's --server): the port must be 1-65535."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected HOST:PORT")
+    try:
+        number = int(port)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: {port!r} is not a port number") from None
+    if not 1 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r}: {number} is not a port number (1-65535)")
+    return text
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -28,7 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("config", nargs="?", help="experiment YAML file")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config key, e.g. --set client.lr=0.05 (repeatable; value parsed as YAML)")
-    run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its directory")
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its directory; "
+                     "with --set rounds=N, continue a finished run up to N rounds")
     run.add_argument("--run-dir", metavar="DIR", help="write the run here instead of output.dir/output.name")
 
     rep = sub.add_parser("report", help="summarise runs in a table and overlay them in one plot")
@@ -57,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"flotilla: error: {e}", file=sys.stderr)
         return 2
+    except DivergedError as e:
+        print(f"flotilla: error: {e}", file=sys.stderr)
+        return 1
     except ImportError as e:
         print(f"flotilla: error: {e}", file=sys.stderr)
         return 2
@@ -67,10 +101,11 @@ def _run(args) -> int:
     from flotilla.config import load_config
 
     if args.resume:
-        if args.config or args.overrides:
+        if args.config:
             raise ConfigError("--resume takes only the run directory (its config.yaml is reused as it was)")
-        from flotilla.api import resume_experiment
-        result = resume_experiment(args.resume)
+        from flotilla.api import run_experiment
+        cfg = _resume_config(args.resume, args.overrides)
+        result = run_experiment(cfg, run_dir=args.resume, resume=True)
     else:
         if not args.config:
             raise ConfigError("give a CONFIG.yaml (see examples/) or --resume RUN_DIR")
@@ -82,6 +117,33 @@ def _run(args) -> int:
         print(f"final: round {last[-1]['round']} accuracy {last[-1]['accuracy']:.4f} loss {last[-1]['loss']:.4f}")
     print(f"run directory: {result.run_dir}")
     return 0
+
+
+def _resume_config(run_dir: str, overrides: list[str]):
+    """The run's saved config, with --set rounds=N applied (and saved) to continue a finished run."""
+    from flotilla.config import apply_overrides, validate
+    from flotilla.runs.rundir import RunDir
+
+    rd = RunDir(run_dir)
+    raw = rd.read_config()
+    if not overrides:
+        return validate(raw)
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if key not in RESUME_KEYS:
+            raise ConfigError(f"--set {key}: --resume can only change {', '.join(RESUME_KEYS)} "
+                              f"(any other key would make a different experiment)")
+    before = validate(raw)
+    cfg = validate(apply_overrides(raw, overrides))
+    u = cfg.privacy.user_level if cfg.privacy is not None else None
+    if cfg.rounds != before.rounds and u is not None and u.target_epsilon is not None:
+        raise ConfigError(f"rounds: the noise of this run was calibrated to spend privacy.user_level.target_epsilon "
+                          f"over {before.rounds} rounds; it cannot be changed on resume")
+    done = rd.state_meta().get("round", 0) if rd.has_state() else 0
+    if cfg.rounds < done:
+        raise ConfigError(f"rounds: {cfg.rounds} is fewer than the {done} rounds this run has done")
+    rd.write_config(cfg.model_dump(mode="json"))
+    return cfg
 
 
 if __name__ == "__main__":

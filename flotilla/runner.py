@@ -22,6 +22,10 @@ from flotilla.runs.rundir import RunDir
 EvalFn = Callable[[torch.Tensor], dict[str, float]]
 
 
+class DivergedError(RuntimeError):
+    """The global model became non-finite: the run stops before saving it (the last checkpoint stays)."""
+
+
 class Runner:
     def __init__(
         self,
@@ -51,6 +55,7 @@ class Runner:
         """Load the latest checkpoint from the run directory and drop metrics written after it."""
         if self.run_dir is None or not self.run_dir.has_state():
             raise FileNotFoundError(f"nothing to resume in {self.run_dir.path if self.run_dir else None}: no state.safetensors")
+        self.run_dir.remove_temp_files()
         self.algorithm.load_state_dict(self.run_dir.load_state())
         self.history = self.run_dir.truncate_metrics(self.algorithm.round)
 
@@ -65,6 +70,7 @@ class Runner:
             while alg.round < self.rounds:
                 t0 = time.perf_counter()
                 record = alg.step()
+                self._check_finite(alg)
                 seen += record.pop("examples_seen", 0.0)
                 if self.evaluate is not None and (alg.round % self.eval_every == 0 or alg.round == self.rounds):
                     record.update(self.evaluate(alg.weights))
@@ -87,6 +93,14 @@ class Runner:
                 writer.close()
         self._finish()
         return self.history
+
+    def _check_finite(self, alg) -> None:
+        # A NaN/inf model must never be evaluated, checkpointed or written as the result.
+        if not bool(torch.isfinite(alg.weights).all()):
+            rd = self.run_dir
+            saved = f"; {rd.state_file} holds an earlier round" if rd is not None and rd.has_state() else ""
+            raise DivergedError(f"round {alg.round}: the global model became non-finite (NaN or inf), training diverged; "
+                                f"lower client.lr or server.lr{saved}")
 
     def _log(self, record: dict[str, Any], writer) -> None:
         if self.run_dir is not None:

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 
 from flotilla.cli import main
@@ -84,3 +85,63 @@ def test_cli_run_resume_and_report(tmp_path, capsys):
     assert main(["report", str(run_dir), str(run_dir), "--out", str(out_png)]) == 0
     table = capsys.readouterr().out
     assert "final_acc" in table and "fashion-mnist" in table and out_png.exists()
+
+
+TINY = {"task": {"name": "fashion-mnist", "num_clients": 20, "partition": "iid"}, "rounds": 1, "cohort": 2,
+        "client": {"steps": 1, "batch_size": 8}, "eval": {"max_clients": 2}, "output": {"progress": False}}
+
+
+def test_resume_with_more_rounds_continues_a_finished_run(tmp_path, capsys):
+    """`flotilla run --resume RUN --set rounds=N` adds rounds to a finished run: the same model as
+    a run of N rounds from the start; nothing else may change, and never below the rounds done."""
+    from safetensors.torch import load_file
+
+    short, full = tmp_path / "short", tmp_path / "full"
+    assert main(["run", str(write(tmp_path, TINY)), "--run-dir", str(short)]) == 0
+    assert main(["run", "--resume", str(short), "--set", "rounds=2"]) == 0
+    assert main(["run", str(write(tmp_path, {**TINY, "rounds": 2})), "--run-dir", str(full)]) == 0
+    assert [json.loads(x)["round"] for x in (short / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    a, b = load_file(str(short / "model.safetensors")), load_file(str(full / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert yaml.safe_load((short / "config.yaml").read_text())["rounds"] == 2   # a later --resume keeps it
+    capsys.readouterr()
+    saved = (short / "config.yaml").read_text()
+    assert main(["run", "--resume", str(short), "--set", "client.lr=0.5"]) == 2
+    assert main(["run", "--resume", str(short), "--set", "rounds=1"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["flotilla: error: --set client.lr: --resume can only change rounds (any other key would make a "
+                   "different experiment)",
+                   "flotilla: error: rounds: 1 is fewer than the 2 rounds this run has done"]
+    assert (short / "config.yaml").read_text() == saved
+
+
+def test_diverging_run_exits_non_zero_without_a_nan_model(tmp_path, capsys):
+    """Item 13: a finite but huge server.lr makes the model inf in round 1: exit 1, one line, no model file."""
+    run_dir = tmp_path / "run"
+    cfg = {**TINY, "client": {"steps": 3, "batch_size": 8, "lr": 1.0}, "server": {"lr": 3e38}}
+    assert main(["run", str(write(tmp_path, cfg)), "--run-dir", str(run_dir)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "round 1: the global model became non-finite" in err[0]
+    assert not (run_dir / "model.safetensors").exists() and not (run_dir / "state.safetensors").exists()
+
+
+def test_damaged_checkpoint_on_resume_is_one_line(tmp_path, capsys):
+    """Item 16 through the CLI: exit 2 and one line naming the file."""
+    run_dir = tmp_path / "run"
+    assert main(["run", str(write(tmp_path, TINY)), "--run-dir", str(run_dir)]) == 0
+    state = run_dir / "state.safetensors"
+    state.write_bytes(state.read_bytes()[:100])
+    capsys.readouterr()
+    assert main(["run", "--resume", str(run_dir)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"flotilla: error: {state}: the checkpoint is damaged")
+
+
+def test_secure_aggregation_run_resumes(tmp_path):
+    """Item 14 end to end: the run's own config.yaml (max_norm: null, degree: auto, bits: 32) resumes."""
+    run_dir = tmp_path / "run"
+    cfg = {**TINY, "rounds": 1, "secure_aggregation": {"dropout": {"unmask": 0.5}}}
+    assert main(["run", str(write(tmp_path, cfg)), "--run-dir", str(run_dir)]) == 0
+    assert "max_norm: null" in (run_dir / "config.yaml").read_text()
+    assert main(["run", "--resume", str(run_dir), "--set", "rounds=2"]) == 0
+    assert [json.loads(x)["round"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2]
