@@ -498,11 +498,11 @@ class Coordinator:
 
     def check_numbers(self, num_examples, train_loss, examples_seen, where: str) -> None:
         """Every number a device reports with an update (plaintext, sealed or masked)."""
-        cap = self.settings.max_examples
-        if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 1 or (
-                cap is not None and num_examples > cap):
+        cap = self.settings.max_examples or MAX_EXAMPLES_SEEN
+        if isinstance(num_examples, bool) or not isinstance(num_examples, int) or not 1 <= num_examples <= cap:
             raise Refused("INVALID_ARGUMENT", "examples",
-                          f"{where}: num_examples={num_examples!r}, must be an integer between 1 and {cap or 'inf'}")
+                          f"{where}: num_examples={num_examples!r}, must be an integer between 1 and "
+                          f"{self.settings.max_examples or '2^53'}")
         if isinstance(train_loss, bool) or not isinstance(train_loss, (int, float)) or not math.isfinite(train_loss):
             raise Refused("INVALID_ARGUMENT", "numbers", f"{where}: train_loss={train_loss!r}, must be a finite number")
         if (isinstance(examples_seen, bool) or not isinstance(examples_seen, int)

@@ -8,8 +8,9 @@ trailing metadata says it explicitly (``flotilla-retry``) with the refusal's rea
 ``flotilla-retry``     gRPC status           meaning
 =====================  ====================  ============================================================
 ``request``            RESOURCE_EXHAUSTED,   transient (rate limit, another upload of this assignment in
-                       UNAVAILABLE           flight, server busy): send the same request again after
-                                             ``flotilla-retry-after-s`` seconds (back off).
+                       UNAVAILABLE,          flight, an upload cut for stalling past upload_timeout_s):
+                       DEADLINE_EXCEEDED     send the same request again after ``flotilla-retry-after-s``
+                                             seconds, if given (back off in any case).
 ``checkin``            FAILED_PRECONDITION   this assignment is over (late: the round closed; expired;
                                              stale; revoked by a newer check-in; secure round aborted;
                                              version no longer served): drop it and check in again.
@@ -36,7 +37,7 @@ REASON_HEADER = "flotilla-refusal"
 RETRY_AFTER_HEADER = "flotilla-retry-after-s"
 
 _BY_CODE = {
-    "RESOURCE_EXHAUSTED": RETRY_REQUEST, "UNAVAILABLE": RETRY_REQUEST,
+    "RESOURCE_EXHAUSTED": RETRY_REQUEST, "UNAVAILABLE": RETRY_REQUEST, "DEADLINE_EXCEEDED": RETRY_REQUEST,
     "FAILED_PRECONDITION": RETRY_CHECKIN,
 }
 

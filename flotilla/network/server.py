@@ -475,9 +475,10 @@ class FlotillaServer:
         return buf
 
     async def status(self, request: pb.StatusRequest, context) -> pb.StatusReply:
-        await self._identify(context, roles=("device", "admin"))
+        who = await self._identify(context, roles=("device", "admin"))
+        await self._decoded(request, context, who)
         s = self.coord.status()
-        s.update(uptime_s=round(time.time() - self.started, 1), metrics=self.latest_metrics,
+        s.update(uptime_s=round(time.time() - self.started, 1), metrics=finite_or_none(self.latest_metrics),
                  limits=asdict(self.limits), state_dir=str(self.store.path),
                  task=json.loads(self.task_json))   # devices check their data against it before checking in
         return pb.StatusReply(json=json.dumps(s))
