@@ -6,6 +6,7 @@ before validation, so they are checked the same way.
 """
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -13,6 +14,8 @@ import yaml
 from flotilla.core.schema import Section
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from flotilla.algorithms import Setting, algorithm_config_union, algorithm_names, refusal
+from flotilla.algorithms.finetune import PersonalizeConfig
 from flotilla.core.server_opt import OPTIMIZERS
 from flotilla.core.staleness import AVERAGE_WITH_DP
 from flotilla.fleet.config import AsyncConfig, FleetConfig
@@ -40,6 +43,9 @@ class ClientConfig(Strict):
     lr: float = Field(0.1, gt=0, description="client SGD learning rate")
     momentum: float = Field(0.0, ge=0, lt=1, description="client SGD momentum")
     weight_decay: float = Field(0.0, ge=0, description="client SGD weight decay")
+    algorithm: algorithm_config_union() | None = Field(  # type: ignore[valid-type]
+        None, description=f"client algorithm, by name: {', '.join(algorithm_names())} (default: fedavg's local SGD; "
+                          f"see docs/algorithms.md)")
 
 
 class ServerConfig(Strict):
@@ -60,6 +66,9 @@ class EvalConfig(Strict):
     every: int = Field(1, ge=1, description="evaluate every N rounds (and after the last)")
     max_clients: int | None = Field(None, ge=1, description="evaluate on a fixed random subset of N clients (default: all)")
     batch_size: int = Field(1024, ge=1, description="evaluation batch size")
+    personalize: PersonalizeConfig | None = Field(
+        None, description="also evaluate personalised models: each evaluation client fine-tunes the global model on its "
+                          "own training data first (personal_* metrics)")
 
 
 class OutputConfig(Strict):
@@ -213,6 +222,22 @@ class ExperimentConfig(Strict):
         return self
 
     @model_validator(mode="after")
+    def _client_algorithm_fits(self):
+        a = self.client.algorithm
+        if a is not None:
+            p = self.privacy
+            aggregation = "round" if self.mode == "sync" else "buffer" if self.async_.algorithm == "fedbuff" else "per_update"
+            why = refusal(a, Setting(aggregation, self.workers <= 1, "workers > 1 trains in worker processes",
+                                     p is not None and p.sample_level is not None, p is not None and p.user_level is not None,
+                                     self.secure_aggregation is not None))
+            if why:
+                raise ValueError(why)
+        if self.eval.personalize is not None and self.privacy is not None and self.privacy.sample_level is not None:
+            raise ValueError("eval.personalize: fine-tunes the shared model, which privacy.sample_level (DP-SGD) has "
+                             "wrapped with Opacus' per-sample hooks; personalised evaluation is not supported with it")
+        return self
+
+    @model_validator(mode="after")
     def _privacy_fits(self):
         p = self.privacy
         if p is None:
@@ -304,7 +329,8 @@ def _format(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         # Drop discriminator tags ("shakespeare") from the path so it reads like the YAML.
-        loc = [str(p) for p in e["loc"] if p not in ("fashion-mnist", "shakespeare")]
+        loc = [str(p) for i, p in enumerate(e["loc"]) if p not in ("fashion-mnist", "shakespeare")
+               and not (i and e["loc"][i - 1] == "algorithm" and p in algorithm_names())]   # client.algorithm's tag
         key = ".".join(loc) or "config"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
@@ -314,7 +340,7 @@ def _format(err: ValidationError) -> str:
         given = f" (got {e['input']!r})" if e["type"] not in ("extra_forbidden", "missing") and not isinstance(e.get("input"), dict) else ""
         # A model_validator error names its own key: print it bare.
         if (msg.split(":")[0] in ("cohort", "async", "async.concurrency", "fleet.over_selection", "workers", "weighting")
-                or msg.startswith(("privacy", "secure_aggregation"))) and key == "config":
+                or msg.startswith(("privacy", "secure_aggregation", "client.algorithm", "eval.personalize"))) and key == "config":
             lines.append(f"  {msg}")
         else:
             lines.append(f"  {key}: {msg}{given}")
@@ -382,7 +408,9 @@ def describe_options(model: type[BaseModel] = ExperimentConfig, prefix: str = ""
     for name, field in model.model_fields.items():
         key = f"{prefix}{field.alias or name}"
         ann = field.annotation
-        sub = [a for a in getattr(ann, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)]
+        args = [typing.get_args(a)[0] if typing.get_origin(a) is Annotated else a for a in getattr(ann, "__args__", ())]
+        args = [x for a in args for x in (typing.get_args(a) if typing.get_origin(a) is Union else (a,))]
+        sub = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
         inner = within if field.is_required() else key
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             lines += describe_options(ann, key + ".", inner)
@@ -391,6 +419,11 @@ def describe_options(model: type[BaseModel] = ExperimentConfig, prefix: str = ""
             for variant in ann.__args__:
                 lines.append(f"task (name: {variant.model_fields['name'].annotation.__args__[0]}): {variant.__doc__.strip()}")
                 lines += describe_options(variant, "task.", inner)
+            continue
+        if sub and "name" in sub[0].model_fields and len(sub) > 1:    # a union told apart by name (client.algorithm)
+            for s in sub:
+                lines.append(f"{key} (name: {s.model_fields['name'].annotation.__args__[0]}): {(s.__doc__ or '').strip()}")
+                lines += [line for line in describe_options(s, key + ".", key) if not line.startswith(f"  {key}.name:")]
             continue
         if sub:
             for s in sub:

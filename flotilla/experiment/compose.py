@@ -1,37 +1,57 @@
-"""Build an algorithm with privacy and secure aggregation composed in (the only place both meet).
+"""Build an algorithm with a client algorithm, privacy and secure aggregation composed in (the only
+place they meet).
 
-Privacy first (it decides clipping, noise, sampling and the DP-SGD client update), then secure
-aggregation (it may take over the aggregator or the buffer, moving the DP noise inside the
-protocol).  Both read the algorithm's declared :class:`~flotilla.core.protocols.Shape` and refuse
-what cannot work before anything is built; the algorithm's constructor then calls their factories.
+The client algorithm first (FedProx, SCAFFOLD: flotilla.algorithms; it may bring a client update, an
+aggregator or a buffer, which nothing after it may replace), then privacy (it decides clipping,
+noise, sampling and the DP-SGD client update), then secure aggregation (it may take over the
+aggregator or the buffer, moving the DP noise inside the protocol).  All read the algorithm's
+declared :class:`~flotilla.core.protocols.Shape` and refuse what cannot work before anything is
+built; the algorithm's constructor then calls their factories.
 """
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
 
+from flotilla.algorithms import Setting, algorithm_parts
 from flotilla.core.protocols import Components
 from flotilla.privacy import PrivacyParts, PrivacySpec, prepare_model
 from flotilla.secure.wiring import SecureParts
 
 
+def _no_clash(mine: Components, theirs: Components, who: str, name: str) -> None:
+    both = [k for k in mine.given() if k in theirs.given()]
+    if both:
+        raise ValueError(f"client.algorithm: {name}'s {', '.join(both)} would be replaced by {who}'s; they do not compose")
+
+
 def build_algorithm(algorithm_class, kwargs: Mapping[str, Any], *, privacy=None, secure_aggregation=None,
-                    rounds: int, eval_every: int = 1):
-    """``(algorithm, rounds)``: ``algorithm_class(**kwargs)`` with DP and/or secure aggregation composed in.
-    ``rounds`` comes back smaller when the privacy budget ends first."""
+                    client_algorithm=None, rounds: int, eval_every: int = 1):
+    """``(algorithm, rounds)``: ``algorithm_class(**kwargs)`` with a client algorithm (the ``client.algorithm``
+    section), DP and/or secure aggregation composed in.  ``rounds`` comes back smaller when the privacy
+    budget ends first."""
     kwargs = dict(kwargs)
     shape = algorithm_class.shape(**kwargs)
+    algo = None
+    if client_algorithm is not None:
+        algo = algorithm_parts(client_algorithm, shape, Setting.of(shape, privacy, secure_aggregation))
     private = None
     if privacy is not None:
         private = PrivacyParts(PrivacySpec.from_dict(privacy), shape, rounds=rounds, eval_every=eval_every)
     secure = SecureParts(secure_aggregation, shape, private) if secure_aggregation is not None else None
-    components = Components()
+    components = algo.components if algo is not None else Components()
     if private is not None:
+        if algo is not None:
+            _no_clash(components, private.components, "privacy", algo.name)
         components = components.merged(private.components)
         prepare_model(kwargs["model"], private.spec)      # DPLSTM swap, before the algorithm binds the model
     if secure is not None:
+        if algo is not None:
+            _no_clash(algo.components, secure.components, "secure aggregation", algo.name)
         components = components.merged(secure.components)
     algorithm = algorithm_class(**kwargs, components=components) if components.given() else algorithm_class(**kwargs)
+    if algo is not None:
+        algorithm = algo.wrap(algorithm)                  # state the client algorithm checkpoints (SCAFFOLD's c, c_i)
     if private is None:
         return algorithm, rounds
     wrapped = private.wrap(algorithm)

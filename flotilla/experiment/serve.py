@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from flotilla.algorithms import network_refusal
 from flotilla.config import ConfigError
 from flotilla.core.evaluate import eval_clients, evaluate
 from flotilla.core.flat import FlatModel
@@ -33,6 +34,11 @@ def server_from_config(cfg, state_dir: str | Path | None = None) -> FlotillaServ
                           "(set over-selection and deadlines under network:)")
     if cfg.mode == "async" and cfg.async_.algorithm != "fedbuff":
         raise ConfigError(f"invalid config:\n  async.algorithm: the network server runs fedbuff, not {cfg.async_.algorithm}")
+    why = network_refusal(cfg.client.algorithm)        # FedProx's mu, SCAFFOLD's c / delta c_i are not on the wire yet
+    if why is None and cfg.eval.personalize is not None:
+        why = "eval.personalize: personalised evaluation is not wired into flotilla serve yet; remove it"
+    if why:
+        raise ConfigError(f"invalid config:\n  {why}")
     user = sample = None
     if cfg.privacy is not None:
         from flotilla.network.dp import network_user_level
