@@ -83,7 +83,7 @@ def _serve(args) -> int:
     from flotilla.config import load_config
     cfg = load_config(args.config, args.overrides)
     _logging()
-    from flotilla.network.server import server_from_config
+    from flotilla.experiment.serve import server_from_config
     server = server_from_config(cfg, state_dir=args.state_dir)
     host = args.host or cfg.network.host
     print(f"state directory: {server.store.path}", flush=True)
