@@ -76,6 +76,16 @@ def test_a_second_server_on_the_same_state_directory_is_refused_with_one_line(pk
         assert status(st)["version"] == 0
 
 
+def test_a_server_that_fails_to_start_lets_go_of_its_state_directory(pki, tmp_path):
+    with start_server(pki, tmp_path / "s", cohort=1, over_selection=1.0) as st:
+        with connect(pki, st, 0) as c:
+            c.upload(c.check_in(10).assignment, torch.full((NUMEL,), 0.01), 10)
+    with pytest.raises(ValueError, match="saved model has 18 weights"):
+        start_server(pki, tmp_path / "s", model=torch.nn.Linear(5, 4))
+    with start_server(pki, tmp_path / "s") as st:
+        assert status(st)["version"] == 1
+
+
 def test_a_second_server_on_the_same_port_is_refused_with_one_line(pki, tmp_path):
     """Item 7: no SO_REUSEPORT: the second bind fails, and says why; the first keeps every client."""
     with start_server(pki, tmp_path / "a") as first:

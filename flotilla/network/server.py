@@ -176,6 +176,15 @@ class FlotillaServer:
         self.eval_every = eval_every
         self.linger_s = linger_s
         self.store = StateStore(state_dir, fsync=fsync)
+        try:
+            self._build(tokens, settings, server, aggregator, config, privacy, accountant, secure_buffer,
+                        secure_max_norm, secure_masking, limits)
+        except BaseException:
+            self.store.close()     # let go of the state directory's lock at once, not at garbage collection
+            raise
+
+    def _build(self, tokens, settings, server, aggregator, config, privacy, accountant, secure_buffer,
+               secure_max_norm, secure_masking, limits) -> None:
         if config is not None and not (self.store.path / "config.yaml").exists():
             self.store.run_dir.write_config(config)
         weights = self.flat.flat.clone()
