@@ -145,3 +145,12 @@ def test_secure_aggregation_run_resumes(tmp_path):
     assert "max_norm: null" in (run_dir / "config.yaml").read_text()
     assert main(["run", "--resume", str(run_dir), "--set", "rounds=2"]) == 0
     assert [json.loads(x)["round"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+@pytest.mark.parametrize("argv", [["serve", "x.yaml", "--port", "70000"], ["serve", "x.yaml", "--port", "-5"],
+                                  ["status", "--server", "localhost:70000"], ["join", "--server", "localhost:-1", "--data", "d"]])
+def test_port_out_of_range_is_refused_not_wrapped(argv, capsys):
+    """Item 12: --port 70000 used to listen on 70000 % 65536 = 4464."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and "is not a port number" in capsys.readouterr().err

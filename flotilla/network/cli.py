@@ -27,14 +27,15 @@ def add_parsers(sub) -> None:
 
     s = sub.add_parser("serve", help="run a training server (gRPC over TLS) from an experiment config with a network section")
     s.add_argument("config", help="experiment YAML with a network: section (see docs/deployment.md)")
-    s.add_argument("--port", type=int, required=True, help="TCP port to listen on (0: any free port, printed at start)")
+    from flotilla.cli import port_number, server_address   # refuse 70000 and -5 (an int would wrap or fail late)
+    s.add_argument("--port", type=port_number, required=True, help="TCP port to listen on (0: any free port, printed at start)")
     s.add_argument("--host", help="address to listen on (default: network.host)")
     s.add_argument("--state-dir", help="server state / run directory (default: network.state_dir, else output.dir/output.name); "
                                        "an existing one is resumed")
     s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
 
     j = sub.add_parser("join", help="run a device: train on local data whenever the server assigns work")
-    j.add_argument("--server", required=True, metavar="HOST:PORT")
+    j.add_argument("--server", type=server_address, required=True, metavar="HOST:PORT")
     j.add_argument("--token", default=os.environ.get("FLOTILLA_TOKEN"), help="device token (default: $FLOTILLA_TOKEN)")
     j.add_argument("--data", required=True, help="safetensors file with tensors x (inputs) and y (labels)")
     _tls_args(j)
@@ -43,7 +44,7 @@ def add_parsers(sub) -> None:
     j.add_argument("--threads", type=int, default=1, help="torch threads for local training (default 1)")
 
     st = sub.add_parser("status", help="show a server's version, clients in flight, accepted/rejected updates, metrics")
-    st.add_argument("--server", required=True, metavar="HOST:PORT")
+    st.add_argument("--server", type=server_address, required=True, metavar="HOST:PORT")
     st.add_argument("--token", default=os.environ.get("FLOTILLA_TOKEN"), help="device or admin token (default: $FLOTILLA_TOKEN)")
     _tls_args(st)
     st.add_argument("--json", action="store_true", help="print the raw JSON")
