@@ -99,3 +99,14 @@ def test_fleet_runs_resume_and_report_by_simulated_time(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "async/fedbuff+fedavg" in table and "async/fedasync" in table and "sync-fleet/fedavg" in table
     assert out.exists() and out.stat().st_size > 10_000
+
+
+def test_async_run_ignores_the_unused_cohort(tmp_path):
+    """Issue 11 item 28: mode async with 4 clients and the default cohort (10) runs; it was refused."""
+    cfg = {"task": {**TASK, "num_clients": 4}, "rounds": 2, "mode": "async", "threads": 1,
+           "fleet": {"population": 8}, "async": {"concurrency": 4, "buffer_size": 2},
+           "client": {"steps": 1, "batch_size": 8}, "eval": {"max_clients": 2}, "output": {"progress": False}}
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["run", str(path), "--run-dir", str(tmp_path / "run")]) == 0
+    assert [json.loads(x)["round"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [1, 2]
