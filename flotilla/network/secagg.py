@@ -28,6 +28,10 @@ The device encodes ``(w / max_weight) * clip(delta)`` and the weight itself in Z
 (:class:`~flotilla.secure.encoding.FixedPointEncoder`, as :class:`~flotilla.secure.aggregator.SecureAggregator`);
 the server only ever holds the running sum of masked vectors, and after unmasking the weighted
 mean, which it applies with the ServerOptimizer as a plaintext round would.
+
+The server's side is :class:`SecAggRelay` (one per coordinator): it answers SecAggStep requests,
+closes stages at their deadlines, aborts a round below the threshold (no step; a new selection)
+and hands the unmasked mean to the coordinator's step.
 """
 from __future__ import annotations
 

@@ -176,6 +176,7 @@ class FlotillaServer:
         self.eval_every = eval_every
         self.linger_s = linger_s
         self.store = StateStore(state_dir, fsync=fsync)
+        self.store.lock()
         try:
             self._build(tokens, settings, server, aggregator, config, privacy, accountant, secure_buffer,
                         secure_max_norm, secure_masking, limits)

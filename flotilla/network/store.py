@@ -31,8 +31,8 @@ written), pending files already folded into the snapshot or dropped (deleted).  
 update is in exactly one place, the snapshot, ``pending/`` or a "dropped" line, and is applied at
 most once (exactly once unless dropped, with the reason in the ledger).
 
-Only one server may use a state directory: :class:`StateStore` takes an exclusive ``flock`` on
-``serve.lock`` (released when the process ends, even by ``kill -9``); a second one is refused
+Only one server may use a state directory: :meth:`StateStore.lock` (the server calls it first,
+:meth:`~StateStore.recover` too) takes an exclusive ``flock`` on ``serve.lock`` (released when the process ends, even by ``kill -9``); a second one is refused
 with one line (:class:`~flotilla.network.refusals.InUse`).
 """
 from __future__ import annotations
@@ -82,9 +82,15 @@ class StateStore:
         self.ledger_file = self.path / "ledger.jsonl"
         self.snapshot_file = self.path / "state.safetensors"
         self.path.mkdir(parents=True, exist_ok=True)
-        self._lock = self._take_lock()
         self.pending_dir.mkdir(exist_ok=True)
         self._ledger = None
+        self._lock = None
+
+    def lock(self) -> None:
+        """Take the directory for this process (the server calls it first; :meth:`recover` too).
+        Reading (:meth:`read_ledger`, :meth:`steps`) needs no lock, so tools may look while a server runs."""
+        if self._lock is None:
+            self._lock = self._take_lock()
 
     def _take_lock(self):
         f = open(self.path / "serve.lock", "a+")
@@ -223,6 +229,7 @@ class StateStore:
     def recover(self, numel: int, sealed: bool = False) -> Recovered:
         """Load the snapshot and the pending updates, repairing what a crash left half-done.
         ``sealed``: pending files are ciphertexts for the secure buffer; their deltas are ``None``."""
+        self.lock()
         repairs: list[str] = []
         tensors, meta = None, {}
         if self.snapshot_file.exists():

@@ -1,0 +1,180 @@
+"""Longer hostile-client fuzz of the network server (the default suite runs a bounded version:
+tests/test_network_hostile.py).
+
+    .venv/bin/python benchmarks/network_fuzz.py                    # 60 s, 3 hostile + 3 honest devices
+    .venv/bin/python benchmarks/network_fuzz.py --seconds 600 --hostile 6 --mode async
+
+A server in a thread (TLS on loopback, tiny model) trains with honest devices while hostile ones,
+each holding a valid token, send random mixes of: garbage messages to every method, mutated upload
+headers (signature, version, dtype, shape, numbers), hostile values (NaN, inf, 3e38, over-long and
+short bodies), replays of accepted uploads with other bytes, six check-ins in a row, stalled and
+duplicate upload streams, and random SecAggStep JSON.  At the end it checks what must hold:
+
+* no answer was UNKNOWN or INTERNAL, and every refusal carried ``flotilla-retry``;
+* the ledger is dense and strict JSON; no assignment was accepted twice; every accepted update
+  is applied in exactly one step or dropped with a reason; the model is finite;
+* honest devices kept training (their uploads were accepted; the run reached its step count or
+  kept stepping).
+
+Prints one JSON summary line; exits 1 if an invariant failed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seconds", type=float, default=60.0)
+    p.add_argument("--hostile", type=int, default=3)
+    p.add_argument("--honest", type=int, default=3)
+    p.add_argument("--mode", choices=["sync", "async"], default="sync")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+
+    import logging
+
+    import grpc
+    import torch
+
+    from flotilla.client import Connection, Refused
+    from flotilla.network import wire
+    from flotilla.network.server import Limits
+    from tests.network_helpers import PKI, start_server
+    from tests.test_network_hostile import NUMEL, Raw, _mutations, data, header, trailing
+
+    logging.getLogger("flotilla.network").setLevel(logging.ERROR)
+    tmp = Path(tempfile.mkdtemp(prefix="flotilla-fuzz-"))
+    pki = PKI(tmp / "pki", devices=args.hostile + args.honest)
+    kw = dict(cohort=max(1, args.honest - 1), total_steps=10**6) if args.mode == "sync" else dict(
+        mode="async", concurrency=args.honest + args.hostile, buffer_size=max(1, args.honest - 1), total_steps=10**6,
+        max_staleness=4)
+    limits = Limits(rate=200.0, burst=400, upload_timeout_s=3.0)
+    answers: Counter[str] = Counter()
+    bad: list[str] = []
+    honest_ok = Counter()
+    deadline = time.time() + args.seconds
+
+    with start_server(pki, tmp / "state", limits=limits, retry_after_s=0.05, round_deadline_s=5.0, **kw) as st:
+        def hostile(i: int) -> None:
+            rng = random.Random(args.seed * 1000 + i)
+            raw = Raw(pki, st.port, i)
+            conn = Connection(f"localhost:{st.port}", pki.token(i), ca=pki.ca, timeout_s=10)
+            while time.time() < deadline:
+                try:
+                    ci = conn.check_in(10)
+                except Refused:
+                    time.sleep(0.05)
+                    continue
+                if ci.action != "train":
+                    time.sleep(min(ci.retry_after_s, 0.2))
+                    continue
+                a = ci.assignment
+                attacks = list(_mutations(a, rng))
+                rng.shuffle(attacks)
+                for parts, why in attacks[: rng.randrange(1, 12)]:
+                    try:
+                        raw.upload(parts)
+                        answers["accepted(hostile)"] += 1   # a mutation that happens to be valid (e.g. cut header)
+                    except grpc.RpcError as e:
+                        answers[e.code().name] += 1
+                        if e.code() in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL):
+                            bad.append(f"{why}: {e.code().name} {e.details()}")
+                        if e.code() != grpc.StatusCode.UNAVAILABLE and "flotilla-retry" not in trailing(e):
+                            bad.append(f"{why}: refusal without flotilla-retry: {e.code().name} {e.details()}")
+                for method in rng.sample([wire.CHECK_IN, wire.STATUS, wire.DOWNLOAD, wire.SECAGG_STEP], 2):
+                    body = bytes(rng.getrandbits(8) for _ in range(rng.randrange(0, 80)))
+                    if method == wire.SECAGG_STEP and rng.random() < 0.5:
+                        body = json.dumps({"op": rng.choice(["join", "get", "part", "masked"]), "ticket": a.ticket,
+                                           "index": rng.randrange(-2, 5), "count": rng.randrange(-2, 5)}).encode()
+                    try:
+                        r = raw.unary(method, body)
+                        list(r) if method == wire.DOWNLOAD else r
+                    except grpc.RpcError as e:
+                        answers[e.code().name] += 1
+                        if e.code() in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL):
+                            bad.append(f"{method}: {e.code().name} {e.details()}")
+                if rng.random() < 0.2:   # an honest-looking update under the hostile device's ticket, then a replay
+                    try:
+                        conn.upload(a, torch.full((NUMEL,), 1e-3), 10)
+                        conn.upload(a, torch.full((NUMEL,), 2e-3), 10)
+                    except Refused as e:
+                        answers[e.code.name] += 1
+                if rng.random() < 0.1:   # stalled duplicate streams
+                    release = threading.Event()
+
+                    def stall():
+                        yield header(a)
+                        release.wait(1.0)
+                    futs = [raw.upload_future(stall(), timeout=10) for _ in range(3)]
+                    release.set()
+                    for f in futs:
+                        try:
+                            f.result()
+                        except grpc.RpcError as e:
+                            answers[e.code().name] += 1
+            raw.close()
+            conn.close()
+
+        def honest(i: int) -> None:
+            conn = Connection(f"localhost:{st.port}", pki.token(i), ca=pki.ca, timeout_s=10)
+            torch.manual_seed(i)
+            while time.time() < deadline:
+                try:
+                    ci = conn.check_in(10)
+                    if ci.action != "train":
+                        time.sleep(min(ci.retry_after_s, 0.2))
+                        continue
+                    conn.download(ci.assignment.version)
+                    conn.upload(ci.assignment, torch.randn(NUMEL) * 1e-2, 10, train_loss=1.0, examples_seen=10)
+                    honest_ok["accepted"] += 1
+                except Refused as e:
+                    honest_ok[e.code.name] += 1
+                    time.sleep(0.05)
+            conn.close()
+
+        threads = [threading.Thread(target=hostile, args=(i,)) for i in range(args.hostile)]
+        threads += [threading.Thread(target=honest, args=(args.hostile + i,)) for i in range(args.honest)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(args.seconds + 60)
+        s = st.call(st.server.coord.status)
+        finite = bool(torch.isfinite(st.server.coord.weights).all())
+
+    def strict(c):
+        raise ValueError(c)
+    records = [json.loads(x, parse_constant=strict) for x in (tmp / "state" / "ledger.jsonl").read_text().splitlines()]
+    accepted = [r for r in records if r["event"] == "accepted"]
+    settled = [q for r in records if r["event"] in ("step", "dropped") for q in r["seqs"]]
+    if [r["seq"] for r in accepted] != list(range(len(accepted))):
+        bad.append("ledger seqs are not dense")
+    if len({r["assignment"] for r in accepted}) != len(accepted):
+        bad.append("an assignment was accepted twice")
+    if len(settled) != len(set(settled)):
+        bad.append("an update was applied or dropped twice")
+    if not set(settled) <= {r["seq"] for r in accepted}:
+        bad.append("a step names an unknown update")
+    if not finite:
+        bad.append("the model is not finite")
+    if honest_ok["accepted"] == 0 or s["version"] == 0:
+        bad.append("honest devices made no progress")
+    summary = {"seconds": args.seconds, "mode": args.mode, "answers": dict(answers), "honest": dict(honest_ok),
+               "version": s["version"], "accepted": s["accepted"], "rejected_by_reason": s["rejected_by_reason"],
+               "requests": sum(answers.values()), "failures": bad[:20], "ok": not bad}
+    print(json.dumps(summary))
+    return 0 if not bad else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
