@@ -187,3 +187,12 @@ def test_help_says_when_a_required_key_is_required():
     undocumented = [f"{m.__name__}.{name}" for m in all_sections() for name, f in m.model_fields.items()
                     if not f.description and not sections_in(f)]
     assert not undocumented
+
+
+def test_task_root_reaches_the_loader(tmp_path):
+    from flotilla.data.cache import DatasetMissingError
+    from flotilla.tasks import build_task
+
+    cfg = validate(with_key(BASE, "task.root", str(tmp_path / "fmnist")))
+    with pytest.raises(DatasetMissingError, match="fmnist/ .*task.root"):
+        build_task(cfg.task, 0)
