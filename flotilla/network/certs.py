@@ -77,6 +77,14 @@ def _san(host: str) -> x509.GeneralName:
         return x509.DNSName(host)
 
 
+FILES = ("ca.pem", "ca.key", "server.pem", "server.key", "client.pem", "client.key", "tokens.json", "tokens.txt")
+
+
+def existing_files(out_dir: str | os.PathLike) -> list[str]:
+    """The deployment files already in ``out_dir`` (which :func:`make_deployment` would overwrite)."""
+    return [n for n in FILES if (Path(out_dir) / n).exists()]
+
+
 def make_deployment(
     out_dir: str | os.PathLike,
     hosts: list[str] | tuple[str, ...] = ("localhost", "127.0.0.1"),
@@ -91,11 +99,11 @@ def make_deployment(
     if not hosts:
         raise ValueError("hosts: give at least one host name or IP address for the server certificate")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    names = ["ca.pem", "ca.key", "server.pem", "server.key", "client.pem", "client.key", "tokens.json", "tokens.txt"]
-    existing = [n for n in names if (out / n).exists()]
+    existing = existing_files(out)
     if existing and not overwrite:
         raise FileExistsError(f"{out} already holds {', '.join(existing)}; choose an empty folder (or overwrite=True)")
+    out.mkdir(parents=True, exist_ok=True)
+    names = list(FILES)
 
     ca_key = _key()
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "flotilla test CA")])

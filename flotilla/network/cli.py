@@ -14,6 +14,11 @@ import logging
 import os
 import sys
 
+# gRPC's C core logs TLS failures itself ("ssl_transport_security.cc:... Handshake failed"), in
+# between our own one-line errors.  It reads this before grpc is first imported, which the
+# commands here do only later.  GRPC_VERBOSITY=ERROR (or DEBUG) in the environment brings it back.
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+
 COMMANDS = ("certs", "serve", "join", "status")
 
 
@@ -58,16 +63,19 @@ def _tls_args(p) -> None:
 
 
 def run(args) -> int:
-    from flotilla.network.client import Refused
+    from flotilla.network.client import GaveUp, Refused
     try:
         return {"certs": _certs, "serve": _serve, "join": _join, "status": _status}[args.command](args)
-    except (Refused, ConnectionError) as e:   # the server said no, or could not be reached
+    except (Refused, ConnectionError, GaveUp) as e:   # the server said no, could not be reached, or TLS failed
         print(f"flotilla: error: {e}", file=sys.stderr)
         return 1
 
 
 def _certs(args) -> int:
-    from flotilla.network.certs import make_deployment
+    from flotilla.network.certs import existing_files, make_deployment
+    if not args.force and (existing := existing_files(args.dir)):
+        raise FileExistsError(f"{args.dir} already holds {', '.join(existing)}; choose an empty folder, "
+                              "or pass --force to overwrite them")
     paths = make_deployment(args.dir, hosts=[h.strip() for h in args.hosts.split(",") if h.strip()],
                             devices=args.devices, days=args.days, overwrite=args.force)
     print(f"wrote {', '.join(p.name for p in paths.values())} to {args.dir}")
@@ -80,31 +88,74 @@ def _logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
+def check_server_files(net) -> None:
+    """The files ``serve`` reads (certificate, key, CA, token table), checked before anything is
+    created: a missing one is one line naming its key, and no state directory is left behind."""
+    files = [("network.tls.cert", net.tls.cert), ("network.tls.key", net.tls.key), ("network.tokens", net.tokens)]
+    if net.tls.ca:
+        files.append(("network.tls.ca", net.tls.ca))
+    for key, path in files:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{key}: {path} not found (make test certificates and tokens with `flotilla certs DIR`)")
+        if not os.access(path, os.R_OK):
+            raise ValueError(f"{key}: {path} is not readable by this user")
+
+
 def _serve(args) -> int:
-    from flotilla.config import load_config
+    from flotilla.config import ConfigError, load_config
     cfg = load_config(args.config, args.overrides)
+    if cfg.network is None:
+        raise ConfigError("invalid config:\n  network: flotilla serve needs a network section (tls, tokens); see docs/deployment.md")
+    check_server_files(cfg.network)
     _logging()
-    from flotilla.experiment.serve import server_from_config
+    try:
+        from flotilla.experiment.serve import server_from_config
+    except ImportError:   # before the move out of flotilla.network.server
+        from flotilla.network.server import server_from_config
     server = server_from_config(cfg, state_dir=args.state_dir)
     host = args.host or cfg.network.host
     print(f"state directory: {server.store.path}", flush=True)
-
-    import asyncio
-
-    async def main():
-        port = await server.start(host, args.port)
-        print(f"listening on {host}:{port}", flush=True)
-        await server.run_until_done()
-    try:
-        asyncio.run(main())
-    except KeyboardInterrupt:
+    stopped_by = _serve_until_done(server, host, args.port)
+    if stopped_by is not None:
         print("interrupted; state is saved, run the same command to resume", file=sys.stderr)
-        return 130
+        return 128 + stopped_by
     m = server.latest_metrics
     if m.get("accuracy") is not None:
         print(f"final: version {m['round']} accuracy {m['accuracy']:.4f} loss {m['loss']:.4f}")
     print(f"run directory: {server.store.path}")
     return 0
+
+
+def _serve_until_done(server, host: str, port: int) -> int | None:
+    """Serve until training is done; None, or the signal (SIGINT, SIGTERM) that stopped it.
+
+    A signal sets the server's stop event, so the loop shuts the gRPC server down and writes the
+    pending metrics before it closes (a KeyboardInterrupt through ``asyncio.run`` left grpc's
+    server to be collected after the loop had closed: "RuntimeError: Event loop is closed").
+    A second Ctrl-C during the shutdown stops at once."""
+    import asyncio
+    import signal
+    got: list[int] = []
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+
+        def on_signal(sig: int) -> None:
+            got.append(sig)
+            stop.set()
+            for s in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(s)   # the next one interrupts the shutdown itself
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal, sig)
+        bound = await server.start(host, port)
+        print(f"listening on {host}:{bound}", flush=True)
+        await server.run_until_done(stop)
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        return int(signal.SIGINT)
+    return got[0] if got else None
 
 
 def _join(args) -> int:
@@ -124,7 +175,7 @@ def _join(args) -> int:
                     max_tasks=args.max_tasks, on_event=event, **tls)
     report = device.run()
     print(json.dumps({"event": "finished", "tasks": report.tasks, "accepted": len(report.accepted),
-                      "refused": len(report.refused), "reconnects": report.reconnects,
+                      "refused": len(report.refused), "gave_up": len(report.gave_up), "reconnects": report.reconnects,
                       **({} if report.epsilon is None else {"epsilon": report.epsilon})}), flush=True)
     return 0
 
@@ -154,5 +205,22 @@ def format_status(s: dict) -> str:
     if m:
         parts = [f"{k} {m[k]:.4f}" for k in ("train_loss", "loss", "accuracy") if isinstance(m.get(k), (int, float))]
         lines.append(f"metrics at version {m.get('round')}: " + ("   ".join(parts) or "(none yet)"))
+    if s.get("privacy"):
+        lines.append(format_privacy(s["privacy"]))
     lines.append(f"model sha256: {s['weights_sha256'][:16]}")
     return "\n".join(lines)
+
+
+def format_privacy(p: dict) -> str:
+    """User-level DP as ``status`` reports it: epsilon (None: not finite), delta, clip norm, budget."""
+    eps = p.get("epsilon")
+    line = f"privacy: epsilon {'inf' if eps is None else f'{eps:.4g}'} at delta {p.get('delta', 0):.3g}"
+    if p.get("accountant"):
+        line += f" ({p['accountant']})"
+    if p.get("clip_norm") is not None:
+        line += f"   clip norm {p['clip_norm']:.4g}"
+    if p.get("noise_multiplier") is not None:
+        line += f"   noise multiplier {p['noise_multiplier']:.4g}"
+    if p.get("budget") is not None:
+        line += f"   budget {p['budget']:.4g} ({p.get('steps_allowed')} steps allowed{', spent' if p.get('budget_spent') else ''})"
+    return line

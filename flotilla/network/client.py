@@ -6,20 +6,28 @@
 
 Training uses the simulator's :class:`~flotilla.core.client.LocalTrainer` on one flat model, with
 the local settings and seed that the server's assignment names.  Connection failures (server
-restarting, network down) are retried with exponential backoff and jitter; an upload interrupted
-by a restart is sent again with the same ticket, and the server's "already accepted" answer counts
-as success (the server keeps exactly one copy).  :class:`Connection` is the low-level API (one RPC
-per method) that :class:`Device` is built on.
+restarting, network down) and rate limits are retried with exponential backoff and jitter; an
+upload interrupted by a restart is sent again with the same ticket, and the server's "already
+accepted" answer counts as success (the server keeps exactly one copy).  What retrying cannot fix
+ends at once with one clear error: a failed TLS handshake (:class:`TLSError`), local data the
+model cannot train on (checked before any work is taken), and assignments the device cannot
+satisfy (a non-finite update, or one the server refuses as invalid): the device gives such an
+assignment up, says why, never retrains it, and stops after ``max_give_ups`` in a row
+(:class:`GaveUp`).  :class:`Connection` is the low-level API (one RPC per method) that
+:class:`Device` is built on.
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import secrets
+import socket
+import ssl
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +44,8 @@ from flotilla.network.wire import pb
 
 log = logging.getLogger("flotilla.client")
 
-RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
+             grpc.StatusCode.RESOURCE_EXHAUSTED}
 
 
 class Refused(RuntimeError):
@@ -47,9 +56,112 @@ class Refused(RuntimeError):
         self.code = code
         self.details = message
 
+    @property
+    def retryable(self) -> bool:
+        """Worth sending again after a pause: the server unreachable or restarting, a call that
+        timed out on the way, a rate limit.  Not the server's own verdicts that share those codes:
+        an expired assignment (DEADLINE_EXCEEDED) or a message over the size limit
+        (RESOURCE_EXHAUSTED) get the same answer however often they are sent."""
+        if self.code not in RETRYABLE:
+            return False
+        if self.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return "expired" not in self.details
+        if self.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            return self.details.startswith("rate limit")
+        return True
+
+    @property
+    def training_finished(self) -> bool:
+        """The server's answer to an upload or step after its last step."""
+        return self.code == grpc.StatusCode.FAILED_PRECONDITION and "training finished" in self.details
+
+
+class TLSError(ConnectionError):
+    """The TLS handshake with the server failed: a certificate problem that retrying will not fix."""
+
+
+class GaveUp(RuntimeError):
+    """The device gave up ``max_give_ups`` assignments in a row (its updates cannot be accepted)."""
+
 
 def _refused(err: grpc.RpcError) -> Refused:
     return Refused(err.code(), err.details() or "")
+
+
+# What the server's certificate failures look like in gRPC's error text (C-core, BoringSSL).
+_HANDSHAKE_MARKS = ("handshake failed", "certificate_verify_failed", "ssl_error_ssl")
+
+
+def _ssl_reason(text: str) -> str:
+    """The short BoringSSL reason out of gRPC's long error text."""
+    for mark in ("OPENSSL_internal:", "SSL routines:"):
+        if mark in text:
+            return text.rsplit(mark, 1)[1].removesuffix(": OK").strip()
+    return text.strip()
+
+
+_DROPPED = "the server closed the connection right after the handshake"
+
+
+def _explain(reason: str, *, has_ca: bool, has_cert: bool) -> str:
+    r = reason.upper()
+    refused_cert = r == _DROPPED.upper() or ("ALERT" in r and any(
+        m in r for m in ("CERTIFICATE_REQUIRED", "BAD_CERTIFICATE", "UNKNOWN_CA", "CERTIFICATE_UNKNOWN", "DECRYPT_ERROR")))
+    if refused_cert and not has_cert:
+        return "the server requires a client certificate (mutual TLS): give --cert and --key (cert=, key=)"
+    if refused_cert:
+        return ("the server refused this device's client certificate: --cert must be signed by the CA in "
+                "the server's network.tls.ca")
+    if "HOSTNAME" in r or "PEER NAME" in r or "IP ADDRESS MISMATCH" in r:
+        return "the server's certificate does not list the name this device connects to (--server, or --server-name)"
+    if "EXPIRED" in r or "NOT YET VALID" in r:
+        return "the server's certificate has expired (or is not valid yet)"
+    if has_ca:
+        return "the server's certificate is not signed by the CA given with --ca (ca=)"
+    return "the server's certificate is not signed by a CA this device trusts: give the CA that signed it with --ca (ca=)"
+
+
+def probe_tls(server: str, ca: bytes | None, cert: str | Path | None, key: str | Path | None,
+              server_name: str | None = None, timeout_s: float = 3.0) -> str | None:
+    """Why a TLS session with ``server`` fails, or None if it works or the server cannot be reached
+    (that is for the retry loop).  gRPC reports a server that refuses the client certificate only
+    as "Socket closed", the same words as a server going down; a handshake of our own tells them
+    apart.  In TLS 1.3 the server judges the client certificate after the handshake, so an HTTP/2
+    preface is sent and one byte read: a server that accepts the device answers with its own
+    settings, one that refuses it closes the connection."""
+    host, _, port = server.rpartition(":")
+    host = host.removeprefix("dns:").lstrip("/").strip("[]")
+    if not host or not port.isdigit():
+        return None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        if ca:
+            ctx.load_verify_locations(cadata=ca.decode())
+        else:
+            ctx.load_default_certs()
+        if cert and key:
+            ctx.load_cert_chain(str(cert), str(key))
+    except (ssl.SSLError, ValueError, OSError):
+        return None   # gRPC reads the same files and says what is wrong with them
+    ctx.set_alpn_protocols(["h2"])
+    try:
+        sock = socket.create_connection((host, int(port)), timeout=timeout_s)
+    except OSError:
+        return None
+    try:
+        with ctx.wrap_socket(sock, server_hostname=server_name or host) as s:
+            s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+            if not s.recv(1):
+                return _DROPPED
+    except ssl.SSLCertVerificationError as e:
+        return e.verify_message or e.reason or str(e)
+    except ssl.SSLError as e:
+        return e.reason or str(e)
+    except OSError:
+        return None
+    finally:
+        sock.close()
+    return None
 
 
 @dataclass
@@ -107,8 +219,11 @@ class Connection:
         max_message_bytes: int = wire.DEFAULT_MAX_MESSAGE_BYTES,
         timeout_s: float = 120.0,
     ):
+        self._ca = _read(ca, "ca")
+        self._cert, self._key, self._server_name = cert, key, server_name
+        self._reached = False   # any answer from the server so far (then "Socket closed" is not a handshake problem)
         creds = grpc.ssl_channel_credentials(
-            root_certificates=_read(ca, "ca"), private_key=_read(key, "key"), certificate_chain=_read(cert, "cert"))
+            root_certificates=self._ca, private_key=_read(key, "key"), certificate_chain=_read(cert, "cert"))
         options = wire.channel_options(max_message_bytes)
         if server_name:
             options.append(("grpc.ssl_target_name_override", server_name))
@@ -133,12 +248,33 @@ class Connection:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def _error(self, err: grpc.RpcError) -> Exception:
+        """The exception for a failed call: :class:`TLSError` for a certificate problem (no retry
+        can fix it), else :class:`Refused`."""
+        r = _refused(err)
+        if r.code != grpc.StatusCode.UNAVAILABLE:
+            self._reached = True
+            return r
+        why = None
+        if any(m in r.details.lower() for m in _HANDSHAKE_MARKS):
+            why = _ssl_reason(r.details)
+        elif not self._reached:
+            why = probe_tls(self.server, self._ca, self._cert, self._key, self._server_name)
+            if why == _DROPPED:   # confirm: not a server that happened to be stopping just then
+                time.sleep(0.2)
+                why = probe_tls(self.server, self._ca, self._cert, self._key, self._server_name)
+        if why is None:
+            return r
+        return TLSError(f"TLS handshake with {self.server} failed: "
+                        f"{_explain(why, has_ca=self._ca is not None, has_cert=self._cert is not None)} [{why}]")
+
     def check_in(self, num_examples: int = 0) -> CheckIn:
         try:
             r = self._check_in(pb.CheckInRequest(num_examples=num_examples, sdk_version=wire.SDK_VERSION),
                                metadata=self.metadata, timeout=self.timeout_s)
         except grpc.RpcError as e:
-            raise _refused(e) from None
+            raise self._error(e) from None
+        self._reached = True
         action = {pb.CheckInReply.WAIT: "wait", pb.CheckInReply.TRAIN: "train", pb.CheckInReply.DONE: "done"}[r.action]
         a = None
         if action == "train":
@@ -175,7 +311,7 @@ class Connection:
                 view[received:received + n] = chunk.data
                 received += n
         except grpc.RpcError as e:
-            raise _refused(e) from None
+            raise self._error(e) from None
         if view is None or received != len(view):
             raise Refused(grpc.StatusCode.DATA_LOSS, f"model download ended after {received} bytes")
         return out
@@ -222,7 +358,7 @@ class Connection:
         try:
             r = self._upload(parts(), metadata=self.metadata, timeout=self.timeout_s)
         except grpc.RpcError as e:
-            raise _refused(e) from None
+            raise self._error(e) from None
         return r.seq, r.version
 
     def secagg_call(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -230,7 +366,7 @@ class Connection:
         try:
             return json.loads(self._secagg(json.dumps(request).encode(), metadata=self.metadata, timeout=self.timeout_s))
         except grpc.RpcError as e:
-            raise _refused(e) from None
+            raise self._error(e) from None
 
     def secagg_round(self, assignment: Assignment, delta: torch.Tensor, num_examples: int, train_loss: float = 0.0,
                      examples_seen: int = 0, stop_after: str | None = None) -> int:
@@ -245,9 +381,11 @@ class Connection:
 
     def status(self) -> dict[str, Any]:
         try:
-            return json.loads(self._status(pb.StatusRequest(), metadata=self.metadata, timeout=self.timeout_s).json)
+            out = json.loads(self._status(pb.StatusRequest(), metadata=self.metadata, timeout=self.timeout_s).json)
         except grpc.RpcError as e:
-            raise _refused(e) from None
+            raise self._error(e) from None
+        self._reached = True
+        return out
 
 
 def as_device_data(data, client: int = 0) -> tuple[FederatedDataset, int]:
@@ -305,7 +443,9 @@ def export_clients(dataset: FederatedDataset, out_dir: str | Path, clients: list
 
 @dataclass
 class Backoff:
-    """Exponential backoff with full jitter, reset after a success."""
+    """Exponential backoff with jitter, reset after a success.  ``max_s`` stays below the
+    server's ``linger_s`` (10 s by default), so a device in back-off when training ends still
+    checks in while the server says DONE."""
     initial_s: float = 0.2
     max_s: float = 5.0
     give_up_after_s: float = 300.0
@@ -321,7 +461,7 @@ class Backoff:
         if self._since is None:
             self._since = now
         if now - self._since > self.give_up_after_s:
-            raise ConnectionError(f"server unreachable for {now - self._since:.0f} s, giving up: {error}") from error
+            raise ConnectionError(f"no usable answer from the server for {now - self._since:.0f} s, giving up: {error}") from error
         delay = min(self.max_s, self.initial_s * 2 ** self._attempt) * random.uniform(0.5, 1.0)
         self._attempt += 1
         time.sleep(delay)
@@ -331,16 +471,55 @@ class Backoff:
 class DeviceReport:
     accepted: list[dict[str, Any]] = field(default_factory=list)   # {seq, version, assignment}
     refused: list[str] = field(default_factory=list)
+    gave_up: list[dict[str, Any]] = field(default_factory=list)    # {assignment, version, why}
     reconnects: int = 0
     tasks: int = 0
     epsilon: float | None = None     # sample-level DP: this device's epsilon over all its DP-SGD steps
 
 
+def check_device_data(model: nn.Module, loss_fn: LossFn, dataset: FederatedDataset, client: int = 0,
+                      probe: int = 32) -> None:
+    """Refuse data ``model`` cannot train on, before the device takes any work: non-finite
+    inputs, inputs the model cannot run (one forward pass and loss on the first ``probe``
+    examples), and with cross-entropy, labels outside the model's classes (all of them).
+    Raises ValueError with one line that says what is wrong."""
+    x, y = dataset.fetch(dataset.train_indices[client])
+    shapes = f"x {tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}, y {tuple(y.shape)} {str(y.dtype).removeprefix('torch.')}"
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"data: x holds non-finite values (NaN or inf) ({shapes})")
+    was_training = model.training
+    model.eval()   # no dropout, no batch-norm statistics updated by the check
+    try:
+        with torch.no_grad():
+            out = model(x[:probe])
+            if loss_fn is F.cross_entropy and not y.is_floating_point() and out.dim() >= 2 and len(y):
+                classes, lo, hi = out.shape[1], int(y.min()), int(y.max())
+                if lo < 0 or hi >= classes:
+                    raise ValueError(f"data: labels y range over {lo}..{hi}, but the model has {classes} classes "
+                                     f"(labels 0..{classes - 1})")
+            loss = loss_fn(out, y[:probe])
+    except ValueError as e:
+        if str(e).startswith("data: "):
+            raise
+        raise ValueError(f"data: the model cannot train on this device's data ({shapes}): {str(e).splitlines()[0]}") from None
+    except Exception as e:  # noqa: BLE001 - whatever the model raises on the wrong input
+        raise ValueError(f"data: the model cannot train on this device's data ({shapes}): {str(e).splitlines()[0]}") from None
+    finally:
+        model.train(was_training)
+    if not torch.isfinite(loss).all():
+        raise ValueError(f"data: the loss on this device's data is not finite ({shapes})")
+
+
 class Device:
     """A device: trains ``model`` on its own ``data`` whenever the server assigns it work.
 
-    ``model`` is a module, or a function ``task -> module`` called on the first check-in with the
-    server's task config (``flotilla join`` passes :func:`model_for_task`)."""
+    ``model`` is a module, or a function ``task -> module`` called with the server's task config
+    (``flotilla join`` passes :func:`model_for_task`).  Before the first check-in the device asks
+    the server's status for the task, builds the model and checks its data against it
+    (:func:`check_device_data`), so bad data never holds an assignment.  An assignment whose update
+    cannot be accepted (non-finite values, or an upload the server refuses as invalid, such as a
+    norm above its bound) is given up and never retrained; after ``max_give_ups`` in a row the
+    device stops with :class:`GaveUp` (None: never)."""
 
     def __init__(
         self,
@@ -358,6 +537,7 @@ class Device:
         compression: str | None = None,
         backoff: Backoff | None = None,
         max_tasks: int | None = None,
+        max_give_ups: int | None = 3,
         on_event: Callable[[str, dict[str, Any]], None] | None = None,
     ):
         self.dataset, self.client = as_device_data(data, client)
@@ -369,18 +549,35 @@ class Device:
         self.loss_fn = loss_fn
         self._trainer: LocalTrainer | None = None
         self._dp_compatible = False
+        self._data_checked = False
         self.dp_steps: dict[tuple, int] = {}      # (noise multiplier, sample rate, delta, accountant) -> DP-SGD steps
         self.conn = Connection(server, token, ca=ca, cert=cert, key=key, server_name=server_name, compression=compression)
         self.backoff = backoff or Backoff()
         self.max_tasks = max_tasks
+        self.max_give_ups = max_give_ups
         self.on_event = on_event or (lambda kind, info: None)
+        self.step_limit: int | None = None        # the server's last version, from its status
+        self._given_up: dict[tuple, str] = {}     # (version, seed) or ("id", assignment) -> why
+        self._give_ups_in_a_row = 0
+
+    def _module(self, task: dict[str, Any]) -> nn.Module:
+        if not isinstance(self._model, nn.Module):
+            self._model = self._model(task)
+        return self._model
+
+    def check_data(self, task: dict[str, Any] | None = None) -> None:
+        """Check the local data against the model (built for ``task`` if the model is a function)."""
+        if not self._data_checked:
+            check_device_data(self._module(task or {}), self.loss_fn, self.dataset, self.client)
+            self._data_checked = True
 
     def _prepare(self, task: dict[str, Any], dp_sgd) -> None:
         if self.flat is not None:
             if (dp_sgd is not None) != self._dp_compatible:
                 raise ValueError("the server switched sample-level DP on or off mid-run; restart the device")
             return
-        model = self._model if isinstance(self._model, nn.Module) else self._model(task)
+        self.check_data(task)
+        model = self._module(task)
         self._dp_compatible = dp_sgd is not None
         if dp_sgd is not None:   # as the server did: recurrent layers become Opacus' (parameter order changes)
             from flotilla.privacy.sample import make_dp_compatible
@@ -431,26 +628,71 @@ class Device:
                 self.backoff.reset()
                 return out
             except Refused as e:
-                if e.code not in RETRYABLE:
+                if not e.retryable:
                     raise
                 report.reconnects += 1
                 self.on_event("reconnect", {"error": e.details})
-                log.info("server unreachable (%s); retrying with backoff", e.code.name)
+                log.info("server busy or unreachable (%s); retrying with backoff", e.code.name)
                 self.backoff.wait(e)
+
+    # -- assignments the device cannot satisfy -------------------------------------------------
+    @staticmethod
+    def _keys(a: Assignment) -> list[tuple]:
+        # Without DP-SGD, training is a function of (version, seed, settings): a new ticket for the
+        # same ones (sync: re-issued after expiry) would give the same refused delta.
+        keys = [("id", a.id)]
+        if a.dp_sgd is None:
+            keys.append((a.version, a.seed, json.dumps(asdict(a.client), sort_keys=True, default=str)))
+        return keys
+
+    def _known_bad(self, a: Assignment) -> str | None:
+        return next((self._given_up[k] for k in self._keys(a) if k in self._given_up), None)
+
+    def _give_up(self, report: DeviceReport, a: Assignment, why: str) -> None:
+        """Drop assignment ``a`` for good (``why``: one line), and stop after too many in a row."""
+        for k in self._keys(a):
+            self._given_up[k] = why
+        self._give_ups_in_a_row += 1
+        info = {"assignment": a.id, "version": a.version, "why": why}
+        report.gave_up.append(info)
+        self.on_event("gave_up", info)
+        log.warning("gave up assignment %s: %s", a.id[:8], why)
+        if self.max_give_ups is not None and self._give_ups_in_a_row >= self.max_give_ups:
+            raise GaveUp(f"gave up {self._give_ups_in_a_row} assignments in a row; the last because {why}")
+
+    def _wait(self, seconds: float) -> None:
+        time.sleep(max(seconds, 0.05) * random.uniform(0.5, 1.5))
+
+    def _finished(self, report: DeviceReport, message: str) -> DeviceReport:
+        self.on_event("done", {"message": message})
+        return report
 
     def run(self) -> DeviceReport:
         """Work until the server says training is done (or ``max_tasks`` uploads were made)."""
         report = DeviceReport()
         try:
+            # First contact: the server's task and last version.  A certificate problem ends here
+            # (TLSError), and data the model cannot train on fails before any work is taken.
+            status = self._retry(report, self.conn.status)
+            self.step_limit = status.get("step_limit")
+            if "task" in status or isinstance(self._model, nn.Module):
+                self.check_data(status.get("task"))
             while self.max_tasks is None or report.tasks < self.max_tasks:
                 ci = self._retry(report, self.conn.check_in, self.num_examples)
                 if ci.action == "done":
-                    self.on_event("done", {"message": ci.message})
-                    return report
+                    return self._finished(report, ci.message)
                 if ci.action == "wait":
-                    time.sleep(ci.retry_after_s * random.uniform(0.5, 1.5))
+                    self._wait(ci.retry_after_s)
                     continue
                 a = ci.assignment
+                why = self._known_bad(a)
+                if why is not None:
+                    if ("id", a.id) not in self._given_up:   # a new ticket for the same refused training
+                        self._give_up(report, a, why)
+                    # sync: the server hands this device its live assignment until it expires or the
+                    # round closes; wait for that rather than retrain it
+                    self._wait(min(2.0, max(a.expires_in_s, 0.1)))
+                    continue
                 self._prepare(ci.task, a.dp_sgd)
                 if a.numel != self.flat.numel:
                     raise ValueError(f"the server's model has {a.numel} parameters, this device's model has {self.flat.numel}")
@@ -462,17 +704,30 @@ class Device:
                 r = self._train(a)
                 report.tasks += 1
                 report.epsilon = self.epsilon()
+                if not math.isfinite(r.loss) or not bool(torch.isfinite(self.delta).all()):
+                    self._give_up(report, a, "training diverged: the update has non-finite values "
+                                             f"(train loss {r.loss:.4g}); a smaller client.lr may help")
+                    continue
                 try:
                     seq, version = self._upload_once(report, a, r)
                 except Refused as e:
+                    if e.training_finished:
+                        return self._finished(report, e.details)
                     report.refused.append(str(e))
                     self.on_event("refused", {"assignment": a.id, "error": str(e)})
+                    if e.code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED):
+                        self._give_up(report, a, e.details)   # the same delta would be refused again
                     continue
+                self._give_ups_in_a_row = 0
                 info = {"seq": seq, "version": version, "assignment": a.id, "base_version": a.version}
                 if report.epsilon is not None:
                     info["epsilon"] = report.epsilon
                 report.accepted.append(info)
                 self.on_event("accepted", info)
+                if self.step_limit is not None and version >= self.step_limit:
+                    # this update made the last step: nothing more to do, even if the server
+                    # stops before this device could check in again
+                    return self._finished(report, f"training finished at version {version}")
         finally:
             self.conn.close()
             if hasattr(self._trainer, "close"):   # DP-SGD: Opacus' hooks come off the user's model
@@ -488,7 +743,7 @@ class Device:
                 self.backoff.reset()
                 return out
             except Refused as e:
-                if e.code in RETRYABLE:
+                if e.retryable:
                     retried = True
                     report.reconnects += 1
                     self.on_event("reconnect", {"error": e.details})
