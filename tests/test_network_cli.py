@@ -2,8 +2,13 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import stat
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +16,7 @@ import yaml
 
 from flotilla.cli import main
 from flotilla.client import Connection
+from flotilla.network.cli import format_status
 from flotilla.config import ConfigError, load_config
 from flotilla.experiment.serve import server_from_config
 from flotilla.network.server import Limits
@@ -27,9 +33,15 @@ def test_certs_writes_a_working_pki_with_private_files(tmp_path, capsys):
     assert sorted(table) == ["admin", "device-000", "device-001"]
     assert all(len(e["sha256"]) == 64 for e in table.values())          # hashes only, no tokens
     assert "flt_" not in (tmp_path / "pki" / "tokens.json").read_text()
-    # refuses to overwrite a deployment by accident
+    # refuses to overwrite a deployment by accident, and names the flag that would (issue 11 item 11)
+    before = (tmp_path / "pki" / "tokens.txt").read_bytes()
     assert main(["certs", str(tmp_path / "pki")]) == 2
-    assert "already holds" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "already holds ca.pem, ca.key" in err and "pass --force to overwrite them" in err
+    assert "overwrite=True" not in err
+    assert (tmp_path / "pki" / "tokens.txt").read_bytes() == before
+    assert main(["certs", str(tmp_path / "pki"), "--force", "--devices", "1"]) == 0
+    assert (tmp_path / "pki" / "tokens.txt").read_bytes() != before
 
 
 def test_status_command_shows_progress_and_refusals(tmp_path, capsys):
@@ -91,3 +103,70 @@ def test_serve_refuses_settings_it_cannot_honour(tmp_path):
         server_from_config(load_config(path, ["network.min_updates=1", "fleet={}"]), state_dir=tmp_path / "s")
     with pytest.raises(ConfigError, match="network: flotilla serve needs a network section"):
         server_from_config(load_config(path, ["network=null"]), state_dir=tmp_path / "s")
+
+
+@pytest.mark.parametrize("missing", ["cert", "key", "tokens"])
+def test_serve_checks_its_files_before_creating_anything(tmp_path, capsys, missing):
+    """issue 11 item 11: a missing certificate was found only after the state directory existed."""
+    pki = PKI(tmp_path / "pki", devices=1)
+    path = _serve_config(tmp_path, pki)
+    gone = {"cert": pki.paths["server_pem"], "key": pki.paths["server_key"], "tokens": pki.paths["tokens_json"]}[missing]
+    gone.unlink()
+    state = tmp_path / "state"
+    assert main(["serve", str(path), "--port", "0", "--state-dir", str(state)]) == 2
+    err = capsys.readouterr().err.strip()
+    key = "network.tokens" if missing == "tokens" else f"network.tls.{missing}"
+    assert err == f"flotilla: error: {key}: {gone} not found (make test certificates and tokens with `flotilla certs DIR`)"
+    assert not state.exists()
+
+
+def test_serve_refuses_a_key_that_is_not_the_certificates_before_creating_anything(tmp_path, capsys):
+    pki = PKI(tmp_path / "pki", devices=1)
+    path = _serve_config(tmp_path, pki, tls={"cert": str(pki.paths["server_pem"]), "key": str(pki.paths["client_key"])})
+    state = tmp_path / "state"
+    assert main(["serve", str(path), "--port", "0", "--state-dir", str(state)]) == 2
+    assert "network.tls.key:" in capsys.readouterr().err and not state.exists()
+
+
+def test_ctrl_c_on_serve_stops_cleanly(tmp_path):
+    """issue 11 item 22: Ctrl-C printed "state is saved" and then a `RuntimeError: Event loop is
+    closed` traceback.  Now the server stops on its own loop: one line, exit 130, no traceback,
+    and the same command resumes."""
+    pki = PKI(tmp_path / "pki", devices=1)
+    path = _serve_config(tmp_path, pki)
+    env = {k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, "-m", "flotilla.cli", "serve", str(path), "--port", "0", "--state-dir", str(tmp_path / "state")]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        for line in p.stdout:
+            if line.startswith("listening on"):
+                break
+        else:
+            raise AssertionError(p.stderr.read())
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130, err
+    assert "interrupted; state is saved, run the same command to resume" in err
+    assert "Traceback" not in err and "Event loop is closed" not in err and "never awaited" not in err
+    assert (tmp_path / "state" / "state.safetensors").exists() or (tmp_path / "state" / "config.yaml").exists()
+
+
+def test_status_shows_epsilon_without_json():
+    """issue 11 item 28: the docs say `flotilla status` shows epsilon; only --json did."""
+    s = {"mode": "sync", "round": 3, "version": 3, "total_steps": 10, "done": False, "uptime_s": 12, "in_flight": 2,
+         "buffered": 0, "timed_out": 0, "accepted": 6, "rejected": 0, "rejected_by_reason": {}, "metrics": {},
+         "weights_sha256": "ab" * 32,
+         "privacy": {"epsilon": 1.2345678, "delta": 1e-5, "noise_multiplier": 1.1, "sample_rate": 1.0,
+                     "amplification": False, "budget": 8.0, "steps_allowed": 40, "clip_norm": 0.5,
+                     "accountant": "rdp", "budget_spent": False}}
+    out = format_status(s)
+    assert ("privacy: epsilon 1.235 at delta 1e-05 (rdp)   clip norm 0.5   noise multiplier 1.1   "
+            "budget 8 (40 steps allowed)") in out
+    s["privacy"].update(epsilon=None, budget=None)
+    assert "privacy: epsilon inf at delta 1e-05" in format_status(s)
+    del s["privacy"]
+    assert "epsilon" not in format_status(s)

@@ -99,6 +99,8 @@ def check_server_files(net) -> None:
             raise FileNotFoundError(f"{key}: {path} not found (make test certificates and tokens with `flotilla certs DIR`)")
         if not os.access(path, os.R_OK):
             raise ValueError(f"{key}: {path} is not readable by this user")
+    from flotilla.network.tls_check import check_tls_pair
+    check_tls_pair(net.tls.cert, net.tls.key)   # a key that is not the certificate's (TLSFilesError: a ValueError)
 
 
 def _serve(args) -> int:
@@ -108,10 +110,7 @@ def _serve(args) -> int:
         raise ConfigError("invalid config:\n  network: flotilla serve needs a network section (tls, tokens); see docs/deployment.md")
     check_server_files(cfg.network)
     _logging()
-    try:
-        from flotilla.experiment.serve import server_from_config
-    except ImportError:   # before the move out of flotilla.network.server
-        from flotilla.network.server import server_from_config
+    from flotilla.experiment.serve import server_from_config
     server = server_from_config(cfg, state_dir=args.state_dir)
     host = args.host or cfg.network.host
     print(f"state directory: {server.store.path}", flush=True)
