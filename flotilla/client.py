@@ -10,12 +10,15 @@ from flotilla.network.client import (
     Connection,
     Device,
     DeviceReport,
+    GaveUp,
     Refused,
+    TLSError,
     as_device_data,
+    check_device_data,
     export_clients,
     load_device_data,
     save_device_data,
 )
 
-__all__ = ["Assignment", "Backoff", "CheckIn", "Connection", "Device", "DeviceReport", "Refused",
-           "as_device_data", "export_clients", "load_device_data", "save_device_data"]
+__all__ = ["Assignment", "Backoff", "CheckIn", "Connection", "Device", "DeviceReport", "GaveUp", "Refused", "TLSError",
+           "as_device_data", "check_device_data", "export_clients", "load_device_data", "save_device_data"]
