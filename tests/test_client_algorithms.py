@@ -7,7 +7,7 @@ from torch import nn
 
 import flotilla
 from flotilla.algorithms import Setting, algorithm_parts
-from flotilla.algorithms.finetune import PersonalizedEvaluation, PersonalizeConfig, finetune_spec
+from flotilla.algorithms.finetune import PersonalizeConfig, PersonalizedEvaluation, finetune_spec
 from flotilla.algorithms.scaffold import ScaffoldConfig
 from flotilla.algorithms.store import DiskStore, MemoryStore, load_store_state, store_state
 from flotilla.config import ConfigError, validate
@@ -354,3 +354,13 @@ def test_train_reaches_the_algorithms_by_yaml_names():
     assert r.history[-1]["scaffold_clients"] > 0
     with pytest.raises(ConfigError, match="client.algorithm.mu"):
         flotilla.train(linear_cls(), ds, rounds=1, client={"algorithm": {"name": "fedprox", "mu": "x"}})
+
+
+def test_disk_store_file_goes_with_the_store_even_unclosed(tmp_path):
+    import gc
+    store = DiskStore(4, tmp_path)
+    store.put(1, torch.ones(4))
+    assert len(list(tmp_path.iterdir())) == 1
+    del store
+    gc.collect()
+    assert not list(tmp_path.iterdir())

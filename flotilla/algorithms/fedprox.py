@@ -16,12 +16,11 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from flotilla.algorithms.base import ClientAlgorithm, Parts, Setting, not_composable
 from flotilla.core.client import ClientResult, ClientSpec, LocalTrainer, LossFn
 from flotilla.core.flat import FlatModel
 from flotilla.core.protocols import Components, Shape
 from flotilla.core.schema import Section
-
-from flotilla.algorithms.base import ClientAlgorithm, Parts, Setting, not_composable
 
 
 class FedProxConfig(Section):

@@ -35,7 +35,7 @@ def algorithm_names() -> list[str]:
 
 def algorithm_config_union():
     """The ``client.algorithm`` config type: one schema per registered algorithm, told apart by ``name``."""
-    return Annotated[Union[tuple(a.schema for a in ALGORITHMS.values())], Field(discriminator="name")]
+    return Annotated[Union[tuple(a.schema for a in ALGORITHMS.values())], Field(discriminator="name")]  # noqa: UP007
 
 
 def _entry(cfg) -> ClientAlgorithm:

@@ -14,8 +14,10 @@ run is bit-identical whichever store it uses.  Its size is ``clients seen x nume
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +77,8 @@ class DiskStore:
                 self.directory.mkdir(parents=True, exist_ok=True)
             fd, path = tempfile.mkstemp(prefix="flotilla-client-state-", suffix=".f32", dir=self.directory)
             self._fd, self.path = fd, Path(path)
+            # The file goes when the store does, even if nobody calls close() (a crashed run).
+            self._finalizer = weakref.finalize(self, _remove, fd, self.path)
         return self._fd
 
     def get(self, client: int, out: torch.Tensor) -> bool:
@@ -107,15 +111,14 @@ class DiskStore:
     def close(self) -> None:
         self._row.clear()
         if self._fd is not None:
-            os.close(self._fd)
+            self._finalizer()
             self._fd = None
-            self.path.unlink(missing_ok=True)
 
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
+
+def _remove(fd: int, path: Path) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)
+    path.unlink(missing_ok=True)
 
 
 def store_state(store, prefix: str) -> dict[str, torch.Tensor]:
