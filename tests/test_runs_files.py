@@ -79,7 +79,7 @@ def test_partial_last_metrics_line_is_dropped_on_resume(tmp_path):
 
 
 def test_orphan_temp_files_are_removed(tmp_path):
-    """Item 15: a checkpoint write killed before its rename leaves state.safetensors.tmp behind."""
+    """Item 15: a checkpoint write killed before its renames leaves .tmpXXXXXX or state.safetensors.tmp behind."""
     run(tmp_path, rounds=1)
     orphan = tmp_path / "run" / "state.safetensors.tmp"
     orphan.write_bytes(b"\0" * 1000)
@@ -88,6 +88,10 @@ def test_orphan_temp_files_are_removed(tmp_path):
     orphan.write_bytes(b"\0" * 1000)
     RunDir(tmp_path / "run").save_state(Counter().state_dict(), {"round": 0})   # and on every save
     assert not orphan.exists()
+    hidden = tmp_path / "run" / ".tmpAb3xYz"       # safetensors' own temp file, renamed onto ours when complete
+    hidden.write_bytes(b"\0" * 1000)
+    run(tmp_path, rounds=1, resume=True)
+    assert not hidden.exists()
     other = tmp_path / "run" / "notes.tmp"          # not a file of the run: left alone
     other.write_text("mine")
     run(tmp_path, rounds=2, resume=True)

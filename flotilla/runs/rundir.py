@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 TMP = ".tmp"
 FILES = ("config.yaml", "metrics.jsonl", "state.safetensors", "model.safetensors")   # written atomically
+SAFETENSORS_TMP = re.compile(r"\.tmp[A-Za-z0-9]{6}")   # safetensors' save_file writes one, then renames it
 
 
 class DamagedRunError(ValueError):
@@ -137,8 +139,11 @@ class RunDir:
 
     def remove_temp_files(self) -> list[Path]:
         """Delete the temp files of this directory's own writes that a kill left behind (one process
-        writes a run directory, and every write renames its temp file, so any found here is stale)."""
+        writes a run directory, and every write renames its temp file, so any found here is stale):
+        ours (``state.safetensors.tmp``) and safetensors' own (``.tmpXXXXXX``, renamed onto ours)."""
         stale = [p for name in FILES if (p := self.path / (name + TMP)).is_file()]
+        if self.path.is_dir():
+            stale += [p for p in self.path.glob(".tmp*") if SAFETENSORS_TMP.fullmatch(p.name) and p.is_file()]
         for p in stale:
             p.unlink(missing_ok=True)
         return stale
