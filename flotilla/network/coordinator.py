@@ -234,6 +234,7 @@ class Coordinator:
         self.counters: Counter[str] = Counter()        # accepted, rejected.<reason>, dropped.<reason>, assigned
         self.round_started = clock()
         self._pruned_at = 0.0
+        self._looked_up: dict[str, Answer | None] = {}   # old tickets already looked up in the ledger file
         self.next_seq = 0
         self.examples_seen_total = 0
         self._recover()
@@ -463,9 +464,14 @@ class Coordinator:
         """The acceptance answer of an assignment already in the ledger, if it is one."""
         found = self.table.answered(ticket.id)
         if found is None and ticket.expires + self.grace_s <= self.clock():
-            entry = self.store.find_accepted(ticket.id)   # answered long ago: the ledger on disk knows
-            if entry is not None:
-                found = self._answer_of(entry)
+            # answered long ago (or before a long outage): the ledger on disk knows.  A scan per
+            # distinct old ticket at most (signed, of the caller's own device, rate-limited).
+            if ticket.id not in self._looked_up:
+                entry = self.store.find_accepted(ticket.id)
+                self._looked_up[ticket.id] = None if entry is None else self._answer_of(entry)
+                while len(self._looked_up) > 4096:
+                    self._looked_up.pop(next(iter(self._looked_up)))
+            found = self._looked_up[ticket.id]
         return found
 
     def check_header(self, device: str, ticket_text: str, base_version: int, dtype: str, shape: list[int],
