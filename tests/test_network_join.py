@@ -16,9 +16,8 @@ import torch
 from torch.nn import functional as F
 
 from flotilla.cli import main
-from flotilla.client import Backoff, Connection, Device, Refused, save_device_data
+from flotilla.client import Backoff, Connection, Device, GaveUp, Refused, TLSError, save_device_data
 from flotilla.network.certs import make_deployment
-from flotilla.network.client import GaveUp, TLSError
 from flotilla.network.server import Limits
 from tests.network_helpers import PKI, start_server, tiny_model
 
@@ -172,6 +171,12 @@ def test_retryable_answers():
     assert not r(grpc.StatusCode.RESOURCE_EXHAUSTED, "Received message larger than max (5000000 vs. 4194304)")
     assert not r(grpc.StatusCode.INVALID_ARGUMENT, "upload refused: update norm 0.3 exceeds the bound 0.001")
     assert Refused(grpc.StatusCode.FAILED_PRECONDITION, "upload refused: training finished at version 3").training_finished
+    # a server that says what to do (trailing metadata flotilla-retry) is taken at its word
+    assert not Refused(grpc.StatusCode.DEADLINE_EXCEEDED, "assignment 1a2b expired", retry="checkin").retryable
+    assert Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, "another upload in flight", retry="request").retryable
+    never = Refused(grpc.StatusCode.INVALID_ARGUMENT, "upload refused: update norm 0.3 exceeds the bound 0.001", retry="never")
+    assert not never.retryable and never.unsatisfiable
+    assert not Refused(grpc.StatusCode.ALREADY_EXISTS, "upload refused: replayed nonce", retry="never").unsatisfiable
 
 
 # -- item 21: an assignment the device cannot satisfy is given up, not retrained ---------------
@@ -196,6 +201,7 @@ def test_update_over_the_norm_bound_is_given_up_not_retrained(tmp_path, pki):
     assert "exceeds the bound 0.001" in str(e.value)
     gave_up = [i for k, i in events if k == "gave_up"]
     assert len(gave_up) == 2 and gave_up[0]["assignment"] != gave_up[1]["assignment"]
+    assert e.value.report.tasks == 1 and e.value.report.gave_up == gave_up   # trained once
     assert s["rejected_by_reason"] == {"norm": 1}            # trained and uploaded once, no rate limiting
     assert elapsed < 10
 

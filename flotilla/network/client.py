@@ -49,19 +49,30 @@ RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grp
 
 
 class Refused(RuntimeError):
-    """The server refused a request; ``code`` is the gRPC status, ``str()`` the server's reason."""
+    """The server refused a request; ``code`` is the gRPC status, ``str()`` the server's reason.
 
-    def __init__(self, code: grpc.StatusCode, message: str):
+    ``retry``, ``reason`` and ``retry_after_s`` are what the server's trailing metadata says
+    (flotilla.network.refusals): "request" (send it again after a pause), "checkin" (this
+    assignment is over: check in again) or "never"; None when the answer did not come from a
+    Flotilla server (the connection failed, or an older server)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, *, retry: str | None = None, reason: str | None = None,
+                 retry_after_s: float | None = None):
         super().__init__(f"{code.name}: {message}")
         self.code = code
         self.details = message
+        self.retry = retry
+        self.reason = reason
+        self.retry_after_s = retry_after_s
 
     @property
     def retryable(self) -> bool:
         """Worth sending again after a pause: the server unreachable or restarting, a call that
-        timed out on the way, a rate limit.  Not the server's own verdicts that share those codes:
-        an expired assignment (DEADLINE_EXCEEDED) or a message over the size limit
-        (RESOURCE_EXHAUSTED) get the same answer however often they are sent."""
+        timed out on the way, a rate limit.  Not the server's own verdicts that share those codes
+        on servers that do not say so: an expired assignment (DEADLINE_EXCEEDED) or a message over
+        the size limit (RESOURCE_EXHAUSTED) get the same answer however often they are sent."""
+        if self.retry is not None:
+            return self.retry == "request"
         if self.code not in RETRYABLE:
             return False
         if self.code == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -69,6 +80,16 @@ class Refused(RuntimeError):
         if self.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
             return self.details.startswith("rate limit")
         return True
+
+    @property
+    def unsatisfiable(self) -> bool:
+        """An upload refused for what the device trained (shape, values, norm, numbers): the same
+        update would be refused again.  Not a duplicate (ALREADY_EXISTS: the first one counted)."""
+        if self.code in (grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.UNAUTHENTICATED):
+            return False
+        if self.retry is not None:
+            return self.retry == "never"
+        return self.code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED)
 
     @property
     def training_finished(self) -> bool:
@@ -81,11 +102,26 @@ class TLSError(ConnectionError):
 
 
 class GaveUp(RuntimeError):
-    """The device gave up ``max_give_ups`` assignments in a row (its updates cannot be accepted)."""
+    """The device gave up ``max_give_ups`` assignments in a row (its updates cannot be accepted);
+    ``report`` is the :class:`DeviceReport` so far."""
+
+    def __init__(self, message: str, report: DeviceReport | None = None):
+        super().__init__(message)
+        self.report = report
 
 
 def _refused(err: grpc.RpcError) -> Refused:
-    return Refused(err.code(), err.details() or "")
+    try:
+        md = {k: v for k, v in (err.trailing_metadata() or ()) if isinstance(v, str)}
+    except Exception:  # noqa: BLE001 - an error raised before any call existed has none
+        md = {}
+    try:
+        after = float(md["flotilla-retry-after-s"])
+        after = after if math.isfinite(after) and after >= 0 else None
+    except (KeyError, ValueError):
+        after = None
+    return Refused(err.code(), err.details() or "", retry=md.get("flotilla-retry"), reason=md.get("flotilla-refusal"),
+                   retry_after_s=after)
 
 
 # What the server's certificate failures look like in gRPC's error text (C-core, BoringSSL).
@@ -463,6 +499,9 @@ class Backoff:
         if now - self._since > self.give_up_after_s:
             raise ConnectionError(f"no usable answer from the server for {now - self._since:.0f} s, giving up: {error}") from error
         delay = min(self.max_s, self.initial_s * 2 ** self._attempt) * random.uniform(0.5, 1.0)
+        hint = getattr(error, "retry_after_s", None)   # the server's own "come back in" (rate limits)
+        if hint is not None:
+            delay = max(delay, min(hint, self.max_s) * random.uniform(1.0, 1.2))
         self._attempt += 1
         time.sleep(delay)
 
@@ -658,7 +697,7 @@ class Device:
         self.on_event("gave_up", info)
         log.warning("gave up assignment %s: %s", a.id[:8], why)
         if self.max_give_ups is not None and self._give_ups_in_a_row >= self.max_give_ups:
-            raise GaveUp(f"gave up {self._give_ups_in_a_row} assignments in a row; the last because {why}")
+            raise GaveUp(f"gave up {self._give_ups_in_a_row} assignments in a row; the last because {why}", report)
 
     def _wait(self, seconds: float) -> None:
         time.sleep(max(seconds, 0.05) * random.uniform(0.5, 1.5))
@@ -715,7 +754,7 @@ class Device:
                         return self._finished(report, e.details)
                     report.refused.append(str(e))
                     self.on_event("refused", {"assignment": a.id, "error": str(e)})
-                    if e.code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED):
+                    if e.unsatisfiable:
                         self._give_up(report, a, e.details)   # the same delta would be refused again
                     continue
                 self._give_ups_in_a_row = 0
