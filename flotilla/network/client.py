@@ -124,8 +124,14 @@ def _refused(err: grpc.RpcError) -> Refused:
                    retry_after_s=after)
 
 
-# What the server's certificate failures look like in gRPC's error text (C-core, BoringSSL).
-_HANDSHAKE_MARKS = ("handshake failed", "certificate_verify_failed", "ssl_error_ssl")
+# A certificate failure in gRPC's error text (C-core, BoringSSL): a failed handshake whose reason
+# is about a certificate.  A handshake cut short (the server stopping) is not one: it is retried.
+_CERTIFICATE_WORDS = ("certificate", "signature", "issuer", "peer name", "hostname", "unknown_ca")
+
+
+def _certificate_failure(details: str) -> bool:
+    d = details.lower()
+    return "handshake failed" in d and any(w in d for w in _CERTIFICATE_WORDS)
 
 
 def _ssl_reason(text: str) -> str:
@@ -292,7 +298,7 @@ class Connection:
             self._reached = True
             return r
         why = None
-        if any(m in r.details.lower() for m in _HANDSHAKE_MARKS):
+        if _certificate_failure(r.details):
             why = _ssl_reason(r.details)
         elif not self._reached:
             why = probe_tls(self.server, self._ca, self._cert, self._key, self._server_name)
@@ -526,26 +532,27 @@ def check_device_data(model: nn.Module, loss_fn: LossFn, dataset: FederatedDatas
     shapes = f"x {tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}, y {tuple(y.shape)} {str(y.dtype).removeprefix('torch.')}"
     if x.is_floating_point() and not bool(torch.isfinite(x).all()):
         raise ValueError(f"data: x holds non-finite values (NaN or inf) ({shapes})")
+
+    def attempt(fn):   # whatever the model or the loss raises on the wrong input, as one line
+        try:
+            with torch.no_grad():
+                return fn()
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"data: the model cannot train on this device's data ({shapes}): "
+                             f"{(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
     was_training = model.training
     model.eval()   # no dropout, no batch-norm statistics updated by the check
     try:
-        with torch.no_grad():
-            out = model(x[:probe])
-            if loss_fn is F.cross_entropy and not y.is_floating_point() and out.dim() >= 2 and len(y):
-                classes, lo, hi = out.shape[1], int(y.min()), int(y.max())
-                if lo < 0 or hi >= classes:
-                    raise ValueError(f"data: labels y range over {lo}..{hi}, but the model has {classes} classes "
-                                     f"(labels 0..{classes - 1})")
-            loss = loss_fn(out, y[:probe])
-    except ValueError as e:
-        if str(e).startswith("data: "):
-            raise
-        raise ValueError(f"data: the model cannot train on this device's data ({shapes}): {str(e).splitlines()[0]}") from None
-    except Exception as e:  # noqa: BLE001 - whatever the model raises on the wrong input
-        raise ValueError(f"data: the model cannot train on this device's data ({shapes}): {str(e).splitlines()[0]}") from None
+        out = attempt(lambda: model(x[:probe]))
+        if loss_fn is F.cross_entropy and not y.is_floating_point() and out.dim() >= 2 and len(y):
+            classes, lo, hi = out.shape[1], int(y.min()), int(y.max())
+            if lo < 0 or hi >= classes:
+                raise ValueError(f"data: labels y range over {lo}..{hi}, but the model has {classes} classes "
+                                 f"(labels 0..{classes - 1})")
+        loss = attempt(lambda: loss_fn(out, y[:probe]))
     finally:
         model.train(was_training)
-    if not torch.isfinite(loss).all():
+    if not bool(torch.isfinite(loss).all()):
         raise ValueError(f"data: the loss on this device's data is not finite ({shapes})")
 
 
