@@ -154,3 +154,14 @@ def test_port_out_of_range_is_refused_not_wrapped(argv, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2 and "is not a port number" in capsys.readouterr().err
+
+
+def test_resume_cannot_change_rounds_of_a_calibrated_dp_run(tmp_path, capsys):
+    """The noise of target_epsilon was calibrated to the run's rounds: more rounds would overspend."""
+    from flotilla.config import validate
+    from flotilla.runs.rundir import RunDir
+
+    cfg = validate({**TINY, "privacy": {"user_level": {"clip_norm": 1.0, "target_epsilon": 5.0}}})
+    RunDir(tmp_path / "run").write_config(cfg.model_dump(mode="json"))
+    assert main(["run", "--resume", str(tmp_path / "run"), "--set", "rounds=5"]) == 2
+    assert "rounds: the noise of this run was calibrated" in capsys.readouterr().err
