@@ -76,6 +76,7 @@ def main() -> None:
                     help="Flower's measured wall seconds on the workload (default: benchmarks/out/speed-shakespeare.json)")
     ap.add_argument("--repeats", type=int, default=7, help="timed repeats per figure; the best is reported")
     ap.add_argument("--cores", type=int, default=2)
+    ap.add_argument("--import-repeats", type=int, default=3, help="fresh interpreters timed importing torch (best)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     load_before = load_average()
@@ -110,7 +111,7 @@ def main() -> None:
 
     # the least any framework pays before its first step: a fresh interpreter importing torch
     imports = []
-    for _ in range(3):
+    for _ in range(args.import_repeats):
         t = time.perf_counter()
         subprocess.run([sys.executable, "-c", "import torch"], check=True)
         imports.append(time.perf_counter() - t)
