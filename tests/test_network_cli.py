@@ -152,6 +152,7 @@ def test_ctrl_c_on_serve_stops_cleanly(tmp_path):
     assert p.returncode == 130, err
     assert "interrupted; state is saved, run the same command to resume" in err
     assert "Traceback" not in err and "Event loop is closed" not in err and "never awaited" not in err
+    assert "INFO flotilla.network: serving on 127.0.0.1:" in err   # our log, though Opacus configures logging on import
     assert (tmp_path / "state" / "state.safetensors").exists() or (tmp_path / "state" / "config.yaml").exists()
 
 

@@ -85,7 +85,10 @@ def _certs(args) -> int:
 
 
 def _logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # force: a library may have configured the root logger at import (Opacus calls basicConfig),
+    # which would leave ours a no-op and the server's INFO lines (resumed at, finished) unseen
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr,
+                        force=True)
 
 
 def check_server_files(net) -> None:
