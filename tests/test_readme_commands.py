@@ -173,3 +173,20 @@ def test_deployment_inference_snippet_loads_a_run_model(tmp_path, monkeypatch):
     exec(compile(python_block(ROOT / "docs" / "deployment.md", "# inference from a finished run"), "deployment.md", "exec"), scope)
     accuracy = (scope["predicted"] == torch.from_numpy(scope["y_test"][:1000]).long()).float().mean().item()
     assert accuracy > 0.3
+
+
+def test_readme_add_rounds_command_continues_a_finished_run(tmp_path, monkeypatch):
+    """The README's way to add rounds to a finished run, as written (RUN_DIR replaced): the run
+    ends at the new round count with the model of a run that long from the start."""
+    from flotilla.cli import main
+    (resume,) = [w[2:] for w in shell_commands(README)
+                 if w[:3] == ["flotilla", "run", "--resume"] and any(s.startswith("rounds=") for s in overrides(w))]
+    monkeypatch.chdir(ROOT)
+    small = [x for s in SMALL if not s.startswith("rounds=") for x in ("--set", s)]
+    assert main(["run", "examples/fashion_mnist.yaml", "--set", "rounds=2", *small, "--run-dir", str(tmp_path / "a")]) == 0
+    args = [str(tmp_path / "a") if a == "runs/RUN_DIR" else a for a in resume]
+    args = [("rounds=3" if a.startswith("rounds=") else a) for a in args]
+    assert main(["run", *args]) == 0
+    assert main(["run", "examples/fashion_mnist.yaml", "--set", "rounds=3", *small, "--run-dir", str(tmp_path / "b")]) == 0
+    assert len((tmp_path / "a" / "metrics.jsonl").read_text().splitlines()) == 3
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
