@@ -20,31 +20,6 @@ from flotilla.runner import DivergedError
 RESUME_KEYS = ("rounds",)
 
 
-def port_number(text: str) -> int:
-    """argparse type of a TCP port: 0 (any free port) to 65535; refused, not wrapped, outside it."""
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"{port} is not a port number (0-65535)")
-    return port
-
-
-def server_address(text: str) -> str:
-    """argparse type of HOST:PORT (a device's --server): the port must be 1-65535."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected HOST:PORT")
-    try:
-        number = int(port)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: {port!r} is not a port number") from None
-    if not 1 <= number <= 65535:
-        raise argparse.ArgumentTypeError(f"{text!r}: {number} is not a port number (1-65535)")
-    return text
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flotilla", description="Federated learning across fleets of devices.")
     sub = p.add_subparsers(dest="command", required=True)

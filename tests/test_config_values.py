@@ -146,7 +146,7 @@ def test_async_does_not_check_the_unused_cohort():
 
 
 def test_ports_are_refused_not_wrapped():
-    from flotilla.cli import port_number, server_address
+    from flotilla.network.addresses import port_number, server_address
 
     assert port_number("0") == 0 and port_number("65535") == 65535
     for bad in ("70000", "-5", "x"):

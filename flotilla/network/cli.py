@@ -32,7 +32,7 @@ def add_parsers(sub) -> None:
 
     s = sub.add_parser("serve", help="run a training server (gRPC over TLS) from an experiment config with a network section")
     s.add_argument("config", help="experiment YAML with a network: section (see docs/deployment.md)")
-    from flotilla.cli import port_number, server_address   # refuse 70000 and -5 (an int would wrap or fail late)
+    from flotilla.network.addresses import port_number, server_address   # refuse 70000 and -5 (an int would wrap or fail late)
     s.add_argument("--port", type=port_number, required=True, help="TCP port to listen on (0: any free port, printed at start)")
     s.add_argument("--host", help="address to listen on (default: network.host)")
     s.add_argument("--state-dir", help="server state / run directory (default: network.state_dir, else output.dir/output.name); "
