@@ -20,7 +20,7 @@ from flotilla.core.server_opt import OPTIMIZERS
 from flotilla.core.staleness import AVERAGE_WITH_DP
 from flotilla.fleet.config import AsyncConfig, FleetConfig
 from flotilla.network.config import NetworkConfig
-from flotilla.tasks import TaskConfig  # the task: section is one schema per registered task (flotilla/tasks/)
+from flotilla.tasks import TaskConfig, task_names  # the task: section is one schema per registered task (flotilla/tasks/)
 from flotilla.tasks.fashion_mnist import FashionMNISTTask
 from flotilla.tasks.shakespeare import CharLSTMConfig, ShakespeareTask  # noqa: F401  (re-exported)
 
@@ -329,7 +329,7 @@ def _format(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         # Drop discriminator tags ("shakespeare") from the path so it reads like the YAML.
-        loc = [str(p) for i, p in enumerate(e["loc"]) if p not in ("fashion-mnist", "shakespeare")
+        loc = [str(p) for i, p in enumerate(e["loc"]) if not (i and e["loc"][i - 1] == "task" and p in task_names())
                and not (i and e["loc"][i - 1] == "algorithm" and p in algorithm_names())]   # client.algorithm's tag
         key = ".".join(loc) or "config"
         msg = e["msg"].removeprefix("Value error, ")
