@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -145,6 +146,31 @@ def test_rate_limited_device_backs_off_and_still_sees_done(tmp_path, pki):
     assert report.reconnects >= 1 and [k for k, _ in events].count("reconnect") >= 1
     assert len(report.accepted) == 2 and s["done"]              # ... and still trained every round
     assert events[-1][0] == "done"
+
+
+def test_device_in_back_off_when_training_ends_still_sees_done(tmp_path, pki):
+    """Device B is told "rate limit" on every check-in until device A's update has ended training;
+    B backs off, checks in again while the server lingers, gets DONE and returns normally (exit 0
+    in `flotilla join`).  The old device exited on the first rate-limit answer."""
+    done, b_events = [], []
+    with start_server(pki, tmp_path / "s", cohort=1, total_steps=1, linger_s=10.0) as st:
+        b = Device(f"localhost:{st.port}", pki.token(1), tiny_model(), _data(seed=1), ca=pki.ca,
+                   backoff=Backoff(initial_s=0.05, max_s=0.5), on_event=lambda k, i: b_events.append(k))
+        real = b.conn.check_in
+
+        def throttled(n):
+            if not st.server.coord.done:
+                raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, "rate limit: more than 20 requests/s from device-001; "
+                              "slow down", retry="request", reason="rate")
+            return real(n)
+        b.conn.check_in = throttled
+        t = threading.Thread(target=lambda: done.append(b.run()), daemon=True)
+        t.start()
+        a = Device(f"localhost:{st.port}", pki.token(0), tiny_model(), _data(), ca=pki.ca).run()
+        t.join(30)
+    assert len(a.accepted) == 1
+    assert done and done[0].tasks == 0 and done[0].reconnects >= 1
+    assert b_events[0] == "reconnect" and b_events[-1] == "done"
 
 
 def test_device_whose_update_ends_training_stops_at_once(tmp_path, pki):
