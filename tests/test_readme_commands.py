@@ -89,7 +89,7 @@ def test_every_example_sets_one_torch_thread():
     """docs/benchmarks.md says the examples set `threads: 1` (two threads on two busy cores made the
     CNN 80x slower); examples/fashion_mnist.yaml did not."""
     import yaml
-    for path in sorted((ROOT / "examples").glob("*.yaml")):
+    for path in sorted((ROOT / "examples").rglob("*.yaml")):
         assert yaml.safe_load(path.read_text()).get("threads") == 1, path.name
 
 
