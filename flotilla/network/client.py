@@ -97,8 +97,15 @@ class Refused(RuntimeError):
         return self.code == grpc.StatusCode.FAILED_PRECONDITION and "training finished" in self.details
 
 
-class TLSError(ConnectionError):
-    """The TLS handshake with the server failed: a certificate problem that retrying will not fix."""
+class TLSError(Refused, ConnectionError):
+    """The TLS handshake with the server failed: a certificate problem that retrying will not fix.
+    (UNAVAILABLE to gRPC, so still a :class:`Refused`, but never retryable.)"""
+
+    def __init__(self, message: str):
+        super().__init__(grpc.StatusCode.UNAVAILABLE, message, retry="never", reason="tls")
+
+    def __str__(self) -> str:
+        return self.details
 
 
 class GaveUp(RuntimeError):
@@ -622,7 +629,6 @@ class Device:
             if (dp_sgd is not None) != self._dp_compatible:
                 raise ValueError("the server switched sample-level DP on or off mid-run; restart the device")
             return
-        self.check_data(task)
         model = self._module(task)
         self._dp_compatible = dp_sgd is not None
         if dp_sgd is not None:   # as the server did: recurrent layers become Opacus' (parameter order changes)
@@ -731,6 +737,8 @@ class Device:
                     self._wait(ci.retry_after_s)
                     continue
                 a = ci.assignment
+                if not self._data_checked:   # a server whose status does not name its task
+                    self.check_data(ci.task)
                 why = self._known_bad(a)
                 if why is not None:
                     if ("id", a.id) not in self._given_up:   # a new ticket for the same refused training
