@@ -20,6 +20,7 @@ from flotilla.core.server_opt import OPTIMIZERS
 from flotilla.core.staleness import AVERAGE_WITH_DP
 from flotilla.fleet.config import AsyncConfig, FleetConfig
 from flotilla.network.config import NetworkConfig
+from flotilla.sim.ray_config import RuntimeConfig, check_runtime
 from flotilla.tasks import TaskConfig, task_names  # the task: section is one schema per registered task (flotilla/tasks/)
 from flotilla.tasks.fashion_mnist import FashionMNISTTask
 from flotilla.tasks.shakespeare import CharLSTMConfig, ShakespeareTask  # noqa: F401  (re-exported)
@@ -180,6 +181,7 @@ class ExperimentConfig(Strict):
     weighting: Literal["examples", "uniform"] = Field("examples", description="weight client deltas by example count or uniformly")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's choice)")
     workers: int = Field(1, ge=1, description="processes that train each round's cohort (Linux; 1 = in-process)")
+    runtime: RuntimeConfig | None = Field(None, description="where sync rounds train: in-process, processes or ray (Ray actors; see docs/ray.md); default: workers decides")
     client: ClientConfig = ClientConfig()
     server: ServerConfig = ServerConfig()
     eval: EvalConfig = EvalConfig()
@@ -212,6 +214,11 @@ class ExperimentConfig(Strict):
                                  f"than fleet.population={self.fleet.population}")
         if (self.fleet is not None or self.mode == "async") and self.workers > 1:
             raise ValueError("workers: the fleet simulator trains one client at a time in-process; set workers: 1")
+        return self
+
+    @model_validator(mode="after")
+    def _runtime_fits(self):
+        check_runtime(self)   # flotilla/sim/ray_config.py
         return self
 
     @model_validator(mode="after")
@@ -340,7 +347,7 @@ def _format(err: ValidationError) -> str:
         given = f" (got {e['input']!r})" if e["type"] not in ("extra_forbidden", "missing") and not isinstance(e.get("input"), dict) else ""
         # A model_validator error names its own key: print it bare.
         if (msg.split(":")[0] in ("cohort", "async", "async.concurrency", "fleet.over_selection", "workers", "weighting")
-                or msg.startswith(("privacy", "secure_aggregation", "client.algorithm", "eval.personalize"))) and key == "config":
+                or msg.startswith(("privacy", "secure_aggregation", "client.algorithm", "eval.personalize", "runtime"))) and key == "config":
             lines.append(f"  {msg}")
         else:
             lines.append(f"  {key}: {msg}{given}")

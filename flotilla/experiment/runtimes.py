@@ -36,6 +36,23 @@ def _processes(cfg, task):
     return ParallelFedAvg, dict(_common(cfg, task), cohort=cfg.cohort, workers=cfg.workers)
 
 
+def _runtime(cfg) -> str | None:
+    rt = getattr(cfg, "runtime", None)
+    return rt.name if rt is not None else None
+
+
+def _ray(cfg, task):
+    from flotilla.sim.ray_runtime import RayFedAvg, import_ray
+    import_ray()   # without Ray: one line naming the extra, before anything is built
+    rt = cfg.runtime
+    # Actors build the task from its config with the task registry; a task handed over as objects
+    # (flotilla.train(model, data), task: {name: python} without a factory) goes to them once instead.
+    from_config = task.name == cfg.task.name and not (cfg.task.name == "python" and not cfg.task.factory)
+    return RayFedAvg, dict(_common(cfg, task), cohort=cfg.cohort, actors=rt.actors, address=rt.address,
+                           cpus_per_actor=rt.cpus_per_actor, gpus_per_actor=rt.gpus_per_actor,
+                           max_restarts=rt.max_restarts, task_config=cfg.task if from_config else None)
+
+
 def _fleet(cfg, task):
     from flotilla.fleet.config import FleetConfig
     from flotilla.fleet.fleet import fleet_from_config
@@ -55,7 +72,8 @@ def _fleet(cfg, task):
 
 RUNTIMES = (
     Runtime("fleet", lambda cfg: cfg.mode == "async" or cfg.fleet is not None, _fleet),
-    Runtime("processes", lambda cfg: cfg.workers > 1, _processes),
+    Runtime("ray", lambda cfg: _runtime(cfg) == "ray", _ray),
+    Runtime("processes", lambda cfg: cfg.workers > 1 or _runtime(cfg) == "processes", _processes),
     Runtime("in-process", lambda cfg: True, _in_process),
 )
 

@@ -1,0 +1,84 @@
+"""Config section ``runtime:`` (pydantic; imported by :mod:`flotilla.config`): where a run's
+synchronous rounds are trained.
+
+    runtime: {name: in-process}                   # the default: one process (flotilla.sim.sync)
+    runtime: {name: processes}                    # worker processes on this machine; `workers: N` says how many
+    runtime: {name: ray, actors: 4, address: auto}  # Ray actors on a Ray cluster (flotilla.sim.ray_runtime)
+
+Import-light (no torch, no ray) so that validating a config stays instant and works where Ray is
+not installed.  Leaving the section out keeps the old behaviour: ``workers: N > 1`` selects the
+processes runtime.
+"""
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from flotilla.core.schema import Section
+
+RAY_EXTRA = "pip install 'flotilla[ray]'"
+RAY_KEYS = ("address", "actors", "cpus_per_actor", "gpus_per_actor", "max_restarts")
+
+
+class RuntimeConfig(Section):
+    """Where synchronous rounds are trained: in this process, in worker processes, or on Ray actors."""
+    name: Literal["in-process", "processes", "ray"] = Field(
+        "in-process", description="in-process (default), processes (workers: N on this machine) or ray (actors on a "
+                                  f"Ray cluster; needs {RAY_EXTRA}; see docs/ray.md)")
+    address: str | None = Field(
+        None, description="ray: null = start a private local Ray; auto = join the cluster started on this machine with "
+                          "`ray start`; host:port = that cluster's head; ray://host:10001 = through Ray Client")
+    actors: int = Field(2, ge=1, description="ray: actors that train each round's cohort (each holds one model and its "
+                                             "own copy of the task data)")
+    cpus_per_actor: float = Field(1.0, gt=0, description="ray: CPUs each actor reserves (also its torch threads, at least 1)")
+    gpus_per_actor: float = Field(0.0, ge=0, description="ray: GPUs each actor reserves; only 0 for now (training on "
+                                                         "GPUs is not supported yet)")
+    max_restarts: int = Field(3, ge=0, description="ray: times a dead actor is restarted (its clients are retried); "
+                                                   "beyond that the round fails")
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v):
+        if v is None or v == "auto" or re.fullmatch(r"(ray://)?[A-Za-z0-9_.\-\[\]:]+:\d{1,5}", v):
+            return v
+        raise ValueError("must be null (a private local Ray), 'auto', 'host:port' or 'ray://host:port'")
+
+    @field_validator("gpus_per_actor")
+    @classmethod
+    def _no_gpus_yet(cls, v):
+        if v:
+            raise ValueError("GPUs are not supported by the Ray runtime yet (actors train on CPU); use 0")
+        return v
+
+
+def check_runtime(cfg) -> None:
+    """Cross-section checks of ``cfg.runtime`` (an ExperimentConfig); each error names its key."""
+    rt = cfg.runtime
+    if rt is None:
+        return
+    # Judged by value, not presence: a saved config.yaml lists every key with its default.
+    given = [k for k in RAY_KEYS if getattr(rt, k) != RuntimeConfig.model_fields[k].default]
+    if rt.name != "ray" and given:
+        raise ValueError(f"runtime.{given[0]}: only used with runtime.name: ray (got runtime.name: {rt.name})")
+    if rt.name == "in-process" and cfg.workers > 1:
+        raise ValueError(f"runtime.name: in-process trains in one process, but workers: {cfg.workers}; use "
+                         f"runtime.name: processes, or workers: 1")
+    if rt.name == "in-process":
+        return
+    if cfg.mode == "async" or cfg.fleet is not None:
+        raise ValueError(f"runtime.name: {rt.name} runs synchronous rounds only; the fleet simulator (mode: async, "
+                         f"fleet) runs in-process (remove runtime, or use runtime.name: in-process)")
+    if rt.name != "ray":
+        return
+    if cfg.workers > 1:
+        raise ValueError(f"runtime.name: ray trains on runtime.actors Ray actors; workers: {cfg.workers} is for "
+                         f"runtime.name: processes (set workers: 1)")
+    refused = [k for k, on in (("privacy", cfg.privacy is not None),
+                               ("secure_aggregation", cfg.secure_aggregation is not None),
+                               ("client.algorithm", cfg.client.algorithm is not None)) if on]
+    if refused:
+        raise ValueError(f"runtime: {refused[0]} is not supported on runtime.name: ray yet (each actor sums its "
+                         f"clients' plain deltas, so DP-SGD, user-level DP, secure aggregation and client algorithms "
+                         f"would not run there); use runtime.name: in-process")

@@ -1,0 +1,250 @@
+"""Synchronous FedAvg rounds trained by Ray actors (``runtime: {name: ray}``; see docs/ray.md).
+
+Each actor holds one model trained in place (a :class:`~flotilla.core.flat.FlatModel` and a
+:class:`~flotilla.core.client.LocalTrainer`, as in-process) and its own copy of the task: it builds
+the data from the task config with the task registry (``build_task(task_config, seed)``), so the
+data never travels from the driver.  A task given as objects (``flotilla.train(model, data)``) is
+put into Ray's object store once, when the actors start.
+
+One round: the cohort (drawn exactly as :class:`~flotilla.sim.sync.SyncFedAvg` draws it) is split
+over the actors greedily by examples (:func:`~flotilla.sim.parallel.split_cohort`); the global
+weights go to the object store once; each actor trains its share in cohort order and returns
+``sum_i w_i * delta_i`` with ``sum_i w_i`` and its loss sums; the driver adds the partial sums in
+actor order and takes the one server step.
+
+* Deterministic for a fixed actor count.  One actor adds deltas in SyncFedAvg's order (equal to
+  in-process bit for bit when both train with the same torch thread count); more actors regroup
+  the sum, so results differ by float rounding only.
+* Faults: a dead actor (killed, its node lost) is restarted by Ray up to ``max_restarts`` times and
+  its share of the round is retried on it (``max_task_retries``); training depends only on (weights, seed, round, client),
+  so the round's result is the fault-free one.  A client whose training raises fails the round
+  with the client id and the error; the round is abandoned (weights and optimizer unchanged).
+* Plain weighted-mean aggregation only (``composable=False``): DP, secure aggregation and client
+  algorithms are refused when the algorithm is built, never silently skipped.
+
+Ray is an optional extra; this module imports it only when an algorithm is built.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import traceback
+
+import torch
+from torch import nn
+
+from flotilla.core.aggregate import check_update
+from flotilla.core.client import ClientSpec, LocalTrainer, LossFn, client_seed
+from flotilla.core.dataset import FederatedDataset
+from flotilla.core.flat import FlatModel
+from flotilla.core.protocols import Components, Shape
+from flotilla.core.server_opt import ServerOptimizerSpec
+from flotilla.sim.parallel import split_cohort
+from flotilla.sim.ray_config import RAY_EXTRA
+from flotilla.sim.sync import SyncFedAvg
+
+NOT_COMPOSABLE = ("each Ray actor trains its clients and returns the sum of their plain deltas, so a client update "
+                  "(DP-SGD, a client algorithm), an aggregator (user-level DP, secure aggregation) or a cohort sampler "
+                  "given to it would never run; use runtime: {name: in-process}")
+
+
+class ClientTrainingError(RuntimeError):
+    """A client's local training raised on an actor; names the client, the round and the error."""
+
+    def __init__(self, client: int, round_: int, error: str, detail: str = ""):
+        super().__init__(f"client {client} failed in round {round_}: {error}")
+        self.client, self.round, self.error, self.detail = client, round_, error, detail
+
+
+def import_ray():
+    """``ray``, or one ImportError line naming the extra."""
+    try:
+        import ray
+    except ImportError:
+        raise ImportError(f"runtime: {{name: ray}} needs Ray, which is not installed here: {RAY_EXTRA}") from None
+    return ray
+
+
+class ClientActor:
+    """One Ray actor: a model trained in place and the task's data, built here once.
+
+    ``kind`` is ``"config"`` (``what`` is the task config, built with the task registry on this actor)
+    or ``"objects"`` (``what`` is ``(model, dataset, loss_fn)``, resolved from the object store)."""
+
+    def __init__(self, kind: str, what, client: ClientSpec, weighting: str, seed: int, threads: int,
+                 paths: list[str]):
+        for p in reversed(paths):   # the driver's cwd and sys.path: a task.factory module next to the config
+            if p not in sys.path:
+                sys.path.insert(0, p)
+        torch.set_num_threads(threads)
+        if kind == "config":
+            from flotilla.tasks import build_task
+            task = build_task(what, seed)
+            model, dataset, loss_fn = task.model, task.dataset, task.loss_fn
+        else:
+            model, dataset, loss_fn = what
+        self.dataset, self.weighting, self.seed = dataset, weighting, seed
+        self.flat = FlatModel(model)
+        self.trainer = LocalTrainer(self.flat, loss_fn, client)
+        self.delta = torch.empty(self.flat.numel)
+        self.sum = torch.zeros(self.flat.numel)
+
+    def info(self) -> dict:
+        return {"numel": self.flat.numel, "num_clients": self.dataset.num_clients, "pid": os.getpid()}
+
+    def train(self, round_: int, clients: list[int], weights: torch.Tensor):
+        """Train ``clients`` in order from ``weights``; ``(sum_i w_i delta_i, sum_i w_i, loss_sum, seen, count)``,
+        or ``("error", client, error, traceback)`` for the first client whose training raised."""
+        out = self.sum.zero_()
+        total_weight = loss_sum = seen = 0.0
+        count = 0
+        for c in clients:
+            try:
+                r = self.trainer.train(self.dataset, c, weights, client_seed(self.seed, round_, c), self.delta)
+                if r.num_examples > 0:
+                    check_update(self.delta, self.flat.numel, f"update from client {c}")
+            except Exception as e:
+                return ("error", c, f"{type(e).__name__}: {e}", traceback.format_exc())
+            if r.num_examples > 0:
+                weight = float(r.num_examples) if self.weighting == "examples" else 1.0
+                out.add_(self.delta, alpha=weight)
+                total_weight += weight
+                count += 1
+            loss_sum += r.loss * r.examples_seen
+            seen += r.examples_seen
+        return (out, total_weight, loss_sum, seen, count)
+
+
+class RayFedAvg(SyncFedAvg):
+    """:class:`SyncFedAvg` whose rounds are trained by ``actors`` Ray actors."""
+
+    @classmethod
+    def shape(cls, *, actors: int = 2, **kwargs) -> Shape:
+        base = SyncFedAvg.shape(**kwargs)
+        return dataclasses.replace(base, name=f"RayFedAvg(actors={actors})", composable=False,
+                                   why_not_composable=NOT_COMPOSABLE)
+
+    def __init__(
+        self,
+        model: nn.Module,
+        dataset: FederatedDataset,
+        loss_fn: LossFn,
+        *,
+        cohort: int,
+        actors: int = 2,
+        address: str | None = None,
+        cpus_per_actor: float = 1.0,
+        gpus_per_actor: float = 0.0,
+        max_restarts: int = 3,
+        task_config=None,
+        client: ClientSpec = ClientSpec(),
+        server: ServerOptimizerSpec = ServerOptimizerSpec(),
+        weighting: str = "examples",
+        seed: int = 0,
+        components: Components | None = None,
+    ):
+        if not isinstance(actors, int) or isinstance(actors, bool) or actors < 1:
+            raise ValueError(f"runtime.actors: must be an integer >= 1, got {actors!r}")
+        if not cpus_per_actor > 0:
+            raise ValueError(f"runtime.cpus_per_actor: must be > 0, got {cpus_per_actor!r}")
+        if gpus_per_actor:
+            raise ValueError("runtime.gpus_per_actor: GPUs are not supported by the Ray runtime yet; use 0")
+        if not isinstance(max_restarts, int) or max_restarts < 0:
+            raise ValueError(f"runtime.max_restarts: must be an integer >= 0, got {max_restarts!r}")
+        if components is not None and components.given():
+            raise ValueError(f"runtime: ray: {NOT_COMPOSABLE}")
+        self._ray = import_ray()          # before anything is built: one line naming the extra
+        super().__init__(model, dataset, loss_fn, cohort=cohort, client=client, server=server,
+                         weighting=weighting, seed=seed)
+        self.actors, self.address, self.cpus_per_actor = actors, address, float(cpus_per_actor)
+        self.max_restarts = max_restarts
+        self._client_spec, self._loss_fn, self._model = client, loss_fn, model
+        self._task_config = task_config
+        self._total = torch.zeros(self.flat.numel)
+        self._handles: list = []
+        self._source = None
+        self._started_ray = False
+
+    # -- actors --------------------------------------------------------------------------------
+    def _start(self) -> None:
+        ray = self._ray
+        if not ray.is_initialized():
+            if self.address is None:     # a private local Ray sized for the actors
+                ray.init(num_cpus=max(1, int(round(self.actors * self.cpus_per_actor))), include_dashboard=False,
+                         log_to_driver=False)
+            else:
+                ray.init(address=self.address, log_to_driver=False)
+            self._started_ray = True
+        if self._task_config is not None:
+            kind, what = "config", self._task_config
+        else:   # the task came as objects: into the object store once, not every round (kept for restarts)
+            kind, what = "objects", ray.put((self._model, self.dataset, self._loss_fn))
+        self._source = what
+        paths = [os.getcwd()] + [p for p in sys.path if p]
+        remote = ray.remote(ClientActor).options(num_cpus=self.cpus_per_actor, max_restarts=self.max_restarts,
+                                                 max_task_retries=self.max_restarts)
+        threads = max(1, int(self.cpus_per_actor))
+        self._handles = [remote.remote(kind, what, self._client_spec, self.weighting, self.seed, threads, paths)
+                         for _ in range(self.actors)]
+        infos = ray.get([h.info.remote() for h in self._handles])
+        for rank, info in enumerate(infos):
+            if info["numel"] != self.flat.numel or info["num_clients"] != self.dataset.num_clients:
+                self.close()
+                raise ValueError(f"runtime: ray: actor {rank} built a task with {info['numel']} weights and "
+                                 f"{info['num_clients']} clients, the driver has {self.flat.numel} and "
+                                 f"{self.dataset.num_clients}; the task config must build the same task everywhere")
+
+    def close(self) -> None:
+        """End the actors (and the local Ray this run started); the next ``step`` starts them again."""
+        if self._handles:
+            for h in self._handles:
+                try:
+                    self._ray.kill(h, no_restart=True)
+                except Exception:   # already gone
+                    pass
+            self._handles = []
+        self._source = None
+        if self._started_ray:
+            self._ray.shutdown()
+            self._started_ray = False
+
+    # -- the round -----------------------------------------------------------------------------
+    def _submit(self, rank: int, weights_ref, share: list[int]):
+        return self._handles[rank].train.remote(self.round, share, weights_ref)
+
+    def _gather(self, refs: list) -> list:
+        """Each actor's reply.  A call whose actor died is retried by Ray once it has restarted the
+        actor (``max_task_retries``); past ``max_restarts`` the round fails, naming the actor."""
+        ray = self._ray
+        replies = []
+        for rank, ref in enumerate(refs):
+            try:
+                replies.append(ray.get(ref))
+            except ray.exceptions.RayActorError as e:
+                raise RuntimeError(f"runtime: ray: actor {rank} died during round {self.round + 1} and was not "
+                                   f"back after {self.max_restarts} restarts: {str(e).splitlines()[0]}") from None
+        return replies
+
+    def step(self) -> dict[str, float]:
+        if not self._handles:
+            self._start()
+        clients = [int(c) for c in self.sample_cohort(self.seed, self.round, self.dataset.num_clients, self.cohort)]
+        shares = split_cohort(clients, [self.dataset.num_train(c) for c in clients], self.actors)
+        weights_ref = self._ray.put(self.weights)
+        refs = [self._submit(rank, weights_ref, share) for rank, share in enumerate(shares)]
+        replies = self._gather(refs)
+        for reply in replies:       # the round is abandoned: weights, optimizer state and round unchanged
+            if reply[0] == "error":
+                _, c, error, detail = reply
+                raise ClientTrainingError(c, self.round + 1, error, detail)
+        total = self._total.zero_()
+        for reply in replies:
+            total.add_(reply[0])
+        total_weight = sum(r[1] for r in replies)
+        if sum(r[4] for r in replies):
+            self.server_opt.step(self.weights, total.div_(total_weight))
+        self.round += 1
+        seen = sum(r[3] for r in replies)
+        return {"round": self.round, "train_loss": sum(r[2] for r in replies) / max(seen, 1),
+                "examples_seen": seen, "clients": len(clients)}
