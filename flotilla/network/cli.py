@@ -14,11 +14,6 @@ import logging
 import os
 import sys
 
-# gRPC's C core logs TLS failures itself ("ssl_transport_security.cc:... Handshake failed"), in
-# between our own one-line errors.  It reads this before grpc is first imported, which the
-# commands here do only later.  GRPC_VERBOSITY=ERROR (or DEBUG) in the environment brings it back.
-os.environ.setdefault("GRPC_VERBOSITY", "NONE")
-
 COMMANDS = ("certs", "serve", "join", "status")
 
 
@@ -63,6 +58,11 @@ def _tls_args(p) -> None:
 
 
 def run(args) -> int:
+    # gRPC's C core logs TLS failures itself ("ssl_transport_security.cc:... Handshake failed"),
+    # around our own one-line errors.  It reads GRPC_VERBOSITY when grpc is first imported, which
+    # is just below.  Devices say nothing (their errors name the cause); the server keeps gRPC's
+    # errors.  A GRPC_VERBOSITY in the environment wins.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR" if args.command == "serve" else "NONE")
     from flotilla.network.client import GaveUp, Refused
     try:
         return {"certs": _certs, "serve": _serve, "join": _join, "status": _status}[args.command](args)
