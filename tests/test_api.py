@@ -93,3 +93,15 @@ def test_python_task_refusals_name_the_key(factory, message, monkeypatch):
     cfg = validate({**COMMON, "task": {"name": "python", "factory": factory}})
     with pytest.raises(ValueError, match=message):
         build_task(cfg.task, 0)
+
+
+def test_a_device_builds_a_user_task_model_without_the_data(monkeypatch, tmp_path):
+    from flotilla.tasks import model_for_task
+    monkeypatch.syspath_prepend(str(EXAMPLE))
+    monkeypatch.chdir(tmp_path)                      # no points.csv here: the factory could not run
+    task = {"name": "python", "factory": "quadrants:make_task", "model": "quadrants:make_model",
+            "options": {"path": "points.csv", "hidden": 7}}
+    model = model_for_task(task)
+    assert model[0].out_features == 7
+    with pytest.raises(FileNotFoundError):
+        model_for_task({**task, "model": None})     # without task.model the whole factory runs

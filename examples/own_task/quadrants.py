@@ -27,5 +27,9 @@ def make_task(seed: int, path: str = "points.csv", hidden: int = 16):
         x, y = t[:, :2].float(), t[:, 2].long()
         cut = int(len(t) * 0.8)
         train[user], test[user] = TensorDataset(x[:cut], y[:cut]), TensorDataset(x[cut:], y[cut:])
-    model = nn.Sequential(nn.Linear(2, hidden), nn.ReLU(), nn.Linear(hidden, 2))   # seeded by Flotilla
-    return {"model": model, "data": (train, test), "loss_fn": F.cross_entropy}
+    return {"model": make_model(hidden=hidden), "data": (train, test), "loss_fn": F.cross_entropy}
+
+
+def make_model(hidden: int = 16, **_) -> nn.Module:
+    """The model alone: what a device needs (`task.model`); Flotilla seeds it."""
+    return nn.Sequential(nn.Linear(2, hidden), nn.ReLU(), nn.Linear(hidden, 2))

@@ -32,23 +32,25 @@ class PythonTask(Section):
     name: Literal["python"] = Field(description="which task (decides the other task.* keys)")
     factory: str | None = Field(None, description="'package.module:function' called as function(seed, **options); required in a config file (flotilla.train passes the model and data directly)")
     options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments passed to the factory")
+    model: str | None = Field(None, description="'package.module:function' returning the model alone, called as function(**options) (devices in flotilla join use it, so they need no data of the server's; default: the factory's model)")
 
 
-def _factory(cfg: PythonTask):
-    if not cfg.factory:
+def _factory(cfg: PythonTask, key: str = "factory"):
+    spec = getattr(cfg, key)
+    if not spec:
         raise ValueError("task.factory: give 'package.module:function' that returns the model and the data")
-    module_name, sep, attr = cfg.factory.partition(":")
+    module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise ValueError(f"task.factory: expected 'package.module:function', got {cfg.factory!r}")
+        raise ValueError(f"task.{key}: expected 'package.module:function', got {spec!r}")
     if str(Path.cwd()) not in sys.path:
         sys.path.insert(0, str(Path.cwd()))   # a module next to the config, as `python -m` would find it
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise ValueError(f"task.factory: cannot import {module_name!r}: {e}") from None
+        raise ValueError(f"task.{key}: cannot import {module_name!r}: {e}") from None
     fn = getattr(module, attr, None)
     if not callable(fn):
-        raise ValueError(f"task.factory: {module_name!r} has no function {attr!r}")
+        raise ValueError(f"task.{key}: {module_name!r} has no function {attr!r}")
     return fn
 
 
@@ -72,4 +74,14 @@ def build(cfg: PythonTask, seed: int) -> Task:
     return _as_task(fn(seed=seed, **cfg.options), cfg.factory)
 
 
-TASK = register(TaskType("python", PythonTask, build, lambda cfg: build(cfg, 0).model))
+def model(cfg: PythonTask) -> torch.nn.Module:
+    """The model alone (a device's view): ``task.model`` if given, else the factory's (which loads data too)."""
+    if cfg.model is None:
+        return build(cfg, 0).model
+    out = _factory(cfg, "model")(**cfg.options)
+    if not isinstance(out, torch.nn.Module):
+        raise ValueError(f"task.model: {cfg.model} must return a torch.nn.Module, got {type(out).__name__}")
+    return out
+
+
+TASK = register(TaskType("python", PythonTask, build, model))
