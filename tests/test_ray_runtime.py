@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 
+import flotilla
 from flotilla.config import ConfigError, validate
 from flotilla.experiment.compose import build_algorithm
 from flotilla.experiment.run import build
@@ -178,6 +179,11 @@ def test_one_actor_is_bit_identical_and_a_failing_client_is_named(local_ray):
 
     reference, _, _, _ = build(cfg, build_task(cfg.task, cfg.seed))     # its own model: trained in place
     reference.step()
+    # flotilla.train(model, data, runtime=...): the task goes to the actor once, through the object store
+    fresh = build_task(cfg.task, cfg.seed)
+    result = flotilla.train(fresh.model, fresh.dataset, rounds=1, cohort=5, client={"batch_size": 10},
+                            server={"optimizer": "fedadam", "lr": 0.01}, runtime={"name": "ray", "actors": 1})
+    assert torch.equal(result.weights, reference.weights)
     algorithm = RayFedAvg(task.model, make_dataset(task.dataset, bad), task.loss_fn, cohort=5, actors=1,
                           client=reference.trainer.spec, server=reference.server_opt.spec, seed=cfg.seed)
     try:
@@ -191,3 +197,20 @@ def test_one_actor_is_bit_identical_and_a_failing_client_is_named(local_ray):
         assert algorithm.round == 1 and torch.equal(algorithm.weights, before)   # the round is abandoned
     finally:
         algorithm.close()
+
+
+@needs_ray
+def test_actors_that_cannot_build_the_task_are_named(local_ray):
+    cfg = config()
+    task = build_task(cfg.task, cfg.seed)
+    common = dict(cohort=5, actors=1, max_restarts=0)
+    missing = cfg.task.model_copy(update={"root": "/nonexistent/fashion-mnist"})   # data not on that node
+    algorithm = RayFedAvg(task.model, task.dataset, task.loss_fn, task_config=missing, **common)
+    with pytest.raises(RuntimeError, match=r"^runtime: ray: an actor could not build the task: .*nonexistent"):
+        algorithm.step()
+    assert algorithm.round == 0 and algorithm._handles == []
+    other = cfg.task.model_copy(update={"num_clients": 9})      # builds, but not the driver's task
+    algorithm = RayFedAvg(task.model, task.dataset, task.loss_fn, task_config=other, **common)
+    with pytest.raises(ValueError, match="actor 0 built a task with .* and 9 clients, the driver has .* and 8"):
+        algorithm.step()
+    assert algorithm._handles == []

@@ -91,7 +91,9 @@ class ClientActor:
         self.sum = torch.zeros(self.flat.numel)
 
     def info(self) -> dict:
-        return {"numel": self.flat.numel, "num_clients": self.dataset.num_clients, "pid": os.getpid()}
+        import ray
+        return {"numel": self.flat.numel, "num_clients": self.dataset.num_clients, "pid": os.getpid(),
+                "node": ray.get_runtime_context().get_node_id()}
 
     def train(self, round_: int, clients: list[int], weights: torch.Tensor):
         """Train ``clients`` in order from ``weights``; ``(sum_i w_i delta_i, sum_i w_i, loss_sum, seen, count)``,
@@ -164,6 +166,7 @@ class RayFedAvg(SyncFedAvg):
         self._total = torch.zeros(self.flat.numel)
         self._handles: list = []
         self._source = None
+        self.actor_nodes: list[str] = []   # the Ray node of each actor, once started
         self._started_ray = False
 
     # -- actors --------------------------------------------------------------------------------
@@ -187,13 +190,21 @@ class RayFedAvg(SyncFedAvg):
         threads = max(1, int(self.cpus_per_actor))
         self._handles = [remote.remote(kind, what, self._client_spec, self.weighting, self.seed, threads, paths)
                          for _ in range(self.actors)]
-        infos = ray.get([h.info.remote() for h in self._handles])
+        try:
+            infos = ray.get([h.info.remote() for h in self._handles])
+        except ray.exceptions.RayActorError as e:   # the task could not be built there (data missing, ...)
+            self.close()
+            cause = [line.strip() for line in str(e).splitlines() if line.strip()]
+            raise RuntimeError(f"runtime: ray: an actor could not build the task: {cause[-1] if cause else e}") from None
         for rank, info in enumerate(infos):
             if info["numel"] != self.flat.numel or info["num_clients"] != self.dataset.num_clients:
                 self.close()
                 raise ValueError(f"runtime: ray: actor {rank} built a task with {info['numel']} weights and "
                                  f"{info['num_clients']} clients, the driver has {self.flat.numel} and "
                                  f"{self.dataset.num_clients}; the task config must build the same task everywhere")
+        self.actor_nodes = [info["node"] for info in infos]
+        print(f"flotilla: ray: {self.actors} actor(s) on {len(set(self.actor_nodes))} node(s) "
+              f"(address: {self.address or 'a private local Ray'})", file=sys.stderr)
 
     def close(self) -> None:
         """End the actors (and the local Ray this run started); the next ``step`` starts them again."""
