@@ -364,3 +364,23 @@ def test_disk_store_file_goes_with_the_store_even_unclosed(tmp_path):
     del store
     gc.collect()
     assert not list(tmp_path.iterdir())
+
+
+def test_fedprox_runs_under_user_level_dp_and_secure_aggregation():
+    from flotilla.algorithms.fedprox import FedProxTrainer
+    from flotilla.secure.aggregator import SecureAggregator
+    alg = build(synthetic_dataset(num_clients=6), {"name": "fedprox", "mu": 0.1}, cohort=3, weighting="uniform",
+                classify=True, privacy={"user_level": {"clip_norm": 1.0, "noise_multiplier": 0.5, "delta": 1e-3}},
+                secure_aggregation={})
+    assert type(alg.inner.trainer) is FedProxTrainer and isinstance(alg.inner.aggregator, SecureAggregator)
+    record = alg.step()
+    assert record["epsilon"] > 0 and torch.isfinite(alg.weights).all()
+
+
+def test_help_lists_each_algorithm_and_its_keys():
+    from flotilla.config import describe_options
+    lines = describe_options()
+    assert any(line.startswith("client.algorithm (name: scaffold): SCAFFOLD") for line in lines)
+    assert any(line.startswith("  client.algorithm.mu: float, default 0.01") for line in lines)
+    assert any(line.startswith("  eval.personalize.steps:") for line in lines)
+    assert not any("Annotated[" in line for line in lines)
