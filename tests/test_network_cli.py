@@ -114,10 +114,10 @@ def test_serve_checks_its_files_before_creating_anything(tmp_path, capsys, missi
     gone.unlink()
     state = tmp_path / "state"
     assert main(["serve", str(path), "--port", "0", "--state-dir", str(state)]) == 2
+    assert not state.exists()
     err = capsys.readouterr().err.strip()
     key = "network.tokens" if missing == "tokens" else f"network.tls.{missing}"
     assert err == f"flotilla: error: {key}: {gone} not found (make test certificates and tokens with `flotilla certs DIR`)"
-    assert not state.exists()
 
 
 def test_serve_refuses_a_key_that_is_not_the_certificates_before_creating_anything(tmp_path, capsys):
