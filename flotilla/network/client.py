@@ -683,7 +683,7 @@ class Device:
                 if not e.retryable:
                     raise
                 report.reconnects += 1
-                self.on_event("reconnect", {"error": e.details})
+                self.on_event("reconnect", {"error": e.details, "code": e.code.name})
                 log.info("server busy or unreachable (%s); retrying with backoff", e.code.name)
                 self.backoff.wait(e)
 
@@ -800,7 +800,7 @@ class Device:
                 if e.retryable:
                     retried = True
                     report.reconnects += 1
-                    self.on_event("reconnect", {"error": e.details})
+                    self.on_event("reconnect", {"error": e.details, "code": e.code.name})
                     self.backoff.wait(e)
                     continue
                 if retried and e.code == grpc.StatusCode.ALREADY_EXISTS:
