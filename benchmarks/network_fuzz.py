@@ -51,7 +51,7 @@ def main() -> int:
     from flotilla.network import wire
     from flotilla.network.server import Limits
     from tests.network_helpers import PKI, start_server
-    from tests.test_network_hostile import NUMEL, Raw, _mutations, data, header, trailing
+    from tests.test_network_hostile import NUMEL, Raw, _mutations, header, trailing
 
     logging.getLogger("flotilla.network").setLevel(logging.ERROR)
     tmp = Path(tempfile.mkdtemp(prefix="flotilla-fuzz-"))
@@ -113,7 +113,7 @@ def main() -> int:
                 if rng.random() < 0.1:   # stalled duplicate streams
                     release = threading.Event()
 
-                    def stall():
+                    def stall(a=a, release=release):
                         yield header(a)
                         release.wait(1.0)
                     futs = [raw.upload_future(stall(), timeout=10) for _ in range(3)]

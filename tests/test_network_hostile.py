@@ -15,7 +15,7 @@ import grpc
 import pytest
 import torch
 
-from flotilla.client import Connection, Refused
+from flotilla.client import Connection
 from flotilla.network import wire
 from flotilla.network.server import Limits
 from flotilla.network.wire import pb

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from typing import Literal
 
+from pydantic import Field, model_validator
+
 from flotilla.core.schema import Section
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class _Strict(Section):

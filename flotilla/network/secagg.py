@@ -41,8 +41,9 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,7 +52,15 @@ from flotilla.network.refusals import Refused
 from flotilla.network.tickets import Answer, Ticket
 from flotilla.secure.encoding import FixedPointEncoder
 from flotilla.secure.errors import ProtocolError, ReplayedMessage, SecAggAborted, TamperedMessage
-from flotilla.secure.messages import AdvertiseKeys, KeyDirectory, MaskedInput, ShareBundle, ShareKeys, UnmaskRequest, UnmaskResponse
+from flotilla.secure.messages import (
+    AdvertiseKeys,
+    KeyDirectory,
+    MaskedInput,
+    ShareBundle,
+    ShareKeys,
+    UnmaskRequest,
+    UnmaskResponse,
+)
 from flotilla.secure.protocol import SecAggClient, SecAggConfig, SecAggServer
 from flotilla.secure.serialize import dumps, loads
 
@@ -384,7 +393,7 @@ class SecAggRelay:
             cls = MESSAGES[op]
             try:
                 msg = loads(req.get("msg"), cls, length=r.config.length)
-                if getattr(msg, "sender") != me:
+                if msg.sender != me:
                     raise Refused("PERMISSION_DENIED", "ticket", f"SecAggStep: {cls.__name__} names sender {msg.sender}, this device is {me}")
                 receive = {"advertise": r.server.receive_advertise, "shares": r.server.receive_shares,
                            "masked": r.server.receive_masked_input, "unmask": r.server.receive_unmask}[op]

@@ -544,14 +544,14 @@ class FlotillaServer:
             await asyncio.shield(self.coord.close_round_if_due())
             try:
                 await asyncio.wait_for(stop.wait(), 0.25)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         if self._pending_records:
             await asyncio.gather(*self._pending_records)
         if self.coord.done and not stop.is_set():
             try:
                 await asyncio.wait_for(stop.wait(), self.linger_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         await self.stop()
 
