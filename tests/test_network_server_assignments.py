@@ -139,3 +139,33 @@ def test_rounds_have_a_deadline_by_default():
     from flotilla.network.config import NetworkConfig
     net = NetworkConfig(tls={"cert": "c", "key": "k"}, tokens="t")
     assert CoordinatorSettings().round_deadline_s == net.round_deadline_s == 300.0
+
+
+def test_a_retry_while_the_first_attempt_is_still_committing_waits_and_gets_its_answer(pki, tmp_path):
+    """Item 5: the device gave up waiting (its deadline passed) while the server was still writing
+    the update; the retry is told to retry (busy), not refused as a replay, and then gets the
+    first attempt's answer; the update counts once."""
+    import time
+    with start_server(pki, tmp_path / "s", cohort=2) as st:
+        store = st.server.store
+        slow_stage = store.stage
+
+        def stage(raw):
+            time.sleep(1.0)                       # a slow disk
+            return slow_stage(raw)
+        store.stage = stage
+        impatient = Connection(f"localhost:{st.port}", pki.token(0), ca=pki.ca, timeout_s=0.3)
+        a = train(impatient)
+        d = torch.full((NUMEL,), 0.01)
+        with pytest.raises(Refused) as e:
+            impatient.upload(a, d, 10)
+        assert e.value.code == grpc.StatusCode.DEADLINE_EXCEEDED  # the client's own deadline
+        with pytest.raises(Refused) as e:
+            impatient.upload(a, d, 10)
+        assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "in progress" in str(e.value)
+        time.sleep(1.0)
+        store.stage = slow_stage
+        assert connect(pki, st, 0).upload(a, d, 10) == (0, 0)
+        s = status(st)
+        assert (s["accepted"], s["buffered"], s["uploading"]) == (1, 1, 0)
+        impatient.close()

@@ -577,6 +577,8 @@ class Coordinator:
         attempted = False   # once the ledger write starts the file must stay (recovery decides)
         try:
             async with self.lock:
+                if (a := self.table.answered(up.ticket.id)) is not None and a.digest is not None and a.digest == up.digest:
+                    return a.seq, a.version      # the same upload, committed meanwhile: its answer
                 self._check_fresh(up.ticket)     # the version may have moved while the bytes streamed
                 self.table.check_live(up.ticket)  # and a new check-in may have revoked the assignment
                 s = self.settings

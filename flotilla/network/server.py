@@ -453,8 +453,13 @@ class FlotillaServer:
                 delta = torch.frombuffer(buf, dtype=torch.float32)
                 norm = c.check_delta(delta, who.device)
                 up = Upload(ticket, int(h.num_examples), float(h.train_loss), int(h.examples_seen), delta, norm, digest=digest)
-            # Shielded: a client hanging up must not cut a commit (or a server step) in half.
-            seq, version = await asyncio.shield(c.commit(up, buf))
+            # Shielded: a client hanging up must not cut a commit (or a server step) in half.  The
+            # assignment's upload slot is held until the commit ends, so a retry sent meanwhile is
+            # told "busy" and then gets the commit's answer, not a replay refusal.
+            commit = asyncio.ensure_future(c.commit(up, buf))
+            commit.add_done_callback(lambda _: c.table.end_upload(ticket))
+            began = False
+            seq, version = await asyncio.shield(commit)
         except Refused as e:
             await self._refuse(context, e, who.device, ticket)
         finally:
