@@ -681,7 +681,8 @@ class Coordinator:
         saved = (self.weights.clone(), self.server_opt.state_dict(),
                  None if self.privacy is None else self.privacy.state())
         self.algo.step()            # server_opt.step(weights, aggregator.result()); reset; version += 1
-        if not bool(torch.isfinite(self.weights).all()):
+        # a float64 sum of float32 values cannot overflow, so it is finite iff every weight is
+        if not math.isfinite(float(self.weights.sum(dtype=torch.float64))):
             await self._roll_back(entries, saved)
             return
         meta_seen = sum(int(e["examples_seen"]) for e in entries)
