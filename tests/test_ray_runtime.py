@@ -45,6 +45,8 @@ def run_rounds(algorithm, rounds):
     ({"runtime": {"name": "ray"}, "workers": 2}, "runtime.name: ray trains on runtime.actors Ray actors; workers: 2"),
     ({"runtime": {"name": "in-process", "actors": 3}}, "runtime.actors: only used with runtime.name: ray"),
     ({"runtime": {"name": "processes", "address": "auto"}}, "runtime.address: only used with runtime.name: ray"),
+    ({"runtime": {"name": "in-process", "on_client_error": "skip"}}, "runtime.on_client_error: only used with"),
+    ({"runtime": {"name": "ray", "on_client_error": "ignore"}}, "runtime.on_client_error: Input should be 'stop' or"),
     ({"runtime": {"name": "in-process"}, "workers": 2}, "runtime.name: in-process trains in one process"),
     ({"runtime": {"name": "ray", "gpus_per_actor": 0.5}}, "runtime.gpus_per_actor: GPUs are not supported"),
     ({"runtime": {"name": "ray", "address": "not an address"}}, "runtime.address: must be null"),
@@ -170,7 +172,7 @@ def test_same_result_as_in_process_and_a_killed_actor_changes_nothing(local_ray)
 
 
 @needs_ray
-def test_one_actor_is_bit_identical_and_a_failing_client_is_named(local_ray):
+def test_one_actor_is_bit_identical_and_a_failing_client_is_named(local_ray, capsys):
     cfg = config()
     task = build_task(cfg.task, cfg.seed)
     # the client that first trains in round 2 (not in round 1's cohort)
@@ -204,6 +206,11 @@ def test_one_actor_is_bit_identical_and_a_failing_client_is_named(local_ray):
         assert str(e.value) == f"client {bad} failed in round 2: RuntimeError: disk on fire"
         assert e.value.client == bad and "disk on fire" in e.value.detail
         assert algorithm.round == 1 and torch.equal(algorithm.weights, before)   # the round is abandoned
+        algorithm.on_client_error = "skip"                       # runtime.on_client_error: skip
+        record = algorithm.step()
+        assert algorithm.round == 2 and record["failed_clients"] == 1 and record["examples_seen"] == 4 * 20
+        assert f"client {bad} failed in round 2, left out: RuntimeError: disk on fire" in capsys.readouterr().err
+        assert not torch.equal(algorithm.weights, before)        # the other four clients made the step
     finally:
         algorithm.close()
 

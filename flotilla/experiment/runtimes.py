@@ -50,7 +50,8 @@ def _ray(cfg, task):
     from_config = task.name == cfg.task.name and not (cfg.task.name == "python" and not cfg.task.factory)
     return RayFedAvg, dict(_common(cfg, task), cohort=cfg.cohort, actors=rt.actors, address=rt.address,
                            cpus_per_actor=rt.cpus_per_actor, gpus_per_actor=rt.gpus_per_actor,
-                           max_restarts=rt.max_restarts, task_config=cfg.task if from_config else None)
+                           max_restarts=rt.max_restarts, on_client_error=rt.on_client_error,
+                           task_config=cfg.task if from_config else None)
 
 
 def _fleet(cfg, task):

@@ -19,7 +19,7 @@ from pydantic import Field, field_validator
 from flotilla.core.schema import Section
 
 RAY_EXTRA = "pip install 'flotilla[ray]'"
-RAY_KEYS = ("address", "actors", "cpus_per_actor", "gpus_per_actor", "max_restarts")
+RAY_KEYS = ("address", "actors", "cpus_per_actor", "gpus_per_actor", "max_restarts", "on_client_error")
 
 
 class RuntimeConfig(Section):
@@ -37,6 +37,9 @@ class RuntimeConfig(Section):
                                                          "GPUs is not supported yet)")
     max_restarts: int = Field(3, ge=0, description="ray: times a dead actor is restarted (its clients are retried); "
                                                    "beyond that the round fails")
+    on_client_error: Literal["stop", "skip"] = Field(
+        "stop", description="ray: a client whose training raises stops the run (stop: the error names the client), "
+                            "or is left out of its round like a dropout (skip: failed_clients in the metrics)")
 
     @field_validator("address")
     @classmethod

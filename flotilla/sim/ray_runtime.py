@@ -18,7 +18,8 @@ actor order and takes the one server step.
 * Faults: a dead actor (killed, its node lost) is restarted by Ray up to ``max_restarts`` times and
   its share of the round is retried on it (``max_task_retries``); training depends only on (weights, seed, round, client),
   so the round's result is the fault-free one.  A client whose training raises fails the round
-  with the client id and the error; the round is abandoned (weights and optimizer unchanged).
+  with the client id and the error; the round is abandoned (weights and optimizer unchanged).  With
+  ``on_client_error="skip"`` the client is left out of its round instead, like a dropout.
 * Plain weighted-mean aggregation only (``composable=False``): DP, secure aggregation and client
   algorithms are refused when the algorithm is built, never silently skipped.
 
@@ -95,18 +96,23 @@ class ClientActor:
         return {"numel": self.flat.numel, "num_clients": self.dataset.num_clients, "pid": os.getpid(),
                 "node": ray.get_runtime_context().get_node_id()}
 
-    def train(self, round_: int, clients: list[int], weights: torch.Tensor):
-        """Train ``clients`` in order from ``weights``; ``(sum_i w_i delta_i, sum_i w_i, loss_sum, seen, count)``,
-        or ``("error", client, error, traceback)`` for the first client whose training raised."""
+    def train(self, round_: int, clients: list[int], weights: torch.Tensor, skip_failed: bool = False):
+        """Train ``clients`` in order from ``weights``: ``(sum_i w_i delta_i, sum_i w_i, loss_sum, seen, count,
+        failed)``, or ``("error", client, error, traceback)`` for the first client whose training raised
+        (with ``skip_failed``, such clients are left out and listed in ``failed`` as ``(client, error)``)."""
         out = self.sum.zero_()
         total_weight = loss_sum = seen = 0.0
         count = 0
+        failed = []
         for c in clients:
             try:
                 r = self.trainer.train(self.dataset, c, weights, client_seed(self.seed, round_, c), self.delta)
                 if r.num_examples > 0:
                     check_update(self.delta, self.flat.numel, f"update from client {c}")
             except Exception as e:
+                if skip_failed:
+                    failed.append((c, f"{type(e).__name__}: {e}"))
+                    continue
                 return ("error", c, f"{type(e).__name__}: {e}", traceback.format_exc())
             if r.num_examples > 0:
                 weight = float(r.num_examples) if self.weighting == "examples" else 1.0
@@ -115,7 +121,7 @@ class ClientActor:
                 count += 1
             loss_sum += r.loss * r.examples_seen
             seen += r.examples_seen
-        return (out, total_weight, loss_sum, seen, count)
+        return (out, total_weight, loss_sum, seen, count, failed)
 
 
 class RayFedAvg(SyncFedAvg):
@@ -139,6 +145,7 @@ class RayFedAvg(SyncFedAvg):
         cpus_per_actor: float = 1.0,
         gpus_per_actor: float = 0.0,
         max_restarts: int = 3,
+        on_client_error: str = "stop",
         task_config=None,
         client: ClientSpec = ClientSpec(),
         server: ServerOptimizerSpec = ServerOptimizerSpec(),
@@ -154,13 +161,15 @@ class RayFedAvg(SyncFedAvg):
             raise ValueError("runtime.gpus_per_actor: GPUs are not supported by the Ray runtime yet; use 0")
         if not isinstance(max_restarts, int) or max_restarts < 0:
             raise ValueError(f"runtime.max_restarts: must be an integer >= 0, got {max_restarts!r}")
+        if on_client_error not in ("stop", "skip"):
+            raise ValueError(f"runtime.on_client_error: must be 'stop' or 'skip', got {on_client_error!r}")
         if components is not None and components.given():
             raise ValueError(f"runtime: ray: {NOT_COMPOSABLE}")
         self._ray = import_ray()          # before anything is built: one line naming the extra
         super().__init__(model, dataset, loss_fn, cohort=cohort, client=client, server=server,
                          weighting=weighting, seed=seed)
         self.actors, self.address, self.cpus_per_actor = actors, address, float(cpus_per_actor)
-        self.max_restarts = max_restarts
+        self.max_restarts, self.on_client_error = max_restarts, on_client_error
         self._client_spec, self._loss_fn, self._model = client, loss_fn, model
         self._task_config = task_config
         self._total = torch.zeros(self.flat.numel)
@@ -222,7 +231,7 @@ class RayFedAvg(SyncFedAvg):
 
     # -- the round -----------------------------------------------------------------------------
     def _submit(self, rank: int, weights_ref, share: list[int]):
-        return self._handles[rank].train.remote(self.round, share, weights_ref)
+        return self._handles[rank].train.remote(self.round, share, weights_ref, self.on_client_error == "skip")
 
     def _gather(self, refs: list) -> list:
         """Each actor's reply.  A call whose actor died is retried by Ray once it has restarted the
@@ -257,5 +266,11 @@ class RayFedAvg(SyncFedAvg):
             self.server_opt.step(self.weights, total.div_(total_weight))
         self.round += 1
         seen = sum(r[3] for r in replies)
-        return {"round": self.round, "train_loss": sum(r[2] for r in replies) / max(seen, 1),
-                "examples_seen": seen, "clients": len(clients)}
+        record = {"round": self.round, "train_loss": sum(r[2] for r in replies) / max(seen, 1),
+                  "examples_seen": seen, "clients": len(clients)}
+        failed = [f for r in replies for f in r[5]]
+        if self.on_client_error == "skip":
+            record["failed_clients"] = len(failed)
+            for c, error in failed:
+                print(f"flotilla: ray: client {c} failed in round {self.round}, left out: {error}", file=sys.stderr)
+        return record
