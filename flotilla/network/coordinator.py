@@ -154,7 +154,7 @@ class Upload:
     norm: float
     ephemeral_pk: bytes = b""         # sealed upload: the client's ephemeral X25519 key
     ciphertext: bytes = b""           # sealed upload: what the secure buffer opens
-    digest: str | None = None         # sha256 of the uploaded bytes (answers retries)
+    digest: str | None = None         # sha256 of the uploaded bytes (answers retries; commit computes it)
 
 
 def step_record(version: int, entries: list[dict[str, Any]]) -> dict[str, Any]:
@@ -572,8 +572,9 @@ class Coordinator:
         self._check_fresh(up.ticket)
         self.table.check_live(up.ticket)
         loop = asyncio.get_running_loop()
-        # Stage the bytes (the slow, fsync'd part) outside the lock, so uploads stage in parallel.
-        name = await loop.run_in_executor(None, self.store.stage, raw)
+        # Stage the bytes (the slow, fsync'd part) outside the lock, so uploads stage in parallel;
+        # their digest (to tell a retry from a replay) in the same trip to the worker thread.
+        name, up.digest = await loop.run_in_executor(None, self._stage, raw)
         attempted = False   # once the ledger write starts the file must stay (recovery decides)
         try:
             async with self.lock:
@@ -613,6 +614,9 @@ class Coordinator:
         finally:
             if not attempted:
                 self.store.discard(name)
+
+    def _stage(self, raw) -> tuple[str, str]:
+        return self.store.stage(raw), hashlib.sha256(raw).hexdigest()
 
     def _add(self, delta: torch.Tensor, entry: dict[str, Any]) -> None:
         """Into the aggregator, exactly as the simulator adds (also used to rebuild the buffer on restart)."""

@@ -440,19 +440,19 @@ class FlotillaServer:
                 raise Refused("DEADLINE_EXCEEDED", "stalled",
                               f"upload refused: the stream did not finish within {self.limits.upload_timeout_s:g} s "
                               "(upload_timeout_s); retry on a better connection", retry_after_s=1.0) from None
-            digest = await asyncio.get_running_loop().run_in_executor(None, _sha256, buf)
             if answer is not None:   # a retry of an assignment already in the ledger
+                digest = await asyncio.get_running_loop().run_in_executor(None, _sha256, buf)
                 if answer.digest is not None and answer.digest == digest:
                     return pb.UploadReply(seq=answer.seq, version=answer.version)
                 raise Refused("ALREADY_EXISTS", "replay", f"upload refused: replayed nonce, assignment {ticket.id[:8]} "
                               f"was already accepted as update #{answer.seq} (with other bytes)")
             if c.sealed:   # the buffer validates what it opens; the server sees only ciphertext
                 up = Upload(ticket, int(h.num_examples), float(h.train_loss), int(h.examples_seen), None, math.nan,
-                            bytes(h.ephemeral_pk), bytes(buf), digest)
+                            bytes(h.ephemeral_pk), bytes(buf))
             else:
                 delta = torch.frombuffer(buf, dtype=torch.float32)
                 norm = c.check_delta(delta, who.device)
-                up = Upload(ticket, int(h.num_examples), float(h.train_loss), int(h.examples_seen), delta, norm, digest=digest)
+                up = Upload(ticket, int(h.num_examples), float(h.train_loss), int(h.examples_seen), delta, norm)
             # Shielded: a client hanging up must not cut a commit (or a server step) in half.  The
             # assignment's upload slot is held until the commit ends, so a retry sent meanwhile is
             # told "busy" and then gets the commit's answer, not a replay refusal.
