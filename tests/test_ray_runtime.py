@@ -230,3 +230,6 @@ def test_actors_that_cannot_build_the_task_are_named(local_ray):
     with pytest.raises(ValueError, match="actor 0 built a task with .* and 9 clients, the driver has .* and 8"):
         algorithm.step()
     assert algorithm._handles == []
+    too_many = RayFedAvg(task.model, task.dataset, task.loss_fn, cohort=5, actors=3)   # the local Ray has 2 CPUs
+    with pytest.raises(ValueError, match=r"^runtime.actors: 3 actors x 1 CPUs .* need 3 CPUs, the Ray cluster has 2;"):
+        too_many.step()

@@ -28,6 +28,7 @@ Ray is an optional extra; this module imports it only when an algorithm is built
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 import traceback
@@ -183,11 +184,16 @@ class RayFedAvg(SyncFedAvg):
         ray = self._ray
         if not ray.is_initialized():
             if self.address is None:     # a private local Ray sized for the actors
-                ray.init(num_cpus=max(1, int(round(self.actors * self.cpus_per_actor))), include_dashboard=False,
+                ray.init(num_cpus=max(1, math.ceil(self.actors * self.cpus_per_actor - 1e-9)), include_dashboard=False,
                          log_to_driver=False)
             else:
                 ray.init(address=self.address, log_to_driver=False)
             self._started_ray = True
+        need, have = self.actors * self.cpus_per_actor, ray.cluster_resources().get("CPU", 0.0)
+        if need > have + 1e-9:   # Ray would keep the actors pending and the round would wait forever
+            self.close()
+            raise ValueError(f"runtime.actors: {self.actors} actors x {self.cpus_per_actor:g} CPUs (runtime.cpus_per_actor) "
+                             f"need {need:g} CPUs, the Ray cluster has {have:g}; add nodes or ask for fewer")
         if self._task_config is not None:
             kind, what = "config", self._task_config
         else:   # the task came as objects: into the object store once, not every round (kept for restarts)
