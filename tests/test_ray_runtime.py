@@ -91,6 +91,20 @@ def test_without_ray_one_line_names_the_extra(monkeypatch):
         RayFedAvg(task.model, task.dataset, task.loss_fn, cohort=2)
 
 
+
+def test_without_ray_flotilla_run_prints_one_line(monkeypatch, tmp_path, capsys):
+    import yaml
+
+    from flotilla.cli import main
+    monkeypatch.setitem(sys.modules, "ray", None)
+    raw = config({"name": "ray"}).model_dump(mode="json")
+    raw["output"].update(dir=str(tmp_path), progress=False)
+    (tmp_path / "ray.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["run", str(tmp_path / "ray.yaml")]) == 2
+    assert capsys.readouterr().err == ("flotilla: error: runtime: {name: ray} needs Ray, which is not installed "
+                                       "here: pip install 'flotilla[ray]'\n")
+
+
 @pytest.mark.parametrize("parts", [
     {"privacy": {"sample_level": {"noise_multiplier": 1.0}}},
     {"privacy": {"user_level": {"clip_norm": 1.0, "noise_multiplier": 1.0}}},
