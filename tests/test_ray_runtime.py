@@ -48,6 +48,7 @@ def run_rounds(algorithm, rounds):
     ({"runtime": {"name": "in-process", "on_client_error": "skip"}}, "runtime.on_client_error: only used with"),
     ({"runtime": {"name": "ray", "on_client_error": "ignore"}}, "runtime.on_client_error: Input should be 'stop' or"),
     ({"runtime": {"name": "in-process"}, "workers": 2}, "runtime.name: in-process trains in one process"),
+    ({"runtime": {"name": "processes"}}, "runtime.name: processes trains in `workers` processes; set workers: 2"),
     ({"runtime": {"name": "ray", "gpus_per_actor": 0.5}}, "runtime.gpus_per_actor: GPUs are not supported"),
     ({"runtime": {"name": "ray", "address": "not an address"}}, "runtime.address: must be null"),
     ({"runtime": {"name": "ray", "actors": 0}}, "runtime.actors: Input should be greater than or equal to 1"),

@@ -73,7 +73,10 @@ def check_runtime(cfg) -> None:
     if cfg.mode == "async" or cfg.fleet is not None:
         raise ValueError(f"runtime.name: {rt.name} runs synchronous rounds only; the fleet simulator (mode: async, "
                          f"fleet) runs in-process (remove runtime, or use runtime.name: in-process)")
-    if rt.name != "ray":
+    if rt.name == "processes":
+        if cfg.workers < 2:   # ParallelFedAvg with one worker is in-process, but refuses what in-process composes
+            raise ValueError("runtime.name: processes trains in `workers` processes; set workers: 2 or more "
+                             "(workers: 1 is runtime.name: in-process)")
         return
     if cfg.workers > 1:
         raise ValueError(f"runtime.name: ray trains on runtime.actors Ray actors; workers: {cfg.workers} is for "
