@@ -118,4 +118,4 @@ class AsyncConfig(_Strict):
     normalize: Literal["mean", "sum"] = Field("mean", description="fedbuff: divide the buffer by its total example weight (mean) or not (sum = K x mean)")
     staleness: StalenessConfig = StalenessConfig()
     max_staleness: int | None = Field(None, ge=0, description="drop updates staler than this (server versions)")
-    mixing: float = Field(0.6, gt=0, le=1, description="fedasync: alpha in w = (1 - alpha s(tau)) w + alpha s(tau) w_client")
+    mixing: float = Field(0.6, gt=0, le=1, description="fedasync: alpha in w = (1 - a) w + a w_client, a = min(alpha s(tau), 1)")
