@@ -59,6 +59,7 @@ import logging
 import math
 import secrets
 import time
+import zlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -154,7 +155,15 @@ class Upload:
     norm: float
     ephemeral_pk: bytes = b""         # sealed upload: the client's ephemeral X25519 key
     ciphertext: bytes = b""           # sealed upload: what the secure buffer opens
-    digest: str | None = None         # sha256 of the uploaded bytes (answers retries; commit computes it)
+    digest: str | None = None         # fingerprint() of the uploaded bytes (answers retries; commit computes it)
+
+
+def fingerprint(data) -> str:
+    """A checksum of an upload's bytes, to tell a retry (the same bytes) from a replay (other bytes
+    under an accepted ticket).  Not cryptographic on purpose: a match only makes the server repeat
+    the answer it gave; it never changes state, so a forged match gains nothing."""
+    view = memoryview(data)
+    return f"crc32:{zlib.crc32(view):08x}:{view.nbytes}"
 
 
 def step_record(version: int, entries: list[dict[str, Any]]) -> dict[str, Any]:
@@ -309,7 +318,7 @@ class Coordinator:
                      self.version, len(self.buffer), self.next_seq)
 
     def _answer_of(self, entry: dict[str, Any]) -> Answer:
-        return Answer(int(entry["seq"]), int(entry.get("reply_version", entry["version"])), entry.get("sha256"),
+        return Answer(int(entry["seq"]), int(entry.get("reply_version", entry["version"])), entry.get("digest"),
                       float(entry["expires"]) + self.grace_s)
 
     async def start(self) -> None:
@@ -595,7 +604,7 @@ class Coordinator:
                          "num_examples": up.num_examples, "weight": weight,
                          "norm": None if self.sealed else round(up.norm, 6),   # the server cannot see a sealed one
                          "train_loss": up.train_loss, "examples_seen": up.examples_seen, "file": name,
-                         "sha256": up.digest, "reply_version": self.version + int(closes)}
+                         "digest": up.digest, "reply_version": self.version + int(closes)}
                 attempted = True
                 await loop.run_in_executor(None, self.store.accept, entry)
                 self.next_seq += 1
@@ -616,7 +625,7 @@ class Coordinator:
                 self.store.discard(name)
 
     def _stage(self, raw) -> tuple[str, str]:
-        return self.store.stage(raw), hashlib.sha256(raw).hexdigest()
+        return self.store.stage(raw), fingerprint(raw)
 
     def _add(self, delta: torch.Tensor, entry: dict[str, Any]) -> None:
         """Into the aggregator, exactly as the simulator adds (also used to rebuild the buffer on restart)."""

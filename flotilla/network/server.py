@@ -26,7 +26,6 @@ request, check in again, or give up): see :mod:`flotilla.network.refusals`.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import math
@@ -49,7 +48,7 @@ from flotilla.core.flat import FlatModel
 from flotilla.core.server_opt import ServerOptimizer, ServerOptimizerSpec
 from flotilla.network import wire
 from flotilla.network.auth import Identity, RateLimiter, TokenTable
-from flotilla.network.coordinator import Coordinator, CoordinatorSettings, Upload, step_record
+from flotilla.network.coordinator import Coordinator, CoordinatorSettings, Upload, fingerprint, step_record
 from flotilla.network.refusals import InUse, Refused
 from flotilla.network.store import StateStore
 from flotilla.network.tickets import Ticket
@@ -125,10 +124,6 @@ def _parser(cls):
 
 
 _CODES = {c.name: c for c in grpc.StatusCode}
-
-
-def _sha256(data) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 class FlotillaServer:
@@ -441,7 +436,7 @@ class FlotillaServer:
                               f"upload refused: the stream did not finish within {self.limits.upload_timeout_s:g} s "
                               "(upload_timeout_s); retry on a better connection", retry_after_s=1.0) from None
             if answer is not None:   # a retry of an assignment already in the ledger
-                digest = await asyncio.get_running_loop().run_in_executor(None, _sha256, buf)
+                digest = await asyncio.get_running_loop().run_in_executor(None, fingerprint, buf)
                 if answer.digest is not None and answer.digest == digest:
                     return pb.UploadReply(seq=answer.seq, version=answer.version)
                 raise Refused("ALREADY_EXISTS", "replay", f"upload refused: replayed nonce, assignment {ticket.id[:8]} "

@@ -23,7 +23,7 @@ One live assignment per device (``AssignmentTable.live``):
   as its live assignment, but only if the device has had no assignment since the restart;
 * at most one upload per assignment is in flight, and at most ``uploads_per_device`` per device
   (:meth:`begin_upload`), so one device cannot hold the server's upload slots;
-* answers: the reply given to every accepted assignment (ledger seq, version, digest of the bytes)
+* answers: the reply given to every accepted assignment (ledger seq, version, checksum of the bytes)
   is kept until ``expires + grace`` (then the ledger on disk answers), so a retry of an
   assignment that is in the ledger gets the same acceptance answer whatever round the server is
   in now, and a different payload under the same ticket is refused as a replay.
@@ -75,7 +75,7 @@ class Answer:
     """What an accepted assignment was told, kept to answer its retries the same way."""
     seq: int
     version: int
-    digest: str | None     # sha256 of the uploaded bytes (None: not recorded, e.g. a secure round)
+    digest: str | None     # checksum of the uploaded bytes (None: not recorded, e.g. a secure round)
     keep_until: float
 
 
