@@ -10,6 +10,7 @@ They are bit-identical to worker processes (workers: 2), which split and sum the
 """
 import importlib.util
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -122,6 +123,20 @@ def test_dp_and_secure_aggregation_are_refused_not_skipped(parts):
     with pytest.raises(ValueError, match="would never run"):
         from flotilla.core.protocols import Components
         RayFedAvg(**kwargs, components=Components(sampler=sample_cohort))
+
+
+@needs_ray
+def test_address_auto_without_a_cluster_is_one_line(monkeypatch):
+    import ray
+    if ray.is_initialized() or Path("/tmp/ray/ray_current_cluster").exists():
+        pytest.skip("a Ray cluster is running here, so address: auto would find it")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cfg = config()
+    task = build_task(cfg.task, cfg.seed)
+    algorithm = RayFedAvg(task.model, task.dataset, task.loss_fn, cohort=5, address="auto")
+    with pytest.raises(ValueError, match=r"^runtime.address: no Ray cluster at 'auto' \(Could not find any running"):
+        algorithm.step()
+    assert not ray.is_initialized()
 
 
 # -- on a local Ray ---------------------------------------------------------------------------

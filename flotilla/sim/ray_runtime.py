@@ -187,7 +187,11 @@ class RayFedAvg(SyncFedAvg):
                 ray.init(num_cpus=max(1, math.ceil(self.actors * self.cpus_per_actor - 1e-9)), include_dashboard=False,
                          log_to_driver=False)
             else:
-                ray.init(address=self.address, log_to_driver=False)
+                try:
+                    ray.init(address=self.address, log_to_driver=False)
+                except ConnectionError as e:
+                    raise ValueError(f"runtime.address: no Ray cluster at {self.address!r} "
+                                     f"({str(e).splitlines()[0]}); start one with `ray start --head`") from None
             self._started_ray = True
         need, have = self.actors * self.cpus_per_actor, ray.cluster_resources().get("CPU", 0.0)
         if need > have + 1e-9:   # Ray would keep the actors pending and the round would wait forever
@@ -261,7 +265,7 @@ class RayFedAvg(SyncFedAvg):
         refs = [self._submit(rank, weights_ref, share) for rank, share in enumerate(shares)]
         replies = self._gather(refs)
         for reply in replies:       # the round is abandoned: weights, optimizer state and round unchanged
-            if reply[0] == "error":
+            if isinstance(reply[0], str):
                 _, c, error, detail = reply
                 raise ClientTrainingError(c, self.round + 1, error, detail)
         total = self._total.zero_()
