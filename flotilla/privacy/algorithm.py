@@ -146,7 +146,8 @@ class PrivacyParts:
         spec = PrivacySpec.from_dict(spec)
         if not shape.composable:
             raise PrivacyError("workers: DP trains every client in one process (per-client clipping, noise and "
-                               f"accounting in the parent), but {shape.name}: {shape.why_not_composable}; use workers=1")
+                               f"accounting in the parent), but {shape.name}: {shape.why_not_composable}; use the "
+                               f"in-process runtime (workers: 1, no runtime section)")
         self.spec, self.shape, self.rounds, self.eval_every = spec, shape, rounds, eval_every
         self.kind = self.plan = None
         if spec.user_level is not None:

@@ -133,7 +133,8 @@ class SecureParts:
             raise ValueError(ADAPTIVE_CLIPPING_REFUSED)
         if not shape.composable:
             raise ValueError(f"secure_aggregation: the protocol runs over the whole cohort in one process, but "
-                             f"{shape.name}: {shape.why_not_composable}; use workers=1")
+                             f"{shape.name}: {shape.why_not_composable}; use the in-process runtime (workers: 1, "
+                             f"no runtime section)")
         self.built = None          # the SecureAggregator or SecureFedBuff, once built
         if shape.aggregation == "round" and shape.selection == "uniform":
             self.components = Components(aggregator=self._check_sync())
