@@ -178,7 +178,7 @@ def test_a_few_hundred_hostile_requests_change_nothing_and_never_crash_the_serve
         before = status(st)
         sent = 0
         t0 = time.perf_counter()
-        for _ in range(3):
+        for _ in range(5):
             for parts, why in _mutations(a, rng):
                 try:
                     raw.upload(parts)
@@ -197,10 +197,10 @@ def test_a_few_hundred_hostile_requests_change_nothing_and_never_crash_the_serve
                 sent += 1
         took = time.perf_counter() - t0
         after = status(st)
-        assert sent >= 150 and took < 45, (sent, took)
+        assert sent >= 250 and took < 45, (sent, took)
         assert after["weights_sha256"] == before["weights_sha256"]
         assert (after["version"], after["accepted"], after["buffered"]) == (0, 0, 0)
-        assert after["rejected"] >= sent - 12          # every upload refusal counted (a valid CheckIn may succeed)
+        assert after["rejected"] >= sent - 20          # every upload refusal counted (a valid CheckIn may succeed)
         assert not (tmp_path / "s" / "ledger.jsonl").exists()
         # the assignment is spoiled by its hostile updates (a check-in would revoke it), but an
         # honest update under it still counts
