@@ -234,7 +234,7 @@ class ExperimentConfig(Strict):
         if a is not None:
             p = self.privacy
             aggregation = "round" if self.mode == "sync" else "buffer" if self.async_.algorithm == "fedbuff" else "per_update"
-            why = refusal(a, Setting(aggregation, self.workers <= 1, "workers > 1 trains in worker processes",
+            why = refusal(a, Setting(aggregation, self.workers <= 1, f"workers: {self.workers} trains each round in worker processes with plain local SGD",
                                      p is not None and p.sample_level is not None, p is not None and p.user_level is not None,
                                      self.secure_aggregation is not None))
             if why:

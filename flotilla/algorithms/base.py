@@ -56,5 +56,5 @@ def not_composable(name: str, setting: Setting, uses: str) -> str | None:
     """The refusal shared by every algorithm that brings a component: worker processes never call it."""
     if not setting.composable:
         return (f"client.algorithm: {name} {uses}, but {setting.why_not_composable or 'this runtime trains elsewhere'}; "
-                f"set workers: 1")
+                f"use a runtime that trains in this process (workers: 1)")
     return None
