@@ -234,7 +234,8 @@ class ExperimentConfig(Strict):
         if a is not None:
             p = self.privacy
             aggregation = "round" if self.mode == "sync" else "buffer" if self.async_.algorithm == "fedbuff" else "per_update"
-            why = refusal(a, Setting(aggregation, self.workers <= 1, f"workers: {self.workers} trains each round in worker processes with plain local SGD",
+            processes = f"workers: {self.workers} trains each round in worker processes with plain local SGD"
+            why = refusal(a, Setting(aggregation, self.workers <= 1, processes,
                                      p is not None and p.sample_level is not None, p is not None and p.user_level is not None,
                                      self.secure_aggregation is not None))
             if why:
