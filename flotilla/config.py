@@ -104,7 +104,7 @@ class UserLevelPrivacy(Strict):
     delta: float | None = Field(None, gt=0, lt=1, description="delta (must be < 1/population; default 1/population^1.1)")
     sampling: Literal["fixed", "poisson"] = Field("fixed", description="cohort sampling: fixed size, or each user with probability cohort/population")
     adaptive_clipping: AdaptiveClippingConfig | None = Field(None, description="adapt S to a quantile of update norms")
-    amplification: bool = Field(True, description="account sampling rate q = cohort (or async.buffer_size) / population; false: q = 1, no sampling assumption")
+    amplification: bool | None = Field(None, description="account sampling rate q = cohort (or async.buffer_size) / population; false: q = 1, no sampling assumption (default: true in simulations, false in flotilla serve, where devices choose when to check in)")
 
     @model_validator(mode="after")
     def _one_noise(self):

@@ -47,7 +47,7 @@ def server_from_config(cfg, state_dir: str | Path | None = None) -> FlotillaServ
             spec = PrivacySpec.from_dict(cfg.privacy.model_dump())
             sample = spec.sample_level          # DP-SGD on the devices: the assignment carries its settings
             if spec.user_level is not None:
-                user = network_user_level(spec.user_level, "amplification" in cfg.privacy.user_level.model_fields_set)
+                user = network_user_level(spec.user_level, cfg.privacy.user_level.amplification is not None)
         except PrivacyError as e:
             raise ConfigError(f"invalid config:\n  {e}") from None
     if cfg.threads:

@@ -54,7 +54,7 @@ class PrivacySpec:
         if sample is not None and not isinstance(sample, SampleLevelSpec):
             sample = SampleLevelSpec(**{**sample, "accountant": acc})
         if user is not None and not isinstance(user, UserLevelSpec):
-            user = dict(user)
+            user = {k: v for k, v in dict(user).items() if not (k == "amplification" and v is None)}  # None: the default
             ad = user.get("adaptive_clipping")
             if ad is not None and not isinstance(ad, AdaptiveClippingSpec):
                 user["adaptive_clipping"] = AdaptiveClippingSpec(**ad)
