@@ -12,6 +12,7 @@ evaluation clients' test data, measured after every round.  One torch thread, so
 with like on a shared machine; the load average before and after is printed with the table.
 Writes benchmarks/out/client_algorithms.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,10 +48,18 @@ def load() -> str:
 
 def config(args, algorithm, seed: int) -> dict:
     return {
-        "seed": seed, "rounds": args.rounds, "cohort": args.cohort, "threads": 1, "weighting": args.weighting,
+        "seed": seed,
+        "rounds": args.rounds,
+        "cohort": args.cohort,
+        "threads": 1,
+        "weighting": args.weighting,
         "task": {"name": "fashion-mnist", "partition": "dirichlet", "alpha": args.alpha, "num_clients": args.clients},
-        "client": {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
-                   **({"algorithm": algorithm} if algorithm else {})},
+        "client": {
+            "steps": args.steps,
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+            **({"algorithm": algorithm} if algorithm else {}),
+        },
         "server": {"optimizer": "fedavg", "lr": 1.0},
         "eval": {"every": 1, "max_clients": args.eval_clients},
         "output": {"progress": False},
@@ -108,21 +117,34 @@ def main() -> None:
             t0 = time.perf_counter()
             acc, diverged = train(validate(config(args, algorithm, seed)))
             secs = time.perf_counter() - t0
-            row = {"algorithm": name, "seed": seed, "seconds": round(secs, 1), "diverged_at": diverged,
-                   "final_accuracy": None if diverged else acc[-1], "best_accuracy": max(acc, default=0.0),
-                   "accuracy": acc, **{f"rounds_to_{t}": rounds_to(acc, t) for t in args.target}}
+            row = {
+                "algorithm": name,
+                "seed": seed,
+                "seconds": round(secs, 1),
+                "diverged_at": diverged,
+                "final_accuracy": None if diverged else acc[-1],
+                "best_accuracy": max(acc, default=0.0),
+                "accuracy": acc,
+                **{f"rounds_to_{t}": rounds_to(acc, t) for t in args.target},
+            }
             rows.append(row)
-            print(f"{name:20s} seed {seed}: " + ", ".join(f"{t:.0%} at round {row[f'rounds_to_{t}']}" for t in args.target)
-                  + (f"; DIVERGED at round {diverged}" if diverged else f"; final {acc[-1]:.3f}")
-                  + f", best {max(acc, default=0.0):.3f} ({secs:.0f} s)", flush=True)
+            print(
+                f"{name:20s} seed {seed}: "
+                + ", ".join(f"{t:.0%} at round {row[f'rounds_to_{t}']}" for t in args.target)
+                + (f"; DIVERGED at round {diverged}" if diverged else f"; final {acc[-1]:.3f}")
+                + f", best {max(acc, default=0.0):.3f} ({secs:.0f} s)",
+                flush=True,
+            )
     load_after = load()
 
     def show(v):
         return "-" if v is None else str(v)
 
-    print(f"\nFashion-MNIST, Dirichlet(alpha={args.alpha}) over {args.clients} clients, cohort {args.cohort}, "
-          f"{args.steps} local steps of batch {args.batch_size}, client lr {args.lr}, server FedAvg lr 1, "
-          f"weighting {args.weighting}, {args.rounds} rounds, seeds {args.seeds}; accuracy on {args.eval_clients} evaluation clients.")
+    print(
+        f"\nFashion-MNIST, Dirichlet(alpha={args.alpha}) over {args.clients} clients, cohort {args.cohort}, "
+        f"{args.steps} local steps of batch {args.batch_size}, client lr {args.lr}, server FedAvg lr 1, "
+        f"weighting {args.weighting}, {args.rounds} rounds, seeds {args.seeds}; accuracy on {args.eval_clients} evaluation clients."
+    )
     print("'-': not reached within the rounds; 'diverged at r': a non-finite update at round r ended the run.\n")
     head = " | ".join(f"rounds to {t:.0%}" for t in args.target)
     print(f"| algorithm | {head} | final accuracy | best accuracy | seconds per run |")
@@ -132,16 +154,29 @@ def main() -> None:
         if not mine:
             continue
         cells = [" / ".join(show(r[f"rounds_to_{t}"]) for r in mine) for t in args.target]
-        final = " / ".join(f"diverged at {r['diverged_at']}" if r["diverged_at"] else f"{r['final_accuracy']:.3f}"
-                           for r in mine)
+        final = " / ".join(
+            f"diverged at {r['diverged_at']}" if r["diverged_at"] else f"{r['final_accuracy']:.3f}" for r in mine
+        )
         best = " / ".join(f"{r['best_accuracy']:.3f}" for r in mine)
         secs = statistics.mean(r["seconds"] for r in mine)
         print(f"| {name} | " + " | ".join(cells) + f" | {final} | {best} | {secs:.0f} |")
-    print(f"\nper seed (seeds {' / '.join(map(str, args.seeds))}); seconds: mean per run. "
-          f"load average (1/5/15 min) before: {load_before}; after: {load_after}")
+    print(
+        f"\nper seed (seeds {' / '.join(map(str, args.seeds))}); seconds: mean per run. "
+        f"load average (1/5/15 min) before: {load_before}; after: {load_after}"
+    )
     OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps({"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "args": vars(args),
-                               "load_before": load_before, "load_after": load_after, "rows": rows}, indent=1))
+    OUT.write_text(
+        json.dumps(
+            {
+                "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                "args": vars(args),
+                "load_before": load_before,
+                "load_after": load_after,
+                "rows": rows,
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

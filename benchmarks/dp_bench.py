@@ -9,6 +9,7 @@
 Prints markdown tables and writes benchmarks/out/dp_bench.json.  One torch thread throughout, so
 timings compare like with like on a shared machine; the load average is recorded with them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,11 +44,13 @@ def load() -> str:
 
 def fmnist(num_clients, seed=0, **kw):
     from flotilla.data.fashion_mnist import fashion_mnist_federated
+
     return fashion_mnist_federated(partition="iid", num_clients=num_clients, seed=seed, **kw)
 
 
 def shakespeare(**kw):
     from flotilla.data.shakespeare import VOCAB_SIZE, shakespeare_federated
+
     return shakespeare_federated(seed=0, **kw), VOCAB_SIZE
 
 
@@ -81,24 +84,40 @@ def part_timing(quick: bool) -> list[dict]:
     trainer = DPLocalTrainer(flat, F.cross_entropy, spec, dp)
     wrap_ms = (time.perf_counter() - t0) * 1000
     private = time_client(trainer, ds, clients, flat.flat.clone())
-    rows.append({"model": "SmallCNN (FMNIST, batch 32)", "plain_ms_per_step": plain, "dp_ms_per_step": private,
-                 "slowdown": private / plain, "wrap_once_ms": wrap_ms, "load": load()})
+    rows.append(
+        {
+            "model": "SmallCNN (FMNIST, batch 32)",
+            "plain_ms_per_step": plain,
+            "dp_ms_per_step": private,
+            "slowdown": private / plain,
+            "wrap_once_ms": wrap_ms,
+            "load": load(),
+        }
+    )
 
     sh, vocab = shakespeare(max_clients=40, max_train_samples_per_client=320)
     clients = [c for c in range(sh.num_clients) if sh.num_train(c) >= 320][:n_clients]
     torch.manual_seed(0)
-    lstm_flat = FlatModel(CharLSTM(vocab))                       # nn.LSTM (fused kernel)
+    lstm_flat = FlatModel(CharLSTM(vocab))  # nn.LSTM (fused kernel)
     plain = time_client(LocalTrainer(lstm_flat, F.cross_entropy, spec), sh, clients, lstm_flat.flat.clone())
     torch.manual_seed(0)
-    dpl_flat = FlatModel(make_dp_compatible(CharLSTM(vocab)))    # Opacus DPLSTM, trained without DP
+    dpl_flat = FlatModel(make_dp_compatible(CharLSTM(vocab)))  # Opacus DPLSTM, trained without DP
     dplstm_plain = time_client(LocalTrainer(dpl_flat, F.cross_entropy, spec), sh, clients, dpl_flat.flat.clone())
     t0 = time.perf_counter()
     trainer = DPLocalTrainer(dpl_flat, F.cross_entropy, spec, dp)
     wrap_ms = (time.perf_counter() - t0) * 1000
     private = time_client(trainer, sh, clients, dpl_flat.flat.clone())
-    rows.append({"model": "CharLSTM 128 (Shakespeare, seq 80, batch 32)", "plain_ms_per_step": plain,
-                 "plain_dplstm_ms_per_step": dplstm_plain, "dp_ms_per_step": private, "slowdown": private / plain,
-                 "wrap_once_ms": wrap_ms, "load": load()})
+    rows.append(
+        {
+            "model": "CharLSTM 128 (Shakespeare, seq 80, batch 32)",
+            "plain_ms_per_step": plain,
+            "plain_dplstm_ms_per_step": dplstm_plain,
+            "dp_ms_per_step": private,
+            "slowdown": private / plain,
+            "wrap_once_ms": wrap_ms,
+            "load": load(),
+        }
+    )
     return rows
 
 
@@ -110,6 +129,7 @@ def part_overhead(quick: bool) -> list[dict]:
     deltas = [torch.randn(numel, generator=g) * 0.01 for _ in range(8)]
     for m in (10, 100):
         reps = 3 if quick else 10
+
         def agg_ms(agg):
             ts = []
             for _ in range(reps):
@@ -120,10 +140,18 @@ def part_overhead(quick: bool) -> list[dict]:
                 agg.result()
                 ts.append((time.perf_counter() - t0) * 1000)
             return statistics.median(ts)
+
         plain = agg_ms(WeightedMean(numel))
         dp = agg_ms(DPFedAvg(numel, clip_norm=1.0, noise_multiplier=1.0, expected_cohort=m))
-        rows.append({"what": f"aggregate {m} CNN deltas ({numel} params)", "plain_ms": plain, "dp_ms": dp,
-                     "overhead_ms": dp - plain, "load": load()})
+        rows.append(
+            {
+                "what": f"aggregate {m} CNN deltas ({numel} params)",
+                "plain_ms": plain,
+                "dp_ms": dp,
+                "overhead_ms": dp - plain,
+                "load": load(),
+            }
+        )
 
     # Whole rounds, plain and private alternated (same cohorts, same seeds) so that load drifts hit both.
     ds = fmnist(100)
@@ -131,8 +159,14 @@ def part_overhead(quick: bool) -> list[dict]:
     algs = {}
     for private in (False, True):
         torch.manual_seed(0)
-        alg = SyncFedAvg(SmallCNN(), ds, F.cross_entropy, cohort=10, weighting="uniform",
-                         client=ClientSpec(epochs=1, batch_size=32, lr=0.05))
+        alg = SyncFedAvg(
+            SmallCNN(),
+            ds,
+            F.cross_entropy,
+            cohort=10,
+            weighting="uniform",
+            client=ClientSpec(epochs=1, batch_size=32, lr=0.05),
+        )
         if private:
             # small S so that the noise (std z S / m per weight) does not wreck the model over the timed rounds
             alg = make_private(alg, {"user_level": {"clip_norm": 0.01, "noise_multiplier": 1.0}}, rounds=rounds + 1)
@@ -145,8 +179,15 @@ def part_overhead(quick: bool) -> list[dict]:
             algs[private].step()
             times[private].append(time.perf_counter() - t0)
     plain, dp = statistics.median(times[False]), statistics.median(times[True])
-    rows.append({"what": "one sync round, FMNIST, cohort 10 x 600 images, 1 epoch (median)", "plain_ms": plain * 1000,
-                 "dp_ms": dp * 1000, "overhead_ms": (dp - plain) * 1000, "load": load()})
+    rows.append(
+        {
+            "what": "one sync round, FMNIST, cohort 10 x 600 images, 1 epoch (median)",
+            "plain_ms": plain * 1000,
+            "dp_ms": dp * 1000,
+            "overhead_ms": (dp - plain) * 1000,
+            "load": load(),
+        }
+    )
     return rows
 
 
@@ -161,13 +202,32 @@ def curve(name, make_model, dataset, *, rounds, cohort, client, server, clip, ta
             privacy["sample_level"] = sample_level
         torch.manual_seed(0)
         t0 = time.perf_counter()
-        res = train(make_model(), dataset, rounds=rounds, cohort=cohort, client=client, server=server,
-                    weighting="uniform", eval={"every": rounds, "max_clients": eval_clients}, privacy=privacy, seed=0)
+        res = train(
+            make_model(),
+            dataset,
+            rounds=rounds,
+            cohort=cohort,
+            client=client,
+            server=server,
+            weighting="uniform",
+            eval={"every": rounds, "max_clients": eval_clients},
+            privacy=privacy,
+            seed=0,
+        )
         last = res.history[-1]
-        rows.append({"task": name, "setting": label, "epsilon": last.get("epsilon", math.inf if user else None),
-                     "delta": last.get("delta"), "noise_multiplier": last.get("noise_multiplier"),
-                     "accuracy": last["accuracy"], "rounds": last["round"], "seconds": time.perf_counter() - t0,
-                     "load": load()})
+        rows.append(
+            {
+                "task": name,
+                "setting": label,
+                "epsilon": last.get("epsilon", math.inf if user else None),
+                "delta": last.get("delta"),
+                "noise_multiplier": last.get("noise_multiplier"),
+                "accuracy": last["accuracy"],
+                "rounds": last["round"],
+                "seconds": time.perf_counter() - t0,
+                "load": load(),
+            }
+        )
         print(f"  {name} {label}: acc {last['accuracy']:.4f} eps {rows[-1]['epsilon']}", flush=True)
     return rows
 
@@ -176,13 +236,31 @@ def part_curve(quick: bool) -> list[dict]:
     rows = []
     # Clip norms near the median update norm at the start (measured: ~0.13 for the CNN, ~0.77 for the LSTM).
     ds = fmnist(2000)  # 30 images per client
-    rows += curve("Fashion-MNIST", SmallCNN, ds, rounds=5 if quick else 20, cohort=50,
-                  client={"epochs": 1, "batch_size": 10, "lr": 0.05}, server={"optimizer": "fedavgm", "lr": 1.0, "momentum": 0.9},
-                  clip=0.1, targets=[4] if quick else [0.25, 1, 4, 16, 64], eval_clients=None)  # all 10,000 test images
+    rows += curve(
+        "Fashion-MNIST",
+        SmallCNN,
+        ds,
+        rounds=5 if quick else 20,
+        cohort=50,
+        client={"epochs": 1, "batch_size": 10, "lr": 0.05},
+        server={"optimizer": "fedavgm", "lr": 1.0, "momentum": 0.9},
+        clip=0.1,
+        targets=[4] if quick else [0.25, 1, 4, 16, 64],
+        eval_clients=None,
+    )  # all 10,000 test images
     sh, vocab = shakespeare(max_train_samples_per_client=32)
-    rows += curve("Shakespeare", lambda: CharLSTM(vocab), sh, rounds=4 if quick else 20, cohort=40,
-                  client={"epochs": 1, "batch_size": 16, "lr": 1.0}, server={"optimizer": "fedavgm", "lr": 1.0, "momentum": 0.9},
-                  clip=0.8, targets=[8] if quick else [0.5, 2, 8, 32], eval_clients=20)
+    rows += curve(
+        "Shakespeare",
+        lambda: CharLSTM(vocab),
+        sh,
+        rounds=4 if quick else 20,
+        cohort=40,
+        client={"epochs": 1, "batch_size": 16, "lr": 1.0},
+        server={"optimizer": "fedavgm", "lr": 1.0, "momentum": 0.9},
+        clip=0.8,
+        targets=[8] if quick else [0.5, 2, 8, 32],
+        eval_clients=20,
+    )
     return rows
 
 

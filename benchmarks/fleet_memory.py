@@ -11,6 +11,7 @@ concurrency x model (1,000 x 4.3 MB = 4.3 GB).
 Prints the peak RSS of the process (``ru_maxrss``), the most model snapshots held at once,
 and the number of distinct versions that were in flight (what an unbounded store would hold).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,16 +48,34 @@ def main():
     base = rss_mb()
     data = fashion_mnist_federated(partition="dirichlet", num_clients=1000, alpha=0.5, seed=0)
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 256), nn.ReLU(), nn.Linear(256, 10))
+    model = nn.Sequential(
+        nn.Flatten(), nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 256), nn.ReLU(), nn.Linear(256, 10)
+    )
     numel = sum(p.numel() for p in model.parameters())
-    fleet = make_fleet(population=int(args.population), seed=0, train_sizes=data.train_sizes.numpy(), model_bytes=numel * 4,
-                       steps=1, batch_size=20, speed={"dist": "lognormal", "median": 5, "sigma": 1.0},
-                       bandwidth_down_mbps={"dist": "lognormal", "median": 20, "sigma": 0.5},
-                       bandwidth_up_mbps={"dist": "lognormal", "median": 5, "sigma": 0.5})
+    fleet = make_fleet(
+        population=int(args.population),
+        seed=0,
+        train_sizes=data.train_sizes.numpy(),
+        model_bytes=numel * 4,
+        steps=1,
+        batch_size=20,
+        speed={"dist": "lognormal", "median": 5, "sigma": 1.0},
+        bandwidth_down_mbps={"dist": "lognormal", "median": 20, "sigma": 0.5},
+        bandwidth_up_mbps={"dist": "lognormal", "median": 5, "sigma": 0.5},
+    )
     max_s = None if args.max_staleness < 0 else args.max_staleness
-    alg = AsyncFleetSim(model, data, F.cross_entropy, fleet=fleet, concurrency=args.concurrency, buffer_size=10,
-                        staleness=polynomial(0.5), max_staleness=max_s, client=ClientSpec(steps=1, batch_size=20, lr=0.05),
-                        server=ServerOptimizerSpec("fedavgm", lr=1.0, momentum=0.9))
+    alg = AsyncFleetSim(
+        model,
+        data,
+        F.cross_entropy,
+        fleet=fleet,
+        concurrency=args.concurrency,
+        buffer_size=10,
+        staleness=polynomial(0.5),
+        max_staleness=max_s,
+        client=ClientSpec(steps=1, batch_size=20, lr=0.05),
+        server=ServerOptimizerSpec("fedavgm", lr=1.0, momentum=0.9),
+    )
     after_setup = rss_mb()
     t0 = time.perf_counter()
     max_versions_in_flight = 0
@@ -65,12 +84,23 @@ def main():
         max_versions_in_flight = max(max_versions_in_flight, len(alg.sched.refs))
     host = time.perf_counter() - t0
     out = {
-        "population": int(args.population), "concurrency": args.concurrency, "params": numel,
-        "model_mb": numel * 4 / 2**20, "max_staleness": max_s, "server_steps": m["round"], "uploads": m["uploads"],
-        "stale_discarded": m["stale_discarded"], "sim_time_s": m["sim_time_s"], "host_s": host,
-        "peak_snapshots": alg.peak_snapshots, "max_distinct_versions_in_flight": max_versions_in_flight,
-        "rss_start_mb": base, "rss_after_setup_mb": after_setup, "peak_rss_mb": rss_mb(),
-        "naive_copies_mb": args.concurrency * numel * 4 / 2**20, "loadavg": os.getloadavg(),
+        "population": int(args.population),
+        "concurrency": args.concurrency,
+        "params": numel,
+        "model_mb": numel * 4 / 2**20,
+        "max_staleness": max_s,
+        "server_steps": m["round"],
+        "uploads": m["uploads"],
+        "stale_discarded": m["stale_discarded"],
+        "sim_time_s": m["sim_time_s"],
+        "host_s": host,
+        "peak_snapshots": alg.peak_snapshots,
+        "max_distinct_versions_in_flight": max_versions_in_flight,
+        "rss_start_mb": base,
+        "rss_after_setup_mb": after_setup,
+        "peak_rss_mb": rss_mb(),
+        "naive_copies_mb": args.concurrency * numel * 4 / 2**20,
+        "loadavg": os.getloadavg(),
     }
     print(json.dumps(out, indent=1))
     if args.json:

@@ -9,6 +9,7 @@ e.g. a follow-up with a larger trip budget) and prints, per task and concurrency
 FedAsync and FedBuff and FedBuff's speed-up over the other two.  A run that missed the target
 within its trip budget shows as ``>`` its simulated time (its ratio is then a lower bound).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -76,10 +77,18 @@ def main() -> None:
                 vs_sync.append(x1)
                 vs_async.append(x2)
                 print(f"| {c:,} | {s['seed']} | {' | '.join(cells)} | {r1} | {r2} |")
-            med = lambda xs: statistics.median([x for x in xs if x is not None]) if any(x is not None for x in xs) else None  # noqa: E731
+            med = lambda xs: (
+                statistics.median([x for x in xs if x is not None]) if any(x is not None for x in xs) else None
+            )  # noqa: E731
             summary.append((c, med(vs_sync), med(vs_async)))
-        print("\nmedian over seeds (lower bounds where a run missed the target): " + "; ".join(
-            f"C={c:,}: {a:.1f}x vs FedAvgM, {b:.1f}x vs FedAsync" for c, a, b in summary if a is not None and b is not None))
+        print(
+            "\nmedian over seeds (lower bounds where a run missed the target): "
+            + "; ".join(
+                f"C={c:,}: {a:.1f}x vs FedAvgM, {b:.1f}x vs FedAsync"
+                for c, a, b in summary
+                if a is not None and b is not None
+            )
+        )
 
 
 if __name__ == "__main__":

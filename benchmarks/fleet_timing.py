@@ -7,6 +7,7 @@ scheduler loop, and for synchronous rounds, at several population sizes.
 
     .venv/bin/python benchmarks/fleet_timing.py [--events 1000000] [--json out.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,14 +15,13 @@ import json
 import os
 import time
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from flotilla.core.dataset import FederatedDataset
 from flotilla.fleet import AsyncScheduler, make_fleet
 from flotilla.sim.fleet import AsyncFleetSim, SyncFleetSim
-from flotilla.core.dataset import FederatedDataset
 
 DIURNAL = [0.1] * 7 + [0.3] * 5 + [0.5] * 6 + [0.9] * 6
 
@@ -29,23 +29,42 @@ DIURNAL = [0.1] * 7 + [0.3] * 5 + [0.5] * 6 + [0.9] * 6
 def tiny_dataset(num_clients: int) -> FederatedDataset:
     """Clients with 2 examples each: the null client never trains on them."""
     x, y = torch.zeros(2 * num_clients, 2), torch.zeros(2 * num_clients, dtype=torch.long)
-    return FederatedDataset("null", lambda i: (x[i], y[i]), [torch.arange(2 * c, 2 * c + 2) for c in range(num_clients)])
+    return FederatedDataset(
+        "null", lambda i: (x[i], y[i]), [torch.arange(2 * c, 2 * c + 2) for c in range(num_clients)]
+    )
 
 
 def build_fleet(population: int, data, variant: str):
-    kw = dict(population=population, seed=0, train_sizes=data.train_sizes.numpy(), model_bytes=4_000_000,
-              speed={"dist": "lognormal", "median": 20, "sigma": 1.0},
-              bandwidth_down_mbps={"dist": "lognormal", "median": 20, "sigma": 0.5},
-              bandwidth_up_mbps={"dist": "lognormal", "median": 5, "sigma": 0.5})
+    kw = dict(
+        population=population,
+        seed=0,
+        train_sizes=data.train_sizes.numpy(),
+        model_bytes=4_000_000,
+        speed={"dist": "lognormal", "median": 20, "sigma": 1.0},
+        bandwidth_down_mbps={"dist": "lognormal", "median": 20, "sigma": 0.5},
+        bandwidth_up_mbps={"dist": "lognormal", "median": 5, "sigma": 0.5},
+    )
     if variant == "realistic":
-        kw.update(dropout=0.05, diurnal=DIURNAL, timezone_spread_h=3,
-                  session_s={"dist": "exponential", "mean": 1800}, trip_extra_s={"dist": "half-normal", "sd": 1.0})
+        kw.update(
+            dropout=0.05,
+            diurnal=DIURNAL,
+            timezone_spread_h=3,
+            session_s={"dist": "exponential", "mean": 1800},
+            trip_extra_s={"dist": "half-normal", "sd": 1.0},
+        )
     return make_fleet(**kw)
 
 
 def bench_fedbuff(population, concurrency, events, data, variant):
-    alg = AsyncFleetSim(nn.Linear(2, 2), data, F.cross_entropy, fleet=build_fleet(population, data, variant),
-                        concurrency=concurrency, buffer_size=10, null_client=True)
+    alg = AsyncFleetSim(
+        nn.Linear(2, 2),
+        data,
+        F.cross_entropy,
+        fleet=build_fleet(population, data, variant),
+        concurrency=concurrency,
+        buffer_size=10,
+        null_client=True,
+    )
     t0 = time.perf_counter()
     m = {}
     while True:
@@ -54,8 +73,17 @@ def bench_fedbuff(population, concurrency, events, data, variant):
             break
     dt = time.perf_counter() - t0
     n = m["uploads"] + m["dropouts"]
-    return {"kind": "fedbuff-null", "population": population, "concurrency": concurrency, "variant": variant,
-            "trip_ends": n, "host_s": dt, "per_s": n / dt, "sim_time_s": m["sim_time_s"], "server_steps": m["round"]}
+    return {
+        "kind": "fedbuff-null",
+        "population": population,
+        "concurrency": concurrency,
+        "variant": variant,
+        "trip_ends": n,
+        "host_s": dt,
+        "per_s": n / dt,
+        "sim_time_s": m["sim_time_s"],
+        "server_steps": m["round"],
+    }
 
 
 def bench_scheduler(population, concurrency, events, data, variant):
@@ -66,14 +94,29 @@ def bench_scheduler(population, concurrency, events, data, variant):
         s.pop()
         s.fill()
     dt = time.perf_counter() - t0
-    return {"kind": "scheduler", "population": population, "concurrency": concurrency, "variant": variant,
-            "trip_ends": events, "host_s": dt, "per_s": events / dt, "sim_time_s": s.now}
+    return {
+        "kind": "scheduler",
+        "population": population,
+        "concurrency": concurrency,
+        "variant": variant,
+        "trip_ends": events,
+        "host_s": dt,
+        "per_s": events / dt,
+        "sim_time_s": s.now,
+    }
 
 
 def bench_sync(population, concurrency, events, data, variant):
     cohort = int(concurrency / 1.3)
-    alg = SyncFleetSim(nn.Linear(2, 2), data, F.cross_entropy, fleet=build_fleet(population, data, variant),
-                       cohort=cohort, over_selection=1.3, null_client=True)
+    alg = SyncFleetSim(
+        nn.Linear(2, 2),
+        data,
+        F.cross_entropy,
+        fleet=build_fleet(population, data, variant),
+        cohort=cohort,
+        over_selection=1.3,
+        null_client=True,
+    )
     t0 = time.perf_counter()
     m = {}
     while True:
@@ -81,8 +124,16 @@ def bench_sync(population, concurrency, events, data, variant):
         if m["trips"] >= events:
             break
     dt = time.perf_counter() - t0
-    return {"kind": "sync-null", "population": population, "concurrency": alg.select, "variant": variant,
-            "trip_ends": m["trips"], "host_s": dt, "per_s": m["trips"] / dt, "sim_time_s": m["sim_time_s"]}
+    return {
+        "kind": "sync-null",
+        "population": population,
+        "concurrency": alg.select,
+        "variant": variant,
+        "trip_ends": m["trips"],
+        "host_s": dt,
+        "per_s": m["trips"] / dt,
+        "sim_time_s": m["sim_time_s"],
+    }
 
 
 def main():

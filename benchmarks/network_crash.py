@@ -18,6 +18,7 @@ end, what must hold after every crash:
 
 Prints one JSON line; exits 1 if anything failed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -74,6 +75,7 @@ def main() -> int:
     tokens = read_tokens_txt(paths["tokens_txt"])
     state = tmp / "state"
     import socket
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -81,13 +83,18 @@ def main() -> int:
     log = open(tmp / "server.log", "w")
 
     def start():
-        proc = subprocess.Popen([sys.executable, "-c", SERVER, str(tmp / "pki"), str(state), str(port), args.mode,
-                                 str(args.steps)], stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", SERVER, str(tmp / "pki"), str(state), str(port), args.mode, str(args.steps)],
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+            env=env,
+        )
         assert proc.stdout.readline().strip() == "ready", (tmp / "server.log").read_text()[-2000:]
         return proc
 
     server = start()
-    acked: list[tuple[str, int]] = []       # (assignment id, seq) the devices were told
+    acked: list[tuple[str, int]] = []  # (assignment id, seq) the devices were told
     errors: list[str] = []
     stop = threading.Event()
 
@@ -106,14 +113,17 @@ def main() -> int:
                 time.sleep(ci.retry_after_s)
                 continue
             a, delta = ci.assignment, torch.randn(18, generator=g) * 1e-2
-            while not stop.is_set():                 # the same upload again until the server answers
+            while not stop.is_set():  # the same upload again until the server answers
                 try:
                     seq, _ = conn.upload(a, delta, 10, train_loss=1.0, examples_seen=10)
                     acked.append((a.id, seq))
                     break
                 except Refused as e:
-                    if e.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-                                  grpc.StatusCode.CANCELLED):
+                    if e.code in (
+                        grpc.StatusCode.UNAVAILABLE,
+                        grpc.StatusCode.DEADLINE_EXCEEDED,
+                        grpc.StatusCode.CANCELLED,
+                    ):
                         time.sleep(0.1)
                         continue
                     if e.code in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL):
@@ -135,7 +145,7 @@ def main() -> int:
         kills += 1
         server = start()
     try:
-        server.wait(600)                        # trains to the end, lingers, exits
+        server.wait(600)  # trains to the end, lingers, exits
     except subprocess.TimeoutExpired:
         errors.append("the server did not finish training within 600 s of the last kill")
         server.kill()
@@ -146,6 +156,7 @@ def main() -> int:
 
     def strict(c):
         raise ValueError(c)
+
     ledger = [json.loads(x, parse_constant=strict) for x in (state / "ledger.jsonl").read_text().splitlines()]
     accepted = {r["seq"]: r for r in ledger if r["event"] == "accepted"}
     settled = [q for r in ledger if r["event"] in ("step", "dropped") for q in r["seqs"]]
@@ -168,13 +179,27 @@ def main() -> int:
         missing = sorted(set(steps) - set(rounds))
         bad.append(f"metrics records {len(rounds)} for {len(steps)} steps (missing {missing[:10]})")
     from safetensors.torch import load_file
+
     if not bool(torch.isfinite(load_file(str(state / "state.safetensors"))["weights"]).all()):
         bad.append("the saved model is not finite")
-    print(json.dumps({"mode": args.mode, "kills": kills, "seconds": round(took, 1), "steps": len(steps),
-                      "accepted": len(accepted), "acked": len(acked),
-                      "recovered_metrics": sum("recovered metrics" in line or "wrote back the metrics" in line
-                                               for line in (tmp / "server.log").read_text().splitlines()),
-                      "failures": bad[:10], "ok": not bad}))
+    print(
+        json.dumps(
+            {
+                "mode": args.mode,
+                "kills": kills,
+                "seconds": round(took, 1),
+                "steps": len(steps),
+                "accepted": len(accepted),
+                "acked": len(acked),
+                "recovered_metrics": sum(
+                    "recovered metrics" in line or "wrote back the metrics" in line
+                    for line in (tmp / "server.log").read_text().splitlines()
+                ),
+                "failures": bad[:10],
+                "ok": not bad,
+            }
+        )
+    )
     return 0 if not bad else 1
 
 

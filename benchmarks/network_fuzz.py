@@ -18,6 +18,7 @@ duplicate upload streams, and random SecAggStep JSON.  At the end it checks what
 
 Prints one JSON summary line; exits 1 if an invariant failed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,9 +57,17 @@ def main() -> int:
     logging.getLogger("flotilla.network").setLevel(logging.ERROR)
     tmp = Path(tempfile.mkdtemp(prefix="flotilla-fuzz-"))
     pki = PKI(tmp / "pki", devices=args.hostile + args.honest)
-    kw = dict(cohort=max(1, args.honest - 1), total_steps=10**6) if args.mode == "sync" else dict(
-        mode="async", concurrency=args.honest + args.hostile, buffer_size=max(1, args.honest - 1), total_steps=10**6,
-        max_staleness=4)
+    kw = (
+        dict(cohort=max(1, args.honest - 1), total_steps=10**6)
+        if args.mode == "sync"
+        else dict(
+            mode="async",
+            concurrency=args.honest + args.hostile,
+            buffer_size=max(1, args.honest - 1),
+            total_steps=10**6,
+            max_staleness=4,
+        )
+    )
     limits = Limits(rate=200.0, burst=400, upload_timeout_s=3.0)
     answers: Counter[str] = Counter()
     bad: list[str] = []
@@ -66,6 +75,7 @@ def main() -> int:
     deadline = time.time() + args.seconds
 
     with start_server(pki, tmp / "state", limits=limits, retry_after_s=0.05, round_deadline_s=5.0, **kw) as st:
+
         def hostile(i: int) -> None:
             rng = random.Random(args.seed * 1000 + i)
             raw = Raw(pki, st.port, i)
@@ -85,7 +95,7 @@ def main() -> int:
                 for parts, why in attacks[: rng.randrange(1, 12)]:
                     try:
                         raw.upload(parts)
-                        answers["accepted(hostile)"] += 1   # a mutation that happens to be valid (e.g. cut header)
+                        answers["accepted(hostile)"] += 1  # a mutation that happens to be valid (e.g. cut header)
                     except grpc.RpcError as e:
                         answers[e.code().name] += 1
                         if e.code() in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL):
@@ -95,8 +105,14 @@ def main() -> int:
                 for method in rng.sample([wire.CHECK_IN, wire.STATUS, wire.DOWNLOAD, wire.SECAGG_STEP], 2):
                     body = bytes(rng.getrandbits(8) for _ in range(rng.randrange(0, 80)))
                     if method == wire.SECAGG_STEP and rng.random() < 0.5:
-                        body = json.dumps({"op": rng.choice(["join", "get", "part", "masked"]), "ticket": a.ticket,
-                                           "index": rng.randrange(-2, 5), "count": rng.randrange(-2, 5)}).encode()
+                        body = json.dumps(
+                            {
+                                "op": rng.choice(["join", "get", "part", "masked"]),
+                                "ticket": a.ticket,
+                                "index": rng.randrange(-2, 5),
+                                "count": rng.randrange(-2, 5),
+                            }
+                        ).encode()
                     try:
                         r = raw.unary(method, body)
                         list(r) if method == wire.DOWNLOAD else r
@@ -104,18 +120,19 @@ def main() -> int:
                         answers[e.code().name] += 1
                         if e.code() in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL):
                             bad.append(f"{method}: {e.code().name} {e.details()}")
-                if rng.random() < 0.2:   # an honest-looking update under the hostile device's ticket, then a replay
+                if rng.random() < 0.2:  # an honest-looking update under the hostile device's ticket, then a replay
                     try:
                         conn.upload(a, torch.full((NUMEL,), 1e-3), 10)
                         conn.upload(a, torch.full((NUMEL,), 2e-3), 10)
                     except Refused as e:
                         answers[e.code.name] += 1
-                if rng.random() < 0.1:   # stalled duplicate streams
+                if rng.random() < 0.1:  # stalled duplicate streams
                     release = threading.Event()
 
                     def stall(a=a, release=release):
                         yield header(a)
                         release.wait(1.0)
+
                     futs = [raw.upload_future(stall(), timeout=10) for _ in range(3)]
                     release.set()
                     for f in futs:
@@ -154,6 +171,7 @@ def main() -> int:
 
     def strict(c):
         raise ValueError(c)
+
     records = [json.loads(x, parse_constant=strict) for x in (tmp / "state" / "ledger.jsonl").read_text().splitlines()]
     accepted = [r for r in records if r["event"] == "accepted"]
     settled = [q for r in records if r["event"] in ("step", "dropped") for q in r["seqs"]]
@@ -169,9 +187,18 @@ def main() -> int:
         bad.append("the model is not finite")
     if honest_ok["accepted"] == 0 or s["version"] == 0:
         bad.append("honest devices made no progress")
-    summary = {"seconds": args.seconds, "mode": args.mode, "answers": dict(answers), "honest": dict(honest_ok),
-               "version": s["version"], "accepted": s["accepted"], "rejected_by_reason": s["rejected_by_reason"],
-               "requests": sum(answers.values()), "failures": bad[:20], "ok": not bad}
+    summary = {
+        "seconds": args.seconds,
+        "mode": args.mode,
+        "answers": dict(answers),
+        "honest": dict(honest_ok),
+        "version": s["version"],
+        "accepted": s["accepted"],
+        "rejected_by_reason": s["rejected_by_reason"],
+        "requests": sum(answers.values()),
+        "failures": bad[:20],
+        "ok": not bad,
+    }
     print(json.dumps(summary))
     return 0 if not bad else 1
 

@@ -11,6 +11,7 @@ delta (4 MB, chunked), repeat.  Reported over the measurement window (after ``--
 accepted updates per second, upload latency p50/p99 (call start to the server's ack), download
 latency, server CPU, and the server's own accepted/rejected counts.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def mlp(params: int):
     """784 -> h -> 200 MLP with about ``params`` parameters."""
     from torch import nn
+
     hidden = max(1, round((params - 200) / (784 + 1 + 200)))
     return nn.Sequential(nn.Linear(784, hidden), nn.ReLU(), nn.Linear(hidden, 200))
 
@@ -38,36 +40,54 @@ def serve(args, pki_dir: str, state_dir: str, ready, stop) -> None:
     import logging
 
     import torch
+
     logging.getLogger("flotilla.network").setLevel(logging.ERROR)
     torch.set_num_threads(1)
     from flotilla.network.auth import TokenTable
     from flotilla.network.coordinator import CoordinatorSettings
     from flotilla.network.server import FlotillaServer, Limits, ServerThread, TLSFiles
+
     torch.manual_seed(0)
     p = Path(pki_dir)
     server = FlotillaServer(
-        mlp(args.params), tls=TLSFiles(str(p / "server.pem"), str(p / "server.key")),
-        tokens=TokenTable.load(p / "tokens.json"), state_dir=state_dir,
-        settings=CoordinatorSettings(mode="async", total_steps=10**9, concurrency=args.clients, buffer_size=args.buffer,
-                                     assignment_timeout_s=600, max_update_norm=100.0),
-        limits=Limits(rate=1000.0, burst=1000), fsync=not args.no_fsync, compression=args.compression, linger_s=0)
+        mlp(args.params),
+        tls=TLSFiles(str(p / "server.pem"), str(p / "server.key")),
+        tokens=TokenTable.load(p / "tokens.json"),
+        state_dir=state_dir,
+        settings=CoordinatorSettings(
+            mode="async",
+            total_steps=10**9,
+            concurrency=args.clients,
+            buffer_size=args.buffer,
+            assignment_timeout_s=600,
+            max_update_norm=100.0,
+        ),
+        limits=Limits(rate=1000.0, burst=1000),
+        fsync=not args.no_fsync,
+        compression=args.compression,
+        linger_s=0,
+    )
     st = ServerThread(server)
     ready.put((st.port, server.flat.numel, os.getpid()))
     stop.wait()
     st.stop()
 
 
-async def device(i: int, token: str, port: int, ca: bytes, deadline: float, delta_parts, records: list, compression: str):
+async def device(
+    i: int, token: str, port: int, ca: bytes, deadline: float, delta_parts, records: list, compression: str
+):
     import grpc
 
     from flotilla.network import wire
     from flotilla.network.wire import pb
+
     creds = grpc.ssl_channel_credentials(root_certificates=ca)
     options = wire.channel_options(wire.DEFAULT_MAX_MESSAGE_BYTES)
     meta = ((wire.AUTH_HEADER, f"Bearer {token}"),)
     ser = lambda m: m.SerializeToString()  # noqa: E731
-    async with grpc.aio.secure_channel(f"localhost:{port}", creds, options=options,
-                                       compression=wire.compression(compression)) as ch:
+    async with grpc.aio.secure_channel(
+        f"localhost:{port}", creds, options=options, compression=wire.compression(compression)
+    ) as ch:
         check_in = ch.unary_unary(wire.CHECK_IN, ser, pb.CheckInReply.FromString)
         download = ch.unary_stream(wire.DOWNLOAD, ser, pb.ModelChunk.FromString)
         upload = ch.stream_unary(wire.UPLOAD, ser, pb.UploadReply.FromString)
@@ -83,13 +103,17 @@ async def device(i: int, token: str, port: int, ca: bytes, deadline: float, delt
                 async for chunk in download(pb.DownloadRequest(version=a.version), metadata=meta):
                     n += len(chunk.data)
                 t1 = time.time()
-                header = pb.UploadPart(header=pb.UploadHeader(
-                    ticket=a.ticket, base_version=a.version, dtype="float32", shape=[a.numel], num_examples=10))
+                header = pb.UploadPart(
+                    header=pb.UploadHeader(
+                        ticket=a.ticket, base_version=a.version, dtype="float32", shape=[a.numel], num_examples=10
+                    )
+                )
 
                 async def parts():
                     yield header
                     for p in delta_parts:
                         yield p
+
                 await upload(parts(), metadata=meta)
                 t2 = time.time()
                 records.append((t2, t2 - t1, t1 - t0, True))
@@ -103,6 +127,7 @@ def load(args, pki_dir: str, port: int, numel: int, devices: list[tuple[str, str
     import torch
 
     from flotilla.network.wire import chunks, pb
+
     torch.manual_seed(1)
     data = (torch.randn(numel) * 1e-3).numpy().tobytes()
     delta_parts = [pb.UploadPart(data=bytes(c)) for c in chunks(data, 1 << 20)]
@@ -110,8 +135,13 @@ def load(args, pki_dir: str, port: int, numel: int, devices: list[tuple[str, str
     records: list = []
 
     async def main():
-        await asyncio.gather(*(device(i, tok, port, ca, deadline, delta_parts, records, args.compression)
-                               for i, (name, tok) in enumerate(devices)))
+        await asyncio.gather(
+            *(
+                device(i, tok, port, ca, deadline, delta_parts, records, args.compression)
+                for i, (name, tok) in enumerate(devices)
+            )
+        )
+
     asyncio.run(main())
     out.put(records)
 
@@ -135,6 +165,7 @@ def main() -> int:
     args = ap.parse_args()
 
     from flotilla.network.certs import make_deployment, read_tokens_txt
+
     tmp = Path(tempfile.mkdtemp(prefix="flotilla-load-"))
     paths = make_deployment(tmp / "pki", devices=args.clients)
     tokens = [(k, v) for k, v in read_tokens_txt(paths["tokens_txt"]).items() if k != "admin"]
@@ -145,7 +176,7 @@ def main() -> int:
     port, numel, server_pid = ready.get(timeout=120)
     start = time.time()
     deadline = start + args.warmup + args.duration
-    shares = [tokens[i::args.procs] for i in range(args.procs)]
+    shares = [tokens[i :: args.procs] for i in range(args.procs)]
     workers = [ctx.Process(target=load, args=(args, str(tmp / "pki"), port, numel, s, deadline, out)) for s in shares]
     for w in workers:
         w.start()
@@ -157,6 +188,7 @@ def main() -> int:
     for w in workers:
         w.join()
     from flotilla.network.client import Connection
+
     with Connection(f"localhost:{port}", read_tokens_txt(paths["tokens_txt"])["admin"], ca=paths["ca_pem"]) as c:
         status = c.status()
     stop.set()
@@ -169,17 +201,28 @@ def main() -> int:
 
     def pct(xs, q):
         return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+
     res = {
-        "clients": args.clients, "params": numel, "model_mb": round(4 * numel / 2**20, 2), "buffer_k": args.buffer,
-        "fsync": not args.no_fsync, "compression": args.compression, "window_s": round(args.duration, 1),
+        "clients": args.clients,
+        "params": numel,
+        "model_mb": round(4 * numel / 2**20, 2),
+        "buffer_k": args.buffer,
+        "fsync": not args.no_fsync,
+        "compression": args.compression,
+        "window_s": round(args.duration, 1),
         "accepted_per_s": round(len(ok) / args.duration, 1),
-        "upload_p50_s": round(pct(up, 0.5), 3), "upload_p99_s": round(pct(up, 0.99), 3),
+        "upload_p50_s": round(pct(up, 0.5), 3),
+        "upload_p99_s": round(pct(up, 0.99), 3),
         "upload_mean_s": round(statistics.fmean(up), 3) if up else None,
-        "download_p50_s": round(pct(down, 0.5), 3), "download_p99_s": round(pct(down, 0.99), 3),
+        "download_p50_s": round(pct(down, 0.5), 3),
+        "download_p99_s": round(pct(down, 0.99), 3),
         "failed_calls_in_window": len(window) - len(ok),
         "server_cpu_cores": round((cpu1 - cpu0) / max(t1 - t0, 1e-9), 2),
-        "server_version": status["version"], "server_accepted": status["accepted"], "server_rejected": status["rejected"],
-        "load_avg": os.getloadavg(), "cpus": os.cpu_count(),
+        "server_version": status["version"],
+        "server_accepted": status["accepted"],
+        "server_rejected": status["rejected"],
+        "load_avg": os.getloadavg(),
+        "cpus": os.cpu_count(),
     }
     report(res, args.json)
     return 0

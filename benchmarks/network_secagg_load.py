@@ -16,6 +16,7 @@ Every process runs on this machine, so the devices' protocol work (key agreement
 each neighbour, Shamir shares) competes with the server for the same cores: the round time is an
 upper bound for a server with remote devices, the server CPU per round is what it would pay.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,29 +39,45 @@ def serve(args, pki_dir: str, state_dir: str, ready, stop) -> None:
     import logging
 
     import torch
+
     logging.getLogger("flotilla.network").setLevel(logging.ERROR)
     torch.set_num_threads(1)
     from flotilla.network.auth import TokenTable
     from flotilla.network.coordinator import CoordinatorSettings
     from flotilla.network.secagg import SecAggParams
     from flotilla.network.server import FlotillaServer, Limits, ServerThread, TLSFiles
+
     torch.manual_seed(0)
     p = Path(pki_dir)
     degree = None if args.degree == "full" else ("auto" if args.degree == "auto" else int(args.degree))
     server = FlotillaServer(
-        mlp(args.params), tls=TLSFiles(str(p / "server.pem"), str(p / "server.key")),
-        tokens=TokenTable.load(p / "tokens.json"), state_dir=state_dir,
-        settings=CoordinatorSettings(mode="sync", cohort=args.cohort, over_selection=1.0, total_steps=args.rounds,
-                                     selection_window_s=0.5, secagg_stage_s=600.0, assignment_timeout_s=1200.0,
-                                     retry_after_s=0.2, weighting="uniform"),
-        limits=Limits(rate=1000.0, burst=1000), fsync=True, linger_s=5.0,
-        secure_masking=SecAggParams(clip=1.0, max_weight=1.0, degree=degree))
-    steps: list[tuple[float, float]] = []      # (time, server CPU seconds) at each step
+        mlp(args.params),
+        tls=TLSFiles(str(p / "server.pem"), str(p / "server.key")),
+        tokens=TokenTable.load(p / "tokens.json"),
+        state_dir=state_dir,
+        settings=CoordinatorSettings(
+            mode="sync",
+            cohort=args.cohort,
+            over_selection=1.0,
+            total_steps=args.rounds,
+            selection_window_s=0.5,
+            secagg_stage_s=600.0,
+            assignment_timeout_s=1200.0,
+            retry_after_s=0.2,
+            weighting="uniform",
+        ),
+        limits=Limits(rate=1000.0, burst=1000),
+        fsync=True,
+        linger_s=5.0,
+        secure_masking=SecAggParams(clip=1.0, max_weight=1.0, degree=degree),
+    )
+    steps: list[tuple[float, float]] = []  # (time, server CPU seconds) at each step
     on_step = server.coord.on_step
 
     def timed_step(record):
         steps.append((time.time(), time.process_time()))
         on_step(record)
+
     server.coord.on_step = timed_step
     st = ServerThread(server)
     ready.put((st.port, server.flat.numel, os.getpid(), time.process_time()))
@@ -73,6 +90,7 @@ def devices(pki_dir: str, port: int, numel: int, tokens: list[str], out) -> None
     import torch
 
     from flotilla.client import Connection, Refused
+
     torch.set_num_threads(1)
     ca = str(Path(pki_dir) / "ca.pem")
     sent: list[int] = []
@@ -86,6 +104,7 @@ def devices(pki_dir: str, port: int, numel: int, tokens: list[str], out) -> None
             def counted(req):
                 sent.append(len(json.dumps(req)))
                 return calls(req)
+
             conn.secagg_call = counted
             while True:
                 ci = conn.check_in(10)
@@ -99,6 +118,7 @@ def devices(pki_dir: str, port: int, numel: int, tokens: list[str], out) -> None
                     conn.secagg_round(ci.assignment, delta, 10)
                 except Refused:
                     pass
+
     threads = [threading.Thread(target=run, args=(t, i)) for i, t in enumerate(tokens)]
     for t in threads:
         t.start()
@@ -118,6 +138,7 @@ def main() -> int:
     args = ap.parse_args()
 
     from flotilla.network.certs import make_deployment, read_tokens_txt
+
     tmp = Path(tempfile.mkdtemp(prefix="flotilla-secagg-load-"))
     paths = make_deployment(tmp / "pki", devices=args.cohort)
     tokens = [v for k, v in read_tokens_txt(paths["tokens_txt"]).items() if k != "admin"]
@@ -127,8 +148,10 @@ def main() -> int:
     server.start()
     port, numel, server_pid, _ = ready.get(timeout=120)
     t0 = time.time()
-    procs = [ctx.Process(target=devices, args=(str(tmp / "pki"), port, numel, tokens[i::args.procs], out))
-             for i in range(args.procs)]
+    procs = [
+        ctx.Process(target=devices, args=(str(tmp / "pki"), port, numel, tokens[i :: args.procs], out))
+        for i in range(args.procs)
+    ]
     for p in procs:
         p.start()
     results = [out.get(timeout=3600) for _ in procs]
@@ -142,7 +165,10 @@ def main() -> int:
     walls = [b - a for a, b in zip(times, times[1:])]
     server_cpu = [b - a for a, b in zip(cpu, cpu[1:])]
     res = {
-        "cohort": args.cohort, "params": numel, "degree": args.degree, "rounds": len(steps),
+        "cohort": args.cohort,
+        "params": numel,
+        "degree": args.degree,
+        "rounds": len(steps),
         "first_round_wall_s": round(walls[0], 2) if walls else None,
         "round_wall_s": [round(w, 2) for w in walls[1:]],
         "round_wall_median_s": round(statistics.median(walls[1:]), 2) if len(walls) > 1 else None,
@@ -150,7 +176,8 @@ def main() -> int:
         "devices_cpu_s_total": round(sum(c for c, _ in results), 1),
         "device_bytes_sent_per_round": round(sum(b for _, b in results) / max(len(steps), 1) / args.cohort),
         "masked_input_bytes_raw": 4 * (numel + 1),
-        "load_avg": os.getloadavg(), "cpus": os.cpu_count(),
+        "load_avg": os.getloadavg(),
+        "cpus": os.cpu_count(),
     }
     report(res, args.json)
     return 0

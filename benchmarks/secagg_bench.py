@@ -9,6 +9,7 @@ their protocol compute (encode, key agreement, Shamir, masking, unmasking) and "
 server's (relaying, summing, reconstructing secrets, removing masks).  Local training is not
 included.  Prints a markdown table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,7 +30,7 @@ def deltas(numel: int, pool: int = 4) -> list[torch.Tensor]:
 def plaintext(numel: int, n: int, ds, repeats: int = 3) -> float:
     agg = WeightedMean(numel)
     best = float("inf")
-    for _ in range(repeats):                              # best of a few: the first pays torch's warm-up
+    for _ in range(repeats):  # best of a few: the first pays torch's warm-up
         agg.reset()
         t0 = time.perf_counter()
         for i in range(n):
@@ -46,19 +47,24 @@ def sync(numel: int, n: int, degree, drop: float, ds) -> dict:
         agg.add(ds[i % len(ds)], 1.0, i)
     agg.result()
     wall = time.perf_counter() - t0
-    return dict(client=agg.timing["client_s"], server=agg.timing["server_s"], wall=wall,
-                k=agg.config.neighbourhood - 1, t=agg.config.t)
+    return dict(
+        client=agg.timing["client_s"],
+        server=agg.timing["server_s"],
+        wall=wall,
+        k=agg.config.neighbourhood - 1,
+        t=agg.config.t,
+    )
 
 
 def buffer(numel: int, n: int, ds) -> dict:
     buf = SecureBuffer(numel, min_updates=n, staleness_weight=lambda tau: (1 + tau) ** -0.5)
     client = server = 0.0
     for i in range(n):
-        a = buf.assign(i, version=0)                      # buffer side, negligible
+        a = buf.assign(i, version=0)  # buffer side, negligible
         t0 = time.perf_counter()
         up = seal_update(ds[i % len(ds)], 1.0, a)
         t1 = time.perf_counter()
-        buf.receive(up, server_version=4 * i // n)       # staleness 0..3
+        buf.receive(up, server_version=4 * i // n)  # staleness 0..3
         server += time.perf_counter() - t1
         client += t1 - t0
     t0 = time.perf_counter()
@@ -72,11 +78,19 @@ def main() -> None:
     p.add_argument("--numel", type=int, default=1_000_000)
     p.add_argument("--clients", type=int, nargs="+", default=[100, 1000])
     p.add_argument("--dropout", type=float, default=0.1, help="fraction dropping before masked input (extra rows)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads (the crypto and numpy work is single-threaded anyway; 1 keeps the "
-                        "plaintext reference from thrashing on a shared machine)")
-    p.add_argument("--full-max", type=int, default=100,
-                   help="run the complete graph only up to this many clients (its cost grows as n^2)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (the crypto and numpy work is single-threaded anyway; 1 keeps the "
+        "plaintext reference from thrashing on a shared machine)",
+    )
+    p.add_argument(
+        "--full-max",
+        type=int,
+        default=100,
+        help="run the complete graph only up to this many clients (its cost grows as n^2)",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     ds = deltas(args.numel)
@@ -95,15 +109,21 @@ def main() -> None:
         rows.append((f"async buffer, K={n}", n, 0.0, r, base))
         print(f"  done: buffer n={n}", flush=True)
 
-    print(f"\n{args.numel:,} parameters, float32 deltas, ring 2^32, seconds of CPU compute per round. "
-          f"'added' = wall time of the secure round minus the plaintext weighted mean of the same updates.\n")
-    print("| mode | clients | neighbours k / threshold t | dropped | clients, total | per client | server | "
-          "secure round | plaintext | added |")
+    print(
+        f"\n{args.numel:,} parameters, float32 deltas, ring 2^32, seconds of CPU compute per round. "
+        f"'added' = wall time of the secure round minus the plaintext weighted mean of the same updates.\n"
+    )
+    print(
+        "| mode | clients | neighbours k / threshold t | dropped | clients, total | per client | server | "
+        "secure round | plaintext | added |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, n, drop, r, base in rows:
         kt = f"{r['k']} / {r['t']}" if r["k"] is not None else "-"
-        print(f"| {name} | {n} | {kt} | {drop:.0%} | {r['client']:.2f} | {r['client'] / n * 1e3:.1f} ms | "
-              f"{r['server']:.2f} | {r['wall']:.2f} | {base:.2f} | {r['wall'] - base:.2f} |")
+        print(
+            f"| {name} | {n} | {kt} | {drop:.0%} | {r['client']:.2f} | {r['client'] / n * 1e3:.1f} ms | "
+            f"{r['server']:.2f} | {r['wall']:.2f} | {base:.2f} | {r['wall'] - base:.2f} |"
+        )
 
 
 if __name__ == "__main__":

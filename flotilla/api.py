@@ -8,6 +8,7 @@ Every keyword is a key of the YAML config, under the same name and with the same
 ``privacy={...}``); ``flotilla run CONFIG`` and the equivalent call build the same experiment
 (flotilla.experiment.run).  The model and data take the place of the config's ``task:`` section.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,14 +21,14 @@ from torch.nn import functional as F
 
 from flotilla.config import ConfigError, validate
 from flotilla.core.client import ClientSpec, LossFn
+from flotilla.core.dataset import as_federated
 from flotilla.core.evaluate import eval_clients
 from flotilla.core.server_opt import ServerOptimizerSpec
-from flotilla.core.dataset import as_federated
 from flotilla.experiment.run import TrainResult, resume_experiment, run_algorithm, run_experiment
 from flotilla.runs.rundir import RunDir
 from flotilla.tasks import Task
 
-_SPEC_KEYS = {"server": {"name": "optimizer"}}   # a spec dataclass field -> its YAML key
+_SPEC_KEYS = {"server": {"name": "optimizer"}}  # a spec dataclass field -> its YAML key
 
 
 def _section(value, key: str):
@@ -40,8 +41,16 @@ def _section(value, key: str):
     raise ConfigError(f"invalid arguments:\n  {key}: expected a dict of its config keys, got {type(value).__name__}")
 
 
-def train(model: nn.Module, data, loss_fn: LossFn = F.cross_entropy, *, rounds: int = 10, run_dir: str | Path | None = None,
-          resume: bool = False, **config: Any) -> TrainResult:
+def train(
+    model: nn.Module,
+    data,
+    loss_fn: LossFn = F.cross_entropy,
+    *,
+    rounds: int = 10,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    **config: Any,
+) -> TrainResult:
     """Federated training of ``model`` (in place) on ``data``; returns the final model and the history.
 
     ``data``: a FederatedDataset, a ``{client: Dataset}`` mapping or a ``(train, test)`` pair.
@@ -53,8 +62,11 @@ def train(model: nn.Module, data, loss_fn: LossFn = F.cross_entropy, *, rounds: 
     With ``run_dir`` set, metrics, checkpoints, the final model and a plot are written there (an
     existing run is refused unless ``resume=True``, which continues it).
     """
-    raw: dict[str, Any] = {"task": {"name": "python"}, "rounds": rounds,
-                           "output": {"progress": False, **(_section(config.pop("output", None), "output") or {})}}
+    raw: dict[str, Any] = {
+        "task": {"name": "python"},
+        "rounds": rounds,
+        "output": {"progress": False, **(_section(config.pop("output", None), "output") or {})},
+    }
     if "async_" in config:
         config["async"] = config.pop("async_")
     for key, value in config.items():
@@ -67,5 +79,13 @@ def train(model: nn.Module, data, loss_fn: LossFn = F.cross_entropy, *, rounds: 
     return run_experiment(cfg, run_dir=run_dir, resume=resume, task=task, write_run_dir=run_dir is not None)
 
 
-__all__ = ["ClientSpec", "ServerOptimizerSpec", "TrainResult", "eval_clients", "resume_experiment", "run_algorithm",
-           "run_experiment", "train"]
+__all__ = [
+    "ClientSpec",
+    "ServerOptimizerSpec",
+    "TrainResult",
+    "eval_clients",
+    "resume_experiment",
+    "run_algorithm",
+    "run_experiment",
+    "train",
+]

@@ -1,11 +1,12 @@
 """Command line: a thin layer over flotilla.api.
 
-    flotilla run CONFIG.yaml [--set key=value ...]
-    flotilla run --resume RUN_DIR [--set rounds=N]
-    flotilla report RUN_DIR [RUN_DIR ...] [--out FILE] [--x round|sim_time_s|wall_time_s]
-    flotilla certs DIR | serve CONFIG.yaml --port P | join --server HOST:P --token T --data PATH
-    flotilla status --server HOST:P                     (network deployment: flotilla/network/cli.py)
+flotilla run CONFIG.yaml [--set key=value ...]
+flotilla run --resume RUN_DIR [--set rounds=N]
+flotilla report RUN_DIR [RUN_DIR ...] [--out FILE] [--x round|sim_time_s|wall_time_s]
+flotilla certs DIR | serve CONFIG.yaml --port P | join --server HOST:P --token T --data PATH
+flotilla status --server HOST:P                     (network deployment: flotilla/network/cli.py)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,16 +26,27 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser(
-        "run", help="run an experiment from a YAML config",
+        "run",
+        help="run an experiment from a YAML config",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Run a federated experiment described by a YAML file (see examples/).",
         epilog="config options (YAML keys; nested keys use dots with --set):\n" + "\n".join(describe_options()),
     )
     run.add_argument("config", nargs="?", help="experiment YAML file")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a config key, e.g. --set client.lr=0.05 (repeatable; value parsed as YAML)")
-    run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its directory; "
-                     "with --set rounds=N, continue a finished run up to N rounds")
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set client.lr=0.05 (repeatable; value parsed as YAML)",
+    )
+    run.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue an interrupted run from its directory; "
+        "with --set rounds=N, continue a finished run up to N rounds",
+    )
     run.add_argument("--run-dir", metavar="DIR", help="write the run here instead of output.dir/output.name")
 
     rep = sub.add_parser("report", help="summarise runs in a table and overlay them in one plot")
@@ -43,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--x", default="round", choices=["round", "sim_time_s", "wall_time_s"], help="x axis of the plot")
 
     from flotilla.network import cli as network_cli
+
     network_cli.add_parsers(sub)
     return p
 
@@ -54,10 +67,12 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args)
         if args.command == "report":
             from flotilla.runs.report import report
+
             print(report(args.run_dirs, Path(args.out), x=args.x))
             print(f"plot: {args.out}")
             return 0
         from flotilla.network import cli as network_cli
+
         if args.command in network_cli.COMMANDS:
             return network_cli.run(args)
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
@@ -79,6 +94,7 @@ def _run(args) -> int:
         if args.config:
             raise ConfigError("--resume takes only the run directory (its config.yaml is reused as it was)")
         from flotilla.api import run_experiment
+
         cfg = _resume_config(args.resume, args.overrides)
         result = run_experiment(cfg, run_dir=args.resume, resume=True)
     else:
@@ -86,6 +102,7 @@ def _run(args) -> int:
             raise ConfigError("give a CONFIG.yaml (see examples/) or --resume RUN_DIR")
         cfg = load_config(args.config, args.overrides)  # validated before any work starts
         from flotilla.api import run_experiment
+
         result = run_experiment(cfg, run_dir=args.run_dir)
     last = [r for r in result.history if r.get("accuracy") is not None]
     if last:
@@ -106,14 +123,18 @@ def _resume_config(run_dir: str, overrides: list[str]):
     for item in overrides:
         key = item.split("=", 1)[0].strip()
         if key not in RESUME_KEYS:
-            raise ConfigError(f"--set {key}: --resume can only change {', '.join(RESUME_KEYS)} "
-                              f"(any other key would make a different experiment)")
+            raise ConfigError(
+                f"--set {key}: --resume can only change {', '.join(RESUME_KEYS)} "
+                f"(any other key would make a different experiment)"
+            )
     before = validate(raw)
     cfg = validate(apply_overrides(raw, overrides))
     u = cfg.privacy.user_level if cfg.privacy is not None else None
     if cfg.rounds != before.rounds and u is not None and u.target_epsilon is not None:
-        raise ConfigError(f"rounds: the noise of this run was calibrated to spend privacy.user_level.target_epsilon "
-                          f"over {before.rounds} rounds; it cannot be changed on resume")
+        raise ConfigError(
+            f"rounds: the noise of this run was calibrated to spend privacy.user_level.target_epsilon "
+            f"over {before.rounds} rounds; it cannot be changed on resume"
+        )
     done = rd.state_meta().get("round", 0) if rd.has_state() else 0
     if cfg.rounds < done:
         raise ConfigError(f"rounds: {cfg.rounds} is fewer than the {done} rounds this run has done")

@@ -8,6 +8,7 @@ here the same way, so metrics files, checkpoints and resume work identically for
 Clocks: ``wall_time_s`` is host time spent training (summed across resumes); an algorithm on a
 simulated clock adds ``sim_time_s`` itself.
 """
+
 from __future__ import annotations
 
 import time
@@ -54,7 +55,9 @@ class Runner:
     def resume(self) -> None:
         """Load the latest checkpoint from the run directory and drop metrics written after it."""
         if self.run_dir is None or not self.run_dir.has_state():
-            raise FileNotFoundError(f"nothing to resume in {self.run_dir.path if self.run_dir else None}: no state.safetensors")
+            raise FileNotFoundError(
+                f"nothing to resume in {self.run_dir.path if self.run_dir else None}: no state.safetensors"
+            )
         self.run_dir.remove_temp_files()
         self.algorithm.load_state_dict(self.run_dir.load_state())
         self.history = self.run_dir.truncate_metrics(self.algorithm.round)
@@ -65,7 +68,14 @@ class Runner:
         wall = float(last.get("wall_time_s", 0.0))
         seen = float(last.get("examples_seen", 0.0))
         writer = self._tensorboard_writer()
-        bar = tqdm(total=self.rounds, initial=alg.round, desc="rounds", unit="round", disable=not self.progress, dynamic_ncols=True)
+        bar = tqdm(
+            total=self.rounds,
+            initial=alg.round,
+            desc="rounds",
+            unit="round",
+            disable=not self.progress,
+            dynamic_ncols=True,
+        )
         try:
             while alg.round < self.rounds:
                 t0 = time.perf_counter()
@@ -99,8 +109,10 @@ class Runner:
         if not bool(torch.isfinite(alg.weights).all()):
             rd = self.run_dir
             saved = f"; {rd.state_file} holds an earlier round" if rd is not None and rd.has_state() else ""
-            raise DivergedError(f"round {alg.round}: the global model became non-finite (NaN or inf), training diverged; "
-                                f"lower client.lr or server.lr{saved}")
+            raise DivergedError(
+                f"round {alg.round}: the global model became non-finite (NaN or inf), training diverged; "
+                f"lower client.lr or server.lr{saved}"
+            )
 
     def _log(self, record: dict[str, Any], writer) -> None:
         if self.run_dir is not None:
@@ -125,7 +137,9 @@ class Runner:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as e:  # tensorboard is an optional extra
-            raise ImportError("TensorBoard logging needs the tensorboard package: pip install 'flotilla[tensorboard]'") from e
+            raise ImportError(
+                "TensorBoard logging needs the tensorboard package: pip install 'flotilla[tensorboard]'"
+            ) from e
         return SummaryWriter(str(self.run_dir.path / "tensorboard"))
 
     def _finish(self) -> None:

@@ -1,4 +1,5 @@
 """Small synthetic federated data for fast core tests."""
+
 import torch
 
 from flotilla.core.dataset import FederatedDataset

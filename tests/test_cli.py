@@ -1,4 +1,5 @@
 """The CLI: config validation before any work, --set overrides, help text, report."""
+
 import json
 import subprocess
 import sys
@@ -20,14 +21,17 @@ def write(tmp_path, cfg):
 BASE = {"task": {"name": "fashion-mnist", "num_clients": 20}, "rounds": 1, "cohort": 5}
 
 
-@pytest.mark.parametrize("patch, key, reason", [
-    ({"client": {"lr": -0.1}}, "client.lr", "greater than 0"),
-    ({"cohort": 50}, "cohort", "larger than the population"),
-    ({"client": {"batchsize": 3}}, "client.batchsize", "unknown key"),
-    ({"rounds": "many"}, "rounds", "valid integer"),
-    ({"server": {"optimizer": "fedfoo"}}, "server.optimizer", "fedavg"),
-    ({"task": {"name": "mnist-x"}}, "task", "does not match"),
-])
+@pytest.mark.parametrize(
+    "patch, key, reason",
+    [
+        ({"client": {"lr": -0.1}}, "client.lr", "greater than 0"),
+        ({"cohort": 50}, "cohort", "larger than the population"),
+        ({"client": {"batchsize": 3}}, "client.batchsize", "unknown key"),
+        ({"rounds": "many"}, "rounds", "valid integer"),
+        ({"server": {"optimizer": "fedfoo"}}, "server.optimizer", "fedavg"),
+        ({"task": {"name": "mnist-x"}}, "task", "does not match"),
+    ],
+)
 def test_config_errors_name_the_key(tmp_path, patch, key, reason):
     cfg = {**BASE, **patch}
     with pytest.raises(ConfigError) as e:
@@ -59,15 +63,32 @@ def test_cli_refuses_bad_config_before_any_work(tmp_path, capsys):
 
 
 def test_help_documents_every_option():
-    out = subprocess.run([sys.executable, "-m", "flotilla.cli", "run", "--help"], capture_output=True, text=True, check=True).stdout
-    for key in ["task.partition", "task.min_chars", "client.lr", "server.optimizer", "server.tau", "eval.every", "output.tensorboard", "--resume", "--set"]:
+    out = subprocess.run(
+        [sys.executable, "-m", "flotilla.cli", "run", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for key in [
+        "task.partition",
+        "task.min_chars",
+        "client.lr",
+        "server.optimizer",
+        "server.tau",
+        "eval.every",
+        "output.tensorboard",
+        "--resume",
+        "--set",
+    ]:
         assert key in out
 
 
 def test_cli_run_resume_and_report(tmp_path, capsys):
-    cfg = {"task": {"name": "fashion-mnist", "num_clients": 20, "partition": "iid"}, "rounds": 2, "cohort": 2,
-           "client": {"steps": 2, "batch_size": 8}, "eval": {"max_clients": 3},
-           "output": {"progress": False, "tensorboard": True}}
+    cfg = {
+        "task": {"name": "fashion-mnist", "num_clients": 20, "partition": "iid"},
+        "rounds": 2,
+        "cohort": 2,
+        "client": {"steps": 2, "batch_size": 8},
+        "eval": {"max_clients": 3},
+        "output": {"progress": False, "tensorboard": True},
+    }
     run_dir = tmp_path / "run"
     assert main(["run", str(write(tmp_path, cfg)), "--run-dir", str(run_dir)]) == 0
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -87,8 +108,14 @@ def test_cli_run_resume_and_report(tmp_path, capsys):
     assert "final_acc" in table and "fashion-mnist" in table and out_png.exists()
 
 
-TINY = {"task": {"name": "fashion-mnist", "num_clients": 20, "partition": "iid"}, "rounds": 1, "cohort": 2,
-        "client": {"steps": 1, "batch_size": 8}, "eval": {"max_clients": 2}, "output": {"progress": False}}
+TINY = {
+    "task": {"name": "fashion-mnist", "num_clients": 20, "partition": "iid"},
+    "rounds": 1,
+    "cohort": 2,
+    "client": {"steps": 1, "batch_size": 8},
+    "eval": {"max_clients": 2},
+    "output": {"progress": False},
+}
 
 
 def test_resume_with_more_rounds_continues_a_finished_run(tmp_path, capsys):
@@ -103,15 +130,17 @@ def test_resume_with_more_rounds_continues_a_finished_run(tmp_path, capsys):
     assert [json.loads(x)["round"] for x in (short / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     a, b = load_file(str(short / "model.safetensors")), load_file(str(full / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert yaml.safe_load((short / "config.yaml").read_text())["rounds"] == 2   # a later --resume keeps it
+    assert yaml.safe_load((short / "config.yaml").read_text())["rounds"] == 2  # a later --resume keeps it
     capsys.readouterr()
     saved = (short / "config.yaml").read_text()
     assert main(["run", "--resume", str(short), "--set", "client.lr=0.5"]) == 2
     assert main(["run", "--resume", str(short), "--set", "rounds=1"]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert err == ["flotilla: error: --set client.lr: --resume can only change rounds (any other key would make a "
-                   "different experiment)",
-                   "flotilla: error: rounds: 1 is fewer than the 2 rounds this run has done"]
+    assert err == [
+        "flotilla: error: --set client.lr: --resume can only change rounds (any other key would make a "
+        "different experiment)",
+        "flotilla: error: rounds: 1 is fewer than the 2 rounds this run has done",
+    ]
     assert (short / "config.yaml").read_text() == saved
 
 
@@ -147,8 +176,15 @@ def test_secure_aggregation_run_resumes(tmp_path):
     assert [json.loads(x)["round"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 
-@pytest.mark.parametrize("argv", [["serve", "x.yaml", "--port", "70000"], ["serve", "x.yaml", "--port", "-5"],
-                                  ["status", "--server", "localhost:70000"], ["join", "--server", "localhost:-1", "--data", "d"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["serve", "x.yaml", "--port", "70000"],
+        ["serve", "x.yaml", "--port", "-5"],
+        ["status", "--server", "localhost:70000"],
+        ["join", "--server", "localhost:-1", "--data", "d"],
+    ],
+)
 def test_port_out_of_range_is_refused_not_wrapped(argv, capsys):
     """Item 12: --port 70000 used to listen on 70000 % 65536 = 4464."""
     with pytest.raises(SystemExit) as e:

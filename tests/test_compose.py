@@ -1,6 +1,7 @@
 """Privacy, secure aggregation and client algorithms compose when an algorithm is built: a
 combination that would skip DP or secure aggregation is refused then, never installed unused
 (issue 11 item 18: DP on a ParallelFedAvg used to install an aggregator its step never called)."""
+
 import pytest
 import torch
 from torch import nn
@@ -23,8 +24,15 @@ USER_DP = {"user_level": {"clip_norm": 1.0, "noise_multiplier": 1.0, "delta": 1e
 
 def _kw(**extra):
     data = synthetic_dataset(num_clients=12, per_client=6)
-    return dict(model=nn.Linear(5, 3), dataset=data, loss_fn=F.cross_entropy, cohort=4, weighting="uniform",
-                client=ClientSpec(steps=1, batch_size=3), **extra)
+    return dict(
+        model=nn.Linear(5, 3),
+        dataset=data,
+        loss_fn=F.cross_entropy,
+        cohort=4,
+        weighting="uniform",
+        client=ClientSpec(steps=1, batch_size=3),
+        **extra,
+    )
 
 
 @pytest.mark.parametrize("privacy", [USER_DP, {"sample_level": {"noise_multiplier": 1.0}}])
@@ -57,8 +65,9 @@ def test_dp_on_in_process_rounds_really_clips_and_noises():
     plain = SyncFedAvg(**_kw())
     w0 = plain.weights.clone()
     plain.step()
-    private, _ = build_algorithm(SyncFedAvg, _kw(), privacy={"user_level": {"clip_norm": 1e-4, "noise_multiplier": 0.0,
-                                                                            "delta": 1e-3}}, rounds=3)
+    private, _ = build_algorithm(
+        SyncFedAvg, _kw(), privacy={"user_level": {"clip_norm": 1e-4, "noise_multiplier": 0.0, "delta": 1e-3}}, rounds=3
+    )
     p0 = private.weights.clone()
     private.step()
     assert float((plain.weights - w0).norm()) > 1e-2

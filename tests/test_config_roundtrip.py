@@ -3,6 +3,7 @@
 The saved file lists every key with its value (``max_norm: null``, ``degree: auto``, ``bits: 32``);
 validators must judge keys by value, not by presence, or ``flotilla run --resume`` refuses the
 run's own config."""
+
 from pathlib import Path
 
 import pytest
@@ -18,36 +19,101 @@ USER_DP = {"clip_norm": 0.5, "noise_multiplier": 1.0}
 GENERATED = {
     "plain": {"task": TASK, "rounds": 3},
     "shakespeare": {"task": {"name": "shakespeare", "model": {"hidden": 16}}, "rounds": 2, "cohort": 3},
-    "sync fleet": {"task": TASK, "rounds": 2, "fleet": {"population": 100, "deadline_s": 60,
-                                                        "speed": {"dist": "uniform", "low": 1, "high": 5},
-                                                        "availability": {"diurnal": [0.5] * 24, "session_s": 600}}},
-    "async fedbuff": {"task": TASK, "rounds": 2, "mode": "async", "fleet": {"population": 100},
-                      "async": {"concurrency": 20, "buffer_size": 5, "max_staleness": 4}},
-    "async fedasync": {"task": TASK, "rounds": 2, "mode": "async",
-                       "async": {"algorithm": "fedasync", "concurrency": 10, "arrival_rate": 2.0,
-                                 "staleness": {"kind": "hinge", "average": 1.0}}},
+    "sync fleet": {
+        "task": TASK,
+        "rounds": 2,
+        "fleet": {
+            "population": 100,
+            "deadline_s": 60,
+            "speed": {"dist": "uniform", "low": 1, "high": 5},
+            "availability": {"diurnal": [0.5] * 24, "session_s": 600},
+        },
+    },
+    "async fedbuff": {
+        "task": TASK,
+        "rounds": 2,
+        "mode": "async",
+        "fleet": {"population": 100},
+        "async": {"concurrency": 20, "buffer_size": 5, "max_staleness": 4},
+    },
+    "async fedasync": {
+        "task": TASK,
+        "rounds": 2,
+        "mode": "async",
+        "async": {
+            "algorithm": "fedasync",
+            "concurrency": 10,
+            "arrival_rate": 2.0,
+            "staleness": {"kind": "hinge", "average": 1.0},
+        },
+    },
     "sample-level dp": {"task": TASK, "rounds": 2, "privacy": {"sample_level": {"noise_multiplier": 1.1}}},
     "user-level dp": {"task": TASK, "rounds": 2, "privacy": {"accountant": "prv", "user_level": USER_DP}},
-    "user-level target epsilon": {"task": TASK, "rounds": 2, "privacy": {"user_level": {
-        "clip_norm": 1.0, "target_epsilon": 8.0, "sampling": "poisson", "adaptive_clipping": {}}}},
-    "async user-level dp": {"task": TASK, "rounds": 2, "mode": "async", "async": {"concurrency": 10},
-                            "privacy": {"user_level": USER_DP, "sample_level": {}}},
+    "user-level target epsilon": {
+        "task": TASK,
+        "rounds": 2,
+        "privacy": {
+            "user_level": {"clip_norm": 1.0, "target_epsilon": 8.0, "sampling": "poisson", "adaptive_clipping": {}}
+        },
+    },
+    "async user-level dp": {
+        "task": TASK,
+        "rounds": 2,
+        "mode": "async",
+        "async": {"concurrency": 10},
+        "privacy": {"user_level": USER_DP, "sample_level": {}},
+    },
     "secure aggregation sync": {"task": TASK, "rounds": 2, "cohort": 5, "secure_aggregation": {}},
-    "secure aggregation sync, every key": {"task": TASK, "rounds": 2, "cohort": 5, "secure_aggregation": {
-        "degree": "full", "threshold": 3, "clip": 2.0, "bits": 64, "max_weight": 600,
-        "dropout": {"mask": 0.1, "unmask": 0.1, "seed": 3}}},
-    "secure aggregation sync + dp": {"task": TASK, "rounds": 2, "cohort": 5, "secure_aggregation": {"degree": 2},
-                                     "privacy": {"user_level": USER_DP}},
-    "secure aggregation async": {"task": TASK, "rounds": 2, "mode": "async", "async": {"concurrency": 10, "buffer_size": 4},
-                                 "secure_aggregation": {"max_norm": 10.0}},
-    "secure aggregation async, defaults": {"task": TASK, "rounds": 2, "mode": "async", "async": {"concurrency": 10},
-                                           "secure_aggregation": {}},
-    "network sync + secure aggregation": {"task": TASK, "rounds": 2, "cohort": 4, "weighting": "uniform",
-                                          "network": {**NETWORK, "round_deadline_s": 30, "max_update_norm": 5.0},
-                                          "secure_aggregation": {}},
-    "network async": {"task": TASK, "rounds": 2, "mode": "async", "async": {"concurrency": 10},
-                      "network": {**NETWORK, "tls": {**NETWORK["tls"], "ca": "ca.pem", "require_client_cert": True}},
-                      "privacy": {"user_level": USER_DP}},
+    "secure aggregation sync, every key": {
+        "task": TASK,
+        "rounds": 2,
+        "cohort": 5,
+        "secure_aggregation": {
+            "degree": "full",
+            "threshold": 3,
+            "clip": 2.0,
+            "bits": 64,
+            "max_weight": 600,
+            "dropout": {"mask": 0.1, "unmask": 0.1, "seed": 3},
+        },
+    },
+    "secure aggregation sync + dp": {
+        "task": TASK,
+        "rounds": 2,
+        "cohort": 5,
+        "secure_aggregation": {"degree": 2},
+        "privacy": {"user_level": USER_DP},
+    },
+    "secure aggregation async": {
+        "task": TASK,
+        "rounds": 2,
+        "mode": "async",
+        "async": {"concurrency": 10, "buffer_size": 4},
+        "secure_aggregation": {"max_norm": 10.0},
+    },
+    "secure aggregation async, defaults": {
+        "task": TASK,
+        "rounds": 2,
+        "mode": "async",
+        "async": {"concurrency": 10},
+        "secure_aggregation": {},
+    },
+    "network sync + secure aggregation": {
+        "task": TASK,
+        "rounds": 2,
+        "cohort": 4,
+        "weighting": "uniform",
+        "network": {**NETWORK, "round_deadline_s": 30, "max_update_norm": 5.0},
+        "secure_aggregation": {},
+    },
+    "network async": {
+        "task": TASK,
+        "rounds": 2,
+        "mode": "async",
+        "async": {"concurrency": 10},
+        "network": {**NETWORK, "tls": {**NETWORK["tls"], "ca": "ca.pem", "require_client_cert": True}},
+        "privacy": {"user_level": USER_DP},
+    },
 }
 
 
@@ -66,10 +132,12 @@ def test_example_configs_round_trip(path, tmp_path):
 
 def test_example_variants_round_trip(tmp_path):
     """The variants the examples' comments suggest (async secure buffer, secure aggregation + DP)."""
-    variants = [("fashion_secagg.yaml", ["mode=async", "async.buffer_size=10", "secure_aggregation={max_norm: 10}"]),
-                ("fashion_secagg.yaml", ["privacy={user_level: {clip_norm: 0.5, noise_multiplier: 0.5}}"]),
-                ("fashion_fedbuff.yaml", ["async.algorithm=fedasync"]),
-                ("fashion_fedbuff.yaml", ["mode=sync", "async=null", "cohort=76"])]
+    variants = [
+        ("fashion_secagg.yaml", ["mode=async", "async.buffer_size=10", "secure_aggregation={max_norm: 10}"]),
+        ("fashion_secagg.yaml", ["privacy={user_level: {clip_norm: 0.5, noise_multiplier: 0.5}}"]),
+        ("fashion_fedbuff.yaml", ["async.algorithm=fedasync"]),
+        ("fashion_fedbuff.yaml", ["mode=sync", "async=null", "cohort=76"]),
+    ]
     examples = {p.name: p for p in EXAMPLES}
     for name, overrides in variants:
         cfg = load_config(examples[name], overrides)

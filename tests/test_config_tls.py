@@ -1,6 +1,7 @@
 """network.tls: a key that is not the certificate's is named before serving (issue 11 item 12).
 
 gRPC said only "Failed to bind"; flotilla.network.tls_check.check_tls_pair names the key."""
+
 import pytest
 
 from flotilla.network.certs import make_deployment

@@ -2,6 +2,7 @@
 
 Floats are finite and fit a float32, integers are integers (no true, no "3") and fit an int64,
 switches are booleans; each refusal is one line naming the dotted key (or the file)."""
+
 import argparse
 
 import pytest
@@ -38,26 +39,29 @@ def refusal(tmp_path, cfg: dict) -> list[str]:
     return [line.strip() for line in lines]
 
 
-@pytest.mark.parametrize("key, yaml_value, reason", [
-    ("server.lr", ".inf", "must be finite"),
-    ("client.lr", ".inf", "must be finite"),
-    ("client.lr", "1e39", "must be finite"),            # YAML reads 1e39 as a string: finite in Python, inf in float32
-    ("client.lr", ".nan", "must be finite"),
-    ("seed", "99999999999999999999999", "64-bit integer"),
-    ("rounds", "true", "must be a number"),
-    ("rounds", '"3"', "valid integer"),
-    ("rounds", "3.0", "valid integer"),
-    ("output.tensorboard", "1", "true or false"),
-    ("privacy.sample_level.noise_multiplier", ".inf", "must be finite"),
-    ("fleet.latency_s", "1e39", "must be finite"),
-    ("fleet.speed.value", ".nan", "must be finite"),
-    ("async.mixing", ".inf", "must be finite"),
-    ("network.max_message_mb", "1e9", "less than or equal to 2047"),
-    ("network.max_message_mb", ".inf", "must be finite"),
-    ("network.chunk_kb", "1e7", "valid integer"),
-    ("network.chunk_kb", "10000000", "do not fit"),
-    ("secure_aggregation.bits", '"32"', "valid integer"),
-])
+@pytest.mark.parametrize(
+    "key, yaml_value, reason",
+    [
+        ("server.lr", ".inf", "must be finite"),
+        ("client.lr", ".inf", "must be finite"),
+        ("client.lr", "1e39", "must be finite"),  # YAML reads 1e39 as a string: finite in Python, inf in float32
+        ("client.lr", ".nan", "must be finite"),
+        ("seed", "99999999999999999999999", "64-bit integer"),
+        ("rounds", "true", "must be a number"),
+        ("rounds", '"3"', "valid integer"),
+        ("rounds", "3.0", "valid integer"),
+        ("output.tensorboard", "1", "true or false"),
+        ("privacy.sample_level.noise_multiplier", ".inf", "must be finite"),
+        ("fleet.latency_s", "1e39", "must be finite"),
+        ("fleet.speed.value", ".nan", "must be finite"),
+        ("async.mixing", ".inf", "must be finite"),
+        ("network.max_message_mb", "1e9", "less than or equal to 2047"),
+        ("network.max_message_mb", ".inf", "must be finite"),
+        ("network.chunk_kb", "1e7", "valid integer"),
+        ("network.chunk_kb", "10000000", "do not fit"),
+        ("secure_aggregation.bits", '"32"', "valid integer"),
+    ],
+)
 def test_bad_value_refused_in_one_line_naming_the_key(tmp_path, key, yaml_value, reason):
     cfg = dict(BASE)
     if key.startswith("network."):
@@ -69,14 +73,20 @@ def test_bad_value_refused_in_one_line_naming_the_key(tmp_path, key, yaml_value,
     cfg = with_key(cfg, key, yaml.safe_load(f"v: {yaml_value}")["v"])
     lines = refusal(tmp_path, cfg)
     assert len(lines) == 1, lines
-    where = "network" if key == "network.chunk_kb" and reason == "do not fit" else key   # a cross-key check
+    where = "network" if key == "network.chunk_kb" and reason == "do not fit" else key  # a cross-key check
     assert lines[0].startswith(f"{where}:") and reason in lines[0], lines
 
 
-@pytest.mark.parametrize("key, value", [
-    ("client.lr", "1e-3"),            # a string to YAML: still a float
-    ("seed", 2**63 - 1), ("output.tensorboard", True), ("fleet.speed", 20), ("network.max_message_mb", 2047),
-])
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("client.lr", "1e-3"),  # a string to YAML: still a float
+        ("seed", 2**63 - 1),
+        ("output.tensorboard", True),
+        ("fleet.speed", 20),
+        ("network.max_message_mb", 2047),
+    ],
+)
 def test_good_values_still_accepted(key, value):
     cfg = with_key(dict(BASE, network=NETWORK), key, value)
     validate(cfg)
@@ -92,12 +102,17 @@ def test_set_values_arrive_typed(tmp_path):
 
 def sections_in(field) -> list[type]:
     from flotilla.core.schema import Section
-    return [t for t in (field.annotation, *getattr(field.annotation, "__args__", ()))
-            if isinstance(t, type) and issubclass(t, Section)]
+
+    return [
+        t
+        for t in (field.annotation, *getattr(field.annotation, "__args__", ()))
+        if isinstance(t, type) and issubclass(t, Section)
+    ]
 
 
 def all_sections() -> set[type]:
     from flotilla.config import ExperimentConfig
+
     seen, todo = set(), [ExperimentConfig]
     while todo:
         model = todo.pop()
@@ -131,15 +146,20 @@ def test_binary_or_unreadable_config_names_the_file(tmp_path):
     assert str(e.value).startswith(str(tmp_path / "exp.yaml")) and "line" in str(e.value)
     assert len(str(e.value).splitlines()) == 1
     with pytest.raises(ConfigError, match=f"^{tmp_path}: cannot read"):
-        load_config(tmp_path)                       # a folder
+        load_config(tmp_path)  # a folder
     with pytest.raises(ConfigError, match="exp.yaml: the file must hold a YAML mapping"):
         load_config(write(tmp_path, "- 1\n- 2\n"))
 
 
 def test_async_does_not_check_the_unused_cohort():
     """Item 28: mode async has no cohort; the default 10 with 4 clients was refused."""
-    cfg = {"task": {"name": "fashion-mnist", "num_clients": 4}, "rounds": 1, "mode": "async",
-           "fleet": {"population": 8}, "async": {"concurrency": 4, "buffer_size": 2}}
+    cfg = {
+        "task": {"name": "fashion-mnist", "num_clients": 4},
+        "rounds": 1,
+        "mode": "async",
+        "fleet": {"population": 8},
+        "async": {"concurrency": 4, "buffer_size": 2},
+    }
     assert validate(cfg).cohort == 10
     with pytest.raises(ConfigError, match="cohort: 10 is larger than the population"):
         validate({**cfg, "mode": "sync", "async": None, "fleet": None})
@@ -172,7 +192,7 @@ def test_fashion_mnist_root_key_and_variable(tmp_path, monkeypatch):
     assert fm.data_root() == tmp_path / "elsewhere"
     with pytest.raises(DatasetMissingError, match="elsewhere"):
         fm.load_fashion_mnist()
-    assert fm.data_root(tmp_path) == tmp_path   # the key wins over the variable
+    assert fm.data_root(tmp_path) == tmp_path  # the key wins over the variable
 
 
 def test_help_says_when_a_required_key_is_required():
@@ -184,8 +204,12 @@ def test_help_says_when_a_required_key_is_required():
     assert "required when network is given" in lines["network.tls.cert"]
     assert "required when privacy.user_level is given" in lines["privacy.user_level.clip_norm"]
     assert lines["rounds"].split(", ")[1].startswith("required.")
-    undocumented = [f"{m.__name__}.{name}" for m in all_sections() for name, f in m.model_fields.items()
-                    if not f.description and not sections_in(f)]
+    undocumented = [
+        f"{m.__name__}.{name}"
+        for m in all_sections()
+        for name, f in m.model_fields.items()
+        if not f.description and not sections_in(f)
+    ]
     assert not undocumented
 
 

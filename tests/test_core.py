@@ -1,4 +1,5 @@
 """The in-place training core: flat model, local SGD, aggregation, one round."""
+
 import pytest
 import torch
 from torch import nn
@@ -42,8 +43,14 @@ def test_one_client_one_step_equals_centralised_sgd():
     model = nn.Linear(5, 3)
     reference = nn.Linear(5, 3)
     reference.load_state_dict(model.state_dict())
-    alg = SyncFedAvg(model, data, F.cross_entropy, cohort=1,
-                     client=ClientSpec(steps=1, batch_size=16, lr=0.3), server=ServerOptimizerSpec("fedavg", lr=1.0))
+    alg = SyncFedAvg(
+        model,
+        data,
+        F.cross_entropy,
+        cohort=1,
+        client=ClientSpec(steps=1, batch_size=16, lr=0.3),
+        server=ServerOptimizerSpec("fedavg", lr=1.0),
+    )
     alg.step()
     # Centralised: one SGD step on the full batch (batch = all 16 examples, order irrelevant).
     x, y = data.fetch(data.train_indices[0])
@@ -78,8 +85,11 @@ def test_weighted_mean_and_rejections_leave_state_intact():
     agg = WeightedMean(3)
     agg.add(torch.tensor([1.0, 2.0, 3.0]), 1.0)
     agg.add(torch.tensor([3.0, 2.0, 1.0]), 3.0)
-    for bad, msg in [(torch.tensor([float("nan"), 0.0, 0.0]), "non-finite"),
-                     (torch.zeros(4), "shape"), (torch.zeros(3, dtype=torch.float64), "dtype")]:
+    for bad, msg in [
+        (torch.tensor([float("nan"), 0.0, 0.0]), "non-finite"),
+        (torch.zeros(4), "shape"),
+        (torch.zeros(3, dtype=torch.float64), "dtype"),
+    ]:
         with pytest.raises(UpdateRejected, match=msg):
             agg.add(bad, 1.0, client=17)
     with pytest.raises(UpdateRejected, match="weight"):
@@ -125,9 +135,14 @@ def test_resume_is_bit_identical(tmp_path):
 
 def test_user_datasets_mapping_api():
     from torch.utils.data import TensorDataset
+
     g = torch.Generator().manual_seed(0)
-    train = {name: TensorDataset(torch.randn(12, 4, generator=g), torch.randint(0, 2, (12,), generator=g)) for name in "abc"}
-    test = {name: TensorDataset(torch.randn(6, 4, generator=g), torch.randint(0, 2, (6,), generator=g)) for name in "abc"}
+    train = {
+        name: TensorDataset(torch.randn(12, 4, generator=g), torch.randint(0, 2, (12,), generator=g)) for name in "abc"
+    }
+    test = {
+        name: TensorDataset(torch.randn(6, 4, generator=g), torch.randint(0, 2, (6,), generator=g)) for name in "abc"
+    }
     result = flotilla.train(nn.Linear(4, 2), (train, test), rounds=2, cohort=2)
     assert len(result.history) == 2 and result.history[-1]["eval_examples"] == 18
     with pytest.raises(ValueError, match="cohort"):

@@ -20,6 +20,7 @@ def private_cache(tmp_path_factory):
 
 # ---------------------------------------------------------------- Fashion-MNIST
 
+
 def test_fashion_loads_full_set_and_second_load_is_fast():
     x_train, y_train, x_test, y_test = fm.load_fashion_mnist()
     assert x_train.shape == (60000, 28, 28) and x_train.dtype == np.uint8
@@ -68,12 +69,15 @@ def test_fashion_users_x_images_sampling():
     assert int(capped.train_sizes.max()) <= 100
 
 
-@pytest.mark.parametrize("kwargs, word", [
-    ({"partition": "pathological"}, "partition"),
-    ({"num_clients": 1000, "examples_per_client": 100}, "examples_per_client"),
-    ({"partition": "dirichlet", "alpha": 0}, "alpha"),
-    ({"num_clients": 70000}, "num_clients"),
-])
+@pytest.mark.parametrize(
+    "kwargs, word",
+    [
+        ({"partition": "pathological"}, "partition"),
+        ({"num_clients": 1000, "examples_per_client": 100}, "examples_per_client"),
+        ({"partition": "dirichlet", "alpha": 0}, "alpha"),
+        ({"num_clients": 70000}, "num_clients"),
+    ],
+)
 def test_fashion_bad_arguments(kwargs, word):
     with pytest.raises(ValueError, match=word):
         fm.fashion_mnist_federated(**kwargs)
@@ -85,6 +89,7 @@ def test_fashion_missing_names_install_command(tmp_path):
 
 
 # ---------------------------------------------------------------- Shakespeare
+
 
 def test_shakespeare_roles_and_cache():
     text = sh.load_shakespeare()
@@ -156,6 +161,7 @@ def test_temp_files_of_killed_cache_writers_are_removed(tmp_path, monkeypatch):
     import numpy as np
 
     from flotilla.data import cache
+
     monkeypatch.setenv("FLOTILLA_CACHE", str(tmp_path))
     path = cache.cache_path("demo", "1", {"a": 1})
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -163,6 +169,6 @@ def test_temp_files_of_killed_cache_writers_are_removed(tmp_path, monkeypatch):
     for f in (stale, fresh):
         f.write_bytes(b"half-written")
     old = time.time() - 2 * cache.STALE_TEMP_S
-    os.utime(stale, (old, old))           # a writer killed long ago; `fresh` may still be writing
+    os.utime(stale, (old, old))  # a writer killed long ago; `fresh` may still be writing
     cache.cached("demo", "1", {"a": 1}, lambda: {"x": np.arange(3)})
     assert not stale.exists() and fresh.exists() and path.exists()

@@ -1,4 +1,5 @@
 """Staleness weights, the FedBuff buffer and server, FedAsync mixing (hand-computed)."""
+
 import copy
 import math
 
@@ -43,15 +44,15 @@ def test_staleness_refuses_bad_parameters():
 
 
 def test_staleness_normalised_at_the_average_weighs_1_there_and_more_when_fresher():
-    s = Staleness("polynomial", exponent=0.5, average=3.0)         # FLSim's avg_staleness
+    s = Staleness("polynomial", exponent=0.5, average=3.0)  # FLSim's avg_staleness
     assert s(3) == pytest.approx(1.0)
-    assert s(0) == pytest.approx(2.0)                               # sqrt(1 + 3) / sqrt(1 + 0)
-    assert s(8) == pytest.approx(2.0 / 3.0)                         # sqrt(4) / sqrt(9)
+    assert s(0) == pytest.approx(2.0)  # sqrt(1 + 3) / sqrt(1 + 0)
+    assert s(8) == pytest.approx(2.0 / 3.0)  # sqrt(4) / sqrt(9)
     assert s.weights(np.array([0, 3, 8])).tolist() == pytest.approx([2.0, 1.0, 2.0 / 3.0])
-    h = Staleness("hinge", a=1.0, b=2.0, average=4.0)              # raw s(4) = 1/3
+    h = Staleness("hinge", a=1.0, b=2.0, average=4.0)  # raw s(4) = 1/3
     assert h(0) == pytest.approx(3.0) and h(4) == pytest.approx(1.0)
     assert Staleness("constant", average=5.0)(9) == 1.0
-    buf = FedBuff(2, 2, s, normalize="mean")                        # the buffer uses the normalised weight
+    buf = FedBuff(2, 2, s, normalize="mean")  # the buffer uses the normalised weight
     assert buf.add(torch.tensor([1.0, 0.0]), 1.0, tau=0) == pytest.approx(2.0)
     with pytest.raises(ValueError, match="staleness.average"):
         Staleness("polynomial", average=-1.0)
@@ -60,12 +61,13 @@ def test_staleness_normalised_at_the_average_weighs_1_there_and_more_when_freshe
 def test_normalised_staleness_is_refused_with_user_level_dp():
     from flotilla.privacy import DPFedBuff, PrivacyError
     from flotilla.secure.fedbuff import SecureFedBuff
+
     normalised = Staleness("polynomial", average=2.0)
     with pytest.raises(PrivacyError, match="staleness.average"):
         DPFedBuff(FedBuff(4, 2, normalised), clip_norm=1.0, noise_multiplier=1.0)
     with pytest.raises(ValueError, match="staleness.average"):
         SecureFedBuff(4, 2, normalised, version_fn=lambda: 0, dp_clip=1.0)
-    SecureFedBuff(4, 2, normalised, version_fn=lambda: 0)           # without DP the weights may exceed 1
+    SecureFedBuff(4, 2, normalised, version_fn=lambda: 0)  # without DP the weights may exceed 1
 
 
 def test_fedbuff_mean_and_sum_normalisation_hand_computed():
@@ -93,8 +95,12 @@ def test_fedbuff_drops_too_stale_and_rejects_bad_updates_without_changing_state(
     buf.add(torch.ones(3), 1.0, tau=2)
     assert buf.add(torch.ones(3), 1.0, tau=3) == 0.0
     assert buf.count == 1 and buf.dropped_stale == 1
-    for bad, kw, msg in [(torch.tensor([float("nan"), 0, 0]), {}, "non-finite"), (torch.zeros(4), {}, "shape"),
-                         (torch.zeros(3), {"weight": 0.0}, "weight"), (torch.zeros(3), {"tau": -1}, "future")]:
+    for bad, kw, msg in [
+        (torch.tensor([float("nan"), 0, 0]), {}, "non-finite"),
+        (torch.zeros(4), {}, "shape"),
+        (torch.zeros(3), {"weight": 0.0}, "weight"),
+        (torch.zeros(3), {"tau": -1}, "future"),
+    ]:
         args = {"weight": 1.0, "tau": 0, **kw}
         with pytest.raises(UpdateRejected, match=msg):
             buf.add(bad, args["weight"], args["tau"], client=5)
@@ -111,7 +117,7 @@ def test_fedbuff_server_steps_every_k_updates_with_the_server_optimizer():
     assert not r1.stepped and srv.version == 0 and w.tolist() == [0.0, 0.0]
     r2 = srv.submit(torch.tensor([3.0, -1.0]), 1.0, base_version=0)
     assert r2.stepped and srv.version == 1
-    assert w.tolist() == pytest.approx([1.0, 0.0])        # 0.5 * mean([1,1],[3,-1]) = 0.5*[2,0]
+    assert w.tolist() == pytest.approx([1.0, 0.0])  # 0.5 * mean([1,1],[3,-1]) = 0.5*[2,0]
     srv.submit(torch.tensor([0.0, 0.0]), 1.0, base_version=0)  # tau = 1
     r4 = srv.submit(torch.tensor([0.0, 0.0]), 1.0, base_version=1)
     assert r4.stepped and r4.version == 2
@@ -138,7 +144,7 @@ def test_fedasync_mixing_weight_is_capped_at_one_with_normalised_staleness():
     w = torch.zeros(1)
     srv = FedAsyncServer(w, mixing=1.0, staleness=st)
     r = srv.submit(torch.ones(1), torch.zeros(1), base_version=0)  # fresh: client model = 1
-    assert w.tolist() == [1.0]                      # a = 1: the client's model, not 3.3166
+    assert w.tolist() == [1.0]  # a = 1: the client's model, not 3.3166
     assert r.weight == pytest.approx(math.sqrt(11)) and srv.mixing_weight(r.weight) == 1.0
     # a stale update whose alpha * s(tau) < 1 is not affected by the cap: tau = 20, s = sqrt(11/21)
     srv.version = 21
@@ -154,14 +160,31 @@ def test_fedbuff_k1_c1_constant_equals_sequential_fedavg_with_cohort_1(monkeypat
     data = synthetic_dataset(num_clients=6, per_client=20)
     spec = ClientSpec(steps=3, batch_size=8, lr=0.2, momentum=0.5)
     server = ServerOptimizerSpec("fedavg", lr=1.0)
-    fleet = make_fleet(population=40, seed=3, train_sizes=data.train_sizes.numpy(), model_bytes=72,
-                       speed={"dist": "lognormal", "median": 10, "sigma": 1.0})
+    fleet = make_fleet(
+        population=40,
+        seed=3,
+        train_sizes=data.train_sizes.numpy(),
+        model_bytes=72,
+        speed={"dist": "lognormal", "median": 10, "sigma": 1.0},
+    )
     torch.manual_seed(0)
     model = nn.Linear(5, 3)
     reference = copy.deepcopy(model)
     rounds = 8
-    alg = AsyncFleetSim(model, data, F.cross_entropy, fleet=fleet, concurrency=1, algorithm="fedbuff",
-                        buffer_size=1, staleness=constant(), client=spec, server=server, seed=7, trace=True)
+    alg = AsyncFleetSim(
+        model,
+        data,
+        F.cross_entropy,
+        fleet=fleet,
+        concurrency=1,
+        algorithm="fedbuff",
+        buffer_size=1,
+        staleness=constant(),
+        client=spec,
+        server=server,
+        seed=7,
+        trace=True,
+    )
     for _ in range(rounds):
         m = alg.step()
         assert m["staleness_max"] == 0

@@ -1,4 +1,5 @@
 """The simulated fleet: hashing, distributions, availability, schedulers, the fleet algorithms."""
+
 import math
 import tracemalloc
 
@@ -23,8 +24,13 @@ SIZES = np.full(10, 20)
 
 
 def fleet(**kw):
-    args = dict(population=10_000, seed=1, train_sizes=SIZES, model_bytes=4000,
-                speed={"dist": "lognormal", "median": 20, "sigma": 1.0})
+    args = dict(
+        population=10_000,
+        seed=1,
+        train_sizes=SIZES,
+        model_bytes=4000,
+        speed={"dist": "lognormal", "median": 20, "sigma": 1.0},
+    )
     args.update(kw)
     return make_fleet(**args)
 
@@ -42,16 +48,22 @@ def test_vector_and_scalar_hash_agree_and_uniforms_are_open_unit():
 def test_distributions_have_the_documented_means_and_supports():
     rng = np.random.default_rng(0)
     u1, u2 = rng.random(400_000), rng.random(400_000)
-    cases = [({"dist": "constant", "value": 3}, 3.0), ({"dist": "uniform", "low": 1, "high": 5}, 3.0),
-             ({"dist": "exponential", "mean": 2, "min": 1}, 3.0), ({"dist": "half-normal", "sd": 2, "min": 0.5}, 0.5 + 2 * math.sqrt(2 / math.pi)),
-             ({"dist": "lognormal", "median": 2, "sigma": 0.5}, 2 * math.exp(0.125))]
+    cases = [
+        ({"dist": "constant", "value": 3}, 3.0),
+        ({"dist": "uniform", "low": 1, "high": 5}, 3.0),
+        ({"dist": "exponential", "mean": 2, "min": 1}, 3.0),
+        ({"dist": "half-normal", "sd": 2, "min": 0.5}, 0.5 + 2 * math.sqrt(2 / math.pi)),
+        ({"dist": "lognormal", "median": 2, "sigma": 0.5}, 2 * math.exp(0.125)),
+    ]
     for spec, mean in cases:
         d = make_distribution(spec)
         x = d.from_uniform(u1, u2)
         assert x.mean() == pytest.approx(mean, rel=0.01), spec
         assert d.mean() == pytest.approx(mean)
         assert x.min() >= d.lower_bound()
-    assert np.median(make_distribution({"dist": "lognormal", "median": 2, "sigma": 1}).from_uniform(u1, u2)) == pytest.approx(2, rel=0.02)
+    assert np.median(
+        make_distribution({"dist": "lognormal", "median": 2, "sigma": 1}).from_uniform(u1, u2)
+    ) == pytest.approx(2, rel=0.02)
 
 
 def test_empirical_distribution_from_file(tmp_path):
@@ -68,10 +80,12 @@ def test_empirical_distribution_from_file(tmp_path):
 
 
 def test_distribution_errors_name_the_key():
-    for spec, msg in [({"dist": "lognormal", "median": 1}, "fleet.speed: lognormal needs sigma"),
-                      ({"dist": "uniform", "low": -1, "high": 1}, "fleet.speed.low: must be >= 0"),
-                      ({"dist": "constant", "value": 0}, "fleet.speed: a rate must be > 0"),
-                      ({"dist": "gamma"}, "fleet.speed.dist: unknown")]:
+    for spec, msg in [
+        ({"dist": "lognormal", "median": 1}, "fleet.speed: lognormal needs sigma"),
+        ({"dist": "uniform", "low": -1, "high": 1}, "fleet.speed.low: must be >= 0"),
+        ({"dist": "constant", "value": 0}, "fleet.speed: a rate must be > 0"),
+        ({"dist": "gamma"}, "fleet.speed.dist: unknown"),
+    ]:
         with pytest.raises(ValueError, match=msg):
             make_distribution(spec, "fleet.speed", positive=True)
 
@@ -90,8 +104,9 @@ def test_population_traits_are_pure_functions_of_seed_and_device():
 
 
 def test_duration_model_formula():
-    f = fleet(speed=10.0, bandwidth_down_mbps=8.0, bandwidth_up_mbps=4.0, latency_s=0.5, model_bytes=1_000_000,
-              epochs=2)
+    f = fleet(
+        speed=10.0, bandwidth_down_mbps=8.0, bandwidth_up_mbps=4.0, latency_s=0.5, model_bytes=1_000_000, epochs=2
+    )
     t = f.trips(0, 5)
     # 2 epochs x 20 examples / 10 ex/s = 4 s; 8e6 bits / 8e6 = 1 s down; 8e6 / 4e6 = 2 s up; + 0.5
     assert np.allclose(t.duration, 7.5)
@@ -136,6 +151,7 @@ def test_async_keeps_concurrency_in_flight_and_same_seed_same_trace():
             s.fill()
             assert len(s.busy) == 30
         return s.trace
+
     a, b = trace(4), trace(4)
     assert a == b
     assert a != trace(5)
@@ -146,10 +162,23 @@ def test_async_keeps_concurrency_in_flight_and_same_seed_same_trace():
 def small_async_sim(data, **kw):
     """FedBuff (K = 4) on a 500-device fleet with dropouts, training a 5-3 linear model."""
     torch.manual_seed(0)
-    f = make_fleet(population=500, seed=9, train_sizes=data.train_sizes.numpy(), model_bytes=72, dropout=0.1,
-                   speed={"dist": "lognormal", "median": 10, "sigma": 1.0})
-    return AsyncFleetSim(nn.Linear(5, 3), data, F.cross_entropy, fleet=f, buffer_size=4,
-                         client=ClientSpec(steps=2, batch_size=8, lr=0.1), **kw)
+    f = make_fleet(
+        population=500,
+        seed=9,
+        train_sizes=data.train_sizes.numpy(),
+        model_bytes=72,
+        dropout=0.1,
+        speed={"dist": "lognormal", "median": 10, "sigma": 1.0},
+    )
+    return AsyncFleetSim(
+        nn.Linear(5, 3),
+        data,
+        F.cross_entropy,
+        fleet=f,
+        buffer_size=4,
+        client=ClientSpec(steps=2, batch_size=8, lr=0.1),
+        **kw,
+    )
 
 
 def _strip(record):
@@ -172,24 +201,24 @@ def assert_resume_is_bit_identical(build, steps, tmp_path):
     resumed.load_state_dict(rd.load_state())
     rest = [resumed.step() for _ in range(steps - steps // 2)]
     assert torch.equal(whole.weights, resumed.weights)
-    assert [_strip(r) for r in hist[steps // 2:]] == [_strip(r) for r in rest]
+    assert [_strip(r) for r in hist[steps // 2 :]] == [_strip(r) for r in rest]
     return hist
 
 
 def test_poisson_arrivals_start_trips_at_the_rate_up_to_the_cap():
-    rate = 2.0                                  # arrivals per simulated second
-    s = AsyncScheduler(fleet(seed=3), 10_000, arrival_rate=rate, trace=True)   # the cap never binds
+    rate = 2.0  # arrivals per simulated second
+    s = AsyncScheduler(fleet(seed=3), 10_000, arrival_rate=rate, trace=True)  # the cap never binds
     s.fill()
     while s.now < 2000.0:
         s.pop()
         s.fill()
     n, t = s.poisson.count, s.now
     assert s.poisson.missed == 0 and s.trips_started == n
-    assert abs(n - rate * t) < 5 * math.sqrt(rate * t)              # Poisson count: mean and sd sqrt(rate t)
+    assert abs(n - rate * t) < 5 * math.sqrt(rate * t)  # Poisson count: mean and sd sqrt(rate t)
     starts = [e[0] for e in s.trace if e[1] == "start"]
     gaps = np.diff(starts)
     assert abs(gaps.mean() - 1 / rate) < 5 * (1 / rate) / math.sqrt(len(gaps))
-    assert abs(np.median(gaps) - math.log(2) / rate) < 0.1 / rate   # exponential gaps, not a fixed period
+    assert abs(np.median(gaps) - math.log(2) / rate) < 0.1 / rate  # exponential gaps, not a fixed period
     # a cap of 3 in flight: arrivals that find 3 trips running are lost, never more than 3 at once
     capped = AsyncScheduler(fleet(seed=3), 3, arrival_rate=rate, trace=True)
     capped.fill()
@@ -200,6 +229,7 @@ def test_poisson_arrivals_start_trips_at_the_rate_up_to_the_cap():
     assert capped.poisson.missed > 0 and capped.trips_started == capped.poisson.count - capped.poisson.missed
     # same seed, same trace; arrivals never start a trip in closed hours
     night = [0.0] * 6 + [1.0] * 18
+
     def run(seed):
         a = AsyncScheduler(fleet(seed=seed, diurnal=night), 50, arrival_rate=0.05, trace=True)
         a.fill()
@@ -207,10 +237,11 @@ def test_poisson_arrivals_start_trips_at_the_rate_up_to_the_cap():
             a.pop()
             a.fill()
         return a
+
     a, b = run(7), run(7)
     assert a.trace == b.trace and a.trace != run(8).trace
     assert all((t % 86400) >= 6 * 3600 for t, k, *_ in a.trace if k == "start")
-    assert a.poisson.missed > 0                                      # the night's arrivals find nobody
+    assert a.poisson.missed > 0  # the night's arrivals find nobody
 
 
 def test_poisson_arrivals_resume_bit_identically(tmp_path):
@@ -248,8 +279,14 @@ def test_sync_round_discards_exactly_the_late_results():
 
 def test_sync_fleet_aggregates_only_arrivals_before_the_close():
     data = synthetic_dataset(num_clients=10, per_client=20)
-    f = make_fleet(population=5000, seed=2, train_sizes=data.train_sizes.numpy(), model_bytes=72,
-                   speed={"dist": "lognormal", "median": 5, "sigma": 1.5}, dropout=0.2)
+    f = make_fleet(
+        population=5000,
+        seed=2,
+        train_sizes=data.train_sizes.numpy(),
+        model_bytes=72,
+        speed={"dist": "lognormal", "median": 5, "sigma": 1.5},
+        dropout=0.2,
+    )
 
     class Spy(WeightedMean):
         def add(self, delta, weight=1.0, client=None):
@@ -258,8 +295,18 @@ def test_sync_fleet_aggregates_only_arrivals_before_the_close():
 
     spy = Spy(18)
     spy.seen = []
-    alg = SyncFleetSim(nn.Linear(5, 3), data, F.cross_entropy, fleet=f, cohort=6, over_selection=1.5,
-                       deadline_s=6.0, aggregator=spy, client=ClientSpec(steps=2, batch_size=8), seed=0)
+    alg = SyncFleetSim(
+        nn.Linear(5, 3),
+        data,
+        F.cross_entropy,
+        fleet=f,
+        cohort=6,
+        over_selection=1.5,
+        deadline_s=6.0,
+        aggregator=spy,
+        client=ClientSpec(steps=2, batch_size=8),
+        seed=0,
+    )
     late = wasted = 0
     for _ in range(6):
         spy.seen.clear()
@@ -275,10 +322,24 @@ def test_sync_fleet_aggregates_only_arrivals_before_the_close():
 
 def test_dropouts_never_reach_the_aggregator():
     data = synthetic_dataset(num_clients=10, per_client=20)
-    f = make_fleet(population=1000, seed=5, train_sizes=data.train_sizes.numpy(), model_bytes=72, dropout=0.4,
-                   speed={"dist": "exponential", "mean": 10})
-    alg = AsyncFleetSim(nn.Linear(5, 3), data, F.cross_entropy, fleet=f, concurrency=8, buffer_size=3,
-                        client=ClientSpec(steps=1, batch_size=8), trace=True)
+    f = make_fleet(
+        population=1000,
+        seed=5,
+        train_sizes=data.train_sizes.numpy(),
+        model_bytes=72,
+        dropout=0.4,
+        speed={"dist": "exponential", "mean": 10},
+    )
+    alg = AsyncFleetSim(
+        nn.Linear(5, 3),
+        data,
+        F.cross_entropy,
+        fleet=f,
+        concurrency=8,
+        buffer_size=3,
+        client=ClientSpec(steps=1, batch_size=8),
+        trace=True,
+    )
     trained = []
     real_train = alg._train
     alg._train = lambda tid, client, start: (trained.append(tid), real_train(tid, client, start))[1]
@@ -287,7 +348,7 @@ def test_dropouts_never_reach_the_aggregator():
     dropped = {tid for _, kind, tid, *_ in alg.sched.trace if kind == "drop"}
     done = [tid for _, kind, tid, *_ in alg.sched.trace if kind == "done"]
     assert len(dropped) == m["dropouts"] > 10
-    assert trained == done            # every completed trip, in arrival order, and nothing else
+    assert trained == done  # every completed trip, in arrival order, and nothing else
     assert not dropped & set(trained)
     assert m["updates"] == 3 and m["uploads"] == len(done) == 60
 
@@ -305,10 +366,23 @@ def test_async_same_seed_same_run_and_resume_is_bit_identical(tmp_path):
 
 def test_max_staleness_bounds_the_versions_held_in_memory():
     data = synthetic_dataset(num_clients=10, per_client=20)
-    f = make_fleet(population=10_000, seed=1, train_sizes=data.train_sizes.numpy(), model_bytes=72,
-                   speed={"dist": "lognormal", "median": 10, "sigma": 2.0})
-    alg = AsyncFleetSim(nn.Linear(5, 3), data, F.cross_entropy, fleet=f, concurrency=30, buffer_size=2,
-                        client=ClientSpec(steps=1, batch_size=4), max_staleness=3)
+    f = make_fleet(
+        population=10_000,
+        seed=1,
+        train_sizes=data.train_sizes.numpy(),
+        model_bytes=72,
+        speed={"dist": "lognormal", "median": 10, "sigma": 2.0},
+    )
+    alg = AsyncFleetSim(
+        nn.Linear(5, 3),
+        data,
+        F.cross_entropy,
+        fleet=f,
+        concurrency=30,
+        buffer_size=2,
+        client=ClientSpec(steps=1, batch_size=4),
+        max_staleness=3,
+    )
     for _ in range(30):
         m = alg.step()
         assert m["versions_in_memory"] <= 3 + 1  # snapshots of v-3..v-1 + the live weights
@@ -320,11 +394,18 @@ def test_memory_does_not_grow_with_population():
     data = synthetic_dataset(num_clients=10, per_client=20)
 
     def peak(n):
-        f = make_fleet(population=n, seed=0, train_sizes=data.train_sizes.numpy(), model_bytes=4 * 10**6,
-                       speed={"dist": "lognormal", "median": 10, "sigma": 1.0}, dropout=0.05)
+        f = make_fleet(
+            population=n,
+            seed=0,
+            train_sizes=data.train_sizes.numpy(),
+            model_bytes=4 * 10**6,
+            speed={"dist": "lognormal", "median": 10, "sigma": 1.0},
+            dropout=0.05,
+        )
         tracemalloc.start()
-        alg = AsyncFleetSim(nn.Linear(5, 3), data, F.cross_entropy, fleet=f, concurrency=200, buffer_size=10,
-                            null_client=True)
+        alg = AsyncFleetSim(
+            nn.Linear(5, 3), data, F.cross_entropy, fleet=f, concurrency=200, buffer_size=10, null_client=True
+        )
         for _ in range(1000):
             alg.step()
         p = tracemalloc.get_traced_memory()[1]
@@ -338,13 +419,20 @@ def test_memory_does_not_grow_with_population():
 
 def test_a_fleet_where_no_client_can_finish_ends_with_a_clear_message():
     data = synthetic_dataset(num_clients=10, per_client=20)
-    f = make_fleet(population=1000, seed=0, train_sizes=data.train_sizes.numpy(), model_bytes=72, speed=1.0,
-                   session_s={"dist": "uniform", "low": 1, "high": 10})  # trips take 20 s, sessions <= 10 s
+    f = make_fleet(
+        population=1000,
+        seed=0,
+        train_sizes=data.train_sizes.numpy(),
+        model_bytes=72,
+        speed=1.0,
+        session_s={"dist": "uniform", "low": 1, "high": 10},
+    )  # trips take 20 s, sessions <= 10 s
     alg = AsyncFleetSim(nn.Linear(5, 3), data, F.cross_entropy, fleet=f, concurrency=10, null_client=True)
     with pytest.raises(FleetStalled, match="session_s"):
         alg.step()
-    sync = SyncFleetSim(nn.Linear(5, 3), data, F.cross_entropy, fleet=fleet(speed=1.0), cohort=3,
-                        deadline_s=5.0, null_client=True)
+    sync = SyncFleetSim(
+        nn.Linear(5, 3), data, F.cross_entropy, fleet=fleet(speed=1.0), cohort=3, deadline_s=5.0, null_client=True
+    )
     with pytest.raises(FleetStalled, match="deadline_s"):
         for _ in range(200):
             sync.step()

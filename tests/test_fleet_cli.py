@@ -1,5 +1,6 @@
 """Fleet configs end to end: validation naming the key, `flotilla run` in async and sync-fleet
 mode, resume bit-identical, and `flotilla report --x sim_time_s` over several runs."""
+
 import json
 
 import pytest
@@ -10,31 +11,62 @@ from flotilla.cli import main
 from flotilla.config import ConfigError, validate
 
 TASK = {"name": "fashion-mnist", "num_clients": 20, "partition": "iid", "examples_per_client": 20}
-BASE = {"task": TASK, "rounds": 6, "cohort": 4, "threads": 1, "client": {"steps": 1, "batch_size": 8},
-        "eval": {"max_clients": 3, "every": 3}, "output": {"progress": False, "checkpoint_every": 1}}
-FLEET = {"population": 10_000, "speed": {"dist": "lognormal", "median": 5, "sigma": 1.0},
-         "availability": {"dropout": 0.1}}
+BASE = {
+    "task": TASK,
+    "rounds": 6,
+    "cohort": 4,
+    "threads": 1,
+    "client": {"steps": 1, "batch_size": 8},
+    "eval": {"max_clients": 3, "every": 3},
+    "output": {"progress": False, "checkpoint_every": 1},
+}
+FLEET = {
+    "population": 10_000,
+    "speed": {"dist": "lognormal", "median": 5, "sigma": 1.0},
+    "availability": {"dropout": 0.1},
+}
 
 
-@pytest.mark.parametrize("patch, message", [
-    ({"mode": "async", "async": {"concurrency": 50}, "fleet": {"population": 10}}, "async.concurrency: 50 is larger than fleet.population=10"),
-    ({"mode": "async", "async": {"buffer_size": 0}}, "async.buffer_size"),
-    ({"fleet": {"speed": -2}}, "fleet.speed"),
-    ({"fleet": {"bandwidth_down_mbps": {"dist": "uniform", "low": -1, "high": 2}}}, "fleet.bandwidth_down_mbps"),
-    ({"fleet": {"availability": {"dropout": -0.1}}}, "fleet.availability.dropout"),
-    ({"fleet": {"availability": {"diurnal": [0] * 24}}}, "fleet.availability.diurnal: never admits a device"),
-    ({"fleet": {"population": 3}}, "fleet.over_selection"),
-    ({"async": {"concurrency": 3}}, "async: only used with mode: async"),
-    ({"mode": "async", "async": {"staleness": {"kind": "cubic"}}}, "async.staleness.kind"),
-    ({"mode": "async", "async": {"mixing": 1.5}}, "async.mixing"),
-    ({"mode": "async", "async": {"arrival_rate": 0}}, "async.arrival_rate"),
-    ({"mode": "async", "async": {"staleness": {"average": 2.0}},
-      "privacy": {"user_level": {"clip_norm": 1.0, "noise_multiplier": 1.0, "delta": 1e-3}}}, "async.staleness.average: normalised"),
-    ({"mode": "async", "async": {"arrival_rate": float("inf")}}, "async.arrival_rate"),
-    ({"mode": "async", "async": {"arrival_rate": 1.0}, "network": {"tls": {"cert": "a.pem", "key": "b.key"}, "tokens": "t.json"}},
-     "async.arrival_rate: simulates devices checking in"),
-    ({"mode": "async", "fleet": {"speed": {"dist": "lognormal", "median": 3}}}, "fleet.speed: lognormal needs sigma"),
-])
+@pytest.mark.parametrize(
+    "patch, message",
+    [
+        (
+            {"mode": "async", "async": {"concurrency": 50}, "fleet": {"population": 10}},
+            "async.concurrency: 50 is larger than fleet.population=10",
+        ),
+        ({"mode": "async", "async": {"buffer_size": 0}}, "async.buffer_size"),
+        ({"fleet": {"speed": -2}}, "fleet.speed"),
+        ({"fleet": {"bandwidth_down_mbps": {"dist": "uniform", "low": -1, "high": 2}}}, "fleet.bandwidth_down_mbps"),
+        ({"fleet": {"availability": {"dropout": -0.1}}}, "fleet.availability.dropout"),
+        ({"fleet": {"availability": {"diurnal": [0] * 24}}}, "fleet.availability.diurnal: never admits a device"),
+        ({"fleet": {"population": 3}}, "fleet.over_selection"),
+        ({"async": {"concurrency": 3}}, "async: only used with mode: async"),
+        ({"mode": "async", "async": {"staleness": {"kind": "cubic"}}}, "async.staleness.kind"),
+        ({"mode": "async", "async": {"mixing": 1.5}}, "async.mixing"),
+        ({"mode": "async", "async": {"arrival_rate": 0}}, "async.arrival_rate"),
+        (
+            {
+                "mode": "async",
+                "async": {"staleness": {"average": 2.0}},
+                "privacy": {"user_level": {"clip_norm": 1.0, "noise_multiplier": 1.0, "delta": 1e-3}},
+            },
+            "async.staleness.average: normalised",
+        ),
+        ({"mode": "async", "async": {"arrival_rate": float("inf")}}, "async.arrival_rate"),
+        (
+            {
+                "mode": "async",
+                "async": {"arrival_rate": 1.0},
+                "network": {"tls": {"cert": "a.pem", "key": "b.key"}, "tokens": "t.json"},
+            },
+            "async.arrival_rate: simulates devices checking in",
+        ),
+        (
+            {"mode": "async", "fleet": {"speed": {"dist": "lognormal", "median": 3}}},
+            "fleet.speed: lognormal needs sigma",
+        ),
+    ],
+)
 def test_impossible_fleet_settings_are_refused_with_the_key_named(patch, message):
     with pytest.raises(ConfigError) as e:
         validate({**BASE, **patch})
@@ -61,8 +93,18 @@ def test_fleet_runs_resume_and_report_by_simulated_time(tmp_path, capsys):
     a = _run(tmp_path, "fedbuff", fedbuff)
     records = [json.loads(x) for x in (a / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in records] == [1, 2, 3, 4, 5, 6]
-    for key in ("sim_time_s", "wall_time_s", "trips", "bytes_down", "bytes_up", "wasted_trips", "staleness_mean",
-                "concurrency", "dropouts", "accuracy"):
+    for key in (
+        "sim_time_s",
+        "wall_time_s",
+        "trips",
+        "bytes_down",
+        "bytes_up",
+        "wasted_trips",
+        "staleness_mean",
+        "concurrency",
+        "dropouts",
+        "accuracy",
+    ):
         assert key in records[-1]
     assert records[-1]["sim_time_s"] > records[0]["sim_time_s"] > 0
     assert records[-1]["concurrency"] == pytest.approx(8)
@@ -103,9 +145,17 @@ def test_fleet_runs_resume_and_report_by_simulated_time(tmp_path, capsys):
 
 def test_async_run_ignores_the_unused_cohort(tmp_path):
     """Issue 11 item 28: mode async with 4 clients and the default cohort (10) runs; it was refused."""
-    cfg = {"task": {**TASK, "num_clients": 4}, "rounds": 2, "mode": "async", "threads": 1,
-           "fleet": {"population": 8}, "async": {"concurrency": 4, "buffer_size": 2},
-           "client": {"steps": 1, "batch_size": 8}, "eval": {"max_clients": 2}, "output": {"progress": False}}
+    cfg = {
+        "task": {**TASK, "num_clients": 4},
+        "rounds": 2,
+        "mode": "async",
+        "threads": 1,
+        "fleet": {"population": 8},
+        "async": {"concurrency": 4, "buffer_size": 2},
+        "client": {"steps": 1, "batch_size": 8},
+        "eval": {"max_clients": 2},
+        "output": {"progress": False},
+    }
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump(cfg))
     assert main(["run", str(path), "--run-dir", str(tmp_path / "run")]) == 0

@@ -7,6 +7,7 @@ Layers, lowest first (docs/architecture.md draws them):
   experiment  config (reads the whole config) and experiment (builds a run from it)
   entry       api, cli, the package itself
 """
+
 import ast
 from pathlib import Path
 
@@ -15,8 +16,18 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent / "flotilla"
 LAYERS = [
     ("core", ["flotilla.core"]),
-    ("components", ["flotilla.data", "flotilla.fleet", "flotilla.tasks", "flotilla.privacy", "flotilla.secure",
-                    "flotilla.algorithms", "flotilla.runs"]),
+    (
+        "components",
+        [
+            "flotilla.data",
+            "flotilla.fleet",
+            "flotilla.tasks",
+            "flotilla.privacy",
+            "flotilla.secure",
+            "flotilla.algorithms",
+            "flotilla.runs",
+        ],
+    ),
     ("runtimes", ["flotilla.sim", "flotilla.network", "flotilla.runner"]),
     ("experiment", ["flotilla.config", "flotilla.experiment"]),
     # flotilla.network.cli is the command line of the network runtime (serve/join/status/certs): an entry point
@@ -54,7 +65,7 @@ def imports_of(path: Path) -> set[str]:
                 base = ".".join(up + ([node.module] if node.module else []))
             if base.startswith("flotilla"):
                 found.add(base)
-                for a in node.names:   # `from flotilla.sim import sync` imports the module flotilla.sim.sync
+                for a in node.names:  # `from flotilla.sim import sync` imports the module flotilla.sim.sync
                     if (ROOT.parent / (base + "." + a.name).replace(".", "/")).with_suffix(".py").exists():
                         found.add(f"{base}.{a.name}")
     return found - {name}
@@ -64,14 +75,20 @@ MODULES = {module_name(p): imports_of(p) for p in sorted(ROOT.rglob("*.py"))}
 
 
 def test_no_module_imports_from_a_layer_above_it():
-    upward = [f"{m} ({LAYERS[layer_of(m)][0]}) imports {dep} ({LAYERS[layer_of(dep)][0]})"
-              for m, deps in MODULES.items() for dep in sorted(deps) if layer_of(dep) > layer_of(m)]
+    upward = [
+        f"{m} ({LAYERS[layer_of(m)][0]}) imports {dep} ({LAYERS[layer_of(dep)][0]})"
+        for m, deps in MODULES.items()
+        for dep in sorted(deps)
+        if layer_of(dep) > layer_of(m)
+    ]
     assert not upward, "imports against the layers:\n  " + "\n  ".join(upward)
 
 
 def test_no_import_cycle():
-    graph = {m: {d for d in deps if d in MODULES and not m.startswith(d + ".") and d != "flotilla"}
-             for m, deps in MODULES.items()}
+    graph = {
+        m: {d for d in deps if d in MODULES and not m.startswith(d + ".") and d != "flotilla"}
+        for m, deps in MODULES.items()
+    }
     state: dict[str, int] = {}
     stack: list[str] = []
 
@@ -80,11 +97,12 @@ def test_no_import_cycle():
         stack.append(m)
         for d in sorted(graph[m]):
             if state.get(d) == 1:
-                pytest.fail("import cycle: " + " -> ".join(stack[stack.index(d):] + [d]))
+                pytest.fail("import cycle: " + " -> ".join(stack[stack.index(d) :] + [d]))
             if d not in state:
                 visit(d)
         stack.pop()
         state[m] = 2
+
     for m in sorted(graph):
         if m not in state:
             visit(m)

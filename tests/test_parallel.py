@@ -1,4 +1,5 @@
 """Worker processes over the cohort (flotilla.sim.parallel)."""
+
 import pytest
 import torch
 from torch import nn
@@ -7,7 +8,6 @@ from torch.nn import functional as F
 import flotilla
 from flotilla.core.aggregate import UpdateRejected, WeightedMean
 from flotilla.core.client import ClientSpec
-from flotilla.core.server_opt import ServerOptimizerSpec
 from flotilla.sim.parallel import ParallelFedAvg, split_cohort
 from flotilla.sim.sync import SyncFedAvg
 from tests.helpers import synthetic_dataset
@@ -38,8 +38,8 @@ def test_split_cohort_is_balanced_deterministic_and_keeps_cohort_order():
     assert shares == split_cohort(clients, sizes, 2)
     assert sorted(sum(shares, [])) == sorted(clients)
     loads = [sum(sizes[clients.index(c)] for c in s) for s in shares]
-    assert max(loads) - min(loads) <= 10          # 50 | 20+20+10 (+10)
-    for s in shares:                              # cohort order inside each share
+    assert max(loads) - min(loads) <= 10  # 50 | 20+20+10 (+10)
+    for s in shares:  # cohort order inside each share
         assert s == [c for c in clients if c in s]
     assert split_cohort(clients, sizes, 1) == [clients]
     assert split_cohort([4], [3], 3) == [[4], [], []]
@@ -56,10 +56,10 @@ def test_two_workers_match_sequential_and_are_deterministic():
     seq, m_seq = _run(SyncFedAvg)
     a, m_a = _run(ParallelFedAvg, workers=2)
     b, _ = _run(ParallelFedAvg, workers=2)
-    assert torch.equal(a.weights, b.weights)               # fixed worker count: bit-identical
+    assert torch.equal(a.weights, b.weights)  # fixed worker count: bit-identical
     assert torch.allclose(seq.weights, a.weights, atol=1e-5)  # regrouped float sum only
     initial = torch.cat([p.detach().reshape(-1) for p in _model().parameters()])
-    assert not torch.allclose(a.weights, initial)          # it trained
+    assert not torch.allclose(a.weights, initial)  # it trained
     assert m_a[-1]["examples_seen"] == m_seq[-1]["examples_seen"] == 6 * 12
     assert abs(m_a[-1]["train_loss"] - m_seq[-1]["train_loss"]) < 1e-5
 
@@ -81,12 +81,14 @@ def test_checkpoint_resume_with_workers_is_bit_identical():
     full, _ = _run(ParallelFedAvg, rounds=4, workers=2)
     data = synthetic_dataset(num_clients=12, per_client=12)
     first = ParallelFedAvg(_model(), data, F.cross_entropy, cohort=6, client=SPEC, seed=3, workers=2)
-    first.step(); first.step()
+    first.step()
+    first.step()
     state = first.state_dict()
     first.close()
     second = ParallelFedAvg(_model(5), data, F.cross_entropy, cohort=6, client=SPEC, seed=3, workers=2)
     second.load_state_dict(state)
-    second.step(); second.step()
+    second.step()
+    second.step()
     second.close()
     assert torch.equal(full.weights, second.weights)
 

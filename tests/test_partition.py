@@ -55,6 +55,7 @@ def test_dirichlet_skew_grows_as_alpha_shrinks(labels):
     def skew(alpha):
         parts = P.dirichlet(labels, 50, alpha, np.random.default_rng(0))
         return P.label_distance(parts, labels)
+
     s100, s1, s01 = skew(100.0), skew(1.0), skew(0.1)
     assert s100 < 0.25 < s1 < s01  # ~0.14 at alpha=100 is multinomial noise of 100 draws
     assert s01 > 0.5
@@ -74,8 +75,10 @@ def test_split_test_like_follows_client_label_mix(labels):
     _assert_exactly_once(test, len(test_labels))
     assert P.label_distance(test, test_labels) > 0.5  # as skewed as the train split
     # Each client's dominant test class is its dominant train class.
-    agree = [np.bincount(labels[tr], minlength=10).argmax() == np.bincount(test_labels[te], minlength=10).argmax()
-             for tr, te in zip(train, test)]
+    agree = [
+        np.bincount(labels[tr], minlength=10).argmax() == np.bincount(test_labels[te], minlength=10).argmax()
+        for tr, te in zip(train, test)
+    ]
     assert np.mean(agree) >= 0.9
 
 
@@ -88,19 +91,22 @@ def test_split_test_like_follows_sizes():
         assert abs(len(te) - len(tr) / 10) <= 1
 
 
-@pytest.mark.parametrize("call, word", [
-    (lambda rng: P.iid(5, 10, rng), "num_clients"),
-    (lambda rng: P.iid(5, 0, rng), "num_clients"),
-    (lambda rng: P.quantity_skew(5, 10, rng), "num_clients"),
-    (lambda rng: P.quantity_skew(100, 10, rng, sigma=-1), "sigma"),
-    (lambda rng: P.quantity_skew(100, 10, rng, min_size=20), "min_size"),
-    (lambda rng: P.dirichlet(np.zeros(100, dtype=int), 10, 0.0, rng), "alpha"),
-    (lambda rng: P.dirichlet(np.zeros(100, dtype=int), 10, -1.0, rng), "alpha"),
-    (lambda rng: P.dirichlet(np.zeros(5, dtype=int), 10, 0.5, rng), "num_clients"),
-    (lambda rng: P.dirichlet(np.zeros(100, dtype=int), 10, 0.5, rng, min_size=11), "min_size"),
-    (lambda rng: P.dirichlet(np.zeros(100, dtype=int), 2, 0.5, rng, sizes=[60, 60]), "sizes"),
-    (lambda rng: P.dirichlet(np.zeros(100), 2, 0.5, rng), "labels"),
-])
+@pytest.mark.parametrize(
+    "call, word",
+    [
+        (lambda rng: P.iid(5, 10, rng), "num_clients"),
+        (lambda rng: P.iid(5, 0, rng), "num_clients"),
+        (lambda rng: P.quantity_skew(5, 10, rng), "num_clients"),
+        (lambda rng: P.quantity_skew(100, 10, rng, sigma=-1), "sigma"),
+        (lambda rng: P.quantity_skew(100, 10, rng, min_size=20), "min_size"),
+        (lambda rng: P.dirichlet(np.zeros(100, dtype=int), 10, 0.0, rng), "alpha"),
+        (lambda rng: P.dirichlet(np.zeros(100, dtype=int), 10, -1.0, rng), "alpha"),
+        (lambda rng: P.dirichlet(np.zeros(5, dtype=int), 10, 0.5, rng), "num_clients"),
+        (lambda rng: P.dirichlet(np.zeros(100, dtype=int), 10, 0.5, rng, min_size=11), "min_size"),
+        (lambda rng: P.dirichlet(np.zeros(100, dtype=int), 2, 0.5, rng, sizes=[60, 60]), "sizes"),
+        (lambda rng: P.dirichlet(np.zeros(100), 2, 0.5, rng), "labels"),
+    ],
+)
 def test_bad_arguments_raise_value_error_naming_them(call, word):
     with pytest.raises(ValueError, match=word):
         call(np.random.default_rng(0))

@@ -1,4 +1,5 @@
 """DP-FedBuff: DP-FedAvg's mechanism once per FedBuff buffer of K updates, on the simulated fleet."""
+
 import pytest
 import torch
 from torch import nn
@@ -23,10 +24,10 @@ def test_one_buffer_release_clips_before_staleness_weighting_and_adds_noise_once
     buf = DPFedBuff(plain, clip_norm=S, noise_multiplier=0.0, seed=0)
     server = FedBuffServer(torch.zeros(n), buf, ServerOptimizer(ServerOptimizerSpec("fedavg"), n))
     huge = torch.full((n,), 100.0)
-    server.submit(huge, 1.0, 0, client=0)           # tau 0: weight 1
+    server.submit(huge, 1.0, 0, client=0)  # tau 0: weight 1
     server.version = 1
-    server.submit(huge, 1.0, 0, client=1)           # tau 1: weight 1/2
-    assert server.submit(huge, 1.0, 1, client=1).accepted is False   # client 1 is already in this buffer
+    server.submit(huge, 1.0, 0, client=1)  # tau 1: weight 1/2
+    assert server.submit(huge, 1.0, 1, client=1).accepted is False  # client 1 is already in this buffer
     server.submit(torch.zeros(n), 1.0, 1, client=2)
     res = server.submit(torch.zeros(n), 1.0, 1, client=3)
     assert res.stepped and buf.count == 0 and buf.duplicates_dropped == 1
@@ -44,22 +45,41 @@ def test_one_buffer_release_clips_before_staleness_weighting_and_adds_noise_once
 
 def build_async(data, **kw):
     torch.manual_seed(0)
-    f = make_fleet(population=400, seed=3, train_sizes=data.train_sizes.numpy(), model_bytes=72,
-                   speed={"dist": "lognormal", "median": 10, "sigma": 1.0})
-    args = dict(fleet=f, concurrency=10, buffer_size=4, client=ClientSpec(steps=2, batch_size=8, lr=0.1),
-                server=ServerOptimizerSpec("fedavgm", lr=0.7), weighting="uniform", max_staleness=8)
+    f = make_fleet(
+        population=400,
+        seed=3,
+        train_sizes=data.train_sizes.numpy(),
+        model_bytes=72,
+        speed={"dist": "lognormal", "median": 10, "sigma": 1.0},
+    )
+    args = dict(
+        fleet=f,
+        concurrency=10,
+        buffer_size=4,
+        client=ClientSpec(steps=2, batch_size=8, lr=0.1),
+        server=ServerOptimizerSpec("fedavgm", lr=0.7),
+        weighting="uniform",
+        max_staleness=8,
+    )
     args.update(kw)
     return AsyncFleetSim, dict(model=nn.Linear(5, 3), dataset=data, loss_fn=F.cross_entropy, **args)
 
 
 def test_dp_fedbuff_on_the_fleet_accounts_per_buffer_and_resumes_bit_identically(tmp_path):
     data = synthetic_dataset(num_clients=40, per_client=10)
-    spec = {"user_level": {"clip_norm": 0.5, "noise_multiplier": 1.0, "delta": 1e-3, "adaptive_clipping": {"count_noise_multiplier": 2.0}},
-            "sample_level": {"noise_multiplier": 0.5}}
+    spec = {
+        "user_level": {
+            "clip_norm": 0.5,
+            "noise_multiplier": 1.0,
+            "delta": 1e-3,
+            "adaptive_clipping": {"count_noise_multiplier": 2.0},
+        },
+        "sample_level": {"noise_multiplier": 0.5},
+    }
     whole = make_private(*build_async(data), spec, rounds=6, eval_every=3)
     hist = [whole.step() for _ in range(6)]
     assert isinstance(whole.inner.server.buffer, DPFedBuff)
-    assert hist[-1]["epsilon"] == pytest.approx(epsilon(1.0, 4 / 40, 6, 1e-3))   # q = K / population, per buffer
+    assert hist[-1]["epsilon"] == pytest.approx(epsilon(1.0, 4 / 40, 6, 1e-3))  # q = K / population, per buffer
     assert all(r["dp_updates"] == 4 for r in hist) and hist[-1]["sample_epsilon_max"] > 0
     assert hist[-1]["clip_norm"] != 0.5
 

@@ -8,6 +8,7 @@ rounds (measured ~1.5e-8; training amplifies such differences over longer runs, 
 They are bit-identical to worker processes (workers: 2), which split and sum the same way, and with
 1 actor (one torch thread on both sides) bit-identical to in-process.
 """
+
 import importlib.util
 import sys
 from pathlib import Path
@@ -29,9 +30,14 @@ needs_ray = pytest.mark.skipif(not HAVE_RAY, reason="Ray is not installed (pip i
 
 
 def config(runtime=None, rounds=3, **extra):
-    raw = {"task": {"name": "fashion-mnist", "num_clients": 8, "examples_per_client": 20, "partition": "iid"},
-           "rounds": rounds, "cohort": 5, "client": {"batch_size": 10},
-           "server": {"optimizer": "fedadam", "lr": 0.01}, **extra}
+    raw = {
+        "task": {"name": "fashion-mnist", "num_clients": 8, "examples_per_client": 20, "partition": "iid"},
+        "rounds": rounds,
+        "cohort": 5,
+        "client": {"batch_size": 10},
+        "server": {"optimizer": "fedadam", "lr": 0.01},
+        **extra,
+    }
     if runtime is not None:
         raw["runtime"] = runtime
     return validate(raw)
@@ -42,26 +48,40 @@ def run_rounds(algorithm, rounds):
 
 
 # -- config (no Ray needed) -----------------------------------------------------------------
-@pytest.mark.parametrize("extra, message", [
-    ({"runtime": {"name": "ray"}, "workers": 2}, "runtime.name: ray trains on runtime.actors Ray actors; workers: 2"),
-    ({"runtime": {"name": "in-process", "actors": 3}}, "runtime.actors: only used with runtime.name: ray"),
-    ({"runtime": {"name": "processes", "address": "auto"}}, "runtime.address: only used with runtime.name: ray"),
-    ({"runtime": {"name": "in-process", "on_client_error": "skip"}}, "runtime.on_client_error: only used with"),
-    ({"runtime": {"name": "ray", "on_client_error": "ignore"}}, "runtime.on_client_error: Input should be 'stop' or"),
-    ({"runtime": {"name": "in-process"}, "workers": 2}, "runtime.name: in-process trains in one process"),
-    ({"runtime": {"name": "processes"}}, "runtime.name: processes trains in `workers` processes; set workers: 2"),
-    ({"runtime": {"name": "ray", "gpus_per_actor": 0.5}}, "runtime.gpus_per_actor: GPUs are not supported"),
-    ({"runtime": {"name": "ray", "address": "not an address"}}, "runtime.address: must be null"),
-    ({"runtime": {"name": "ray", "actors": 0}}, "runtime.actors: Input should be greater than or equal to 1"),
-    ({"runtime": {"name": "ray", "cpus_per_actor": 0}}, "runtime.cpus_per_actor: Input should be greater than 0"),
-    ({"runtime": {"name": "ray", "nodes": 2}}, "runtime.nodes: unknown key"),
-    ({"runtime": {"name": "spark"}}, "runtime.name: Input should be 'in-process', 'processes' or 'ray'"),
-    ({"runtime": {"name": "ray"}, "mode": "async"}, "runtime.name: ray runs synchronous rounds only"),
-    ({"runtime": {"name": "ray"}, "privacy": {"sample_level": {}}}, "runtime: privacy is not supported on runtime.name: ray"),
-    ({"runtime": {"name": "ray"}, "secure_aggregation": {}}, "runtime: secure_aggregation is not supported"),
-    ({"runtime": {"name": "ray"}, "client": {"algorithm": {"name": "fedprox", "mu": 0.1}}},
-     "runtime: client.algorithm is not supported"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (
+            {"runtime": {"name": "ray"}, "workers": 2},
+            "runtime.name: ray trains on runtime.actors Ray actors; workers: 2",
+        ),
+        ({"runtime": {"name": "in-process", "actors": 3}}, "runtime.actors: only used with runtime.name: ray"),
+        ({"runtime": {"name": "processes", "address": "auto"}}, "runtime.address: only used with runtime.name: ray"),
+        ({"runtime": {"name": "in-process", "on_client_error": "skip"}}, "runtime.on_client_error: only used with"),
+        (
+            {"runtime": {"name": "ray", "on_client_error": "ignore"}},
+            "runtime.on_client_error: Input should be 'stop' or",
+        ),
+        ({"runtime": {"name": "in-process"}, "workers": 2}, "runtime.name: in-process trains in one process"),
+        ({"runtime": {"name": "processes"}}, "runtime.name: processes trains in `workers` processes; set workers: 2"),
+        ({"runtime": {"name": "ray", "gpus_per_actor": 0.5}}, "runtime.gpus_per_actor: GPUs are not supported"),
+        ({"runtime": {"name": "ray", "address": "not an address"}}, "runtime.address: must be null"),
+        ({"runtime": {"name": "ray", "actors": 0}}, "runtime.actors: Input should be greater than or equal to 1"),
+        ({"runtime": {"name": "ray", "cpus_per_actor": 0}}, "runtime.cpus_per_actor: Input should be greater than 0"),
+        ({"runtime": {"name": "ray", "nodes": 2}}, "runtime.nodes: unknown key"),
+        ({"runtime": {"name": "spark"}}, "runtime.name: Input should be 'in-process', 'processes' or 'ray'"),
+        ({"runtime": {"name": "ray"}, "mode": "async"}, "runtime.name: ray runs synchronous rounds only"),
+        (
+            {"runtime": {"name": "ray"}, "privacy": {"sample_level": {}}},
+            "runtime: privacy is not supported on runtime.name: ray",
+        ),
+        ({"runtime": {"name": "ray"}, "secure_aggregation": {}}, "runtime: secure_aggregation is not supported"),
+        (
+            {"runtime": {"name": "ray"}, "client": {"algorithm": {"name": "fedprox", "mu": 0.1}}},
+            "runtime: client.algorithm is not supported",
+        ),
+    ],
+)
 def test_runtime_section_is_validated(extra, message):
     with pytest.raises(ConfigError) as e:
         config(**extra)
@@ -70,7 +90,7 @@ def test_runtime_section_is_validated(extra, message):
 
 def test_runtime_selection():
     assert runtime_for(config()).name == "in-process"
-    assert runtime_for(config(workers=2)).name == "processes"          # workers: N works as before
+    assert runtime_for(config(workers=2)).name == "processes"  # workers: N works as before
     assert runtime_for(config({"name": "processes"}, workers=2)).name == "processes"
     assert runtime_for(config({"name": "in-process"})).name == "in-process"
     cfg = config({"name": "ray", "actors": 3, "address": "auto", "cpus_per_actor": 0.5})
@@ -82,36 +102,39 @@ def test_runtime_selection():
 
 
 def test_without_ray_one_line_names_the_extra(monkeypatch):
-    monkeypatch.setitem(sys.modules, "ray", None)          # `import ray` raises ImportError
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
     cfg = config({"name": "ray"})
     task = build_task(cfg.task, cfg.seed)
     with pytest.raises(ImportError) as e:
         runtime_for(cfg).algorithm(cfg, task)
-    assert str(e.value) == ("runtime: {name: ray} needs Ray, which is not installed here: "
-                            "pip install 'flotilla[ray]'")
+    assert str(e.value) == ("runtime: {name: ray} needs Ray, which is not installed here: pip install 'flotilla[ray]'")
     with pytest.raises(ImportError, match=r"flotilla\[ray\]"):  # the class itself refuses the same way
         RayFedAvg(task.model, task.dataset, task.loss_fn, cohort=2)
-
 
 
 def test_without_ray_flotilla_run_prints_one_line(monkeypatch, tmp_path, capsys):
     import yaml
 
     from flotilla.cli import main
+
     monkeypatch.setitem(sys.modules, "ray", None)
     raw = config({"name": "ray"}).model_dump(mode="json")
     raw["output"].update(dir=str(tmp_path), progress=False)
     (tmp_path / "ray.yaml").write_text(yaml.safe_dump(raw))
     assert main(["run", str(tmp_path / "ray.yaml")]) == 2
-    assert capsys.readouterr().err == ("flotilla: error: runtime: {name: ray} needs Ray, which is not installed "
-                                       "here: pip install 'flotilla[ray]'\n")
+    assert capsys.readouterr().err == (
+        "flotilla: error: runtime: {name: ray} needs Ray, which is not installed here: pip install 'flotilla[ray]'\n"
+    )
 
 
-@pytest.mark.parametrize("parts", [
-    {"privacy": {"sample_level": {"noise_multiplier": 1.0}}},
-    {"privacy": {"user_level": {"clip_norm": 1.0, "noise_multiplier": 1.0}}},
-    {"secure_aggregation": {}},
-])
+@pytest.mark.parametrize(
+    "parts",
+    [
+        {"privacy": {"sample_level": {"noise_multiplier": 1.0}}},
+        {"privacy": {"user_level": {"clip_norm": 1.0, "noise_multiplier": 1.0}}},
+        {"secure_aggregation": {}},
+    ],
+)
 def test_dp_and_secure_aggregation_are_refused_not_skipped(parts):
     """Built without the config's checks (as a library user could): the Shape says composable=False."""
     cfg = config({"name": "ray"})
@@ -122,12 +145,14 @@ def test_dp_and_secure_aggregation_are_refused_not_skipped(parts):
     assert "RayFedAvg(actors=2): each Ray actor trains its clients" in str(e.value)
     with pytest.raises(ValueError, match="would never run"):
         from flotilla.core.protocols import Components
+
         RayFedAvg(**kwargs, components=Components(sampler=sample_cohort))
 
 
 @needs_ray
 def test_address_auto_without_a_cluster_is_one_line(monkeypatch):
     import ray
+
     if ray.is_initialized() or Path("/tmp/ray/ray_current_cluster").exists():
         pytest.skip("a Ray cluster is running here, so address: auto would find it")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
@@ -145,6 +170,7 @@ def local_ray():
     if not HAVE_RAY:
         pytest.skip("Ray is not installed (pip install 'flotilla[ray]')")
     import ray
+
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
@@ -157,7 +183,7 @@ def test_same_result_as_in_process_and_a_killed_actor_changes_nothing(local_ray)
     task = build_task(cfg.task, cfg.seed)
     reference, _, _, _ = build(cfg, task)
     ref_records = run_rounds(reference, 3)
-    pcfg = config(workers=2)          # worker processes split and sum exactly as 2 actors do
+    pcfg = config(workers=2)  # worker processes split and sum exactly as 2 actors do
     processes, _, _, _ = build(pcfg, build_task(pcfg.task, pcfg.seed))
     try:
         run_rounds(processes, 3)
@@ -167,7 +193,7 @@ def test_same_result_as_in_process_and_a_killed_actor_changes_nothing(local_ray)
     rcfg = config({"name": "ray", "actors": 2})
     rtask = build_task(rcfg.task, rcfg.seed)
     algorithm, _, _, _ = build(rcfg, rtask)
-    assert isinstance(algorithm, RayFedAvg) and algorithm._task_config is not None   # actors build the data
+    assert isinstance(algorithm, RayFedAvg) and algorithm._task_config is not None  # actors build the data
     try:
         records = run_rounds(algorithm, 2)
         for mine, ref in zip(records, ref_records):
@@ -181,24 +207,24 @@ def test_same_result_as_in_process_and_a_killed_actor_changes_nothing(local_ray)
         def submit_then_kill(rank, weights_ref, share):
             ref = submit(rank, weights_ref, share)
             if rank == 0:
-                ray.kill(algorithm._handles[0], no_restart=False)   # Ray restarts it (max_restarts)
+                ray.kill(algorithm._handles[0], no_restart=False)  # Ray restarts it (max_restarts)
             return ref
 
         algorithm._submit = submit_then_kill
         faulty = algorithm.step()
         algorithm._submit = submit
-        assert ray.get(algorithm._handles[0].info.remote())["pid"] != pid       # a new process
+        assert ray.get(algorithm._handles[0].info.remote())["pid"] != pid  # a new process
         w_faulty = algorithm.weights.clone()
         algorithm.load_state_dict(before)
         clean = algorithm.step()
-        assert torch.equal(w_faulty, algorithm.weights)                          # the fault-free result, bit for bit
+        assert torch.equal(w_faulty, algorithm.weights)  # the fault-free result, bit for bit
         assert faulty == clean
-        assert torch.equal(algorithm.weights, processes.weights)                   # same split, same sums: same bits
+        assert torch.equal(algorithm.weights, processes.weights)  # same split, same sums: same bits
         assert (algorithm.weights - reference.weights).abs().max().item() <= 1e-6
         assert clean["train_loss"] == pytest.approx(ref_records[2]["train_loss"], rel=1e-5)
     finally:
         algorithm.close()
-    assert algorithm._handles == [] and ray.is_initialized()   # close() leaves a Ray it did not start
+    assert algorithm._handles == [] and ray.is_initialized()  # close() leaves a Ray it did not start
 
 
 @needs_ray
@@ -208,39 +234,55 @@ def test_one_actor_is_bit_identical_and_a_failing_client_is_named(local_ray, cap
     # the client that first trains in round 2 (not in round 1's cohort)
     bad = next(c for c in sample_cohort(cfg.seed, 1, 8, 5).tolist() if c not in sample_cohort(cfg.seed, 0, 8, 5))
 
-    def make_dataset(base, bad):      # defined in a function: Ray pickles it by value, no import needed there
+    def make_dataset(base, bad):  # defined in a function: Ray pickles it by value, no import needed there
         class Failing(type(base)):
             def train_batches(self, client, *args, **kwargs):
                 if client == bad:
                     raise RuntimeError("disk on fire")
                 return super().train_batches(client, *args, **kwargs)
+
         failing = Failing.__new__(Failing)
         failing.__dict__.update(base.__dict__)
         return failing
 
-    reference, _, _, _ = build(cfg, build_task(cfg.task, cfg.seed))     # its own model: trained in place
+    reference, _, _, _ = build(cfg, build_task(cfg.task, cfg.seed))  # its own model: trained in place
     reference.step()
     # flotilla.train(model, data, runtime=...): the task goes to the actor once, through the object store
     fresh = build_task(cfg.task, cfg.seed)
-    result = flotilla.train(fresh.model, fresh.dataset, rounds=1, cohort=5, client={"batch_size": 10},
-                            server={"optimizer": "fedadam", "lr": 0.01}, runtime={"name": "ray", "actors": 1})
+    result = flotilla.train(
+        fresh.model,
+        fresh.dataset,
+        rounds=1,
+        cohort=5,
+        client={"batch_size": 10},
+        server={"optimizer": "fedadam", "lr": 0.01},
+        runtime={"name": "ray", "actors": 1},
+    )
     assert torch.equal(result.weights, reference.weights)
-    algorithm = RayFedAvg(task.model, make_dataset(task.dataset, bad), task.loss_fn, cohort=5, actors=1,
-                          client=reference.trainer.spec, server=reference.server_opt.spec, seed=cfg.seed)
+    algorithm = RayFedAvg(
+        task.model,
+        make_dataset(task.dataset, bad),
+        task.loss_fn,
+        cohort=5,
+        actors=1,
+        client=reference.trainer.spec,
+        server=reference.server_opt.spec,
+        seed=cfg.seed,
+    )
     try:
         algorithm.step()
-        assert torch.equal(algorithm.weights, reference.weights)    # 1 actor keeps SyncFedAvg's order
+        assert torch.equal(algorithm.weights, reference.weights)  # 1 actor keeps SyncFedAvg's order
         before = algorithm.weights.clone()
         with pytest.raises(ClientTrainingError) as e:
             algorithm.step()
         assert str(e.value) == f"client {bad} failed in round 2: RuntimeError: disk on fire"
         assert e.value.client == bad and "disk on fire" in e.value.detail
-        assert algorithm.round == 1 and torch.equal(algorithm.weights, before)   # the round is abandoned
-        algorithm.on_client_error = "skip"                       # runtime.on_client_error: skip
+        assert algorithm.round == 1 and torch.equal(algorithm.weights, before)  # the round is abandoned
+        algorithm.on_client_error = "skip"  # runtime.on_client_error: skip
         record = algorithm.step()
         assert algorithm.round == 2 and record["failed_clients"] == 1 and record["examples_seen"] == 4 * 20
         assert f"client {bad} failed in round 2, left out: RuntimeError: disk on fire" in capsys.readouterr().err
-        assert not torch.equal(algorithm.weights, before)        # the other four clients made the step
+        assert not torch.equal(algorithm.weights, before)  # the other four clients made the step
     finally:
         algorithm.close()
 
@@ -250,16 +292,16 @@ def test_actors_that_cannot_build_the_task_are_named(local_ray):
     cfg = config()
     task = build_task(cfg.task, cfg.seed)
     common = dict(cohort=5, actors=1, max_restarts=0)
-    missing = cfg.task.model_copy(update={"root": "/nonexistent/fashion-mnist"})   # data not on that node
+    missing = cfg.task.model_copy(update={"root": "/nonexistent/fashion-mnist"})  # data not on that node
     algorithm = RayFedAvg(task.model, task.dataset, task.loss_fn, task_config=missing, **common)
     with pytest.raises(RuntimeError, match=r"^runtime: ray: an actor could not build the task: .*nonexistent"):
         algorithm.step()
     assert algorithm.round == 0 and algorithm._handles == []
-    other = cfg.task.model_copy(update={"num_clients": 9})      # builds, but not the driver's task
+    other = cfg.task.model_copy(update={"num_clients": 9})  # builds, but not the driver's task
     algorithm = RayFedAvg(task.model, task.dataset, task.loss_fn, task_config=other, **common)
     with pytest.raises(ValueError, match="actor 0 built a task with .* and 9 clients, the driver has .* and 8"):
         algorithm.step()
     assert algorithm._handles == []
-    too_many = RayFedAvg(task.model, task.dataset, task.loss_fn, cohort=5, actors=3)   # the local Ray has 2 CPUs
+    too_many = RayFedAvg(task.model, task.dataset, task.loss_fn, cohort=5, actors=3)  # the local Ray has 2 CPUs
     with pytest.raises(ValueError, match=r"^runtime.actors: 3 actors x 1 CPUs .* need 3 CPUs, the Ray cluster has 2;"):
         too_many.step()

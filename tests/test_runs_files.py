@@ -1,6 +1,7 @@
 """Run files survive crashes and bad numbers (issue 11 items 13, 15, 16, 28).
 
 A fake algorithm keeps these tests to milliseconds; test_cli.py runs the same paths end to end."""
+
 import json
 
 import pytest
@@ -45,7 +46,7 @@ def run(tmp_path, rounds, resume=False, **kw):
 
 def test_non_finite_model_stops_the_run_and_is_never_saved(tmp_path):
     """Item 13: a step that makes the model NaN/inf raises; the checkpoint and metrics stay at the last good round."""
-    blow_up = lambda r: torch.tensor([float("inf") if r == 2 else 1.0])   # noqa: E731
+    blow_up = lambda r: torch.tensor([float("inf") if r == 2 else 1.0])  # noqa: E731
     with pytest.raises(DivergedError, match="round 3: the global model became non-finite"):
         run(tmp_path, rounds=5, delta=blow_up)
     rd = RunDir(tmp_path / "run")
@@ -56,7 +57,9 @@ def test_non_finite_model_stops_the_run_and_is_never_saved(tmp_path):
 
 def test_non_finite_metrics_are_written_as_null(tmp_path):
     """Item 28: `epsilon: Infinity` is not JSON; every non-finite number becomes null."""
-    run(tmp_path, rounds=1, extra={"epsilon": float("inf"), "nested": {"x": float("nan")}, "list": [1.0, float("-inf")]})
+    run(
+        tmp_path, rounds=1, extra={"epsilon": float("inf"), "nested": {"x": float("nan")}, "list": [1.0, float("-inf")]}
+    )
     text = (tmp_path / "run" / "metrics.jsonl").read_text()
     assert "Infinity" not in text and "NaN" not in text
     record = json.loads(text, parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))
@@ -86,13 +89,13 @@ def test_orphan_temp_files_are_removed(tmp_path):
     run(tmp_path, rounds=1, resume=True)
     assert not orphan.exists()
     orphan.write_bytes(b"\0" * 1000)
-    RunDir(tmp_path / "run").save_state(Counter().state_dict(), {"round": 0})   # and on every save
+    RunDir(tmp_path / "run").save_state(Counter().state_dict(), {"round": 0})  # and on every save
     assert not orphan.exists()
-    hidden = tmp_path / "run" / ".tmpAb3xYz"       # safetensors' own temp file, renamed onto ours when complete
+    hidden = tmp_path / "run" / ".tmpAb3xYz"  # safetensors' own temp file, renamed onto ours when complete
     hidden.write_bytes(b"\0" * 1000)
     run(tmp_path, rounds=1, resume=True)
     assert not hidden.exists()
-    other = tmp_path / "run" / "notes.tmp"          # not a file of the run: left alone
+    other = tmp_path / "run" / "notes.tmp"  # not a file of the run: left alone
     other.write_text("mine")
     run(tmp_path, rounds=2, resume=True)
     assert other.exists()

@@ -1,5 +1,6 @@
 """SecureAggregator: the aggregator interface over secure aggregation matches the plaintext
 weighted mean within the fixed-point bound, with dropouts, and trains like plaintext FedAvg."""
+
 import pytest
 import torch
 from torch import nn
@@ -20,11 +21,14 @@ def _deltas(n, seed=0):
 
 
 @pytest.mark.parametrize("bits", [32, 64])
-@pytest.mark.parametrize("dropout,degree", [
-    (None, None),
-    (DropoutSim(advertise=0.1, share=0.1, mask=0.1, unmask=0.1, seed=3), None),
-    (DropoutSim(mask=0.1, unmask=0.1, seed=4), "auto"),
-])
+@pytest.mark.parametrize(
+    "dropout,degree",
+    [
+        (None, None),
+        (DropoutSim(advertise=0.1, share=0.1, mask=0.1, unmask=0.1, seed=3), None),
+        (DropoutSim(mask=0.1, unmask=0.1, seed=4), "auto"),
+    ],
+)
 def test_secure_mean_matches_plaintext_mean(dropout, degree, bits):
     n = 20
     ds, ws = _deltas(n)
@@ -45,9 +49,9 @@ def test_secure_mean_matches_plaintext_mean(dropout, degree, bits):
 def test_unfilled_slots_are_dropouts_and_rounds_repeat():
     ds, ws = _deltas(6)
     agg = SecureAggregator(N, cohort=10, max_weight=10)
-    for r in range(2):
+    for _ in range(2):
         agg.reset()
-        for i in range(6):                                 # 4 of 10 invited clients never report
+        for i in range(6):  # 4 of 10 invited clients never report
             agg.add(ds[i], ws[i], i)
         ref = WeightedMean(N)
         for i in range(6):
@@ -105,8 +109,14 @@ def test_training_with_secure_aggregation_matches_plaintext():
     def run(aggregator):
         torch.manual_seed(0)
         model = nn.Linear(5, 3)
-        alg = SyncFedAvg(model, data, F.cross_entropy, cohort=5, client=ClientSpec(lr=0.2, batch_size=8),
-                         aggregator=aggregator(sum(p.numel() for p in model.parameters())))
+        alg = SyncFedAvg(
+            model,
+            data,
+            F.cross_entropy,
+            cohort=5,
+            client=ClientSpec(lr=0.2, batch_size=8),
+            aggregator=aggregator(sum(p.numel() for p in model.parameters())),
+        )
         for _ in range(8):
             alg.step()
         x, y = zip(*(next(data.test_batches(c, 100)) for c in range(10)))
@@ -115,6 +125,6 @@ def test_training_with_secure_aggregation_matches_plaintext():
 
     w_plain, acc_plain = run(WeightedMean)
     w_sec, acc_sec = run(lambda n: SecureAggregator(n, cohort=5, clip=4.0, max_weight=40, degree="auto"))
-    assert (w_plain - w_sec).abs().max() < 1e-4           # 8 rounds of ~1e-6 quantisation error
+    assert (w_plain - w_sec).abs().max() < 1e-4  # 8 rounds of ~1e-6 quantisation error
     assert acc_sec == pytest.approx(acc_plain, abs=0.03)
     assert acc_plain > 0.6

@@ -1,13 +1,13 @@
 """SecureBuffer: the relay sees only ciphertexts; the buffer rejects replays and tampering without
 changing state, applies staleness weights inside, and never releases a sum of fewer than K."""
+
 import dataclasses
 
 import pytest
 import torch
 
 from flotilla.core.aggregate import UpdateRejected
-from flotilla.secure import (BufferNotReady, ProtocolError, ReplayedMessage, SecureBuffer, TamperedMessage,
-                             seal_update)
+from flotilla.secure import BufferNotReady, ProtocolError, ReplayedMessage, SecureBuffer, TamperedMessage, seal_update
 
 N = 1_000
 
@@ -20,19 +20,19 @@ def test_weighted_staleness_sum_is_released_only_from_k_updates():
     buf = SecureBuffer(N, min_updates=3, staleness_weight=lambda tau: 1 / (1 + tau) ** 0.5)
     a = [buf.assign(c, version=v) for c, v in [(0, 0), (1, 2), ("phone-7", 3)]]
     ups = [seal_update(_delta(i), w, a[i]) for i, w in enumerate([1.0, 2.0, 4.0])]
-    assert all(_delta(0).numpy().tobytes()[:64] not in u.ciphertext for u in ups)   # the relay sees ciphertext
+    assert all(_delta(0).numpy().tobytes()[:64] not in u.ciphertext for u in ups)  # the relay sees ciphertext
     assert buf.receive(ups[0], server_version=3) == pytest.approx(0.5)
     buf.receive(ups[1], server_version=3)
     with pytest.raises(BufferNotReady):
-        buf.release()                                      # 2 < K
+        buf.release()  # 2 < K
     buf.receive(ups[2], server_version=3)
     rel = buf.release()
-    expect = 0.5 * _delta(0) + 2 / 2 ** 0.5 * _delta(1) + 4 * _delta(2)
+    expect = 0.5 * _delta(0) + 2 / 2**0.5 * _delta(1) + 4 * _delta(2)
     assert torch.allclose(rel.sum, expect, atol=1e-6)
-    assert rel.count == 3 and rel.total_weight == pytest.approx(0.5 + 2 ** 0.5 + 4)
+    assert rel.count == 3 and rel.total_weight == pytest.approx(0.5 + 2**0.5 + 4)
     assert buf.count == 0 and not buf.ready
     with pytest.raises(BufferNotReady):
-        buf.release()                                      # emptied by the release
+        buf.release()  # emptied by the release
 
 
 def _loaded_buffer():
@@ -51,7 +51,7 @@ def test_replayed_update_is_rejected_and_state_unchanged():
     assert buf.count == 1 and torch.equal(buf._sum, before)
     buf.receive(seal_update(_delta(1), 1.0, buf.assign(1, 0)), 0)
     assert torch.allclose(buf.release().sum, _delta(0) + _delta(1))
-    with pytest.raises(ReplayedMessage):                   # still a replay after the release
+    with pytest.raises(ReplayedMessage):  # still a replay after the release
         buf.receive(up, 1)
 
 
@@ -65,7 +65,7 @@ def test_tampered_update_is_rejected_and_state_unchanged(attack):
     ct[100] ^= 0x80
     bad = {
         "flip": dataclasses.replace(up, ciphertext=bytes(ct)),
-        "client": dataclasses.replace(up, client=2, nonce=other.nonce),      # moved to another assignment
+        "client": dataclasses.replace(up, client=2, nonce=other.nonce),  # moved to another assignment
         "version": dataclasses.replace(up, version=1),
         "nonce": dataclasses.replace(up, nonce=b"\0" * 16),
         "ephemeral": dataclasses.replace(up, ephemeral_pk=other.buffer_key),
@@ -74,7 +74,7 @@ def test_tampered_update_is_rejected_and_state_unchanged(attack):
     with pytest.raises((TamperedMessage, ProtocolError)):
         buf.receive(bad, server_version=0)
     assert buf.count == 1 and torch.equal(buf._sum, before)
-    buf.receive(up, server_version=0)                     # the genuine update still goes in
+    buf.receive(up, server_version=0)  # the genuine update still goes in
     assert torch.allclose(buf.release().sum, _delta(0) + _delta(1))
 
 

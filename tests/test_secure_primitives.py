@@ -1,4 +1,5 @@
 """Building blocks of secure aggregation: ring encoding, PRG, Shamir sharing, SecAgg+ graph."""
+
 import math
 
 import numpy as np
@@ -15,7 +16,7 @@ def test_decoded_sum_is_within_the_documented_bound(bits):
     n, clip = 50, 0.5
     enc = FixedPointEncoder(clip, max_summands=n, bits=bits)
     rng = np.random.default_rng(0)
-    vals = rng.uniform(-0.7, 0.7, size=(n, 20_000))       # some values get clipped
+    vals = rng.uniform(-0.7, 0.7, size=(n, 20_000))  # some values get clipped
     ring = np.zeros(20_000, enc.dtype)
     for v in vals:
         ring += enc.encode(v)
@@ -32,7 +33,7 @@ def test_a_full_cohort_at_the_clip_bound_does_not_overflow(bits):
     for sign in (1.0, -1.0):
         ring = np.zeros(3, enc.dtype)
         for _ in range(n):
-            ring += enc.encode(np.full(3, 5.0 * sign))      # clipped to +-1, n times
+            ring += enc.encode(np.full(3, 5.0 * sign))  # clipped to +-1, n times
         assert np.allclose(enc.decode(ring), sign * n, atol=enc.error_bound(n))
 
 
@@ -40,7 +41,7 @@ def test_weight_factor_and_its_limits():
     enc = FixedPointEncoder(2.0, max_summands=4)
     assert enc.decode(enc.encode([1.0, -3.0], factor=0.25)) == pytest.approx([0.25, -0.5], abs=enc.step)
     with pytest.raises(ValueError):
-        enc.encode([1.0], factor=1.5)                       # would break the overflow guarantee
+        enc.encode([1.0], factor=1.5)  # would break the overflow guarantee
     with pytest.raises(ValueError):
         FixedPointEncoder(1.0, max_summands=1 << 40, bits=32)
 
@@ -54,7 +55,7 @@ def test_prg_is_deterministic_and_seed_dependent():
     acc = np.zeros(1000, np.uint64)
     prg.add_into(acc, a)
     prg.add_into(acc, a, -1)
-    assert not acc.any()                                   # masks cancel exactly mod 2^64
+    assert not acc.any()  # masks cancel exactly mod 2^64
 
 
 def test_shamir_any_t_shares_recover_and_fewer_do_not():
@@ -78,9 +79,9 @@ def test_secagg_plus_graph_is_symmetric_logarithmic_and_public():
     assert k <= 4 * math.ceil(math.log2(1000)) and k % 2 == 0
     assert all(len(nb) == k and i not in nb for i, nb in g.items())
     assert all(i in g[j] for i, nb in g.items() for j in nb)
-    assert g == neighbours(ids, k, b"session")              # everyone derives the same graph
+    assert g == neighbours(ids, k, b"session")  # everyone derives the same graph
     assert g != neighbours(ids, k, b"other round")
-    seen, todo = {1}, [1]                                  # connected
+    seen, todo = {1}, [1]  # connected
     while todo:
         for j in g[todo.pop()] - seen:
             seen.add(j)

@@ -1,13 +1,21 @@
 """The SecAgg / SecAgg+ protocol state machines: correctness under dropouts, aborts, privacy of a
 single masked input, and rejection of tampered or replayed messages."""
+
 import dataclasses
 import math
 
 import numpy as np
 import pytest
 
-from flotilla.secure import (ProtocolError, ReplayedMessage, SecAggAborted, SecAggClient, SecAggConfig, SecAggServer,
-                             TamperedMessage)
+from flotilla.secure import (
+    ProtocolError,
+    ReplayedMessage,
+    SecAggAborted,
+    SecAggClient,
+    SecAggConfig,
+    SecAggServer,
+    TamperedMessage,
+)
 
 L = 2_000
 
@@ -17,8 +25,9 @@ class Round:
 
     def __init__(self, n, degree=None, threshold=None, bits=32, drop=None, seed=0):
         # A fixed session id fixes the SecAgg+ graph, so which neighbourhoods lose members is reproducible.
-        self.cfg = SecAggConfig(length=L, cohort=n, bits=bits, degree=degree, threshold=threshold,
-                                session=b"test-round-%d" % seed)
+        self.cfg = SecAggConfig(
+            length=L, cohort=n, bits=bits, degree=degree, threshold=threshold, session=b"test-round-%d" % seed
+        )
         self.server = SecAggServer(self.cfg)
         self.clients = {i: SecAggClient(i, self.cfg) for i in range(1, n + 1)}
         self.drop = drop or {}
@@ -69,15 +78,21 @@ def test_unmasked_sum_equals_plaintext_sum(bits):
 
 
 @pytest.mark.parametrize("degree", [None, 8])
-@pytest.mark.parametrize("drop", [
-    {3: "advertise"}, {3: "share"}, {3: "mask", 7: "mask"}, {3: "unmask"},
-    {1: "advertise", 2: "share", 3: "mask", 4: "unmask", 12: "mask"},
-])
+@pytest.mark.parametrize(
+    "drop",
+    [
+        {3: "advertise"},
+        {3: "share"},
+        {3: "mask", 7: "mask"},
+        {3: "unmask"},
+        {1: "advertise", 2: "share", 3: "mask", 4: "unmask", 12: "mask"},
+    ],
+)
 def test_dropouts_at_every_stage(drop, degree):
     r = Round(12, degree=degree, drop=drop)
     total = r.run()
     lost = {i for i, s in drop.items() if s != "unmask"}
-    assert r.request.survivors == set(range(1, 13)) - lost   # unmask-stage dropouts are still summed
+    assert r.request.survivors == set(range(1, 13)) - lost  # unmask-stage dropouts are still summed
     assert np.array_equal(total, r.expected())
 
 
@@ -87,13 +102,13 @@ def test_survivors_never_reveal_both_secrets_of_one_client():
     for resp in r.responses.values():
         assert not set(resp.b_shares) & set(resp.s_shares)
         assert 2 not in resp.b_shares and 5 not in resp.s_shares
-    with pytest.raises(ProtocolError):                    # a second request (e.g. another survivor set) is refused
+    with pytest.raises(ProtocolError):  # a second request (e.g. another survivor set) is refused
         r.clients[1].unmask(dataclasses.replace(r.request, survivors=frozenset(range(1, 10)) - {5}))
 
 
 @pytest.mark.parametrize("stage", ["advertise", "share", "mask", "unmask"])
 def test_abort_with_fewer_than_t_survivors(stage):
-    r = Round(7, drop={i: stage for i in (1, 2, 3, 4)})   # t = 4 of 7, only 3 get through
+    r = Round(7, drop={i: stage for i in (1, 2, 3, 4)})  # t = 4 of 7, only 3 get through
     assert r.cfg.t == 4
     with pytest.raises(SecAggAborted, match="nothing was disclosed"):
         r.run()
@@ -107,7 +122,7 @@ def test_clients_refuse_to_unmask_for_too_few_survivors():
     small = dataclasses.replace(r.request, survivors=frozenset({1, 2, 3}))
     with pytest.raises(SecAggAborted):
         r.clients[1].unmask(small)
-    assert r.clients[1].stage == "unmask"                 # nothing revealed, can still answer the real request
+    assert r.clients[1].stage == "unmask"  # nothing revealed, can still answer the real request
 
 
 def _ks_uniform_pvalue(u: np.ndarray) -> float:
@@ -130,15 +145,15 @@ def _chi2_bytes_pvalue(data: bytes) -> float:
 
 def test_a_single_masked_input_looks_uniform():
     r = Round(4, degree=None)
-    r.x = {i: np.full(L, 7 * i, r.cfg.dtype) for i in r.clients}   # maximally structured inputs
+    r.x = {i: np.full(L, 7 * i, r.cfg.dtype) for i in r.clients}  # maximally structured inputs
     r.keys()
     y = r.clients[1].masked_input(r.bundles[1], r.x[1]).y
     y = np.concatenate([y, r.clients[2].masked_input(r.bundles[2], r.x[2]).y])
-    assert _ks_uniform_pvalue(y / 2.0 ** 32) > 1e-6
+    assert _ks_uniform_pvalue(y / 2.0**32) > 1e-6
     assert _chi2_bytes_pvalue(y.tobytes()) > 1e-6
     # The tests have power: a plainly encoded update fails both.
     plain = np.random.default_rng(0).normal(0, 1000, 2 * L).astype(np.int64).astype(np.uint32)
-    assert _ks_uniform_pvalue(plain / 2.0 ** 32) < 1e-6
+    assert _ks_uniform_pvalue(plain / 2.0**32) < 1e-6
     assert _chi2_bytes_pvalue(plain.tobytes()) < 1e-6
 
 
@@ -154,7 +169,7 @@ def test_tampered_share_ciphertext_is_rejected_and_harmless():
     misrouted = dataclasses.replace(genuine, ciphertexts={**genuine.ciphertexts, 2: genuine.ciphertexts[3]})
     with pytest.raises(TamperedMessage):
         r.clients[4].masked_input(misrouted, r.x[4])
-    assert r.clients[4].stage == "mask"                   # state unchanged: the genuine bundle still works
+    assert r.clients[4].stage == "mask"  # state unchanged: the genuine bundle still works
     r.mask()
     assert np.array_equal(r.unmask(), r.expected())
 
@@ -176,7 +191,7 @@ def test_replayed_and_forged_shares_are_rejected_and_harmless():
     bad = dataclasses.replace(forged, s_shares={5: (bytes(len(share)), salt)})
     with pytest.raises(TamperedMessage):
         r.server.receive_unmask(bad)
-    r.server.receive_unmask(forged)                       # the genuine one is still accepted
+    r.server.receive_unmask(forged)  # the genuine one is still accepted
     for i in (3, 4, 6):
         r.server.receive_unmask(r.clients[i].unmask(r.request))
     assert np.array_equal(r.server.finish(), r.expected())
@@ -191,7 +206,7 @@ def test_messages_from_another_round_or_repeated_are_rejected():
     msg = a.clients[2].masked_input(a.bundles[2], a.x[2])
     a.server.receive_masked_input(msg)
     with pytest.raises(ReplayedMessage):
-        a.server.receive_masked_input(msg)                # would double-count client 2
+        a.server.receive_masked_input(msg)  # would double-count client 2
     with pytest.raises(ProtocolError):
         a.server.receive_masked_input(dataclasses.replace(msg, sender=9))
     for i in (1, 3, 4, 5):
@@ -207,12 +222,12 @@ def test_secagg_plus_shares_only_with_neighbours_and_sums_correctly():
     assert r.cfg.sparse and r.cfg.neighbourhood == 9 and r.cfg.t == 5
     total = r.run()
     assert np.array_equal(total, r.expected())
-    for i, bundle in r.bundles.items():
-        assert len(bundle.ciphertexts) <= 8               # O(k) messages per client, not O(n)
+    for bundle in r.bundles.values():
+        assert len(bundle.ciphertexts) <= 8  # O(k) messages per client, not O(n)
 
 
 def test_secagg_plus_aborts_when_one_neighbourhood_cannot_recover():
-    r = Round(30, degree=4)                               # neighbourhood 5, t = 3
+    r = Round(30, degree=4)  # neighbourhood 5, t = 3
     r.keys()
     victim = 1
     nb = sorted(r.server.graph[victim])

@@ -1,4 +1,5 @@
 """Each server optimizer against a hand computation on small tensors (Reddi et al. 2021)."""
+
 import math
 
 import pytest
@@ -36,7 +37,7 @@ def test_fedavgm_hand_computed():
     assert w.tolist() == pytest.approx(expected, abs=1e-6)
 
 
-@pytest.mark.parametrize("v0", [0.0, 1e-6])   # today's default and Reddi et al.'s tau^2
+@pytest.mark.parametrize("v0", [0.0, 1e-6])  # today's default and Reddi et al.'s tau^2
 @pytest.mark.parametrize("name", ["fedadam", "fedyogi", "fedadagrad"])
 def test_adaptive_hand_computed(name, v0):
     lr, b1, b2, tau = 0.1, 0.9, 0.99, 1e-3
@@ -84,7 +85,7 @@ def test_initial_accumulator_from_yaml_reaches_the_optimizer():
     from flotilla.experiment.specs import server_spec
 
     base = {"task": {"name": "fashion-mnist", "num_clients": 10}, "rounds": 1, "cohort": 2}
-    assert server_spec(validate(base)) == ServerOptimizerSpec()       # default v0 = 0, as before the key
+    assert server_spec(validate(base)) == ServerOptimizerSpec()  # default v0 = 0, as before the key
     assert ServerOptimizer(ServerOptimizerSpec("fedadam"), 3).state["v"].tolist() == [0.0] * 3
     spec = server_spec(validate({**base, "server": {"optimizer": "fedyogi", "initial_accumulator": 1e-6}}))
     assert spec.initial_accumulator == 1e-6

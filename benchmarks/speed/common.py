@@ -15,6 +15,7 @@ Workloads and their data (written by prepare.py into benchmarks/out/data/<worklo
 * ``scale``: nothing on disk.  User u's data is synthesised on demand from ``(seed, u)``:
   20-dim Gaussian inputs, 5 classes from a fixed random linear teacher, k examples per user.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -37,10 +38,35 @@ T0 = time.perf_counter()
 # --- workload definitions (the single source of truth for every framework) -------------------
 WORKLOADS = {
     "fmnist": dict(users=1000, per_user=50, cohort=50, rounds=10, epochs=1, batch=10, lr=0.1, seed=0),
-    "shakespeare": dict(min_chars=1000, seq_len=80, per_user=100, test_per_user=10, cohort=10, rounds=30,
-                        epochs=1, batch=10, lr=0.8, seed=0, embed=8, hidden=128, layers=1),
-    "scale": dict(users=100_000, per_user=50, cohort=50, rounds=10, epochs=1, batch=10, lr=0.1, seed=0,
-                  dim=20, classes=5, hidden=64, test_users=200),
+    "shakespeare": dict(
+        min_chars=1000,
+        seq_len=80,
+        per_user=100,
+        test_per_user=10,
+        cohort=10,
+        rounds=30,
+        epochs=1,
+        batch=10,
+        lr=0.8,
+        seed=0,
+        embed=8,
+        hidden=128,
+        layers=1,
+    ),
+    "scale": dict(
+        users=100_000,
+        per_user=50,
+        cohort=50,
+        rounds=10,
+        epochs=1,
+        batch=10,
+        lr=0.1,
+        seed=0,
+        dim=20,
+        classes=5,
+        hidden=64,
+        test_users=200,
+    ),
 }
 
 
@@ -77,8 +103,10 @@ class Workload:
         self.kind = self.meta["workload"]
         m = self.meta
         if self.kind == "fmnist":
+
             def norm(x: np.ndarray) -> torch.Tensor:
                 return torch.from_numpy(x).unsqueeze(1).float().div_(255.0).sub_(MEAN).div_(STD)
+
             self.x = norm(np.load(self.dir / "x_train.npy"))
             self.y = torch.from_numpy(np.load(self.dir / "y_train.npy")).long()
             self.x_test = norm(np.load(self.dir / "x_test.npy"))
@@ -133,9 +161,9 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 10
     model.eval()
     correct, loss = 0, 0.0
     for i in range(0, len(y), batch):
-        out = model(x[i:i + batch])
-        loss += float(nn.functional.cross_entropy(out, y[i:i + batch], reduction="sum"))
-        correct += int((out.argmax(1) == y[i:i + batch]).sum())
+        out = model(x[i : i + batch])
+        loss += float(nn.functional.cross_entropy(out, y[i : i + batch], reduction="sum"))
+        correct += int((out.argmax(1) == y[i : i + batch]).sum())
     model.train()
     return {"accuracy": correct / len(y), "loss": loss / len(y)}
 
@@ -146,8 +174,11 @@ def round_stats(stamps: list[float]) -> dict:
     if len(d) == 0:
         return {}
     steady = d[1:] if len(d) > 1 else d
-    return {"first_round_s": float(d[0]), "round_s_median": float(np.median(steady)),
-            "train_s": float(stamps[-1] - stamps[0])}
+    return {
+        "first_round_s": float(d[0]),
+        "round_s_median": float(np.median(steady)),
+        "train_s": float(stamps[-1] - stamps[0]),
+    }
 
 
 def emit(result: dict) -> None:
@@ -161,6 +192,7 @@ def emit(result: dict) -> None:
 
 def base_args(description: str):
     import argparse
+
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--data", required=True, help="prepared workload folder (prepare.py)")
     p.add_argument("--rounds", type=int, default=None)
@@ -191,11 +223,16 @@ def ensure_prepared(folder: Path) -> None:
     if (folder / "meta.json").exists():
         return
     if folder.name not in WORKLOADS:
-        raise SystemExit(f"--data {folder}: no prepared workload there (no meta.json); make one with "
-                         f"`.venv/bin/python benchmarks/speed/prepare.py --workload {{{','.join(WORKLOADS)}}} --out DIR` "
-                         f"and pass DIR/<workload>")
-    print(f"--data {folder}: not prepared yet, running prepare.py --workload {folder.name} --out {folder.parent}",
-          file=sys.stderr, flush=True)
+        raise SystemExit(
+            f"--data {folder}: no prepared workload there (no meta.json); make one with "
+            f"`.venv/bin/python benchmarks/speed/prepare.py --workload {{{','.join(WORKLOADS)}}} --out DIR` "
+            f"and pass DIR/<workload>"
+        )
+    print(
+        f"--data {folder}: not prepared yet, running prepare.py --workload {folder.name} --out {folder.parent}",
+        file=sys.stderr,
+        flush=True,
+    )
     from prepare import prepare
-    prepare(folder.name, folder.parent)
 
+    prepare(folder.name, folder.parent)

@@ -1,7 +1,8 @@
 """Flotilla on a speed-benchmark workload: the public ``flotilla.train`` call, end to end.
 
-    .venv/bin/python benchmarks/speed/fl_flotilla.py --data benchmarks/out/data/fmnist [--workers 2]
+.venv/bin/python benchmarks/speed/fl_flotilla.py --data benchmarks/out/data/fmnist [--workers 2]
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -10,9 +11,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import base_args, emit, load, make_model, round_stats  # noqa: E402
-
 import torch  # noqa: E402
+from common import base_args, emit, load, make_model, round_stats  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 import flotilla  # noqa: E402
@@ -77,11 +77,12 @@ def federated(wl) -> FederatedDataset:
     train = [torch.arange(int(wl.offsets[u]), int(wl.offsets[u + 1])) for u in range(n)]
     if wl.kind == "fmnist":
         test = [torch.arange(u, len(wl.y_test), n) for u in range(n)]  # the 10,000 test images dealt out
-        return FederatedDataset("fmnist", lambda i: (wl.x[i], wl.y[i]), train, test,
-                                fetch_test=lambda i: (wl.x_test[i], wl.y_test[i]))
+        return FederatedDataset(
+            "fmnist", lambda i: (wl.x[i], wl.y[i]), train, test, fetch_test=lambda i: (wl.x_test[i], wl.y_test[i])
+        )
     starts, tests = wl.starts, wl.test_starts
-    train = [starts[int(wl.offsets[u]):int(wl.offsets[u + 1])] for u in range(n)]
-    test = [tests[int(wl.test_offsets[u]):int(wl.test_offsets[u + 1])] for u in range(n)]
+    train = [starts[int(wl.offsets[u]) : int(wl.offsets[u + 1])] for u in range(n)]
+    test = [tests[int(wl.test_offsets[u]) : int(wl.test_offsets[u + 1])] for u in range(n)]
     return FederatedDataset("shakespeare", wl.windows, train, test)
 
 
@@ -94,14 +95,31 @@ def main() -> None:
     data = federated(wl)
     model = make_model(m)
     t0 = time.perf_counter()
-    res = flotilla.train(model, data, F.cross_entropy, rounds=m["rounds"], cohort=m["cohort"],
-                         client=flotilla.ClientSpec(epochs=m["epochs"], batch_size=m["batch"], lr=m["lr"]),
-                         seed=m["seed"], eval={"every": m["rounds"], "batch_size": 1024}, workers=args.workers)
+    res = flotilla.train(
+        model,
+        data,
+        F.cross_entropy,
+        rounds=m["rounds"],
+        cohort=m["cohort"],
+        client=flotilla.ClientSpec(epochs=m["epochs"], batch_size=m["batch"], lr=m["lr"]),
+        seed=m["seed"],
+        eval={"every": m["rounds"], "batch_size": 1024},
+        workers=args.workers,
+    )
     stamps = [0.0] + [h["wall_time_s"] for h in res.history]
     last = res.history[-1]
-    emit({"framework": "flotilla", "workers": args.workers, "accuracy": last["accuracy"], "loss": last["loss"],
-          "rounds": len(res.history), "call_s": time.perf_counter() - t0, **round_stats(stamps),
-          "weights_sha": hashlib.sha1(res.weights.numpy().tobytes()).hexdigest()[:12]})
+    emit(
+        {
+            "framework": "flotilla",
+            "workers": args.workers,
+            "accuracy": last["accuracy"],
+            "loss": last["loss"],
+            "rounds": len(res.history),
+            "call_s": time.perf_counter() - t0,
+            **round_stats(stamps),
+            "weights_sha": hashlib.sha1(res.weights.numpy().tobytes()).hexdigest()[:12],
+        }
+    )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ reuses them, and every client gets one CPU (``num_cpus: 1``), so two run side by
 
     benchmarks/.peers/flower/bin/python benchmarks/speed/fl_flower.py --data benchmarks/out/data/fmnist
 """
+
 from __future__ import annotations
 
 import json
@@ -21,17 +22,15 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Workload, base_args, emit, evaluate, load, make_model, round_stats  # noqa: E402
-
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from torch.nn import functional as F  # noqa: E402
-
+from common import Workload, base_args, emit, evaluate, load, make_model, round_stats  # noqa: E402
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 from flwr.serverapp.strategy import FedAvg  # noqa: E402
 from flwr.simulation import run_simulation  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
 
 _CACHE: dict = {}
 
@@ -63,15 +62,19 @@ def train(msg: Message, context: Context) -> Message:
     for _ in range(m["epochs"]):
         order = torch.randperm(n, generator=gen)
         for i in range(0, n, m["batch"]):
-            idx = order[i:i + m["batch"]]
+            idx = order[i : i + m["batch"]]
             opt.zero_grad()
             loss = F.cross_entropy(model(x[idx]), y[idx])
             loss.backward()
             opt.step()
             loss_sum += loss.detach().item()
             steps += 1
-    content = RecordDict({"arrays": ArrayRecord(model.state_dict()),
-                          "metrics": MetricRecord({"num-examples": n, "train_loss": loss_sum / max(steps, 1)})})
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(model.state_dict()),
+            "metrics": MetricRecord({"num-examples": n, "train_loss": loss_sum / max(steps, 1)}),
+        }
+    )
     return Message(content=content, reply_to=msg)
 
 
@@ -99,14 +102,30 @@ def main() -> None:
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
-        strategy = FedAvg(fraction_train=m["cohort"] / wl.num_users, fraction_evaluate=0.0,
-                          min_train_nodes=m["cohort"], min_evaluate_nodes=0, min_available_nodes=wl.num_users)
-        strategy.start(grid=grid, initial_arrays=ArrayRecord(net.state_dict()), num_rounds=m["rounds"],
-                       train_config=ConfigRecord({}), evaluate_fn=central_eval)
+        strategy = FedAvg(
+            fraction_train=m["cohort"] / wl.num_users,
+            fraction_evaluate=0.0,
+            min_train_nodes=m["cohort"],
+            min_evaluate_nodes=0,
+            min_available_nodes=wl.num_users,
+        )
+        strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(net.state_dict()),
+            num_rounds=m["rounds"],
+            train_config=ConfigRecord({}),
+            evaluate_fn=central_eval,
+        )
 
-    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=wl.num_users,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                   "init_args": {"num_cpus": os.cpu_count(), "include_dashboard": False}})
+    run_simulation(
+        server_app=server_app,
+        client_app=client_app,
+        num_supernodes=wl.num_users,
+        backend_config={
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"num_cpus": os.cpu_count(), "include_dashboard": False},
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ The final model is evaluated with the same code as the bare loop (common.evaluat
 
     benchmarks/.peers/pfl/bin/python benchmarks/speed/fl_pfl.py --data benchmarks/out/data/fmnist
 """
+
 from __future__ import annotations
 
 import logging
@@ -17,13 +18,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import base_args, emit, evaluate, load, make_model, round_stats  # noqa: E402
-
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.nn import functional as F  # noqa: E402
-
+from common import base_args, emit, evaluate, load, make_model, round_stats  # noqa: E402
 from pfl.aggregate.simulate import SimulatedBackend  # noqa: E402
 from pfl.algorithm import FederatedAveraging, NNAlgorithmParams  # noqa: E402
 from pfl.callback.base import TrainingProcessCallback  # noqa: E402
@@ -33,6 +30,8 @@ from pfl.data.sampling import get_user_sampler  # noqa: E402
 from pfl.hyperparam import NNEvalHyperParams, NNTrainHyperParams  # noqa: E402
 from pfl.metrics import Metrics, Weighted  # noqa: E402
 from pfl.model.pytorch import PyTorchModel  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
 
 
 class PflModule(nn.Module):
@@ -53,8 +52,10 @@ class PflModule(nn.Module):
     def metrics(self, x, y, eval=False):
         self.eval() if eval else self.train()
         out = self.net(x)
-        return {"loss": Weighted(float(F.cross_entropy(out, y, reduction="sum")), len(y)),
-                "accuracy": Weighted(float((out.argmax(1) == y).sum()), len(y))}
+        return {
+            "loss": Weighted(float(F.cross_entropy(out, y, reduction="sum")), len(y)),
+            "accuracy": Weighted(float((out.argmax(1) == y).sum()), len(y)),
+        }
 
 
 class Stamps(TrainingProcessCallback):
@@ -85,17 +86,28 @@ def main() -> None:
     np.random.seed(m["seed"])
     train = FederatedDataset(make_dataset, get_user_sampler("random", np.arange(wl.num_users)))
     module = PflModule(make_model(m))
-    model = PyTorchModel(model=module, local_optimizer_create=torch.optim.SGD,
-                         central_optimizer=torch.optim.SGD(module.parameters(), lr=1.0))
+    model = PyTorchModel(
+        model=module,
+        local_optimizer_create=torch.optim.SGD,
+        central_optimizer=torch.optim.SGD(module.parameters(), lr=1.0),
+    )
     backend = SimulatedBackend(training_data=train, val_data=None)
     stamps = Stamps()
     FederatedAveraging().run(
-        algorithm_params=NNAlgorithmParams(central_num_iterations=m["rounds"], evaluation_frequency=m["rounds"],
-                                           train_cohort_size=m["cohort"], val_cohort_size=None),
-        backend=backend, model=model,
-        model_train_params=NNTrainHyperParams(local_num_epochs=m["epochs"], local_learning_rate=m["lr"],
-                                              local_batch_size=m["batch"]),
-        model_eval_params=NNEvalHyperParams(local_batch_size=1024), callbacks=[stamps])
+        algorithm_params=NNAlgorithmParams(
+            central_num_iterations=m["rounds"],
+            evaluation_frequency=m["rounds"],
+            train_cohort_size=m["cohort"],
+            val_cohort_size=None,
+        ),
+        backend=backend,
+        model=model,
+        model_train_params=NNTrainHyperParams(
+            local_num_epochs=m["epochs"], local_learning_rate=m["lr"], local_batch_size=m["batch"]
+        ),
+        model_eval_params=NNEvalHyperParams(local_batch_size=1024),
+        callbacks=[stamps],
+    )
     ev = evaluate(module.net, wl.x_test, wl.y_test)
     stamps.stamps[-1] = time.perf_counter()  # the last round includes the final evaluation, as for the others
     emit({"framework": "pfl", **ev, "rounds": len(stamps.stamps) - 1, **round_stats(stamps.stamps)})

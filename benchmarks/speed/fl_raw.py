@@ -7,6 +7,7 @@ Flotilla worker the final weights are expected to be identical (the harness comp
 
     .venv/bin/python benchmarks/speed/fl_raw.py --data benchmarks/out/data/fmnist
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -15,10 +16,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import base_args, emit, evaluate, load, make_model, round_stats  # noqa: E402
-
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from common import base_args, emit, evaluate, load, make_model, round_stats  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 
@@ -56,7 +56,7 @@ def main() -> None:
             for _ in range(m["epochs"]):
                 order = torch.randperm(n, generator=gen)
                 for i in range(0, n, m["batch"]):
-                    idx = order[i:i + m["batch"]]
+                    idx = order[i : i + m["batch"]]
                     opt.zero_grad()
                     F.cross_entropy(model(x[idx]), y[idx]).backward()
                     opt.step()
@@ -74,8 +74,15 @@ def main() -> None:
     ev = evaluate(model, wl.x_test, wl.y_test)
     stamps[-1] = time.perf_counter()
     flat = torch.cat([g.reshape(-1) for g in global_w])
-    emit({"framework": "raw", **ev, "rounds": m["rounds"], **round_stats(stamps),
-          "weights_sha": hashlib.sha1(flat.numpy().tobytes()).hexdigest()[:12]})
+    emit(
+        {
+            "framework": "raw",
+            **ev,
+            "rounds": m["rounds"],
+            **round_stats(stamps),
+            "weights_sha": hashlib.sha1(flat.numpy().tobytes()).hexdigest()[:12],
+        }
+    )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ the natural (play, role) partition, roles with >= min_chars characters, each rol
 windows subsampled to ``per_user`` and its test windows to ``test_per_user`` (by seed).
 Scale: only meta.json (the data is synthesised on demand by every framework).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,10 @@ def prepare(workload: str, out: Path, overrides: dict | None = None) -> Path:
         return folder
     if workload == "fmnist":
         from flotilla.data.fashion_mnist import fashion_mnist_federated, load_fashion_mnist
-        data = fashion_mnist_federated(partition="iid", num_clients=meta["users"],
-                                       examples_per_client=meta["per_user"], seed=meta["seed"])
+
+        data = fashion_mnist_federated(
+            partition="iid", num_clients=meta["users"], examples_per_client=meta["per_user"], seed=meta["seed"]
+        )
         x_train, y_train, x_test, y_test = load_fashion_mnist()
         idx = np.concatenate([i.numpy() for i in data.train_indices])
         np.save(folder / "x_train.npy", x_train[idx])
@@ -41,13 +44,20 @@ def prepare(workload: str, out: Path, overrides: dict | None = None) -> Path:
         np.save(folder / "y_test.npy", y_test)
     elif workload == "shakespeare":
         from flotilla.data.shakespeare import VOCAB_SIZE, shakespeare_federated
-        data = shakespeare_federated(seq_len=meta["seq_len"], min_chars=meta["min_chars"],
-                                     max_train_samples_per_client=meta["per_user"], seed=meta["seed"])
+
+        data = shakespeare_federated(
+            seq_len=meta["seq_len"],
+            min_chars=meta["min_chars"],
+            max_train_samples_per_client=meta["per_user"],
+            seed=meta["seed"],
+        )
         rng = np.random.default_rng([meta["seed"], 7])
         test = []
         for t in data.test_indices:
             t = t.numpy()
-            test.append(np.sort(rng.choice(t, meta["test_per_user"], replace=False)) if len(t) > meta["test_per_user"] else t)
+            test.append(
+                np.sort(rng.choice(t, meta["test_per_user"], replace=False)) if len(t) > meta["test_per_user"] else t
+            )
         sizes = [len(i) for i in data.train_indices]
         np.save(folder / "stream.npy", data.text.stream)
         np.save(folder / "train_starts.npy", np.concatenate([i.numpy() for i in data.train_indices]))

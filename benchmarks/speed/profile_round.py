@@ -9,6 +9,7 @@ Builds the workload exactly as fl_flotilla.py does, runs one warm-up round, then
 ``--rounds`` rounds of ``SyncFedAvg.step`` (no evaluation) and prints the top functions by
 own time plus a coarse split: forward, backward, optimizer step, batch fetch, the rest.
 """
+
 from __future__ import annotations
 
 import cProfile
@@ -21,7 +22,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import base_args, load, make_model  # noqa: E402
 from fl_flotilla import federated  # noqa: E402
-
 from torch.nn import functional as F  # noqa: E402
 
 from flotilla.core.client import ClientSpec  # noqa: E402
@@ -36,8 +36,14 @@ def main() -> None:
     args.rounds = None
     wl = load(args)
     m = wl.meta
-    alg = SyncFedAvg(make_model(m), federated(wl), F.cross_entropy, cohort=m["cohort"], seed=m["seed"],
-                     client=ClientSpec(epochs=m["epochs"], batch_size=m["batch"], lr=m["lr"]))
+    alg = SyncFedAvg(
+        make_model(m),
+        federated(wl),
+        F.cross_entropy,
+        cohort=m["cohort"],
+        seed=m["seed"],
+        client=ClientSpec(epochs=m["epochs"], batch_size=m["batch"], lr=m["lr"]),
+    )
     alg.step()  # warm-up
     prof = cProfile.Profile()
     t0 = time.perf_counter()
@@ -60,10 +66,14 @@ def main() -> None:
 
     parts = {
         "backward (autograd engine)": own(lambda k: "run_backward" in k[2]),
-        "forward: conv/linear/lstm kernels": own(lambda k: any(n in k[2] for n in ("conv2d", "linear", "lstm", "max_pool2d", "relu", "embedding"))),
+        "forward: conv/linear/lstm kernels": own(
+            lambda k: any(n in k[2] for n in ("conv2d", "linear", "lstm", "max_pool2d", "relu", "embedding"))
+        ),
         "loss (cross_entropy)": own(lambda k: "cross_entropy" in k[2]),
         "optimizer step (fused add_ on the flat vector)": cum(lambda k: k[2] == "_sgd_step"),
-        "batch fetch (train_batches generator)": own(lambda k: k[2] in ("train_batches", "<lambda>", "windows", "fetch")),
+        "batch fetch (train_batches generator)": own(
+            lambda k: k[2] in ("train_batches", "<lambda>", "windows", "fetch")
+        ),
         "zero grad": own(lambda k: "zero_" in k[2]),
     }
     print(f"profiled {rounds} round(s): {wall:.2f} s wall ({wall / rounds:.3f} s/round), profiler total {total:.2f} s")

@@ -22,6 +22,7 @@ Every rate is the best of ``--repeats`` timed repeats (other load only slows a r
 the report gives the machine's load average (os.getloadavg) before and after: on a shared machine
 a figure measured at a high load is an upper bound on the time, not the machine's speed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,8 +73,12 @@ def lstm_step_flops(batch: int, seq_len: int, embed: int, hidden: int, vocab: in
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--flower-wall", type=float, default=None,
-                    help="Flower's measured wall seconds on the workload (default: benchmarks/out/speed-shakespeare.json)")
+    ap.add_argument(
+        "--flower-wall",
+        type=float,
+        default=None,
+        help="Flower's measured wall seconds on the workload (default: benchmarks/out/speed-shakespeare.json)",
+    )
     ap.add_argument("--repeats", type=int, default=7, help="timed repeats per figure; the best is reported")
     ap.add_argument("--cores", type=int, default=2)
     ap.add_argument("--import-repeats", type=int, default=3, help="fresh interpreters timed importing torch (best)")
@@ -106,7 +111,9 @@ def main() -> None:
     if flower is None:
         path = Path(__file__).resolve().parents[1] / "out" / "speed-shakespeare.json"
         if path.exists():
-            runs = [r for r in json.loads(path.read_text())["runs"] if r.get("framework") == "flower" and r.get("wall_s")]
+            runs = [
+                r for r in json.loads(path.read_text())["runs"] if r.get("framework") == "flower" and r.get("wall_s")
+            ]
             flower = statistics.median(r["wall_s"] for r in runs) if runs else None
 
     # the least any framework pays before its first step: a fresh interpreter importing torch
@@ -140,24 +147,34 @@ def main() -> None:
         "python_import_torch_s": import_s,
         "flower_wall_s": flower,
     }
-    print(f"load average (1, 5, 15 min) before {load_before}, after {load_after}; every figure is the best of "
-          f"{args.repeats} repeats")
-    print(f"one core: matrix-product peak {peak / 1e9:.1f} GFLOP/s; the recurrent product at the LSTM's shape "
-          f"(10x128 @ 128x512) {small / 1e9:.1f} GFLOP/s")
-    print(f"CharLSTM SGD step (batch {batch}, {seq} chars): {step_s * 1e3:.2f} ms for {flops / 1e6:.0f} MFLOP "
-          f"= {lstm_rate / 1e9:.1f} GFLOP/s ({lstm_rate / peak:.0%} of the matrix-product peak)")
-    print(f"workload: {steps:,} SGD steps; on {args.cores} cores with nothing but the steps: "
-          f"{floor_lstm:.1f} s at the LSTM's rate, {floor_recurrent:.1f} s at the recurrent product's rate, "
-          f"{floor_peak:.1f} s even at the matrix-product peak")
+    print(
+        f"load average (1, 5, 15 min) before {load_before}, after {load_after}; every figure is the best of "
+        f"{args.repeats} repeats"
+    )
+    print(
+        f"one core: matrix-product peak {peak / 1e9:.1f} GFLOP/s; the recurrent product at the LSTM's shape "
+        f"(10x128 @ 128x512) {small / 1e9:.1f} GFLOP/s"
+    )
+    print(
+        f"CharLSTM SGD step (batch {batch}, {seq} chars): {step_s * 1e3:.2f} ms for {flops / 1e6:.0f} MFLOP "
+        f"= {lstm_rate / 1e9:.1f} GFLOP/s ({lstm_rate / peak:.0%} of the matrix-product peak)"
+    )
+    print(
+        f"workload: {steps:,} SGD steps; on {args.cores} cores with nothing but the steps: "
+        f"{floor_lstm:.1f} s at the LSTM's rate, {floor_recurrent:.1f} s at the recurrent product's rate, "
+        f"{floor_peak:.1f} s even at the matrix-product peak"
+    )
     if flower:
         need = flower / 5
         out["five_x_flower_needs_wall_s"] = need
-        print(f"5x faster than Flower ({flower:.1f} s wall) needs <= {need:.1f} s wall, start-up and evaluation included: "
-              f"{'possible' if floor_lstm < need else 'impossible'} at the LSTM's rate, "
-              f"{'possible' if floor_recurrent < need else 'impossible'} at the recurrent product's rate, "
-              f"{'possible' if floor_peak < need else 'impossible'} at the matrix-product peak "
-              f"(which leaves {need - floor_peak:.1f} s for everything else; "
-              f"starting Python and importing torch alone takes {import_s:.1f} s)")
+        print(
+            f"5x faster than Flower ({flower:.1f} s wall) needs <= {need:.1f} s wall, start-up and evaluation included: "
+            f"{'possible' if floor_lstm < need else 'impossible'} at the LSTM's rate, "
+            f"{'possible' if floor_recurrent < need else 'impossible'} at the recurrent product's rate, "
+            f"{'possible' if floor_peak < need else 'impossible'} at the matrix-product peak "
+            f"(which leaves {need - floor_peak:.1f} s for everything else; "
+            f"starting Python and importing torch alone takes {import_s:.1f} s)"
+        )
     print(json.dumps(out))
 
 

@@ -21,6 +21,7 @@ Reported per framework (medians over repeats; repeats are interleaved so load dr
 
 Results go to benchmarks/out/speed-<workload>.json and a markdown table on stdout.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,7 +65,7 @@ def _stat(pid: str) -> tuple[int, int, float] | None:
             s = f.read()
     except OSError:
         return None
-    rest = s[s.rfind(")") + 2:].split()
+    rest = s[s.rfind(")") + 2 :].split()
     # ppid, session id, own CPU seconds (utime + stime; children's times are not included)
     return int(rest[1]), int(rest[3]), (int(rest[11]) + int(rest[12])) / TICK
 
@@ -116,7 +117,7 @@ class MemoryWatch(threading.Thread):
         self.root, self.every, self.pss_every = root, every, pss_every
         self.peak_kb = 0
         self.max_procs = 0
-        self.cpu: dict[int, float] = {}   # pid -> last seen CPU seconds
+        self.cpu: dict[int, float] = {}  # pid -> last seen CPU seconds
         self.done = threading.Event()
 
     def run(self) -> None:
@@ -142,8 +143,15 @@ def _kill_leftovers(root: int) -> None:
 def run_one(name: str, data_dir: Path, extra: list[str], threads: int, timeout: float, log_dir: Path, tag: str) -> dict:
     python, script, args = FRAMEWORKS[name]
     cmd = [str(python), str(HERE / script), "--data", str(data_dir), "--threads", str(threads), *args, *extra]
-    env = dict(os.environ, PYTHONPATH=str(HERE), OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-               RAY_DEDUP_LOGS="0", TQDM_DISABLE="1", PYTHONWARNINGS="ignore")
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(HERE),
+        OMP_NUM_THREADS=str(threads),
+        MKL_NUM_THREADS=str(threads),
+        RAY_DEDUP_LOGS="0",
+        TQDM_DISABLE="1",
+        PYTHONWARNINGS="ignore",
+    )
     log = log_dir / f"{tag}-{name}.log"
     load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
@@ -161,9 +169,17 @@ def run_one(name: str, data_dir: Path, extra: list[str], threads: int, timeout: 
         _kill_leftovers(proc.pid)
         if rc == "timeout":
             proc.wait()
-    result = {"framework": name, "wall_s": wall, "cpu_s": sum(watch.cpu.values()),
-              "peak_mb": watch.peak_kb / 1024, "max_procs": watch.max_procs,
-              "rc": rc, "load1_before": load_before, "load1_after": os.getloadavg()[0], "log": str(log)}
+    result = {
+        "framework": name,
+        "wall_s": wall,
+        "cpu_s": sum(watch.cpu.values()),
+        "peak_mb": watch.peak_kb / 1024,
+        "max_procs": watch.max_procs,
+        "rc": rc,
+        "load1_before": load_before,
+        "load1_after": os.getloadavg()[0],
+        "log": str(log),
+    }
     for line in log.read_text(errors="replace").splitlines():
         if line.startswith("RESULT "):
             result.update({k: v for k, v in json.loads(line[7:]).items() if k != "framework"})
@@ -189,22 +205,41 @@ def summarise(runs: list[dict], names: list[str]) -> tuple[str, dict]:
     for n in names:
         ok = [r for r in runs if r["framework"] == n and "error" not in r]
         if ok:
-            med[n] = {k: _median(ok, k) for k in ("wall_s", "cpu_s", "round_s_median", "first_round_s", "peak_mb",
-                                                   "accuracy", "load1_before", "max_procs")}
+            med[n] = {
+                k: _median(ok, k)
+                for k in (
+                    "wall_s",
+                    "cpu_s",
+                    "round_s_median",
+                    "first_round_s",
+                    "peak_mb",
+                    "accuracy",
+                    "load1_before",
+                    "max_procs",
+                )
+            }
             accs = [r["accuracy"] for r in ok]
-            med[n].update(n_ok=len(ok), acc_min=min(accs), acc_max=max(accs),
-                          shas=sorted({r.get("weights_sha") for r in ok if r.get("weights_sha")}))
-    lines = ["| framework | runs | wall s | CPU s (tree) | s/round (steady) | first round s | peak MB (PSS, tree) | procs | accuracy (median, min-max) | load1 at start |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+            med[n].update(
+                n_ok=len(ok),
+                acc_min=min(accs),
+                acc_max=max(accs),
+                shas=sorted({r.get("weights_sha") for r in ok if r.get("weights_sha")}),
+            )
+    lines = [
+        "| framework | runs | wall s | CPU s (tree) | s/round (steady) | first round s | peak MB (PSS, tree) | procs | accuracy (median, min-max) | load1 at start |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for n in names:
         if n not in med:
             fails = [r.get("error", "") for r in runs if r["framework"] == n]
             lines.append(f"| {n} | 0 | failed: {fails[:1]} | | | | | | | |")
             continue
         m = med[n]
-        lines.append(f"| {n} | {m['n_ok']} | {m['wall_s']:.1f} | {m['cpu_s']:.1f} | {m['round_s_median']:.3f} | {m['first_round_s']:.2f} | "
-                     f"{m['peak_mb']:.0f} | {m['max_procs']:.0f} | {m['accuracy']:.4f} ({m['acc_min']:.4f}-{m['acc_max']:.4f}) | "
-                     f"{m['load1_before']:.2f} |")
+        lines.append(
+            f"| {n} | {m['n_ok']} | {m['wall_s']:.1f} | {m['cpu_s']:.1f} | {m['round_s_median']:.3f} | {m['first_round_s']:.2f} | "
+            f"{m['peak_mb']:.0f} | {m['max_procs']:.0f} | {m['accuracy']:.4f} ({m['acc_min']:.4f}-{m['acc_max']:.4f}) | "
+            f"{m['load1_before']:.2f} |"
+        )
     ratios = []
     for fl in ("flotilla", "flotilla-w2"):
         if fl not in med:
@@ -215,10 +250,16 @@ def summarise(runs: list[dict], names: list[str]) -> tuple[str, dict]:
                 c = med[fl]["cpu_s"] / med[peer]["cpu_s"]
                 r = med[fl]["round_s_median"] / med[peer]["round_s_median"]
                 paired = _paired_wall_ratios(runs, fl, peer)
-                ratios.append(f"- {fl} / {peer}: wall {w:.2f}x, CPU {c:.2f}x, steady s/round {r:.2f}x"
-                              + (f"  ({1 / w:.1f}x faster end to end)" if w < 1 else "")
-                              + (f"; wall of each repeat's pair {', '.join(f'{x:.2f}x' for x in paired)} "
-                                 f"(median {statistics.median(paired):.2f}x)" if paired else ""))
+                ratios.append(
+                    f"- {fl} / {peer}: wall {w:.2f}x, CPU {c:.2f}x, steady s/round {r:.2f}x"
+                    + (f"  ({1 / w:.1f}x faster end to end)" if w < 1 else "")
+                    + (
+                        f"; wall of each repeat's pair {', '.join(f'{x:.2f}x' for x in paired)} "
+                        f"(median {statistics.median(paired):.2f}x)"
+                        if paired
+                        else ""
+                    )
+                )
     if "raw" in med and "flotilla" in med:
         same = set(med["raw"]["shas"]) & set(med["flotilla"]["shas"])
         ratios.append(f"- final weights of flotilla (1 worker) and the bare loop identical: {bool(same)}")
@@ -264,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         extra = (["--rounds", str(a.rounds)] if a.rounds else []) + (["--users", str(pop)] if pop else [])
         runs = []
         for rep in range(a.repeats):
-            order = names[rep % len(names):] + names[:rep % len(names)]  # rotate: drifting load hits all
+            order = names[rep % len(names) :] + names[: rep % len(names)]  # rotate: drifting load hits all
             for n in order:
                 if f"{n}@{pop}" in skip:
                     continue
@@ -272,16 +313,21 @@ def main(argv: list[str] | None = None) -> int:
                 r = run_one(n, data_dir, extra, a.threads, a.timeout, log_dir, tag)
                 r.update(repeat=rep, users=pop)
                 runs.append(r)
-                print(f"  [{a.workload}{'' if pop is None else f' users={pop}'} repeat {rep + 1}/{a.repeats}] {n:12s} "
-                      f"wall {r['wall_s']:7.1f}s  cpu {r['cpu_s']:7.1f}s  s/round {r.get('round_s_median', float('nan')):.3f}  "
-                      f"peak {r['peak_mb']:6.0f}MB  acc {r.get('accuracy', float('nan')):.4f}  load {r['load1_before']:.2f}"
-                      + (f"  ERROR {r['error']}" if "error" in r else ""), flush=True)
+                print(
+                    f"  [{a.workload}{'' if pop is None else f' users={pop}'} repeat {rep + 1}/{a.repeats}] {n:12s} "
+                    f"wall {r['wall_s']:7.1f}s  cpu {r['cpu_s']:7.1f}s  s/round {r.get('round_s_median', float('nan')):.3f}  "
+                    f"peak {r['peak_mb']:6.0f}MB  acc {r.get('accuracy', float('nan')):.4f}  load {r['load1_before']:.2f}"
+                    + (f"  ERROR {r['error']}" if "error" in r else ""),
+                    flush=True,
+                )
         table, med = summarise(runs, [n for n in names if any(r["framework"] == n for r in runs)])
         title = f"### {a.workload}" + (f", population {pop:,}" if pop else "")
         meta = json.loads((data_dir / "meta.json").read_text())
         rounds = a.rounds or meta["rounds"]
-        head = (f"{title}: {rounds} rounds, cohort {meta['cohort']}, {a.repeats} repeats, {a.threads} torch thread(s) per process, "
-                f"{os.cpu_count()} cores; load average now {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        head = (
+            f"{title}: {rounds} rounds, cohort {meta['cohort']}, {a.repeats} repeats, {a.threads} torch thread(s) per process, "
+            f"{os.cpu_count()} cores; load average now {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
+        )
         report.append(head + "\n\n" + table)
         all_runs += runs
         print("\n" + report[-1] + "\n", flush=True)

@@ -7,6 +7,7 @@ Runs run.py end to end on a tiny scale workload (1,000 on-demand synthetic users
 Fails (exit 1) if a run fails, or if Flotilla with one worker and the bare loop do not end
 with bit-identical weights (they perform exactly the same SGD steps).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,24 @@ import run  # noqa: E402
 
 
 def smoke(out: Path) -> dict:
-    rc = run.main(["--workload", "scale", "--users", "1000", "--rounds", "2", "--repeats", "1",
-                   "--frameworks", "raw,flotilla,flotilla-w2", "--timeout", "120", "--out", str(out)])
+    rc = run.main(
+        [
+            "--workload",
+            "scale",
+            "--users",
+            "1000",
+            "--rounds",
+            "2",
+            "--repeats",
+            "1",
+            "--frameworks",
+            "raw,flotilla,flotilla-w2",
+            "--timeout",
+            "120",
+            "--out",
+            str(out),
+        ]
+    )
     runs = {r["framework"]: r for r in json.loads((out / "speed-scale.json").read_text())["runs"]}
     problems = [f"{n}: {r['error']}" for n, r in runs.items() if "error" in r]
     if rc != 0 or problems:

@@ -6,6 +6,7 @@ Prints wall and CPU milliseconds per step for the SmallCNN (Fashion-MNIST) and t
 (Shakespeare).  On a machine whose cores are busy with other work, more threads than free cores
 make OpenMP threads wait for each other: see docs/benchmarks.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,6 +28,7 @@ def per_step(model, x, y, steps):
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         opt.step()
+
     for _ in range(10):
         step()
     w, c = time.perf_counter(), time.process_time()
@@ -42,8 +44,10 @@ def main():
     a = p.parse_args()
     models = _models_module()
     torch.manual_seed(0)
-    cases = {"SmallCNN": (models.SmallCNN(), torch.randn(10, 1, 28, 28), torch.randint(0, 10, (10,))),
-             "CharLSTM": (models.CharLSTM(81), torch.randint(0, 81, (10, 80)), torch.randint(0, 81, (10,)))}
+    cases = {
+        "SmallCNN": (models.SmallCNN(), torch.randn(10, 1, 28, 28), torch.randint(0, 10, (10,))),
+        "CharLSTM": (models.CharLSTM(81), torch.randint(0, 81, (10, 80)), torch.randint(0, 81, (10,))),
+    }
     for n in [int(t) for t in a.threads.split(",")]:
         torch.set_num_threads(n)
         for name, (m, x, y) in cases.items():

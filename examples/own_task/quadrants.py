@@ -4,6 +4,7 @@ Reads a local CSV (`user,x,y,label`), gives each user's rows to one client (the 
 user's rows held out for testing), and returns a small MLP.  Nothing here knows about Flotilla's
 internals: a model, a {client: Dataset} pair of dicts and a loss.
 """
+
 import csv
 from collections import defaultdict
 from pathlib import Path

@@ -13,6 +13,7 @@ The optional parts (a release with no update, per-round metrics, checkpointed st
 defaults in :class:`Aggregator`, the base every aggregator derives from, so round loops call
 them directly instead of probing for them.
 """
+
 from __future__ import annotations
 
 import math
@@ -46,7 +47,7 @@ def check_update(delta: torch.Tensor, numel: int, where: str = "update") -> None
 class Aggregator:
     """Base of every aggregator (see the module docstring for the four required methods)."""
 
-    release_when_empty = False    # True: result() is released even with no update (DP: pure noise)
+    release_when_empty = False  # True: result() is released even with no update (DP: pure noise)
     count = 0
 
     def round_metrics(self) -> dict[str, float]:

@@ -5,6 +5,7 @@ The model's weights are loaded from the global flat vector, trained with plain (
 momentum / weight-decay) SGD applied to the flat parameter vector in one fused step, and the
 delta ``w_end - w_start`` is written into a caller-owned buffer.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -13,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from flotilla.core.flat import FlatModel
 from flotilla.core.dataset import FederatedDataset
+from flotilla.core.flat import FlatModel
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -22,7 +23,7 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 @dataclass(frozen=True)
 class ClientSpec:
     epochs: int = 1
-    steps: int | None = None      # if set, exactly this many local steps instead of epochs
+    steps: int | None = None  # if set, exactly this many local steps instead of epochs
     batch_size: int = 10
     lr: float = 0.1
     momentum: float = 0.0
@@ -32,10 +33,10 @@ class ClientSpec:
 @dataclass
 class ClientResult:
     client: int
-    num_examples: int    # examples in the client's training set (the FedAvg weight)
-    examples_seen: int   # examples processed, counting repeats over epochs
+    num_examples: int  # examples in the client's training set (the FedAvg weight)
+    examples_seen: int  # examples processed, counting repeats over epochs
     steps: int
-    loss: float          # mean training loss over the local steps
+    loss: float  # mean training loss over the local steps
 
 
 def client_seed(seed: int, round_or_version: int, client: int) -> int:

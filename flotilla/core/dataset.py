@@ -6,6 +6,7 @@ Shakespeare role).  A client's examples are a list of integer indices into one s
 per-client index tensors means no per-client objects, no DataLoader worker processes, and
 batches made by a single gather, which is what makes simulation fast.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -38,9 +39,12 @@ class FederatedDataset:
         self.train_indices = [torch.as_tensor(i, dtype=torch.long) for i in train_indices]
         self.test_indices = (
             [torch.as_tensor(i, dtype=torch.long) for i in test_indices]
-            if test_indices is not None else [torch.empty(0, dtype=torch.long)] * len(train_indices)
+            if test_indices is not None
+            else [torch.empty(0, dtype=torch.long)] * len(train_indices)
         )
-        self.client_names = list(client_names) if client_names is not None else [str(i) for i in range(len(train_indices))]
+        self.client_names = (
+            list(client_names) if client_names is not None else [str(i) for i in range(len(train_indices))]
+        )
         self._train_sizes = torch.tensor([len(i) for i in self.train_indices])
         self._train_sizes_list = self._train_sizes.tolist()  # num_train without tensor indexing (hot path)
 
@@ -84,14 +88,14 @@ class FederatedDataset:
             for start in range(0, n, batch_size):
                 if steps is not None and done >= steps:
                     return
-                yield self.fetch(order[start:start + batch_size])
+                yield self.fetch(order[start : start + batch_size])
                 done += 1
             passes += 1
 
     def test_batches(self, client: int, batch_size: int) -> Iterator[Batch]:
         idx = self.test_indices[client]
         for start in range(0, len(idx), batch_size):
-            yield self.fetch_test(idx[start:start + batch_size])
+            yield self.fetch_test(idx[start : start + batch_size])
 
 
 def from_torch_datasets(
@@ -107,6 +111,7 @@ def from_torch_datasets(
     if test is not None and set(test) - set(train):
         unknown = sorted(set(test) - set(train))[:5]
         raise ValueError(f"test data names clients with no training data: {unknown}")
+
     def build(mapping: Mapping[str, Dataset] | None) -> tuple[list[torch.Tensor], list[Dataset], list[int]]:
         indices, datasets, offsets, offset = [], [], [], 0
         for cid in names:
@@ -129,10 +134,15 @@ def from_torch_datasets(
             items = [datasets[o][int(i) - offsets[o]] for o, i in zip(owners.tolist(), indices.tolist())]
             x, y = default_collate(items)
             return x, y
+
         return fetch
 
     return FederatedDataset(
-        name, fetcher(train_ds, train_off), train_idx, test_idx, names,
+        name,
+        fetcher(train_ds, train_off),
+        train_idx,
+        test_idx,
+        names,
         fetch_test=fetcher(test_ds, test_off) if test is not None else None,
     )
 
@@ -147,4 +157,6 @@ def as_federated(data) -> FederatedDataset:
         return from_torch_datasets(data[0], data[1])
     if isinstance(data, Mapping):
         return from_torch_datasets(data)
-    raise TypeError(f"data: expected a FederatedDataset, a {{client: Dataset}} mapping or a (train, test) pair, got {type(data).__name__}")
+    raise TypeError(
+        f"data: expected a FederatedDataset, a {{client: Dataset}} mapping or a (train, test) pair, got {type(data).__name__}"
+    )

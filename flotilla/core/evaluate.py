@@ -1,4 +1,5 @@
 """Central evaluation on clients' held-out data: overall loss/accuracy and the per-client spread."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -7,8 +8,8 @@ import numpy as np
 import torch
 
 from flotilla.core.client import LossFn
-from flotilla.core.flat import FlatModel
 from flotilla.core.dataset import FederatedDataset
+from flotilla.core.flat import FlatModel
 
 
 @torch.no_grad()

@@ -32,6 +32,7 @@ normalised weights exceed 1 for fresh updates: ``a > 1`` would move the model pa
 model (further from it than before), so the mix stays a convex combination, as FLSim asserts.  This needs the weights the client started from, which the
 caller keeps (the simulator's version store does).
 """
+
 from __future__ import annotations
 
 import math
@@ -46,11 +47,11 @@ from flotilla.core.staleness import Staleness
 
 @dataclass(frozen=True)
 class Submitted:
-    accepted: bool          # False: dropped because tau > max_staleness
+    accepted: bool  # False: dropped because tau > max_staleness
     staleness: int
-    weight: float           # the staleness weight s(tau) applied (0 if dropped)
-    stepped: bool           # True if this update completed a server step
-    version: int            # server version after handling the update
+    weight: float  # the staleness weight s(tau) applied (0 if dropped)
+    stepped: bool  # True if this update completed a server step
+    version: int  # server version after handling the update
 
 
 def _check_weight(weight: float, where: str) -> None:
@@ -61,8 +62,16 @@ def _check_weight(weight: float, where: str) -> None:
 class FedBuff:
     """The buffer of K updates (aggregator half of FedBuff)."""
 
-    def __init__(self, numel: int, buffer_size: int, staleness: Staleness = Staleness(), *,
-                 normalize: str = "mean", max_staleness: int | None = None, validate: bool = True):
+    def __init__(
+        self,
+        numel: int,
+        buffer_size: int,
+        staleness: Staleness = Staleness(),
+        *,
+        normalize: str = "mean",
+        max_staleness: int | None = None,
+        validate: bool = True,
+    ):
         if buffer_size < 1:
             raise ValueError(f"async.buffer_size: K must be >= 1, got {buffer_size}")
         if normalize not in ("mean", "sum"):
@@ -122,8 +131,12 @@ class FedBuff:
         self.count = 0
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"sum": self.sum.clone(), "total_weight": torch.tensor(self.total_weight, dtype=torch.float64),
-                "count": torch.tensor(self.count), "dropped_stale": torch.tensor(self.dropped_stale)}
+        return {
+            "sum": self.sum.clone(),
+            "total_weight": torch.tensor(self.total_weight, dtype=torch.float64),
+            "count": torch.tensor(self.count),
+            "dropped_stale": torch.tensor(self.dropped_stale),
+        }
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if state["sum"].shape != self.sum.shape:
@@ -164,8 +177,16 @@ class FedBuffServer:
 class FedAsyncServer:
     """FedAsync: apply each update at once with mixing weight ``a = min(alpha * s(tau), 1)``."""
 
-    def __init__(self, weights: torch.Tensor, mixing: float = 0.6, staleness: Staleness = Staleness(), *,
-                 max_staleness: int | None = None, validate: bool = True, version: int = 0):
+    def __init__(
+        self,
+        weights: torch.Tensor,
+        mixing: float = 0.6,
+        staleness: Staleness = Staleness(),
+        *,
+        max_staleness: int | None = None,
+        validate: bool = True,
+        version: int = 0,
+    ):
         if not (math.isfinite(mixing) and 0 < mixing <= 1):
             raise ValueError(f"async.mixing: alpha must be in (0, 1], got {mixing}")
         self.weights = weights

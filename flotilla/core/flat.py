@@ -6,6 +6,7 @@ delta is one subtraction into a preallocated buffer: no per-client model copies,
 state-dict round trips.  Everything above this module (aggregation, server optimizers,
 privacy, secure aggregation, the network) only ever sees flat vectors.
 """
+
 from __future__ import annotations
 
 import torch
@@ -32,10 +33,10 @@ class FlatModel:
         offset = 0
         for p in params:
             n = p.numel()
-            self.flat[offset:offset + n].copy_(p.detach().reshape(-1))
-            p.data = self.flat[offset:offset + n].view_as(p)
+            self.flat[offset : offset + n].copy_(p.detach().reshape(-1))
+            p.data = self.flat[offset : offset + n].view_as(p)
             # Gradients live in one flat buffer too, so clipping/noise can act on one vector.
-            p.grad = self.grad[offset:offset + n].view_as(p)
+            p.grad = self.grad[offset : offset + n].view_as(p)
             offset += n
         # nn.LSTM keeps its own list of weight tensors; rebuild it over the new storage.
         for m in model.modules():
@@ -59,6 +60,6 @@ class FlatModel:
         out, offset = {}, 0
         for name, shape, p in zip(self.names, self.shapes, self.params):
             n = p.numel()
-            out[name] = vector[offset:offset + n].view(shape)
+            out[name] = vector[offset : offset + n].view(shape)
             offset += n
         return out

@@ -7,6 +7,7 @@ answer with :class:`Components` (factories for a client update, an aggregator, a
 buffer), which the algorithm's constructor takes.  A combination that cannot work is refused there,
 before anything is built.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -51,8 +52,8 @@ class Algorithm(Protocol):
     """What :class:`flotilla.runner.Runner` drives: one server step at a time, checkpointable."""
 
     round: int
-    weights: torch.Tensor      # the global model as one flat vector
-    flat: Any                  # the FlatModel bound to the user's module
+    weights: torch.Tensor  # the global model as one flat vector
+    flat: Any  # the FlatModel bound to the user's module
 
     def step(self) -> dict[str, Any]: ...
 
@@ -60,10 +61,10 @@ class Algorithm(Protocol):
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
 
-    def close(self) -> None: ...   # release worker processes, hooks; called once the run ends
+    def close(self) -> None: ...  # release worker processes, hooks; called once the run ends
 
 
-Sampler = Callable[[int, int, int, int], np.ndarray]   # (seed, round, population, cohort) -> client ids
+Sampler = Callable[[int, int, int, int], np.ndarray]  # (seed, round, population, cohort) -> client ids
 
 
 @dataclass(frozen=True)
@@ -78,16 +79,17 @@ class Shape:
     composable:   the algorithm trains and aggregates in this process with the components it is
                   given; False when workers sum in their own processes (ParallelFedAvg).
     """
+
     name: str
     aggregation: Literal["round", "buffer", "per_update"]
     selection: Literal["uniform", "first_arrivals"]
-    cohort: int                 # clients per round, K per buffer, 1 per update
+    cohort: int  # clients per round, K per buffer, 1 per update
     population: int
-    dataset: Any                # the federated dataset it trains on (sizes: public weight bounds)
+    dataset: Any  # the federated dataset it trains on (sizes: public weight bounds)
     weighting: str
     seed: int
     composable: bool = True
-    trains: bool = True         # False for the fleet simulator's null client (timing only)
+    trains: bool = True  # False for the fleet simulator's null client (timing only)
     why_not_composable: str = ""
 
 
@@ -100,6 +102,7 @@ class Components:
     buffer(fedbuff, version_fn) -> a FedBuff-like buffer     (buffer aggregation)
     sampler: Sampler                                          (uniform selection)
     """
+
     client_update: Callable | None = None
     aggregator: Callable[[int], Aggregator] | None = None
     buffer: Callable | None = None
@@ -107,8 +110,12 @@ class Components:
 
     def merged(self, other: Components) -> Components:
         """``other``'s factories where it has them, ours elsewhere."""
-        return Components(**{k: getattr(other, k) if getattr(other, k) is not None else getattr(self, k)
-                             for k in ("client_update", "aggregator", "buffer", "sampler")})
+        return Components(
+            **{
+                k: getattr(other, k) if getattr(other, k) is not None else getattr(self, k)
+                for k in ("client_update", "aggregator", "buffer", "sampler")
+            }
+        )
 
     def given(self) -> list[str]:
         return [k for k in ("client_update", "aggregator", "buffer", "sampler") if getattr(self, k) is not None]
@@ -119,6 +126,8 @@ def refuse_unused(components: Components | None, name: str, usable: tuple[str, .
     components = components or Components()
     unused = [k for k in components.given() if k not in usable]
     if unused:
-        raise ValueError(f"{name}: does not use the {', '.join(unused)} component(s) it was given; they would be "
-                         f"silently skipped (usable here: {', '.join(usable) or 'none'})")
+        raise ValueError(
+            f"{name}: does not use the {', '.join(unused)} component(s) it was given; they would be "
+            f"silently skipped (usable here: {', '.join(usable) or 'none'})"
+        )
     return components

@@ -11,6 +11,7 @@ so a rule that must hold for every key of every config lives here, once:
   ``rounds: true`` as 1 and ``rounds: "3"`` as 3.  Floats still accept strings, because YAML
   reads ``1e-3`` (no dot) as a string.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
 FLOAT32_MAX = 3.4028234663852886e38
-INT64_LIMIT = 2**63     # seeds go to torch.manual_seed and numpy; counts to int64 arrays
+INT64_LIMIT = 2**63  # seeds go to torch.manual_seed and numpy; counts to int64 arrays
 
 
 def _kinds(annotation: Any) -> set[type]:
@@ -83,7 +84,9 @@ class Section(BaseModel):
         for name, field in cls.model_fields.items():
             for key in {name, field.alias or name}:
                 if key in data and (why := _refusal(_kinds(field.annotation), data[key])):
-                    errors.append({"type": PydanticCustomError("strict_scalar", why), "loc": (key,), "input": data[key]})
+                    errors.append(
+                        {"type": PydanticCustomError("strict_scalar", why), "loc": (key,), "input": data[key]}
+                    )
         if errors:
             raise ValidationError.from_exception_data(cls.__name__, errors)
         return data

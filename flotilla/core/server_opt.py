@@ -7,13 +7,13 @@ and moves ``w <- w + lr * step(D)``.  FedAvg is SGD with lr 1.
 State is a dict of flat tensors so it can be checkpointed with safetensors and restored
 bit-identically.
 """
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
 import torch
-
 
 
 @dataclass(frozen=True)
@@ -30,12 +30,13 @@ class ServerOptimizerSpec:
     forgets).  To follow the paper set ``initial_accumulator = tau ** 2`` (1e-6 for the default
     ``tau``).
     """
+
     name: str = "fedavg"
     lr: float = 1.0
-    momentum: float = 0.9      # fedavgm only
-    beta1: float = 0.9         # adaptive optimizers
-    beta2: float = 0.99        # fedadam / fedyogi
-    tau: float = 1e-3          # adaptivity / numerical floor
+    momentum: float = 0.9  # fedavgm only
+    beta1: float = 0.9  # adaptive optimizers
+    beta2: float = 0.99  # fedadam / fedyogi
+    tau: float = 1e-3  # adaptivity / numerical floor
     initial_accumulator: float = 0.0  # v_0 (Reddi et al.: tau^2); 0 keeps earlier runs unchanged
 
 
@@ -46,8 +47,9 @@ class UpdateRule:
     def init_state(self, spec: ServerOptimizerSpec, numel: int) -> dict[str, torch.Tensor]:
         return {}
 
-    def step(self, spec: ServerOptimizerSpec, state: dict[str, torch.Tensor], weights: torch.Tensor,
-             delta: torch.Tensor) -> None:
+    def step(
+        self, spec: ServerOptimizerSpec, state: dict[str, torch.Tensor], weights: torch.Tensor, delta: torch.Tensor
+    ) -> None:
         raise NotImplementedError
 
 
@@ -56,9 +58,11 @@ SERVER_OPTIMIZERS: dict[str, UpdateRule] = {}
 
 def register(name: str):
     """Add a server optimizer under ``name`` (the value of ``server.optimizer``)."""
+
     def add(cls):
         SERVER_OPTIMIZERS[name] = cls()
         return cls
+
     return add
 
 
@@ -84,8 +88,11 @@ class Adaptive(UpdateRule):
 
     def init_state(self, spec, numel):
         # "_scratch" is working memory, not state: it is left out of checkpoints.
-        return {"m": torch.zeros(numel), "v": torch.full((numel,), float(spec.initial_accumulator)),
-                "_scratch": torch.empty(numel)}
+        return {
+            "m": torch.zeros(numel),
+            "v": torch.full((numel,), float(spec.initial_accumulator)),
+            "_scratch": torch.empty(numel),
+        }
 
     def second_moment(self, spec, v, d2) -> None:
         raise NotImplementedError
@@ -107,7 +114,7 @@ class FedAdam(Adaptive):
 
 @register("fedyogi")
 class FedYogi(Adaptive):
-    def second_moment(self, spec, v, d2):   # v <- v - (1-b2) * d^2 * sign(v - d^2)
+    def second_moment(self, spec, v, d2):  # v <- v - (1-b2) * d^2 * sign(v - d^2)
         sign = torch.sign(v - d2)
         v.sub_(d2.mul_(sign), alpha=1 - spec.beta2)
 
@@ -148,5 +155,7 @@ class ServerOptimizer:
             raise ValueError(f"server optimizer state has keys {sorted(state)}, expected {sorted(self.state)}")
         for k, t in state.items():
             if t.shape != self.state[k].shape:
-                raise ValueError(f"server optimizer state {k!r} has shape {tuple(t.shape)}, expected {tuple(self.state[k].shape)}")
+                raise ValueError(
+                    f"server optimizer state {k!r} has shape {tuple(t.shape)}, expected {tuple(self.state[k].shape)}"
+                )
             self.state[k].copy_(t)

@@ -14,6 +14,7 @@ then does not shrink as concurrency (and with it the typical staleness) grows.
 An optional ``max_staleness`` (applied by the aggregator, not here) drops updates with
 ``tau > max_staleness`` altogether.
 """
+
 from __future__ import annotations
 
 import math
@@ -24,17 +25,19 @@ import numpy as np
 KINDS = ("constant", "polynomial", "hinge")
 
 # Why user-level DP (whose per-update bound needs s(tau) <= 1) refuses ``average``.
-AVERAGE_WITH_DP = ("async.staleness.average: normalised staleness weights exceed 1 for fresh updates, which breaks "
-                   "user-level DP's per-update bound clip_norm; leave average unset with privacy")
+AVERAGE_WITH_DP = (
+    "async.staleness.average: normalised staleness weights exceed 1 for fresh updates, which breaks "
+    "user-level DP's per-update bound clip_norm; leave average unset with privacy"
+)
 
 
 @dataclass(frozen=True)
 class Staleness:
     kind: str = "polynomial"
-    exponent: float = 0.5   # polynomial a
-    a: float = 10.0         # hinge slope
-    b: float = 4.0          # hinge threshold
-    average: float | None = None   # normalise: s(tau) / s(average) (FLSim's avg_staleness)
+    exponent: float = 0.5  # polynomial a
+    a: float = 10.0  # hinge slope
+    b: float = 4.0  # hinge threshold
+    average: float | None = None  # normalise: s(tau) / s(average) (FLSim's avg_staleness)
 
     def __post_init__(self):
         if self.kind not in KINDS:

@@ -9,6 +9,7 @@ half-written file.
 
 The cache directory is ``$FLOTILLA_CACHE`` if set, else ``~/.cache/flotilla``.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -56,7 +57,7 @@ def save_arrays(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
     _remove_stale_temps(path)
 
 
-STALE_TEMP_S = 600   # a writer killed mid-write (kill -9) leaves its temp file; a live one finishes long before
+STALE_TEMP_S = 600  # a writer killed mid-write (kill -9) leaves its temp file; a live one finishes long before
 
 
 def _remove_stale_temps(path: Path) -> None:
@@ -67,7 +68,7 @@ def _remove_stale_temps(path: Path) -> None:
             if now - old.stat().st_mtime > STALE_TEMP_S:
                 old.unlink()
         except OSError:
-            pass   # another process removed it first
+            pass  # another process removed it first
 
 
 def load_arrays(path: Path) -> Arrays | None:

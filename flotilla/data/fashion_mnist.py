@@ -7,6 +7,7 @@ same four files is given by ``root=`` (config key ``task.root``) or the environm
 and cached as uint8/int64 arrays (see :mod:`flotilla.data.cache`).  Fashion-MNIST has no
 writer ids, so clients are made with a partition from :mod:`flotilla.data.partition`.
 """
+
 from __future__ import annotations
 
 import functools
@@ -17,8 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import partition as part
 from flotilla.core.dataset import FederatedDataset
+
+from . import partition as part
 from .cache import DatasetMissingError, cached
 
 DEFAULT_ROOT = Path("/usr/share/datasets/fashion-mnist")
@@ -30,8 +32,7 @@ FILES = {
     "y_test": "t10k-labels-idx1-ubyte.gz",
 }
 MEAN, STD = 0.2860, 0.3530  # of the training pixels scaled to [0, 1]
-CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-           "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 _VERSION = "1"
 
 
@@ -49,11 +50,15 @@ def load_fashion_mnist(root: str | Path | None = None) -> tuple[np.ndarray, np.n
             f"Fashion-MNIST not found at {root}/ (missing {', '.join(missing)}): install it with "
             "`sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu), which puts the IDX files in "
             f"{DEFAULT_ROOT}/, or set the config key task.root (root= in Python) or the environment variable "
-            f"{ROOT_ENV} to a folder holding them.")
-    arrays = cached("fashion_mnist", _VERSION, {"root": str(root.resolve())},
-                    lambda: {key: _read_idx(root / name) for key, name in FILES.items()})
-    return (arrays["x_train"], arrays["y_train"].astype(np.int64),
-            arrays["x_test"], arrays["y_test"].astype(np.int64))
+            f"{ROOT_ENV} to a folder holding them."
+        )
+    arrays = cached(
+        "fashion_mnist",
+        _VERSION,
+        {"root": str(root.resolve())},
+        lambda: {key: _read_idx(root / name) for key, name in FILES.items()},
+    )
+    return (arrays["x_train"], arrays["y_train"].astype(np.int64), arrays["x_test"], arrays["y_test"].astype(np.int64))
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -83,6 +88,7 @@ def _normalised(root: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, to
 def _fetcher(x: torch.Tensor, y: torch.Tensor):
     def fetch(indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return x[indices], y[indices]
+
     return fetch
 
 
@@ -116,16 +122,20 @@ def fashion_mnist_federated(
     rng = np.random.default_rng(seed)
     train = _partition_train(partition, labels, num_clients, alpha, sigma, examples_per_client, rng)
     if max_examples_per_client is not None:
-        train = [np.sort(rng.choice(p, max_examples_per_client, replace=False)) if len(p) > max_examples_per_client else p
-                 for p in train]
+        train = [
+            np.sort(rng.choice(p, max_examples_per_client, replace=False)) if len(p) > max_examples_per_client else p
+            for p in train
+        ]
     skewed = partition == "dirichlet"
-    test = part.split_test_like(train, len(y_test), rng,
-                                train_labels=labels if skewed else None,
-                                test_labels=y_test.numpy() if skewed else None)
+    test = part.split_test_like(
+        train, len(y_test), rng, train_labels=labels if skewed else None, test_labels=y_test.numpy() if skewed else None
+    )
     name = f"fashion_mnist-{partition}"
     return FederatedDataset(
-        name, _fetcher(x_train, y_train),
-        [torch.from_numpy(p) for p in train], [torch.from_numpy(p) for p in test],
+        name,
+        _fetcher(x_train, y_train),
+        [torch.from_numpy(p) for p in train],
+        [torch.from_numpy(p) for p in test],
         client_names=[f"client{i}" for i in range(num_clients)],
         fetch_test=_fetcher(x_test, y_test),
     )
@@ -142,11 +152,16 @@ def _partition_train(partition, labels, num_clients, alpha, sigma, examples_per_
         raise ValueError(f"examples_per_client must be >= 1, got {examples_per_client}")
     total = num_clients * examples_per_client
     if total > len(labels):
-        raise ValueError(f"examples_per_client={examples_per_client} x num_clients={num_clients} = {total} "
-                         f"exceeds the {len(labels)} training images")
+        raise ValueError(
+            f"examples_per_client={examples_per_client} x num_clients={num_clients} = {total} "
+            f"exceeds the {len(labels)} training images"
+        )
     if partition == "dirichlet":
         return part.dirichlet(labels, num_clients, alpha, rng, sizes=[examples_per_client] * num_clients)
     pool = rng.choice(len(labels), total, replace=False)
-    parts = (part.iid(total, num_clients, rng) if partition == "iid"
-             else part.quantity_skew(total, num_clients, rng, sigma=sigma))
+    parts = (
+        part.iid(total, num_clients, rng)
+        if partition == "iid"
+        else part.quantity_skew(total, num_clients, rng, sigma=sigma)
+    )
     return [np.sort(pool[p]) for p in parts]

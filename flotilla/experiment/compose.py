@@ -8,6 +8,7 @@ aggregator or the buffer, moving the DP noise inside the protocol).  All read th
 declared :class:`~flotilla.core.protocols.Shape` and refuse what cannot work before anything is
 built; the algorithm's constructor then calls their factories.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -22,11 +23,21 @@ from flotilla.secure.wiring import SecureParts
 def _no_clash(mine: Components, theirs: Components, who: str, name: str) -> None:
     both = [k for k in mine.given() if k in theirs.given()]
     if both:
-        raise ValueError(f"client.algorithm: {name}'s {', '.join(both)} would be replaced by {who}'s; they do not compose")
+        raise ValueError(
+            f"client.algorithm: {name}'s {', '.join(both)} would be replaced by {who}'s; they do not compose"
+        )
 
 
-def build_algorithm(algorithm_class, kwargs: Mapping[str, Any], *, privacy=None, secure_aggregation=None,
-                    client_algorithm=None, rounds: int, eval_every: int = 1):
+def build_algorithm(
+    algorithm_class,
+    kwargs: Mapping[str, Any],
+    *,
+    privacy=None,
+    secure_aggregation=None,
+    client_algorithm=None,
+    rounds: int,
+    eval_every: int = 1,
+):
     """``(algorithm, rounds)``: ``algorithm_class(**kwargs)`` with a client algorithm (the ``client.algorithm``
     section), DP and/or secure aggregation composed in.  ``rounds`` comes back smaller when the privacy
     budget ends first."""
@@ -44,14 +55,14 @@ def build_algorithm(algorithm_class, kwargs: Mapping[str, Any], *, privacy=None,
         if algo is not None:
             _no_clash(components, private.components, "privacy", algo.name)
         components = components.merged(private.components)
-        prepare_model(kwargs["model"], private.spec)      # DPLSTM swap, before the algorithm binds the model
+        prepare_model(kwargs["model"], private.spec)  # DPLSTM swap, before the algorithm binds the model
     if secure is not None:
         if algo is not None:
             _no_clash(algo.components, secure.components, "secure aggregation", algo.name)
         components = components.merged(secure.components)
     algorithm = algorithm_class(**kwargs, components=components) if components.given() else algorithm_class(**kwargs)
     if algo is not None:
-        algorithm = algo.wrap(algorithm)                  # state the client algorithm checkpoints (SCAFFOLD's c, c_i)
+        algorithm = algo.wrap(algorithm)  # state the client algorithm checkpoints (SCAFFOLD's c, c_i)
     if private is None:
         return algorithm, rounds
     wrapped = private.wrap(algorithm)

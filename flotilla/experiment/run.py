@@ -1,6 +1,7 @@
 """Run an experiment: the task, the runtime's algorithm with privacy and secure aggregation composed
 in, evaluation, and the Runner over a run directory.  ``flotilla run`` and ``flotilla.train`` both
 end here, so a config file and the equivalent Python call build the same experiment."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -22,9 +23,9 @@ from flotilla.runs.rundir import RunDir
 
 @dataclass
 class TrainResult:
-    model: nn.Module                  # the user's module, holding the final global weights
-    weights: torch.Tensor             # the final global weights as one flat vector
-    history: list[dict[str, Any]]     # one metrics record per round
+    model: nn.Module  # the user's module, holding the final global weights
+    weights: torch.Tensor  # the final global weights as one flat vector
+    history: list[dict[str, Any]]  # one metrics record per round
     run_dir: Path | None
 
 
@@ -36,37 +37,56 @@ def _run_name(cfg: ExperimentConfig) -> str:
 def check_fits(cfg: ExperimentConfig, task) -> None:
     """What the config alone cannot check: the cohort against the task's population, the privacy plan."""
     if cfg.mode == "sync" and cfg.cohort > task.dataset.num_clients:
-        raise ConfigError(f"invalid config:\n  cohort: {cfg.cohort} is larger than the population "
-                          f"({task.dataset.num_clients} clients in {cfg.task.name})")
+        raise ConfigError(
+            f"invalid config:\n  cohort: {cfg.cohort} is larger than the population "
+            f"({task.dataset.num_clients} clients in {cfg.task.name})"
+        )
     if cfg.privacy is not None and cfg.privacy.user_level is not None:
         from flotilla.privacy import PrivacySpec, plan_user_level
+
         # delta vs population, target epsilon vs rounds, budget: refused before the run directory is written
-        plan_user_level(PrivacySpec.from_dict(cfg.privacy.model_dump()).user_level, population=task.dataset.num_clients,
-                        expected_cohort=float(cfg.cohort if cfg.mode == "sync" else cfg.async_.buffer_size),
-                        rounds=cfg.rounds, accountant=cfg.privacy.accountant)
+        plan_user_level(
+            PrivacySpec.from_dict(cfg.privacy.model_dump()).user_level,
+            population=task.dataset.num_clients,
+            expected_cohort=float(cfg.cohort if cfg.mode == "sync" else cfg.async_.buffer_size),
+            rounds=cfg.rounds,
+            accountant=cfg.privacy.accountant,
+        )
 
 
 def build(cfg: ExperimentConfig, task):
     """``(algorithm, rounds, evaluate_fn, stop)`` for ``cfg`` on ``task``."""
     algorithm_class, kwargs = runtime_for(cfg).algorithm(cfg, task)
     algorithm, rounds = build_algorithm(
-        algorithm_class, kwargs, rounds=cfg.rounds, eval_every=cfg.eval.every,
+        algorithm_class,
+        kwargs,
+        rounds=cfg.rounds,
+        eval_every=cfg.eval.every,
         privacy=cfg.privacy.model_dump() if cfg.privacy is not None else None,
         secure_aggregation=cfg.secure_aggregation.model_dump() if cfg.secure_aggregation is not None else None,
-        client_algorithm=cfg.client.algorithm)
+        client_algorithm=cfg.client.algorithm,
+    )
     clients = eval_clients(task.dataset, cfg.eval.max_clients, cfg.seed)
     evaluate_fn = None
     if clients:
         personal = None
-        if cfg.eval.personalize is not None:             # FedAvg + local fine-tuning: personal_* metrics
+        if cfg.eval.personalize is not None:  # FedAvg + local fine-tuning: personal_* metrics
             from flotilla.algorithms.finetune import PersonalizedEvaluation, finetune_spec
-            personal = PersonalizedEvaluation(algorithm.flat, task.dataset, clients, task.loss_fn,
-                                              finetune_spec(cfg.eval.personalize, client_spec(cfg)), seed=cfg.seed,
-                                              batch_size=cfg.eval.batch_size)
+
+            personal = PersonalizedEvaluation(
+                algorithm.flat,
+                task.dataset,
+                clients,
+                task.loss_fn,
+                finetune_spec(cfg.eval.personalize, client_spec(cfg)),
+                seed=cfg.seed,
+                batch_size=cfg.eval.batch_size,
+            )
 
         def evaluate_fn(w):
             record = evaluate(algorithm.flat, w, task.dataset, clients, task.loss_fn, cfg.eval.batch_size)
             return record if personal is None else {**record, **personal(w)}
+
     stops = []
     if cfg.privacy is not None:
         stops.append(algorithm.budget_spent)
@@ -77,8 +97,14 @@ def build(cfg: ExperimentConfig, task):
     return algorithm, rounds, evaluate_fn, stop
 
 
-def run_experiment(cfg: ExperimentConfig, run_dir: str | Path | None = None, resume: bool = False, *,
-                   task=None, write_run_dir: bool = True) -> TrainResult:
+def run_experiment(
+    cfg: ExperimentConfig,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    *,
+    task=None,
+    write_run_dir: bool = True,
+) -> TrainResult:
     """Build the task named in ``cfg`` (or use the given ``task``) and train it, writing a run directory."""
     from flotilla.tasks import build_task
 
@@ -96,9 +122,19 @@ def run_experiment(cfg: ExperimentConfig, run_dir: str | Path | None = None, res
                 raise FileExistsError(f"{path} already holds a run; use --resume {path} or another output.name")
             rd.write_config(cfg.model_dump(mode="json"))
     algorithm, rounds, evaluate_fn, stop = build(cfg, task)
-    return run_algorithm(algorithm, task.model, evaluate_fn, rounds=rounds, run_dir=path, resume=resume,
-                         eval_every=cfg.eval.every, checkpoint_every=cfg.output.checkpoint_every,
-                         progress=cfg.output.progress, tensorboard=cfg.output.tensorboard, stop=stop)
+    return run_algorithm(
+        algorithm,
+        task.model,
+        evaluate_fn,
+        rounds=rounds,
+        run_dir=path,
+        resume=resume,
+        eval_every=cfg.eval.every,
+        checkpoint_every=cfg.output.checkpoint_every,
+        progress=cfg.output.progress,
+        tensorboard=cfg.output.tensorboard,
+        stop=stop,
+    )
 
 
 def resume_experiment(run_dir: str | Path) -> TrainResult:
@@ -106,8 +142,9 @@ def resume_experiment(run_dir: str | Path) -> TrainResult:
     return run_experiment(cfg, run_dir=run_dir, resume=True)
 
 
-def run_algorithm(algorithm, model: nn.Module, evaluate_fn, *, rounds: int, run_dir: str | Path | None, resume: bool,
-                  **runner_options) -> TrainResult:
+def run_algorithm(
+    algorithm, model: nn.Module, evaluate_fn, *, rounds: int, run_dir: str | Path | None, resume: bool, **runner_options
+) -> TrainResult:
     """Drive a built algorithm with the Runner (fresh or resumed run directory) and load the final
     weights into ``model``."""
     rd = RunDir(run_dir) if run_dir is not None else None
@@ -121,6 +158,6 @@ def run_algorithm(algorithm, model: nn.Module, evaluate_fn, *, rounds: int, run_
     try:
         history = runner.run()
     finally:
-        algorithm.close()   # worker processes, Opacus hooks
+        algorithm.close()  # worker processes, Opacus hooks
     algorithm.flat.load(algorithm.weights)
     return TrainResult(model, algorithm.weights.clone(), history, rd.path if rd else None)

@@ -5,6 +5,7 @@ the constructor arguments it gets.  The network runtime (``flotilla serve``) is 
 Adding a runtime: write its algorithm (an object the Runner drives; see flotilla.core.protocols),
 then one ``Runtime`` entry below that says when a config selects it and how to build it.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -17,22 +18,31 @@ from flotilla.experiment.specs import client_spec, server_spec, staleness_spec
 @dataclass(frozen=True)
 class Runtime:
     name: str
-    selects: Callable[[Any], bool]                            # cfg -> does this runtime run it?
-    algorithm: Callable[[Any, Any], tuple[type, dict]]        # (cfg, task) -> (class, constructor kwargs)
+    selects: Callable[[Any], bool]  # cfg -> does this runtime run it?
+    algorithm: Callable[[Any, Any], tuple[type, dict]]  # (cfg, task) -> (class, constructor kwargs)
 
 
 def _common(cfg, task) -> dict:
-    return dict(model=task.model, dataset=task.dataset, loss_fn=task.loss_fn, client=client_spec(cfg),
-                server=server_spec(cfg), weighting=cfg.weighting, seed=cfg.seed)
+    return dict(
+        model=task.model,
+        dataset=task.dataset,
+        loss_fn=task.loss_fn,
+        client=client_spec(cfg),
+        server=server_spec(cfg),
+        weighting=cfg.weighting,
+        seed=cfg.seed,
+    )
 
 
 def _in_process(cfg, task):
     from flotilla.sim.sync import SyncFedAvg
+
     return SyncFedAvg, dict(_common(cfg, task), cohort=cfg.cohort)
 
 
 def _processes(cfg, task):
     from flotilla.sim.parallel import ParallelFedAvg
+
     return ParallelFedAvg, dict(_common(cfg, task), cohort=cfg.cohort, workers=cfg.workers)
 
 
@@ -43,15 +53,23 @@ def _runtime(cfg) -> str | None:
 
 def _ray(cfg, task):
     from flotilla.sim.ray_runtime import RayFedAvg, import_ray
-    import_ray()   # without Ray: one line naming the extra, before anything is built
+
+    import_ray()  # without Ray: one line naming the extra, before anything is built
     rt = cfg.runtime
     # Actors build the task from its config with the task registry; a task handed over as objects
     # (flotilla.train(model, data), task: {name: python} without a factory) goes to them once instead.
     from_config = task.name == cfg.task.name and not (cfg.task.name == "python" and not cfg.task.factory)
-    return RayFedAvg, dict(_common(cfg, task), cohort=cfg.cohort, actors=rt.actors, address=rt.address,
-                           cpus_per_actor=rt.cpus_per_actor, gpus_per_actor=rt.gpus_per_actor,
-                           max_restarts=rt.max_restarts, on_client_error=rt.on_client_error,
-                           task_config=cfg.task if from_config else None)
+    return RayFedAvg, dict(
+        _common(cfg, task),
+        cohort=cfg.cohort,
+        actors=rt.actors,
+        address=rt.address,
+        cpus_per_actor=rt.cpus_per_actor,
+        gpus_per_actor=rt.gpus_per_actor,
+        max_restarts=rt.max_restarts,
+        on_client_error=rt.on_client_error,
+        task_config=cfg.task if from_config else None,
+    )
 
 
 def _fleet(cfg, task):
@@ -65,9 +83,17 @@ def _fleet(cfg, task):
     common = dict(_common(cfg, task), fleet=fleet)
     if cfg.mode == "async":
         a = cfg.async_
-        return AsyncFleetSim, dict(common, concurrency=a.concurrency, algorithm=a.algorithm, buffer_size=a.buffer_size,
-                                   staleness=staleness_spec(cfg), normalize=a.normalize, max_staleness=a.max_staleness,
-                                   mixing=a.mixing, arrival_rate=a.arrival_rate)
+        return AsyncFleetSim, dict(
+            common,
+            concurrency=a.concurrency,
+            algorithm=a.algorithm,
+            buffer_size=a.buffer_size,
+            staleness=staleness_spec(cfg),
+            normalize=a.normalize,
+            max_staleness=a.max_staleness,
+            mixing=a.mixing,
+            arrival_rate=a.arrival_rate,
+        )
     return SyncFleetSim, dict(common, cohort=cfg.cohort, over_selection=fcfg.over_selection, deadline_s=fcfg.deadline_s)
 
 

@@ -1,4 +1,5 @@
 """Config sections -> the core's plain specs.  Written once; every runtime's builder calls these."""
+
 from __future__ import annotations
 
 from flotilla.core.client import ClientSpec

@@ -11,6 +11,7 @@
 * ``dropout``: probability that a trip is abandoned (the device leaves), at a uniformly random
   point of the trip.  A dropped trip's result never arrives.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence

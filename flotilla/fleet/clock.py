@@ -20,6 +20,7 @@ and a scheduler can be checkpointed as a handful of counters plus the trips in f
 
 Memory is O(trips in flight + batch), independent of the population size.
 """
+
 from __future__ import annotations
 
 import heapq
@@ -50,9 +51,9 @@ class _Scheduler:
         self.busy: set[int] = set()
         self.trips_started = 0
         self.trace: list[tuple] | None = [] if trace else None
-        self._k0 = 0      # candidate counter of the current batch's first entry
-        self._i = 0       # next unread entry of the current batch
-        self._n = 0       # entries in the current batch
+        self._k0 = 0  # candidate counter of the current batch's first entry
+        self._i = 0  # next unread entry of the current batch
+        self._n = 0  # entries in the current batch
         self._elig_hour: int | None = None
         self._last_start = 0.0
 
@@ -120,7 +121,7 @@ class _Scheduler:
             if self._i >= self._n:
                 self._refill()
             if self._elig_hour != hour:
-                mask = av.eligible(self._dev_np[self._i:], self.now)
+                mask = av.eligible(self._dev_np[self._i :], self.now)
                 pos = np.flatnonzero(mask) + self._i
                 self._outcomes(pos)
                 self._pos = pos.tolist()
@@ -142,18 +143,20 @@ class _Scheduler:
         if self.now - self._last_start > STALL_DAYS * DAY_S and not self.busy:
             raise FleetStalled(
                 f"fleet simulation stalled: no device became eligible for {STALL_DAYS:.0f} simulated days "
-                f"(simulated time {self.now:.0f} s); check fleet.availability.diurnal and fleet.population")
+                f"(simulated time {self.now:.0f} s); check fleet.availability.diurnal and fleet.population"
+            )
 
 
 @dataclass
 class PoissonArrivals:
     """Devices checking in as a Poisson process of ``rate`` per simulated second: the gap after
     arrival ``count`` is exponential, from the hash of ``(key, count)`` (so it checkpoints as counters)."""
+
     rate: float
     key: int
-    count: int = 0            # arrivals so far
-    missed: int = 0           # arrivals that found `concurrency` trips in flight or no eligible device
-    pending: bool = False     # the next arrival is in the event heap
+    count: int = 0  # arrivals so far
+    missed: int = 0  # arrivals that found `concurrency` trips in flight or no eligible device
+    pending: bool = False  # the next arrival is in the event heap
 
     def gap(self) -> float:
         return -math.log(uniform_scalar(self.key, self.count)) / self.rate
@@ -181,7 +184,9 @@ class AsyncScheduler(_Scheduler):
         if concurrency < 1:
             raise ValueError(f"async.concurrency: must be >= 1, got {concurrency}")
         if arrival_rate is not None and not (math.isfinite(arrival_rate) and arrival_rate > 0):
-            raise ValueError(f"async.arrival_rate: must be a positive number of arrivals per simulated second, got {arrival_rate}")
+            raise ValueError(
+                f"async.arrival_rate: must be a positive number of arrivals per simulated second, got {arrival_rate}"
+            )
         if concurrency > fleet.size:
             raise ValueError(f"async.concurrency: {concurrency} is larger than fleet.population={fleet.size}")
         super().__init__(fleet, **kw)
@@ -190,11 +195,14 @@ class AsyncScheduler(_Scheduler):
         self.seq = 0
         self.version = 0
         self.refs: dict[int, int] = {}
-        self.area = 0.0          # integral of (trips in flight) d(simulated time)
+        self.area = 0.0  # integral of (trips in flight) d(simulated time)
         self.wake_pending = False
         # one attribute for the arrival process: the fixed-concurrency hot loop stays as it was
-        self.poisson = None if arrival_rate is None else PoissonArrivals(
-            arrival_rate, stream_key(fleet.population.seed, STREAM_ARRIVAL))
+        self.poisson = (
+            None
+            if arrival_rate is None
+            else PoissonArrivals(arrival_rate, stream_key(fleet.population.seed, STREAM_ARRIVAL))
+        )
         if arrival_rate is not None:
             self.fill = self._fill_arrivals
 
@@ -246,7 +254,9 @@ class AsyncScheduler(_Scheduler):
         now, v = self.now, self.version
         tid, d, drop = self._k0 + i, self._dev[i], self._drop[i]
         dropped = drop != INF
-        heapq.heappush(self.heap, (now + (drop if dropped else self._dur[i]), self.seq, tid, d, self._cli[i], v, now, dropped))
+        heapq.heappush(
+            self.heap, (now + (drop if dropped else self._dur[i]), self.seq, tid, d, self._cli[i], v, now, dropped)
+        )
         self.seq += 1
         self.busy.add(d)
         self.refs[v] = self.refs.get(v, 0) + 1
@@ -268,7 +278,7 @@ class AsyncScheduler(_Scheduler):
             self.area += len(self.busy) * (t - self.now)
             self.now = t
             if ev[2] < 0:
-                if ev[2] == -2:   # a Poisson arrival
+                if ev[2] == -2:  # a Poisson arrival
                     self._arrive()
                     continue
                 # wake-up
@@ -296,7 +306,10 @@ class AsyncScheduler(_Scheduler):
             "ev_t_start": np.array([e[6] for e in h], dtype=np.float64),
             "ev_dropped": np.array([e[7] for e in h], dtype=np.int64),
             "scalars_f": np.array([self.now, self.area, self._last_start], dtype=np.float64),
-            "scalars_i": np.array([self.next_candidate, self.seq, self.version, self.trips_started, int(self.wake_pending)], dtype=np.int64),
+            "scalars_i": np.array(
+                [self.next_candidate, self.seq, self.version, self.trips_started, int(self.wake_pending)],
+                dtype=np.int64,
+            ),
             **({} if self.poisson is None else {"arrivals": self.poisson.state()}),
         }
 
@@ -322,14 +335,15 @@ class AsyncScheduler(_Scheduler):
 @dataclass
 class RoundOutcome:
     """One synchronous round in simulated time."""
+
     t_start: float
     t_close: float
     selected: int
     accepted: list[tuple[int, int, int]] = field(default_factory=list)  # (trip_id, device, client), by arrival
-    late: list[int] = field(default_factory=list)        # trip ids whose results arrived after the close
-    dropped: list[int] = field(default_factory=list)     # trip ids that dropped out
-    wasted_device_s: float = 0.0                          # device time spent on late or dropped trips
-    busy_device_s: float = 0.0                            # device time inside [t_start, t_close]
+    late: list[int] = field(default_factory=list)  # trip ids whose results arrived after the close
+    dropped: list[int] = field(default_factory=list)  # trip ids that dropped out
+    wasted_device_s: float = 0.0  # device time spent on late or dropped trips
+    busy_device_s: float = 0.0  # device time inside [t_start, t_close]
 
 
 class SyncScheduler(_Scheduler):
@@ -382,7 +396,7 @@ class SyncScheduler(_Scheduler):
             if t_end <= close and len(out.accepted) < cohort:
                 out.accepted.append((tid, d, c))
                 accepted_ids.add(tid)
-        for (tid, d, c, dur, drop), end in zip(chosen, ends):
+        for (tid, d, _client, dur, drop), end in zip(chosen, ends):
             out.busy_device_s += min(end, close) - t0
             if tid in accepted_ids:
                 self.busy.discard(d)
@@ -398,9 +412,9 @@ class SyncScheduler(_Scheduler):
             else:
                 self.busy.discard(d)
         if self.trace is not None:
-            for tid, d, c, dur, drop in chosen:
+            for tid, d, *_ in chosen:
                 self.trace.append((t0, "start", tid, d, -1))
-            for tid, d, c, dur, drop in chosen:
+            for tid, d, _client, dur, drop in chosen:
                 kind = "done" if tid in accepted_ids else ("late" if drop == INF else "drop")
                 self.trace.append((t0 + (dur if drop == INF else drop), kind, tid, d, -1))
         out.t_close = close

@@ -14,6 +14,7 @@ and free of per-device state.  Normal variates use Box-Muller on the two uniform
 Parameters are validated here with the key (``where``) named, so the same checks serve the
 config file and direct Python use.
 """
+
 from __future__ import annotations
 
 import math
@@ -119,7 +120,7 @@ class LogNormal(Distribution):
         return self.median * np.exp(self.sigma * normal_from_uniform(u1, u2))
 
     def mean(self):
-        return self.median * math.exp(0.5 * self.sigma ** 2)
+        return self.median * math.exp(0.5 * self.sigma**2)
 
     def lower_bound(self):
         return 0.0 if self.sigma > 0 else float(self.median)
@@ -127,6 +128,7 @@ class LogNormal(Distribution):
 
 class Empirical(Distribution):
     """Draws uniformly among observed values (the empirical distribution of a file)."""
+
     kind = "empirical"
 
     def __init__(self, values, source: str = "values"):
@@ -174,8 +176,9 @@ def load_values(path: str | Path, where: str = "file") -> np.ndarray:
     return values
 
 
-def make_distribution(spec: Mapping[str, Any] | float | int | Distribution, where: str = "distribution",
-                      positive: bool = False) -> Distribution:
+def make_distribution(
+    spec: Mapping[str, Any] | float | int | Distribution, where: str = "distribution", positive: bool = False
+) -> Distribution:
     """Build a distribution from ``{"dist": kind, ...params}`` (or a bare number = constant).
 
     All quantities in a fleet (seconds, examples per second, Mbit/s) are non-negative, so
@@ -191,13 +194,21 @@ def make_distribution(spec: Mapping[str, Any] | float | int | Distribution, wher
             raise ValueError(f"{where}: expected a number or a mapping with 'dist' (one of {', '.join(KINDS)})")
         s = {k: v for k, v in spec.items() if v is not None}
         kind = s.pop("dist")
-        allowed = {"constant": {"value"}, "uniform": {"low", "high"}, "exponential": {"mean", "min"},
-                   "half-normal": {"sd", "min"}, "lognormal": {"median", "sigma"}, "empirical": {"file"}}
+        allowed = {
+            "constant": {"value"},
+            "uniform": {"low", "high"},
+            "exponential": {"mean", "min"},
+            "half-normal": {"sd", "min"},
+            "lognormal": {"median", "sigma"},
+            "empirical": {"file"},
+        }
         if kind not in allowed:
             raise ValueError(f"{where}.dist: unknown distribution {kind!r}; choose one of {', '.join(KINDS)}")
         extra = set(s) - allowed[kind]
         if extra:
-            raise ValueError(f"{where}: {kind} does not take {', '.join(sorted(extra))} (it takes {', '.join(sorted(allowed[kind]))})")
+            raise ValueError(
+                f"{where}: {kind} does not take {', '.join(sorted(extra))} (it takes {', '.join(sorted(allowed[kind]))})"
+            )
         need = allowed[kind] - {"min"} - set(s)
         if need:
             raise ValueError(f"{where}: {kind} needs {', '.join(sorted(need))}")
@@ -231,6 +242,8 @@ def make_distribution(spec: Mapping[str, Any] | float | int | Distribution, wher
             dist = Empirical(values, str(s["file"]))
     if positive and dist.lower_bound() <= 0 and dist.kind not in ("exponential", "lognormal"):
         # exponential and lognormal never produce exactly 0; the others can (or are 0).
-        raise ValueError(f"{where}: a rate must be > 0, but this {dist.kind} distribution can produce "
-                         f"{dist.lower_bound()} (raise its lower end / min above 0)")
+        raise ValueError(
+            f"{where}: a rate must be > 0, but this {dist.kind} distribution can produce "
+            f"{dist.lower_bound()} (raise its lower end / min above 0)"
+        )
     return dist

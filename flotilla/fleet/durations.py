@@ -15,6 +15,7 @@ its training examples, or the examples seen in ``steps`` local steps.  A trip dr
 probability ``dropout`` at a uniform point of its duration, or when the device's session
 (drawn per trip) ends first.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -32,12 +33,14 @@ from flotilla.fleet.population import (
 )
 
 
-def work_examples(train_sizes: np.ndarray, epochs: int = 1, steps: int | None = None, batch_size: int = 10) -> np.ndarray:
+def work_examples(
+    train_sizes: np.ndarray, epochs: int = 1, steps: int | None = None, batch_size: int = 10
+) -> np.ndarray:
     """Examples processed by one local training of each client (what LocalTrainer would do)."""
     n = np.asarray(train_sizes, dtype=np.int64)
     if steps is None:
         return n * epochs
-    per_pass = np.maximum(-(-n // batch_size), 1)   # batches per pass (ceil)
+    per_pass = np.maximum(-(-n // batch_size), 1)  # batches per pass (ceil)
     full, rest = np.divmod(steps, per_pass)
     return np.where(n > 0, full * n + np.minimum(rest * batch_size, n), 0)
 
@@ -45,6 +48,7 @@ def work_examples(train_sizes: np.ndarray, epochs: int = 1, steps: int | None = 
 @dataclass(frozen=True)
 class PerExample:
     """FLSim's per-example Gaussian durations: seconds per example ~ max(N(mean, sd), min)."""
+
     mean: float
     sd: float
     min: float = 1e-6
@@ -53,11 +57,12 @@ class PerExample:
 @dataclass
 class TripBatch:
     """Outcomes of candidate trips ``k0 .. k0+n-1`` if they were started (numpy arrays)."""
+
     device: np.ndarray
     client: np.ndarray
-    duration: np.ndarray   # seconds from start to upload complete
-    drop_at: np.ndarray    # seconds from start to dropout, inf if the trip completes
-    compute: np.ndarray    # seconds of local training (for reporting)
+    duration: np.ndarray  # seconds from start to upload complete
+    drop_at: np.ndarray  # seconds from start to dropout, inf if the trip completes
+    compute: np.ndarray  # seconds of local training (for reporting)
 
 
 class DurationModel:
@@ -96,20 +101,31 @@ class DurationModel:
         work = self.work[client]
         if self.per_example is not None:
             pe = self.per_example
-            z = normal_from_uniform(pop.trip_uniform(STREAM_PER_EXAMPLE, k), pop.trip_uniform(STREAM_PER_EXAMPLE + 1, k))
+            z = normal_from_uniform(
+                pop.trip_uniform(STREAM_PER_EXAMPLE, k), pop.trip_uniform(STREAM_PER_EXAMPLE + 1, k)
+            )
             compute = work * np.maximum(pe.mean + pe.sd * z, pe.min)
         else:
             compute = work / pop.speed(device)
         bits = self.model_bytes * 8.0
-        duration = self.latency_s + compute + bits / (pop.bandwidth_down(device) * 1e6) + bits / (pop.bandwidth_up(device) * 1e6)
+        duration = (
+            self.latency_s
+            + compute
+            + bits / (pop.bandwidth_down(device) * 1e6)
+            + bits / (pop.bandwidth_up(device) * 1e6)
+        )
         if self.extra is not None:
-            duration = duration + self.extra.from_uniform(pop.trip_uniform(STREAM_EXTRA, k), pop.trip_uniform(STREAM_EXTRA + 1, k))
+            duration = duration + self.extra.from_uniform(
+                pop.trip_uniform(STREAM_EXTRA, k), pop.trip_uniform(STREAM_EXTRA + 1, k)
+            )
         drop_at = np.full(n, np.inf)
         if av.dropout > 0:
             drops = pop.trip_uniform(STREAM_DROP, k) < av.dropout
             drop_at = np.where(drops, pop.trip_uniform(STREAM_DROP + 1, k) * duration, np.inf)
         if av.session is not None:
-            session = av.session.from_uniform(pop.trip_uniform(STREAM_SESSION, k), pop.trip_uniform(STREAM_SESSION + 1, k))
+            session = av.session.from_uniform(
+                pop.trip_uniform(STREAM_SESSION, k), pop.trip_uniform(STREAM_SESSION + 1, k)
+            )
             drop_at = np.where(session < duration, np.minimum(drop_at, session), drop_at)
         return TripBatch(device, client, duration, drop_at, compute)
 

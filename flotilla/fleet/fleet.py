@@ -1,4 +1,5 @@
 """A fleet = population (device traits) + availability + duration model."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -56,20 +57,30 @@ def make_fleet(
 ) -> Fleet:
     """Build a fleet from plain values (the Python-API twin of the ``fleet:`` config section)."""
     pop = Population(
-        population, seed, len(train_sizes),
+        population,
+        seed,
+        len(train_sizes),
         speed=make_distribution(speed, "fleet.speed", positive=True),
         bandwidth_down=make_distribution(bandwidth_down_mbps, "fleet.bandwidth_down_mbps", positive=True),
         bandwidth_up=make_distribution(bandwidth_up_mbps, "fleet.bandwidth_up_mbps", positive=True),
-        timezone_spread_h=timezone_spread_h, mapping=device_to_client,
+        timezone_spread_h=timezone_spread_h,
+        mapping=device_to_client,
     )
-    av = Availability(pop, diurnal,
-                      make_distribution(session_s, "fleet.availability.session_s") if session_s is not None else None,
-                      dropout)
+    av = Availability(
+        pop,
+        diurnal,
+        make_distribution(session_s, "fleet.availability.session_s") if session_s is not None else None,
+        dropout,
+    )
     if isinstance(per_example_s, dict):
         per_example_s = PerExample(**per_example_s)
     work = work_examples(np.asarray(train_sizes), epochs, steps, batch_size)
     durations = DurationModel(
-        pop, av, work, model_bytes, per_example=per_example_s,
+        pop,
+        av,
+        work,
+        model_bytes,
+        per_example=per_example_s,
         extra=make_distribution(trip_extra_s, "fleet.trip_extra_s") if trip_extra_s is not None else None,
         latency_s=latency_s,
     )
@@ -80,12 +91,24 @@ def fleet_from_config(fleet_cfg: Any, seed: int, train_sizes: np.ndarray, model_
     """Build from a validated :class:`flotilla.fleet.config.FleetConfig` and ``ClientConfig``."""
     f, a = fleet_cfg, fleet_cfg.availability
     return make_fleet(
-        population=f.population, seed=seed, train_sizes=train_sizes, model_bytes=model_bytes,
-        epochs=client_cfg.epochs, steps=client_cfg.steps, batch_size=client_cfg.batch_size,
-        speed=f.speed.spec(), bandwidth_down_mbps=f.bandwidth_down_mbps.spec(), bandwidth_up_mbps=f.bandwidth_up_mbps.spec(),
-        per_example_s=PerExample(f.per_example_s.mean, f.per_example_s.sd, f.per_example_s.min) if f.per_example_s else None,
-        trip_extra_s=f.trip_extra_s.spec() if f.trip_extra_s else None, latency_s=f.latency_s,
-        diurnal=a.diurnal, timezone_spread_h=a.timezone_spread_h,
-        session_s=a.session_s.spec() if a.session_s else None, dropout=a.dropout,
+        population=f.population,
+        seed=seed,
+        train_sizes=train_sizes,
+        model_bytes=model_bytes,
+        epochs=client_cfg.epochs,
+        steps=client_cfg.steps,
+        batch_size=client_cfg.batch_size,
+        speed=f.speed.spec(),
+        bandwidth_down_mbps=f.bandwidth_down_mbps.spec(),
+        bandwidth_up_mbps=f.bandwidth_up_mbps.spec(),
+        per_example_s=PerExample(f.per_example_s.mean, f.per_example_s.sd, f.per_example_s.min)
+        if f.per_example_s
+        else None,
+        trip_extra_s=f.trip_extra_s.spec() if f.trip_extra_s else None,
+        latency_s=f.latency_s,
+        diurnal=a.diurnal,
+        timezone_spread_h=a.timezone_spread_h,
+        session_s=a.session_s.spec() if a.session_s else None,
+        dropout=a.dropout,
         device_to_client=f.device_to_client,
     )

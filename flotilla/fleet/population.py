@@ -10,6 +10,7 @@ Per-trip randomness (dropout, per-example durations, session lengths) uses the s
 keyed by the trip's counter, so a simulation is reproducible event for event from its seed
 and can be resumed from a counter without replaying anything.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -24,18 +25,18 @@ _C1 = 0xBF58476D1CE4E5B9
 _C2 = 0x94D049BB133111EB
 
 # Stream labels: every independent random quantity gets its own key.
-STREAM_DEVICE = 1        # candidate k -> device id
-STREAM_SPEED = 2         # device -> compute speed (two uniforms: 2, 3)
-STREAM_BW_DOWN = 4       # device -> download bandwidth (4, 5)
-STREAM_BW_UP = 6         # device -> upload bandwidth (6, 7)
-STREAM_TZ = 8            # device -> time zone offset
-STREAM_CLIENT = 9        # device -> task client (mapping "hash")
-STREAM_AVAIL = 10        # (device, local hour slot) -> eligible?
-STREAM_DROP = 11         # trip -> drops out?  (11: whether, 12: when)
-STREAM_SESSION = 13      # trip -> session length (13, 14)
+STREAM_DEVICE = 1  # candidate k -> device id
+STREAM_SPEED = 2  # device -> compute speed (two uniforms: 2, 3)
+STREAM_BW_DOWN = 4  # device -> download bandwidth (4, 5)
+STREAM_BW_UP = 6  # device -> upload bandwidth (6, 7)
+STREAM_TZ = 8  # device -> time zone offset
+STREAM_CLIENT = 9  # device -> task client (mapping "hash")
+STREAM_AVAIL = 10  # (device, local hour slot) -> eligible?
+STREAM_DROP = 11  # trip -> drops out?  (11: whether, 12: when)
+STREAM_SESSION = 13  # trip -> session length (13, 14)
 STREAM_PER_EXAMPLE = 15  # trip -> per-example duration (15, 16)
-STREAM_EXTRA = 17        # trip -> extra duration (17, 18)
-STREAM_ARRIVAL = 19      # arrival k -> gap to arrival k + 1 (Poisson arrivals)
+STREAM_EXTRA = 17  # trip -> extra duration (17, 18)
+STREAM_ARRIVAL = 19  # arrival k -> gap to arrival k + 1 (Poisson arrivals)
 
 
 def mix64(x: int) -> int:
@@ -161,7 +162,11 @@ class Population:
         """Quantiles of the device traits, from a fixed sample of devices (for docs and logs)."""
         d = self.candidates(np.arange(sample, dtype=np.uint64))
         out = {}
-        for name, fn in (("speed", self.speed), ("bandwidth_down", self.bandwidth_down), ("bandwidth_up", self.bandwidth_up)):
+        for name, fn in (
+            ("speed", self.speed),
+            ("bandwidth_down", self.bandwidth_down),
+            ("bandwidth_up", self.bandwidth_up),
+        ):
             v = fn(d)
             for q in (10, 50, 90, 99):
                 out[f"{name}_p{q}"] = float(np.percentile(v, q))

@@ -9,6 +9,7 @@ such compositions; we only choose ``(z, q, steps)`` and ask them.
     q = batch / client examples   (sample level, one client's local training)
     q = cohort / population       (user level, one server step)
 """
+
 from __future__ import annotations
 
 import math
@@ -94,8 +95,14 @@ def _prv_epsilon(history: list[tuple[float, float, int]], delta: float) -> float
     return max(min(fine, rough), 0.0)  # both are upper bounds: keep the tighter
 
 
-def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int,
-                    kind: str = "rdp", where: str = "privacy.user_level.target_epsilon") -> float:
+def calibrate_noise(
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    kind: str = "rdp",
+    where: str = "privacy.user_level.target_epsilon",
+) -> float:
     """The smallest noise multiplier such that ``steps`` steps at ``sample_rate`` stay within
     ``(target_epsilon, delta)`` by :func:`epsilon` itself (so the run's reported epsilon never exceeds
     the target): RDP to Opacus' binary-search tolerance (0.01 in epsilon), PRV to
@@ -107,8 +114,15 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             # PRV starts from the RDP answer (cheap; PRV is tighter, so it is usually already enough noise)
-            z = float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
-                                           sample_rate=sample_rate, steps=steps, accountant="rdp"))
+            z = float(
+                get_noise_multiplier(
+                    target_epsilon=target_epsilon,
+                    target_delta=delta,
+                    sample_rate=sample_rate,
+                    steps=steps,
+                    accountant="rdp",
+                )
+            )
         if kind == "prv":
             z = _calibrate_prv(z, target_epsilon, delta, sample_rate, steps)
         return z
@@ -116,7 +130,8 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
         raise PrivacyError(
             f"{where}: epsilon={target_epsilon} at delta={delta} cannot be met in {steps} steps at sampling "
             f"rate q={sample_rate:.4g} (it would need a noise multiplier above 1e6: {e}); raise the target, "
-            f"run fewer rounds or sample a smaller cohort") from None
+            f"run fewer rounds or sample a smaller cohort"
+        ) from None
 
 
 def _calibrate_prv(z0: float, target: float, delta: float, q: float, steps: int) -> float:
@@ -124,6 +139,7 @@ def _calibrate_prv(z0: float, target: float, delta: float, q: float, steps: int)
     ``z0``.  Secant steps on log epsilon against log z (nearly a line: epsilon ~ 1/z), always inside a
     bracket ``lo < z <= hi`` with ``epsilon(lo) > target >= epsilon(hi)``; a bisection step whenever the
     same end moved twice running.  Each step is a fine PRV evaluation, so few steps matter (3-5)."""
+
     def f(z: float) -> float:  # log(epsilon / target), decreasing in z
         e = epsilon(z, q, steps, delta, "prv")
         return math.log(e / target) if e > 0 else -math.inf
@@ -166,9 +182,11 @@ def _calibrate_prv(z0: float, target: float, delta: float, q: float, steps: int)
     return hi
 
 
-def max_steps(noise_multiplier: float, sample_rate: float, delta: float, budget: float,
-              kind: str = "rdp", limit: int = 10**7) -> int:
+def max_steps(
+    noise_multiplier: float, sample_rate: float, delta: float, budget: float, kind: str = "rdp", limit: int = 10**7
+) -> int:
     """The largest number of steps whose epsilon stays <= ``budget`` (0 if even one step exceeds it)."""
+
     def within(t: int) -> bool:
         return epsilon(noise_multiplier, sample_rate, t, delta, kind) <= budget
 

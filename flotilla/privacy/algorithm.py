@@ -13,6 +13,7 @@ What is accounted (user level): ``steps`` server releases of the subsampled Gaus
 noise multiplier ``z`` and sampling rate ``q = cohort / population`` (sync) or
 ``q = buffer_size / population`` (FedBuff; see docs/privacy.md for the assumption this makes).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -40,7 +41,9 @@ class PrivacySpec:
         if self.accountant not in ACCOUNTANTS:
             raise PrivacyError(f"privacy.accountant: must be one of {ACCOUNTANTS}, got {self.accountant!r}")
         if self.sample_level is None and self.user_level is None:
-            raise PrivacyError("privacy: give sample_level and/or user_level (an empty privacy section protects nothing)")
+            raise PrivacyError(
+                "privacy: give sample_level and/or user_level (an empty privacy section protects nothing)"
+            )
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | PrivacySpec | None) -> PrivacySpec | None:
@@ -54,7 +57,9 @@ class PrivacySpec:
         if sample is not None and not isinstance(sample, SampleLevelSpec):
             sample = SampleLevelSpec(**{**sample, "accountant": acc})
         if user is not None and not isinstance(user, UserLevelSpec):
-            user = {k: v for k, v in dict(user).items() if not (k == "amplification" and v is None)}  # None: the default
+            user = {
+                k: v for k, v in dict(user).items() if not (k == "amplification" and v is None)
+            }  # None: the default
             ad = user.get("adaptive_clipping")
             if ad is not None and not isinstance(ad, AdaptiveClippingSpec):
                 user["adaptive_clipping"] = AdaptiveClippingSpec(**ad)
@@ -68,17 +73,20 @@ class PrivacySpec:
 @dataclass(frozen=True)
 class UserLevelPlan:
     """The resolved user-level mechanism: what the accountant composes and when to stop."""
-    noise_multiplier: float   # z (calibrated from target_epsilon, or as given)
-    sample_rate: float        # q = expected cohort (or buffer) / population
+
+    noise_multiplier: float  # z (calibrated from target_epsilon, or as given)
+    sample_rate: float  # q = expected cohort (or buffer) / population
     delta: float
-    expected_cohort: float    # m: the sum is divided by this
-    budget: float | None      # epsilon at which training stops (None: no budget, just report)
-    max_steps: int | None     # steps affordable within the budget (capped at rounds + 1: "does not bind")
-    rounds: int               # steps the run will take: min(requested rounds, max_steps)
+    expected_cohort: float  # m: the sum is divided by this
+    budget: float | None  # epsilon at which training stops (None: no budget, just report)
+    max_steps: int | None  # steps affordable within the budget (capped at rounds + 1: "does not bind")
+    rounds: int  # steps the run will take: min(requested rounds, max_steps)
 
 
 @lru_cache(maxsize=64)
-def plan_user_level(u: UserLevelSpec, *, population: int, expected_cohort: float, rounds: int, accountant: str = "rdp") -> UserLevelPlan:
+def plan_user_level(
+    u: UserLevelSpec, *, population: int, expected_cohort: float, rounds: int, accountant: str = "rdp"
+) -> UserLevelPlan:
     """Check ``u`` against the population and the schedule, calibrate z, and size the budget.
 
     Raises :class:`PrivacyError` naming the key for: delta >= 1/population, a target epsilon that
@@ -87,10 +95,16 @@ def plan_user_level(u: UserLevelSpec, *, population: int, expected_cohort: float
     again by :func:`make_private`.
     """
     if not 0 < expected_cohort <= population:
-        raise PrivacyError(f"privacy.user_level: expected cohort {expected_cohort} must be in (0, population={population}]")
+        raise PrivacyError(
+            f"privacy.user_level: expected cohort {expected_cohort} must be in (0, population={population}]"
+        )
     q = expected_cohort / population if u.amplification else 1.0
     delta = u.resolved_delta(population)
-    z = u.noise_multiplier if u.noise_multiplier is not None else calibrate_noise(u.target_epsilon, delta, q, rounds, accountant)
+    z = (
+        u.noise_multiplier
+        if u.noise_multiplier is not None
+        else calibrate_noise(u.target_epsilon, delta, q, rounds, accountant)
+    )
     if u.adaptive_clipping is not None:
         delta_noise_multiplier(z, u.adaptive_clipping.count_noise_multiplier or expected_cohort / 20)
     budget = u.max_epsilon if u.max_epsilon is not None else u.target_epsilon
@@ -102,8 +116,11 @@ def plan_user_level(u: UserLevelSpec, *, population: int, expected_cohort: float
             key = "max_epsilon" if u.max_epsilon is not None else "target_epsilon"
             raise PrivacyError(
                 f"privacy.user_level.{key}: budget {budget} is below the epsilon of a single round ({eps1:.4g} at "
-                f"noise multiplier {z:.4g}, q={q:.4g}, delta={delta:.3g}); raise it or the noise")
-    return UserLevelPlan(z, q, delta, expected_cohort, budget, steps, min(rounds, steps) if steps is not None else rounds)
+                f"noise multiplier {z:.4g}, q={q:.4g}, delta={delta:.3g}); raise it or the noise"
+            )
+    return UserLevelPlan(
+        z, q, delta, expected_cohort, budget, steps, min(rounds, steps) if steps is not None else rounds
+    )
 
 
 def prepare_model(model: nn.Module, spec: PrivacySpec | None) -> nn.Module:
@@ -123,11 +140,15 @@ def _user_level_kind(shape: Shape) -> str:
             raise PrivacyError("privacy: the null client trains nothing, there is nothing to privatise")
         return "fedbuff"
     if shape.aggregation == "round":
-        raise PrivacyError("privacy.user_level: a sync fleet round keeps the first arrivals (over-selection, deadline), a "
-                           "cohort sampling the accountant does not cover; use SyncFedAvg or FedBuff")
-    raise PrivacyError(f"privacy.user_level: {shape.name} is not covered: it applies every client update on its own "
-                       f"(async.algorithm=fedasync is not covered); user-level DP here is DP-FedAvg over synchronous "
-                       f"rounds or DP-FedBuff (one noise release per buffer of K)")
+        raise PrivacyError(
+            "privacy.user_level: a sync fleet round keeps the first arrivals (over-selection, deadline), a "
+            "cohort sampling the accountant does not cover; use SyncFedAvg or FedBuff"
+        )
+    raise PrivacyError(
+        f"privacy.user_level: {shape.name} is not covered: it applies every client update on its own "
+        f"(async.algorithm=fedasync is not covered); user-level DP here is DP-FedAvg over synchronous "
+        f"rounds or DP-FedBuff (one noise release per buffer of K)"
+    )
 
 
 class PrivacyParts:
@@ -145,24 +166,35 @@ class PrivacyParts:
     def __init__(self, spec: PrivacySpec | Mapping[str, Any], shape: Shape, *, rounds: int, eval_every: int = 1):
         spec = PrivacySpec.from_dict(spec)
         if not shape.composable:
-            raise PrivacyError("workers: DP trains every client in one process (per-client clipping, noise and "
-                               f"accounting in the parent), but {shape.name}: {shape.why_not_composable}; use the "
-                               f"in-process runtime (workers: 1, no runtime section)")
+            raise PrivacyError(
+                "workers: DP trains every client in one process (per-client clipping, noise and "
+                f"accounting in the parent), but {shape.name}: {shape.why_not_composable}; use the "
+                f"in-process runtime (workers: 1, no runtime section)"
+            )
         self.spec, self.shape, self.rounds, self.eval_every = spec, shape, rounds, eval_every
         self.kind = self.plan = None
         if spec.user_level is not None:
             u = spec.user_level
             self.kind = _user_level_kind(shape)
             if shape.weighting != "uniform":
-                raise PrivacyError(f"weighting: user-level DP needs weighting='uniform' (got {shape.weighting!r}): "
-                                   f"weighting users by example count breaks the per-user sensitivity bound S")
+                raise PrivacyError(
+                    f"weighting: user-level DP needs weighting='uniform' (got {shape.weighting!r}): "
+                    f"weighting users by example count breaks the per-user sensitivity bound S"
+                )
             if self.kind == "fedbuff" and u.sampling == "poisson":
-                raise PrivacyError("privacy.user_level.sampling: 'poisson' is for synchronous rounds; in FedBuff the buffer "
-                                   "fills with whichever K updates arrive first (see docs/privacy.md)")
-            self.plan = plan_user_level(u, population=shape.population, expected_cohort=float(shape.cohort),
-                                        rounds=rounds, accountant=spec.accountant)
-        self.mechanism = None   # the user-level DP aggregator once built (metrics, clip norm, noise counter)
-        self.trainer = None     # the DP-SGD client update once built
+                raise PrivacyError(
+                    "privacy.user_level.sampling: 'poisson' is for synchronous rounds; in FedBuff the buffer "
+                    "fills with whichever K updates arrive first (see docs/privacy.md)"
+                )
+            self.plan = plan_user_level(
+                u,
+                population=shape.population,
+                expected_cohort=float(shape.cohort),
+                rounds=rounds,
+                accountant=spec.accountant,
+            )
+        self.mechanism = None  # the user-level DP aggregator once built (metrics, clip norm, noise counter)
+        self.trainer = None  # the DP-SGD client update once built
 
     @property
     def components(self) -> Components:
@@ -181,15 +213,27 @@ class PrivacyParts:
 
     def _aggregator(self, numel: int) -> DPFedAvg:
         u = self.spec.user_level
-        self.mechanism = DPFedAvg(numel, clip_norm=u.clip_norm, noise_multiplier=self.plan.noise_multiplier,
-                                  expected_cohort=float(self.shape.cohort), seed=self.shape.seed, adaptive=u.adaptive_clipping)
+        self.mechanism = DPFedAvg(
+            numel,
+            clip_norm=u.clip_norm,
+            noise_multiplier=self.plan.noise_multiplier,
+            expected_cohort=float(self.shape.cohort),
+            seed=self.shape.seed,
+            adaptive=u.adaptive_clipping,
+        )
         return self.mechanism
 
     def _buffer(self, buffer, version_fn):
         from flotilla.privacy.fedbuff import DPFedBuff
+
         u = self.spec.user_level
-        dp_buffer = DPFedBuff(buffer, clip_norm=u.clip_norm, noise_multiplier=self.plan.noise_multiplier,
-                              seed=self.shape.seed, adaptive=u.adaptive_clipping)
+        dp_buffer = DPFedBuff(
+            buffer,
+            clip_norm=u.clip_norm,
+            noise_multiplier=self.plan.noise_multiplier,
+            seed=self.shape.seed,
+            adaptive=u.adaptive_clipping,
+        )
         self.mechanism = dp_buffer.mechanism
         return dp_buffer
 
@@ -197,16 +241,31 @@ class PrivacyParts:
         """The built algorithm with accounting, the budget stop, DP metrics and DP state in checkpoints."""
         if self.plan is not None and self.mechanism is None:
             raise PrivacyError(f"privacy.user_level: {self.shape.name} did not build the DP aggregator it was given")
-        return PrivateAlgorithm(algorithm, self.spec, rounds=self.rounds, eval_every=self.eval_every,
-                                aggregator=self.mechanism, plan=self.plan, trainer=self.trainer)
+        return PrivateAlgorithm(
+            algorithm,
+            self.spec,
+            rounds=self.rounds,
+            eval_every=self.eval_every,
+            aggregator=self.mechanism,
+            plan=self.plan,
+            trainer=self.trainer,
+        )
 
 
 class PrivateAlgorithm:
     """A training algorithm with sample- and/or user-level DP (see module docstring)."""
 
-    def __init__(self, inner, spec: PrivacySpec, *, rounds: int, eval_every: int = 1,
-                 aggregator: DPFedAvg | None = None, plan: UserLevelPlan | None = None,
-                 trainer: DPLocalTrainer | None = None):
+    def __init__(
+        self,
+        inner,
+        spec: PrivacySpec,
+        *,
+        rounds: int,
+        eval_every: int = 1,
+        aggregator: DPFedAvg | None = None,
+        plan: UserLevelPlan | None = None,
+        trainer: DPLocalTrainer | None = None,
+    ):
         if (aggregator is None) != (plan is None):
             raise ValueError("PrivateAlgorithm: user-level DP needs both the aggregator and its plan")
         self.inner = inner
@@ -254,8 +313,10 @@ class PrivateAlgorithm:
 
     def step(self) -> dict[str, Any]:
         if self.budget_spent():
-            raise PrivacyError(f"privacy budget spent: {self.max_steps} steps reach epsilon {self.epsilon():.4g} "
-                               f"<= {self.plan.budget} at delta {self.delta:.3g}; no further step is allowed")
+            raise PrivacyError(
+                f"privacy budget spent: {self.max_steps} steps reach epsilon {self.epsilon():.4g} "
+                f"<= {self.plan.budget} at delta {self.delta:.3g}; no further step is allowed"
+            )
         if self.trainer is not None:
             self.trainer.results.clear()
         record = self.inner.step()
@@ -275,7 +336,9 @@ class PrivateAlgorithm:
         if self.plan is None:
             raise PrivacyError("no user-level DP in this run: there is no user-level epsilon")
         p = self.plan
-        return epsilon(p.noise_multiplier, p.sample_rate, self.round if steps is None else steps, p.delta, self.spec.accountant)
+        return epsilon(
+            p.noise_multiplier, p.sample_rate, self.round if steps is None else steps, p.delta, self.spec.accountant
+        )
 
     # -- checkpoints ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -290,15 +353,23 @@ class PrivateAlgorithm:
         clip = state.pop("privacy.clip_norm", None)
         releases = state.pop("privacy.releases", None)
         if self.aggregator is not None and (clip is None or releases is None):
-            raise ValueError("checkpoint has no user-level DP state (privacy.clip_norm, privacy.releases): it was not written by a private run")
+            raise ValueError(
+                "checkpoint has no user-level DP state (privacy.clip_norm, privacy.releases): it was not written by a private run"
+            )
         self.inner.load_state_dict(state)
         if self.aggregator is not None:
             self.aggregator.clip_norm = float(clip)
             self.aggregator.releases = int(releases)
 
 
-def make_private(algorithm_class, kwargs: Mapping[str, Any], spec: PrivacySpec | Mapping[str, Any], *, rounds: int,
-                 eval_every: int = 1) -> PrivateAlgorithm:
+def make_private(
+    algorithm_class,
+    kwargs: Mapping[str, Any],
+    spec: PrivacySpec | Mapping[str, Any],
+    *,
+    rounds: int,
+    eval_every: int = 1,
+) -> PrivateAlgorithm:
     """Build ``algorithm_class(**kwargs)`` with DP composed in, and wrap it (see :class:`PrivacyParts`).
 
     Refuses, with the reason, settings it cannot honour, before anything is built.  The model is
@@ -315,14 +386,24 @@ def describe(private: PrivateAlgorithm) -> str:
     if private.aggregator is not None:
         a, p = private.aggregator, private.plan
         eps = private.epsilon(private.rounds)
-        parts.append(f"user-level DP-FedAvg: S={a.clip_norm:g}{' (adaptive)' if a.adaptive else ''}, z={p.noise_multiplier:.4g}, "
-                     f"q={p.sample_rate:.4g}, {private.rounds} steps -> epsilon {eps:.4g} at delta {p.delta:.3g} "
-                     f"({private.spec.accountant.upper()})")
+        parts.append(
+            f"user-level DP-FedAvg: S={a.clip_norm:g}{' (adaptive)' if a.adaptive else ''}, z={p.noise_multiplier:.4g}, "
+            f"q={p.sample_rate:.4g}, {private.rounds} steps -> epsilon {eps:.4g} at delta {p.delta:.3g} "
+            f"({private.spec.accountant.upper()})"
+        )
     if private.trainer is not None:
         d = private.trainer.dp
         parts.append(f"sample-level DP-SGD: C={d.max_grad_norm:g}, sigma={d.noise_multiplier:g}")
     return "; ".join(parts) if parts else "no DP"
 
 
-__all__ = ["PrivacyParts", "PrivacySpec", "PrivateAlgorithm", "UserLevelPlan", "describe", "make_private", "plan_user_level",
-           "prepare_model"]
+__all__ = [
+    "PrivacyParts",
+    "PrivacySpec",
+    "PrivateAlgorithm",
+    "UserLevelPlan",
+    "describe",
+    "make_private",
+    "plan_user_level",
+    "prepare_model",
+]

@@ -18,6 +18,7 @@ Per buffer:
 
 What the accountant assumes is stated in docs/privacy.md ("DP-FedBuff: the sampling assumption").
 """
+
 from __future__ import annotations
 
 import torch
@@ -31,8 +32,15 @@ from flotilla.privacy.user import AdaptiveClippingSpec, DPFedAvg
 class DPFedBuff:
     """FedBuff's buffer with user-level DP (see module docstring)."""
 
-    def __init__(self, buffer, *, clip_norm: float, noise_multiplier: float, seed: int = 0,
-                 adaptive: AdaptiveClippingSpec | None = None):
+    def __init__(
+        self,
+        buffer,
+        *,
+        clip_norm: float,
+        noise_multiplier: float,
+        seed: int = 0,
+        adaptive: AdaptiveClippingSpec | None = None,
+    ):
         # Take over the plain buffer's settings (K, staleness function, normalisation, max staleness).
         if getattr(buffer.staleness, "average", None) is not None:
             raise PrivacyError(AVERAGE_WITH_DP)
@@ -43,8 +51,15 @@ class DPFedBuff:
         self.max_staleness = buffer.max_staleness
         self.validate = buffer.validate
         self.dropped_stale = buffer.dropped_stale
-        self.mechanism = DPFedAvg(self.numel, clip_norm=clip_norm, noise_multiplier=noise_multiplier,
-                                  expected_cohort=self.buffer_size, seed=seed, adaptive=adaptive, validate=False)
+        self.mechanism = DPFedAvg(
+            self.numel,
+            clip_norm=clip_norm,
+            noise_multiplier=noise_multiplier,
+            expected_cohort=self.buffer_size,
+            seed=seed,
+            adaptive=adaptive,
+            validate=False,
+        )
         self.contributors: set = set()
         self.duplicates_dropped = 0
 
@@ -69,7 +84,9 @@ class DPFedBuff:
         if self.validate:
             check_update(delta, self.numel, where)
         if weight != 1.0:
-            raise UpdateRejected(f"{where}: user-level DP gives every user weight 1 (got {weight}); use weighting='uniform'")
+            raise UpdateRejected(
+                f"{where}: user-level DP gives every user weight 1 (got {weight}); use weighting='uniform'"
+            )
         if self.too_stale(tau):
             self.dropped_stale += 1
             return 0.0
@@ -85,7 +102,7 @@ class DPFedBuff:
     def result(self) -> torch.Tensor:
         if self.count == 0:
             raise RuntimeError("no updates in the buffer")
-        out = self.mechanism.result()          # (clipped sum + noise) / K
+        out = self.mechanism.result()  # (clipped sum + noise) / K
         if self.normalize == "sum":
             out.mul_(self.buffer_size)
         self.mechanism.last_metrics["dp_duplicates_dropped"] = self.duplicates_dropped
@@ -99,15 +116,23 @@ class DPFedBuff:
     def state_dict(self) -> dict[str, torch.Tensor]:
         m = self.mechanism
         clients = [c for c in self.contributors if isinstance(c, int)]
-        return {"sum": m.sum.clone(), "count": torch.tensor(m.count), "unclipped": torch.tensor(m.unclipped),
-                "dropped_stale": torch.tensor(self.dropped_stale), "duplicates": torch.tensor(self.duplicates_dropped),
-                "clip_norm": torch.tensor(m.clip_norm, dtype=torch.float64), "releases": torch.tensor(m.releases),
-                "contributors": torch.tensor(sorted(clients), dtype=torch.int64)}
+        return {
+            "sum": m.sum.clone(),
+            "count": torch.tensor(m.count),
+            "unclipped": torch.tensor(m.unclipped),
+            "dropped_stale": torch.tensor(self.dropped_stale),
+            "duplicates": torch.tensor(self.duplicates_dropped),
+            "clip_norm": torch.tensor(m.clip_norm, dtype=torch.float64),
+            "releases": torch.tensor(m.releases),
+            "contributors": torch.tensor(sorted(clients), dtype=torch.int64),
+        }
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         m = self.mechanism
         if "clip_norm" not in state:
-            raise ValueError("checkpoint holds a plain FedBuff buffer, not a DP-FedBuff one: it was not written by a private run")
+            raise ValueError(
+                "checkpoint holds a plain FedBuff buffer, not a DP-FedBuff one: it was not written by a private run"
+            )
         if state["sum"].shape != m.sum.shape:
             raise ValueError(f"buffer state has {state['sum'].numel()} values, expected {self.numel}")
         m.sum.copy_(state["sum"])

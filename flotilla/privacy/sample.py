@@ -21,6 +21,7 @@ cannot see; :func:`make_dp_compatible` swaps it, in place and keeping the weight
 Each result carries the client's epsilon for that participation: Opacus' accountant over that
 client's ``(sigma, q, local steps)``.
 """
+
 from __future__ import annotations
 
 import os
@@ -31,8 +32,8 @@ import torch
 from torch import nn
 
 from flotilla.core.client import ClientResult, ClientSpec, LossFn
-from flotilla.core.flat import FlatModel
 from flotilla.core.dataset import FederatedDataset
+from flotilla.core.flat import FlatModel
 from flotilla.privacy.accountant import PrivacyError, dpsgd_schedule, epsilon
 
 # Layers whose Opacus fixer is a weight-preserving drop-in replacement (nn.LSTM -> DPLSTM, ...).
@@ -41,11 +42,11 @@ _RECURRENT = (nn.LSTM, nn.GRU, nn.RNN)
 
 @dataclass(frozen=True)
 class SampleLevelSpec:
-    noise_multiplier: float = 1.0     # sigma: noise std / max_grad_norm
-    max_grad_norm: float = 1.0        # C: per-example gradient clip (L2)
-    delta: float = 1e-5               # delta at which each client's epsilon is reported
-    accountant: str = "rdp"           # "rdp" or "prv"
-    secure_mode: bool = False         # Opacus' floating-point-attack-resistant noise, seeded from os.urandom
+    noise_multiplier: float = 1.0  # sigma: noise std / max_grad_norm
+    max_grad_norm: float = 1.0  # C: per-example gradient clip (L2)
+    delta: float = 1e-5  # delta at which each client's epsilon is reported
+    accountant: str = "rdp"  # "rdp" or "prv"
+    secure_mode: bool = False  # Opacus' floating-point-attack-resistant noise, seeded from os.urandom
 
     def __post_init__(self):
         if not self.max_grad_norm > 0:
@@ -58,8 +59,8 @@ class SampleLevelSpec:
 
 @dataclass
 class DPClientResult(ClientResult):
-    epsilon: float = 0.0          # this participation's sample-level epsilon at ``delta``
-    sample_rate: float = 0.0      # q of the local Poisson sampling
+    epsilon: float = 0.0  # this participation's sample-level epsilon at ``delta``
+    sample_rate: float = 0.0  # q of the local Poisson sampling
 
 
 def make_dp_compatible(model: nn.Module) -> nn.Module:
@@ -72,7 +73,9 @@ def make_dp_compatible(model: nn.Module) -> nn.Module:
     from opacus.validators import ModuleValidator
 
     if isinstance(model, _RECURRENT):
-        raise PrivacyError(f"privacy.sample_level: the model itself is a bare {type(model).__name__}; wrap it in a module")
+        raise PrivacyError(
+            f"privacy.sample_level: the model itself is a bare {type(model).__name__}; wrap it in a module"
+        )
     for name, sub in list(model.named_modules()):
         if isinstance(sub, _RECURRENT) and type(sub) in ModuleValidator.FIXERS:
             new = ModuleValidator.FIXERS[type(sub)](sub)
@@ -83,7 +86,9 @@ def make_dp_compatible(model: nn.Module) -> nn.Module:
     errors = ModuleValidator.validate(model, strict=False)
     model.train(was_training)
     if errors:
-        raise PrivacyError("privacy.sample_level: Opacus cannot train this model privately: " + "; ".join(str(e) for e in errors))
+        raise PrivacyError(
+            "privacy.sample_level: Opacus cannot train this model privately: " + "; ".join(str(e) for e in errors)
+        )
     return model
 
 
@@ -96,7 +101,9 @@ class DPLocalTrainer:
 
         bad = [n for n, m in flat.model.named_modules() if isinstance(m, _RECURRENT)]
         if bad:
-            raise PrivacyError(f"privacy.sample_level: layers {bad} need make_dp_compatible(model) before the FlatModel is built")
+            raise PrivacyError(
+                f"privacy.sample_level: layers {bad} need make_dp_compatible(model) before the FlatModel is built"
+            )
         self.flat = flat
         self.loss_fn = loss_fn
         self.spec = spec
@@ -105,14 +112,22 @@ class DPLocalTrainer:
         self.module = GradSampleModule(flat.model, batch_first=True, loss_reduction="mean", strict=True)
         self._sgd = torch.optim.SGD(flat.params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
         self.optimizer = DPOptimizer(
-            self._sgd, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
-            expected_batch_size=spec.batch_size, loss_reduction="mean", secure_mode=dp.secure_mode,
+            self._sgd,
+            noise_multiplier=dp.noise_multiplier,
+            max_grad_norm=dp.max_grad_norm,
+            expected_batch_size=spec.batch_size,
+            loss_reduction="mean",
+            secure_mode=dp.secure_mode,
         )
-        self.results: list[DPClientResult] = []   # this round's results (read and cleared by the caller)
+        self.results: list[DPClientResult] = []  # this round's results (read and cleared by the caller)
         # Opacus' full backward hooks on the first layer (whose input needs no grad) warn every step.
-        warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect to module outputs")
+        warnings.filterwarnings(
+            "ignore", message="Full backward hook is firing when gradients are computed with respect to module outputs"
+        )
 
-    def train(self, dataset: FederatedDataset, client: int, start: torch.Tensor, seed: int, delta_out: torch.Tensor) -> DPClientResult:
+    def train(
+        self, dataset: FederatedDataset, client: int, start: torch.Tensor, seed: int, delta_out: torch.Tensor
+    ) -> DPClientResult:
         """DP-SGD from global weights ``start``; write ``w_end - start`` into ``delta_out``."""
         from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
@@ -123,7 +138,7 @@ class DPLocalTrainer:
             delta_out.zero_()
             return DPClientResult(client, 0, 0, 0, 0.0)
         q, steps = dpsgd_schedule(n, spec.batch_size, spec.epochs, spec.steps)
-        self._sgd.state.clear()                       # momentum does not leak between clients
+        self._sgd.state.clear()  # momentum does not leak between clients
         self.optimizer.expected_batch_size = q * n
         generator = torch.Generator().manual_seed(seed)
         # Reproducible noise from the client seed; secure_mode: an unpredictable seed (os.urandom) and Opacus'
@@ -164,7 +179,7 @@ class DPLocalTrainer:
         flat.grad.zero_()
         for p in flat.params:
             k = p.numel()
-            p.grad = flat.grad[offset:offset + k].view_as(p)
+            p.grad = flat.grad[offset : offset + k].view_as(p)
             offset += k
 
     def close(self) -> None:

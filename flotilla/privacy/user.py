@@ -20,6 +20,7 @@ The aggregator implements the interface of :mod:`flotilla.core.aggregate` (``res
 count / result``) and plugs into any runtime that uses it: the synchronous round loop and the
 FedBuff buffer alike.
 """
+
 from __future__ import annotations
 
 import math
@@ -37,29 +38,35 @@ SAMPLINGS = ("fixed", "poisson")
 
 @dataclass(frozen=True)
 class AdaptiveClippingSpec:
-    target_quantile: float = 0.5               # gamma: aim S at this quantile of update norms
-    learning_rate: float = 0.2                 # eta_S of the geometric update
+    target_quantile: float = 0.5  # gamma: aim S at this quantile of update norms
+    learning_rate: float = 0.2  # eta_S of the geometric update
     count_noise_multiplier: float | None = None  # sigma_b (noise std of the count); default m / 20
 
     def __post_init__(self):
         if not 0 < self.target_quantile < 1:
-            raise PrivacyError(f"privacy.user_level.adaptive_clipping.target_quantile: must be in (0, 1), got {self.target_quantile}")
+            raise PrivacyError(
+                f"privacy.user_level.adaptive_clipping.target_quantile: must be in (0, 1), got {self.target_quantile}"
+            )
         if not self.learning_rate > 0:
-            raise PrivacyError(f"privacy.user_level.adaptive_clipping.learning_rate: must be > 0, got {self.learning_rate}")
+            raise PrivacyError(
+                f"privacy.user_level.adaptive_clipping.learning_rate: must be > 0, got {self.learning_rate}"
+            )
         if self.count_noise_multiplier is not None and not self.count_noise_multiplier > 0:
-            raise PrivacyError(f"privacy.user_level.adaptive_clipping.count_noise_multiplier: must be > 0, got {self.count_noise_multiplier}")
+            raise PrivacyError(
+                f"privacy.user_level.adaptive_clipping.count_noise_multiplier: must be > 0, got {self.count_noise_multiplier}"
+            )
 
 
 @dataclass(frozen=True)
 class UserLevelSpec:
-    clip_norm: float = 1.0                     # S (the initial S with adaptive clipping)
-    noise_multiplier: float | None = None      # z; or give target_epsilon
-    target_epsilon: float | None = None        # calibrate z so that `rounds` server steps spend exactly this
-    max_epsilon: float | None = None           # stop before epsilon would exceed this (default: target_epsilon)
-    delta: float | None = None                 # default: 1 / population^1.1
-    sampling: str = "fixed"                    # cohort sampling: fixed size or Poisson(q)
+    clip_norm: float = 1.0  # S (the initial S with adaptive clipping)
+    noise_multiplier: float | None = None  # z; or give target_epsilon
+    target_epsilon: float | None = None  # calibrate z so that `rounds` server steps spend exactly this
+    max_epsilon: float | None = None  # stop before epsilon would exceed this (default: target_epsilon)
+    delta: float | None = None  # default: 1 / population^1.1
+    sampling: str = "fixed"  # cohort sampling: fixed size or Poisson(q)
     adaptive_clipping: AdaptiveClippingSpec | None = None
-    amplification: bool = True                 # account q = cohort/population; False: q = 1 (no sampling assumption)
+    amplification: bool = True  # account q = cohort/population; False: q = 1 (no sampling assumption)
 
     def __post_init__(self):
         if not (isinstance(self.clip_norm, (int, float)) and self.clip_norm > 0 and math.isfinite(self.clip_norm)):
@@ -80,11 +87,12 @@ class UserLevelSpec:
     def resolved_delta(self, population: int) -> float:
         """``delta`` checked against the population: a delta of 1/N or more allows releasing one
         user's data outright, so it is refused."""
-        delta = self.delta if self.delta is not None else 1.0 / population ** 1.1
+        delta = self.delta if self.delta is not None else 1.0 / population**1.1
         if delta >= 1.0 / population:
             raise PrivacyError(
                 f"privacy.user_level.delta: {delta} is not below 1/population = 1/{population} = {1 / population:.3g}; "
-                f"such a delta permits publishing a whole user's data (use e.g. {1 / population ** 1.1:.2g})")
+                f"such a delta permits publishing a whole user's data (use e.g. {1 / population**1.1:.2g})"
+            )
         return delta
 
 
@@ -101,13 +109,14 @@ def delta_noise_multiplier(noise_multiplier: float, count_noise_multiplier: floa
     release of noise std ``count_noise_multiplier``, composes to one Gaussian of ``noise_multiplier``."""
     if noise_multiplier == 0:
         return 0.0
-    rest = noise_multiplier ** -2 - (2 * count_noise_multiplier) ** -2
+    rest = noise_multiplier**-2 - (2 * count_noise_multiplier) ** -2
     if rest <= 0:
         raise PrivacyError(
             f"privacy.user_level.adaptive_clipping.count_noise_multiplier: {count_noise_multiplier} is too small for "
             f"noise multiplier {noise_multiplier:.4g}: the count release alone would spend the budget "
-            f"(need count_noise_multiplier > noise_multiplier / 2 = {noise_multiplier / 2:.4g})")
-    return rest ** -0.5
+            f"(need count_noise_multiplier > noise_multiplier / 2 = {noise_multiplier / 2:.4g})"
+        )
+    return rest**-0.5
 
 
 class DPFedAvg(Aggregator):
@@ -120,11 +129,20 @@ class DPFedAvg(Aggregator):
     seeds every release from ``os.urandom`` instead (not reproducible).
     """
 
-    release_when_empty = True   # a round with no participant still releases (pure noise)
+    release_when_empty = True  # a round with no participant still releases (pure noise)
 
-    def __init__(self, numel: int, *, clip_norm: float, noise_multiplier: float, expected_cohort: float,
-                 seed: int = 0, adaptive: AdaptiveClippingSpec | None = None, validate: bool = True,
-                 secure_noise: bool = False):
+    def __init__(
+        self,
+        numel: int,
+        *,
+        clip_norm: float,
+        noise_multiplier: float,
+        expected_cohort: float,
+        seed: int = 0,
+        adaptive: AdaptiveClippingSpec | None = None,
+        validate: bool = True,
+        secure_noise: bool = False,
+    ):
         if not clip_norm > 0:
             raise PrivacyError(f"privacy.user_level.clip_norm: must be > 0, got {clip_norm}")
         if not expected_cohort > 0:
@@ -145,8 +163,8 @@ class DPFedAvg(Aggregator):
         self.sum = torch.zeros(numel)
         self._out = torch.zeros(numel)
         self.count = 0
-        self.unclipped = 0          # updates with norm <= S this release (the adaptive-clipping bits)
-        self.releases = 0           # server steps released so far (seeds the noise)
+        self.unclipped = 0  # updates with norm <= S this release (the adaptive-clipping bits)
+        self.releases = 0  # server steps released so far (seeds the noise)
         self.last_metrics: dict[str, float] = {}
 
     def reset(self) -> None:
@@ -160,7 +178,9 @@ class DPFedAvg(Aggregator):
         if self.validate:
             check_update(delta, self.numel, where)
         if weight != 1.0:
-            raise UpdateRejected(f"{where}: user-level DP gives every user weight 1 (got {weight}); use weighting='uniform'")
+            raise UpdateRejected(
+                f"{where}: user-level DP gives every user weight 1 (got {weight}); use weighting='uniform'"
+            )
         self.accumulate(delta)
 
     @torch.no_grad()
@@ -179,12 +199,17 @@ class DPFedAvg(Aggregator):
         g = _release_generator(self.seed, self.releases, 0xD1FF, self.secure_noise)
         out = torch.randn(self.numel, generator=g, out=self._out)
         out.mul_(self.delta_noise_multiplier * self.clip_norm).add_(self.sum).div_(self.expected_cohort)
-        metrics = {"clip_norm": self.clip_norm, "dp_updates": self.count,
-                   # Simulator diagnostic, NOT released under DP (the realised count and clip fraction):
-                   "clipped_fraction": 1 - self.unclipped / self.count if self.count else 0.0}
+        metrics = {
+            "clip_norm": self.clip_norm,
+            "dp_updates": self.count,
+            # Simulator diagnostic, NOT released under DP (the realised count and clip fraction):
+            "clipped_fraction": 1 - self.unclipped / self.count if self.count else 0.0,
+        }
         if self.adaptive is not None:
             a = self.adaptive
-            b = (self.unclipped + float(torch.randn((), generator=g)) * self.count_noise_multiplier) / self.expected_cohort
+            b = (
+                self.unclipped + float(torch.randn((), generator=g)) * self.count_noise_multiplier
+            ) / self.expected_cohort
             self.clip_norm *= math.exp(-a.learning_rate * (b - a.target_quantile))
             metrics["noised_unclipped_fraction"] = b
         self.releases += 1
@@ -222,4 +247,6 @@ def _release_generator(seed: int, release: int, tag: int, secure: bool) -> torch
     """Noise generator of one release: reproducible from (seed, release), or seeded from os.urandom."""
     if secure:
         return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
-    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, release, tag]).generate_state(1, np.uint64)[0] >> 1))
+    return torch.Generator().manual_seed(
+        int(np.random.SeedSequence([seed, release, tag]).generate_state(1, np.uint64)[0] >> 1)
+    )

@@ -1,4 +1,5 @@
 """Plots of metrics.jsonl: one run's accuracy/loss, or several runs overlaid."""
+
 from __future__ import annotations
 
 from pathlib import Path

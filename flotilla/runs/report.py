@@ -1,4 +1,5 @@
 """`flotilla report`: a summary table of several runs and one overlaid plot."""
+
 from __future__ import annotations
 
 from pathlib import Path

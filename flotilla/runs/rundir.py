@@ -14,6 +14,7 @@ a temp file left by a kill is removed on the next save and on resume.  The metri
 appended to, so a kill can leave a partial last line: it is dropped on resume.  Metrics are
 strict JSON: a non-finite number (an infinite epsilon) is written as null.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 TMP = ".tmp"
-FILES = ("config.yaml", "metrics.jsonl", "state.safetensors", "model.safetensors")   # written atomically
-SAFETENSORS_TMP = re.compile(r"\.tmp[A-Za-z0-9]{6}")   # safetensors' save_file writes one, then renames it
+FILES = ("config.yaml", "metrics.jsonl", "state.safetensors", "model.safetensors")  # written atomically
+SAFETENSORS_TMP = re.compile(r"\.tmp[A-Za-z0-9]{6}")  # safetensors' save_file writes one, then renames it
 
 
 class DamagedRunError(ValueError):
@@ -97,7 +98,7 @@ class RunDir:
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError:
-                if i == len(lines) - 1:   # no newline after it: the append was cut short
+                if i == len(lines) - 1:  # no newline after it: the append was cut short
                     break
                 raise DamagedRunError(f"{self.metrics_file}: line {i + 1} is not a JSON record") from None
         return records
@@ -125,8 +126,10 @@ class RunDir:
         try:
             return load_file(str(self.state_file))
         except (SafetensorError, OSError, ValueError) as e:
-            raise DamagedRunError(f"{self.state_file}: the checkpoint is damaged (truncated or corrupted: {e}); "
-                                  f"this run cannot be resumed from it") from None
+            raise DamagedRunError(
+                f"{self.state_file}: the checkpoint is damaged (truncated or corrupted: {e}); "
+                f"this run cannot be resumed from it"
+            ) from None
 
     def state_meta(self) -> dict[str, Any]:
         """The metadata saved with the checkpoint (``{"round": ...}``)."""
@@ -134,8 +137,10 @@ class RunDir:
             with safe_open(str(self.state_file), "pt") as f:
                 return json.loads((f.metadata() or {}).get("flotilla", "{}"))
         except (SafetensorError, OSError, ValueError) as e:
-            raise DamagedRunError(f"{self.state_file}: the checkpoint is damaged (truncated or corrupted: {e}); "
-                                  f"this run cannot be resumed from it") from None
+            raise DamagedRunError(
+                f"{self.state_file}: the checkpoint is damaged (truncated or corrupted: {e}); "
+                f"this run cannot be resumed from it"
+            ) from None
 
     def remove_temp_files(self) -> list[Path]:
         """Delete the temp files of this directory's own writes that a kill left behind (one process

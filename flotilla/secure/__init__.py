@@ -8,16 +8,41 @@
   what the ``secure_aggregation:`` config section uses.
 See docs/security.md for the threat model.
 """
+
 from flotilla.secure.aggregator import DropoutSim, SecureAggregator
 from flotilla.secure.buffer import Assignment, EncryptedUpdate, Release, SecureBuffer, seal_update
 from flotilla.secure.encoding import FixedPointEncoder
-from flotilla.secure.errors import (BufferNotReady, DuplicateContribution, ProtocolError, ReplayedMessage, SecAggAborted, SecAggError,
-                                    TamperedMessage)
+from flotilla.secure.errors import (
+    BufferNotReady,
+    DuplicateContribution,
+    ProtocolError,
+    ReplayedMessage,
+    SecAggAborted,
+    SecAggError,
+    TamperedMessage,
+)
 from flotilla.secure.graph import default_degree, neighbours
 from flotilla.secure.protocol import SecAggClient, SecAggConfig, SecAggServer
 
 __all__ = [
-    "SecureAggregator", "DropoutSim", "SecureBuffer", "Assignment", "EncryptedUpdate", "Release", "seal_update",
-    "FixedPointEncoder", "SecAggClient", "SecAggConfig", "SecAggServer", "default_degree", "neighbours",
-    "SecAggError", "SecAggAborted", "ProtocolError", "TamperedMessage", "ReplayedMessage", "BufferNotReady", "DuplicateContribution",
+    "SecureAggregator",
+    "DropoutSim",
+    "SecureBuffer",
+    "Assignment",
+    "EncryptedUpdate",
+    "Release",
+    "seal_update",
+    "FixedPointEncoder",
+    "SecAggClient",
+    "SecAggConfig",
+    "SecAggServer",
+    "default_degree",
+    "neighbours",
+    "SecAggError",
+    "SecAggAborted",
+    "ProtocolError",
+    "TamperedMessage",
+    "ReplayedMessage",
+    "BufferNotReady",
+    "DuplicateContribution",
 ]

@@ -9,13 +9,14 @@ vectors.  ``result()`` runs the unmasking round and returns the weighted mean.  
 receive an ``add`` are clients that dropped before sending their masked input; their pairwise masks
 are removed through the survivors' shares.
 """
+
 from __future__ import annotations
 
 import hashlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
@@ -24,8 +25,8 @@ from flotilla.core.aggregate import Aggregator, UpdateRejected, check_update
 from flotilla.secure.encoding import FixedPointEncoder
 from flotilla.secure.errors import SecAggAborted
 from flotilla.secure.graph import default_degree
-from flotilla.secure.protocol import SecAggClient, SecAggConfig, SecAggServer
 from flotilla.secure.prg import PRG
+from flotilla.secure.protocol import SecAggClient, SecAggConfig, SecAggServer
 
 STAGES = ("advertise", "share", "mask", "unmask")
 
@@ -41,6 +42,7 @@ class DropoutSim:
       unmask:    after its masked input, before revealing shares -> its update IS in the sum
     ``slots`` pins stages for given slots (1-based arrival order), overriding the rates.
     """
+
     advertise: float = 0.0
     share: float = 0.0
     mask: float = 0.0
@@ -86,10 +88,23 @@ class SecureAggregator(Aggregator):
                 the fresh random session.
     """
 
-    def __init__(self, numel: int, cohort: int, *, clip: float = 1.0, max_weight: float = 1.0, bits: int = 32,
-                 degree: int | str | None = None, threshold: int | None = None, dropout: DropoutSim | None = None,
-                 noise_fn: Callable[[torch.Tensor], torch.Tensor] | None = None, validate: bool = True,
-                 l2_clip: float | None = None, denominator: float | None = None, session_seed: int | None = None):
+    def __init__(
+        self,
+        numel: int,
+        cohort: int,
+        *,
+        clip: float = 1.0,
+        max_weight: float = 1.0,
+        bits: int = 32,
+        degree: int | str | None = None,
+        threshold: int | None = None,
+        dropout: DropoutSim | None = None,
+        noise_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        validate: bool = True,
+        l2_clip: float | None = None,
+        denominator: float | None = None,
+        session_seed: int | None = None,
+    ):
         if not (math.isfinite(max_weight) and max_weight > 0):
             raise ValueError(f"max_weight: must be a positive finite number, got {max_weight}")
         if l2_clip is not None and not (math.isfinite(l2_clip) and l2_clip > 0):
@@ -109,7 +124,7 @@ class SecureAggregator(Aggregator):
         self.l2_clip = l2_clip
         self.denominator = denominator
         self.session_seed = session_seed
-        self._prg = PRG(numel + 1, self.encoder.dtype)   # one keystream buffer shared by all simulated parties
+        self._prg = PRG(numel + 1, self.encoder.dtype)  # one keystream buffer shared by all simulated parties
         self._ring = np.empty(numel + 1, self.encoder.dtype)
         self._out = torch.zeros(numel)
         self.rounds = 0
@@ -121,13 +136,13 @@ class SecureAggregator(Aggregator):
         self._clients: dict[int, SecAggClient] = {}
         self._bundles = {}
         self._aborted: SecAggAborted | None = None
-        self._slots: dict[int, object] = {}               # slot -> caller's client id
+        self._slots: dict[int, object] = {}  # slot -> caller's client id
         self._done = False
         self.count = 0
-        self.included: list = []                          # client ids whose update is in the result
-        self.dropped: dict = {}                           # client id -> stage it dropped at
+        self.included: list = []  # client ids whose update is in the result
+        self.dropped: dict = {}  # client id -> stage it dropped at
         self.clipped = 0
-        self.l2_clipped = 0                               # updates scaled down to l2_clip this round
+        self.l2_clipped = 0  # updates scaled down to l2_clip this round
         self._timing0 = dict(self.timing)
 
     @property
@@ -146,10 +161,19 @@ class SecureAggregator(Aggregator):
         """Rounds 0 and 1 for every slot (data-independent: a deployment runs them before training)."""
         session = {}
         if self.session_seed is not None:
-            session["session"] = hashlib.sha256(b"flotilla-sim-session" + int(self.session_seed).to_bytes(8, "big", signed=True)
-                                                + self.rounds.to_bytes(8, "big")).digest()[:16]
-        cfg = SecAggConfig(length=self.numel + 1, cohort=self.cohort, bits=self.bits, degree=self.degree,
-                           threshold=self.threshold, **session)
+            session["session"] = hashlib.sha256(
+                b"flotilla-sim-session"
+                + int(self.session_seed).to_bytes(8, "big", signed=True)
+                + self.rounds.to_bytes(8, "big")
+            ).digest()[:16]
+        cfg = SecAggConfig(
+            length=self.numel + 1,
+            cohort=self.cohort,
+            bits=self.bits,
+            degree=self.degree,
+            threshold=self.threshold,
+            **session,
+        )
         self._server = server = SecAggServer(cfg, self._prg)
         self._stages = self.dropout.draw(self.cohort, self.rounds)
         self.rounds += 1
@@ -176,8 +200,10 @@ class SecureAggregator(Aggregator):
         if not (math.isfinite(weight) and weight > 0):
             raise UpdateRejected(f"{where}: weight must be a positive finite number, got {weight}")
         if weight > self.max_weight:
-            raise UpdateRejected(f"{where}: weight {weight} exceeds max_weight {self.max_weight} "
-                                 f"(secure aggregation needs a public bound on weights; raise max_weight)")
+            raise UpdateRejected(
+                f"{where}: weight {weight} exceeds max_weight {self.max_weight} "
+                f"(secure aggregation needs a public bound on weights; raise max_weight)"
+            )
         if len(self._slots) >= self.cohort:
             raise UpdateRejected(f"{where}: this round already has {self.cohort} clients (the cohort size)")
         if self._server is None:
@@ -188,12 +214,12 @@ class SecureAggregator(Aggregator):
         self._slots[slot] = client
         stage = self._stages.get(slot)
         if stage in ("advertise", "share", "mask"):
-            self.dropped[client] = stage                  # this update never reaches the server
+            self.dropped[client] = stage  # this update never reaches the server
             return
 
         t0 = time.perf_counter()
         d = delta.detach().numpy()
-        if self.l2_clip is not None:                      # client side: bound the update's L2 norm first
+        if self.l2_clip is not None:  # client side: bound the update's L2 norm first
             norm = float(np.linalg.norm(d.astype(np.float64)))
             if norm > self.l2_clip:
                 d = d * np.float32(self.l2_clip / norm)
@@ -202,14 +228,14 @@ class SecureAggregator(Aggregator):
         factor = weight / self.max_weight
         ring = self._ring
         ring[:-1] = self.encoder.encode(d, factor)
-        ring[-1] = self.encoder.encode([self.encoder.clip], factor)[0]   # the weight travels masked too
+        ring[-1] = self.encoder.encode([self.encoder.clip], factor)[0]  # the weight travels masked too
         msg = self._clients[slot].masked_input(self._bundles[slot], ring)
         self.timing["client_s"] += time.perf_counter() - t0
         self._timed("server_s", self._server.receive_masked_input, msg)
         self.count += 1
         self.included.append(client)
         if stage == "unmask":
-            self.dropped[client] = stage                  # included, but will not help unmask
+            self.dropped[client] = stage  # included, but will not help unmask
 
     def result(self) -> torch.Tensor:
         if self._done:
@@ -227,11 +253,11 @@ class SecureAggregator(Aggregator):
             t0 = time.perf_counter()
             total = server.finish()
         except SecAggAborted as e:
-            self._aborted = e                             # every later call reports the same abort
+            self._aborted = e  # every later call reports the same abort
             self._clients, self._bundles = {}, {}
             raise
         dec = self.encoder.decode(total)
-        weight_sum = dec[-1] / self.encoder.clip          # sum_i w_i / max_weight
+        weight_sum = dec[-1] / self.encoder.clip  # sum_i w_i / max_weight
         s = torch.from_numpy(dec[:-1]).to(torch.float32)
         if self.noise_fn is not None:
             s = self.noise_fn(s)
@@ -239,29 +265,33 @@ class SecureAggregator(Aggregator):
         self.timing["server_s"] += time.perf_counter() - t0
         self.weight_sum = weight_sum * self.max_weight
         self._done = True
-        self._clients, self._bundles = {}, {}             # secrets of the finished round are gone
+        self._clients, self._bundles = {}, {}  # secrets of the finished round are gone
         return self._out
 
     def error_bound(self) -> float:
         """Worst-case per-coordinate error of the last result() against the exact weighted mean of the
         clipped deltas: fixed-point quantisation plus float32 rounding of the output."""
         n, step, clip = self.count, self.encoder.step, self.encoder.clip
-        if self.denominator is not None:                  # S' / m: only the sum's error, |dS| <= n*step
-            return n * step / self.denominator + clip * n / self.denominator * 2.0 ** -22
-        wn = self.weight_sum / self.max_weight            # decoded sum of w_i / max_weight
+        if self.denominator is not None:  # S' / m: only the sum's error, |dS| <= n*step
+            return n * step / self.denominator + clip * n / self.denominator * 2.0**-22
+        wn = self.weight_sum / self.max_weight  # decoded sum of w_i / max_weight
         # Sum S and weight sum W decode with |dS| <= n*step and |dW| <= n*step/clip (module encoding).
         # S/W is a weighted mean of values in [-clip, clip], so |S'/W' - S/W| <= (|dS| + clip*|dW|) / W'.
-        return 2 * n * step / wn + clip * 2.0 ** -22
+        return 2 * n * step / wn + clip * 2.0**-22
 
     # -- what a round loop records and checkpoints ---------------------------------------
     def round_metrics(self) -> dict[str, int]:
         """This round's protocol outcome and compute for the metrics record.  ``secagg_clipped`` (coordinates
         outside [-clip, clip]) and ``secagg_l2_clipped`` are simulator diagnostics: in a deployment
         they are known only to each client."""
-        out = {"secagg_updates": self.count, "secagg_dropped": len(self.dropped), "secagg_clipped": self.clipped,
-               # protocol compute this round (all simulated clients together / the server), seconds
-               "secagg_client_s": round(self.timing["client_s"] - self._timing0["client_s"], 4),
-               "secagg_server_s": round(self.timing["server_s"] - self._timing0["server_s"], 4)}
+        out = {
+            "secagg_updates": self.count,
+            "secagg_dropped": len(self.dropped),
+            "secagg_clipped": self.clipped,
+            # protocol compute this round (all simulated clients together / the server), seconds
+            "secagg_client_s": round(self.timing["client_s"] - self._timing0["client_s"], 4),
+            "secagg_server_s": round(self.timing["server_s"] - self._timing0["server_s"], 4),
+        }
         if self.l2_clip is not None:
             out["secagg_l2_clipped"] = self.l2_clipped
         return out

@@ -13,21 +13,28 @@ K updates (optionally with DP noise added first, ``noise_fn``).
 Client side:  ``seal_update(delta, weight, assignment) -> EncryptedUpdate``.
 Buffer side:  ``assign``, ``receive``, ``release``.
 """
+
 from __future__ import annotations
 
 import math
 import os
 import struct
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
 
 from flotilla.core.aggregate import UpdateRejected, check_update
 from flotilla.secure import keys as K
-from flotilla.secure.errors import BufferNotReady, DuplicateContribution, ProtocolError, ReplayedMessage, TamperedMessage
+from flotilla.secure.errors import (
+    BufferNotReady,
+    DuplicateContribution,
+    ProtocolError,
+    ReplayedMessage,
+    TamperedMessage,
+)
 
 NONCE_BYTES = 16
 _INFO = b"flotilla-buffer update v1"
@@ -36,6 +43,7 @@ _INFO = b"flotilla-buffer update v1"
 @dataclass(frozen=True)
 class Assignment:
     """What a client gets with its task: the model version, a single-use nonce, the buffer's key."""
+
     client: int | str
     version: int
     nonce: bytes
@@ -45,6 +53,7 @@ class Assignment:
 @dataclass(frozen=True)
 class EncryptedUpdate:
     """What the untrusted server relays. Only ``ciphertext`` is secret; the rest is authenticated."""
+
     client: int | str
     version: int
     nonce: bytes
@@ -55,11 +64,12 @@ class EncryptedUpdate:
 @dataclass(frozen=True)
 class Release:
     """The only thing that leaves the buffer: a weighted sum of ``count`` >= K updates."""
-    sum: torch.Tensor          # sum_i staleness(tau_i) * weight_i * delta_i (+ noise, if any)
+
+    sum: torch.Tensor  # sum_i staleness(tau_i) * weight_i * delta_i (+ noise, if any)
     count: int
-    total_weight: float        # sum_i staleness(tau_i) * weight_i
-    version: int               # server version at the last accepted update
-    weight_sum: float = 0.0    # sum_i weight_i (before staleness: FedBuff's "mean" divides by it)
+    total_weight: float  # sum_i staleness(tau_i) * weight_i
+    version: int  # server version at the last accepted update
+    weight_sum: float = 0.0  # sum_i weight_i (before staleness: FedBuff's "mean" divides by it)
 
 
 def _client_bytes(client) -> bytes:
@@ -73,7 +83,7 @@ def _associated_data(client, version: int, nonce: bytes, ephemeral_pk: bytes) ->
 
 def seal_update(delta: torch.Tensor, weight: float, assignment: Assignment) -> EncryptedUpdate:
     """Client side: encrypt ``(weight, delta)`` to the buffer named in ``assignment``."""
-    eph_sk, eph_pk = K.new_keypair()                  # fresh per update: forward secrecy, single-use key
+    eph_sk, eph_pk = K.new_keypair()  # fresh per update: forward secrecy, single-use key
     key = K.derive(eph_sk, assignment.buffer_key, eph_pk + assignment.buffer_key, _INFO)
     payload = struct.pack("<d", float(weight)) + delta.detach().to(torch.float32).contiguous().numpy().tobytes()
     ad = _associated_data(assignment.client, assignment.version, assignment.nonce, eph_pk)
@@ -95,10 +105,18 @@ class SecureBuffer:
                       replay is still refused, as an unknown nonce (memory stays bounded).
     """
 
-    def __init__(self, numel: int, min_updates: int, *, staleness_weight: Callable[[int], float] | None = None,
-                 max_norm: float | None = None, max_staleness: int | None = None,
-                 noise_fn: Callable[[torch.Tensor], torch.Tensor] | None = None, one_per_client: bool = False,
-                 replay_window: int = 1 << 16):
+    def __init__(
+        self,
+        numel: int,
+        min_updates: int,
+        *,
+        staleness_weight: Callable[[int], float] | None = None,
+        max_norm: float | None = None,
+        max_staleness: int | None = None,
+        noise_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        one_per_client: bool = False,
+        replay_window: int = 1 << 16,
+    ):
         if min_updates < 1:
             raise ValueError(f"min_updates: must be >= 1, got {min_updates}")
         self.numel = numel
@@ -109,10 +127,10 @@ class SecureBuffer:
         self.noise_fn = noise_fn
         self.one_per_client = one_per_client
         self.replay_window = replay_window
-        self._sk, self.public_key = K.new_keypair()   # the private key never leaves the buffer
+        self._sk, self.public_key = K.new_keypair()  # the private key never leaves the buffer
         self._issued: dict[bytes, tuple[object, int]] = {}
         self._used: OrderedDict[bytes, None] = OrderedDict()  # recently accepted nonces (older ones: unknown)
-        self._contributors: set = set()               # clients in the current buffer (one_per_client)
+        self._contributors: set = set()  # clients in the current buffer (one_per_client)
         self._sum = torch.zeros(numel)
         self._version = -1
         self.count = 0
@@ -146,8 +164,10 @@ class SecureBuffer:
         if issued is None:
             raise ProtocolError(f"{who}: unknown assignment nonce")
         if issued != (update.client, update.version):
-            raise TamperedMessage(f"{who}: client/version {update.client}/{update.version} do not match the "
-                                  f"assignment ({issued[0]}/{issued[1]})")
+            raise TamperedMessage(
+                f"{who}: client/version {update.client}/{update.version} do not match the "
+                f"assignment ({issued[0]}/{issued[1]})"
+            )
         if server_version < max(update.version, self._version):
             raise ProtocolError(f"{who}: server version {server_version} went backwards")
         tau = server_version - update.version
@@ -213,10 +233,13 @@ class SecureBuffer:
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The buffered sum and counters.  A real enclave would seal this to itself; the simulator's
         checkpoints hold it in the clear (they are taken right after a release, when it is empty)."""
-        return {"sum": self._sum.clone(), "count": torch.tensor(self.count),
-                "total_weight": torch.tensor(self.total_weight, dtype=torch.float64),
-                "weight_sum": torch.tensor(self.weight_sum, dtype=torch.float64),
-                "version": torch.tensor(self._version)}
+        return {
+            "sum": self._sum.clone(),
+            "count": torch.tensor(self.count),
+            "total_weight": torch.tensor(self.total_weight, dtype=torch.float64),
+            "weight_sum": torch.tensor(self.weight_sum, dtype=torch.float64),
+            "version": torch.tensor(self._version),
+        }
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if state["sum"].shape != self._sum.shape:

@@ -14,6 +14,7 @@ Each summand is rounded to the nearest integer (<= 0.5 step) after a float64 pro
 rounding is <= q * 2^-53 <= 1/8 step (q is capped at 2^50 for that reason); converting the integer
 sum back to float64 adds <= n * clip * 2^-52 <= n/4 steps.  Total < 0.875 n steps of 1/scale.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -50,8 +51,8 @@ class FixedPointEncoder:
         """Ring vector of ``clip(values) * factor`` (|factor| <= 1 keeps the overflow guarantee)."""
         if not abs(factor) <= 1.0:
             raise ValueError(f"factor: must be in [-1, 1], got {factor}")
-        x = np.array(values, dtype=np.float64)             # a float64 copy: exact to 1/8 step (see above)
-        np.minimum(x, self.clip, out=x)                    # (np.clip is several times slower)
+        x = np.array(values, dtype=np.float64)  # a float64 copy: exact to 1/8 step (see above)
+        np.minimum(x, self.clip, out=x)  # (np.clip is several times slower)
         np.maximum(x, -self.clip, out=x)
         x *= self.scale * factor
         np.rint(x, out=x)

@@ -4,6 +4,7 @@ Every rejection leaves the receiver's state exactly as it was before the bad mes
 retry (or simply carrying on without the bad party) still gives the right aggregate.  Rejections of
 a single message also subclass ``UpdateRejected`` so aggregator callers can catch one type.
 """
+
 from __future__ import annotations
 
 from flotilla.core.aggregate import RoundAborted, UpdateRejected

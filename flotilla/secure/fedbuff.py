@@ -22,9 +22,10 @@ inside the buffer when ``noise_fn`` is set), which it normalises exactly as FedB
   enforcing ``max_norm = S``): ``(sum_i s(tau_i) clip(d_i, S) + N(0, (z S)^2 I)) / K``, DP-FedBuff's
   release, with the noise added inside the buffer so that the server never sees an un-noised sum.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -41,18 +42,32 @@ _CLIP_MARGIN = 1.0 - 1e-6
 class SecureFedBuff:
     """A FedBuff buffer whose sum lives in a :class:`SecureBuffer` (see module docstring)."""
 
-    def __init__(self, numel: int, buffer_size: int, staleness, *, version_fn: Callable[[], int],
-                 normalize: str = "mean", max_staleness: int | None = None, max_norm: float | None = None,
-                 dp_clip: float | None = None, noise_fn: Callable[[torch.Tensor], torch.Tensor] | None = None):
+    def __init__(
+        self,
+        numel: int,
+        buffer_size: int,
+        staleness,
+        *,
+        version_fn: Callable[[], int],
+        normalize: str = "mean",
+        max_staleness: int | None = None,
+        max_norm: float | None = None,
+        dp_clip: float | None = None,
+        noise_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ):
         if buffer_size < 2:
-            raise ValueError(f"async.buffer_size: the secure buffer releases sums of K >= 2 updates, got K={buffer_size}")
+            raise ValueError(
+                f"async.buffer_size: the secure buffer releases sums of K >= 2 updates, got K={buffer_size}"
+            )
         if normalize not in ("mean", "sum"):
             raise ValueError(f"async.normalize: must be 'mean' or 'sum', got {normalize!r}")
         if dp_clip is not None and getattr(staleness, "average", None) is not None:
             raise ValueError(AVERAGE_WITH_DP)
         if dp_clip is not None and max_norm is not None and max_norm < dp_clip:
-            raise ValueError(f"secure_aggregation.max_norm: {max_norm} is below privacy.user_level.clip_norm {dp_clip}; "
-                             f"with user-level DP the buffer enforces clip_norm (leave max_norm unset)")
+            raise ValueError(
+                f"secure_aggregation.max_norm: {max_norm} is below privacy.user_level.clip_norm {dp_clip}; "
+                f"with user-level DP the buffer enforces clip_norm (leave max_norm unset)"
+            )
         self.numel = numel
         self.buffer_size = buffer_size
         self.staleness = staleness
@@ -60,14 +75,20 @@ class SecureFedBuff:
         self.max_staleness = max_staleness
         self.version_fn = version_fn
         self.dp_clip = dp_clip
-        self.secure = SecureBuffer(numel, buffer_size, staleness_weight=staleness,
-                                   max_norm=dp_clip if dp_clip is not None else max_norm,
-                                   max_staleness=max_staleness, noise_fn=noise_fn, one_per_client=dp_clip is not None)
+        self.secure = SecureBuffer(
+            numel,
+            buffer_size,
+            staleness_weight=staleness,
+            max_norm=dp_clip if dp_clip is not None else max_norm,
+            max_staleness=max_staleness,
+            noise_fn=noise_fn,
+            one_per_client=dp_clip is not None,
+        )
         self._out = torch.zeros(numel)
         self._clipped = torch.empty(numel) if dp_clip is not None else None
         self.dropped_stale = 0
         self.duplicates_dropped = 0
-        self.l2_clipped = 0                       # this buffer's updates scaled down to dp_clip (client side)
+        self.l2_clipped = 0  # this buffer's updates scaled down to dp_clip (client side)
         self.last_metrics: dict[str, float] = {}
 
     # -- FedBuff's interface --------------------------------------------------------------------
@@ -94,18 +115,20 @@ class SecureFedBuff:
             self.dropped_stale += 1
             return 0.0
         if self.dp_clip is not None and weight != 1.0:
-            raise UpdateRejected(f"{where}: user-level DP gives every user weight 1 (got {weight}); use weighting='uniform'")
+            raise UpdateRejected(
+                f"{where}: user-level DP gives every user weight 1 (got {weight}); use weighting='uniform'"
+            )
         now = self.version_fn()
-        assignment = self.secure.assign(client, now - tau)       # buffer: at the client's download
+        assignment = self.secure.assign(client, now - tau)  # buffer: at the client's download
         x, clipped = delta, False
-        if self.dp_clip is not None:                             # client: bound the update's norm
+        if self.dp_clip is not None:  # client: bound the update's norm
             norm = float(torch.linalg.vector_norm(delta, dtype=torch.float64))
             if norm > self.dp_clip:
                 x = torch.mul(delta, self.dp_clip * _CLIP_MARGIN / norm, out=self._clipped)
                 clipped = True
         try:
-            sealed = seal_update(x, weight, assignment)          # client: encrypt to the buffer
-            self.secure.receive(sealed, now)                     # server relays; buffer opens and adds
+            sealed = seal_update(x, weight, assignment)  # client: encrypt to the buffer
+            self.secure.receive(sealed, now)  # server relays; buffer opens and adds
         except DuplicateContribution:
             self.secure.cancel(assignment)
             self.duplicates_dropped += 1
@@ -120,15 +143,18 @@ class SecureFedBuff:
         """The server's view: the released sum of >= K updates, normalised as FedBuff does."""
         if self.count == 0:
             raise RuntimeError("no updates in the buffer")
-        rel = self.secure.release()                               # the buffer is empty afterwards
+        rel = self.secure.release()  # the buffer is empty afterwards
         if self.dp_clip is not None:
             torch.div(rel.sum, self.buffer_size, out=self._out)
             if self.normalize == "sum":
                 self._out.mul_(self.buffer_size)
-            self.last_metrics = {"clip_norm": self.dp_clip, "dp_updates": rel.count,
-                                 # simulator diagnostics, NOT released under DP:
-                                 "clipped_fraction": self.l2_clipped / rel.count,
-                                 "dp_duplicates_dropped": self.duplicates_dropped}
+            self.last_metrics = {
+                "clip_norm": self.dp_clip,
+                "dp_updates": rel.count,
+                # simulator diagnostics, NOT released under DP:
+                "clipped_fraction": self.l2_clipped / rel.count,
+                "dp_duplicates_dropped": self.duplicates_dropped,
+            }
         else:
             denom = rel.weight_sum if self.normalize == "mean" else rel.weight_sum / rel.count
             torch.div(rel.sum, denom, out=self._out)
@@ -142,14 +168,18 @@ class SecureFedBuff:
     # -- checkpoints (saved by the fleet simulator under "buffer.") -------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = {f"secure.{k}": v for k, v in self.secure.state_dict().items()}
-        state.update({"dropped_stale": torch.tensor(self.dropped_stale), "duplicates": torch.tensor(self.duplicates_dropped)})
+        state.update(
+            {"dropped_stale": torch.tensor(self.dropped_stale), "duplicates": torch.tensor(self.duplicates_dropped)}
+        )
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         inner = {k.removeprefix("secure."): v for k, v in state.items() if k.startswith("secure.")}
         if not inner:
-            raise ValueError("checkpoint holds a plaintext FedBuff buffer, not a secure one: it was not written by a "
-                             "run with secure_aggregation")
+            raise ValueError(
+                "checkpoint holds a plaintext FedBuff buffer, not a secure one: it was not written by a "
+                "run with secure_aggregation"
+            )
         self.secure.load_state_dict(inner)
         self.dropped_stale = int(state["dropped_stale"])
         self.duplicates_dropped = int(state["duplicates"])

@@ -8,11 +8,12 @@ k/2 nearest positions on either side) over a random permutation of the clients. 
 derived from public randomness (the round's session id and the participant set), so every client
 and the server compute the same graph without talking.
 """
+
 from __future__ import annotations
 
 import hashlib
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 

@@ -4,6 +4,7 @@ X25519 key agreement -> HKDF-SHA256 (salted with the round's session id, with an
 naming the purpose and the parties) -> 32-byte keys for AES-256-GCM or for the mask PRG.  Binding
 purpose, parties and round into every derived key means a key can never be reused across them.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -32,8 +33,9 @@ def public_bytes(sk: X25519PrivateKey) -> bytes:
 
 
 def private_bytes(sk: X25519PrivateKey) -> bytes:
-    return sk.private_bytes(format=serialization.PrivateFormat.Raw,
-                            encryption_algorithm=serialization.NoEncryption(), **_RAW)
+    return sk.private_bytes(
+        format=serialization.PrivateFormat.Raw, encryption_algorithm=serialization.NoEncryption(), **_RAW
+    )
 
 
 def private_from_bytes(raw: bytes) -> X25519PrivateKey:

@@ -4,6 +4,7 @@ With AES-NI this expands several GB/s, so masking a 1M-parameter vector costs we
 millisecond per seed.  Every seed is a fresh 32-byte secret used for exactly one expansion in one
 round, so a fixed all-zero counter block is safe (key and counter never repeat together).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -20,8 +21,8 @@ class PRG:
         self.length = length
         self.dtype = np.dtype(dtype)
         nbytes = length * self.dtype.itemsize
-        self._zeros = bytes(nbytes)              # keystream = AES-CTR encryption of zeros
-        self._buf = bytearray(nbytes + 15)       # update_into wants block_size - 1 spare bytes
+        self._zeros = bytes(nbytes)  # keystream = AES-CTR encryption of zeros
+        self._buf = bytearray(nbytes + 15)  # update_into wants block_size - 1 spare bytes
         self._view = np.frombuffer(self._buf, dtype=self.dtype, count=length)
 
     def expand(self, seed: bytes) -> np.ndarray:

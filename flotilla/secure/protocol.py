@@ -14,6 +14,7 @@ paper's malicious-server variant is omitted (see docs/security.md).
 
 Parties are identified by positive integers; a client id is also its Shamir evaluation point.
 """
+
 from __future__ import annotations
 
 import os
@@ -25,8 +26,15 @@ from flotilla.secure import keys as K
 from flotilla.secure import shamir
 from flotilla.secure.errors import ProtocolError, ReplayedMessage, SecAggAborted, TamperedMessage
 from flotilla.secure.graph import neighbours
-from flotilla.secure.messages import (AdvertiseKeys, KeyDirectory, MaskedInput, ShareBundle, ShareKeys,
-                                      UnmaskRequest, UnmaskResponse)
+from flotilla.secure.messages import (
+    AdvertiseKeys,
+    KeyDirectory,
+    MaskedInput,
+    ShareBundle,
+    ShareKeys,
+    UnmaskRequest,
+    UnmaskResponse,
+)
 from flotilla.secure.prg import PRG
 
 SALT_BYTES = 16
@@ -46,6 +54,7 @@ class SecAggConfig:
                neighbourhood including itself (n//2 + 1 for the complete graph).
     session:   fresh random round id; salts every key derivation and is checked on every message.
     """
+
     length: int
     cohort: int
     bits: int = 32
@@ -63,7 +72,9 @@ class SecAggConfig:
         if self.degree is not None and self.degree < 1:
             raise ValueError(f"degree: must be >= 1 or None, got {self.degree}")
         if not 1 <= self.t <= self.neighbourhood:
-            raise ValueError(f"threshold: must be between 1 and the neighbourhood size {self.neighbourhood}, got {self.t}")
+            raise ValueError(
+                f"threshold: must be between 1 and the neighbourhood size {self.neighbourhood}, got {self.t}"
+            )
 
     @property
     def dtype(self) -> np.dtype:
@@ -147,7 +158,7 @@ class SecAggClient:
         if len(nb) + 1 < cfg.t:
             raise SecAggAborted(f"{self._who}: only {len(nb) + 1} share holders, threshold is {cfg.t}")
 
-        b = os.urandom(32)                               # self-mask seed b_u
+        b = os.urandom(32)  # self-mask seed b_u
         holders = sorted(nb | {self.id})
         b_sh = shamir.split(b, cfg.t, holders)
         s_sh = shamir.split(K.private_bytes(self._s_sk), cfg.t, holders)
@@ -155,18 +166,25 @@ class SecAggClient:
         for v in holders:
             bs, ss = shamir.share_to_bytes(b_sh[v]), shamir.share_to_bytes(s_sh[v])
             b_salt, s_salt = os.urandom(SALT_BYTES), os.urandom(SALT_BYTES)
-            commitments[v] = (_share_commitment(cfg.session, self.id, v, b"b", bs, b_salt),
-                              _share_commitment(cfg.session, self.id, v, b"s", ss, s_salt))
+            commitments[v] = (
+                _share_commitment(cfg.session, self.id, v, b"b", bs, b_salt),
+                _share_commitment(cfg.session, self.id, v, b"s", ss, s_salt),
+            )
             payload = bs + b_salt + ss + s_salt
             if v == self.id:
-                self._held = {self.id: payload}          # our own share stays here
+                self._held = {self.id: payload}  # our own share stays here
                 continue
             key = K.derive(self._c_sk, keys[v][0], cfg.session, _share_key_info(self.id, v))
             ciphertexts[v] = K.seal(key, payload, cfg.session + K.ident(self.id) + K.ident(v))
         self._keys, self._nb, self._b = keys, nb, b
         self.stage = "mask"
-        return ShareKeys(cfg.session, self.id, ciphertexts, commitments,
-                         K.commit(b"flotilla-secagg b", cfg.session, K.ident(self.id), b))
+        return ShareKeys(
+            cfg.session,
+            self.id,
+            ciphertexts,
+            commitments,
+            K.commit(b"flotilla-secagg b", cfg.session, K.ident(self.id), b),
+        )
 
     # -- round 2 ------------------------------------------------------------------------
     def masked_input(self, bundle: ShareBundle, x: np.ndarray) -> MaskedInput:
@@ -178,15 +196,21 @@ class SecAggClient:
         if not senders <= self._nb:
             raise ProtocolError(f"{self._who}: shares from non-neighbours {sorted(senders - self._nb)[:5]}")
         if len(senders) + 1 < cfg.t:
-            raise SecAggAborted(f"{self._who}: only {len(senders) + 1} of its share holders remain, threshold is {cfg.t}")
+            raise SecAggAborted(
+                f"{self._who}: only {len(senders) + 1} of its share holders remain, threshold is {cfg.t}"
+            )
         if not isinstance(x, np.ndarray) or x.dtype != cfg.dtype or x.shape != (cfg.length,):
             raise ProtocolError(f"{self._who}: input must be a ({cfg.length},) {cfg.dtype} ring vector")
         # Decrypt everything before changing any state: one bad ciphertext rejects the bundle.
         held = {}
         for u in sorted(senders):
             key = K.derive(self._c_sk, self._keys[u][0], cfg.session, _share_key_info(u, self.id))
-            pt = K.open_sealed(key, bundle.ciphertexts[u], cfg.session + K.ident(u) + K.ident(self.id),
-                               f"{self._who}: shares from client {u}")
+            pt = K.open_sealed(
+                key,
+                bundle.ciphertexts[u],
+                cfg.session + K.ident(u) + K.ident(self.id),
+                f"{self._who}: shares from client {u}",
+            )
             if len(pt) != _PAYLOAD:
                 raise TamperedMessage(f"{self._who}: shares from client {u} have the wrong length")
             held[u] = pt
@@ -194,12 +218,12 @@ class SecAggClient:
         prg = self._prg or PRG(cfg.length, cfg.dtype)
         y = x.copy()
         prg.add_into(y, self._b)
-        for v in sorted(senders):                        # pairwise masks cancel in the sum
+        for v in sorted(senders):  # pairwise masks cancel in the sum
             seed = K.derive(self._s_sk, self._keys[v][1], cfg.session, _mask_info(self.id, v))
             prg.add_into(y, seed, +1 if v > self.id else -1)
         self._held.update(held)
         self._u2_nb = senders
-        del self._b, self._s_sk, self._c_sk              # no longer needed: forget them
+        del self._b, self._s_sk, self._c_sk  # no longer needed: forget them
         self.stage = "unmask"
         return MaskedInput(cfg.session, self.id, y)
 
@@ -210,7 +234,9 @@ class SecAggClient:
         if self.id not in survivors:
             raise ProtocolError(f"{self._who}: not listed among the survivors")
         if len(survivors) < cfg.t:
-            raise SecAggAborted(f"{self._who}: only {len(survivors)} survivors, threshold is {cfg.t}; revealing nothing")
+            raise SecAggAborted(
+                f"{self._who}: only {len(survivors)} survivors, threshold is {cfg.t}; revealing nothing"
+            )
         if not (survivors & self._nb) <= self._u2_nb:
             raise ProtocolError(f"{self._who}: survivors include neighbours that never shared keys")
         b_rev, s_rev = {}, {}
@@ -218,9 +244,9 @@ class SecAggClient:
         for u, p in self._held.items():
             # A survivor's self-mask or a dropped client's mask key, never both for one client.
             if u in survivors:
-                b_rev[u] = (p[:n], p[n:n + s])
+                b_rev[u] = (p[:n], p[n : n + s])
             else:
-                s_rev[u] = (p[n + s:2 * n + s], p[2 * n + s:])
+                s_rev[u] = (p[n + s : 2 * n + s], p[2 * n + s :])
         self._held = {}
         self.stage = "done"
         return UnmaskResponse(cfg.session, self.id, b_rev, s_rev)
@@ -262,7 +288,7 @@ class SecAggServer:
 
     def _abort(self, why: str):
         self.stage = "aborted"
-        self._sum = None                                 # drop the masked inputs
+        self._sum = None  # drop the masked inputs
         raise SecAggAborted(f"secure aggregation aborted: {why}; nothing was disclosed")
 
     def _need(self, have: int, what: str) -> None:
@@ -310,9 +336,10 @@ class SecAggServer:
             raise ProtocolError(f"server: cannot close share keys in stage {self.stage!r}")
         u2 = self._shares
         self._need(len(u2), "clients shared keys")
-        bundles = {v: ShareBundle(self.config.session, v,
-                                  {u: u2[u].ciphertexts[v] for u in sorted(self.graph[v]) if u in u2})
-                   for v in u2}
+        bundles = {
+            v: ShareBundle(self.config.session, v, {u: u2[u].ciphertexts[v] for u in sorted(self.graph[v]) if u in u2})
+            for v in u2
+        }
         self._sum = np.zeros(self.config.length, self.config.dtype)
         self.stage = "mask"
         return bundles
@@ -328,7 +355,7 @@ class SecAggServer:
         y = msg.y
         if not isinstance(y, np.ndarray) or y.dtype != cfg.dtype or y.shape != (cfg.length,):
             raise ProtocolError(f"server: masked input from client {u} is not a ({cfg.length},) {cfg.dtype} vector")
-        np.add(self._sum, y, out=self._sum)             # only the running sum is kept
+        np.add(self._sum, y, out=self._sum)  # only the running sum is kept
         self._masked.add(u)
 
     def close_masked_input(self) -> UnmaskRequest:
@@ -350,15 +377,19 @@ class SecAggServer:
         want_b = u3 & (self.graph[v] | {v})
         want_s = (u2 - u3) & self.graph[v]
         if set(msg.b_shares) != want_b or set(msg.s_shares) != want_s:
-            raise ProtocolError(f"server: client {v} must reveal b-shares for exactly its surviving "
-                                f"neighbours and s-shares for exactly its dropped ones")
+            raise ProtocolError(
+                f"server: client {v} must reveal b-shares for exactly its surviving "
+                f"neighbours and s-shares for exactly its dropped ones"
+            )
         for kind, revealed in ((b"b", msg.b_shares), (b"s", msg.s_shares)):
             idx = 0 if kind == b"b" else 1
             for u, (share, salt) in revealed.items():
                 expect = self._shares[u].commitments[v][idx]
                 if _share_commitment(cfg.session, u, v, kind, share, salt) != expect:
-                    raise TamperedMessage(f"server: client {v}'s share of client {u}'s "
-                                          f"{'self-mask seed' if idx == 0 else 'mask key'} does not match its commitment")
+                    raise TamperedMessage(
+                        f"server: client {v}'s share of client {u}'s "
+                        f"{'self-mask seed' if idx == 0 else 'mask key'} does not match its commitment"
+                    )
                 try:
                     shamir.share_from_bytes(share)
                 except ValueError as e:
@@ -373,7 +404,7 @@ class SecAggServer:
         dropped = set(self._shares) - u3
         self._need(len(self._revealed), "survivors sent unmask shares")
         b_shares = {u: {} for u in u3}
-        s_shares = {u: {} for u in dropped if self.graph[u] & u3}   # no surviving neighbour: no mask to remove
+        s_shares = {u: {} for u in dropped if self.graph[u] & u3}  # no surviving neighbour: no mask to remove
         for v, msg in self._revealed.items():
             for u, (share, _) in msg.b_shares.items():
                 b_shares[u][v] = shamir.share_from_bytes(share)
@@ -385,7 +416,7 @@ class SecAggServer:
                 self._need(len(got), f"shares of client {u}'s {what}")
 
         def first_t(got: dict[int, int]) -> dict[int, int]:
-            return {x: got[x] for x in sorted(got)[:cfg.t]}
+            return {x: got[x] for x in sorted(got)[: cfg.t]}
 
         prg = self._prg or PRG(cfg.length, cfg.dtype)
         total = self._sum
@@ -400,7 +431,7 @@ class SecAggServer:
                 self._abort(f"client {u} dealt inconsistent shares of its mask key")
             for v in sorted(self.graph[u] & u3):
                 seed = K.derive(sk, self.keys[v][1], cfg.session, _mask_info(u, v))
-                prg.add_into(total, seed, -1 if u > v else +1)   # undo v's term for the dropped u
+                prg.add_into(total, seed, -1 if u > v else +1)  # undo v's term for the dropped u
         self.stage = "done"
         self._sum = None
         return total

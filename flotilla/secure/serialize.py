@@ -6,6 +6,7 @@ keys as decimal strings, pairs as 2-lists, sets as sorted lists, ring vectors as
 ``loads(obj, cls)`` checks every field's type and rejects extra or missing keys with
 :class:`~flotilla.secure.errors.ProtocolError`; semantic checks stay with the state machines.
 """
+
 from __future__ import annotations
 
 import base64
@@ -16,8 +17,15 @@ from typing import Any
 import numpy as np
 
 from flotilla.secure.errors import ProtocolError
-from flotilla.secure.messages import (AdvertiseKeys, KeyDirectory, MaskedInput, ShareBundle, ShareKeys,
-                                      UnmaskRequest, UnmaskResponse)
+from flotilla.secure.messages import (
+    AdvertiseKeys,
+    KeyDirectory,
+    MaskedInput,
+    ShareBundle,
+    ShareKeys,
+    UnmaskRequest,
+    UnmaskResponse,
+)
 
 MAX_ID = 1 << 31
 
@@ -58,7 +66,10 @@ def dumps(msg) -> dict[str, Any]:
         elif kind == "S":
             out[name] = sorted(int(x) for x in v)
         else:  # V
-            out[name] = {"dtype": str(v.dtype), "b64": _b64(np.ascontiguousarray(v).astype(v.dtype.newbyteorder("<")).tobytes())}
+            out[name] = {
+                "dtype": str(v.dtype),
+                "b64": _b64(np.ascontiguousarray(v).astype(v.dtype.newbyteorder("<")).tobytes()),
+            }
     return out
 
 

@@ -4,11 +4,12 @@
 is one field element: no chunking.  Share i is f(x_i) for a random polynomial f of degree t - 1 with
 f(0) = secret; any t shares give f(0) by Lagrange interpolation, fewer reveal nothing.
 """
+
 from __future__ import annotations
 
 import secrets
+from collections.abc import Iterable, Mapping
 from functools import lru_cache
-from typing import Iterable, Mapping
 
 PRIME = (1 << 521) - 1
 SHARE_BYTES = 66  # ceil(521 / 8)

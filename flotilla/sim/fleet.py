@@ -23,6 +23,7 @@ when the last of them ends.  Memory therefore grows with the number of distinct 
 flight (FedBuff: about max staleness; with ``max_staleness`` set, at most ``max_staleness + 1``
 because older snapshots are released early and their trips are known to be discarded).
 """
+
 from __future__ import annotations
 
 import math
@@ -34,12 +35,12 @@ from torch import nn
 
 from flotilla.core.aggregate import UpdateRejected, WeightedMean
 from flotilla.core.client import ClientSpec, LocalTrainer, LossFn, client_seed
+from flotilla.core.dataset import FederatedDataset
 from flotilla.core.fedbuff import FedAsyncServer, FedBuff, FedBuffServer
 from flotilla.core.flat import FlatModel
 from flotilla.core.protocols import Components, Shape, refuse_unused
 from flotilla.core.server_opt import ServerOptimizer, ServerOptimizerSpec
 from flotilla.core.staleness import Staleness
-from flotilla.core.dataset import FederatedDataset
 from flotilla.fleet.clock import AsyncScheduler, FleetStalled, SyncScheduler
 from flotilla.fleet.fleet import Fleet
 
@@ -52,8 +53,19 @@ def _stall_limit(concurrency: int) -> int:
 
 class _Counters:
     """Cumulative accounting shared by both algorithms (checkpointed)."""
-    NAMES = ("uploads", "dropouts", "bytes_up", "wasted_trips", "wasted_device_s",
-             "stale_discarded", "late_discarded", "rejected", "since_accept", "examples_seen_total")
+
+    NAMES = (
+        "uploads",
+        "dropouts",
+        "bytes_up",
+        "wasted_trips",
+        "wasted_device_s",
+        "stale_discarded",
+        "late_discarded",
+        "rejected",
+        "since_accept",
+        "examples_seen_total",
+    )
 
     def __init__(self):
         for n in self.NAMES:
@@ -70,13 +82,25 @@ class _Counters:
 class _FleetAlgorithm:
     """Shared plumbing: model, trainer, fleet, counters, checkpoint helpers."""
 
-    def __init__(self, model, dataset, loss_fn, fleet: Fleet, client: ClientSpec, weighting: str, seed: int,
-                 null_client: bool, components: Components):
+    def __init__(
+        self,
+        model,
+        dataset,
+        loss_fn,
+        fleet: Fleet,
+        client: ClientSpec,
+        weighting: str,
+        seed: int,
+        null_client: bool,
+        components: Components,
+    ):
         if weighting not in ("examples", "uniform"):
             raise ValueError(f"weighting: must be 'examples' or 'uniform', got {weighting!r}")
         if fleet.population.num_clients != dataset.num_clients:
-            raise ValueError(f"the fleet maps devices onto {fleet.population.num_clients} clients, "
-                             f"the dataset has {dataset.num_clients}")
+            raise ValueError(
+                f"the fleet maps devices onto {fleet.population.num_clients} clients, "
+                f"the dataset has {dataset.num_clients}"
+            )
         self.dataset = dataset
         self.fleet = fleet
         self.weighting = weighting
@@ -102,8 +126,13 @@ class _FleetAlgorithm:
     def _common_metrics(self, sched) -> dict[str, Any]:
         c = self.c
         return {
-            "sim_time_s": sched.now, "trips": sched.trips_started, "uploads": c.uploads, "dropouts": c.dropouts,
-            "bytes_down": sched.trips_started * self.model_bytes, "bytes_up": c.bytes_up, "wasted_trips": c.wasted_trips,
+            "sim_time_s": sched.now,
+            "trips": sched.trips_started,
+            "uploads": c.uploads,
+            "dropouts": c.dropouts,
+            "bytes_down": sched.trips_started * self.model_bytes,
+            "bytes_up": c.bytes_up,
+            "wasted_trips": c.wasted_trips,
             "wasted_device_s": round(c.wasted_device_s, 3),
         }
 
@@ -145,27 +174,46 @@ class AsyncFleetSim(_FleetAlgorithm):
         self.max_staleness = max_staleness
         numel = self.flat.numel
         if algorithm == "fedbuff":
-            buf = FedBuff(0 if null_client else numel, buffer_size, staleness, normalize=normalize, max_staleness=max_staleness)
-            if parts.buffer is not None:       # DP-FedBuff or the secure buffer, around this one
+            buf = FedBuff(
+                0 if null_client else numel, buffer_size, staleness, normalize=normalize, max_staleness=max_staleness
+            )
+            if parts.buffer is not None:  # DP-FedBuff or the secure buffer, around this one
                 buf = parts.buffer(buf, lambda: self.server.version)
             self.server = FedBuffServer(self.weights, buf, ServerOptimizer(server, 0 if null_client else numel))
         else:
             self.server = FedAsyncServer(self.weights, mixing, staleness, max_staleness=max_staleness)
         self.buffer_size = buffer_size if algorithm == "fedbuff" else 1
         self._null_count = 0
-        self.snapshots: dict[int, torch.Tensor] = {}   # version -> weights, only for versions still in flight
+        self.snapshots: dict[int, torch.Tensor] = {}  # version -> weights, only for versions still in flight
         self._pool: list[torch.Tensor] = []
-        self.staleness_counts: dict[int, int] = {}     # histogram of applied updates' staleness
+        self.staleness_counts: dict[int, int] = {}  # histogram of applied updates' staleness
         self.peak_snapshots = 0
         self.sched.fill()
 
     @classmethod
-    def shape(cls, *, dataset: FederatedDataset, algorithm: str = "fedbuff", buffer_size: int = 10,
-              weighting: str = "examples", seed: int = 0, null_client: bool = False, **_) -> Shape:
+    def shape(
+        cls,
+        *,
+        dataset: FederatedDataset,
+        algorithm: str = "fedbuff",
+        buffer_size: int = 10,
+        weighting: str = "examples",
+        seed: int = 0,
+        null_client: bool = False,
+        **_,
+    ) -> Shape:
         buffered = algorithm == "fedbuff"
-        return Shape(f"AsyncFleetSim({algorithm})", "buffer" if buffered else "per_update", "first_arrivals",
-                     buffer_size if buffered else 1, dataset.num_clients, dataset, weighting, seed,
-                     trains=not null_client)
+        return Shape(
+            f"AsyncFleetSim({algorithm})",
+            "buffer" if buffered else "per_update",
+            "first_arrivals",
+            buffer_size if buffered else 1,
+            dataset.num_clients,
+            dataset,
+            weighting,
+            seed,
+            trains=not null_client,
+        )
 
     @property
     def version(self) -> int:
@@ -273,7 +321,9 @@ class AsyncFleetSim(_FleetAlgorithm):
         n = len(taus)
         ordered = sorted(taus)
         out = {
-            "round": self.round, "version": server.version, "updates": n,
+            "round": self.round,
+            "version": server.version,
+            "updates": n,
             **self._common_metrics(sched),
             "stale_discarded": c.stale_discarded,
             "staleness_mean": sum(taus) / n if n else None,
@@ -281,7 +331,11 @@ class AsyncFleetSim(_FleetAlgorithm):
             "staleness_max": ordered[-1] if n else None,
             "concurrency": (sched.area - area_begin) / dt if dt > 0 else float(sched.in_flight),
             "versions_in_memory": len(snapshots) + 1,
-            **({} if sched.poisson is None else {"arrivals": sched.poisson.count, "arrivals_missed": sched.poisson.missed}),
+            **(
+                {}
+                if sched.poisson is None
+                else {"arrivals": sched.poisson.count, "arrivals_missed": sched.poisson.missed}
+            ),
             "train_loss": loss_sum / seen if seen else None,
             "examples_seen": seen,
         }
@@ -314,21 +368,27 @@ class AsyncFleetSim(_FleetAlgorithm):
 
     def _stall_message(self, limit: int, dropouts: int = 0, stale: int = 0) -> str:
         c, av = self.c, self.fleet.availability
-        return (f"fleet simulation stalled: {limit} client trips in a row ended without an update reaching the model "
-                f"(simulated time {self.sched.now:.0f} s; so far {c.dropouts + dropouts} dropouts, "
-                f"{c.stale_discarded + stale} too stale, "
-                f"{c.rejected} rejected). No client can finish: check fleet.availability.dropout ({av.dropout}), "
-                f"fleet.availability.session_s (sessions shorter than trips drop out) and async.max_staleness "
-                f"({self.max_staleness}).")
+        return (
+            f"fleet simulation stalled: {limit} client trips in a row ended without an update reaching the model "
+            f"(simulated time {self.sched.now:.0f} s; so far {c.dropouts + dropouts} dropouts, "
+            f"{c.stale_discarded + stale} too stale, "
+            f"{c.rejected} rejected). No client can finish: check fleet.availability.dropout ({av.dropout}), "
+            f"fleet.availability.session_s (sessions shorter than trips drop out) and async.max_staleness "
+            f"({self.max_staleness})."
+        )
 
     def staleness_histogram(self) -> dict[int, int]:
         return dict(sorted(self.staleness_counts.items()))
 
     # -- checkpointing ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
-        state = {"weights": self.weights.clone(), "round": torch.tensor(self.round),
-                 "version": torch.tensor(self.server.version), "fleet.counters": self.c.as_tensor(),
-                 "fleet.null_count": torch.tensor(self._null_count)}
+        state = {
+            "weights": self.weights.clone(),
+            "round": torch.tensor(self.round),
+            "version": torch.tensor(self.server.version),
+            "fleet.counters": self.c.as_tensor(),
+            "fleet.null_count": torch.tensor(self._null_count),
+        }
         for k, v in self.sched.state_arrays().items():
             state[_NP_PREFIX + k] = torch.from_numpy(np.ascontiguousarray(v))
         for v, w in self.snapshots.items():
@@ -345,15 +405,23 @@ class AsyncFleetSim(_FleetAlgorithm):
         if state["weights"].shape != self.weights.shape:
             raise ValueError(f"checkpoint has {state['weights'].numel()} weights, model has {self.weights.numel()}")
         if self.algorithm == "fedbuff" and not self.null_client:
-            self.server.server_opt.load_state_dict({k.removeprefix("server_opt."): v for k, v in state.items() if k.startswith("server_opt.")})
-            self.server.buffer.load_state_dict({k.removeprefix("buffer."): v for k, v in state.items() if k.startswith("buffer.")})
+            self.server.server_opt.load_state_dict(
+                {k.removeprefix("server_opt."): v for k, v in state.items() if k.startswith("server_opt.")}
+            )
+            self.server.buffer.load_state_dict(
+                {k.removeprefix("buffer."): v for k, v in state.items() if k.startswith("buffer.")}
+            )
         self.weights.copy_(state["weights"])
         self.round = int(state["round"])
         self.server.version = int(state["version"])
         self.c.load(state["fleet.counters"])
         self._null_count = int(state["fleet.null_count"])
-        self.sched.load_state_arrays({k.removeprefix(_NP_PREFIX): v.numpy() for k, v in state.items() if k.startswith(_NP_PREFIX)})
-        self.snapshots = {int(k.removeprefix("snapshot.")): v.clone() for k, v in state.items() if k.startswith("snapshot.")}
+        self.sched.load_state_arrays(
+            {k.removeprefix(_NP_PREFIX): v.numpy() for k, v in state.items() if k.startswith(_NP_PREFIX)}
+        )
+        self.snapshots = {
+            int(k.removeprefix("snapshot.")): v.clone() for k, v in state.items() if k.startswith("snapshot.")
+        }
         hist = state.get("fleet.staleness_hist")
         self.staleness_counts = {int(a): int(b) for a, b in hist.tolist()} if hist is not None else {}
 
@@ -393,7 +461,9 @@ class SyncFleetSim(_FleetAlgorithm):
             raise ValueError(f"cohort: must be >= 1, got {cohort}")
         self.select = math.ceil(cohort * over_selection - 1e-9)
         if self.select > fleet.size:
-            raise ValueError(f"cohort x fleet.over_selection = {self.select} is larger than fleet.population={fleet.size}")
+            raise ValueError(
+                f"cohort x fleet.over_selection = {self.select} is larger than fleet.population={fleet.size}"
+            )
         parts = refuse_unused(components, "SyncFleetSim", ("client_update", "aggregator"))
         super().__init__(model, dataset, loss_fn, fleet, client, weighting, seed, null_client, parts)
         self.cohort = cohort
@@ -409,10 +479,27 @@ class SyncFleetSim(_FleetAlgorithm):
         self.last_round = None
 
     @classmethod
-    def shape(cls, *, dataset: FederatedDataset, cohort: int, weighting: str = "examples", seed: int = 0,
-              null_client: bool = False, **_) -> Shape:
-        return Shape("SyncFleetSim", "round", "first_arrivals", cohort, dataset.num_clients, dataset,
-                     weighting, seed, trains=not null_client)
+    def shape(
+        cls,
+        *,
+        dataset: FederatedDataset,
+        cohort: int,
+        weighting: str = "examples",
+        seed: int = 0,
+        null_client: bool = False,
+        **_,
+    ) -> Shape:
+        return Shape(
+            "SyncFleetSim",
+            "round",
+            "first_arrivals",
+            cohort,
+            dataset.num_clients,
+            dataset,
+            weighting,
+            seed,
+            trains=not null_client,
+        )
 
     def step(self) -> dict[str, Any]:
         sched, c, mb = self.sched, self.c, self.model_bytes
@@ -427,7 +514,7 @@ class SyncFleetSim(_FleetAlgorithm):
         loss_sum = seen = 0.0
         self.aggregator.reset()
         if not self.null_client:
-            for tid, device, client in out.accepted:
+            for tid, _device, client in out.accepted:
                 r = self._train(tid, client, self.weights)
                 if r.num_examples > 0:
                     try:
@@ -448,20 +535,29 @@ class SyncFleetSim(_FleetAlgorithm):
                     f"fleet simulation stalled: {self.empty_rounds} rounds in a row closed with no result "
                     f"(simulated time {sched.now:.0f} s; {c.dropouts} dropouts, {c.late_discarded} late). No client can "
                     f"finish: check fleet.deadline_s ({self.deadline_s}) against the trip durations, "
-                    f"fleet.availability.dropout and fleet.availability.session_s.")
+                    f"fleet.availability.dropout and fleet.availability.session_s."
+                )
         self.round += 1
         dt = out.t_close - out.t_start
         c.examples_seen_total += int(seen)
         return {
-            "round": self.round, "updates": len(out.accepted), **self._common_metrics(sched),
-            "late_discarded": c.late_discarded, "round_time_s": dt,
+            "round": self.round,
+            "updates": len(out.accepted),
+            **self._common_metrics(sched),
+            "late_discarded": c.late_discarded,
+            "round_time_s": dt,
             "concurrency": out.busy_device_s / dt if dt > 0 else float(out.selected),
-            "train_loss": loss_sum / seen if seen else None, "examples_seen": seen,
+            "train_loss": loss_sum / seen if seen else None,
+            "examples_seen": seen,
         }
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        state = {"weights": self.weights.clone(), "round": torch.tensor(self.round),
-                 "fleet.counters": self.c.as_tensor(), "fleet.empty_rounds": torch.tensor(self.empty_rounds)}
+        state = {
+            "weights": self.weights.clone(),
+            "round": torch.tensor(self.round),
+            "fleet.counters": self.c.as_tensor(),
+            "fleet.empty_rounds": torch.tensor(self.empty_rounds),
+        }
         for k, v in self.sched.state_arrays().items():
             state[_NP_PREFIX + k] = torch.from_numpy(np.ascontiguousarray(v))
         state.update({f"server_opt.{k}": v for k, v in self.server_opt.state_dict().items()})
@@ -470,9 +566,13 @@ class SyncFleetSim(_FleetAlgorithm):
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if state["weights"].shape != self.weights.shape:
             raise ValueError(f"checkpoint has {state['weights'].numel()} weights, model has {self.weights.numel()}")
-        self.server_opt.load_state_dict({k.removeprefix("server_opt."): v for k, v in state.items() if k.startswith("server_opt.")})
+        self.server_opt.load_state_dict(
+            {k.removeprefix("server_opt."): v for k, v in state.items() if k.startswith("server_opt.")}
+        )
         self.weights.copy_(state["weights"])
         self.round = int(state["round"])
         self.c.load(state["fleet.counters"])
         self.empty_rounds = int(state["fleet.empty_rounds"])
-        self.sched.load_state_arrays({k.removeprefix(_NP_PREFIX): v.numpy() for k, v in state.items() if k.startswith(_NP_PREFIX)})
+        self.sched.load_state_arrays(
+            {k.removeprefix(_NP_PREFIX): v.numpy() for k, v in state.items() if k.startswith(_NP_PREFIX)}
+        )

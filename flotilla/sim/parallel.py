@@ -18,6 +18,7 @@ parent process is worker 0; it adds the rows in worker order and takes the one s
 Plain weighted-mean aggregation only: a custom aggregator (privacy, secure aggregation)
 needs every client's delta in one place, so it runs with ``workers=1``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,9 +32,9 @@ from torch import nn
 
 from flotilla.core.aggregate import UpdateRejected, check_update
 from flotilla.core.client import ClientSpec, LossFn, client_seed
+from flotilla.core.dataset import FederatedDataset
 from flotilla.core.protocols import Components, Shape
 from flotilla.core.server_opt import ServerOptimizerSpec
-from flotilla.core.dataset import FederatedDataset
 from flotilla.sim.sync import SyncFedAvg
 
 
@@ -59,9 +60,11 @@ def _usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-_NOT_COMPOSABLE = ("each worker process trains its clients and sums their plain deltas in shared memory, so a "
-                   "client update (DP-SGD), an aggregator (DP, secure aggregation) or a cohort sampler given to it "
-                   "would never run")
+_NOT_COMPOSABLE = (
+    "each worker process trains its clients and sums their plain deltas in shared memory, so a "
+    "client update (DP-SGD), an aggregator (DP, secure aggregation) or a cohort sampler given to it "
+    "would never run"
+)
 
 
 class ParallelFedAvg(SyncFedAvg):
@@ -70,8 +73,9 @@ class ParallelFedAvg(SyncFedAvg):
     @classmethod
     def shape(cls, *, workers: int = 2, **kwargs) -> Shape:
         base = SyncFedAvg.shape(**kwargs)
-        return dataclasses.replace(base, name=f"ParallelFedAvg(workers={workers})", composable=workers <= 1,
-                                   why_not_composable=_NOT_COMPOSABLE)
+        return dataclasses.replace(
+            base, name=f"ParallelFedAvg(workers={workers})", composable=workers <= 1, why_not_composable=_NOT_COMPOSABLE
+        )
 
     def __init__(
         self,
@@ -95,12 +99,13 @@ class ParallelFedAvg(SyncFedAvg):
             raise ValueError(f"workers: {_NOT_COMPOSABLE}; use workers=1")
         if workers > 1 and "fork" not in mp.get_all_start_methods():
             raise RuntimeError("workers > 1 needs the 'fork' start method (Linux); use workers=1 on this platform")
-        super().__init__(model, dataset, loss_fn, cohort=cohort, client=client, server=server,
-                         weighting=weighting, seed=seed)
+        super().__init__(
+            model, dataset, loss_fn, cohort=cohort, client=client, server=server, weighting=weighting, seed=seed
+        )
         self.workers = workers
         self.threads_per_worker = threads_per_worker or max(1, _usable_cores() // workers)
-        self.weights.share_memory_()                    # workers read the global model from here
-        self._sum = torch.zeros(self.flat.numel)         # worker 0's (the parent's) share
+        self.weights.share_memory_()  # workers read the global model from here
+        self._sum = torch.zeros(self.flat.numel)  # worker 0's (the parent's) share
         self._rows = torch.zeros(max(workers - 1, 1), self.flat.numel).share_memory_()
         self._total = torch.zeros(self.flat.numel)
         self._conns: list = []
@@ -131,8 +136,9 @@ class ParallelFedAvg(SyncFedAvg):
         ctx = mp.get_context("fork")
         for rank in range(1, self.workers):
             parent_end, child_end = ctx.Pipe()
-            p = ctx.Process(target=self._serve, args=(rank, child_end, parent_end), daemon=True,
-                            name=f"flotilla-worker-{rank}")
+            p = ctx.Process(
+                target=self._serve, args=(rank, child_end, parent_end), daemon=True, name=f"flotilla-worker-{rank}"
+            )
             p.start()
             child_end.close()
             self._conns.append(parent_end)
@@ -212,8 +218,12 @@ class ParallelFedAvg(SyncFedAvg):
             self.server_opt.step(self.weights, total.div_(total_weight))
         self.round += 1
         seen = sum(r[2] for r in results)
-        return {"round": self.round, "train_loss": sum(r[1] for r in results) / max(seen, 1),
-                "examples_seen": seen, "clients": len(clients)}
+        return {
+            "round": self.round,
+            "train_loss": sum(r[1] for r in results) / max(seen, 1),
+            "examples_seen": seen,
+            "clients": len(clients),
+        }
 
 
 def _shutdown(conns, procs) -> None:

@@ -9,6 +9,7 @@ Import-light (no torch, no ray) so that validating a config stays instant and wo
 not installed.  Leaving the section out keeps the old behaviour: ``workers: N > 1`` selects the
 processes runtime.
 """
+
 from __future__ import annotations
 
 import re
@@ -24,22 +25,39 @@ RAY_KEYS = ("address", "actors", "cpus_per_actor", "gpus_per_actor", "max_restar
 
 class RuntimeConfig(Section):
     """Where synchronous rounds are trained: in this process, in worker processes, or on Ray actors."""
+
     name: Literal["in-process", "processes", "ray"] = Field(
-        "in-process", description="in-process (default), processes (workers: N on this machine) or ray (actors on a "
-                                  f"Ray cluster; needs {RAY_EXTRA}; see docs/ray.md)")
+        "in-process",
+        description="in-process (default), processes (workers: N on this machine) or ray (actors on a "
+        f"Ray cluster; needs {RAY_EXTRA}; see docs/ray.md)",
+    )
     address: str | None = Field(
-        None, description="ray: null = start a private local Ray; auto = join the cluster started on this machine with "
-                          "`ray start`; host:port = that cluster's head; ray://host:10001 = through Ray Client")
-    actors: int = Field(2, ge=1, description="ray: actors that train each round's cohort (each holds one model and its "
-                                             "own copy of the task data)")
-    cpus_per_actor: float = Field(1.0, gt=0, description="ray: CPUs each actor reserves (also its torch threads, at least 1)")
-    gpus_per_actor: float = Field(0.0, ge=0, description="ray: GPUs each actor reserves; only 0 for now (training on "
-                                                         "GPUs is not supported yet)")
-    max_restarts: int = Field(3, ge=0, description="ray: times a dead actor is restarted (its clients are retried); "
-                                                   "beyond that the round fails")
+        None,
+        description="ray: null = start a private local Ray; auto = join the cluster started on this machine with "
+        "`ray start`; host:port = that cluster's head; ray://host:10001 = through Ray Client",
+    )
+    actors: int = Field(
+        2,
+        ge=1,
+        description="ray: actors that train each round's cohort (each holds one model and its "
+        "own copy of the task data)",
+    )
+    cpus_per_actor: float = Field(
+        1.0, gt=0, description="ray: CPUs each actor reserves (also its torch threads, at least 1)"
+    )
+    gpus_per_actor: float = Field(
+        0.0, ge=0, description="ray: GPUs each actor reserves; only 0 for now (training on GPUs is not supported yet)"
+    )
+    max_restarts: int = Field(
+        3,
+        ge=0,
+        description="ray: times a dead actor is restarted (its clients are retried); beyond that the round fails",
+    )
     on_client_error: Literal["stop", "skip"] = Field(
-        "stop", description="ray: a client whose training raises stops the run (stop: the error names the client), "
-                            "or is left out of its round like a dropout (skip: failed_clients in the metrics)")
+        "stop",
+        description="ray: a client whose training raises stops the run (stop: the error names the client), "
+        "or is left out of its round like a dropout (skip: failed_clients in the metrics)",
+    )
 
     @field_validator("address")
     @classmethod
@@ -66,25 +84,41 @@ def check_runtime(cfg) -> None:
     if rt.name != "ray" and given:
         raise ValueError(f"runtime.{given[0]}: only used with runtime.name: ray (got runtime.name: {rt.name})")
     if rt.name == "in-process" and cfg.workers > 1:
-        raise ValueError(f"runtime.name: in-process trains in one process, but workers: {cfg.workers}; use "
-                         f"runtime.name: processes, or workers: 1")
+        raise ValueError(
+            f"runtime.name: in-process trains in one process, but workers: {cfg.workers}; use "
+            f"runtime.name: processes, or workers: 1"
+        )
     if rt.name == "in-process":
         return
     if cfg.mode == "async" or cfg.fleet is not None:
-        raise ValueError(f"runtime.name: {rt.name} runs synchronous rounds only; the fleet simulator (mode: async, "
-                         f"fleet) runs in-process (remove runtime, or use runtime.name: in-process)")
+        raise ValueError(
+            f"runtime.name: {rt.name} runs synchronous rounds only; the fleet simulator (mode: async, "
+            f"fleet) runs in-process (remove runtime, or use runtime.name: in-process)"
+        )
     if rt.name == "processes":
-        if cfg.workers < 2:   # ParallelFedAvg with one worker is in-process, but refuses what in-process composes
-            raise ValueError("runtime.name: processes trains in `workers` processes; set workers: 2 or more "
-                             "(workers: 1 is runtime.name: in-process)")
+        if cfg.workers < 2:  # ParallelFedAvg with one worker is in-process, but refuses what in-process composes
+            raise ValueError(
+                "runtime.name: processes trains in `workers` processes; set workers: 2 or more "
+                "(workers: 1 is runtime.name: in-process)"
+            )
         return
     if cfg.workers > 1:
-        raise ValueError(f"runtime.name: ray trains on runtime.actors Ray actors; workers: {cfg.workers} is for "
-                         f"runtime.name: processes (set workers: 1)")
-    refused = [k for k, on in (("privacy", cfg.privacy is not None),
-                               ("secure_aggregation", cfg.secure_aggregation is not None),
-                               ("client.algorithm", cfg.client.algorithm is not None)) if on]
+        raise ValueError(
+            f"runtime.name: ray trains on runtime.actors Ray actors; workers: {cfg.workers} is for "
+            f"runtime.name: processes (set workers: 1)"
+        )
+    refused = [
+        k
+        for k, on in (
+            ("privacy", cfg.privacy is not None),
+            ("secure_aggregation", cfg.secure_aggregation is not None),
+            ("client.algorithm", cfg.client.algorithm is not None),
+        )
+        if on
+    ]
     if refused:
-        raise ValueError(f"runtime: {refused[0]} is not supported on runtime.name: ray yet (each actor sums its "
-                         f"clients' plain deltas, so DP-SGD, user-level DP, secure aggregation and client algorithms "
-                         f"would not run there); use runtime.name: in-process")
+        raise ValueError(
+            f"runtime: {refused[0]} is not supported on runtime.name: ray yet (each actor sums its "
+            f"clients' plain deltas, so DP-SGD, user-level DP, secure aggregation and client algorithms "
+            f"would not run there); use runtime.name: in-process"
+        )

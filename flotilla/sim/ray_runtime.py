@@ -25,6 +25,7 @@ actor order and takes the one server step.
 
 Ray is an optional extra; this module imports it only when an algorithm is built.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -46,9 +47,11 @@ from flotilla.sim.parallel import split_cohort
 from flotilla.sim.ray_config import RAY_EXTRA
 from flotilla.sim.sync import SyncFedAvg
 
-NOT_COMPOSABLE = ("each Ray actor trains its clients and returns the sum of their plain deltas, so a client update "
-                  "(DP-SGD, a client algorithm), an aggregator (user-level DP, secure aggregation) or a cohort sampler "
-                  "given to it would never run; use runtime: {name: in-process}")
+NOT_COMPOSABLE = (
+    "each Ray actor trains its clients and returns the sum of their plain deltas, so a client update "
+    "(DP-SGD, a client algorithm), an aggregator (user-level DP, secure aggregation) or a cohort sampler "
+    "given to it would never run; use runtime: {name: in-process}"
+)
 
 
 class ClientTrainingError(RuntimeError):
@@ -74,14 +77,14 @@ class ClientActor:
     ``kind`` is ``"config"`` (``what`` is the task config, built with the task registry on this actor)
     or ``"objects"`` (``what`` is ``(model, dataset, loss_fn)``, resolved from the object store)."""
 
-    def __init__(self, kind: str, what, client: ClientSpec, weighting: str, seed: int, threads: int,
-                 paths: list[str]):
-        for p in reversed(paths):   # the driver's cwd and sys.path: a task.factory module next to the config
+    def __init__(self, kind: str, what, client: ClientSpec, weighting: str, seed: int, threads: int, paths: list[str]):
+        for p in reversed(paths):  # the driver's cwd and sys.path: a task.factory module next to the config
             if p not in sys.path:
                 sys.path.insert(0, p)
         torch.set_num_threads(threads)
         if kind == "config":
             from flotilla.tasks import build_task
+
             task = build_task(what, seed)
             model, dataset, loss_fn = task.model, task.dataset, task.loss_fn
         else:
@@ -94,8 +97,13 @@ class ClientActor:
 
     def info(self) -> dict:
         import ray
-        return {"numel": self.flat.numel, "num_clients": self.dataset.num_clients, "pid": os.getpid(),
-                "node": ray.get_runtime_context().get_node_id()}
+
+        return {
+            "numel": self.flat.numel,
+            "num_clients": self.dataset.num_clients,
+            "pid": os.getpid(),
+            "node": ray.get_runtime_context().get_node_id(),
+        }
 
     def train(self, round_: int, clients: list[int], weights: torch.Tensor, skip_failed: bool = False):
         """Train ``clients`` in order from ``weights``: ``(sum_i w_i delta_i, sum_i w_i, loss_sum, seen, count,
@@ -131,8 +139,9 @@ class RayFedAvg(SyncFedAvg):
     @classmethod
     def shape(cls, *, actors: int = 2, **kwargs) -> Shape:
         base = SyncFedAvg.shape(**kwargs)
-        return dataclasses.replace(base, name=f"RayFedAvg(actors={actors})", composable=False,
-                                   why_not_composable=NOT_COMPOSABLE)
+        return dataclasses.replace(
+            base, name=f"RayFedAvg(actors={actors})", composable=False, why_not_composable=NOT_COMPOSABLE
+        )
 
     def __init__(
         self,
@@ -166,9 +175,10 @@ class RayFedAvg(SyncFedAvg):
             raise ValueError(f"runtime.on_client_error: must be 'stop' or 'skip', got {on_client_error!r}")
         if components is not None and components.given():
             raise ValueError(f"runtime: ray: {NOT_COMPOSABLE}")
-        self._ray = import_ray()          # before anything is built: one line naming the extra
-        super().__init__(model, dataset, loss_fn, cohort=cohort, client=client, server=server,
-                         weighting=weighting, seed=seed)
+        self._ray = import_ray()  # before anything is built: one line naming the extra
+        super().__init__(
+            model, dataset, loss_fn, cohort=cohort, client=client, server=server, weighting=weighting, seed=seed
+        )
         self.actors, self.address, self.cpus_per_actor = actors, address, float(cpus_per_actor)
         self.max_restarts, self.on_client_error = max_restarts, on_client_error
         self._client_spec, self._loss_fn, self._model = client, loss_fn, model
@@ -176,54 +186,71 @@ class RayFedAvg(SyncFedAvg):
         self._total = torch.zeros(self.flat.numel)
         self._handles: list = []
         self._source = None
-        self.actor_nodes: list[str] = []   # the Ray node of each actor, once started
+        self.actor_nodes: list[str] = []  # the Ray node of each actor, once started
         self._started_ray = False
 
     # -- actors --------------------------------------------------------------------------------
     def _start(self) -> None:
         ray = self._ray
         if not ray.is_initialized():
-            if self.address is None:     # a private local Ray sized for the actors
-                ray.init(num_cpus=max(1, math.ceil(self.actors * self.cpus_per_actor - 1e-9)), include_dashboard=False,
-                         log_to_driver=False)
+            if self.address is None:  # a private local Ray sized for the actors
+                ray.init(
+                    num_cpus=max(1, math.ceil(self.actors * self.cpus_per_actor - 1e-9)),
+                    include_dashboard=False,
+                    log_to_driver=False,
+                )
             else:
                 try:
                     ray.init(address=self.address, log_to_driver=False)
                 except ConnectionError as e:
-                    raise ValueError(f"runtime.address: no Ray cluster at {self.address!r} "
-                                     f"({str(e).splitlines()[0]}); start one with `ray start --head`") from None
+                    raise ValueError(
+                        f"runtime.address: no Ray cluster at {self.address!r} "
+                        f"({str(e).splitlines()[0]}); start one with `ray start --head`"
+                    ) from None
             self._started_ray = True
         need, have = self.actors * self.cpus_per_actor, ray.cluster_resources().get("CPU", 0.0)
-        if need > have + 1e-9:   # Ray would keep the actors pending and the round would wait forever
+        if need > have + 1e-9:  # Ray would keep the actors pending and the round would wait forever
             self.close()
-            raise ValueError(f"runtime.actors: {self.actors} actors x {self.cpus_per_actor:g} CPUs (runtime.cpus_per_actor) "
-                             f"need {need:g} CPUs, the Ray cluster has {have:g}; add nodes or ask for fewer")
+            raise ValueError(
+                f"runtime.actors: {self.actors} actors x {self.cpus_per_actor:g} CPUs (runtime.cpus_per_actor) "
+                f"need {need:g} CPUs, the Ray cluster has {have:g}; add nodes or ask for fewer"
+            )
         if self._task_config is not None:
             kind, what = "config", self._task_config
-        else:   # the task came as objects: into the object store once, not every round (kept for restarts)
+        else:  # the task came as objects: into the object store once, not every round (kept for restarts)
             kind, what = "objects", ray.put((self._model, self.dataset, self._loss_fn))
         self._source = what
         paths = [os.getcwd()] + [p for p in sys.path if p]
-        remote = ray.remote(ClientActor).options(num_cpus=self.cpus_per_actor, max_restarts=self.max_restarts,
-                                                 max_task_retries=self.max_restarts)
+        remote = ray.remote(ClientActor).options(
+            num_cpus=self.cpus_per_actor, max_restarts=self.max_restarts, max_task_retries=self.max_restarts
+        )
         threads = max(1, int(self.cpus_per_actor))
-        self._handles = [remote.remote(kind, what, self._client_spec, self.weighting, self.seed, threads, paths)
-                         for _ in range(self.actors)]
+        self._handles = [
+            remote.remote(kind, what, self._client_spec, self.weighting, self.seed, threads, paths)
+            for _ in range(self.actors)
+        ]
         try:
             infos = ray.get([h.info.remote() for h in self._handles])
-        except ray.exceptions.RayActorError as e:   # the task could not be built there (data missing, ...)
+        except ray.exceptions.RayActorError as e:  # the task could not be built there (data missing, ...)
             self.close()
             cause = [line.strip() for line in str(e).splitlines() if line.strip()]
-            raise RuntimeError(f"runtime: ray: an actor could not build the task: {cause[-1] if cause else e}") from None
+            raise RuntimeError(
+                f"runtime: ray: an actor could not build the task: {cause[-1] if cause else e}"
+            ) from None
         for rank, info in enumerate(infos):
             if info["numel"] != self.flat.numel or info["num_clients"] != self.dataset.num_clients:
                 self.close()
-                raise ValueError(f"runtime: ray: actor {rank} built a task with {info['numel']} weights and "
-                                 f"{info['num_clients']} clients, the driver has {self.flat.numel} and "
-                                 f"{self.dataset.num_clients}; the task config must build the same task everywhere")
+                raise ValueError(
+                    f"runtime: ray: actor {rank} built a task with {info['numel']} weights and "
+                    f"{info['num_clients']} clients, the driver has {self.flat.numel} and "
+                    f"{self.dataset.num_clients}; the task config must build the same task everywhere"
+                )
         self.actor_nodes = [info["node"] for info in infos]
-        print(f"flotilla: ray: {self.actors} actor(s) on {len(set(self.actor_nodes))} node(s) "
-              f"(address: {self.address or 'a private local Ray'})", file=sys.stderr)
+        print(
+            f"flotilla: ray: {self.actors} actor(s) on {len(set(self.actor_nodes))} node(s) "
+            f"(address: {self.address or 'a private local Ray'})",
+            file=sys.stderr,
+        )
 
     def close(self) -> None:
         """End the actors (and the local Ray this run started); the next ``step`` starts them again."""
@@ -231,7 +258,7 @@ class RayFedAvg(SyncFedAvg):
             for h in self._handles:
                 try:
                     self._ray.kill(h, no_restart=True)
-                except Exception:   # already gone
+                except Exception:  # already gone
                     pass
             self._handles = []
         self._source = None
@@ -252,8 +279,10 @@ class RayFedAvg(SyncFedAvg):
             try:
                 replies.append(ray.get(ref))
             except ray.exceptions.RayActorError as e:
-                raise RuntimeError(f"runtime: ray: actor {rank} died during round {self.round + 1} and was not "
-                                   f"back after {self.max_restarts} restarts: {str(e).splitlines()[0]}") from None
+                raise RuntimeError(
+                    f"runtime: ray: actor {rank} died during round {self.round + 1} and was not "
+                    f"back after {self.max_restarts} restarts: {str(e).splitlines()[0]}"
+                ) from None
         return replies
 
     def step(self) -> dict[str, float]:
@@ -264,7 +293,7 @@ class RayFedAvg(SyncFedAvg):
         weights_ref = self._ray.put(self.weights)
         refs = [self._submit(rank, weights_ref, share) for rank, share in enumerate(shares)]
         replies = self._gather(refs)
-        for reply in replies:       # the round is abandoned: weights, optimizer state and round unchanged
+        for reply in replies:  # the round is abandoned: weights, optimizer state and round unchanged
             if isinstance(reply[0], str):
                 _, c, error, detail = reply
                 raise ClientTrainingError(c, self.round + 1, error, detail)
@@ -276,8 +305,12 @@ class RayFedAvg(SyncFedAvg):
             self.server_opt.step(self.weights, total.div_(total_weight))
         self.round += 1
         seen = sum(r[3] for r in replies)
-        record = {"round": self.round, "train_loss": sum(r[2] for r in replies) / max(seen, 1),
-                  "examples_seen": seen, "clients": len(clients)}
+        record = {
+            "round": self.round,
+            "train_loss": sum(r[2] for r in replies) / max(seen, 1),
+            "examples_seen": seen,
+            "clients": len(clients),
+        }
         failed = [f for r in replies for f in r[5]]
         if self.on_client_error == "skip":
             record["failed_clients"] = len(failed)

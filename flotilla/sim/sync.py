@@ -9,6 +9,7 @@ step, the model and server-optimizer state stay as they were, and its metrics re
 All randomness is derived from (seed, round, client), so any round can be replayed and a
 resumed run is bit-identical to an uninterrupted one.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -17,10 +18,10 @@ from torch import nn
 
 from flotilla.core.aggregate import RoundAborted, WeightedMean
 from flotilla.core.client import ClientSpec, LocalTrainer, LossFn, client_seed
+from flotilla.core.dataset import FederatedDataset
 from flotilla.core.flat import FlatModel
 from flotilla.core.protocols import Components, Shape, refuse_unused
 from flotilla.core.server_opt import ServerOptimizer, ServerOptimizerSpec
-from flotilla.core.dataset import FederatedDataset
 
 
 def sample_cohort(seed: int, round_: int, population: int, cohort: int) -> np.ndarray:
@@ -52,8 +53,8 @@ class SyncFedAvg:
             raise ValueError(f"weighting: must be 'examples' or 'uniform', got {weighting!r}")
         self.dataset = dataset
         self.flat = FlatModel(model)
-        self.weights = self.flat.flat.clone()          # the global model
-        self.delta = torch.empty(self.flat.numel)      # reused by every client
+        self.weights = self.flat.flat.clone()  # the global model
+        self.delta = torch.empty(self.flat.numel)  # reused by every client
         self.server_opt = ServerOptimizer(server, self.flat.numel)
         parts = refuse_unused(components, "SyncFedAvg", ("client_update", "aggregator", "sampler"))
         if aggregator is not None and parts.aggregator is not None:
@@ -72,8 +73,7 @@ class SyncFedAvg:
 
     @classmethod
     def shape(cls, *, dataset: FederatedDataset, cohort: int, weighting: str = "examples", seed: int = 0, **_) -> Shape:
-        return Shape("SyncFedAvg", "round", "uniform", cohort, dataset.num_clients, dataset,
-                     weighting, seed)
+        return Shape("SyncFedAvg", "round", "uniform", cohort, dataset.num_clients, dataset, weighting, seed)
 
     def step(self) -> dict[str, float]:
         """Run one round; return its training metrics."""
@@ -94,9 +94,14 @@ class SyncFedAvg:
                 update = self.aggregator.result()
                 self.server_opt.step(self.weights, update)
         except RoundAborted as e:
-            aborted = e                                # no server step: weights and optimizer state untouched
+            aborted = e  # no server step: weights and optimizer state untouched
         self.round += 1
-        record = {"round": self.round, "train_loss": loss_sum / max(seen, 1), "examples_seen": seen, "clients": len(clients)}
+        record = {
+            "round": self.round,
+            "train_loss": loss_sum / max(seen, 1),
+            "examples_seen": seen,
+            "clients": len(clients),
+        }
         record.update(self.aggregator.round_metrics())
         if aborted is not None:
             record.update(aborted=True, abort_reason=str(aborted))

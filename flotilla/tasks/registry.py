@@ -6,6 +6,7 @@ Everything that knows tasks reads this registry: the config's ``task:`` union an
 Adding a task is one module that calls :func:`register` (see flotilla/tasks/fashion_mnist.py) and
 one import line in flotilla/tasks/__init__.py.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -30,9 +31,9 @@ class Task:
 @dataclass(frozen=True)
 class TaskType:
     name: str
-    schema: type                                   # pydantic Section with ``name: Literal[name]``
-    build: Callable[[Any, int], Task]              # (task config, seed) -> Task (data + seeded model + loss)
-    model: Callable[[Any], nn.Module]              # task config -> a fresh model (devices: no data needed)
+    schema: type  # pydantic Section with ``name: Literal[name]``
+    build: Callable[[Any, int], Task]  # (task config, seed) -> Task (data + seeded model + loss)
+    model: Callable[[Any], nn.Module]  # task config -> a fresh model (devices: no data needed)
 
 
 _TASKS: dict[str, TaskType] = {}
@@ -52,7 +53,8 @@ def task_names() -> list[str]:
 def task_config_union():
     """The ``task:`` config type: one schema per registered task, told apart by ``name``."""
     schemas = tuple(t.schema for t in _TASKS.values())
-    return Annotated[Union[schemas], Field(discriminator="name")] if len(schemas) > 1 else schemas[0]
+    # Union[...] over a runtime tuple: the X | Y spelling cannot take one
+    return Annotated[Union[schemas], Field(discriminator="name")] if len(schemas) > 1 else schemas[0]  # noqa: UP007
 
 
 def build_task(cfg, seed: int) -> Task:
@@ -68,8 +70,10 @@ def model_for_task(task: dict[str, Any]) -> nn.Module:
     """The model of a task config given as a plain dict (what the server sends a device at check-in)."""
     name = task.get("name")
     if name not in _TASKS:
-        raise ValueError(f"the server's task {name!r} has no model here (known tasks: {', '.join(task_names())}); "
-                         f"use the Python SDK (flotilla.client.Device) with your own model")
+        raise ValueError(
+            f"the server's task {name!r} has no model here (known tasks: {', '.join(task_names())}); "
+            f"use the Python SDK (flotilla.client.Device) with your own model"
+        )
     try:
         cfg = TypeAdapter(_TASKS[name].schema).validate_python(task)
     except ValidationError as e:
