@@ -71,7 +71,5 @@ def _refuse(cfg: FedProxConfig, s: Setting) -> str | None:
     return not_composable("fedprox", s, "trains with its own client update")
 
 
-ALGORITHM = ClientAlgorithm(
-    "fedprox", FedProxConfig, FedProxParts, _refuse,
-    network="the device SDK (flotilla/network/client.py) trains with LocalTrainer and the assignment does not carry "
-            "mu yet; run fedprox in the simulator or the fleet")
+# over the network the assignment carries mu and the device trains with FedProxTrainer (flotilla/network/client.py)
+ALGORITHM = ClientAlgorithm("fedprox", FedProxConfig, FedProxParts, _refuse)

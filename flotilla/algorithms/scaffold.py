@@ -84,9 +84,25 @@ class ControlVariates:
             raise RuntimeError(f"SCAFFOLD: an update from client {client} was accepted, but the control variates held "
                                f"are client {self._held}'s (the aggregator must see each update right after its training)")
         self.store.put(client, self._held_ci)
-        self.pending.add_(self._held_dc)
-        self.pending_count += 1
+        self.add(self._held_dc)
         self._held = None
+
+    def add(self, delta_c: torch.Tensor) -> None:
+        """An accepted client's ``delta c_i`` into the running sum (over the network the server gets it
+        in the upload; the device keeps its own ``c_i``)."""
+        self.pending.add_(delta_c)
+        self.pending_count += 1
+
+    # -- the device side over the network (flotilla.client.Device): one client, c from the download --
+    def held_delta(self, client: int) -> torch.Tensor | None:
+        """``delta c_i`` of ``client``'s last training (None if it took no step)."""
+        return self._held_dc if self._held == client else None
+
+    def keep(self, client: int) -> None:
+        """The server accepted ``client``'s upload: its ``c_i+`` becomes its ``c_i`` (no running sum here)."""
+        if self._held == client:
+            self.store.put(client, self._held_ci)
+            self._held = None
 
     def release(self) -> None:
         """The aggregate was released: ``c += sum(delta c_i) / N``."""
@@ -281,5 +297,5 @@ def _refuse(cfg: ScaffoldConfig, s: Setting) -> str | None:
 
 ALGORITHM = ClientAlgorithm(
     "scaffold", ScaffoldConfig, ScaffoldParts, _refuse,
-    network="the server's control variate c in the download and each device's delta c_i in the upload are not wired "
-            "into flotilla serve yet; run scaffold in the simulator or the fleet")
+    # over the network: c rides with the model download, delta c_i with the upload (flotilla/network/)
+)

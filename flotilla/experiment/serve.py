@@ -34,7 +34,9 @@ def server_from_config(cfg, state_dir: str | Path | None = None) -> FlotillaServ
                           "(set over-selection and deadlines under network:)")
     if cfg.mode == "async" and cfg.async_.algorithm != "fedbuff":
         raise ConfigError(f"invalid config:\n  async.algorithm: the network server runs fedbuff, not {cfg.async_.algorithm}")
-    why = network_refusal(cfg.client.algorithm)        # FedProx's mu, SCAFFOLD's c / delta c_i are not on the wire yet
+    # FedProx and SCAFFOLD run over the network (the assignment carries client.algorithm; SCAFFOLD's c
+    # rides with the download, delta c_i with the upload); an algorithm added later may not yet
+    why = network_refusal(cfg.client.algorithm)
     if why is None and cfg.eval.personalize is not None:
         why = "eval.personalize: personalised evaluation is not wired into flotilla serve yet; remove it"
     if why:
@@ -95,6 +97,7 @@ def _build_server(task, net, cfg, state_dir, settings, user, sample, evaluate_fn
         secure_buffer=cfg.secure_aggregation is not None and cfg.mode == "async",
         secure_masking=_masking(cfg), dp_sgd=sample,
         secure_max_norm=cfg.secure_aggregation.max_norm if cfg.secure_aggregation is not None else None,
+        client_algorithm=cfg.client.algorithm,
     )
 
 

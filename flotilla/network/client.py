@@ -230,6 +230,11 @@ class Assignment:
     clip_norm: float = 0.0           # > 0: clip the delta to this L2 norm before sealing (user-level DP)
     secagg: bool = False             # sync secure aggregation: run the masking protocol instead of uploading
     dp_sgd: Any = None               # sample-level DP (flotilla.privacy.SampleLevelSpec): train with DP-SGD
+    algorithm: dict[str, Any] | None = None   # client.algorithm (fedprox: mu; scaffold); None: FedAvg's local SGD
+
+    @property
+    def scaffold(self) -> bool:
+        return self.algorithm is not None and self.algorithm.get("name") == "scaffold"
 
 
 @dataclass
@@ -330,13 +335,14 @@ class Connection:
             x = r.assignment
             spec = json.loads(x.client_json)
             dp_sgd = spec.pop("dp_sgd", None)
+            algorithm = spec.pop("algorithm", None)
             if dp_sgd is not None:
                 from flotilla.privacy.sample import SampleLevelSpec
                 dp_sgd = SampleLevelSpec(**dp_sgd)
             a = Assignment(x.assignment_id, x.ticket, x.version, x.round, x.seed,
                            ClientSpec(**spec), x.numel, x.expires_in_s,
                            r.device_id, bytes(x.buffer_key), bytes(x.buffer_nonce), x.seal_weight, x.clip_norm,
-                           r.message == "secagg", dp_sgd)
+                           r.message == "secagg", dp_sgd, algorithm)
         return CheckIn(action, a, r.retry_after_s, json.loads(r.task_json or "{}"), r.device_id, r.message)
 
     def download(self, version: int, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -601,6 +607,10 @@ class Device:
         self.flat: FlatModel | None = None
         self.loss_fn = loss_fn
         self._trainer: LocalTrainer | None = None
+        self._trainer_key: tuple | None = None
+        # SCAFFOLD: this device's c_i (in memory; a device that restarts starts again from c_i = 0,
+        # SCAFFOLD's own initialisation) and the server's c of the assignment's version
+        self.variates = None
         self._dp_compatible = False
         self._data_checked = False
         self.dp_steps: dict[tuple, int] = {}      # (noise multiplier, sample rate, delta, accountant) -> DP-SGD steps
@@ -638,22 +648,54 @@ class Device:
         self.start = torch.empty(self.flat.numel)
         self.delta = torch.empty(self.flat.numel)
 
-    def _trainer_for(self, spec: ClientSpec, dp_sgd) -> LocalTrainer:
-        if self._trainer is None or self._trainer.spec != spec or getattr(self._trainer, "dp", None) != dp_sgd:
+    def _trainer_for(self, spec: ClientSpec, dp_sgd, algorithm: dict[str, Any] | None = None) -> LocalTrainer:
+        key = (json.dumps(algorithm, sort_keys=True) if algorithm is not None else None,)
+        if (self._trainer is None or self._trainer.spec != spec or getattr(self._trainer, "dp", None) != dp_sgd
+                or self._trainer_key != key):
             if hasattr(self._trainer, "close"):
                 self._trainer.close()
-            if dp_sgd is None:
+            if algorithm is not None:
+                if dp_sgd is not None:
+                    raise ValueError(f"the server asks for client.algorithm {algorithm.get('name')!r} and DP-SGD at "
+                                     "once; they do not compose")
+                self._trainer = self._algorithm_trainer(spec, algorithm)
+            elif dp_sgd is None:
                 self._trainer = LocalTrainer(self.flat, self.loss_fn, spec)
             else:
                 from flotilla.privacy.sample import DPLocalTrainer
                 self._trainer = DPLocalTrainer(self.flat, self.loss_fn, spec, dp_sgd)
+            self._trainer_key = key
         return self._trainer
+
+    def _algorithm_trainer(self, spec: ClientSpec, algorithm: dict[str, Any]) -> LocalTrainer:
+        """The client update of the server's ``client.algorithm``: the simulator's own trainers."""
+        from flotilla.algorithms.registry import as_config
+        try:
+            cfg = as_config(algorithm)
+        except Exception as e:  # noqa: BLE001 - pydantic's ValidationError or the registry's ValueError
+            raise ValueError(f"the server's client.algorithm {algorithm!r} is not one this SDK can run: "
+                             f"{str(e).splitlines()[0]}") from None
+        if cfg.name == "fedprox" and cfg.mu > 0:
+            from flotilla.algorithms.fedprox import FedProxTrainer
+            return FedProxTrainer(self.flat, self.loss_fn, spec, float(cfg.mu))
+        if cfg.name == "scaffold":
+            from flotilla.algorithms.scaffold import ScaffoldTrainer
+            return ScaffoldTrainer(self.flat, self.loss_fn, spec, self._variates())
+        return LocalTrainer(self.flat, self.loss_fn, spec)    # fedavg, or fedprox with mu = 0 (FedAvg exactly)
+
+    def _variates(self):
+        if self.variates is None:
+            from flotilla.algorithms.scaffold import ControlVariates
+            from flotilla.algorithms.store import MemoryStore
+            self.variates = ControlVariates(self.flat.numel, 1, MemoryStore(self.flat.numel))
+            self._download_buf = torch.empty(2 * self.flat.numel)    # weights, then the server's c
+        return self.variates
 
     def _train(self, a: Assignment):
         """Local training for assignment ``a`` (into ``self.delta``).  With DP-SGD the batch sampling
         and noise are seeded on the device, never from the server's seed (the server must not be
         able to replay the noise), and the device accounts its own epsilon over every DP-SGD step."""
-        trainer = self._trainer_for(a.client, a.dp_sgd)
+        trainer = self._trainer_for(a.client, a.dp_sgd, a.algorithm)
         if a.dp_sgd is None:
             return trainer.train(self.dataset, self.client, self.start, a.seed, self.delta)
         r = trainer.train(self.dataset, self.client, self.start, secrets.randbits(62), self.delta)
@@ -750,20 +792,29 @@ class Device:
                 self._prepare(ci.task, a.dp_sgd)
                 if a.numel != self.flat.numel:
                     raise ValueError(f"the server's model has {a.numel} parameters, this device's model has {self.flat.numel}")
+                if a.scaffold:
+                    self._trainer_for(a.client, a.dp_sgd, a.algorithm)   # c_i lives on across assignments
                 try:
-                    self._retry(report, self.conn.download, a.version, self.start)
+                    self._retry(report, self.conn.download, a.version, self._download_buf if a.scaffold else self.start)
                 except Refused as e:   # e.g. the version moved on between check-in and download
                     report.refused.append(str(e))
                     continue
+                payload = self.delta
+                if a.scaffold:   # the download is the weights, then the server's c of that version
+                    self.start.copy_(self._download_buf[:self.flat.numel])
+                    self.variates.c.copy_(self._download_buf[self.flat.numel:])
                 r = self._train(a)
                 report.tasks += 1
                 report.epsilon = self.epsilon()
-                if not math.isfinite(r.loss) or not bool(torch.isfinite(self.delta).all()):
+                if a.scaffold:   # the upload: the delta, then delta c_i (zero if no step was taken)
+                    dc = self.variates.held_delta(self.client)
+                    payload = torch.stack([self.delta, dc if dc is not None else torch.zeros_like(self.delta)])
+                if not math.isfinite(r.loss) or not bool(torch.isfinite(payload).all()):
                     self._give_up(report, a, "training diverged: the update has non-finite values "
                                              f"(train loss {r.loss:.4g}); a smaller client.lr may help")
                     continue
                 try:
-                    seq, version = self._upload_once(report, a, r)
+                    seq, version = self._upload_once(report, a, r, payload)
                 except Refused as e:
                     if e.training_finished:
                         return self._finished(report, e.details)
@@ -773,6 +824,8 @@ class Device:
                         self._give_up(report, a, e.details)   # the same delta would be refused again
                     continue
                 self._give_ups_in_a_row = 0
+                if a.scaffold:   # accepted: c_i+ becomes this device's c_i (as the server added its delta c_i)
+                    self.variates.keep(self.client)
                 info = {"seq": seq, "version": version, "assignment": a.id, "base_version": a.version}
                 if report.epsilon is not None:
                     info["epsilon"] = report.epsilon
@@ -789,11 +842,12 @@ class Device:
                 self._trainer = None
         return report
 
-    def _upload_once(self, report: DeviceReport, a: Assignment, r) -> tuple[int, int]:
+    def _upload_once(self, report: DeviceReport, a: Assignment, r, payload: torch.Tensor | None = None) -> tuple[int, int]:
         retried = False
         while True:
             try:
-                out = self.conn.upload(a, self.delta, r.num_examples, r.loss, r.examples_seen, r.steps)
+                out = self.conn.upload(a, self.delta if payload is None else payload, r.num_examples, r.loss,
+                                       r.examples_seen, r.steps)
                 self.backoff.reset()
                 return out
             except Refused as e:

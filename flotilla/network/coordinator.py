@@ -154,6 +154,7 @@ class Upload:
     delta: torch.Tensor | None        # None for a sealed upload (the server cannot read it)
     norm: float
     ephemeral_pk: bytes = b""         # sealed upload: the client's ephemeral X25519 key
+    control: torch.Tensor | None = None   # SCAFFOLD: the device's delta c_i (uploaded after the delta)
     ciphertext: bytes = b""           # sealed upload: what the secure buffer opens
     digest: str | None = None         # fingerprint() of the uploaded bytes (answers retries; commit computes it)
 
@@ -199,8 +200,20 @@ class Coordinator:
         masked=None,
         masked_release=None,
         uploads_per_device: int = 2,
+        scaffold_population: int | None = None,
     ):
         self.numel = weights.numel()
+        # SCAFFOLD (flotilla.algorithms.scaffold): the server's c and the sum of accepted delta c_i.
+        # c goes out with every model download (weights then c) and each upload carries delta c_i
+        # after the delta (shape [2, numel]); N = the enrolled devices.  The devices keep their c_i.
+        self.variates = None
+        if scaffold_population is not None:
+            from flotilla.algorithms.scaffold import ControlVariates
+            if sealed or masked is not None or privacy is not None:
+                raise ValueError("client.algorithm: scaffold needs each device's delta c_i in the clear, outside "
+                                 "user-level DP and secure aggregation; remove one")
+            self.variates = ControlVariates(self.numel, max(1, scaffold_population), store=None)
+        self.rows = 1 if self.variates is None else 2     # float32 vectors of numel in a download and an upload
         self.server_opt = server_opt
         self.settings = settings
         self.store = store
@@ -274,7 +287,7 @@ class Coordinator:
 
     # -- start-up ---------------------------------------------------------------------------
     def _recover(self) -> None:
-        rec = self.store.recover(self.numel, sealed=self.sealed)
+        rec = self.store.recover(self.numel * self.rows, sealed=self.sealed)
         for line in rec.repairs:
             log.warning("recovery: %s", line)
         if rec.tensors is not None:
@@ -285,6 +298,12 @@ class Coordinator:
             self.server_opt.load_state_dict({k.removeprefix("server_opt."): v for k, v in rec.tensors.items()
                                              if k.startswith("server_opt.")})
             self.algo.version = int(rec.meta["version"])
+            if self.variates is not None:
+                c = rec.tensors.get("scaffold.c")
+                if c is None or c.shape != self.variates.c.shape:
+                    raise ValueError(f"{self.store.path}: the saved state has no SCAFFOLD control variate scaffold.c "
+                                     f"for this model; it was not written by a server with client.algorithm: scaffold")
+                self.variates.c.copy_(c)
             self.counters.update(rec.meta.get("counters", {}))
             self.examples_seen_total = int(rec.meta.get("examples_seen", 0))
             if self.privacy is not None:
@@ -300,8 +319,8 @@ class Coordinator:
             log.warning("recovery: %s; dropped (ledger 'dropped' line, lost_on_restart)", why)
             self.store.drop(entries, "lost_on_restart", why, self.version)
             rec.dropped["lost_on_restart"] = rec.dropped.get("lost_on_restart", 0) + len(entries)
-        for entry, delta in ([] if self.sealed else rec.pending):
-            self._add(delta, entry)
+        for entry, payload in ([] if self.sealed else rec.pending):
+            self._add(payload[:self.numel], entry, payload[self.numel:] if self.variates is not None else None)
             self.buffer.append(entry)
             self.contributors.add(entry["device"])
         # ``accepted`` and ``dropped.*`` are authoritative in the ledger: recount them (a crash may
@@ -329,6 +348,8 @@ class Coordinator:
                 await self._step()
 
     def _serialize(self) -> bytes:
+        if self.variates is not None:   # SCAFFOLD: the server's c of this version rides with its weights
+            return torch.cat([self.weights, self.variates.c]).numpy().tobytes()
         return self.weights.numpy().tobytes()
 
     # -- what devices see -------------------------------------------------------------------
@@ -506,8 +527,11 @@ class Coordinator:
             why = (" (this server runs the secure buffer: seal the update to the buffer key sent with the assignment)"
                    if self.sealed else "")
             raise Refused("INVALID_ARGUMENT", "dtype", f"upload refused: dtype {dtype!r}, expected {expected!r}{why}")
-        if list(shape) != [self.numel]:
-            raise Refused("INVALID_ARGUMENT", "shape", f"upload refused: shape {tuple(shape)}, expected ({self.numel},)")
+        expected_shape = [self.numel] if self.variates is None else [2, self.numel]
+        if list(shape) != expected_shape:
+            why = "" if self.variates is None else " (SCAFFOLD: the delta, then delta c_i)"
+            raise Refused("INVALID_ARGUMENT", "shape",
+                          f"upload refused: shape {tuple(shape)}, expected {tuple(expected_shape)}{why}")
         self.check_numbers(num_examples, train_loss, examples_seen, "upload refused")
         return ticket, None
 
@@ -574,6 +598,18 @@ class Coordinator:
                           f"network.max_update_abs={cap:.4g}")
         return norm
 
+    def check_control(self, control: torch.Tensor, device: str) -> None:
+        """SCAFFOLD's delta c_i: the same value checks as an update (finite, within max_update_abs).
+        No norm bound: delta c_i is a gradient-sized quantity, max_update_norm bounds model deltas."""
+        top = float(control.abs().max()) if control.numel() else 0.0
+        if not math.isfinite(top):
+            raise Refused("INVALID_ARGUMENT", "nonfinite", f"upload refused: upload from {device}: delta c_i has "
+                          "non-finite values")
+        cap = self.settings.max_update_abs
+        if cap is not None and top > cap:
+            raise Refused("INVALID_ARGUMENT", "value", f"upload refused: a delta c_i value of magnitude {top:.4g} "
+                          f"exceeds network.max_update_abs={cap:.4g}")
+
     # -- committing ---------------------------------------------------------------------------
     async def commit(self, up: Upload, raw: bytes | memoryview) -> tuple[int, int]:
         """Make an upload count: durable first, then into the aggregator; maybe a server step.
@@ -609,7 +645,7 @@ class Coordinator:
                 await loop.run_in_executor(None, self.store.accept, entry)
                 self.next_seq += 1
                 if not self.sealed:
-                    self._add(up.delta, entry)
+                    self._add(up.delta, entry, up.control)
                 self.buffer.append(entry)
                 self.contributors.add(up.ticket.device)
                 self.table.settle(up.ticket)
@@ -627,12 +663,15 @@ class Coordinator:
     def _stage(self, raw) -> tuple[str, str]:
         return self.store.stage(raw), fingerprint(raw)
 
-    def _add(self, delta: torch.Tensor, entry: dict[str, Any]) -> None:
-        """Into the aggregator, exactly as the simulator adds (also used to rebuild the buffer on restart)."""
+    def _add(self, delta: torch.Tensor, entry: dict[str, Any], control: torch.Tensor | None = None) -> None:
+        """Into the aggregator, exactly as the simulator adds (also used to rebuild the buffer on restart);
+        SCAFFOLD: the accepted update's delta c_i into the running sum."""
         if self.settings.mode == "sync":
             self.aggregator.add(delta, float(entry["weight"]), entry["device"])
         elif self.aggregator.add(delta, float(entry["weight"]), int(entry["staleness"]), entry["device"]) == 0.0:
             raise RuntimeError(f"update #{entry['seq']} was dropped by the buffer as too stale after it was accepted")
+        if self.variates is not None:
+            self.variates.add(control)
 
     def _receive_sealed(self, up: Upload) -> None:
         """Relay a ciphertext into the secure buffer; its refusals leave the buffer unchanged."""
@@ -692,10 +731,14 @@ class Coordinator:
         """Core's server step on the aggregate; rolled back if it makes the model non-finite."""
         entries = self.buffer
         saved = (self.weights.clone(), self.server_opt.state_dict(),
-                 None if self.privacy is None else self.privacy.state())
+                 None if self.privacy is None else self.privacy.state(),
+                 None if self.variates is None else self.variates.c.clone())
         self.algo.step()            # server_opt.step(weights, aggregator.result()); reset; version += 1
+        if self.variates is not None:
+            self.variates.release()     # SCAFFOLD: c += sum(accepted delta c_i) / N
         # a float64 sum of float32 values cannot overflow, so it is finite iff every weight is
-        if not math.isfinite(float(self.weights.sum(dtype=torch.float64))):
+        if not math.isfinite(float(self.weights.sum(dtype=torch.float64))) or (
+                self.variates is not None and not math.isfinite(float(self.variates.c.sum(dtype=torch.float64)))):
             await self._roll_back(entries, saved)
             return
         meta_seen = sum(int(e["examples_seen"]) for e in entries)
@@ -705,6 +748,8 @@ class Coordinator:
             meta["dp"] = self.privacy.state()
         state = {"weights": self.weights}
         state.update({f"server_opt.{k}": v for k, v in self.server_opt.state.items()})
+        if self.variates is not None:
+            state["scaffold.c"] = self.variates.c
         self._served[self.version] = self._serialize()   # before any await: check-ins may hand it out
         await asyncio.get_running_loop().run_in_executor(None, self.store.step, self.version, entries, state, meta)
         self._new_round()
@@ -713,14 +758,18 @@ class Coordinator:
             record.update(self.privacy.metrics(self.version))
         if self.sealed:
             record["lost_on_restart"] = self.counters["dropped.lost_on_restart"]
+        if self.variates is not None:
+            record["scaffold_c_norm"] = float(self.variates.c.norm())
         log.info("step %d: %d updates, train_loss %.4f", self.version, len(entries), record["train_loss"])
         if self.on_step is not None:
             self.on_step(record)
 
     async def _roll_back(self, entries: list[dict[str, Any]], saved) -> None:
-        weights, opt_state, dp_state = saved
+        weights, opt_state, dp_state, c = saved
         bad = self.version
         self.weights.copy_(weights)
+        if c is not None:
+            self.variates.c.copy_(c)
         self.server_opt.load_state_dict(opt_state)
         if dp_state is not None:
             self.privacy.load(dp_state)
@@ -736,6 +785,8 @@ class Coordinator:
     def _new_round(self) -> None:
         """After a step (or a rolled-back one): empty buffer, a new round and selection."""
         self.aggregator.reset()
+        if self.variates is not None:
+            self.variates.discard()
         self.buffer = []
         self.contributors = set()
         self.round_started = self.clock()
@@ -765,6 +816,7 @@ class Coordinator:
             "rolled_back_steps": self.counters["rolled_back_steps"],
             "assigned": self.counters["assigned"],
             "timed_out": self.counters["timed_out"],
-            "weights_sha256": hashlib.sha256(self._served[self.version]).hexdigest(),
+            "weights_sha256": hashlib.sha256(self._served[self.version] if self.variates is None
+                                             else self._served[self.version][:4 * self.numel]).hexdigest(),
             **({} if self.privacy is None else {"privacy": self.privacy.report(self.version)}),
         }

@@ -152,6 +152,7 @@ class FlotillaServer:
         secure_max_norm: float | None = None,
         secure_masking=None,
         dp_sgd=None,
+        client_algorithm=None,
     ):
         if dp_sgd is not None:
             # sample-level DP runs on the devices (flotilla.client.Device); both sides make the model
@@ -166,7 +167,10 @@ class FlotillaServer:
         self.compression = wire.compression(compression)
         self.task_json = json.dumps(task or {})
         # what every assignment carries: the local training settings, and DP-SGD's (SampleLevelSpec) if on
-        self.client_json = json.dumps({**asdict(client), **({"dp_sgd": asdict(dp_sgd)} if dp_sgd is not None else {})})
+        algorithm = self._client_algorithm(client_algorithm, settings, privacy, dp_sgd, secure_buffer or secure_masking is not None)
+        self.client_json = json.dumps({**asdict(client), **({"dp_sgd": asdict(dp_sgd)} if dp_sgd is not None else {}),
+                                       **({"algorithm": algorithm} if algorithm is not None else {})})
+        self.scaffold = algorithm is not None and algorithm["name"] == "scaffold"
         self.evaluate = evaluate
         self.eval_every = eval_every
         self.linger_s = linger_s
@@ -178,6 +182,22 @@ class FlotillaServer:
         except BaseException:
             self.store.close()     # let go of the state directory's lock at once, not at garbage collection
             raise
+
+    @staticmethod
+    def _client_algorithm(cfg, settings, privacy, dp_sgd, secure) -> dict[str, Any] | None:
+        """The ``client.algorithm`` section the assignments carry (None: FedAvg, nothing sent, so
+        a plain run's assignments are unchanged); refused here as the simulator refuses it."""
+        if cfg is None:
+            return None
+        from flotilla.algorithms.registry import Setting, as_config, refusal
+        cfg = as_config(cfg)
+        if cfg.name == "fedavg":
+            return None
+        why = refusal(cfg, Setting("round" if settings.mode == "sync" else "buffer", True, "", dp_sgd is not None,
+                                   privacy is not None, secure))
+        if why:
+            raise ValueError(why)
+        return cfg.model_dump(mode="json")
 
     def _build(self, tokens, settings, server, aggregator, config, privacy, accountant, secure_buffer,
                secure_max_norm, secure_masking, limits) -> None:
@@ -228,6 +248,7 @@ class FlotillaServer:
             aggregator=aggregator, device_index=tokens.index, on_step=self._on_step, privacy=dp,
             sealed=secure_buffer, masked=secure_masking, masked_release=masked_release,
             uploads_per_device=limits.uploads_per_device,
+            scaffold_population=tokens.devices if self.scaffold else None,
         )
         # metrics written after the snapshot we resumed from are dropped (those steps are redone);
         # steps committed whose record a crash lost are written back from the ledger
@@ -356,7 +377,7 @@ class FlotillaServer:
             a = reply.assignment
             a.assignment_id, a.ticket, a.version, a.round = result.id, self.coord.ticket_text(result), result.version, result.round
             a.seed, a.client_json, a.numel = result.seed, self.client_json, self.coord.numel
-            a.expires_in_s, a.model_bytes = max(0.0, result.expires - time.time()), 4 * self.coord.numel
+            a.expires_in_s, a.model_bytes = max(0.0, result.expires - time.time()), 4 * self.coord.numel * self.coord.rows
             if self.coord.sealed:
                 a.buffer_key, a.buffer_nonce = self.coord.seal_info(result)
                 a.seal_weight = 1.0 if self.coord.settings.weighting == "uniform" else 0.0   # 0: num_examples
@@ -430,7 +451,7 @@ class FlotillaServer:
                     # At most `upload_slots` deltas are held in memory at once, whatever the concurrency;
                     # the other streams wait here, throttled by HTTP/2 flow control.
                     async with self._upload_slots:
-                        buf = await self._receive_body(request_iterator, c.numel, c.sealed)
+                        buf = await self._receive_body(request_iterator, c.numel * c.rows, c.sealed)
             except TimeoutError:
                 raise Refused("DEADLINE_EXCEEDED", "stalled",
                               f"upload refused: the stream did not finish within {self.limits.upload_timeout_s:g} s "
@@ -445,9 +466,13 @@ class FlotillaServer:
                 up = Upload(ticket, int(h.num_examples), float(h.train_loss), int(h.examples_seen), None, math.nan,
                             bytes(h.ephemeral_pk), bytes(buf))
             else:
-                delta = torch.frombuffer(buf, dtype=torch.float32)
+                payload = torch.frombuffer(buf, dtype=torch.float32)
+                delta, control = (payload, None) if c.variates is None else (payload[:c.numel], payload[c.numel:])
                 norm = c.check_delta(delta, who.device)
-                up = Upload(ticket, int(h.num_examples), float(h.train_loss), int(h.examples_seen), delta, norm)
+                if control is not None:
+                    c.check_control(control, who.device)
+                up = Upload(ticket, int(h.num_examples), float(h.train_loss), int(h.examples_seen), delta, norm,
+                            control=control)
             # Shielded: a client hanging up must not cut a commit (or a server step) in half.  The
             # assignment's upload slot is held until the commit ends, so a retry sent meanwhile is
             # told "busy" and then gets the commit's answer, not a replay refusal.
