@@ -388,20 +388,23 @@ def test_build_refuses_what_config_would_and_clashing_components():
     assert algorithm_parts({"name": "fedavg"}, shape, Setting.of(shape)).components.given() == []
 
 
-def test_serve_refuses_algorithms_the_network_cannot_carry():
+def test_serve_takes_fedprox_and_scaffold_and_refuses_personalized_evaluation():
+    """FedProx and SCAFFOLD run over the network (tests/test_network_algorithms.py): serve gets past
+    them to the network files; eval.personalize is still refused."""
     from flotilla.experiment.serve import server_from_config
 
     net = {"tls": {"cert": "c.pem", "key": "k.pem"}, "tokens": "t.txt"}
-    for algorithm, says in [
-        ({"name": "scaffold"}, "scaffold does not run over the network yet"),
-        ({"name": "fedprox", "mu": 0.1}, "fedprox does not run over the network yet"),
-    ]:
+    for algorithm in ({"name": "scaffold"}, {"name": "fedprox", "mu": 0.1}):
         try:
             cfg = validate({**BASE, "client": {"algorithm": algorithm}, "network": net})
         except ConfigError as e:  # the network section's own checks (files exist) may come first
             pytest.skip(f"network section not valid here: {e}")
-        with pytest.raises(ConfigError, match=says):
+        with pytest.raises((FileNotFoundError, ValueError)) as e:
             server_from_config(cfg)
+        assert not isinstance(e.value, ConfigError) and "network" in str(e.value), e.value
+    cfg = validate({**BASE, "eval": {"personalize": {"steps": 2}}, "network": net})
+    with pytest.raises(ConfigError, match="eval.personalize"):
+        server_from_config(cfg)
 
 
 def test_train_reaches_the_algorithms_by_yaml_names():
