@@ -64,6 +64,18 @@ class Algorithm(Protocol):
     def close(self) -> None: ...  # release worker processes, hooks; called once the run ends
 
 
+class RuntimeAlgorithm(Protocol):
+    """A runtime's algorithm class (SyncFedAvg, ParallelFedAvg, RayFedAvg, the fleet simulators): it
+    declares its Shape from the constructor's arguments before it is built, and is built once with
+    the components privacy, secure aggregation and the client algorithm contribute.  The experiment
+    layer's runtime registry (flotilla.experiment.runtimes) says which config selects which."""
+
+    @classmethod
+    def shape(cls, **kwargs: Any) -> Shape: ...
+
+    def __call__(self, *, components: Components | None = None, **kwargs: Any) -> Algorithm: ...
+
+
 Sampler = Callable[[int, int, int, int], np.ndarray]  # (seed, round, population, cohort) -> client ids
 
 
