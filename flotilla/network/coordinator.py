@@ -154,9 +154,9 @@ class Upload:
     delta: torch.Tensor | None        # None for a sealed upload (the server cannot read it)
     norm: float
     ephemeral_pk: bytes = b""         # sealed upload: the client's ephemeral X25519 key
-    control: torch.Tensor | None = None   # SCAFFOLD: the device's delta c_i (uploaded after the delta)
     ciphertext: bytes = b""           # sealed upload: what the secure buffer opens
     digest: str | None = None         # fingerprint() of the uploaded bytes (answers retries; commit computes it)
+    control: torch.Tensor | None = None   # SCAFFOLD: the device's delta c_i (uploaded after the delta)
 
 
 def fingerprint(data) -> str:
