@@ -120,6 +120,20 @@ def test_scaffold_over_the_network_equals_the_simulator(pki, tmp_path):
     assert metrics[-1]["scaffold_c_norm"] == pytest.approx(float(coord.variates.c.norm()), rel=1e-6)
 
 
+def test_scaffold_devices_in_async_fedbuff_keep_c_the_mean_of_their_c_i(pki, tmp_path):
+    ds = synthetic_dataset(num_clients=DEVICES, per_client=20)
+    srv = server(pki, tmp_path / "s", {"name": "scaffold"}, mode="async", concurrency=DEVICES, buffer_size=2,
+                 total_steps=3, retry_after_s=0.05)
+    with ServerThread(srv) as st:
+        devices = run_devices(pki, st, ds, DEVICES)
+    coord = st.server.coord
+    assert coord.version == 3 and coord.variates.pending_count == 0
+    assert sum(len(d.variates.store) for d in devices) >= 2
+    rows = [d.variates.store._rows.get(i, torch.zeros(NUMEL)) for i, d in enumerate(devices)]
+    assert torch.allclose(coord.variates.c, torch.stack(rows).sum(0) / DEVICES, atol=1e-6, rtol=0)
+    assert float(coord.variates.c.abs().max()) > 1e-2
+
+
 def payload(delta, dc) -> torch.Tensor:
     return torch.stack([delta, dc])
 
