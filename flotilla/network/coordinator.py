@@ -47,13 +47,14 @@ User-level DP (``privacy``, :mod:`flotilla.network.dp`): the aggregator is the p
 DPFedAvg (sync) or DPFedBuff (async); epsilon is reported by step and ``done`` comes at the
 budget.  Secure buffer (``sealed``, async only): the aggregator is a SecureFedBuff, assignment ids
 are the buffer's nonces, and uploads are ciphertexts relayed into it (:meth:`_receive_sealed`).
+Sealed updates buffered when the server stops cannot be opened by the restarted buffer (its key
+lives only in memory): recovery drops them with a ledger line (``lost_on_restart``), removes their
+files and counts them in ``status`` and metrics.
+
 SCAFFOLD (``scaffold_population``, flotilla.algorithms.scaffold's ``ControlVariates``): the server
 keeps ``c`` (in the snapshot as ``scaffold.c``), serves it after the weights of each version, takes
 each device's ``delta c_i`` after its delta in the upload, adds those of accepted uploads only and
 moves ``c`` by ``sum / N`` at every step; the devices keep their own ``c_i``.
-Sealed updates buffered when the server stops cannot be opened by the restarted buffer (its key
-lives only in memory): recovery drops them with a ledger line (``lost_on_restart``), removes their
-files and counts them in ``status`` and metrics.
 """
 from __future__ import annotations
 
