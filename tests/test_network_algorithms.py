@@ -216,3 +216,23 @@ def test_a_device_refuses_an_algorithm_it_does_not_know(pki):
     with pytest.raises(ValueError, match="client.algorithm .*not one this SDK can run"):
         d._trainer_for(SPEC, None, {"name": "ditto"})
     d.conn.close()
+
+
+def test_flotilla_serve_builds_fedprox_and_scaffold_servers_from_the_config(pki, tmp_path):
+    import yaml
+
+    from flotilla.config import ConfigError, load_config
+    from flotilla.experiment.serve import server_from_config
+    cfg = {"task": {"name": "fashion-mnist", "num_clients": 4, "examples_per_client": 5}, "rounds": 1, "cohort": 2,
+           "network": {"tls": {"cert": str(pki.paths["server_pem"]), "key": str(pki.paths["server_key"])},
+                       "tokens": str(pki.paths["tokens_json"])}}
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    srv = server_from_config(load_config(path, ["client.algorithm={name: fedprox, mu: 0.3}"]), state_dir=tmp_path / "a")
+    srv.store.close()
+    assert json.loads(srv.client_json)["algorithm"] == {"name": "fedprox", "mu": 0.3} and srv.coord.variates is None
+    srv = server_from_config(load_config(path, ["client.algorithm={name: scaffold}"]), state_dir=tmp_path / "b")
+    srv.store.close()
+    assert srv.coord.variates.population == DEVICES and srv.coord.rows == 2
+    with pytest.raises(ConfigError, match="secure aggregation would hide"):
+        load_config(path, ["client.algorithm={name: scaffold}", "secure_aggregation={}"])
