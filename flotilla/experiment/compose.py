@@ -16,8 +16,8 @@ from typing import Any
 
 from flotilla.algorithms import Setting, algorithm_parts
 from flotilla.core.protocols import Components
-from flotilla.privacy import PrivacyParts, PrivacySpec, prepare_model
-from flotilla.secure.wiring import SecureParts
+
+# flotilla.privacy (Opacus: ~1.5 s of imports) and flotilla.secure are imported only by runs that use them.
 
 
 def _no_clash(mine: Components, theirs: Components, who: str, name: str) -> None:
@@ -48,8 +48,14 @@ def build_algorithm(
         algo = algorithm_parts(client_algorithm, shape, Setting.of(shape, privacy, secure_aggregation))
     private = None
     if privacy is not None:
+        from flotilla.privacy import PrivacyParts, PrivacySpec, prepare_model
+
         private = PrivacyParts(PrivacySpec.from_dict(privacy), shape, rounds=rounds, eval_every=eval_every)
-    secure = SecureParts(secure_aggregation, shape, private) if secure_aggregation is not None else None
+    secure = None
+    if secure_aggregation is not None:
+        from flotilla.secure.wiring import SecureParts
+
+        secure = SecureParts(secure_aggregation, shape, private)
     components = algo.components if algo is not None else Components()
     if private is not None:
         if algo is not None:
