@@ -8,6 +8,7 @@ the imports saves each of them the ~2 s of CPU that importing torch costs.  No g
 torch thread exists in the parent before the forks.  The parent prints one JSON line of exit
 codes when every child has ended, and exits non-zero if any child did.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # The heavy imports, done once before forking.  Nothing runs a torch op here: a thread pool
 # started before fork() would be unusable in the children.
 from flotilla.cli import main as flotilla_main  # noqa: E402
-from flotilla.tasks import TaskConfig  # noqa: E402,F401  (imported by model_for_task)
 from flotilla.network.client import Device  # noqa: E402,F401
+from flotilla.tasks import TaskConfig  # noqa: E402,F401  (imported by model_for_task)
 from flotilla.tasks.models import SmallCNN  # noqa: E402,F401  (imported by model_for_task)
 
 

@@ -1,4 +1,5 @@
 """Shared pieces of the network tests: certificates, an in-process server, tokens."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -31,12 +32,27 @@ def tiny_model(seed: int = 0, out: int = 3) -> nn.Module:
     return nn.Linear(5, out)
 
 
-def start_server(pki: PKI, state_dir: Path, model: nn.Module | None = None, *, limits: Limits = Limits(),
-                 require_client_cert: bool = False, linger_s: float = 0.0, task: dict | None = None,
-                 **settings) -> ServerThread:
+def start_server(
+    pki: PKI,
+    state_dir: Path,
+    model: nn.Module | None = None,
+    *,
+    limits: Limits = Limits(),
+    require_client_cert: bool = False,
+    linger_s: float = 0.0,
+    task: dict | None = None,
+    **settings,
+) -> ServerThread:
     settings.setdefault("selection_window_s", 0.0)
     server = FlotillaServer(
-        model if model is not None else tiny_model(), tls=pki.tls(require_client_cert),
-        tokens=TokenTable.load(pki.paths["tokens_json"]), state_dir=state_dir,
-        settings=CoordinatorSettings(**settings), limits=limits, fsync=False, linger_s=linger_s, task=task)
+        model if model is not None else tiny_model(),
+        tls=pki.tls(require_client_cert),
+        tokens=TokenTable.load(pki.paths["tokens_json"]),
+        state_dir=state_dir,
+        settings=CoordinatorSettings(**settings),
+        limits=limits,
+        fsync=False,
+        linger_s=linger_s,
+        task=task,
+    )
     return ServerThread(server)

@@ -3,6 +3,7 @@
 Every bad request must be refused with a clear error and leave the model, the buffer and the
 ledger exactly as they were.  Multi-process training runs are in test_network_e2e.py.
 """
+
 from __future__ import annotations
 
 import json
@@ -65,8 +66,11 @@ def test_plaintext_and_untrusted_connections_fail(pki, tmp_path):
             call(b"", timeout=5)
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE
         channel.close()
-        other = PKI(tmp_path / "other", devices=1)   # a CA this server's certificate is not from
-        with Connection(f"localhost:{st.port}", pki.token(0), ca=other.ca, timeout_s=5) as c, pytest.raises(Refused) as e:
+        other = PKI(tmp_path / "other", devices=1)  # a CA this server's certificate is not from
+        with (
+            Connection(f"localhost:{st.port}", pki.token(0), ca=other.ca, timeout_s=5) as c,
+            pytest.raises(Refused) as e,
+        ):
             c.check_in()
         assert e.value.code == grpc.StatusCode.UNAVAILABLE
 
@@ -88,33 +92,67 @@ def test_every_bad_upload_is_refused_and_the_model_is_unchanged(pki, tmp_path):
         before = status(st)
         good = torch.full((NUMEL,), 0.01)
         bad_cases = [
-            ("nonfinite", grpc.StatusCode.INVALID_ARGUMENT, "non-finite",
-             lambda: c0.upload(a, torch.tensor([float("nan")] + [0.0] * (NUMEL - 1)), 10)),
-            ("nonfinite", grpc.StatusCode.INVALID_ARGUMENT, "non-finite",
-             lambda: c0.upload(a, torch.full((NUMEL,), float("inf")), 10)),
-            ("shape", grpc.StatusCode.INVALID_ARGUMENT, "shape (17,), expected (18,)",
-             lambda: c0.upload(a, torch.zeros(NUMEL - 1), 10)),
-            ("truncated", grpc.StatusCode.INVALID_ARGUMENT, "stream ended after 68",
-             lambda: c0.upload_raw(a.ticket, a.version, "float32", [NUMEL], torch.zeros(NUMEL - 1).numpy(), 10)),
-            ("shape", grpc.StatusCode.INVALID_ARGUMENT, "more than the 72 bytes",
-             lambda: c0.upload_raw(a.ticket, a.version, "float32", [NUMEL], torch.zeros(NUMEL + 1).numpy(), 10)),
-            ("dtype", grpc.StatusCode.INVALID_ARGUMENT, "dtype 'float64'",
-             lambda: c0.upload(a, good.double(), 10)),
-            ("norm", grpc.StatusCode.INVALID_ARGUMENT, "exceeds the bound 10",
-             lambda: c0.upload(a, torch.full((NUMEL,), 5.0), 10)),
-            ("examples", grpc.StatusCode.INVALID_ARGUMENT, "num_examples=0",
-             lambda: c0.upload(a, good, 0)),
-            ("examples", grpc.StatusCode.INVALID_ARGUMENT, "num_examples=5000",
-             lambda: c0.upload(a, good, 5000)),
-            ("version", grpc.StatusCode.INVALID_ARGUMENT, "names model version 3",
-             lambda: c0.upload_raw(a.ticket, 3, "float32", [NUMEL], good.numpy(), 10)),
-            ("ticket", grpc.StatusCode.PERMISSION_DENIED, "not one this server signed",
-             lambda: c0.upload_raw(a.ticket[:-4] + "0000", a.version, "float32", [NUMEL], good.numpy(), 10)),
-            ("ticket", grpc.StatusCode.PERMISSION_DENIED, "belongs to another device",
-             lambda: c1.upload(a, good, 10)),
+            (
+                "nonfinite",
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "non-finite",
+                lambda: c0.upload(a, torch.tensor([float("nan")] + [0.0] * (NUMEL - 1)), 10),
+            ),
+            (
+                "nonfinite",
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "non-finite",
+                lambda: c0.upload(a, torch.full((NUMEL,), float("inf")), 10),
+            ),
+            (
+                "shape",
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "shape (17,), expected (18,)",
+                lambda: c0.upload(a, torch.zeros(NUMEL - 1), 10),
+            ),
+            (
+                "truncated",
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "stream ended after 68",
+                lambda: c0.upload_raw(a.ticket, a.version, "float32", [NUMEL], torch.zeros(NUMEL - 1).numpy(), 10),
+            ),
+            (
+                "shape",
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "more than the 72 bytes",
+                lambda: c0.upload_raw(a.ticket, a.version, "float32", [NUMEL], torch.zeros(NUMEL + 1).numpy(), 10),
+            ),
+            ("dtype", grpc.StatusCode.INVALID_ARGUMENT, "dtype 'float64'", lambda: c0.upload(a, good.double(), 10)),
+            (
+                "norm",
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "exceeds the bound 10",
+                lambda: c0.upload(a, torch.full((NUMEL,), 5.0), 10),
+            ),
+            ("examples", grpc.StatusCode.INVALID_ARGUMENT, "num_examples=0", lambda: c0.upload(a, good, 0)),
+            ("examples", grpc.StatusCode.INVALID_ARGUMENT, "num_examples=5000", lambda: c0.upload(a, good, 5000)),
+            (
+                "version",
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "names model version 3",
+                lambda: c0.upload_raw(a.ticket, 3, "float32", [NUMEL], good.numpy(), 10),
+            ),
+            (
+                "ticket",
+                grpc.StatusCode.PERMISSION_DENIED,
+                "not one this server signed",
+                lambda: c0.upload_raw(a.ticket[:-4] + "0000", a.version, "float32", [NUMEL], good.numpy(), 10),
+            ),
+            ("ticket", grpc.StatusCode.PERMISSION_DENIED, "belongs to another device", lambda: c1.upload(a, good, 10)),
             # one message over the 64 KiB limit: gRPC itself refuses it, the server counts the cut stream
-            ("truncated", grpc.StatusCode.RESOURCE_EXHAUSTED, "larger than max",
-             lambda: c0.upload_raw(a.ticket, a.version, "float32", [NUMEL], bytes(100 << 10), 10, chunk_bytes=100 << 10)),
+            (
+                "truncated",
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "larger than max",
+                lambda: c0.upload_raw(
+                    a.ticket, a.version, "float32", [NUMEL], bytes(100 << 10), 10, chunk_bytes=100 << 10
+                ),
+            ),
         ]
         for reason, code, text, call in bad_cases:
             with pytest.raises(Refused) as e:
@@ -150,12 +188,12 @@ def test_sync_round_applies_the_weighted_mean_and_refuses_late_uploads(pki, tmp_
     with start_server(pki, tmp_path / "s", cohort=2, over_selection=1.5) as st:
         w0 = st.server.coord.weights.clone()
         conns = [connect(pki, st, i) for i in range(3)]
-        asg = [assignment(c) for c in conns]        # ceil(2 * 1.5) = 3 assignments for round 0
+        asg = [assignment(c) for c in conns]  # ceil(2 * 1.5) = 3 assignments for round 0
         with connect(pki, st, 3) as c3:
             assert c3.check_in(10).action == "wait"  # no slot left
         d0, d1 = torch.full((NUMEL,), 0.1), torch.full((NUMEL,), -0.2)
         conns[0].upload(asg[0], d0, 10)
-        assert conns[1].upload(asg[1], d1, 30) == (1, 1)     # second update closes the round
+        assert conns[1].upload(asg[1], d1, 30) == (1, 1)  # second update closes the round
         expected = w0 + (10 * d0 + 30 * d1) / 40
         assert torch.allclose(st.server.coord.weights, expected, atol=1e-7)
         before = status(st)["weights_sha256"]
@@ -173,10 +211,10 @@ def test_async_refuses_updates_beyond_the_staleness_limit(pki, tmp_path):
         c = [connect(pki, st, i) for i in range(3)]
         old, a1, a2 = assignment(c[0]), assignment(c[1]), assignment(c[2])
         assert c[1].upload(a1, torch.full((NUMEL,), 0.01), 10) == (0, 1)
-        assert c[2].upload(a2, torch.full((NUMEL,), 0.01), 10) == (1, 2)   # staleness 1: accepted
+        assert c[2].upload(a2, torch.full((NUMEL,), 0.01), 10) == (1, 2)  # staleness 1: accepted
         before = status(st)
         with pytest.raises(Refused) as e:
-            c[0].upload(old, torch.full((NUMEL,), 0.01), 10)                # staleness 2 > 1
+            c[0].upload(old, torch.full((NUMEL,), 0.01), 10)  # staleness 2 > 1
         assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION
         assert "stale, trained from version 0, server is at 2" in str(e.value)
         after = status(st)
@@ -188,10 +226,10 @@ def test_async_refuses_updates_beyond_the_staleness_limit(pki, tmp_path):
 def test_vanished_clients_time_out_and_are_replaced(pki, tmp_path):
     with start_server(pki, tmp_path / "s", cohort=1, over_selection=1.0, assignment_timeout_s=0.5) as st:
         with connect(pki, st, 0) as c0, connect(pki, st, 1) as c1:
-            gone = assignment(c0)                    # device 0 takes the only slot and vanishes
+            gone = assignment(c0)  # device 0 takes the only slot and vanishes
             assert c1.check_in(10).action == "wait"
             time.sleep(0.7)
-            replacement = assignment(c1)             # its slot went to device 1
+            replacement = assignment(c1)  # its slot went to device 1
             assert status(st)["timed_out"] == 1
             with pytest.raises(Refused) as e:
                 c0.upload(gone, torch.zeros(NUMEL), 10)
@@ -208,14 +246,14 @@ def test_request_rate_limit(pki, tmp_path):
             with pytest.raises(Refused) as e:
                 c.status()
             assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "rate limit" in str(e.value)
-        with connect(pki, st, 1) as other:       # the limit is per device
+        with connect(pki, st, 1) as other:  # the limit is per device
             other.status()
 
 
 @pytest.mark.parametrize("compression", ["none", "gzip"])
 def test_models_larger_than_a_message_stream_in_chunks(pki, tmp_path, compression):
     torch.manual_seed(0)
-    model = nn.Linear(1000, 50)                  # 50,050 floats = 200 KB > the 64 KiB message limit
+    model = nn.Linear(1000, 50)  # 50,050 floats = 200 KB > the 64 KiB message limit
     limits = Limits(max_message_bytes=64 << 10, chunk_bytes=16 << 10)
     with start_server(pki, tmp_path / "s", model, cohort=1, limits=limits) as st:
         with connect(pki, st, 0, chunk_bytes=16 << 10, compression=compression) as c:
@@ -237,12 +275,13 @@ def test_devices_train_with_the_simulators_local_trainer(pki, tmp_path):
         def device(i):
             torch.manual_seed(i)
             reports[i] = Device(f"localhost:{st.port}", pki.token(i), nn.Linear(5, 3), data, client=i, ca=pki.ca).run()
+
         threads = [threading.Thread(target=device, args=(i,)) for i in range(4)]
         for t in threads:
             t.start()
         for t in threads:
             t.join(60)
-        assert not any(t.is_alive() for t in threads)   # every device was told "done"
+        assert not any(t.is_alive() for t in threads)  # every device was told "done"
     assert st.server.coord.version == 4
     ledger = [json.loads(x) for x in (tmp_path / "s" / "ledger.jsonl").read_text().splitlines()]
     accepted = [r["assignment"] for r in ledger if r["event"] == "accepted"]
@@ -257,21 +296,23 @@ def test_devices_train_with_the_simulators_local_trainer(pki, tmp_path):
 
 
 def test_sync_round_closes_at_its_deadline_with_min_updates(pki, tmp_path):
-    with start_server(pki, tmp_path / "s", cohort=3, min_updates=2, round_deadline_s=0.6, assignment_timeout_s=30) as st:
+    with start_server(
+        pki, tmp_path / "s", cohort=3, min_updates=2, round_deadline_s=0.6, assignment_timeout_s=30
+    ) as st:
         w0 = st.server.coord.weights.clone()
         conns = [connect(pki, st, i) for i in range(3)]
         asg = [assignment(c) for c in conns]
         conns[0].upload(asg[0], torch.full((NUMEL,), 0.1), 10)
         time.sleep(1.0)
-        assert status(st)["version"] == 0            # deadline passed with 1 < min_updates: extended
+        assert status(st)["version"] == 0  # deadline passed with 1 < min_updates: extended
         conns[1].upload(asg[1], torch.full((NUMEL,), 0.3), 10)
-        for _ in range(40):                          # the next deadline closes it with 2 updates
+        for _ in range(40):  # the next deadline closes it with 2 updates
             if status(st)["version"] == 1:
                 break
             time.sleep(0.05)
         assert status(st)["version"] == 1
         assert torch.allclose(st.server.coord.weights, w0 + 0.2)
-        with pytest.raises(Refused) as e:            # the straggler is late
+        with pytest.raises(Refused) as e:  # the straggler is late
             conns[2].upload(asg[2], torch.zeros(NUMEL), 10)
         assert "late" in str(e.value)
         for c in conns:

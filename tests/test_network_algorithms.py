@@ -1,5 +1,6 @@
 """Client algorithms over the network (flotilla serve + flotilla.client.Device): FedProx's mu in the
 assignment, SCAFFOLD's c with the download and delta c_i with the upload, against the simulator."""
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,8 @@ from flotilla.sim.sync import SyncFedAvg
 from tests.helpers import synthetic_dataset
 from tests.network_helpers import PKI, tiny_model
 
-NUMEL = 18      # nn.Linear(5, 3)
-DEVICES = 4     # the token table's devices: SCAFFOLD's N
+NUMEL = 18  # nn.Linear(5, 3)
+DEVICES = 4  # the token table's devices: SCAFFOLD's N
 SEED = 3
 SPEC = ClientSpec(steps=3, batch_size=8, lr=0.1)
 
@@ -36,10 +37,17 @@ def pki(tmp_path_factory):
 
 def server(pki, state_dir, algorithm, model=None, **settings) -> FlotillaServer:
     settings = {"selection_window_s": 0.0, "seed": SEED, **settings}
-    return FlotillaServer(model if model is not None else tiny_model(), tls=pki.tls(),
-                          tokens=TokenTable.load(pki.paths["tokens_json"]), state_dir=state_dir,
-                          settings=CoordinatorSettings(**settings), client=SPEC, fsync=False, linger_s=1.0,
-                          client_algorithm=algorithm)
+    return FlotillaServer(
+        model if model is not None else tiny_model(),
+        tls=pki.tls(),
+        tokens=TokenTable.load(pki.paths["tokens_json"]),
+        state_dir=state_dir,
+        settings=CoordinatorSettings(**settings),
+        client=SPEC,
+        fsync=False,
+        linger_s=1.0,
+        client_algorithm=algorithm,
+    )
 
 
 def connect(pki, st, i) -> Connection:
@@ -80,7 +88,7 @@ def test_fedprox_mu_reaches_the_device_and_its_update_is_the_simulators(pki, tmp
     FedProxTrainer(flat, F.cross_entropy, SPEC, 0.5).train(ds, 0, w0, seed, prox)
     LocalTrainer(flat, F.cross_entropy, SPEC).train(ds, 0, w0, seed, avg)
     assert torch.allclose(got, prox, atol=1e-6, rtol=0)
-    assert (got - avg).abs().max() > 1e-3          # mu changed the update: not FedAvg's
+    assert (got - avg).abs().max() > 1e-3  # mu changed the update: not FedAvg's
 
 
 def test_a_plain_run_sends_no_algorithm_and_only_the_weights(pki, tmp_path):
@@ -96,9 +104,21 @@ def test_scaffold_over_the_network_equals_the_simulator(pki, tmp_path):
     SCAFFOLD: same cohorts, seeds and data; only the order updates are summed in differs."""
     ds = synthetic_dataset(num_clients=DEVICES, per_client=20)
     rounds = 3
-    sim = build_algorithm(SyncFedAvg, dict(model=tiny_model(), dataset=ds, loss_fn=F.cross_entropy, cohort=DEVICES,
-                                           client=SPEC, server=ServerOptimizerSpec(), weighting="examples", seed=SEED),
-                          client_algorithm={"name": "scaffold", "store": "memory"}, rounds=rounds)[0]
+    sim = build_algorithm(
+        SyncFedAvg,
+        dict(
+            model=tiny_model(),
+            dataset=ds,
+            loss_fn=F.cross_entropy,
+            cohort=DEVICES,
+            client=SPEC,
+            server=ServerOptimizerSpec(),
+            weighting="examples",
+            seed=SEED,
+        ),
+        client_algorithm={"name": "scaffold", "store": "memory"},
+        rounds=rounds,
+    )[0]
     for _ in range(rounds):
         sim.step()
     srv = server(pki, tmp_path / "s", {"name": "scaffold"}, cohort=DEVICES, over_selection=1.0, total_steps=rounds)
@@ -108,9 +128,9 @@ def test_scaffold_over_the_network_equals_the_simulator(pki, tmp_path):
     assert coord.version == rounds and coord.variates.population == DEVICES
     assert torch.allclose(coord.weights, sim.weights, atol=1e-6, rtol=0)
     assert torch.allclose(coord.variates.c, sim.variates.c, atol=1e-6, rtol=0)
-    assert float(coord.variates.c.abs().max()) > 1e-2                 # c moved
+    assert float(coord.variates.c.abs().max()) > 1e-2  # c moved
     ci, ci_sim = torch.empty(NUMEL), torch.empty(NUMEL)
-    for i, d in enumerate(devices):                                    # each device kept its c_i across rounds
+    for i, d in enumerate(devices):  # each device kept its c_i across rounds
         assert d.variates.store.get(i, ci) and sim.variates.store.get(i, ci_sim)
         assert torch.allclose(ci, ci_sim, atol=1e-6, rtol=0)
     # c is the mean of the devices' c_i (each c_i is the sum of that device's accepted delta c_i)
@@ -122,8 +142,16 @@ def test_scaffold_over_the_network_equals_the_simulator(pki, tmp_path):
 
 def test_scaffold_devices_in_async_fedbuff_keep_c_the_mean_of_their_c_i(pki, tmp_path):
     ds = synthetic_dataset(num_clients=DEVICES, per_client=20)
-    srv = server(pki, tmp_path / "s", {"name": "scaffold"}, mode="async", concurrency=DEVICES, buffer_size=2,
-                 total_steps=3, retry_after_s=0.05)
+    srv = server(
+        pki,
+        tmp_path / "s",
+        {"name": "scaffold"},
+        mode="async",
+        concurrency=DEVICES,
+        buffer_size=2,
+        total_steps=3,
+        retry_after_s=0.05,
+    )
     with ServerThread(srv) as st:
         devices = run_devices(pki, st, ds, DEVICES)
     coord = st.server.coord
@@ -154,12 +182,15 @@ def test_scaffold_server_adds_accepted_delta_c_only_and_restores_c_after_a_resta
         w = conns[0].download(a[0].version)
         assert w.numel() == 2 * NUMEL and torch.equal(w[:NUMEL], coord.weights) and not w[NUMEL:].any()
         # refused: no delta c_i, a non-finite one, one over max_update_abs; none of them counts
-        for bad, reason in [(delta, "shape"), (payload(delta, torch.full((NUMEL,), float("nan"))), "non-finite"),
-                            (payload(delta, torch.full((NUMEL,), 2e6)), "max_update_abs")]:
+        for bad, reason in [
+            (delta, "shape"),
+            (payload(delta, torch.full((NUMEL,), float("nan"))), "non-finite"),
+            (payload(delta, torch.full((NUMEL,), 2e6)), "max_update_abs"),
+        ]:
             with pytest.raises(Refused, match=reason):
                 conns[2].upload(a[2], bad, 10)
         assert coord.variates.pending_count == 0
-        conns[0].upload(a[0], payload(delta, dcs[0]), 10)             # accepted, pending
+        conns[0].upload(a[0], payload(delta, dcs[0]), 10)  # accepted, pending
         for c in conns:
             c.close()
     assert coord.version == 0 and coord.variates.pending_count == 1
@@ -168,15 +199,15 @@ def test_scaffold_server_adds_accepted_delta_c_only_and_restores_c_after_a_resta
         coord = st.server.coord
         assert coord.variates.pending_count == 1 and torch.equal(coord.variates.pending, dcs[0])
         with connect(pki, st, 1) as c:
-            c.upload(assignment(c), payload(delta, dcs[1]), 10)        # the step
+            c.upload(assignment(c), payload(delta, dcs[1]), 10)  # the step
         assert coord.version == 1
         c1 = coord.variates.c.clone()
         assert torch.allclose(c1, (dcs[0] + dcs[1]) / DEVICES, atol=1e-7, rtol=0)
-        with connect(pki, st, 2) as c:                                  # the download carries the new c
+        with connect(pki, st, 2) as c:  # the download carries the new c
             w = c.download(assignment(c).version)
             assert torch.equal(w[NUMEL:], c1)
     with ServerThread(server(pki, tmp_path / "s", {"name": "scaffold"}, mode=mode, total_steps=3, **kw)) as st:
-        assert torch.equal(st.server.coord.variates.c, c1)              # c came back from the snapshot
+        assert torch.equal(st.server.coord.variates.c, c1)  # c came back from the snapshot
 
 
 def test_scaffold_state_without_c_is_refused(pki, tmp_path):
@@ -189,24 +220,43 @@ def test_scaffold_state_without_c_is_refused(pki, tmp_path):
 def test_scaffold_refused_with_user_level_dp_and_secure_aggregation(pki, tmp_path):
     from flotilla.network.dp import network_user_level
     from flotilla.privacy import PrivacySpec
+
     spec = PrivacySpec.from_dict({"user_level": {"noise_multiplier": 1.0, "clip_norm": 1.0}})
     with pytest.raises(ValueError, match="privacy.user_level"):
-        FlotillaServer(tiny_model(), tls=pki.tls(), tokens=TokenTable.load(pki.paths["tokens_json"]),
-                       state_dir=tmp_path / "a", settings=CoordinatorSettings(weighting="uniform"),
-                       privacy=network_user_level(spec.user_level, False), client_algorithm={"name": "scaffold"})
+        FlotillaServer(
+            tiny_model(),
+            tls=pki.tls(),
+            tokens=TokenTable.load(pki.paths["tokens_json"]),
+            state_dir=tmp_path / "a",
+            settings=CoordinatorSettings(weighting="uniform"),
+            privacy=network_user_level(spec.user_level, False),
+            client_algorithm={"name": "scaffold"},
+        )
     with pytest.raises(ValueError, match="secure aggregation"):
-        FlotillaServer(tiny_model(), tls=pki.tls(), tokens=TokenTable.load(pki.paths["tokens_json"]),
-                       state_dir=tmp_path / "b", settings=CoordinatorSettings(mode="async"), secure_buffer=True,
-                       client_algorithm={"name": "scaffold"})
+        FlotillaServer(
+            tiny_model(),
+            tls=pki.tls(),
+            tokens=TokenTable.load(pki.paths["tokens_json"]),
+            state_dir=tmp_path / "b",
+            settings=CoordinatorSettings(mode="async"),
+            secure_buffer=True,
+            client_algorithm={"name": "scaffold"},
+        )
 
 
 def test_fedprox_refused_with_dp_sgd_on_the_devices(pki, tmp_path):
     from flotilla.privacy import PrivacySpec
+
     spec = PrivacySpec.from_dict({"sample_level": {"noise_multiplier": 1.0, "max_grad_norm": 1.0}})
     with pytest.raises(ValueError, match="privacy.sample_level"):
-        FlotillaServer(tiny_model(), tls=pki.tls(), tokens=TokenTable.load(pki.paths["tokens_json"]),
-                       state_dir=tmp_path / "a", dp_sgd=spec.sample_level,
-                       client_algorithm={"name": "fedprox", "mu": 0.1})
+        FlotillaServer(
+            tiny_model(),
+            tls=pki.tls(),
+            tokens=TokenTable.load(pki.paths["tokens_json"]),
+            state_dir=tmp_path / "a",
+            dp_sgd=spec.sample_level,
+            client_algorithm={"name": "fedprox", "mu": 0.1},
+        )
 
 
 def test_a_device_refuses_an_algorithm_it_does_not_know(pki):
@@ -223,9 +273,16 @@ def test_flotilla_serve_builds_fedprox_and_scaffold_servers_from_the_config(pki,
 
     from flotilla.config import ConfigError, load_config
     from flotilla.experiment.serve import server_from_config
-    cfg = {"task": {"name": "fashion-mnist", "num_clients": 4, "examples_per_client": 5}, "rounds": 1, "cohort": 2,
-           "network": {"tls": {"cert": str(pki.paths["server_pem"]), "key": str(pki.paths["server_key"])},
-                       "tokens": str(pki.paths["tokens_json"])}}
+
+    cfg = {
+        "task": {"name": "fashion-mnist", "num_clients": 4, "examples_per_client": 5},
+        "rounds": 1,
+        "cohort": 2,
+        "network": {
+            "tls": {"cert": str(pki.paths["server_pem"]), "key": str(pki.paths["server_key"])},
+            "tokens": str(pki.paths["tokens_json"]),
+        },
+    }
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(cfg))
     srv = server_from_config(load_config(path, ["client.algorithm={name: fedprox, mu: 0.3}"]), state_dir=tmp_path / "a")

@@ -1,4 +1,5 @@
 """`flotilla certs`, `flotilla status`, and the `network:` config section."""
+
 from __future__ import annotations
 
 import json
@@ -16,9 +17,10 @@ import yaml
 
 from flotilla.cli import main
 from flotilla.client import Connection
-from flotilla.network.cli import format_status
 from flotilla.config import ConfigError, load_config
 from flotilla.experiment.serve import server_from_config
+from flotilla.network.cli import format_status
+from flotilla.network.client import Refused
 from flotilla.network.server import Limits
 from tests.network_helpers import PKI, start_server
 
@@ -26,12 +28,21 @@ from tests.network_helpers import PKI, start_server
 def test_certs_writes_a_working_pki_with_private_files(tmp_path, capsys):
     assert main(["certs", str(tmp_path / "pki"), "--devices", "2"]) == 0
     names = sorted(p.name for p in (tmp_path / "pki").iterdir())
-    assert names == ["ca.key", "ca.pem", "client.key", "client.pem", "server.key", "server.pem", "tokens.json", "tokens.txt"]
+    assert names == [
+        "ca.key",
+        "ca.pem",
+        "client.key",
+        "client.pem",
+        "server.key",
+        "server.pem",
+        "tokens.json",
+        "tokens.txt",
+    ]
     for private in ("ca.key", "server.key", "client.key", "tokens.txt"):
         assert stat.S_IMODE((tmp_path / "pki" / private).stat().st_mode) == 0o600
     table = json.loads((tmp_path / "pki" / "tokens.json").read_text())["devices"]
     assert sorted(table) == ["admin", "device-000", "device-001"]
-    assert all(len(e["sha256"]) == 64 for e in table.values())          # hashes only, no tokens
+    assert all(len(e["sha256"]) == 64 for e in table.values())  # hashes only, no tokens
     assert "flt_" not in (tmp_path / "pki" / "tokens.json").read_text()
     # refuses to overwrite a deployment by accident, and names the flag that would (issue 11 item 11)
     before = (tmp_path / "pki" / "tokens.txt").read_bytes()
@@ -51,9 +62,9 @@ def test_status_command_shows_progress_and_refusals(tmp_path, capsys):
             a = c.check_in(5).assignment
             c.upload(a, torch.full((18,), 0.01), 5)
             a = c.check_in(5).assignment
-            with pytest.raises(Exception):
+            with pytest.raises(Refused, match="non-finite"):
                 c.upload(a, torch.full((18,), float("nan")), 5)
-            for _ in range(100):          # metrics are written by the evaluation thread
+            for _ in range(100):  # metrics are written by the evaluation thread
                 if c.status()["metrics"]:
                     break
                 time.sleep(0.05)
@@ -72,21 +83,31 @@ def test_status_command_shows_progress_and_refusals(tmp_path, capsys):
 
 
 def _serve_config(tmp_path, pki, **network):
-    cfg = {"task": {"name": "fashion-mnist", "num_clients": 4, "examples_per_client": 5}, "rounds": 1, "cohort": 2,
-           "network": {"tls": {"cert": str(pki.paths["server_pem"]), "key": str(pki.paths["server_key"])},
-                       "tokens": str(pki.paths["tokens_json"]), **network}}
+    cfg = {
+        "task": {"name": "fashion-mnist", "num_clients": 4, "examples_per_client": 5},
+        "rounds": 1,
+        "cohort": 2,
+        "network": {
+            "tls": {"cert": str(pki.paths["server_pem"]), "key": str(pki.paths["server_key"])},
+            "tokens": str(pki.paths["tokens_json"]),
+            **network,
+        },
+    }
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
 
 
-@pytest.mark.parametrize("network, key, reason", [
-    ({"chunk_kb": 8192}, "network", "chunk_kb: 8192 KiB chunks do not fit"),
-    ({"tls": {"cert": "a", "key": "b", "require_client_cert": True}}, "network.tls", "ca: required"),
-    ({"over_selection": 0.5}, "network.over_selection", "greater than or equal to 1"),
-    ({"rate_limit": 0}, "network.rate_limit", "greater than 0"),
-    ({"bogus": 1}, "network.bogus", "unknown key"),
-])
+@pytest.mark.parametrize(
+    "network, key, reason",
+    [
+        ({"chunk_kb": 8192}, "network", "chunk_kb: 8192 KiB chunks do not fit"),
+        ({"tls": {"cert": "a", "key": "b", "require_client_cert": True}}, "network.tls", "ca: required"),
+        ({"over_selection": 0.5}, "network.over_selection", "greater than or equal to 1"),
+        ({"rate_limit": 0}, "network.rate_limit", "greater than 0"),
+        ({"bogus": 1}, "network.bogus", "unknown key"),
+    ],
+)
 def test_network_config_errors_name_the_key(tmp_path, network, key, reason):
     pki = PKI(tmp_path / "pki", devices=1)
     with pytest.raises(ConfigError) as e:
@@ -110,14 +131,18 @@ def test_serve_checks_its_files_before_creating_anything(tmp_path, capsys, missi
     """issue 11 item 11: a missing certificate was found only after the state directory existed."""
     pki = PKI(tmp_path / "pki", devices=1)
     path = _serve_config(tmp_path, pki)
-    gone = {"cert": pki.paths["server_pem"], "key": pki.paths["server_key"], "tokens": pki.paths["tokens_json"]}[missing]
+    gone = {"cert": pki.paths["server_pem"], "key": pki.paths["server_key"], "tokens": pki.paths["tokens_json"]}[
+        missing
+    ]
     gone.unlink()
     state = tmp_path / "state"
     assert main(["serve", str(path), "--port", "0", "--state-dir", str(state)]) == 2
     assert not state.exists()
     err = capsys.readouterr().err.strip()
     key = "network.tokens" if missing == "tokens" else f"network.tls.{missing}"
-    assert err == f"flotilla: error: {key}: {gone} not found (make test certificates and tokens with `flotilla certs DIR`)"
+    assert (
+        err == f"flotilla: error: {key}: {gone} not found (make test certificates and tokens with `flotilla certs DIR`)"
+    )
 
 
 def test_serve_refuses_a_key_that_is_not_the_certificates_before_creating_anything(tmp_path, capsys):
@@ -136,7 +161,17 @@ def test_ctrl_c_on_serve_stops_cleanly(tmp_path):
     path = _serve_config(tmp_path, pki)
     env = {k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"}
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, "-m", "flotilla.cli", "serve", str(path), "--port", "0", "--state-dir", str(tmp_path / "state")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "flotilla.cli",
+        "serve",
+        str(path),
+        "--port",
+        "0",
+        "--state-dir",
+        str(tmp_path / "state"),
+    ]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         for line in p.stdout:
@@ -152,21 +187,45 @@ def test_ctrl_c_on_serve_stops_cleanly(tmp_path):
     assert p.returncode == 130, err
     assert "interrupted; state is saved, run the same command to resume" in err
     assert "Traceback" not in err and "Event loop is closed" not in err and "never awaited" not in err
-    assert "INFO flotilla.network: serving on 127.0.0.1:" in err   # our log, though Opacus configures logging on import
+    assert "INFO flotilla.network: serving on 127.0.0.1:" in err  # our log, though Opacus configures logging on import
     assert (tmp_path / "state" / "state.safetensors").exists() or (tmp_path / "state" / "config.yaml").exists()
 
 
 def test_status_shows_epsilon_without_json():
     """issue 11 item 28: the docs say `flotilla status` shows epsilon; only --json did."""
-    s = {"mode": "sync", "round": 3, "version": 3, "total_steps": 10, "done": False, "uptime_s": 12, "in_flight": 2,
-         "buffered": 0, "timed_out": 0, "accepted": 6, "rejected": 0, "rejected_by_reason": {}, "metrics": {},
-         "weights_sha256": "ab" * 32,
-         "privacy": {"epsilon": 1.2345678, "delta": 1e-5, "noise_multiplier": 1.1, "sample_rate": 1.0,
-                     "amplification": False, "budget": 8.0, "steps_allowed": 40, "clip_norm": 0.5,
-                     "accountant": "rdp", "budget_spent": False}}
+    s = {
+        "mode": "sync",
+        "round": 3,
+        "version": 3,
+        "total_steps": 10,
+        "done": False,
+        "uptime_s": 12,
+        "in_flight": 2,
+        "buffered": 0,
+        "timed_out": 0,
+        "accepted": 6,
+        "rejected": 0,
+        "rejected_by_reason": {},
+        "metrics": {},
+        "weights_sha256": "ab" * 32,
+        "privacy": {
+            "epsilon": 1.2345678,
+            "delta": 1e-5,
+            "noise_multiplier": 1.1,
+            "sample_rate": 1.0,
+            "amplification": False,
+            "budget": 8.0,
+            "steps_allowed": 40,
+            "clip_norm": 0.5,
+            "accountant": "rdp",
+            "budget_spent": False,
+        },
+    }
     out = format_status(s)
-    assert ("privacy: epsilon 1.235 at delta 1e-05 (rdp)   clip norm 0.5   noise multiplier 1.1   "
-            "budget 8 (40 steps allowed)") in out
+    assert (
+        "privacy: epsilon 1.235 at delta 1e-05 (rdp)   clip norm 0.5   noise multiplier 1.1   "
+        "budget 8 (40 steps allowed)"
+    ) in out
     s["privacy"].update(epsilon=None, budget=None)
     assert "privacy: epsilon inf at delta 1e-05" in format_status(s)
     del s["privacy"]

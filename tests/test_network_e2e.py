@@ -5,6 +5,7 @@ The sync run also kills the server with SIGKILL mid-round and restarts it on the
 directory: training completes, the devices reconnect by themselves, and the ledger holds every
 acknowledged update exactly once, each applied in exactly one server step.
 """
+
 from __future__ import annotations
 
 import json
@@ -50,11 +51,18 @@ class Deployment:
     def __init__(self, tmp: Path, config: dict):
         self.tmp = tmp
         self.pki = PKI(tmp / "pki", devices=DEVICES)
-        self.config = {**config, "network": {
-            "tls": {"cert": str(self.pki.paths["server_pem"]), "key": str(self.pki.paths["server_key"])},
-            "tokens": str(self.pki.paths["tokens_json"]), "linger_s": 4.0, "fsync": True,
-            "selection_window_s": 0.5, "retry_after_s": 0.3, "assignment_timeout_s": 60.0,
-        }}
+        self.config = {
+            **config,
+            "network": {
+                "tls": {"cert": str(self.pki.paths["server_pem"]), "key": str(self.pki.paths["server_key"])},
+                "tokens": str(self.pki.paths["tokens_json"]),
+                "linger_s": 4.0,
+                "fsync": True,
+                "selection_window_s": 0.5,
+                "retry_after_s": 0.3,
+                "assignment_timeout_s": 60.0,
+            },
+        }
         self.config_file = tmp / "serve.yaml"
         self.config_file.write_text(yaml.safe_dump(self.config))
         self.state = tmp / "state"
@@ -72,8 +80,22 @@ class Deployment:
         log = self.tmp / f"server{len(self.server_logs)}.log"
         self.server_logs.append(log)
         self.server = subprocess.Popen(
-            [sys.executable, "-m", "flotilla.cli", "serve", str(self.config_file), "--port", str(self.port),
-             "--state-dir", str(self.state)], stdout=subprocess.PIPE, stderr=open(log, "w"), text=True, env=_env())
+            [
+                sys.executable,
+                "-m",
+                "flotilla.cli",
+                "serve",
+                str(self.config_file),
+                "--port",
+                str(self.port),
+                "--state-dir",
+                str(self.state),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=open(log, "w"),
+            text=True,
+            env=_env(),
+        )
         deadline = time.time() + 120
         for line in self.server.stdout:
             if line.startswith("listening on"):
@@ -83,13 +105,18 @@ class Deployment:
                 break
         else:
             raise AssertionError(f"server did not start:\n{log.read_text()}")
-        threading.Thread(target=self.server.stdout.read, daemon=True).start()   # drain
+        threading.Thread(target=self.server.stdout.read, daemon=True).start()  # drain
 
     def start_devices(self) -> None:
         pairs = [f"{self.pki.token(i)}={self.data[i]}" for i in range(DEVICES)]
-        self.fleet = subprocess.Popen([sys.executable, str(LAUNCHER), str(self.tmp), f"127.0.0.1:{self.port}", self.pki.ca, *pairs],
-                                      stdout=subprocess.PIPE, stderr=open(self.tmp / "devices.err", "w"), text=True,
-                                      env=_env(), start_new_session=True)
+        self.fleet = subprocess.Popen(
+            [sys.executable, str(LAUNCHER), str(self.tmp), f"127.0.0.1:{self.port}", self.pki.ca, *pairs],
+            stdout=subprocess.PIPE,
+            stderr=open(self.tmp / "devices.err", "w"),
+            text=True,
+            env=_env(),
+            start_new_session=True,
+        )
 
     def ledger(self) -> list[dict]:
         return StateStore(self.state).read_ledger() if (self.state / "ledger.jsonl").exists() else []
@@ -166,7 +193,7 @@ def test_sync_twenty_devices_with_a_server_kill(tmp_path):
         while time.time() < deadline:
             ledger = dep.ledger()
             steps = [i for i, r in enumerate(ledger) if r["event"] == "step"]
-            if len(steps) >= 2 and 1 <= sum(r["event"] == "accepted" for r in ledger[steps[-1] + 1:]) <= DEVICES // 2:
+            if len(steps) >= 2 and 1 <= sum(r["event"] == "accepted" for r in ledger[steps[-1] + 1 :]) <= DEVICES // 2:
                 break
             time.sleep(0.02)
         else:
@@ -176,13 +203,16 @@ def test_sync_twenty_devices_with_a_server_kill(tmp_path):
         ledger = dep.ledger()
         steps = [i for i, r in enumerate(ledger) if r["event"] == "step"]
         version_at_kill = len(steps)
-        buffered_at_kill = sum(r["event"] == "accepted" for r in ledger[steps[-1] + 1:])
-        dep.start_server()                      # same port, same state directory
+        buffered_at_kill = sum(r["event"] == "accepted" for r in ledger[steps[-1] + 1 :])
+        dep.start_server()  # same port, same state directory
     except BaseException:
         dep.kill_all()
         raise
     dep.wait()
-    assert f"resumed at version {version_at_kill} with {buffered_at_kill} buffered updates" in dep.server_logs[1].read_text()
+    assert (
+        f"resumed at version {version_at_kill} with {buffered_at_kill} buffered updates"
+        in dep.server_logs[1].read_text()
+    )
     assert 2 <= version_at_kill < 5 and buffered_at_kill >= 1
     check_ledger(dep, steps=5, per_step=DEVICES)
     events = dep.events()
@@ -201,8 +231,13 @@ def test_async_fedbuff_twenty_devices(tmp_path):
     Timing (hence staleness and who trains when) differs, so the runs are compared after 200
     client trips, near the plateau: mean accuracy of the last two evaluations.  (Early in
     training the accuracy swings by +-0.07 between runs of either runtime.)"""
-    config = {**BASE, "mode": "async", "rounds": 40, "eval": {**BASE["eval"], "every": 10},
-              "async": {"concurrency": 10, "buffer_size": 5, "max_staleness": 8}}
+    config = {
+        **BASE,
+        "mode": "async",
+        "rounds": 40,
+        "eval": {**BASE["eval"], "every": 10},
+        "async": {"concurrency": 10, "buffer_size": 5, "max_staleness": 8},
+    }
     dep = Deployment(tmp_path, config)
     sim = simulate(config, tmp_path)
     dep.start_server()

@@ -4,6 +4,7 @@ Bounded for the default suite: a few hundred requests, well under 60 s.  The lon
 is benchmarks/network_fuzz.py.  Every attack here holds a valid device token (an outsider
 without one is refused before any of this; see test_network.py).
 """
+
 from __future__ import annotations
 
 import json
@@ -74,16 +75,19 @@ def test_a_device_stalling_uploads_cannot_block_another_devices_upload(pki, tmp_
     (busy); another device uploads meanwhile in well under a second."""
     limits = Limits(upload_slots=4, upload_timeout_s=2.0)
     with start_server(pki, tmp_path / "s", mode="async", concurrency=4, buffer_size=2, limits=limits) as st:
-        attacker, victim = Raw(pki, st.port, 0), Connection(f"localhost:{st.port}", pki.token(1), ca=pki.ca, timeout_s=20)
+        attacker, victim = (
+            Raw(pki, st.port, 0),
+            Connection(f"localhost:{st.port}", pki.token(1), ca=pki.ca, timeout_s=20),
+        )
         a = Connection(f"localhost:{st.port}", pki.token(0), ca=pki.ca).check_in(10).assignment
         release = threading.Event()
 
         def stalled():
             yield header(a)
-            release.wait(15)          # never sends the body (until the test ends)
+            release.wait(15)  # never sends the body (until the test ends)
 
         futures = [attacker.upload_future(stalled()) for _ in range(10)]
-        time.sleep(0.5)               # let them all reach the server
+        time.sleep(0.5)  # let them all reach the server
         v = victim.check_in(10).assignment
         t0 = time.perf_counter()
         assert victim.upload(v, torch.full((NUMEL,), 0.01), 10) == (0, 0)
@@ -98,7 +102,9 @@ def test_a_device_stalling_uploads_cannot_block_another_devices_upload(pki, tmp_
         release.set()
         # one stream was let in and cut when it stalled; the other nine were refused at once
         assert sorted(reasons) == ["busy"] * 9 + ["stalled"], reasons
-        assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 9 and codes.count(grpc.StatusCode.DEADLINE_EXCEEDED) == 1
+        assert (
+            codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 9 and codes.count(grpc.StatusCode.DEADLINE_EXCEEDED) == 1
+        )
         s = status(st)
         assert s["uploading"] == 0 and s["accepted"] == 1
         # the slot is free again: the attacker's own assignment can still be uploaded properly
@@ -151,7 +157,7 @@ def _mutations(a, rng: random.Random):
     yield [data(good)], "no header"
     yield [], "empty stream"
     yield [header(a), data(torch.tensor([float("inf")] * NUMEL))], "inf"
-    for _ in range(40):                                   # random bytes, random lengths, random cuts
+    for _ in range(40):  # random bytes, random lengths, random cuts
         n = rng.choice([0, 1, 7, 4 * NUMEL - 1, 4 * NUMEL + 1, 4 * NUMEL + 4, 1000])
         body = bytes(rng.getrandbits(8) for _ in range(n))
         kind = rng.random()
@@ -172,7 +178,7 @@ def test_a_few_hundred_hostile_requests_change_nothing_and_never_crash_the_serve
     rng = random.Random(11)
     limits = Limits(rate=1e6, burst=10**6)
     with start_server(pki, tmp_path / "s", cohort=2, limits=limits, total_steps=3) as st:
-        raw, other = Raw(pki, st.port, 0), Raw(pki, st.port, 2)   # other: the unary fuzz (a check-in may succeed)
+        raw, other = Raw(pki, st.port, 0), Raw(pki, st.port, 2)  # other: the unary fuzz (a check-in may succeed)
         conn = Connection(f"localhost:{st.port}", pki.token(0), ca=pki.ca)
         a = conn.check_in(10).assignment
         before = status(st)
@@ -200,7 +206,7 @@ def test_a_few_hundred_hostile_requests_change_nothing_and_never_crash_the_serve
         assert sent >= 250 and took < 45, (sent, took)
         assert after["weights_sha256"] == before["weights_sha256"]
         assert (after["version"], after["accepted"], after["buffered"]) == (0, 0, 0)
-        assert after["rejected"] >= sent - 20          # every upload refusal counted (a valid CheckIn may succeed)
+        assert after["rejected"] >= sent - 20  # every upload refusal counted (a valid CheckIn may succeed)
         assert not (tmp_path / "s" / "ledger.jsonl").exists()
         # the assignment is spoiled by its hostile updates (a check-in would revoke it), but an
         # honest update under it still counts
@@ -209,4 +215,4 @@ def test_a_few_hundred_hostile_requests_change_nothing_and_never_crash_the_serve
         raw.close()
         other.close()
     for line in (tmp_path / "s" / "ledger.jsonl").read_text().splitlines():
-        json.loads(line, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))   # strict JSON
+        json.loads(line, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))  # strict JSON

@@ -1,6 +1,7 @@
 """Crashes, restarts and a second server (issue 11 items 6, 7, 8): every committed step has its
 metrics record after recovery; one server per port and per state directory; sealed updates a
 restart loses are in the ledger, removed from disk and shown."""
+
 from __future__ import annotations
 
 import json
@@ -70,9 +71,9 @@ def test_a_second_server_on_the_same_state_directory_is_refused_with_one_line(pk
             start_server(pki, tmp_path / "s")
         msg = str(e.value)
         assert "\n" not in msg and "in use by another flotilla serve" in msg and str(tmp_path / "s") in msg
-        assert isinstance(e.value, ValueError)          # the CLI prints ValueErrors as one line, exit 2
-        assert status(st)["version"] == 0                # the first one is unaffected
-    with start_server(pki, tmp_path / "s") as st:        # released when the first one stopped
+        assert isinstance(e.value, ValueError)  # the CLI prints ValueErrors as one line, exit 2
+        assert status(st)["version"] == 0  # the first one is unaffected
+    with start_server(pki, tmp_path / "s") as st:  # released when the first one stopped
         assert status(st)["version"] == 0
 
 
@@ -89,23 +90,30 @@ def test_a_server_that_fails_to_start_lets_go_of_its_state_directory(pki, tmp_pa
 def test_a_second_server_on_the_same_port_is_refused_with_one_line(pki, tmp_path):
     """Item 7: no SO_REUSEPORT: the second bind fails, and says why; the first keeps every client."""
     with start_server(pki, tmp_path / "a") as first:
-        server = FlotillaServer(tiny_model(), tls=pki.tls(), tokens=TokenTable.load(pki.paths["tokens_json"]),
-                                state_dir=tmp_path / "b", settings=CoordinatorSettings(), fsync=False)
+        server = FlotillaServer(
+            tiny_model(),
+            tls=pki.tls(),
+            tokens=TokenTable.load(pki.paths["tokens_json"]),
+            state_dir=tmp_path / "b",
+            settings=CoordinatorSettings(),
+            fsync=False,
+        )
         with pytest.raises(InUse) as e:
             ServerThread(server, port=first.port)
         assert "\n" not in str(e.value) and f":{first.port}: the port is in use" in str(e.value)
-        for _ in range(5):                               # every connection reaches the first server
+        for _ in range(5):  # every connection reaches the first server
             with connect(pki, first, 0) as c:
                 assert c.status()["state_dir"] == str(tmp_path / "a")
-    with start_server(pki, tmp_path / "b") as st:        # the refused server let go of its state directory
+    with start_server(pki, tmp_path / "b") as st:  # the refused server let go of its state directory
         assert status(st)["version"] == 0
 
 
 def test_a_key_that_does_not_match_its_certificate_is_named(pki, tmp_path):
     other = PKI(tmp_path / "other", devices=1)
     tls = TLSFiles(str(pki.paths["server_pem"]), str(other.paths["server_key"]))
-    server = FlotillaServer(tiny_model(), tls=tls, tokens=TokenTable.load(pki.paths["tokens_json"]),
-                            state_dir=tmp_path / "s", fsync=False)
+    server = FlotillaServer(
+        tiny_model(), tls=tls, tokens=TokenTable.load(pki.paths["tokens_json"]), state_dir=tmp_path / "s", fsync=False
+    )
     with pytest.raises(ValueError) as e:
         ServerThread(server)
     assert "network.tls.key" in str(e.value) and "\n" not in str(e.value)
@@ -115,6 +123,7 @@ def test_sealed_updates_lost_in_a_restart_are_in_the_ledger_removed_and_shown(pk
     """Item 8: the lost update had no ledger record, its pending file stayed, and lost_on_restart
     was in neither status nor metrics."""
     from tests.test_network_privacy import start_server as start_private
+
     kw = dict(mode="async", concurrency=4, buffer_size=2, total_steps=5, secure_buffer=True)
     state = tmp_path / "s"
     with start_private(pki, state, **kw) as st:
@@ -136,5 +145,5 @@ def test_sealed_updates_lost_in_a_restart_are_in_the_ledger_removed_and_shown(pk
     assert lost["reason"] == "lost_on_restart" and lost["seqs"] == [0] and "restart" in lost["why"]
     assert [r["seqs"] for r in ledger if r["event"] == "step"] == [[1, 2]]
     assert metrics(state)[-1]["lost_on_restart"] == 1
-    with start_private(pki, state, **kw) as st:          # counted once, not again at the next restart
+    with start_private(pki, state, **kw) as st:  # counted once, not again at the next restart
         assert status(st)["lost_on_restart"] == 1

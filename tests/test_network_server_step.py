@@ -1,5 +1,6 @@
 """The coordinator's server step is core's: the same updates give bit-identically the model that
 core's aggregators and FedBuffServer give (issue 12: the network runtime re-implements nothing)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -24,6 +25,7 @@ def _upload(coord: Coordinator, ticket, delta: torch.Tensor, n: int) -> Upload:
 def _run(coord: Coordinator, script):
     """``script``: (device, delta, num_examples, checkin_before) in arrival order; async check-ins
     are taken when ``checkin_before`` says, so staleness varies as in a real run."""
+
     async def main():
         tickets = {}
         for device, delta, n, fresh in script:
@@ -34,6 +36,7 @@ def _run(coord: Coordinator, script):
             await coord.commit(_upload(coord, tickets[device], delta, n), delta.numpy().tobytes())
             del tickets[device]
         coord.store.close()
+
     asyncio.run(main())
 
 
@@ -67,6 +70,7 @@ def test_async_fedbuff_is_core_fedbuffserver_bit_for_bit(tmp_path):
     for k in range(15):
         device = f"d{k % 4}"
         script.append((device, torch.randn(N) * 0.1, 3 + k, False))
+
     # check-ins happen in waves: every device takes work, then they upload in turn
     async def drive():
         core = FedBuffServer(w0.clone(), FedBuff(N, 3, st), ServerOptimizer(spec, N))
@@ -77,11 +81,12 @@ def test_async_fedbuff_is_core_fedbuffserver_bit_for_bit(tmp_path):
             t, v0 = issued.pop(device)
             await coord.commit(_upload(coord, t, delta, n), delta.numpy().tobytes())
             core.submit(delta, float(n), v0, device)
-            for other in [f"d{i}" for i in range(4)]:      # refill: every idle device takes new work now
+            for other in [f"d{i}" for i in range(4)]:  # refill: every idle device takes new work now
                 if other not in issued and not coord.done:
                     issued[other] = (coord.check_in(other), coord.version)
         coord.store.close()
         return core
+
     core = asyncio.run(drive())
     assert coord.version == core.version == 5
     staleness = [e["staleness"] for e in coord.store.read_ledger() if e["event"] == "accepted"]

@@ -1,6 +1,7 @@
 """Numbers a device sends and numbers the server writes (issue 11 items 3, 4, 28): no finite update
 can overflow the model, a step that still makes it non-finite is rolled back, every reported number
 is validated, and every JSON file the server writes is strict JSON."""
+
 from __future__ import annotations
 
 import json
@@ -41,8 +42,10 @@ def train(conn):
 
 def strict(path) -> list[dict]:
     """Every line of a JSONL file, refusing NaN and Infinity (not JSON)."""
+
     def bad(c):
         raise ValueError(f"{path.name}: {c} is not JSON")
+
     return [json.loads(line, parse_constant=bad) for line in path.read_text().splitlines()]
 
 
@@ -58,7 +61,7 @@ def test_the_default_config_refuses_finite_values_that_would_overflow_the_sum(pk
         assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "max_update_abs" in str(e.value)
         after = status(st)
         assert after["weights_sha256"] == before["weights_sha256"] and after["rejected_by_reason"] == {"value": 1}
-        assert c0.upload(a, torch.full((NUMEL,), 1e5), 10) == (0, 0)   # large but under the bound
+        assert c0.upload(a, torch.full((NUMEL,), 1e5), 10) == (0, 0)  # large but under the bound
         c0.close()
 
 
@@ -71,12 +74,17 @@ def test_a_step_that_makes_the_model_non_finite_is_rolled_back_and_the_ledger_sa
         c0, c1 = connect(pki, st, 0), connect(pki, st, 1)
         a0, a1 = train(c0), train(c1)
         assert c0.upload(a0, torch.full((NUMEL,), 3e38), 10) == (0, 0)
-        assert c1.upload(a1, torch.full((NUMEL,), 3e38), 10) == (1, 0)      # the step overflowed: version stays 0
+        assert c1.upload(a1, torch.full((NUMEL,), 3e38), 10) == (1, 0)  # the step overflowed: version stays 0
         s = status(st)
-        assert (s["version"], s["buffered"], s["rolled_back_steps"], s["dropped_by_reason"]) == (0, 0, 1, {"nonfinite_step": 2})
+        assert (s["version"], s["buffered"], s["rolled_back_steps"], s["dropped_by_reason"]) == (
+            0,
+            0,
+            1,
+            {"nonfinite_step": 2},
+        )
         assert torch.equal(st.server.coord.weights, w0)
         assert torch.equal(c0.download(0), w0)
-        b0, b1 = train(c0), train(c1)                                          # the round starts over
+        b0, b1 = train(c0), train(c1)  # the round starts over
         c0.upload(b0, torch.full((NUMEL,), 0.1), 10)
         assert c1.upload(b1, torch.full((NUMEL,), 0.1), 10) == (3, 1)
         assert torch.allclose(st.server.coord.weights, w0 + 0.1)
@@ -95,12 +103,15 @@ def test_a_step_that_makes_the_model_non_finite_is_rolled_back_and_the_ledger_sa
         assert status(st)["version"] == 1 and status(st)["buffered"] == 0
 
 
-@pytest.mark.parametrize("field,value,text", [
-    ("train_loss", float("nan"), "train_loss=nan"),
-    ("train_loss", float("inf"), "train_loss=inf"),
-    ("examples_seen", -1_000_000, "examples_seen=-1000000"),
-    ("examples_seen", 2**60, "examples_seen=1152921504606846976"),
-])
+@pytest.mark.parametrize(
+    "field,value,text",
+    [
+        ("train_loss", float("nan"), "train_loss=nan"),
+        ("train_loss", float("inf"), "train_loss=inf"),
+        ("examples_seen", -1_000_000, "examples_seen=-1000000"),
+        ("examples_seen", 2**60, "examples_seen=1152921504606846976"),
+    ],
+)
 def test_every_number_a_device_reports_is_validated(pki, tmp_path, field, value, text):
     """Item 4: train_loss NaN, examples_seen -1e6 were accepted into metrics, ledger and status."""
     with start_server(pki, tmp_path / "s", cohort=1, over_selection=1.0) as st:
@@ -122,12 +133,22 @@ def test_dp_metrics_carry_the_noise_multiplier_and_an_unbounded_epsilon_is_null(
     """Item 28: the network's metrics.jsonl lacked noise_multiplier; epsilon = inf (z = 0) must be
     written as null, not the bare Infinity that is not JSON."""
     privacy = UserLevelSpec(clip_norm=1.0, noise_multiplier=0.0, delta=1e-3, amplification=False)
-    settings = CoordinatorSettings(cohort=1, over_selection=1.0, weighting="uniform", total_steps=1, selection_window_s=0)
-    server = FlotillaServer(tiny_model(), tls=pki.tls(), tokens=TokenTable.load(pki.paths["tokens_json"]),
-                            state_dir=tmp_path / "s", settings=settings, fsync=False, linger_s=0.0, privacy=privacy)
+    settings = CoordinatorSettings(
+        cohort=1, over_selection=1.0, weighting="uniform", total_steps=1, selection_window_s=0
+    )
+    server = FlotillaServer(
+        tiny_model(),
+        tls=pki.tls(),
+        tokens=TokenTable.load(pki.paths["tokens_json"]),
+        state_dir=tmp_path / "s",
+        settings=settings,
+        fsync=False,
+        linger_s=0.0,
+        privacy=privacy,
+    )
     with ServerThread(server) as st:
         c0 = connect(pki, st, 0)
         c0.upload(train(c0), torch.full((NUMEL,), 0.01), 10)
         c0.close()
-    [m] = strict(tmp_path / "s" / "metrics.jsonl")   # written before the server stops
+    [m] = strict(tmp_path / "s" / "metrics.jsonl")  # written before the server stops
     assert m["noise_multiplier"] == 0.0 and m["epsilon"] is None and m["delta"] == 1e-3 and m["clip_norm"] == 1.0

@@ -1,4 +1,5 @@
 """Crash recovery of the server's durable state: every accepted update applied exactly once."""
+
 from __future__ import annotations
 
 import json
@@ -13,9 +14,21 @@ N = 6
 
 
 def entry(seq, file, device="d", version=0):
-    return {"seq": seq, "file": file, "assignment": f"a{seq}", "device": device, "base_version": version, "expires": 1e12,
-            "version": version, "staleness": 0, "num_examples": 1, "weight": 1.0, "norm": 0.0,
-            "train_loss": 0.0, "examples_seen": 1}
+    return {
+        "seq": seq,
+        "file": file,
+        "assignment": f"a{seq}",
+        "device": device,
+        "base_version": version,
+        "expires": 1e12,
+        "version": version,
+        "staleness": 0,
+        "num_examples": 1,
+        "weight": 1.0,
+        "norm": 0.0,
+        "train_loss": 0.0,
+        "examples_seen": 1,
+    }
 
 
 def delta(v):
@@ -43,7 +56,7 @@ def test_accepted_updates_survive_and_unacknowledged_ones_are_dropped(tmp_path):
     assert rec.next_seq == 2
     assert not (tmp_path / "pending" / orphan).exists()
     assert len(rec.repairs) == 2
-    assert (tmp_path / "ledger.jsonl").read_text().endswith("}\n")   # torn tail cut off
+    assert (tmp_path / "ledger.jsonl").read_text().endswith("}\n")  # torn tail cut off
 
 
 def test_a_step_interrupted_after_its_snapshot_is_completed_once(tmp_path):
@@ -61,7 +74,7 @@ def test_a_step_interrupted_after_its_snapshot_is_completed_once(tmp_path):
     s.close()
     rec = StateStore(tmp_path).recover(N)
     assert torch.equal(rec.tensors["weights"], delta(9)) and rec.meta["version"] == 1
-    assert [e["seq"] for e, _ in rec.pending] == [2]          # 0 and 1 are in the snapshot already
+    assert [e["seq"] for e, _ in rec.pending] == [2]  # 0 and 1 are in the snapshot already
     steps = [r for r in StateStore(tmp_path).read_ledger() if r["event"] == "step"]
     assert steps == [{"event": "step", "version": 1, "seqs": [0, 1], "t": steps[0]["t"], "recovered": True}]
     assert [p.name for p in (tmp_path / "pending").iterdir()] == [entries[2]["file"]]
@@ -71,7 +84,7 @@ def test_a_step_interrupted_before_its_snapshot_is_redone(tmp_path):
     s = StateStore(tmp_path, fsync=False)
     for i in range(2):
         s.accept(entry(i, s.stage(delta(i).numpy().tobytes())))
-    s.close()   # crash before the snapshot: both updates are still pending and get re-added
+    s.close()  # crash before the snapshot: both updates are still pending and get re-added
     rec = StateStore(tmp_path).recover(N)
     assert rec.tensors is None and [e["seq"] for e, _ in rec.pending] == [0, 1]
 
@@ -93,7 +106,7 @@ def test_server_restart_keeps_the_buffer_answers_a_retry_the_same_and_refuses_a_
             # the same upload again (a retry whose answer was lost): the same answer, counted once
             assert c.upload(a, up, 10) == (0, 0)
             try:
-                c.upload(a, up * 2, 10)        # other bytes under the same ticket: a replay
+                c.upload(a, up * 2, 10)  # other bytes under the same ticket: a replay
                 raise AssertionError("replay accepted")
             except Exception as e:  # noqa: BLE001
                 assert "replayed nonce" in str(e)

@@ -9,6 +9,7 @@ is swapped in and runs are bit-identical to plain FedAvg.
 
     client: {algorithm: {name: fedprox, mu: 0.01}}
 """
+
 from __future__ import annotations
 
 from typing import Literal
@@ -25,6 +26,7 @@ from flotilla.core.schema import Section
 
 class FedProxConfig(Section):
     """FedProx: local SGD on loss + mu/2 ||w - w_global||^2."""
+
     name: Literal["fedprox"]
     mu: float = Field(0.01, ge=0, description="proximal coefficient mu (0 = FedAvg)")
 
@@ -66,8 +68,10 @@ def _refuse(cfg: FedProxConfig, s: Setting) -> str | None:
     if cfg.mu == 0:
         return None
     if s.sample_level_dp:
-        return ("client.algorithm: fedprox changes the local step, and privacy.sample_level (DP-SGD) replaces the "
-                "local step with its own; the two do not compose (remove one of them)")
+        return (
+            "client.algorithm: fedprox changes the local step, and privacy.sample_level (DP-SGD) replaces the "
+            "local step with its own; the two do not compose (remove one of them)"
+        )
     return not_composable("fedprox", s, "trains with its own client update")
 
 

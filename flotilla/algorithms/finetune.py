@@ -10,6 +10,7 @@ resumed run reports the same numbers, and it never touches the training state.
 
     eval: {personalize: {steps: 20}}          # or epochs: 1; lr / batch_size default to client's
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -23,11 +24,13 @@ from flotilla.core.client import ClientSpec, LocalTrainer, LossFn, client_seed
 from flotilla.core.flat import FlatModel
 from flotilla.core.schema import Section
 
-_STREAM = (1 << 40) + 0xF17E       # the seed stream of fine-tuning: never a training round or version
+_STREAM = (1 << 40) + 0xF17E  # the seed stream of fine-tuning: never a training round or version
 
 
 class PersonalizeConfig(Section):
-    steps: int | None = Field(None, ge=1, description="local fine-tuning steps per evaluation client (instead of epochs)")
+    steps: int | None = Field(
+        None, ge=1, description="local fine-tuning steps per evaluation client (instead of epochs)"
+    )
     epochs: int = Field(1, ge=1, description="local fine-tuning epochs (ignored when steps is set)")
     lr: float | None = Field(None, gt=0, description="fine-tuning learning rate (default: client.lr)")
     batch_size: int | None = Field(None, ge=1, description="fine-tuning batch size (default: client.batch_size)")
@@ -35,15 +38,29 @@ class PersonalizeConfig(Section):
 
 def finetune_spec(cfg: PersonalizeConfig, client: ClientSpec) -> ClientSpec:
     """The client's local-SGD settings with the fine-tuning schedule (momentum and weight decay kept)."""
-    return replace(client, epochs=cfg.epochs, steps=cfg.steps, lr=cfg.lr if cfg.lr is not None else client.lr,
-                   batch_size=cfg.batch_size if cfg.batch_size is not None else client.batch_size)
+    return replace(
+        client,
+        epochs=cfg.epochs,
+        steps=cfg.steps,
+        lr=cfg.lr if cfg.lr is not None else client.lr,
+        batch_size=cfg.batch_size if cfg.batch_size is not None else client.batch_size,
+    )
 
 
 class PersonalizedEvaluation:
     """``evaluate(weights) -> {personal_loss, personal_accuracy, personal_client_acc_*}``."""
 
-    def __init__(self, flat: FlatModel, dataset, clients: Sequence[int], loss_fn: LossFn, spec: ClientSpec, *,
-                 seed: int, batch_size: int = 1024):
+    def __init__(
+        self,
+        flat: FlatModel,
+        dataset,
+        clients: Sequence[int],
+        loss_fn: LossFn,
+        spec: ClientSpec,
+        *,
+        seed: int,
+        batch_size: int = 1024,
+    ):
         self.flat, self.dataset, self.clients, self.loss_fn = flat, dataset, list(clients), loss_fn
         self.trainer = LocalTrainer(flat, loss_fn, spec)
         self.seed, self.batch_size = seed, batch_size
@@ -67,11 +84,15 @@ class PersonalizedEvaluation:
                 per_client.append(correct / n)
                 total_correct += correct
                 total += n
-        self.flat.load(weights)                      # leave the shared model as the caller gave it
+        self.flat.load(weights)  # leave the shared model as the caller gave it
         if total == 0:
             raise ValueError("evaluation clients have no test examples")
         acc = np.asarray(per_client)
-        return {"personal_loss": total_loss / total, "personal_accuracy": total_correct / total,
-                "personal_client_acc_mean": float(acc.mean()), "personal_client_acc_p10": float(np.percentile(acc, 10)),
-                "personal_client_acc_p50": float(np.percentile(acc, 50)),
-                "personal_client_acc_p90": float(np.percentile(acc, 90))}
+        return {
+            "personal_loss": total_loss / total,
+            "personal_accuracy": total_correct / total,
+            "personal_client_acc_mean": float(acc.mean()),
+            "personal_client_acc_p10": float(np.percentile(acc, 10)),
+            "personal_client_acc_p50": float(np.percentile(acc, 50)),
+            "personal_client_acc_p90": float(np.percentile(acc, 90)),
+        }

@@ -3,6 +3,7 @@
 Adding a client algorithm is one module (its config schema, its components, its refusals; see
 flotilla/algorithms/fedprox.py) plus one line in ``ALGORITHMS`` below.
 """
+
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
@@ -17,16 +18,20 @@ from flotilla.core.schema import Section
 
 class FedAvgConfig(Section):
     """FedAvg's client update: plain local SGD (the default when client.algorithm is not given)."""
+
     name: Literal["fedavg"]
 
 
 FEDAVG = ClientAlgorithm("fedavg", FedAvgConfig, lambda cfg, shape: Parts())
 
-ALGORITHMS: dict[str, ClientAlgorithm] = {a.name: a for a in (
-    FEDAVG,
-    fedprox.ALGORITHM,
-    scaffold.ALGORITHM,
-)}
+ALGORITHMS: dict[str, ClientAlgorithm] = {
+    a.name: a
+    for a in (
+        FEDAVG,
+        fedprox.ALGORITHM,
+        scaffold.ALGORITHM,
+    )
+}
 
 
 def algorithm_names() -> list[str]:

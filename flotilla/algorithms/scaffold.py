@@ -30,6 +30,7 @@ resumed run is bit-identical.  ``store: disk`` keeps the ``c_i`` in a file (flot
 
     client: {algorithm: {name: scaffold}}            # store: auto | memory | disk, store_dir: ...
 """
+
 from __future__ import annotations
 
 from typing import Any, Literal
@@ -44,17 +45,22 @@ from flotilla.core.flat import FlatModel
 from flotilla.core.protocols import Components, Shape
 from flotilla.core.schema import Section
 
-AUTO_DISK_BYTES = 1 << 30     # store: auto keeps the c_i on disk when population x model could exceed 1 GiB
+AUTO_DISK_BYTES = 1 << 30  # store: auto keeps the c_i on disk when population x model could exceed 1 GiB
 _KEYS = ("scaffold.c", "scaffold.pending", "scaffold.pending_count", "scaffold.clients", "scaffold.values")
 
 
 class ScaffoldConfig(Section):
     """SCAFFOLD (option II): client and server control variates correct the local steps."""
+
     name: Literal["scaffold"]
     store: Literal["auto", "memory", "disk"] = Field(
-        "auto", description="where the clients' control variates live: memory, disk (a file of float32 rows), or auto "
-                            "(disk when population x model size exceeds 1 GiB)")
-    store_dir: str | None = Field(None, description="folder for the disk store's file (default: the system temp folder)")
+        "auto",
+        description="where the clients' control variates live: memory, disk (a file of float32 rows), or auto "
+        "(disk when population x model size exceeds 1 GiB)",
+    )
+    store_dir: str | None = Field(
+        None, description="folder for the disk store's file (default: the system temp folder)"
+    )
 
 
 class ControlVariates:
@@ -63,9 +69,9 @@ class ControlVariates:
     def __init__(self, numel: int, population: int, store):
         self.numel, self.population, self.store = numel, population, store
         self.c = torch.zeros(numel)
-        self.pending = torch.zeros(numel)      # sum of accepted delta c_i not yet released
+        self.pending = torch.zeros(numel)  # sum of accepted delta c_i not yet released
         self.pending_count = 0
-        self._held: int | None = None          # the client whose c_i+ / delta c_i are held
+        self._held: int | None = None  # the client whose c_i+ / delta c_i are held
         self._held_ci = torch.empty(numel)
         self._held_dc = torch.empty(numel)
 
@@ -81,8 +87,10 @@ class ControlVariates:
     def commit(self, client: int) -> None:
         """The aggregator accepted ``client``'s update: store its ``c_i+`` and add its ``delta c_i``."""
         if self._held != client:
-            raise RuntimeError(f"SCAFFOLD: an update from client {client} was accepted, but the control variates held "
-                               f"are client {self._held}'s (the aggregator must see each update right after its training)")
+            raise RuntimeError(
+                f"SCAFFOLD: an update from client {client} was accepted, but the control variates held "
+                f"are client {self._held}'s (the aggregator must see each update right after its training)"
+            )
         self.store.put(client, self._held_ci)
         self.add(self._held_dc)
         self._held = None
@@ -117,12 +125,18 @@ class ControlVariates:
 
     # -- checkpoints -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"scaffold.c": self.c.clone(), "scaffold.pending": self.pending.clone(),
-                "scaffold.pending_count": torch.tensor(self.pending_count), **store_state(self.store, "scaffold.")}
+        return {
+            "scaffold.c": self.c.clone(),
+            "scaffold.pending": self.pending.clone(),
+            "scaffold.pending_count": torch.tensor(self.pending_count),
+            **store_state(self.store, "scaffold."),
+        }
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if state["scaffold.c"].shape != self.c.shape:
-            raise ValueError(f"checkpoint scaffold.c has {state['scaffold.c'].numel()} values, the model has {self.numel}")
+            raise ValueError(
+                f"checkpoint scaffold.c has {state['scaffold.c'].numel()} values, the model has {self.numel}"
+            )
         load_store_state(self.store, state, "scaffold.")
         self.c.copy_(state["scaffold.c"])
         self.pending.copy_(state["scaffold.pending"])
@@ -144,7 +158,7 @@ class ScaffoldTrainer(LocalTrainer):
         cv = self.variates
         cv.drop()
         if not cv.store.get(client, self._ci):
-            self._ci.zero_()                                  # a client never seen: c_i = 0
+            self._ci.zero_()  # a client never seen: c_i = 0
         torch.sub(cv.c, self._ci, out=self._correction)
         r = super().train(dataset, client, start, seed, delta_out)
         if r.steps:
@@ -232,8 +246,10 @@ class ScaffoldAlgorithm:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         missing = [k for k in _KEYS if k not in state]
         if missing:
-            raise ValueError(f"checkpoint has no SCAFFOLD state ({', '.join(missing)}): it was not written by a run "
-                             f"with client.algorithm: scaffold")
+            raise ValueError(
+                f"checkpoint has no SCAFFOLD state ({', '.join(missing)}): it was not written by a run "
+                f"with client.algorithm: scaffold"
+            )
         self.variates.load_state_dict(state)
         self.inner.load_state_dict({k: v for k, v in state.items() if not k.startswith("scaffold.")})
 
@@ -246,10 +262,12 @@ class ScaffoldParts(Parts):
     def __init__(self, cfg: ScaffoldConfig, shape: Shape):
         self.cfg, self.shape = cfg, shape
         self.variates: ControlVariates | None = None
-        self.accepts = False               # set when an aggregator or buffer that commits was built
-        self.components = Components(client_update=self._client_update,
-                                     aggregator=self._aggregator if shape.aggregation == "round" else None,
-                                     buffer=self._buffer if shape.aggregation == "buffer" else None)
+        self.accepts = False  # set when an aggregator or buffer that commits was built
+        self.components = Components(
+            client_update=self._client_update,
+            aggregator=self._aggregator if shape.aggregation == "round" else None,
+            buffer=self._buffer if shape.aggregation == "buffer" else None,
+        )
 
     def _variates(self, numel: int) -> ControlVariates:
         if self.variates is None:
@@ -265,6 +283,7 @@ class ScaffoldParts(Parts):
 
     def _aggregator(self, numel: int) -> ScaffoldAggregator:
         from flotilla.core.aggregate import WeightedMean
+
         self.accepts = True
         return ScaffoldAggregator(WeightedMean(numel), self._variates(numel))
 
@@ -274,28 +293,41 @@ class ScaffoldParts(Parts):
 
     def wrap(self, algorithm) -> ScaffoldAlgorithm:
         if self.variates is None or not self.accepts:
-            raise ValueError(f"client.algorithm: scaffold: {self.shape.name} did not build the SCAFFOLD client update and "
-                             f"aggregator it was given")
+            raise ValueError(
+                f"client.algorithm: scaffold: {self.shape.name} did not build the SCAFFOLD client update and "
+                f"aggregator it was given"
+            )
         return ScaffoldAlgorithm(algorithm, self.variates)
 
 
 def _refuse(cfg: ScaffoldConfig, s: Setting) -> str | None:
     if s.sample_level_dp:
-        return ("client.algorithm: scaffold corrects every local step with its control variates, and "
-                "privacy.sample_level (DP-SGD) replaces the local step with its own; the two do not compose")
+        return (
+            "client.algorithm: scaffold corrects every local step with its control variates, and "
+            "privacy.sample_level (DP-SGD) replaces the local step with its own; the two do not compose"
+        )
     if s.user_level_dp:
-        return ("client.algorithm: scaffold sends each client's control-variate change delta c_i to the server outside "
-                "the clipping and noise of privacy.user_level, so the run would not be differentially private; remove one")
+        return (
+            "client.algorithm: scaffold sends each client's control-variate change delta c_i to the server outside "
+            "the clipping and noise of privacy.user_level, so the run would not be differentially private; remove one"
+        )
     if s.secure_aggregation:
-        return ("client.algorithm: scaffold needs each client's control-variate change delta c_i, which secure "
-                "aggregation would hide (masking delta c_i with the update is not wired); remove one")
+        return (
+            "client.algorithm: scaffold needs each client's control-variate change delta c_i, which secure "
+            "aggregation would hide (masking delta c_i with the update is not wired); remove one"
+        )
     if s.aggregation == "per_update":
-        return ("client.algorithm: scaffold updates the server control variate once per aggregate (a sync round or a "
-                "FedBuff buffer); async.algorithm: fedasync applies every update on its own; use fedbuff")
+        return (
+            "client.algorithm: scaffold updates the server control variate once per aggregate (a sync round or a "
+            "FedBuff buffer); async.algorithm: fedasync applies every update on its own; use fedbuff"
+        )
     return not_composable("scaffold", s, "trains and aggregates with its own components")
 
 
 ALGORITHM = ClientAlgorithm(
-    "scaffold", ScaffoldConfig, ScaffoldParts, _refuse,
+    "scaffold",
+    ScaffoldConfig,
+    ScaffoldParts,
+    _refuse,
     # over the network: c rides with the model download, delta c_i with the upload (flotilla/network/)
 )

@@ -12,6 +12,7 @@ answers "none yet"), so memory does not grow with the population.
 Checkpoints: ``state_dict()`` holds every stored vector (ids + one stacked tensor), so a resumed
 run is bit-identical whichever store it uses.  Its size is ``clients seen x numel x 4`` bytes.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -72,7 +73,7 @@ class DiskStore:
         return len(self._row)
 
     def _open(self) -> int:
-        if self._fd is None:                    # created lazily: a run that never stores anything writes no file
+        if self._fd is None:  # created lazily: a run that never stores anything writes no file
             if self.directory is not None:
                 self.directory.mkdir(parents=True, exist_ok=True)
             fd, path = tempfile.mkstemp(prefix="flotilla-client-state-", suffix=".f32", dir=self.directory)
@@ -88,7 +89,9 @@ class DiskStore:
         view = memoryview(out.numpy()).cast("B")
         got = os.preadv(self._fd, [view], row * self.row_bytes)
         if got != self.row_bytes:
-            raise OSError(f"client state file {self.path}: short read for client {client} ({got} of {self.row_bytes} bytes)")
+            raise OSError(
+                f"client state file {self.path}: short read for client {client} ({got} of {self.row_bytes} bytes)"
+            )
         return True
 
     def put(self, client: int, value: torch.Tensor) -> None:
@@ -133,7 +136,9 @@ def store_state(store, prefix: str) -> dict[str, torch.Tensor]:
 def load_store_state(store, state: dict[str, torch.Tensor], prefix: str) -> None:
     ids, values = state[f"{prefix}clients"], state[f"{prefix}values"]
     if values.dim() != 2 or values.shape[0] != ids.numel() or (ids.numel() and values.shape[1] != store.numel):
-        raise ValueError(f"checkpoint {prefix}values has shape {tuple(values.shape)}, expected ({ids.numel()}, {store.numel})")
+        raise ValueError(
+            f"checkpoint {prefix}values has shape {tuple(values.shape)}, expected ({ids.numel()}, {store.numel})"
+        )
     store.clear()
     for c, v in zip(ids.tolist(), values):
         store.put(int(c), v)

@@ -3,6 +3,7 @@
 The experiment layer reads the whole config; the network runtime below it takes plain specs
 (:mod:`flotilla.experiment.specs`), settings and objects.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,12 +29,18 @@ def server_from_config(cfg, state_dir: str | Path | None = None) -> FlotillaServ
 
     net = cfg.network
     if net is None:
-        raise ConfigError("invalid config:\n  network: flotilla serve needs a network section (tls, tokens); see docs/deployment.md")
+        raise ConfigError(
+            "invalid config:\n  network: flotilla serve needs a network section (tls, tokens); see docs/deployment.md"
+        )
     if cfg.fleet is not None:
-        raise ConfigError("invalid config:\n  fleet: describes a simulated fleet; flotilla serve trains real devices "
-                          "(set over-selection and deadlines under network:)")
+        raise ConfigError(
+            "invalid config:\n  fleet: describes a simulated fleet; flotilla serve trains real devices "
+            "(set over-selection and deadlines under network:)"
+        )
     if cfg.mode == "async" and cfg.async_.algorithm != "fedbuff":
-        raise ConfigError(f"invalid config:\n  async.algorithm: the network server runs fedbuff, not {cfg.async_.algorithm}")
+        raise ConfigError(
+            f"invalid config:\n  async.algorithm: the network server runs fedbuff, not {cfg.async_.algorithm}"
+        )
     # FedProx and SCAFFOLD run over the network (the assignment carries client.algorithm; SCAFFOLD's c
     # rides with the download, delta c_i with the upload); an algorithm added later may not yet
     why = network_refusal(cfg.client.algorithm)
@@ -45,9 +52,10 @@ def server_from_config(cfg, state_dir: str | Path | None = None) -> FlotillaServ
     if cfg.privacy is not None:
         from flotilla.network.dp import network_user_level
         from flotilla.privacy import PrivacyError, PrivacySpec
+
         try:
             spec = PrivacySpec.from_dict(cfg.privacy.model_dump())
-            sample = spec.sample_level          # DP-SGD on the devices: the assignment carries its settings
+            sample = spec.sample_level  # DP-SGD on the devices: the assignment carries its settings
             if spec.user_level is not None:
                 user = network_user_level(spec.user_level, cfg.privacy.user_level.amplification is not None)
         except PrivacyError as e:
@@ -57,14 +65,32 @@ def server_from_config(cfg, state_dir: str | Path | None = None) -> FlotillaServ
     a = cfg.async_
     try:
         settings = CoordinatorSettings(
-            mode=cfg.mode, total_steps=cfg.rounds, seed=cfg.seed, weighting=cfg.weighting,
-            cohort=cfg.cohort, over_selection=net.over_selection, min_updates=net.min_updates,
-            round_deadline_s=net.round_deadline_s, selection_window_s=net.selection_window_s, secagg_stage_s=net.secagg_stage_s,
-            assignment_timeout_s=net.assignment_timeout_s, max_update_norm=net.max_update_norm,
-            max_update_abs=net.max_update_abs, max_examples=net.max_examples, retry_after_s=net.retry_after_s,
-            **({} if a is None else dict(
-                concurrency=a.concurrency, buffer_size=a.buffer_size, max_staleness=a.max_staleness, normalize=a.normalize,
-                staleness=staleness_spec(cfg))),
+            mode=cfg.mode,
+            total_steps=cfg.rounds,
+            seed=cfg.seed,
+            weighting=cfg.weighting,
+            cohort=cfg.cohort,
+            over_selection=net.over_selection,
+            min_updates=net.min_updates,
+            round_deadline_s=net.round_deadline_s,
+            selection_window_s=net.selection_window_s,
+            secagg_stage_s=net.secagg_stage_s,
+            assignment_timeout_s=net.assignment_timeout_s,
+            max_update_norm=net.max_update_norm,
+            max_update_abs=net.max_update_abs,
+            max_examples=net.max_examples,
+            retry_after_s=net.retry_after_s,
+            **(
+                {}
+                if a is None
+                else dict(
+                    concurrency=a.concurrency,
+                    buffer_size=a.buffer_size,
+                    max_staleness=a.max_staleness,
+                    normalize=a.normalize,
+                    staleness=staleness_spec(cfg),
+                )
+            ),
         )
     except ValueError as e:
         raise ConfigError(f"invalid config:\n  {e}") from None
@@ -73,6 +99,7 @@ def server_from_config(cfg, state_dir: str | Path | None = None) -> FlotillaServ
 
     def evaluate_fn(flat: FlatModel, weights: torch.Tensor) -> dict[str, float]:
         return evaluate(flat, weights, task.dataset, clients, task.loss_fn, cfg.eval.batch_size)
+
     if state_dir is None:
         state_dir = net.state_dir or Path(cfg.output.dir) / (cfg.output.name or f"{cfg.task.name}-serve")
     try:
@@ -85,17 +112,33 @@ def server_from_config(cfg, state_dir: str | Path | None = None) -> FlotillaServ
 
 def _build_server(task, net, cfg, state_dir, settings, user, sample, evaluate_fn) -> FlotillaServer:
     return FlotillaServer(
-        task.model, tls=TLSFiles(net.tls.cert, net.tls.key, net.tls.ca, net.tls.require_client_cert),
-        tokens=TokenTable.load(net.tokens), state_dir=state_dir, settings=settings,
-        client=client_spec(cfg), server=server_spec(cfg),
-        evaluate=evaluate_fn, eval_every=cfg.eval.every,
-        limits=Limits(int(net.max_message_mb * 2**20), net.chunk_kb * 1024, net.rate_limit, net.rate_burst,
-                      uploads_per_device=net.uploads_per_device, upload_timeout_s=net.upload_timeout_s),
-        compression=net.compression, task=cfg.task.model_dump(mode="json"),
-        config=cfg.model_dump(mode="json", by_alias=True), fsync=net.fsync, linger_s=net.linger_s,
-        privacy=user, accountant=cfg.privacy.accountant if cfg.privacy is not None else "rdp",
+        task.model,
+        tls=TLSFiles(net.tls.cert, net.tls.key, net.tls.ca, net.tls.require_client_cert),
+        tokens=TokenTable.load(net.tokens),
+        state_dir=state_dir,
+        settings=settings,
+        client=client_spec(cfg),
+        server=server_spec(cfg),
+        evaluate=evaluate_fn,
+        eval_every=cfg.eval.every,
+        limits=Limits(
+            int(net.max_message_mb * 2**20),
+            net.chunk_kb * 1024,
+            net.rate_limit,
+            net.rate_burst,
+            uploads_per_device=net.uploads_per_device,
+            upload_timeout_s=net.upload_timeout_s,
+        ),
+        compression=net.compression,
+        task=cfg.task.model_dump(mode="json"),
+        config=cfg.model_dump(mode="json", by_alias=True),
+        fsync=net.fsync,
+        linger_s=net.linger_s,
+        privacy=user,
+        accountant=cfg.privacy.accountant if cfg.privacy is not None else "rdp",
         secure_buffer=cfg.secure_aggregation is not None and cfg.mode == "async",
-        secure_masking=_masking(cfg), dp_sgd=sample,
+        secure_masking=_masking(cfg),
+        dp_sgd=sample,
         secure_max_norm=cfg.secure_aggregation.max_norm if cfg.secure_aggregation is not None else None,
         client_algorithm=cfg.client.algorithm,
     )
@@ -107,10 +150,16 @@ def _masking(cfg):
     if sa is None or cfg.mode != "sync":
         return None
     from flotilla.network.secagg import SecAggParams
+
     max_weight = 1.0 if cfg.weighting == "uniform" else float(sa.max_weight or cfg.network.max_examples)
     user = cfg.privacy.user_level if cfg.privacy is not None else None
     # the fixed-point range: with user-level DP a clipped delta's coordinates lie within clip_norm
     clip = sa.clip or (user.clip_norm if user is not None else 1.0)
-    return SecAggParams(clip=clip, max_weight=max_weight, bits=sa.bits,
-                        degree=None if sa.degree == "full" else sa.degree, threshold=sa.threshold,
-                        max_request_bytes=int(cfg.network.max_message_mb * 2**20) - 1024)
+    return SecAggParams(
+        clip=clip,
+        max_weight=max_weight,
+        bits=sa.bits,
+        degree=None if sa.degree == "full" else sa.degree,
+        threshold=sa.threshold,
+        max_request_bytes=int(cfg.network.max_message_mb * 2**20) - 1024,
+    )

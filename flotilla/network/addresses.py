@@ -1,4 +1,5 @@
 """Command-line types of network addresses: a port to listen on, a server to reach."""
+
 from __future__ import annotations
 
 import argparse

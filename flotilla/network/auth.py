@@ -1,4 +1,5 @@
 """Who is calling, and how often: per-device tokens and a per-device request-rate limit."""
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,8 @@ from flotilla.network.certs import token_hash
 @dataclass(frozen=True)
 class Identity:
     device: str
-    role: str        # "device" (may train) or "admin" (status only)
-    index: int       # stable integer id of a device (its position in the table), for seeds
+    role: str  # "device" (may train) or "admin" (status only)
+    index: int  # stable integer id of a device (its position in the table), for seeds
 
 
 class TokenTable:
@@ -48,7 +49,9 @@ class TokenTable:
     @classmethod
     def from_tokens(cls, tokens: dict[str, str], admins: tuple[str, ...] = ("admin",)) -> TokenTable:
         """Build from plain ``device -> token`` (tests, programmatic servers)."""
-        return cls({d: {"sha256": token_hash(t), "role": "admin" if d in admins else "device"} for d, t in tokens.items()})
+        return cls(
+            {d: {"sha256": token_hash(t), "role": "admin" if d in admins else "device"} for d, t in tokens.items()}
+        )
 
     def identify(self, token: str | None) -> Identity | None:
         if not token:
@@ -79,7 +82,7 @@ class RateLimiter:
         self.rate = rate
         self.burst = burst
         self.clock = clock
-        self._buckets: dict[str, tuple[float, float]] = {}   # device -> (tokens, last time)
+        self._buckets: dict[str, tuple[float, float]] = {}  # device -> (tokens, last time)
         self._last_sweep = clock()
 
     def allow(self, device: str) -> bool:

@@ -11,6 +11,7 @@
 Keys are ECDSA P-256 (fast to make, supported by gRPC).  Tokens are 256-bit random strings;
 the server stores only their SHA-256.  Private keys and tokens.txt are written mode 0600.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -42,12 +43,23 @@ def _write_private(path: Path, data: bytes) -> None:
 
 
 def _key_pem(key) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
-def _cert(subject: str, key, issuer_name: x509.Name, issuer_key, *, ca: bool, days: int,
-          sans: list[x509.GeneralName] | None = None, usage=None) -> x509.Certificate:
-    now = dt.datetime.now(dt.timezone.utc)
+def _cert(
+    subject: str,
+    key,
+    issuer_name: x509.Name,
+    issuer_key,
+    *,
+    ca: bool,
+    days: int,
+    sans: list[x509.GeneralName] | None = None,
+    usage=None,
+) -> x509.Certificate:
+    now = dt.datetime.now(dt.UTC)
     builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
@@ -59,10 +71,20 @@ def _cert(subject: str, key, issuer_name: x509.Name, issuer_key, *, ca: bool, da
         .add_extension(x509.BasicConstraints(ca=ca, path_length=0 if ca else None), critical=True)
     )
     if ca:
-        builder = builder.add_extension(x509.KeyUsage(
-            digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-            key_encipherment=False, data_encipherment=False, key_agreement=False,
-            encipher_only=False, decipher_only=False), critical=True)
+        builder = builder.add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
     if sans:
         builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
     if usage:
@@ -109,11 +131,20 @@ def make_deployment(
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "flotilla test CA")])
     ca_cert = _cert("flotilla test CA", ca_key, ca_name, ca_key, ca=True, days=days)
     server_key = _key()
-    server_cert = _cert(hosts[0], server_key, ca_name, ca_key, ca=False, days=days,
-                        sans=[_san(h) for h in hosts], usage=ExtendedKeyUsageOID.SERVER_AUTH)
+    server_cert = _cert(
+        hosts[0],
+        server_key,
+        ca_name,
+        ca_key,
+        ca=False,
+        days=days,
+        sans=[_san(h) for h in hosts],
+        usage=ExtendedKeyUsageOID.SERVER_AUTH,
+    )
     client_key = _key()
-    client_cert = _cert("flotilla device", client_key, ca_name, ca_key, ca=False, days=days,
-                        usage=ExtendedKeyUsageOID.CLIENT_AUTH)
+    client_cert = _cert(
+        "flotilla device", client_key, ca_name, ca_key, ca=False, days=days, usage=ExtendedKeyUsageOID.CLIENT_AUTH
+    )
 
     pem = serialization.Encoding.PEM
     (out / "ca.pem").write_bytes(ca_cert.public_bytes(pem))
@@ -128,8 +159,12 @@ def make_deployment(
     # which a command line would read as an option.
     tokens = {f"device-{i:0{width}d}": "flt_" + secrets.token_urlsafe(32) for i in range(devices)}
     tokens["admin"] = "flt_" + secrets.token_urlsafe(32)
-    table = {"devices": {name: {"sha256": token_hash(t), "role": "admin" if name == "admin" else "device"}
-                         for name, t in tokens.items()}}
+    table = {
+        "devices": {
+            name: {"sha256": token_hash(t), "role": "admin" if name == "admin" else "device"}
+            for name, t in tokens.items()
+        }
+    }
     (out / "tokens.json").write_text(json.dumps(table, indent=1) + "\n")
     _write_private(out / "tokens.txt", "".join(f"{name} {t}\n" for name, t in tokens.items()).encode())
     return {n.replace(".", "_"): out / n for n in names}

@@ -7,6 +7,7 @@
 
 Imports nothing heavy until a subcommand runs, so ``flotilla --help`` stays instant.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,19 +21,34 @@ COMMANDS = ("certs", "serve", "join", "status")
 def add_parsers(sub) -> None:
     c = sub.add_parser("certs", help="make a CA, server/client certificates and device tokens for a test deployment")
     c.add_argument("dir", help="folder to write ca.pem, server.pem/.key, client.pem/.key, tokens.json, tokens.txt")
-    c.add_argument("--hosts", default="localhost,127.0.0.1", help="comma-separated names/IPs the server certificate is valid for")
+    c.add_argument(
+        "--hosts", default="localhost,127.0.0.1", help="comma-separated names/IPs the server certificate is valid for"
+    )
     c.add_argument("--devices", type=int, default=10, help="number of device tokens (plus one admin token)")
     c.add_argument("--days", type=int, default=30, help="certificate validity in days")
     c.add_argument("--force", action="store_true", help="overwrite existing files in DIR")
 
-    s = sub.add_parser("serve", help="run a training server (gRPC over TLS) from an experiment config with a network section")
+    s = sub.add_parser(
+        "serve", help="run a training server (gRPC over TLS) from an experiment config with a network section"
+    )
     s.add_argument("config", help="experiment YAML with a network: section (see docs/deployment.md)")
-    from flotilla.network.addresses import port_number, server_address   # refuse 70000 and -5 (an int would wrap or fail late)
-    s.add_argument("--port", type=port_number, required=True, help="TCP port to listen on (0: any free port, printed at start)")
+    from flotilla.network.addresses import (
+        port_number,
+        server_address,
+    )  # refuse 70000 and -5 (an int would wrap or fail late)
+
+    s.add_argument(
+        "--port", type=port_number, required=True, help="TCP port to listen on (0: any free port, printed at start)"
+    )
     s.add_argument("--host", help="address to listen on (default: network.host)")
-    s.add_argument("--state-dir", help="server state / run directory (default: network.state_dir, else output.dir/output.name); "
-                                       "an existing one is resumed")
-    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    s.add_argument(
+        "--state-dir",
+        help="server state / run directory (default: network.state_dir, else output.dir/output.name); "
+        "an existing one is resumed",
+    )
+    s.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
+    )
 
     j = sub.add_parser("join", help="run a device: train on local data whenever the server assigns work")
     j.add_argument("--server", type=server_address, required=True, metavar="HOST:PORT")
@@ -45,13 +61,19 @@ def add_parsers(sub) -> None:
 
     st = sub.add_parser("status", help="show a server's version, clients in flight, accepted/rejected updates, metrics")
     st.add_argument("--server", type=server_address, required=True, metavar="HOST:PORT")
-    st.add_argument("--token", default=os.environ.get("FLOTILLA_TOKEN"), help="device or admin token (default: $FLOTILLA_TOKEN)")
+    st.add_argument(
+        "--token", default=os.environ.get("FLOTILLA_TOKEN"), help="device or admin token (default: $FLOTILLA_TOKEN)"
+    )
     _tls_args(st)
     st.add_argument("--json", action="store_true", help="print the raw JSON")
 
 
 def _tls_args(p) -> None:
-    p.add_argument("--ca", default=os.environ.get("FLOTILLA_CA"), help="CA certificate that signed the server's (default: $FLOTILLA_CA, else system roots)")
+    p.add_argument(
+        "--ca",
+        default=os.environ.get("FLOTILLA_CA"),
+        help="CA certificate that signed the server's (default: $FLOTILLA_CA, else system roots)",
+    )
     p.add_argument("--cert", help="client certificate (servers that require mutual TLS)")
     p.add_argument("--key", help="client certificate's private key")
     p.add_argument("--server-name", help="expected name in the server certificate, if not the host in --server")
@@ -64,22 +86,32 @@ def run(args) -> int:
     # errors.  A GRPC_VERBOSITY in the environment wins.
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR" if args.command == "serve" else "NONE")
     from flotilla.network.client import GaveUp, Refused
+
     try:
         return {"certs": _certs, "serve": _serve, "join": _join, "status": _status}[args.command](args)
-    except (Refused, ConnectionError, GaveUp) as e:   # the server said no, could not be reached, or TLS failed
+    except (Refused, ConnectionError, GaveUp) as e:  # the server said no, could not be reached, or TLS failed
         print(f"flotilla: error: {e}", file=sys.stderr)
         return 1
 
 
 def _certs(args) -> int:
     from flotilla.network.certs import existing_files, make_deployment
+
     if not args.force and (existing := existing_files(args.dir)):
-        raise FileExistsError(f"{args.dir} already holds {', '.join(existing)}; choose an empty folder, "
-                              "or pass --force to overwrite them")
-    paths = make_deployment(args.dir, hosts=[h.strip() for h in args.hosts.split(",") if h.strip()],
-                            devices=args.devices, days=args.days, overwrite=args.force)
+        raise FileExistsError(
+            f"{args.dir} already holds {', '.join(existing)}; choose an empty folder, or pass --force to overwrite them"
+        )
+    paths = make_deployment(
+        args.dir,
+        hosts=[h.strip() for h in args.hosts.split(",") if h.strip()],
+        devices=args.devices,
+        days=args.days,
+        overwrite=args.force,
+    )
     print(f"wrote {', '.join(p.name for p in paths.values())} to {args.dir}")
-    print(f"server: network.tls.cert={paths['server_pem']} key={paths['server_key']}, network.tokens={paths['tokens_json']}")
+    print(
+        f"server: network.tls.cert={paths['server_pem']} key={paths['server_key']}, network.tokens={paths['tokens_json']}"
+    )
     print(f"devices: --ca {paths['ca_pem']} and one line of {paths['tokens_txt']} each (keep it secret)")
     return 0
 
@@ -87,8 +119,9 @@ def _certs(args) -> int:
 def _logging() -> None:
     # force: a library may have configured the root logger at import (Opacus calls basicConfig),
     # which would leave ours a no-op and the server's INFO lines (resumed at, finished) unseen
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr,
-                        force=True)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True
+    )
 
 
 def check_server_files(net) -> None:
@@ -99,21 +132,28 @@ def check_server_files(net) -> None:
         files.append(("network.tls.ca", net.tls.ca))
     for key, path in files:
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{key}: {path} not found (make test certificates and tokens with `flotilla certs DIR`)")
+            raise FileNotFoundError(
+                f"{key}: {path} not found (make test certificates and tokens with `flotilla certs DIR`)"
+            )
         if not os.access(path, os.R_OK):
             raise ValueError(f"{key}: {path} is not readable by this user")
     from flotilla.network.tls_check import check_tls_pair
-    check_tls_pair(net.tls.cert, net.tls.key)   # a key that is not the certificate's (TLSFilesError: a ValueError)
+
+    check_tls_pair(net.tls.cert, net.tls.key)  # a key that is not the certificate's (TLSFilesError: a ValueError)
 
 
 def _serve(args) -> int:
     from flotilla.config import ConfigError, load_config
+
     cfg = load_config(args.config, args.overrides)
     if cfg.network is None:
-        raise ConfigError("invalid config:\n  network: flotilla serve needs a network section (tls, tokens); see docs/deployment.md")
+        raise ConfigError(
+            "invalid config:\n  network: flotilla serve needs a network section (tls, tokens); see docs/deployment.md"
+        )
     check_server_files(cfg.network)
     _logging()
     from flotilla.experiment.serve import server_from_config
+
     server = server_from_config(cfg, state_dir=args.state_dir)
     host = args.host or cfg.network.host
     print(f"state directory: {server.store.path}", flush=True)
@@ -137,6 +177,7 @@ def _serve_until_done(server, host: str, port: int) -> int | None:
     A second Ctrl-C during the shutdown stops at once."""
     import asyncio
     import signal
+
     got: list[int] = []
 
     async def main():
@@ -147,12 +188,14 @@ def _serve_until_done(server, host: str, port: int) -> int | None:
             got.append(sig)
             stop.set()
             for s in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(s)   # the next one interrupts the shutdown itself
+                loop.remove_signal_handler(s)  # the next one interrupts the shutdown itself
+
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal, sig)
         bound = await server.start(host, port)
         print(f"listening on {host}:{bound}", flush=True)
         await server.run_until_done(stop)
+
     try:
         asyncio.run(main())
     except KeyboardInterrupt:
@@ -166,6 +209,7 @@ def _join(args) -> int:
     import torch
 
     from flotilla.network.client import Device, load_device_data, model_for_task
+
     torch.set_num_threads(args.threads)
     _logging()
     x, y = load_device_data(args.data)
@@ -173,19 +217,41 @@ def _join(args) -> int:
 
     def event(kind, info):
         print(json.dumps({"event": kind, **info}), flush=True)
-    device = Device(args.server, args.token, model_for_task, (x, y), compression=args.compression,
-                    max_tasks=args.max_tasks, on_event=event, **tls)
+
+    device = Device(
+        args.server,
+        args.token,
+        model_for_task,
+        (x, y),
+        compression=args.compression,
+        max_tasks=args.max_tasks,
+        on_event=event,
+        **tls,
+    )
     report = device.run()
-    print(json.dumps({"event": "finished", "tasks": report.tasks, "accepted": len(report.accepted),
-                      "refused": len(report.refused), "gave_up": len(report.gave_up), "reconnects": report.reconnects,
-                      **({} if report.epsilon is None else {"epsilon": report.epsilon})}), flush=True)
+    print(
+        json.dumps(
+            {
+                "event": "finished",
+                "tasks": report.tasks,
+                "accepted": len(report.accepted),
+                "refused": len(report.refused),
+                "gave_up": len(report.gave_up),
+                "reconnects": report.reconnects,
+                **({} if report.epsilon is None else {"epsilon": report.epsilon}),
+            }
+        ),
+        flush=True,
+    )
     return 0
 
 
 def _status(args) -> int:
     from flotilla.network.client import Connection
-    with Connection(args.server, args.token, ca=args.ca, cert=args.cert, key=args.key,
-                    server_name=args.server_name, timeout_s=10) as c:
+
+    with Connection(
+        args.server, args.token, ca=args.ca, cert=args.cert, key=args.key, server_name=args.server_name, timeout_s=10
+    ) as c:
         s = c.status()
     if args.json:
         print(json.dumps(s, indent=1))
@@ -201,7 +267,11 @@ def format_status(s: dict) -> str:
         f"{mode} training, {where} of {s['total_steps']}{' (done)' if s['done'] else ''}, up {s.get('uptime_s', 0):.0f} s",
         f"clients in flight: {s['in_flight']}   buffered updates: {s['buffered']}   timed out: {s['timed_out']}",
         f"updates accepted: {s['accepted']}   rejected: {s['rejected']}"
-        + (" (" + ", ".join(f"{k} {v}" for k, v in sorted(s["rejected_by_reason"].items())) + ")" if s["rejected_by_reason"] else ""),
+        + (
+            " (" + ", ".join(f"{k} {v}" for k, v in sorted(s["rejected_by_reason"].items())) + ")"
+            if s["rejected_by_reason"]
+            else ""
+        ),
     ]
     m = s.get("metrics") or {}
     if m:

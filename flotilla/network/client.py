@@ -16,6 +16,7 @@ assignment up, says why, never retrains it, and stops after ``max_give_ups`` in 
 (:class:`GaveUp`).  :class:`Connection` is the low-level API (one RPC per method) that
 :class:`Device` is built on.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,15 +38,19 @@ from torch import nn
 from torch.nn import functional as F
 
 from flotilla.core.client import ClientSpec, LocalTrainer, LossFn
-from flotilla.core.flat import FlatModel
 from flotilla.core.dataset import FederatedDataset, from_torch_datasets
+from flotilla.core.flat import FlatModel
 from flotilla.network import wire
 from flotilla.network.wire import pb
 
 log = logging.getLogger("flotilla.client")
 
-RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
-             grpc.StatusCode.RESOURCE_EXHAUSTED}
+RETRYABLE = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
 
 
 class Refused(RuntimeError):
@@ -56,8 +61,15 @@ class Refused(RuntimeError):
     assignment is over: check in again) or "never"; None when the answer did not come from a
     Flotilla server (the connection failed, or an older server)."""
 
-    def __init__(self, code: grpc.StatusCode, message: str, *, retry: str | None = None, reason: str | None = None,
-                 retry_after_s: float | None = None):
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        message: str,
+        *,
+        retry: str | None = None,
+        reason: str | None = None,
+        retry_after_s: float | None = None,
+    ):
         super().__init__(f"{code.name}: {message}")
         self.code = code
         self.details = message
@@ -127,8 +139,13 @@ def _refused(err: grpc.RpcError) -> Refused:
         after = after if math.isfinite(after) and after >= 0 else None
     except (KeyError, ValueError):
         after = None
-    return Refused(err.code(), err.details() or "", retry=md.get("flotilla-retry"), reason=md.get("flotilla-refusal"),
-                   retry_after_s=after)
+    return Refused(
+        err.code(),
+        err.details() or "",
+        retry=md.get("flotilla-retry"),
+        reason=md.get("flotilla-refusal"),
+        retry_after_s=after,
+    )
 
 
 # A certificate failure in gRPC's error text (C-core, BoringSSL): a failed handshake whose reason
@@ -154,24 +171,39 @@ _DROPPED = "the server closed the connection right after the handshake"
 
 def _explain(reason: str, *, has_ca: bool, has_cert: bool) -> str:
     r = reason.upper()
-    refused_cert = r == _DROPPED.upper() or ("ALERT" in r and any(
-        m in r for m in ("CERTIFICATE_REQUIRED", "BAD_CERTIFICATE", "UNKNOWN_CA", "CERTIFICATE_UNKNOWN", "DECRYPT_ERROR")))
+    refused_cert = r == _DROPPED.upper() or (
+        "ALERT" in r
+        and any(
+            m in r
+            for m in ("CERTIFICATE_REQUIRED", "BAD_CERTIFICATE", "UNKNOWN_CA", "CERTIFICATE_UNKNOWN", "DECRYPT_ERROR")
+        )
+    )
     if refused_cert and not has_cert:
         return "the server requires a client certificate (mutual TLS): give --cert and --key (cert=, key=)"
     if refused_cert:
-        return ("the server refused this device's client certificate: --cert must be signed by the CA in "
-                "the server's network.tls.ca")
+        return (
+            "the server refused this device's client certificate: --cert must be signed by the CA in "
+            "the server's network.tls.ca"
+        )
     if "HOSTNAME" in r or "PEER NAME" in r or "IP ADDRESS MISMATCH" in r:
         return "the server's certificate does not list the name this device connects to (--server, or --server-name)"
     if "EXPIRED" in r or "NOT YET VALID" in r:
         return "the server's certificate has expired (or is not valid yet)"
     if has_ca:
         return "the server's certificate is not signed by the CA given with --ca (ca=)"
-    return "the server's certificate is not signed by a CA this device trusts: give the CA that signed it with --ca (ca=)"
+    return (
+        "the server's certificate is not signed by a CA this device trusts: give the CA that signed it with --ca (ca=)"
+    )
 
 
-def probe_tls(server: str, ca: bytes | None, cert: str | Path | None, key: str | Path | None,
-              server_name: str | None = None, timeout_s: float = 3.0) -> str | None:
+def probe_tls(
+    server: str,
+    ca: bytes | None,
+    cert: str | Path | None,
+    key: str | Path | None,
+    server_name: str | None = None,
+    timeout_s: float = 3.0,
+) -> str | None:
     """Why a TLS session with ``server`` fails, or None if it works or the server cannot be reached
     (that is for the retry loop).  gRPC reports a server that refuses the client certificate only
     as "Socket closed", the same words as a server going down; a handshake of our own tells them
@@ -191,7 +223,7 @@ def probe_tls(server: str, ca: bytes | None, cert: str | Path | None, key: str |
         if cert and key:
             ctx.load_cert_chain(str(cert), str(key))
     except (ssl.SSLError, ValueError, OSError):
-        return None   # gRPC reads the same files and says what is wrong with them
+        return None  # gRPC reads the same files and says what is wrong with them
     ctx.set_alpn_protocols(["h2"])
     try:
         sock = socket.create_connection((host, int(port)), timeout=timeout_s)
@@ -223,14 +255,14 @@ class Assignment:
     client: ClientSpec
     numel: int
     expires_in_s: float
-    device: str = ""                 # who the server says this device is (the sealed update names it)
-    buffer_key: bytes = b""          # async secure buffer: seal the update to this key ...
-    buffer_nonce: bytes = b""        # ... binding this single-use nonce
-    seal_weight: float = 0.0         # sealed weight: this, or num_examples when 0
-    clip_norm: float = 0.0           # > 0: clip the delta to this L2 norm before sealing (user-level DP)
-    secagg: bool = False             # sync secure aggregation: run the masking protocol instead of uploading
-    dp_sgd: Any = None               # sample-level DP (flotilla.privacy.SampleLevelSpec): train with DP-SGD
-    algorithm: dict[str, Any] | None = None   # client.algorithm (fedprox: mu; scaffold); None: FedAvg's local SGD
+    device: str = ""  # who the server says this device is (the sealed update names it)
+    buffer_key: bytes = b""  # async secure buffer: seal the update to this key ...
+    buffer_nonce: bytes = b""  # ... binding this single-use nonce
+    seal_weight: float = 0.0  # sealed weight: this, or num_examples when 0
+    clip_norm: float = 0.0  # > 0: clip the delta to this L2 norm before sealing (user-level DP)
+    secagg: bool = False  # sync secure aggregation: run the masking protocol instead of uploading
+    dp_sgd: Any = None  # sample-level DP (flotilla.privacy.SampleLevelSpec): train with DP-SGD
+    algorithm: dict[str, Any] | None = None  # client.algorithm (fedprox: mu; scaffold); None: FedAvg's local SGD
 
     @property
     def scaffold(self) -> bool:
@@ -239,7 +271,7 @@ class Assignment:
 
 @dataclass
 class CheckIn:
-    action: str                      # "train" | "wait" | "done"
+    action: str  # "train" | "wait" | "done"
     assignment: Assignment | None
     retry_after_s: float
     task: dict[str, Any]
@@ -275,9 +307,10 @@ class Connection:
     ):
         self._ca = _read(ca, "ca")
         self._cert, self._key, self._server_name = cert, key, server_name
-        self._reached = False   # any answer from the server so far (then "Socket closed" is not a handshake problem)
+        self._reached = False  # any answer from the server so far (then "Socket closed" is not a handshake problem)
         creds = grpc.ssl_channel_credentials(
-            root_certificates=self._ca, private_key=_read(key, "key"), certificate_chain=_read(cert, "cert"))
+            root_certificates=self._ca, private_key=_read(key, "key"), certificate_chain=_read(cert, "cert")
+        )
         options = wire.channel_options(max_message_bytes)
         if server_name:
             options.append(("grpc.ssl_target_name_override", server_name))
@@ -314,18 +347,23 @@ class Connection:
             why = _ssl_reason(r.details)
         elif not self._reached:
             why = probe_tls(self.server, self._ca, self._cert, self._key, self._server_name)
-            if why == _DROPPED:   # confirm: not a server that happened to be stopping just then
+            if why == _DROPPED:  # confirm: not a server that happened to be stopping just then
                 time.sleep(0.2)
                 why = probe_tls(self.server, self._ca, self._cert, self._key, self._server_name)
         if why is None:
             return r
-        return TLSError(f"TLS handshake with {self.server} failed: "
-                        f"{_explain(why, has_ca=self._ca is not None, has_cert=self._cert is not None)} [{why}]")
+        return TLSError(
+            f"TLS handshake with {self.server} failed: "
+            f"{_explain(why, has_ca=self._ca is not None, has_cert=self._cert is not None)} [{why}]"
+        )
 
     def check_in(self, num_examples: int = 0) -> CheckIn:
         try:
-            r = self._check_in(pb.CheckInRequest(num_examples=num_examples, sdk_version=wire.SDK_VERSION),
-                               metadata=self.metadata, timeout=self.timeout_s)
+            r = self._check_in(
+                pb.CheckInRequest(num_examples=num_examples, sdk_version=wire.SDK_VERSION),
+                metadata=self.metadata,
+                timeout=self.timeout_s,
+            )
         except grpc.RpcError as e:
             raise self._error(e) from None
         self._reached = True
@@ -338,11 +376,26 @@ class Connection:
             algorithm = spec.pop("algorithm", None)
             if dp_sgd is not None:
                 from flotilla.privacy.sample import SampleLevelSpec
+
                 dp_sgd = SampleLevelSpec(**dp_sgd)
-            a = Assignment(x.assignment_id, x.ticket, x.version, x.round, x.seed,
-                           ClientSpec(**spec), x.numel, x.expires_in_s,
-                           r.device_id, bytes(x.buffer_key), bytes(x.buffer_nonce), x.seal_weight, x.clip_norm,
-                           r.message == "secagg", dp_sgd, algorithm)
+            a = Assignment(
+                x.assignment_id,
+                x.ticket,
+                x.version,
+                x.round,
+                x.seed,
+                ClientSpec(**spec),
+                x.numel,
+                x.expires_in_s,
+                r.device_id,
+                bytes(x.buffer_key),
+                bytes(x.buffer_nonce),
+                x.seal_weight,
+                x.clip_norm,
+                r.message == "secagg",
+                dp_sgd,
+                algorithm,
+            )
         return CheckIn(action, a, r.retry_after_s, json.loads(r.task_json or "{}"), r.device_id, r.message)
 
     def download(self, version: int, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -350,20 +403,24 @@ class Connection:
         view = None
         received = 0
         try:
-            for chunk in self._download(pb.DownloadRequest(version=version), metadata=self.metadata, timeout=self.timeout_s):
+            for chunk in self._download(
+                pb.DownloadRequest(version=version), metadata=self.metadata, timeout=self.timeout_s
+            ):
                 if view is None:
                     if chunk.total_bytes % 4:
                         raise Refused(grpc.StatusCode.DATA_LOSS, f"model of {chunk.total_bytes} bytes is not float32")
                     if out is None:
                         out = torch.empty(chunk.total_bytes // 4, dtype=torch.float32)
                     if out.numel() * 4 != chunk.total_bytes:
-                        raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
-                                      f"the server's model has {chunk.total_bytes // 4} parameters, this device's has {out.numel()}")
+                        raise Refused(
+                            grpc.StatusCode.FAILED_PRECONDITION,
+                            f"the server's model has {chunk.total_bytes // 4} parameters, this device's has {out.numel()}",
+                        )
                     view = memoryview(out.numpy()).cast("B")
                 n = len(chunk.data)
                 if chunk.offset != received or received + n > len(view):
                     raise Refused(grpc.StatusCode.DATA_LOSS, f"model chunk at offset {chunk.offset} out of order")
-                view[received:received + n] = chunk.data
+                view[received : received + n] = chunk.data
                 received += n
         except grpc.RpcError as e:
             raise self._error(e) from None
@@ -371,8 +428,15 @@ class Connection:
             raise Refused(grpc.StatusCode.DATA_LOSS, f"model download ended after {received} bytes")
         return out
 
-    def upload(self, assignment: Assignment, delta: torch.Tensor, num_examples: int,
-               train_loss: float = 0.0, examples_seen: int = 0, steps: int = 0) -> tuple[int, int]:
+    def upload(
+        self,
+        assignment: Assignment,
+        delta: torch.Tensor,
+        num_examples: int,
+        train_loss: float = 0.0,
+        examples_seen: int = 0,
+        steps: int = 0,
+    ) -> tuple[int, int]:
         """Send ``delta`` (trained from ``assignment.version``); returns ``(ledger seq, server version)``.
 
         When the assignment carries a secure buffer key, the delta is sealed to it
@@ -383,33 +447,76 @@ class Connection:
         if assignment.secagg:
             return -1, self.secagg_round(assignment, delta, num_examples, train_loss, examples_seen)
         if assignment.buffer_key:
-            from flotilla.secure.buffer import Assignment as BufferAssignment, seal_update
+            from flotilla.secure.buffer import Assignment as BufferAssignment
+            from flotilla.secure.buffer import seal_update
+
             weight = assignment.seal_weight or float(num_examples)
-            if assignment.clip_norm > 0:   # as SecureFedBuff's clients: just under S, so float rounding stays <= S
+            if assignment.clip_norm > 0:  # as SecureFedBuff's clients: just under S, so float rounding stays <= S
                 norm = float(torch.linalg.vector_norm(delta, dtype=torch.float64))
                 if norm > assignment.clip_norm:
                     delta = delta * (assignment.clip_norm * (1 - 1e-6) / norm)
-            sealed = seal_update(delta, weight, BufferAssignment(assignment.device, assignment.version,
-                                                                 assignment.buffer_nonce, assignment.buffer_key))
-            return self.upload_raw(assignment.ticket, assignment.version, "sealed", [int(delta.numel())],
-                                   sealed.ciphertext, num_examples, train_loss, examples_seen, steps,
-                                   ephemeral_pk=sealed.ephemeral_pk)
+            sealed = seal_update(
+                delta,
+                weight,
+                BufferAssignment(assignment.device, assignment.version, assignment.buffer_nonce, assignment.buffer_key),
+            )
+            return self.upload_raw(
+                assignment.ticket,
+                assignment.version,
+                "sealed",
+                [int(delta.numel())],
+                sealed.ciphertext,
+                num_examples,
+                train_loss,
+                examples_seen,
+                steps,
+                ephemeral_pk=sealed.ephemeral_pk,
+            )
         data = delta.detach().contiguous().numpy()
-        return self.upload_raw(assignment.ticket, assignment.version, str(data.dtype), list(delta.shape), data,
-                               num_examples, train_loss, examples_seen, steps)
+        return self.upload_raw(
+            assignment.ticket,
+            assignment.version,
+            str(data.dtype),
+            list(delta.shape),
+            data,
+            num_examples,
+            train_loss,
+            examples_seen,
+            steps,
+        )
 
-    def upload_raw(self, ticket: str, base_version: int, dtype: str, shape: list[int], data,
-                   num_examples: int, train_loss: float = 0.0, examples_seen: int = 0, steps: int = 0,
-                   chunk_bytes: int | None = None, ephemeral_pk: bytes = b"") -> tuple[int, int]:
+    def upload_raw(
+        self,
+        ticket: str,
+        base_version: int,
+        dtype: str,
+        shape: list[int],
+        data,
+        num_examples: int,
+        train_loss: float = 0.0,
+        examples_seen: int = 0,
+        steps: int = 0,
+        chunk_bytes: int | None = None,
+        ephemeral_pk: bytes = b"",
+    ) -> tuple[int, int]:
         """Send any header and bytes (the protocol as is, for tests and other SDKs)."""
-        header = pb.UploadHeader(ticket=ticket, base_version=base_version, dtype=dtype, shape=shape,
-                                 num_examples=num_examples, train_loss=train_loss, examples_seen=examples_seen, steps=steps,
-                                 ephemeral_pk=ephemeral_pk)
+        header = pb.UploadHeader(
+            ticket=ticket,
+            base_version=base_version,
+            dtype=dtype,
+            shape=shape,
+            num_examples=num_examples,
+            train_loss=train_loss,
+            examples_seen=examples_seen,
+            steps=steps,
+            ephemeral_pk=ephemeral_pk,
+        )
 
         def parts():
             yield pb.UploadPart(header=header)
             for part in wire.chunks(data, chunk_bytes or self.chunk_bytes):
                 yield pb.UploadPart(data=bytes(part))
+
         try:
             r = self._upload(parts(), metadata=self.metadata, timeout=self.timeout_s)
         except grpc.RpcError as e:
@@ -419,18 +526,36 @@ class Connection:
     def secagg_call(self, request: dict[str, Any]) -> dict[str, Any]:
         """One SecAggStep request (JSON both ways)."""
         try:
-            return json.loads(self._secagg(json.dumps(request).encode(), metadata=self.metadata, timeout=self.timeout_s))
+            return json.loads(
+                self._secagg(json.dumps(request).encode(), metadata=self.metadata, timeout=self.timeout_s)
+            )
         except grpc.RpcError as e:
             raise self._error(e) from None
 
-    def secagg_round(self, assignment: Assignment, delta: torch.Tensor, num_examples: int, train_loss: float = 0.0,
-                     examples_seen: int = 0, stop_after: str | None = None) -> int:
+    def secagg_round(
+        self,
+        assignment: Assignment,
+        delta: torch.Tensor,
+        num_examples: int,
+        train_loss: float = 0.0,
+        examples_seen: int = 0,
+        stop_after: str | None = None,
+    ) -> int:
         """This device's part of a sync secure round; the server's version afterwards.  An aborted
         round raises Refused(ABORTED)."""
         from flotilla.network.secagg import RoundAborted, run_device
+
         try:
-            return run_device(self.secagg_call, assignment.ticket, delta, float(num_examples), num_examples,
-                              train_loss, examples_seen, stop_after=stop_after)
+            return run_device(
+                self.secagg_call,
+                assignment.ticket,
+                delta,
+                float(num_examples),
+                num_examples,
+                train_loss,
+                examples_seen,
+                stop_after=stop_after,
+            )
         except RoundAborted as e:
             raise Refused(grpc.StatusCode.ABORTED, str(e)) from None
 
@@ -465,11 +590,13 @@ def as_device_data(data, client: int = 0) -> tuple[FederatedDataset, int]:
 def save_device_data(path: str | Path, x: torch.Tensor, y: torch.Tensor) -> None:
     """Write one device's data as the safetensors file ``flotilla join --data`` reads (keys x, y)."""
     from safetensors.torch import save_file
+
     save_file({"x": x.contiguous(), "y": y.contiguous()}, str(path))
 
 
 def load_device_data(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     from safetensors.torch import load_file
+
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"--data: {p} not found")
@@ -501,6 +628,7 @@ class Backoff:
     """Exponential backoff with jitter, reset after a success.  ``max_s`` stays below the
     server's ``linger_s`` (10 s by default), so a device in back-off when training ends still
     checks in while the server says DONE."""
+
     initial_s: float = 0.2
     max_s: float = 5.0
     give_up_after_s: float = 300.0
@@ -516,9 +644,11 @@ class Backoff:
         if self._since is None:
             self._since = now
         if now - self._since > self.give_up_after_s:
-            raise ConnectionError(f"no usable answer from the server for {now - self._since:.0f} s, giving up: {error}") from error
-        delay = min(self.max_s, self.initial_s * 2 ** self._attempt) * random.uniform(0.5, 1.0)
-        hint = getattr(error, "retry_after_s", None)   # the server's own "come back in" (rate limits)
+            raise ConnectionError(
+                f"no usable answer from the server for {now - self._since:.0f} s, giving up: {error}"
+            ) from error
+        delay = min(self.max_s, self.initial_s * 2**self._attempt) * random.uniform(0.5, 1.0)
+        hint = getattr(error, "retry_after_s", None)  # the server's own "come back in" (rate limits)
         if hint is not None:
             delay = max(delay, min(hint, self.max_s) * random.uniform(1.0, 1.2))
         self._attempt += 1
@@ -527,16 +657,17 @@ class Backoff:
 
 @dataclass
 class DeviceReport:
-    accepted: list[dict[str, Any]] = field(default_factory=list)   # {seq, version, assignment}
+    accepted: list[dict[str, Any]] = field(default_factory=list)  # {seq, version, assignment}
     refused: list[str] = field(default_factory=list)
-    gave_up: list[dict[str, Any]] = field(default_factory=list)    # {assignment, version, why}
+    gave_up: list[dict[str, Any]] = field(default_factory=list)  # {assignment, version, why}
     reconnects: int = 0
     tasks: int = 0
-    epsilon: float | None = None     # sample-level DP: this device's epsilon over all its DP-SGD steps
+    epsilon: float | None = None  # sample-level DP: this device's epsilon over all its DP-SGD steps
 
 
-def check_device_data(model: nn.Module, loss_fn: LossFn, dataset: FederatedDataset, client: int = 0,
-                      probe: int = 32) -> None:
+def check_device_data(
+    model: nn.Module, loss_fn: LossFn, dataset: FederatedDataset, client: int = 0, probe: int = 32
+) -> None:
     """Refuse data ``model`` cannot train on, before the device takes any work: non-finite
     inputs, inputs the model cannot run (one forward pass and loss on the first ``probe``
     examples), and with cross-entropy, labels outside the model's classes (all of them).
@@ -546,22 +677,27 @@ def check_device_data(model: nn.Module, loss_fn: LossFn, dataset: FederatedDatas
     if x.is_floating_point() and not bool(torch.isfinite(x).all()):
         raise ValueError(f"data: x holds non-finite values (NaN or inf) ({shapes})")
 
-    def attempt(fn):   # whatever the model or the loss raises on the wrong input, as one line
+    def attempt(fn):  # whatever the model or the loss raises on the wrong input, as one line
         try:
             with torch.no_grad():
                 return fn()
         except Exception as e:  # noqa: BLE001
-            raise ValueError(f"data: the model cannot train on this device's data ({shapes}): "
-                             f"{(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
+            raise ValueError(
+                f"data: the model cannot train on this device's data ({shapes}): "
+                f"{(str(e).strip().splitlines() or [type(e).__name__])[0]}"
+            ) from None
+
     was_training = model.training
-    model.eval()   # no dropout, no batch-norm statistics updated by the check
+    model.eval()  # no dropout, no batch-norm statistics updated by the check
     try:
         out = attempt(lambda: model(x[:probe]))
         if loss_fn is F.cross_entropy and not y.is_floating_point() and out.dim() >= 2 and len(y):
             classes, lo, hi = out.shape[1], int(y.min()), int(y.max())
             if lo < 0 or hi >= classes:
-                raise ValueError(f"data: labels y range over {lo}..{hi}, but the model has {classes} classes "
-                                 f"(labels 0..{classes - 1})")
+                raise ValueError(
+                    f"data: labels y range over {lo}..{hi}, but the model has {classes} classes "
+                    f"(labels 0..{classes - 1})"
+                )
         loss = attempt(lambda: loss_fn(out, y[:probe]))
     finally:
         model.train(was_training)
@@ -613,14 +749,16 @@ class Device:
         self.variates = None
         self._dp_compatible = False
         self._data_checked = False
-        self.dp_steps: dict[tuple, int] = {}      # (noise multiplier, sample rate, delta, accountant) -> DP-SGD steps
-        self.conn = Connection(server, token, ca=ca, cert=cert, key=key, server_name=server_name, compression=compression)
+        self.dp_steps: dict[tuple, int] = {}  # (noise multiplier, sample rate, delta, accountant) -> DP-SGD steps
+        self.conn = Connection(
+            server, token, ca=ca, cert=cert, key=key, server_name=server_name, compression=compression
+        )
         self.backoff = backoff or Backoff()
         self.max_tasks = max_tasks
         self.max_give_ups = max_give_ups
         self.on_event = on_event or (lambda kind, info: None)
-        self.step_limit: int | None = None        # the server's last version, from its status
-        self._given_up: dict[tuple, str] = {}     # (version, seed) or ("id", assignment) -> why
+        self.step_limit: int | None = None  # the server's last version, from its status
+        self._given_up: dict[tuple, str] = {}  # (version, seed) or ("id", assignment) -> why
         self._give_ups_in_a_row = 0
 
     def _module(self, task: dict[str, Any]) -> nn.Module:
@@ -641,8 +779,9 @@ class Device:
             return
         model = self._module(task)
         self._dp_compatible = dp_sgd is not None
-        if dp_sgd is not None:   # as the server did: recurrent layers become Opacus' (parameter order changes)
+        if dp_sgd is not None:  # as the server did: recurrent layers become Opacus' (parameter order changes)
             from flotilla.privacy.sample import make_dp_compatible
+
             make_dp_compatible(model)
         self.flat = FlatModel(model)
         self.start = torch.empty(self.flat.numel)
@@ -650,19 +789,26 @@ class Device:
 
     def _trainer_for(self, spec: ClientSpec, dp_sgd, algorithm: dict[str, Any] | None = None) -> LocalTrainer:
         key = (json.dumps(algorithm, sort_keys=True) if algorithm is not None else None,)
-        if (self._trainer is None or self._trainer.spec != spec or getattr(self._trainer, "dp", None) != dp_sgd
-                or self._trainer_key != key):
+        if (
+            self._trainer is None
+            or self._trainer.spec != spec
+            or getattr(self._trainer, "dp", None) != dp_sgd
+            or self._trainer_key != key
+        ):
             if hasattr(self._trainer, "close"):
                 self._trainer.close()
             if algorithm is not None:
                 if dp_sgd is not None:
-                    raise ValueError(f"the server asks for client.algorithm {algorithm.get('name')!r} and DP-SGD at "
-                                     "once; they do not compose")
+                    raise ValueError(
+                        f"the server asks for client.algorithm {algorithm.get('name')!r} and DP-SGD at "
+                        "once; they do not compose"
+                    )
                 self._trainer = self._algorithm_trainer(spec, algorithm)
             elif dp_sgd is None:
                 self._trainer = LocalTrainer(self.flat, self.loss_fn, spec)
             else:
                 from flotilla.privacy.sample import DPLocalTrainer
+
                 self._trainer = DPLocalTrainer(self.flat, self.loss_fn, spec, dp_sgd)
             self._trainer_key = key
         return self._trainer
@@ -670,25 +816,30 @@ class Device:
     def _algorithm_trainer(self, spec: ClientSpec, algorithm: dict[str, Any]) -> LocalTrainer:
         """The client update of the server's ``client.algorithm``: the simulator's own trainers."""
         from flotilla.algorithms.registry import as_config
+
         try:
             cfg = as_config(algorithm)
         except Exception as e:  # noqa: BLE001 - pydantic's ValidationError or the registry's ValueError
-            raise ValueError(f"the server's client.algorithm {algorithm!r} is not one this SDK can run: "
-                             f"{str(e).splitlines()[0]}") from None
+            raise ValueError(
+                f"the server's client.algorithm {algorithm!r} is not one this SDK can run: {str(e).splitlines()[0]}"
+            ) from None
         if cfg.name == "fedprox" and cfg.mu > 0:
             from flotilla.algorithms.fedprox import FedProxTrainer
+
             return FedProxTrainer(self.flat, self.loss_fn, spec, float(cfg.mu))
         if cfg.name == "scaffold":
             from flotilla.algorithms.scaffold import ScaffoldTrainer
+
             return ScaffoldTrainer(self.flat, self.loss_fn, spec, self._variates())
-        return LocalTrainer(self.flat, self.loss_fn, spec)    # fedavg, or fedprox with mu = 0 (FedAvg exactly)
+        return LocalTrainer(self.flat, self.loss_fn, spec)  # fedavg, or fedprox with mu = 0 (FedAvg exactly)
 
     def _variates(self):
         if self.variates is None:
             from flotilla.algorithms.scaffold import ControlVariates
             from flotilla.algorithms.store import MemoryStore
+
             self.variates = ControlVariates(self.flat.numel, 1, MemoryStore(self.flat.numel))
-            self._download_buf = torch.empty(2 * self.flat.numel)    # weights, then the server's c
+            self._download_buf = torch.empty(2 * self.flat.numel)  # weights, then the server's c
         return self.variates
 
     def _train(self, a: Assignment):
@@ -710,10 +861,12 @@ class Device:
         if not self.dp_steps:
             return None
         from flotilla.privacy.accountant import epsilon_of_history
+
         delta = max(k[2] for k in self.dp_steps)
         kinds = {k[3] for k in self.dp_steps}
-        return epsilon_of_history([(z, q, t) for (z, q, _, _), t in self.dp_steps.items()], delta,
-                                  kinds.pop() if len(kinds) == 1 else "rdp")
+        return epsilon_of_history(
+            [(z, q, t) for (z, q, _, _), t in self.dp_steps.items()], delta, kinds.pop() if len(kinds) == 1 else "rdp"
+        )
 
     def _retry(self, report: DeviceReport, fn, *args):
         while True:
@@ -779,11 +932,11 @@ class Device:
                     self._wait(ci.retry_after_s)
                     continue
                 a = ci.assignment
-                if not self._data_checked:   # a server whose status does not name its task
+                if not self._data_checked:  # a server whose status does not name its task
                     self.check_data(ci.task)
                 why = self._known_bad(a)
                 if why is not None:
-                    if ("id", a.id) not in self._given_up:   # a new ticket for the same refused training
+                    if ("id", a.id) not in self._given_up:  # a new ticket for the same refused training
                         self._give_up(report, a, why)
                     # sync: the server hands this device its live assignment until it expires or the
                     # round closes; wait for that rather than retrain it
@@ -791,27 +944,33 @@ class Device:
                     continue
                 self._prepare(ci.task, a.dp_sgd)
                 if a.numel != self.flat.numel:
-                    raise ValueError(f"the server's model has {a.numel} parameters, this device's model has {self.flat.numel}")
+                    raise ValueError(
+                        f"the server's model has {a.numel} parameters, this device's model has {self.flat.numel}"
+                    )
                 if a.scaffold:
-                    self._trainer_for(a.client, a.dp_sgd, a.algorithm)   # c_i lives on across assignments
+                    self._trainer_for(a.client, a.dp_sgd, a.algorithm)  # c_i lives on across assignments
                 try:
                     self._retry(report, self.conn.download, a.version, self._download_buf if a.scaffold else self.start)
-                except Refused as e:   # e.g. the version moved on between check-in and download
+                except Refused as e:  # e.g. the version moved on between check-in and download
                     report.refused.append(str(e))
                     continue
                 payload = self.delta
-                if a.scaffold:   # the download is the weights, then the server's c of that version
-                    self.start.copy_(self._download_buf[:self.flat.numel])
-                    self.variates.c.copy_(self._download_buf[self.flat.numel:])
+                if a.scaffold:  # the download is the weights, then the server's c of that version
+                    self.start.copy_(self._download_buf[: self.flat.numel])
+                    self.variates.c.copy_(self._download_buf[self.flat.numel :])
                 r = self._train(a)
                 report.tasks += 1
                 report.epsilon = self.epsilon()
-                if a.scaffold:   # the upload: the delta, then delta c_i (zero if no step was taken)
+                if a.scaffold:  # the upload: the delta, then delta c_i (zero if no step was taken)
                     dc = self.variates.held_delta(self.client)
                     payload = torch.stack([self.delta, dc if dc is not None else torch.zeros_like(self.delta)])
                 if not math.isfinite(r.loss) or not bool(torch.isfinite(payload).all()):
-                    self._give_up(report, a, "training diverged: the update has non-finite values "
-                                             f"(train loss {r.loss:.4g}); a smaller client.lr may help")
+                    self._give_up(
+                        report,
+                        a,
+                        "training diverged: the update has non-finite values "
+                        f"(train loss {r.loss:.4g}); a smaller client.lr may help",
+                    )
                     continue
                 try:
                     seq, version = self._upload_once(report, a, r, payload)
@@ -821,10 +980,10 @@ class Device:
                     report.refused.append(str(e))
                     self.on_event("refused", {"assignment": a.id, "error": str(e)})
                     if e.unsatisfiable:
-                        self._give_up(report, a, e.details)   # the same delta would be refused again
+                        self._give_up(report, a, e.details)  # the same delta would be refused again
                     continue
                 self._give_ups_in_a_row = 0
-                if a.scaffold:   # accepted: c_i+ becomes this device's c_i (as the server added its delta c_i)
+                if a.scaffold:  # accepted: c_i+ becomes this device's c_i (as the server added its delta c_i)
                     self.variates.keep(self.client)
                 info = {"seq": seq, "version": version, "assignment": a.id, "base_version": a.version}
                 if report.epsilon is not None:
@@ -837,17 +996,20 @@ class Device:
                     return self._finished(report, f"training finished at version {version}")
         finally:
             self.conn.close()
-            if hasattr(self._trainer, "close"):   # DP-SGD: Opacus' hooks come off the user's model
+            if hasattr(self._trainer, "close"):  # DP-SGD: Opacus' hooks come off the user's model
                 self._trainer.close()
                 self._trainer = None
         return report
 
-    def _upload_once(self, report: DeviceReport, a: Assignment, r, payload: torch.Tensor | None = None) -> tuple[int, int]:
+    def _upload_once(
+        self, report: DeviceReport, a: Assignment, r, payload: torch.Tensor | None = None
+    ) -> tuple[int, int]:
         retried = False
         while True:
             try:
-                out = self.conn.upload(a, self.delta if payload is None else payload, r.num_examples, r.loss,
-                                       r.examples_seen, r.steps)
+                out = self.conn.upload(
+                    a, self.delta if payload is None else payload, r.num_examples, r.loss, r.examples_seen, r.steps
+                )
                 self.backoff.reset()
                 return out
             except Refused as e:

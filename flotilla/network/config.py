@@ -4,6 +4,7 @@ Only ``flotilla serve`` reads it.  The algorithm settings are the experiment's o
 ``rounds`` (server steps), ``cohort``, ``client``, ``server``, ``async`` (FedBuff concurrency,
 buffer size K, staleness weights, max staleness).  Paths are relative to the working directory.
 """
+
 from __future__ import annotations
 
 from typing import Literal
@@ -20,8 +21,12 @@ class _Strict(Section):
 class TLSConfig(_Strict):
     cert: str = Field(..., description="server certificate chain, PEM (`flotilla certs DIR` writes DIR/server.pem)")
     key: str = Field(..., description="server private key, PEM (DIR/server.key)")
-    ca: str | None = Field(None, description="CA that signs client certificates (DIR/ca.pem); needed with require_client_cert")
-    require_client_cert: bool = Field(False, description="mutual TLS: refuse connections without a client certificate from ca")
+    ca: str | None = Field(
+        None, description="CA that signs client certificates (DIR/ca.pem); needed with require_client_cert"
+    )
+    require_client_cert: bool = Field(
+        False, description="mutual TLS: refuse connections without a client certificate from ca"
+    )
 
     @model_validator(mode="after")
     def _ca_for_mtls(self):
@@ -32,34 +37,69 @@ class TLSConfig(_Strict):
 
 class NetworkConfig(_Strict):
     tls: TLSConfig
-    tokens: str = Field(..., description="device token table (`flotilla certs DIR` writes DIR/tokens.json); unknown tokens are refused")
+    tokens: str = Field(
+        ..., description="device token table (`flotilla certs DIR` writes DIR/tokens.json); unknown tokens are refused"
+    )
     host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0: all interfaces)")
     state_dir: str | None = Field(None, description="server state and run directory (default: output.dir/output.name)")
     # sync rounds
-    over_selection: float = Field(1.3, ge=1, description="sync: hand out up to ceil(cohort x this) assignments per round; late results are refused")
-    selection_window_s: float = Field(1.0, ge=0, description="sync: collect check-ins this long, then draw the round's devices uniformly")
-    secagg_stage_s: float = Field(30.0, gt=0, description="sync secure aggregation: a protocol stage closes this long after it opened (devices that have not answered dropped out)")
-    round_deadline_s: float | None = Field(300.0, gt=0, description="sync: close a round after this many seconds if min_updates "
-                                           "arrived (else extend it), so a failing device cannot stall the run; null: no deadline")
+    over_selection: float = Field(
+        1.3,
+        ge=1,
+        description="sync: hand out up to ceil(cohort x this) assignments per round; late results are refused",
+    )
+    selection_window_s: float = Field(
+        1.0, ge=0, description="sync: collect check-ins this long, then draw the round's devices uniformly"
+    )
+    secagg_stage_s: float = Field(
+        30.0,
+        gt=0,
+        description="sync secure aggregation: a protocol stage closes this long after it opened (devices that have not answered dropped out)",
+    )
+    round_deadline_s: float | None = Field(
+        300.0,
+        gt=0,
+        description="sync: close a round after this many seconds if min_updates "
+        "arrived (else extend it), so a failing device cannot stall the run; null: no deadline",
+    )
     min_updates: int = Field(1, ge=1, description="sync: updates a round needs to close at its deadline")
     # both modes
-    assignment_timeout_s: float = Field(120.0, gt=0, description="an assignment not uploaded within this is dropped and its slot reassigned")
+    assignment_timeout_s: float = Field(
+        120.0, gt=0, description="an assignment not uploaded within this is dropped and its slot reassigned"
+    )
     max_update_norm: float | None = Field(None, gt=0, description="refuse updates whose L2 norm exceeds this")
-    max_update_abs: float | None = Field(1e6, gt=0, description="refuse updates with any value larger than this in magnitude "
-                                         "(the default keeps every sum of updates finite: an update of all 3e38 is finite but "
-                                         "overflows the aggregate); a step that still makes the model non-finite is rolled back; "
-                                         "null: no bound")
+    max_update_abs: float | None = Field(
+        1e6,
+        gt=0,
+        description="refuse updates with any value larger than this in magnitude "
+        "(the default keeps every sum of updates finite: an update of all 3e38 is finite but "
+        "overflows the aggregate); a step that still makes the model non-finite is rolled back; "
+        "null: no bound",
+    )
     max_examples: int | None = Field(None, ge=1, description="refuse updates claiming more training examples than this")
-    max_message_mb: float = Field(4.0, gt=0, le=2047, description="largest gRPC message accepted (models stream in chunks below it; gRPC's limit is < 2 GiB)")
+    max_message_mb: float = Field(
+        4.0,
+        gt=0,
+        le=2047,
+        description="largest gRPC message accepted (models stream in chunks below it; gRPC's limit is < 2 GiB)",
+    )
     chunk_kb: int = Field(1024, ge=1, description="chunk size of model downloads")
     rate_limit: float = Field(20.0, gt=0, description="requests per second per device, on average")
     rate_burst: int = Field(40, ge=1, description="requests a device may make in a burst")
-    uploads_per_device: int = Field(2, ge=1, description="upload streams one device may have open at once (and one per assignment)")
-    upload_timeout_s: float = Field(300.0, gt=0, description="an upload stream must finish within this (a stalled one is cut and its slot freed)")
-    compression: Literal["none", "gzip", "deflate"] = Field("none", description="gRPC compression of the server's messages")
+    uploads_per_device: int = Field(
+        2, ge=1, description="upload streams one device may have open at once (and one per assignment)"
+    )
+    upload_timeout_s: float = Field(
+        300.0, gt=0, description="an upload stream must finish within this (a stalled one is cut and its slot freed)"
+    )
+    compression: Literal["none", "gzip", "deflate"] = Field(
+        "none", description="gRPC compression of the server's messages"
+    )
     retry_after_s: float = Field(0.5, gt=0, description="how long devices with no work wait before checking in again")
     fsync: bool = Field(True, description="fsync every accepted update and snapshot (off only for throwaway runs)")
-    linger_s: float = Field(10.0, ge=0, description="after the last step, keep telling devices 'done' this long, then exit")
+    linger_s: float = Field(
+        10.0, ge=0, description="after the last step, keep telling devices 'done' this long, then exit"
+    )
 
     @model_validator(mode="after")
     def _chunk_fits(self):

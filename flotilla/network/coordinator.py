@@ -56,6 +56,7 @@ keeps ``c`` (in the snapshot as ``scaffold.c``), serves it after the weights of 
 each device's ``delta c_i`` after its delta in the upload, adds those of accepted uploads only and
 moves ``c`` by ``sum / N`` at every step; the devices keep their own ``c_i``.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -87,17 +88,17 @@ log = logging.getLogger("flotilla.network")
 __all__ = ["Coordinator", "CoordinatorSettings", "Refused", "Ticket", "Upload", "step_record"]
 
 DEFAULT_MAX_UPDATE_ABS = 1e6
-MAX_EXAMPLES_SEEN = 2**53       # exact in a float64 (metrics sum them)
+MAX_EXAMPLES_SEEN = 2**53  # exact in a float64 (metrics sum them)
 # Refusals of what a device trained (it would send the same again): the assignment is revoked.
 REVOKING = {"nonfinite", "norm", "value", "shape", "dtype", "examples", "numbers", "tampered"}
 
 
 @dataclass(frozen=True)
 class CoordinatorSettings:
-    mode: str = "sync"                      # "sync" | "async"
-    total_steps: int = 10                   # server steps (rounds / buffer flushes) to run
+    mode: str = "sync"  # "sync" | "async"
+    total_steps: int = 10  # server steps (rounds / buffer flushes) to run
     seed: int = 0
-    weighting: str = "examples"             # "examples" | "uniform"
+    weighting: str = "examples"  # "examples" | "uniform"
     # sync
     cohort: int = 10
     over_selection: float = 1.3
@@ -108,15 +109,15 @@ class CoordinatorSettings:
     buffer_size: int = 10
     max_staleness: int | None = None
     staleness: Staleness = Staleness()
-    normalize: str = "mean"                 # FedBuff: "mean" or "sum" (see flotilla.core.fedbuff)
+    normalize: str = "mean"  # FedBuff: "mean" or "sum" (see flotilla.core.fedbuff)
     # both
     assignment_timeout_s: float = 120.0
     max_update_norm: float | None = None
-    max_update_abs: float | None = DEFAULT_MAX_UPDATE_ABS   # largest |value| of any coordinate of an update
+    max_update_abs: float | None = DEFAULT_MAX_UPDATE_ABS  # largest |value| of any coordinate of an update
     max_examples: int | None = None
     retry_after_s: float = 0.5
-    selection_window_s: float = 1.0         # sync: collect check-ins this long, then sample the cohort
-    secagg_stage_s: float = 30.0            # sync secure aggregation: a protocol stage closes this long after it opened
+    selection_window_s: float = 1.0  # sync: collect check-ins this long, then sample the cohort
+    secagg_stage_s: float = 30.0  # sync secure aggregation: a protocol stage closes this long after it opened
 
     def __post_init__(self):
         if self.mode not in ("sync", "async"):
@@ -152,16 +153,17 @@ class CoordinatorSettings:
 @dataclass
 class Upload:
     """A validated upload, ready to commit."""
+
     ticket: Ticket
     num_examples: int
     train_loss: float
     examples_seen: int
-    delta: torch.Tensor | None        # None for a sealed upload (the server cannot read it)
+    delta: torch.Tensor | None  # None for a sealed upload (the server cannot read it)
     norm: float
-    ephemeral_pk: bytes = b""         # sealed upload: the client's ephemeral X25519 key
-    ciphertext: bytes = b""           # sealed upload: what the secure buffer opens
-    digest: str | None = None         # fingerprint() of the uploaded bytes (answers retries; commit computes it)
-    control: torch.Tensor | None = None   # SCAFFOLD: the device's delta c_i (uploaded after the delta)
+    ephemeral_pk: bytes = b""  # sealed upload: the client's ephemeral X25519 key
+    ciphertext: bytes = b""  # sealed upload: what the secure buffer opens
+    digest: str | None = None  # fingerprint() of the uploaded bytes (answers retries; commit computes it)
+    control: torch.Tensor | None = None  # SCAFFOLD: the device's delta c_i (uploaded after the delta)
 
 
 def fingerprint(data) -> str:
@@ -214,19 +216,31 @@ class Coordinator:
         self.variates = None
         if scaffold_population is not None:
             from flotilla.algorithms.scaffold import ControlVariates
+
             if sealed or masked is not None or privacy is not None:
-                raise ValueError("client.algorithm: scaffold needs each device's delta c_i in the clear, outside "
-                                 "user-level DP and secure aggregation; remove one")
+                raise ValueError(
+                    "client.algorithm: scaffold needs each device's delta c_i in the clear, outside "
+                    "user-level DP and secure aggregation; remove one"
+                )
             self.variates = ControlVariates(self.numel, max(1, scaffold_population), store=None)
-        self.rows = 1 if self.variates is None else 2     # float32 vectors of numel in a download and an upload
+        self.rows = 1 if self.variates is None else 2  # float32 vectors of numel in a download and an upload
         self.server_opt = server_opt
         self.settings = settings
         self.store = store
         if aggregator is None:
             # validate=False: check_delta has already run check_update on every upload.
-            aggregator = WeightedMean(self.numel, validate=False) if settings.mode == "sync" else FedBuff(
-                self.numel, settings.buffer_size, settings.staleness, normalize=settings.normalize,
-                max_staleness=settings.max_staleness, validate=False)
+            aggregator = (
+                WeightedMean(self.numel, validate=False)
+                if settings.mode == "sync"
+                else FedBuff(
+                    self.numel,
+                    settings.buffer_size,
+                    settings.staleness,
+                    normalize=settings.normalize,
+                    max_staleness=settings.max_staleness,
+                    validate=False,
+                )
+            )
         self.aggregator = aggregator
         # core's server step: weights, version, the aggregator as its buffer, the server optimizer
         self.algo = FedBuffServer(weights, aggregator, server_opt)
@@ -236,17 +250,22 @@ class Coordinator:
         # the buffer's key; the server relays ciphertexts it cannot read; only sums of >= K leave.
         self.sealed = sealed
         if sealed and (settings.mode != "async" or not hasattr(aggregator, "secure")):
-            raise ValueError("secure_aggregation: the network server runs the secure buffer (a SecureFedBuff) in async mode only")
+            raise ValueError(
+                "secure_aggregation: the network server runs the secure buffer (a SecureFedBuff) in async mode only"
+            )
         # Sync secure aggregation (flotilla.network.secagg.SecAggParams): devices run the 4-round
         # masking protocol through the relay; the server holds only the sum of masked vectors.
         self.masked = masked
-        self.masked_release = masked_release           # user-level DP: (noise_fn, expected cohort) for the unmasked sum
+        self.masked_release = masked_release  # user-level DP: (noise_fn, expected cohort) for the unmasked sum
         if masked is not None and (settings.mode != "sync" or sealed or (privacy is None) != (masked_release is None)):
-            raise ValueError("secure_aggregation: the masking protocol runs in sync mode, without the secure buffer; "
-                             "with DP the noise is added to the unmasked sum (masked_release)")
+            raise ValueError(
+                "secure_aggregation: the masking protocol runs in sync mode, without the secure buffer; "
+                "with DP the noise is added to the unmasked sum (masked_release)"
+            )
         self.relay = None
         if masked is not None:
             from flotilla.network.secagg import SecAggRelay
+
             self.relay = SecAggRelay(self)
         self.device_index = device_index
         self.on_step = on_step
@@ -256,16 +275,16 @@ class Coordinator:
 
         self.table = AssignmentTable(secrets.token_hex(8), uploads_per_device)
         self.selection = Selection(settings.seed)
-        self.buffer: list[dict[str, Any]] = []         # ledger entries of updates in the aggregator
-        self.contributors: set[str] = set()            # devices with an update in the buffer
-        self.counters: Counter[str] = Counter()        # accepted, rejected.<reason>, dropped.<reason>, assigned
+        self.buffer: list[dict[str, Any]] = []  # ledger entries of updates in the aggregator
+        self.contributors: set[str] = set()  # devices with an update in the buffer
+        self.counters: Counter[str] = Counter()  # accepted, rejected.<reason>, dropped.<reason>, assigned
         self.round_started = clock()
         self._pruned_at = 0.0
-        self._looked_up: dict[str, Answer | None] = {}   # old tickets already looked up in the ledger file
+        self._looked_up: dict[str, Answer | None] = {}  # old tickets already looked up in the ledger file
         self.next_seq = 0
         self.examples_seen_total = 0
         self._recover()
-        self._served = {self.version: self._serialize()}   # model bytes of versions still in flight
+        self._served = {self.version: self._serialize()}  # model bytes of versions still in flight
 
     # -- the model, through core's server ----------------------------------------------------
     @property
@@ -300,14 +319,17 @@ class Coordinator:
             if w.shape != self.weights.shape:
                 raise ValueError(f"{self.store.path}: saved model has {w.numel()} weights, this model has {self.numel}")
             self.weights.copy_(w)
-            self.server_opt.load_state_dict({k.removeprefix("server_opt."): v for k, v in rec.tensors.items()
-                                             if k.startswith("server_opt.")})
+            self.server_opt.load_state_dict(
+                {k.removeprefix("server_opt."): v for k, v in rec.tensors.items() if k.startswith("server_opt.")}
+            )
             self.algo.version = int(rec.meta["version"])
             if self.variates is not None:
                 c = rec.tensors.get("scaffold.c")
                 if c is None or c.shape != self.variates.c.shape:
-                    raise ValueError(f"{self.store.path}: the saved state has no SCAFFOLD control variate scaffold.c "
-                                     f"for this model; it was not written by a server with client.algorithm: scaffold")
+                    raise ValueError(
+                        f"{self.store.path}: the saved state has no SCAFFOLD control variate scaffold.c "
+                        f"for this model; it was not written by a server with client.algorithm: scaffold"
+                    )
                 self.variates.c.copy_(c)
             self.counters.update(rec.meta.get("counters", {}))
             self.examples_seen_total = int(rec.meta.get("examples_seen", 0))
@@ -319,13 +341,15 @@ class Coordinator:
             # The buffer's key pair lives only in memory (an enclave's sealed storage is out of scope):
             # ciphertexts accepted before the restart cannot be opened by the new buffer.
             entries = [e for e, _ in rec.pending]
-            why = (f"{len(entries)} sealed updates buffered before the restart cannot be opened "
-                   "(the secure buffer's key does not survive a restart)")
+            why = (
+                f"{len(entries)} sealed updates buffered before the restart cannot be opened "
+                "(the secure buffer's key does not survive a restart)"
+            )
             log.warning("recovery: %s; dropped (ledger 'dropped' line, lost_on_restart)", why)
             self.store.drop(entries, "lost_on_restart", why, self.version)
             rec.dropped["lost_on_restart"] = rec.dropped.get("lost_on_restart", 0) + len(entries)
-        for entry, payload in ([] if self.sealed else rec.pending):
-            self._add(payload[:self.numel], entry, payload[self.numel:] if self.variates is not None else None)
+        for entry, payload in [] if self.sealed else rec.pending:
+            self._add(payload[: self.numel], entry, payload[self.numel :] if self.variates is not None else None)
             self.buffer.append(entry)
             self.contributors.add(entry["device"])
         # ``accepted`` and ``dropped.*`` are authoritative in the ledger: recount them (a crash may
@@ -338,12 +362,20 @@ class Coordinator:
             if float(e["expires"]) + self.grace_s > now:
                 self.table.answer(e["assignment"], self._answer_of(e))
         if rec.tensors is not None or rec.pending:
-            log.info("resumed at version %d with %d buffered updates (next ledger seq %d)",
-                     self.version, len(self.buffer), self.next_seq)
+            log.info(
+                "resumed at version %d with %d buffered updates (next ledger seq %d)",
+                self.version,
+                len(self.buffer),
+                self.next_seq,
+            )
 
     def _answer_of(self, entry: dict[str, Any]) -> Answer:
-        return Answer(int(entry["seq"]), int(entry.get("reply_version", entry["version"])), entry.get("digest"),
-                      float(entry["expires"]) + self.grace_s)
+        return Answer(
+            int(entry["seq"]),
+            int(entry.get("reply_version", entry["version"])),
+            entry.get("digest"),
+            float(entry["expires"]) + self.grace_s,
+        )
 
     async def start(self) -> None:
         """On the serving loop, before the first request: finish a step a crash interrupted (the
@@ -353,7 +385,7 @@ class Coordinator:
                 await self._step()
 
     def _serialize(self) -> bytes:
-        if self.variates is not None:   # SCAFFOLD: the server's c of this version rides with its weights
+        if self.variates is not None:  # SCAFFOLD: the server's c of this version rides with its weights
             return torch.cat([self.weights, self.variates.c]).numpy().tobytes()
         return self.weights.numpy().tobytes()
 
@@ -378,8 +410,11 @@ class Coordinator:
         (memory grows with the versions in flight, not with the devices)."""
         data = self._served.get(version)
         if data is None:
-            raise Refused("FAILED_PRECONDITION", "version_gone",
-                          f"model version {version} is no longer served (current {self.version}); check in again")
+            raise Refused(
+                "FAILED_PRECONDITION",
+                "version_gone",
+                f"model version {version} is no longer served (current {self.version}); check in again",
+            )
         return data
 
     def _prune(self, now: float, force: bool = False) -> None:
@@ -412,7 +447,7 @@ class Coordinator:
         self._revoke_spoiled(device, now)
         if s.mode == "sync":
             if device in self.contributors or device in sel.excluded:
-                return s.retry_after_s   # already contributed to this round, or refused for good in it
+                return s.retry_after_s  # already contributed to this round, or refused for good in it
             opens = self.round_started + s.selection_window_s
             if now < opens:
                 sel.candidates.add(device)
@@ -420,7 +455,7 @@ class Coordinator:
             if sel.selected_round != self.version:
                 self._select(now)
             if (held := self.table.get(device)) is not None:
-                return held              # this round's assignment, asked for again: the same one
+                return held  # this round's assignment, asked for again: the same one
             if len(self.table) + len(self.buffer) >= s.slots:
                 return s.retry_after_s
         else:
@@ -429,7 +464,7 @@ class Coordinator:
             if given_up is not None:
                 self._cancel(given_up)
             if self.one_per_device and device in self.contributors:
-                return s.retry_after_s   # DP: already in this buffer; wait for the release
+                return s.retry_after_s  # DP: already in this buffer; wait for the release
             rest = sel.resting(device, now)
             if rest > 0:
                 return rest
@@ -443,9 +478,18 @@ class Coordinator:
         # from one version, so each assignment gets its own seed (as each simulated trip does).
         nth = self.version if s.mode == "sync" else self.counters["assigned"]
         # Secure buffer: the buffer issues the single-use nonce, and it is the assignment id.
-        nonce = self.aggregator.secure.assign(device, self.version).nonce.hex() if self.sealed else secrets.token_hex(16)
-        ticket = Ticket(nonce, device, self.version, self.version,
-                        client_seed(s.seed, nth, self.device_index(device)), now + s.assignment_timeout_s, self.table.boot)
+        nonce = (
+            self.aggregator.secure.assign(device, self.version).nonce.hex() if self.sealed else secrets.token_hex(16)
+        )
+        ticket = Ticket(
+            nonce,
+            device,
+            self.version,
+            self.version,
+            client_seed(s.seed, nth, self.device_index(device)),
+            now + s.assignment_timeout_s,
+            self.table.boot,
+        )
         revoked = self.table.issue(ticket)
         if revoked is not None:
             self._cancel(revoked)
@@ -462,6 +506,7 @@ class Coordinator:
         """Secure buffer: forget the nonce of an assignment whose update will not come."""
         if self.sealed:
             from flotilla.secure.buffer import Assignment
+
             self.aggregator.secure.cancel(Assignment(ticket.device, ticket.version, bytes.fromhex(ticket.id), b""))
 
     def seal_info(self, ticket: Ticket) -> tuple[bytes, bytes]:
@@ -477,9 +522,18 @@ class Coordinator:
         goes to another device, and it does not get the same work again at once."""
         self.counters[f"rejected.{err.reason}"] += 1
         log.warning("refused %s: %s", device, err)
-        if (ticket is not None and ticket.device == device and err.retry == NEVER and err.reason in REVOKING
-                and self.table.spoil(ticket)):
-            log.info("assignment %s of %s: its update cannot be accepted; the next check-in revokes it", ticket.id[:8], device)
+        if (
+            ticket is not None
+            and ticket.device == device
+            and err.retry == NEVER
+            and err.reason in REVOKING
+            and self.table.spoil(ticket)
+        ):
+            log.info(
+                "assignment %s of %s: its update cannot be accepted; the next check-in revokes it",
+                ticket.id[:8],
+                device,
+            )
         return err
 
     def _revoke_spoiled(self, device: str, now: float) -> bool:
@@ -509,34 +563,58 @@ class Coordinator:
             found = self._looked_up[ticket.id]
         return found
 
-    def check_header(self, device: str, ticket_text: str, base_version: int, dtype: str, shape: list[int],
-                     num_examples: int, train_loss: float = 0.0, examples_seen: int = 0) -> tuple[Ticket, Answer | None]:
+    def check_header(
+        self,
+        device: str,
+        ticket_text: str,
+        base_version: int,
+        dtype: str,
+        shape: list[int],
+        num_examples: int,
+        train_loss: float = 0.0,
+        examples_seen: int = 0,
+    ) -> tuple[Ticket, Answer | None]:
         """Everything that can be judged before the delta's bytes arrive.  Returns the ticket, and
         its acceptance answer if the assignment is already in the ledger (a retry)."""
         ticket = Ticket.decode(ticket_text, self.secret)
         if ticket.device != device:
-            raise Refused("PERMISSION_DENIED", "ticket", f"upload refused: assignment {ticket.id[:8]} belongs to another device")
+            raise Refused(
+                "PERMISSION_DENIED", "ticket", f"upload refused: assignment {ticket.id[:8]} belongs to another device"
+            )
         answer = self.answer_for(ticket)
         if answer is not None:
             return ticket, answer
         self._check_fresh(ticket)
         self.table.check_live(ticket)
         if base_version != ticket.version:
-            raise Refused("INVALID_ARGUMENT", "version",
-                          f"upload refused: it names model version {base_version} but assignment {ticket.id[:8]} was for version {ticket.version}")
+            raise Refused(
+                "INVALID_ARGUMENT",
+                "version",
+                f"upload refused: it names model version {base_version} but assignment {ticket.id[:8]} was for version {ticket.version}",
+            )
         if self.masked is not None:
-            raise Refused("INVALID_ARGUMENT", "dtype", "upload refused: this server runs synchronous secure aggregation; "
-                          "devices send masked inputs through SecAggStep, never a plaintext delta")
+            raise Refused(
+                "INVALID_ARGUMENT",
+                "dtype",
+                "upload refused: this server runs synchronous secure aggregation; "
+                "devices send masked inputs through SecAggStep, never a plaintext delta",
+            )
         expected = "sealed" if self.sealed else "float32"
         if dtype != expected:
-            why = (" (this server runs the secure buffer: seal the update to the buffer key sent with the assignment)"
-                   if self.sealed else "")
+            why = (
+                " (this server runs the secure buffer: seal the update to the buffer key sent with the assignment)"
+                if self.sealed
+                else ""
+            )
             raise Refused("INVALID_ARGUMENT", "dtype", f"upload refused: dtype {dtype!r}, expected {expected!r}{why}")
         expected_shape = [self.numel] if self.variates is None else [2, self.numel]
         if list(shape) != expected_shape:
             why = "" if self.variates is None else " (SCAFFOLD: the delta, then delta c_i)"
-            raise Refused("INVALID_ARGUMENT", "shape",
-                          f"upload refused: shape {tuple(shape)}, expected {tuple(expected_shape)}{why}")
+            raise Refused(
+                "INVALID_ARGUMENT",
+                "shape",
+                f"upload refused: shape {tuple(shape)}, expected {tuple(expected_shape)}{why}",
+            )
         self.check_numbers(num_examples, train_loss, examples_seen, "upload refused")
         return ticket, None
 
@@ -544,43 +622,76 @@ class Coordinator:
         """Every number a device reports with an update (plaintext, sealed or masked)."""
         cap = self.settings.max_examples or MAX_EXAMPLES_SEEN
         if isinstance(num_examples, bool) or not isinstance(num_examples, int) or not 1 <= num_examples <= cap:
-            raise Refused("INVALID_ARGUMENT", "examples",
-                          f"{where}: num_examples={num_examples!r}, must be an integer between 1 and "
-                          f"{self.settings.max_examples or '2^53'}")
+            raise Refused(
+                "INVALID_ARGUMENT",
+                "examples",
+                f"{where}: num_examples={num_examples!r}, must be an integer between 1 and "
+                f"{self.settings.max_examples or '2^53'}",
+            )
         if isinstance(train_loss, bool) or not isinstance(train_loss, (int, float)) or not math.isfinite(train_loss):
             raise Refused("INVALID_ARGUMENT", "numbers", f"{where}: train_loss={train_loss!r}, must be a finite number")
-        if (isinstance(examples_seen, bool) or not isinstance(examples_seen, int)
-                or not 0 <= examples_seen <= MAX_EXAMPLES_SEEN):
-            raise Refused("INVALID_ARGUMENT", "numbers",
-                          f"{where}: examples_seen={examples_seen!r}, must be an integer between 0 and 2^53")
+        if (
+            isinstance(examples_seen, bool)
+            or not isinstance(examples_seen, int)
+            or not 0 <= examples_seen <= MAX_EXAMPLES_SEEN
+        ):
+            raise Refused(
+                "INVALID_ARGUMENT",
+                "numbers",
+                f"{where}: examples_seen={examples_seen!r}, must be an integer between 0 and 2^53",
+            )
 
     def _check_fresh(self, ticket: Ticket) -> None:
         """Replay, expiry and staleness: checked on the header and again at commit time."""
         if (a := self.table.answered(ticket.id)) is not None:
-            raise Refused("ALREADY_EXISTS", "replay",
-                          f"upload refused: replayed nonce, assignment {ticket.id[:8]} was already accepted as update #{a.seq}")
+            raise Refused(
+                "ALREADY_EXISTS",
+                "replay",
+                f"upload refused: replayed nonce, assignment {ticket.id[:8]} was already accepted as update #{a.seq}",
+            )
         if self.done:
             why = " (privacy budget spent)" if self.privacy is not None and self.version >= self.privacy.limit else ""
-            raise Refused("FAILED_PRECONDITION", "late", f"upload refused: training finished at version {self.version}{why}")
+            raise Refused(
+                "FAILED_PRECONDITION", "late", f"upload refused: training finished at version {self.version}{why}"
+            )
         if ticket.expires <= self.clock():
-            raise Refused("FAILED_PRECONDITION", "expired", f"upload refused: assignment {ticket.id[:8]} expired; check in again")
+            raise Refused(
+                "FAILED_PRECONDITION", "expired", f"upload refused: assignment {ticket.id[:8]} expired; check in again"
+            )
         staleness = self.version - ticket.version
         if staleness < 0:
-            raise Refused("INVALID_ARGUMENT", "version", f"upload refused: version {ticket.version} is ahead of the server ({self.version})")
+            raise Refused(
+                "INVALID_ARGUMENT",
+                "version",
+                f"upload refused: version {ticket.version} is ahead of the server ({self.version})",
+            )
         if self.settings.mode == "sync":
             if staleness > 0:
-                raise Refused("FAILED_PRECONDITION", "late",
-                              f"upload refused: late, round {ticket.round} closed (the server is at round {self.version})")
+                raise Refused(
+                    "FAILED_PRECONDITION",
+                    "late",
+                    f"upload refused: late, round {ticket.round} closed (the server is at round {self.version})",
+                )
             if ticket.device in self.contributors:
-                raise Refused("ALREADY_EXISTS", "replay", f"upload refused: device {ticket.device} already contributed to round {self.version}")
+                raise Refused(
+                    "ALREADY_EXISTS",
+                    "replay",
+                    f"upload refused: device {ticket.device} already contributed to round {self.version}",
+                )
         elif self.one_per_device and ticket.device in self.contributors:
-            raise Refused("ALREADY_EXISTS", "duplicate",
-                          f"upload refused: device {ticket.device} already has an update in this buffer "
-                          f"(user-level DP: one update per device per release)")
+            raise Refused(
+                "ALREADY_EXISTS",
+                "duplicate",
+                f"upload refused: device {ticket.device} already has an update in this buffer "
+                f"(user-level DP: one update per device per release)",
+            )
         elif self.settings.max_staleness is not None and staleness > self.settings.max_staleness:
-            raise Refused("FAILED_PRECONDITION", "stale",
-                          f"upload refused: stale, trained from version {ticket.version}, server is at {self.version} "
-                          f"(staleness {staleness} > max_staleness {self.settings.max_staleness})")
+            raise Refused(
+                "FAILED_PRECONDITION",
+                "stale",
+                f"upload refused: stale, trained from version {ticket.version}, server is at {self.version} "
+                f"(staleness {staleness} > max_staleness {self.settings.max_staleness})",
+            )
 
     def check_delta(self, delta: torch.Tensor, device: str) -> float:
         norm = float(torch.linalg.vector_norm(delta))
@@ -590,17 +701,24 @@ class Coordinator:
             try:
                 check_update(delta, self.numel, f"upload from {device}")
             except UpdateRejected as e:
-                raise Refused("INVALID_ARGUMENT", "nonfinite" if "non-finite" in str(e) else "invalid", f"upload refused: {e}") from None
+                raise Refused(
+                    "INVALID_ARGUMENT", "nonfinite" if "non-finite" in str(e) else "invalid", f"upload refused: {e}"
+                ) from None
             # finite values whose norm overflows float32: over any value bound
             norm = float(torch.linalg.vector_norm(delta.double()))
         bound = self.settings.max_update_norm
         if bound is not None and norm > bound:
-            raise Refused("INVALID_ARGUMENT", "norm", f"upload refused: update norm {norm:.4g} exceeds the bound {bound:.4g}")
+            raise Refused(
+                "INVALID_ARGUMENT", "norm", f"upload refused: update norm {norm:.4g} exceeds the bound {bound:.4g}"
+            )
         # max |x| <= norm, so the value bound needs its own pass only when the norm exceeds it
         cap = self.settings.max_update_abs
         if cap is not None and norm > cap and (top := float(delta.abs().max())) > cap:
-            raise Refused("INVALID_ARGUMENT", "value", f"upload refused: a value of magnitude {top:.4g} exceeds "
-                          f"network.max_update_abs={cap:.4g}")
+            raise Refused(
+                "INVALID_ARGUMENT",
+                "value",
+                f"upload refused: a value of magnitude {top:.4g} exceeds network.max_update_abs={cap:.4g}",
+            )
         return norm
 
     def check_control(self, control: torch.Tensor, device: str) -> None:
@@ -608,12 +726,18 @@ class Coordinator:
         No norm bound: delta c_i is a gradient-sized quantity, max_update_norm bounds model deltas."""
         top = float(control.abs().max()) if control.numel() else 0.0
         if not math.isfinite(top):
-            raise Refused("INVALID_ARGUMENT", "nonfinite", f"upload refused: upload from {device}: delta c_i has "
-                          "non-finite values")
+            raise Refused(
+                "INVALID_ARGUMENT",
+                "nonfinite",
+                f"upload refused: upload from {device}: delta c_i has non-finite values",
+            )
         cap = self.settings.max_update_abs
         if cap is not None and top > cap:
-            raise Refused("INVALID_ARGUMENT", "value", f"upload refused: a delta c_i value of magnitude {top:.4g} "
-                          f"exceeds network.max_update_abs={cap:.4g}")
+            raise Refused(
+                "INVALID_ARGUMENT",
+                "value",
+                f"upload refused: a delta c_i value of magnitude {top:.4g} exceeds network.max_update_abs={cap:.4g}",
+            )
 
     # -- committing ---------------------------------------------------------------------------
     async def commit(self, up: Upload, raw: bytes | memoryview) -> tuple[int, int]:
@@ -625,27 +749,42 @@ class Coordinator:
         # Stage the bytes (the slow, fsync'd part) outside the lock, so uploads stage in parallel;
         # their digest (to tell a retry from a replay) in the same trip to the worker thread.
         name, up.digest = await loop.run_in_executor(None, self._stage, raw)
-        attempted = False   # once the ledger write starts the file must stay (recovery decides)
+        attempted = False  # once the ledger write starts the file must stay (recovery decides)
         try:
             async with self.lock:
-                if (a := self.table.answered(up.ticket.id)) is not None and a.digest is not None and a.digest == up.digest:
-                    return a.seq, a.version      # the same upload, committed meanwhile: its answer
-                self._check_fresh(up.ticket)     # the version may have moved while the bytes streamed
+                if (
+                    (a := self.table.answered(up.ticket.id)) is not None
+                    and a.digest is not None
+                    and a.digest == up.digest
+                ):
+                    return a.seq, a.version  # the same upload, committed meanwhile: its answer
+                self._check_fresh(up.ticket)  # the version may have moved while the bytes streamed
                 self.table.check_live(up.ticket)  # and a new check-in may have revoked the assignment
                 s = self.settings
                 weight = float(up.num_examples) if s.weighting == "examples" else 1.0
                 seq = self.next_seq
                 if self.sealed:
-                    self._receive_sealed(up)             # the buffer opens, validates and adds, or refuses
+                    self._receive_sealed(up)  # the buffer opens, validates and adds, or refuses
                     closes = self.aggregator.count >= s.step_size
                 else:
                     closes = self.aggregator.count + 1 >= s.step_size
-                entry = {"seq": seq, "assignment": up.ticket.id, "device": up.ticket.device, "base_version": up.ticket.version,
-                         "expires": up.ticket.expires, "version": self.version, "staleness": self.version - up.ticket.version,
-                         "num_examples": up.num_examples, "weight": weight,
-                         "norm": None if self.sealed else round(up.norm, 6),   # the server cannot see a sealed one
-                         "train_loss": up.train_loss, "examples_seen": up.examples_seen, "file": name,
-                         "digest": up.digest, "reply_version": self.version + int(closes)}
+                entry = {
+                    "seq": seq,
+                    "assignment": up.ticket.id,
+                    "device": up.ticket.device,
+                    "base_version": up.ticket.version,
+                    "expires": up.ticket.expires,
+                    "version": self.version,
+                    "staleness": self.version - up.ticket.version,
+                    "num_examples": up.num_examples,
+                    "weight": weight,
+                    "norm": None if self.sealed else round(up.norm, 6),  # the server cannot see a sealed one
+                    "train_loss": up.train_loss,
+                    "examples_seen": up.examples_seen,
+                    "file": name,
+                    "digest": up.digest,
+                    "reply_version": self.version + int(closes),
+                }
                 attempted = True
                 await loop.run_in_executor(None, self.store.accept, entry)
                 self.next_seq += 1
@@ -682,6 +821,7 @@ class Coordinator:
         """Relay a ciphertext into the secure buffer; its refusals leave the buffer unchanged."""
         from flotilla.secure.buffer import EncryptedUpdate
         from flotilla.secure.errors import DuplicateContribution, ProtocolError, ReplayedMessage, TamperedMessage
+
         t = up.ticket
         sealed = EncryptedUpdate(t.device, t.version, bytes.fromhex(t.id), up.ephemeral_pk, up.ciphertext)
         try:
@@ -691,13 +831,18 @@ class Coordinator:
         except ReplayedMessage as e:
             raise Refused("ALREADY_EXISTS", "replay", f"upload refused: {e}") from None
         except ProtocolError as e:
-            raise Refused("FAILED_PRECONDITION", "unknown_assignment",
-                          f"upload refused: {e} (the assignment was given up, timed out or issued before a server "
-                          f"restart); check in again") from None
+            raise Refused(
+                "FAILED_PRECONDITION",
+                "unknown_assignment",
+                f"upload refused: {e} (the assignment was given up, timed out or issued before a server "
+                f"restart); check in again",
+            ) from None
         except DuplicateContribution as e:
             raise Refused("ALREADY_EXISTS", "duplicate", f"upload refused: {e}") from None
         except UpdateRejected as e:
-            raise Refused("INVALID_ARGUMENT", "norm" if "max_norm" in str(e) else "invalid", f"upload refused: {e}") from None
+            raise Refused(
+                "INVALID_ARGUMENT", "norm" if "max_norm" in str(e) else "invalid", f"upload refused: {e}"
+            ) from None
 
     # -- sync secure aggregation (the relay: flotilla.network.secagg.SecAggRelay) ---------------
     def continues_request(self, device: str) -> bool:
@@ -706,7 +851,9 @@ class Coordinator:
 
     async def secagg_step(self, device: str, req: dict[str, Any]) -> dict[str, Any]:
         if self.relay is None:
-            raise Refused("FAILED_PRECONDITION", "invalid", "SecAggStep: this server does not run synchronous secure aggregation")
+            raise Refused(
+                "FAILED_PRECONDITION", "invalid", "SecAggStep: this server does not run synchronous secure aggregation"
+            )
         return await self.relay.step(device, req)
 
     async def close_round_if_due(self) -> None:
@@ -724,26 +871,39 @@ class Coordinator:
             if self.clock() - self.round_started < s.round_deadline_s or self.done:
                 return
             if len(self.buffer) >= s.min_updates:
-                log.info("round %d: deadline reached with %d of %d updates; closing it", self.version, len(self.buffer), s.cohort)
+                log.info(
+                    "round %d: deadline reached with %d of %d updates; closing it",
+                    self.version,
+                    len(self.buffer),
+                    s.cohort,
+                )
                 await self._step()
             else:
-                log.warning("round %d: deadline reached with %d updates (< min_updates=%d); extending it",
-                            self.version, len(self.buffer), s.min_updates)
+                log.warning(
+                    "round %d: deadline reached with %d updates (< min_updates=%d); extending it",
+                    self.version,
+                    len(self.buffer),
+                    s.min_updates,
+                )
                 self.round_started = self.clock()
-                self.selection.new_round()      # devices refused for good may try again
+                self.selection.new_round()  # devices refused for good may try again
 
     async def _step(self) -> None:
         """Core's server step on the aggregate; rolled back if it makes the model non-finite."""
         entries = self.buffer
-        saved = (self.weights.clone(), self.server_opt.state_dict(),
-                 None if self.privacy is None else self.privacy.state(),
-                 None if self.variates is None else self.variates.c.clone())
-        self.algo.step()            # server_opt.step(weights, aggregator.result()); reset; version += 1
+        saved = (
+            self.weights.clone(),
+            self.server_opt.state_dict(),
+            None if self.privacy is None else self.privacy.state(),
+            None if self.variates is None else self.variates.c.clone(),
+        )
+        self.algo.step()  # server_opt.step(weights, aggregator.result()); reset; version += 1
         if self.variates is not None:
-            self.variates.release()     # SCAFFOLD: c += sum(accepted delta c_i) / N
+            self.variates.release()  # SCAFFOLD: c += sum(accepted delta c_i) / N
         # a float64 sum of float32 values cannot overflow, so it is finite iff every weight is
         if not math.isfinite(float(self.weights.sum(dtype=torch.float64))) or (
-                self.variates is not None and not math.isfinite(float(self.variates.c.sum(dtype=torch.float64)))):
+            self.variates is not None and not math.isfinite(float(self.variates.c.sum(dtype=torch.float64)))
+        ):
             await self._roll_back(entries, saved)
             return
         meta_seen = sum(int(e["examples_seen"]) for e in entries)
@@ -755,7 +915,7 @@ class Coordinator:
         state.update({f"server_opt.{k}": v for k, v in self.server_opt.state.items()})
         if self.variates is not None:
             state["scaffold.c"] = self.variates.c
-        self._served[self.version] = self._serialize()   # before any await: check-ins may hand it out
+        self._served[self.version] = self._serialize()  # before any await: check-ins may hand it out
         await asyncio.get_running_loop().run_in_executor(None, self.store.step, self.version, entries, state, meta)
         self._new_round()
         record = step_record(self.version, entries)
@@ -779,8 +939,10 @@ class Coordinator:
         if dp_state is not None:
             self.privacy.load(dp_state)
         self.algo.version -= 1
-        why = (f"step {bad} made the model non-finite (aggregate of {len(entries)} updates, then the "
-               f"{self.server_opt.spec.name} step); rolled back, the model stays at version {self.version}")
+        why = (
+            f"step {bad} made the model non-finite (aggregate of {len(entries)} updates, then the "
+            f"{self.server_opt.spec.name} step); rolled back, the model stays at version {self.version}"
+        )
         log.error("%s; its updates are dropped (ledger 'dropped' line, nonfinite_step)", why)
         await asyncio.get_running_loop().run_in_executor(None, self.store.drop, entries, "nonfinite_step", why, bad)
         self.counters["dropped.nonfinite_step"] += len(entries)
@@ -821,7 +983,8 @@ class Coordinator:
             "rolled_back_steps": self.counters["rolled_back_steps"],
             "assigned": self.counters["assigned"],
             "timed_out": self.counters["timed_out"],
-            "weights_sha256": hashlib.sha256(self._served[self.version] if self.variates is None
-                                             else self._served[self.version][:4 * self.numel]).hexdigest(),
+            "weights_sha256": hashlib.sha256(
+                self._served[self.version] if self.variates is None else self._served[self.version][: 4 * self.numel]
+            ).hexdigest(),
             **({} if self.privacy is None else {"privacy": self.privacy.report(self.version)}),
         }

@@ -14,6 +14,7 @@ cannot be assumed.  :func:`network_user_level` defaults ``amplification`` to ``F
 a deployment may set it only where its check-in process really samples users (docs/privacy.md).
 Noise is drawn from ``os.urandom``-seeded generators (``secure_noise``), never from the run seed.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,25 +28,40 @@ from flotilla.privacy import DPFedAvg, DPFedBuff, PrivacyError, UserLevelSpec, e
 def network_user_level(u: UserLevelSpec, amplification_given: bool) -> UserLevelSpec:
     """``u`` with network defaults: amplification off unless the config set it."""
     if u.sampling == "poisson":
-        raise PrivacyError("privacy.user_level.sampling: poisson needs the server to draw each user independently; "
-                           "in flotilla serve devices choose when to check in, so use sampling: fixed")
+        raise PrivacyError(
+            "privacy.user_level.sampling: poisson needs the server to draw each user independently; "
+            "in flotilla serve devices choose when to check in, so use sampling: fixed"
+        )
     return u if amplification_given else dataclasses.replace(u, amplification=False)
 
 
 class NetworkPrivacy:
     """The plan (z, q, delta, budget), the mechanism, and epsilon by step count."""
 
-    def __init__(self, user: UserLevelSpec, *, population: int, mode: str, cohort: int, buffer_size: int,
-                 total_steps: int, accountant: str = "rdp", seed: int = 0):
+    def __init__(
+        self,
+        user: UserLevelSpec,
+        *,
+        population: int,
+        mode: str,
+        cohort: int,
+        buffer_size: int,
+        total_steps: int,
+        accountant: str = "rdp",
+        seed: int = 0,
+    ):
         expected = cohort if mode == "sync" else buffer_size
         if expected > population:
-            raise PrivacyError(f"privacy.user_level: the expected {'cohort' if mode == 'sync' else 'buffer size'} "
-                               f"{expected} is larger than the {population} enrolled devices (token table)")
+            raise PrivacyError(
+                f"privacy.user_level: the expected {'cohort' if mode == 'sync' else 'buffer size'} "
+                f"{expected} is larger than the {population} enrolled devices (token table)"
+            )
         self.user = user
         self.accountant = accountant
         self.population = population
-        self.plan = plan_user_level(user, population=population, expected_cohort=expected, rounds=total_steps,
-                                    accountant=accountant)
+        self.plan = plan_user_level(
+            user, population=population, expected_cohort=expected, rounds=total_steps, accountant=accountant
+        )
         self.mode = mode
         self.seed = seed
 
@@ -57,19 +73,33 @@ class NetworkPrivacy:
     def aggregator(self, numel: int, fedbuff: FedBuff | None = None):
         p, u = self.plan, self.user
         if self.mode == "sync":
-            agg = DPFedAvg(numel, clip_norm=u.clip_norm, noise_multiplier=p.noise_multiplier, expected_cohort=p.expected_cohort,
-                           seed=self.seed, adaptive=u.adaptive_clipping, validate=False, secure_noise=True)
+            agg = DPFedAvg(
+                numel,
+                clip_norm=u.clip_norm,
+                noise_multiplier=p.noise_multiplier,
+                expected_cohort=p.expected_cohort,
+                seed=self.seed,
+                adaptive=u.adaptive_clipping,
+                validate=False,
+                secure_noise=True,
+            )
             self.mechanism = agg
         else:
-            agg = DPFedBuff(fedbuff, clip_norm=u.clip_norm, noise_multiplier=p.noise_multiplier, seed=self.seed,
-                            adaptive=u.adaptive_clipping)
-            agg.mechanism.secure_noise = True      # a deployment: noise nobody can replay from the seed
+            agg = DPFedBuff(
+                fedbuff,
+                clip_norm=u.clip_norm,
+                noise_multiplier=p.noise_multiplier,
+                seed=self.seed,
+                adaptive=u.adaptive_clipping,
+            )
+            agg.mechanism.secure_noise = True  # a deployment: noise nobody can replay from the seed
             self.mechanism = agg.mechanism
         return agg
 
     def _secure_plan(self):
         """(user spec, plan) for a secure composition, which needs a fixed clip norm."""
         from flotilla.secure.wiring import ADAPTIVE_CLIPPING_REFUSED
+
         if self.user.adaptive_clipping is not None:
             raise PrivacyError(ADAPTIVE_CLIPPING_REFUSED)
         return self.user, self.plan
@@ -81,11 +111,20 @@ class NetworkPrivacy:
         from flotilla.privacy import GaussianSumNoise
         from flotilla.secure.fedbuff import SecureFedBuff
         from flotilla.secure.wiring import SecureDPMechanism
+
         u, p = self._secure_plan()
         noise = GaussianSumNoise(u.clip_norm, p.noise_multiplier, seed=self.seed, secure_noise=True)
-        buf = SecureFedBuff(numel, settings.buffer_size, settings.staleness, version_fn=version_fn,
-                            normalize=settings.normalize, max_staleness=settings.max_staleness, max_norm=max_norm,
-                            dp_clip=u.clip_norm, noise_fn=noise)
+        buf = SecureFedBuff(
+            numel,
+            settings.buffer_size,
+            settings.staleness,
+            version_fn=version_fn,
+            normalize=settings.normalize,
+            max_staleness=settings.max_staleness,
+            max_norm=max_norm,
+            dp_clip=u.clip_norm,
+            noise_fn=noise,
+        )
         self.mechanism = SecureDPMechanism(u.clip_norm, noise, lambda: buf.last_metrics)
         return buf
 
@@ -95,6 +134,7 @@ class NetworkPrivacy:
         Returns (noise_fn, denominator) for flotilla.network.secagg.SecAggRound.finish."""
         from flotilla.privacy import GaussianSumNoise
         from flotilla.secure.wiring import SecureDPMechanism
+
         u, p = self._secure_plan()
         noise = GaussianSumNoise(u.clip_norm, p.noise_multiplier, seed=self.seed, secure_noise=True)
         self.mechanism = SecureDPMechanism(u.clip_norm, noise, lambda: {})
@@ -108,10 +148,18 @@ class NetworkPrivacy:
         """What status and metrics show after ``steps`` releases."""
         eps = self.epsilon(steps)
         p = self.plan
-        return {"epsilon": eps if math.isfinite(eps) else None, "delta": p.delta, "noise_multiplier": p.noise_multiplier,
-                "sample_rate": p.sample_rate, "amplification": self.user.amplification, "budget": p.budget,
-                "steps_allowed": self.limit, "clip_norm": self.mechanism.clip_norm, "accountant": self.accountant,
-                "budget_spent": p.budget is not None and steps >= self.limit}
+        return {
+            "epsilon": eps if math.isfinite(eps) else None,
+            "delta": p.delta,
+            "noise_multiplier": p.noise_multiplier,
+            "sample_rate": p.sample_rate,
+            "amplification": self.user.amplification,
+            "budget": p.budget,
+            "steps_allowed": self.limit,
+            "clip_norm": self.mechanism.clip_norm,
+            "accountant": self.accountant,
+            "budget_spent": p.budget is not None and steps >= self.limit,
+        }
 
     def metrics(self, steps: int) -> dict[str, Any]:
         """The privacy fields of a metrics record (as the simulator writes them; epsilon None when

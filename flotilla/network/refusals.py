@@ -26,6 +26,7 @@ A device that gets ``never`` for an update it trained should not check in again 
 same work: the server revokes the assignment, and in a sync round the device waits for the next
 round (it would retrain to the same refused delta).
 """
+
 from __future__ import annotations
 
 RETRY_REQUEST = "request"
@@ -37,7 +38,9 @@ REASON_HEADER = "flotilla-refusal"
 RETRY_AFTER_HEADER = "flotilla-retry-after-s"
 
 _BY_CODE = {
-    "RESOURCE_EXHAUSTED": RETRY_REQUEST, "UNAVAILABLE": RETRY_REQUEST, "DEADLINE_EXCEEDED": RETRY_REQUEST,
+    "RESOURCE_EXHAUSTED": RETRY_REQUEST,
+    "UNAVAILABLE": RETRY_REQUEST,
+    "DEADLINE_EXCEEDED": RETRY_REQUEST,
     "FAILED_PRECONDITION": RETRY_CHECKIN,
 }
 

@@ -33,6 +33,7 @@ The server's side is :class:`SecAggRelay` (one per coordinator): it answers SecA
 closes stages at their deadlines, aborts a round below the threshold (no step; a new selection)
 and hands the unmasked mean to the coordinator's step.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -64,18 +65,19 @@ from flotilla.secure.messages import (
 from flotilla.secure.protocol import SecAggClient, SecAggConfig, SecAggServer
 from flotilla.secure.serialize import dumps, loads
 
-SECAGG_FLAG = "secagg"        # CheckInReply.message of a TRAIN reply: run the masking protocol, do not upload
+SECAGG_FLAG = "secagg"  # CheckInReply.message of a TRAIN reply: run the masking protocol, do not upload
 
 
 @dataclass(frozen=True)
 class SecAggParams:
     """Public parameters of sync masking in ``flotilla serve`` (from the config's secure_aggregation)."""
+
     clip: float = 1.0
     max_weight: float = 1.0
     bits: int = 32
-    degree: int | str | None = "auto"     # None: complete graph; "auto": SecAgg+ ~4 log2 n; or k
+    degree: int | str | None = "auto"  # None: complete graph; "auto": SecAgg+ ~4 log2 n; or k
     threshold: int | None = None
-    max_request_bytes: int = 4 * 2**20 - 1024   # larger requests travel in parts (below the gRPC message limit)
+    max_request_bytes: int = 4 * 2**20 - 1024  # larger requests travel in parts (below the gRPC message limit)
 
     def __post_init__(self):
         if not (math.isfinite(self.clip) and self.clip > 0):
@@ -87,9 +89,18 @@ class SecAggParams:
 
 
 def _config_json(cfg: SecAggConfig, p: SecAggParams, dp_clip: float | None = None) -> dict[str, Any]:
-    return {"length": cfg.length, "cohort": cfg.cohort, "bits": cfg.bits, "degree": cfg.degree,
-            "threshold": cfg.threshold, "session": base64.b64encode(cfg.session).decode(),
-            "clip": p.clip, "max_weight": p.max_weight, "max_request_bytes": p.max_request_bytes, "dp_clip": dp_clip}
+    return {
+        "length": cfg.length,
+        "cohort": cfg.cohort,
+        "bits": cfg.bits,
+        "degree": cfg.degree,
+        "threshold": cfg.threshold,
+        "session": base64.b64encode(cfg.session).decode(),
+        "clip": p.clip,
+        "max_weight": p.max_weight,
+        "max_request_bytes": p.max_request_bytes,
+        "dp_clip": dp_clip,
+    }
 
 
 class RequestParts:
@@ -114,8 +125,15 @@ class RequestParts:
 
     def _add(self, device: str, ticket_id: str, req: dict[str, Any]) -> str | None:
         index, count, data = req.get("index"), req.get("count"), req.get("data")
-        if (not isinstance(index, int) or isinstance(index, bool) or not isinstance(count, int) or isinstance(count, bool)
-                or not isinstance(data, str) or not 0 <= index < count or not 2 <= count <= self.max_chars):
+        if (
+            not isinstance(index, int)
+            or isinstance(index, bool)
+            or not isinstance(count, int)
+            or isinstance(count, bool)
+            or not isinstance(data, str)
+            or not 0 <= index < count
+            or not 2 <= count <= self.max_chars
+        ):
             raise ValueError("part: expected {index: 0..count-1, count: >= 2, data: a string}")
         if index == 0:
             ticket, parts, chars = ticket_id, [], 0
@@ -124,9 +142,13 @@ class RequestParts:
                 raise ValueError(f"part {index} of {count}: no request in progress (send part 0 first)")
             ticket, expect, parts, chars = self.pending[device]
             if ticket != ticket_id or expect != count or index != len(parts):
-                raise ValueError(f"part {index} of {count}: expected part {len(parts)} of {expect} of the same assignment")
+                raise ValueError(
+                    f"part {index} of {count}: expected part {len(parts)} of {expect} of the same assignment"
+                )
         if chars + len(data) > self.max_chars:
-            raise ValueError(f"part {index} of {count}: the request is larger than the {self.max_chars} characters this round needs")
+            raise ValueError(
+                f"part {index} of {count}: the request is larger than the {self.max_chars} characters this round needs"
+            )
         parts = parts + [data]
         if len(parts) < count:
             self.pending[device] = (ticket, count, parts, chars + len(data))
@@ -147,29 +169,36 @@ def split_request(req: dict[str, Any], max_bytes: int) -> list[dict[str, Any]]:
     slices, i = [], 0
     while i < len(text):
         n = budget
-        while len(json.dumps(text[i:i + n]).encode()) - 2 > budget:   # escaped quotes grow a slice
-            n -= max(1, (len(json.dumps(text[i:i + n]).encode()) - 2 - budget))
-        slices.append(text[i:i + n])
+        while len(json.dumps(text[i : i + n]).encode()) - 2 > budget:  # escaped quotes grow a slice
+            n -= max(1, (len(json.dumps(text[i : i + n]).encode()) - 2 - budget))
+        slices.append(text[i : i + n])
         i += n
-    return [{"op": "part", "ticket": req["ticket"], "index": k, "count": len(slices), "data": d} for k, d in enumerate(slices)]
+    return [
+        {"op": "part", "ticket": req["ticket"], "index": k, "count": len(slices), "data": d}
+        for k, d in enumerate(slices)
+    ]
 
 
 class SecAggRound:
     """The server's side of one round: protocol ids, the SecAggServer, stage bookkeeping."""
 
-    def __init__(self, numel: int, slots: int, params: SecAggParams, version: int, now: float, dp_clip: float | None = None):
+    def __init__(
+        self, numel: int, slots: int, params: SecAggParams, version: int, now: float, dp_clip: float | None = None
+    ):
         from flotilla.secure.graph import default_degree
+
         degree = default_degree(slots) if params.degree == "auto" else params.degree
         self.params = params
-        self.dp_clip = dp_clip                   # user-level DP: devices clip their delta to this L2 norm
+        self.dp_clip = dp_clip  # user-level DP: devices clip their delta to this L2 norm
         self.version = version
-        self.config = SecAggConfig(length=numel + 1, cohort=slots, bits=params.bits, degree=degree,
-                                   threshold=params.threshold)
+        self.config = SecAggConfig(
+            length=numel + 1, cohort=slots, bits=params.bits, degree=degree, threshold=params.threshold
+        )
         self.server = SecAggServer(self.config)
         self.encoder = FixedPointEncoder(params.clip, slots, params.bits)
-        self.ids: dict[str, int] = {}            # device -> protocol id (1..slots)
+        self.ids: dict[str, int] = {}  # device -> protocol id (1..slots)
         self.meta: dict[int, dict[str, Any]] = {}  # id -> num_examples, train_loss, examples_seen, ticket
-        self.opened = now                        # when the current stage opened (advertise: first join)
+        self.opened = now  # when the current stage opened (advertise: first join)
         self.directory: KeyDirectory | None = None
         self.bundles: dict[int, ShareBundle] | None = None
         self.request: UnmaskRequest | None = None
@@ -206,8 +235,9 @@ class SecAggRound:
             return due or s.responders == s.u3
         return False
 
-    def finish(self, noise_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
-               denominator: float | None = None) -> tuple[torch.Tensor, float]:
+    def finish(
+        self, noise_fn: Callable[[torch.Tensor], torch.Tensor] | None = None, denominator: float | None = None
+    ) -> tuple[torch.Tensor, float]:
         """(weighted mean of the survivors' clipped deltas, sum of their weights).  With user-level
         DP (``noise_fn``, weights 1): the noised sum divided by ``denominator``, the expected cohort
         (DP-FedAvg's release, as flotilla.secure.SecureAggregator does in the simulator)."""
@@ -228,13 +258,23 @@ class RoundAborted(Exception):
     """The server aborted the secure round (fewer than the threshold); check in again."""
 
 
-def run_device(call: Callable[[dict[str, Any]], dict[str, Any]], ticket: str, delta: torch.Tensor, weight: float,
-               num_examples: int, train_loss: float = 0.0, examples_seen: int = 0, *,
-               poll_s: float = 0.05, stop_after: str | None = None) -> int:
+def run_device(
+    call: Callable[[dict[str, Any]], dict[str, Any]],
+    ticket: str,
+    delta: torch.Tensor,
+    weight: float,
+    num_examples: int,
+    train_loss: float = 0.0,
+    examples_seen: int = 0,
+    *,
+    poll_s: float = 0.05,
+    stop_after: str | None = None,
+) -> int:
     """Run this device's part of a secure round; returns the server's model version afterwards.
 
     ``call`` sends one SecAggStep request (a dict) and returns the reply dict.  ``stop_after``
     (tests) names the op after which the device vanishes, e.g. ``"masked"``."""
+
     def get(want: str) -> dict[str, Any]:
         while True:
             r = call({"op": "get", "ticket": ticket, "want": want})
@@ -253,20 +293,35 @@ def run_device(call: Callable[[dict[str, Any]], dict[str, Any]], ticket: str, de
             raise RoundAborted(r.get("message", "secure aggregation aborted"))
         return stop_after == op
 
-    r = call({"op": "join", "ticket": ticket, "num_examples": int(num_examples), "train_loss": float(train_loss),
-              "examples_seen": int(examples_seen)})
+    r = call(
+        {
+            "op": "join",
+            "ticket": ticket,
+            "num_examples": int(num_examples),
+            "train_loss": float(train_loss),
+            "examples_seen": int(examples_seen),
+        }
+    )
     if r["status"] == "abort":
         raise RoundAborted(r.get("message", "secure aggregation aborted"))
     c = r["config"]
     max_request = int(c.get("max_request_bytes", SecAggParams.max_request_bytes))
-    cfg = SecAggConfig(length=int(c["length"]), cohort=int(c["cohort"]), bits=int(c["bits"]), degree=c["degree"],
-                       threshold=c["threshold"], session=base64.b64decode(c["session"]))
+    cfg = SecAggConfig(
+        length=int(c["length"]),
+        cohort=int(c["cohort"]),
+        bits=int(c["bits"]),
+        degree=c["degree"],
+        threshold=c["threshold"],
+        session=base64.b64decode(c["session"]),
+    )
     if cfg.length != delta.numel() + 1:
-        raise ValueError(f"secure aggregation: the server expects {cfg.length - 1} weights, this delta has {delta.numel()}")
+        raise ValueError(
+            f"secure aggregation: the server expects {cfg.length - 1} weights, this delta has {delta.numel()}"
+        )
     client = SecAggClient(int(r["id"]), cfg)
     enc = FixedPointEncoder(float(c["clip"]), cfg.cohort, cfg.bits)
     weight = 1.0 if c.get("uniform") else float(weight)
-    if c.get("dp_clip"):        # user-level DP: this device's contribution to the sum has L2 norm <= S
+    if c.get("dp_clip"):  # user-level DP: this device's contribution to the sum has L2 norm <= S
         delta = delta * min(1.0, float(c["dp_clip"]) / max(float(delta.norm()), 1e-12))
     factor = min(weight, float(c["max_weight"])) / float(c["max_weight"])
     if send("advertise", client.advertise()):
@@ -277,7 +332,7 @@ def run_device(call: Callable[[dict[str, Any]], dict[str, Any]], ticket: str, de
     bundle = loads(get("bundle")["msg"], ShareBundle)
     ring = np.empty(cfg.length, enc.dtype)
     ring[:-1] = enc.encode(delta.detach().numpy(), factor)
-    ring[-1] = enc.encode([enc.clip], factor)[0]       # the weight travels masked too
+    ring[-1] = enc.encode([enc.clip], factor)[0]  # the weight travels masked too
     if send("masked", client.masked_input(bundle, ring)):
         return -1
     request = loads(get("request")["msg"], UnmaskRequest)
@@ -302,8 +357,8 @@ class SecAggRelay:
     def __init__(self, coord):
         self.coord = coord
         self.round: SecAggRound | None = None
-        self.aborted: set[str] = set()          # tickets of aborted secure rounds (cleared at each step)
-        self.restart = -math.inf                # tickets issued before the last abort cannot join
+        self.aborted: set[str] = set()  # tickets of aborted secure rounds (cleared at each step)
+        self.restart = -math.inf  # tickets issued before the last abort cannot join
 
     def continues_request(self, device: str) -> bool:
         """Whether ``device`` is midway through a SecAggStep request sent in parts."""
@@ -312,11 +367,21 @@ class SecAggRelay:
     async def step(self, device: str, req: dict[str, Any]) -> dict[str, Any]:
         """One SecAggStep request of ``device``; a refusal changes no state."""
         c = self.coord
-        if not isinstance(req, dict) or not isinstance(req.get("ticket"), str) or req.get("op") not in (*MESSAGES, "join", "get", "part"):
-            raise Refused("INVALID_ARGUMENT", "invalid", "SecAggStep: expected {op: join|advertise|shares|masked|unmask|get|part, ticket, ...}")
+        if (
+            not isinstance(req, dict)
+            or not isinstance(req.get("ticket"), str)
+            or req.get("op") not in (*MESSAGES, "join", "get", "part")
+        ):
+            raise Refused(
+                "INVALID_ARGUMENT",
+                "invalid",
+                "SecAggStep: expected {op: join|advertise|shares|masked|unmask|get|part, ticket, ...}",
+            )
         ticket = Ticket.decode(req["ticket"], c.secret)
         if ticket.device != device:
-            raise Refused("PERMISSION_DENIED", "ticket", f"SecAggStep: assignment {ticket.id[:8]} belongs to another device")
+            raise Refused(
+                "PERMISSION_DENIED", "ticket", f"SecAggStep: assignment {ticket.id[:8]} belongs to another device"
+            )
         op = req["op"]
         async with c.lock:
             await self.advance()
@@ -324,38 +389,69 @@ class SecAggRelay:
             if op == "get" and req.get("want") == "result" and ticket.version < c.version:
                 return {"status": "ok", "version": c.version}
             if ticket.version != c.version or c.done:
-                return {"status": "abort", "message": f"round {ticket.version} is over (the server is at round {c.version}); check in again"}
+                return {
+                    "status": "abort",
+                    "message": f"round {ticket.version} is over (the server is at round {c.version}); check in again",
+                }
             if ticket.expires <= c.clock():
-                raise Refused("FAILED_PRECONDITION", "expired", f"SecAggStep: assignment {ticket.id[:8]} expired; check in again")
+                raise Refused(
+                    "FAILED_PRECONDITION", "expired", f"SecAggStep: assignment {ticket.id[:8]} expired; check in again"
+                )
             if op == "join":
                 if ticket.id in self.aborted or ticket.expires - c.settings.assignment_timeout_s < self.restart - 1e-3:
                     return {"status": "abort", "message": f"round {c.version} was aborted; check in again"}
                 if r is None:
-                    r = self.round = SecAggRound(c.numel, c.settings.slots, c.masked, c.version, c.clock(),
-                                                 dp_clip=c.privacy.user.clip_norm if c.privacy is not None else None)
+                    r = self.round = SecAggRound(
+                        c.numel,
+                        c.settings.slots,
+                        c.masked,
+                        c.version,
+                        c.clock(),
+                        dp_clip=c.privacy.user.clip_norm if c.privacy is not None else None,
+                    )
                 if device not in r.ids:
                     if r.stage != "advertise" or len(r.ids) >= r.config.cohort:
-                        raise Refused("FAILED_PRECONDITION", "late", f"SecAggStep: round {c.version} has closed its cohort; check in again later")
+                        raise Refused(
+                            "FAILED_PRECONDITION",
+                            "late",
+                            f"SecAggStep: round {c.version} has closed its cohort; check in again later",
+                        )
                     c.table.check_live(ticket)
                     n = req.get("num_examples")
-                    if isinstance(n, bool) or not isinstance(n, int) or n < 1 or (
-                            c.settings.weighting == "examples" and n > c.masked.max_weight):
-                        raise Refused("INVALID_ARGUMENT", "examples", f"SecAggStep: num_examples must be an int in "
-                                      f"[1, max_weight={c.masked.max_weight:g}], got {n!r}")
+                    if (
+                        isinstance(n, bool)
+                        or not isinstance(n, int)
+                        or n < 1
+                        or (c.settings.weighting == "examples" and n > c.masked.max_weight)
+                    ):
+                        raise Refused(
+                            "INVALID_ARGUMENT",
+                            "examples",
+                            f"SecAggStep: num_examples must be an int in "
+                            f"[1, max_weight={c.masked.max_weight:g}], got {n!r}",
+                        )
                     loss, seen = req.get("train_loss", 0.0), req.get("examples_seen", 0)
                     c.check_numbers(n, loss, seen, "SecAggStep")
                     r.ids[device] = len(r.ids) + 1
-                    r.meta[r.ids[device]] = {"num_examples": n, "train_loss": float(loss), "examples_seen": seen, "ticket": ticket}
+                    r.meta[r.ids[device]] = {
+                        "num_examples": n,
+                        "train_loss": float(loss),
+                        "examples_seen": seen,
+                        "ticket": ticket,
+                    }
                     if len(r.ids) == 1:
                         r.opened = c.clock()
-                return {"status": "ok", "id": r.ids[device],
-                        "config": {**r.config_json(), "uniform": c.settings.weighting == "uniform"}}
+                return {
+                    "status": "ok",
+                    "id": r.ids[device],
+                    "config": {**r.config_json(), "uniform": c.settings.weighting == "uniform"},
+                }
             if r is None or device not in r.ids:
                 if ticket.id in self.aborted:
                     return {"status": "abort", "message": f"round {c.version} was aborted; check in again"}
                 raise Refused("FAILED_PRECONDITION", "invalid", "SecAggStep: join the round first")
             me = r.ids[device]
-            if op == "part":        # a request too large for one message, in slices (RequestParts)
+            if op == "part":  # a request too large for one message, in slices (RequestParts)
                 try:
                     text = r.parts.add(device, ticket.id, req)
                 except ValueError as e:
@@ -366,15 +462,25 @@ class SecAggRelay:
                 try:
                     req = json.loads(text)
                 except ValueError:
-                    raise Refused("INVALID_ARGUMENT", "invalid", "SecAggStep: the reassembled parts are not JSON") from None
+                    raise Refused(
+                        "INVALID_ARGUMENT", "invalid", "SecAggStep: the reassembled parts are not JSON"
+                    ) from None
                 if not isinstance(req, dict) or req.get("ticket") != outer or req.get("op") not in MESSAGES:
-                    raise Refused("INVALID_ARGUMENT", "invalid", "SecAggStep: the reassembled request must be "
-                                  "advertise|shares|masked|unmask with the parts' ticket")
+                    raise Refused(
+                        "INVALID_ARGUMENT",
+                        "invalid",
+                        "SecAggStep: the reassembled request must be "
+                        "advertise|shares|masked|unmask with the parts' ticket",
+                    )
                 op = req["op"]
             if op == "get":
                 want = req.get("want")
-                ready = {"directory": r.directory is not None, "bundle": r.bundles is not None,
-                         "request": r.request is not None, "result": False}
+                ready = {
+                    "directory": r.directory is not None,
+                    "bundle": r.bundles is not None,
+                    "request": r.request is not None,
+                    "result": False,
+                }
                 if want not in ready:
                     raise Refused("INVALID_ARGUMENT", "invalid", f"SecAggStep: unknown want {want!r}")
                 if not ready[want]:
@@ -394,9 +500,17 @@ class SecAggRelay:
             try:
                 msg = loads(req.get("msg"), cls, length=r.config.length)
                 if msg.sender != me:
-                    raise Refused("PERMISSION_DENIED", "ticket", f"SecAggStep: {cls.__name__} names sender {msg.sender}, this device is {me}")
-                receive = {"advertise": r.server.receive_advertise, "shares": r.server.receive_shares,
-                           "masked": r.server.receive_masked_input, "unmask": r.server.receive_unmask}[op]
+                    raise Refused(
+                        "PERMISSION_DENIED",
+                        "ticket",
+                        f"SecAggStep: {cls.__name__} names sender {msg.sender}, this device is {me}",
+                    )
+                receive = {
+                    "advertise": r.server.receive_advertise,
+                    "shares": r.server.receive_shares,
+                    "masked": r.server.receive_masked_input,
+                    "unmask": r.server.receive_unmask,
+                }[op]
                 receive(msg)
             except TamperedMessage as e:
                 raise Refused("INVALID_ARGUMENT", "tampered", f"SecAggStep: {e}") from None
@@ -404,8 +518,11 @@ class SecAggRelay:
                 raise Refused("ALREADY_EXISTS", "replay", f"SecAggStep: {e}") from None
             except ProtocolError as e:
                 late = f"stage {r.stage!r}" in str(e) or "cannot" in str(e)
-                raise Refused("FAILED_PRECONDITION" if late else "INVALID_ARGUMENT", "late" if late else "invalid",
-                              f"SecAggStep: {e}") from None
+                raise Refused(
+                    "FAILED_PRECONDITION" if late else "INVALID_ARGUMENT",
+                    "late" if late else "invalid",
+                    f"SecAggStep: {e}",
+                ) from None
             except SecAggAborted as e:
                 await self._abort(str(e))
                 return {"status": "abort", "message": str(e)}
@@ -453,10 +570,23 @@ class SecAggRelay:
             m = r.meta[pid]
             t = m["ticket"]
             weight = float(m["num_examples"]) if c.settings.weighting == "examples" else 1.0
-            entry = {"seq": c.next_seq, "assignment": t.id, "device": t.device, "base_version": t.version,
-                     "expires": t.expires, "version": c.version, "staleness": 0, "num_examples": m["num_examples"],
-                     "weight": weight, "norm": None, "train_loss": m["train_loss"], "examples_seen": m["examples_seen"],
-                     "file": f"secagg-{t.id}.none", "secagg_id": pid, "reply_version": c.version + 1}
+            entry = {
+                "seq": c.next_seq,
+                "assignment": t.id,
+                "device": t.device,
+                "base_version": t.version,
+                "expires": t.expires,
+                "version": c.version,
+                "staleness": 0,
+                "num_examples": m["num_examples"],
+                "weight": weight,
+                "norm": None,
+                "train_loss": m["train_loss"],
+                "examples_seen": m["examples_seen"],
+                "file": f"secagg-{t.id}.none",
+                "secagg_id": pid,
+                "reply_version": c.version + 1,
+            }
             await loop.run_in_executor(None, c.store.accept, entry)
             c.next_seq += 1
             c.buffer.append(entry)

@@ -11,6 +11,7 @@ Async: a device that just uploaded (or was refused) waits ``retry_after_s`` befo
 assignment (:attr:`cooldown`), so the slot it freed goes to whichever waiting device checks in
 first rather than straight back to itself.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -27,10 +28,10 @@ def draw_cohort(pool: list[str], free: int, seed: int, version: int) -> list[str
 class Selection:
     def __init__(self, seed: int):
         self.seed = seed
-        self.candidates: set[str] = set()        # sync: devices that checked in during the window
-        self.selected_round = -1                 # sync: the round whose cohort has been drawn
-        self.excluded: set[str] = set()          # sync: devices refused for good this round
-        self.cooldown: dict[str, float] = {}     # async: device -> when it may take work again
+        self.candidates: set[str] = set()  # sync: devices that checked in during the window
+        self.selected_round = -1  # sync: the round whose cohort has been drawn
+        self.excluded: set[str] = set()  # sync: devices refused for good this round
+        self.cooldown: dict[str, float] = {}  # async: device -> when it may take work again
 
     def new_round(self) -> None:
         self.excluded = set()

@@ -23,6 +23,7 @@ What a hostile or broken device cannot do (each held by a test, see tests/test_n
 Every refusal carries trailing metadata saying what the device should do next (retry the
 request, check in again, or give up): see :mod:`flotilla.network.refusals`.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -61,17 +62,20 @@ EvalFn = Callable[[torch.Tensor], dict[str, float]]
 
 @dataclass(frozen=True)
 class TLSFiles:
-    cert: str                      # server certificate chain (PEM)
-    key: str                       # its private key (PEM)
-    ca: str | None = None          # CA that signs client certificates (mutual TLS)
+    cert: str  # server certificate chain (PEM)
+    key: str  # its private key (PEM)
+    ca: str | None = None  # CA that signs client certificates (mutual TLS)
     require_client_cert: bool = False
 
     def credentials(self) -> grpc.ServerCredentials:
         def read(path: str, what: str) -> bytes:
             p = Path(path)
             if not p.exists():
-                raise FileNotFoundError(f"network.tls.{what}: {p} not found (make test certificates with `flotilla certs DIR`)")
+                raise FileNotFoundError(
+                    f"network.tls.{what}: {p} not found (make test certificates with `flotilla certs DIR`)"
+                )
             return p.read_bytes()
+
         pair = [(read(self.key, "key"), read(self.cert, "cert"))]
         if self.require_client_cert:
             if not self.ca:
@@ -84,18 +88,22 @@ class TLSFiles:
 class Limits:
     max_message_bytes: int = wire.DEFAULT_MAX_MESSAGE_BYTES
     chunk_bytes: int = wire.DEFAULT_CHUNK_BYTES
-    rate: float = 20.0        # requests per second per device, on average
+    rate: float = 20.0  # requests per second per device, on average
     burst: int = 40
-    upload_slots: int = 64    # uploads whose bytes are received at once; others wait (flow control)
-    uploads_per_device: int = 2       # upload streams one device may have open at once (one per assignment)
-    upload_timeout_s: float = 300.0   # an upload stream (header and body) must finish within this
+    upload_slots: int = 64  # uploads whose bytes are received at once; others wait (flow control)
+    uploads_per_device: int = 2  # upload streams one device may have open at once (one per assignment)
+    upload_timeout_s: float = 300.0  # an upload stream (header and body) must finish within this
 
     def __post_init__(self):
         if self.chunk_bytes + 1024 > self.max_message_bytes:
-            raise ValueError(f"network: chunk size {self.chunk_bytes} B must be at least 1 KiB below the message limit {self.max_message_bytes} B")
+            raise ValueError(
+                f"network: chunk size {self.chunk_bytes} B must be at least 1 KiB below the message limit {self.max_message_bytes} B"
+            )
         if self.uploads_per_device < 1 or not (math.isfinite(self.upload_timeout_s) and self.upload_timeout_s > 0):
-            raise ValueError(f"network: uploads_per_device must be >= 1 and upload_timeout_s positive, got "
-                             f"{self.uploads_per_device} and {self.upload_timeout_s}")
+            raise ValueError(
+                f"network: uploads_per_device must be >= 1 and upload_timeout_s positive, got "
+                f"{self.uploads_per_device} and {self.upload_timeout_s}"
+            )
 
 
 def finite_or_none(record: dict[str, Any]) -> dict[str, Any]:
@@ -110,7 +118,7 @@ class _Undecodable:
         self.what = what
         self.error = error
 
-    def WhichOneof(self, _name):   # so an upload stream's parts can be inspected uniformly
+    def WhichOneof(self, _name):  # so an upload stream's parts can be inspected uniformly
         return None
 
 
@@ -118,8 +126,9 @@ def _parser(cls):
     def parse(data: bytes):
         try:
             return cls.FromString(data)
-        except Exception as e:   # noqa: BLE001 - protobuf raises DecodeError and friends
+        except Exception as e:  # noqa: BLE001 - protobuf raises DecodeError and friends
             return _Undecodable(cls.__name__, e)
+
     return parse
 
 
@@ -158,18 +167,26 @@ class FlotillaServer:
             # sample-level DP runs on the devices (flotilla.client.Device); both sides make the model
             # Opacus-compatible (nn.LSTM -> DPLSTM reorders parameters) so their flat vectors agree
             from flotilla.privacy.sample import make_dp_compatible
+
             make_dp_compatible(model)
         self.flat = FlatModel(model)
         self.tls = tls
-        self._credentials = tls.credentials()   # read the certificate before touching the state directory
+        self._credentials = tls.credentials()  # read the certificate before touching the state directory
         self.tokens = tokens
         self.limits = limits
         self.compression = wire.compression(compression)
         self.task_json = json.dumps(task or {})
         # what every assignment carries: the local training settings, and DP-SGD's (SampleLevelSpec) if on
-        algorithm = self._client_algorithm(client_algorithm, settings, privacy, dp_sgd, secure_buffer or secure_masking is not None)
-        self.client_json = json.dumps({**asdict(client), **({"dp_sgd": asdict(dp_sgd)} if dp_sgd is not None else {}),
-                                       **({"algorithm": algorithm} if algorithm is not None else {})})
+        algorithm = self._client_algorithm(
+            client_algorithm, settings, privacy, dp_sgd, secure_buffer or secure_masking is not None
+        )
+        self.client_json = json.dumps(
+            {
+                **asdict(client),
+                **({"dp_sgd": asdict(dp_sgd)} if dp_sgd is not None else {}),
+                **({"algorithm": algorithm} if algorithm is not None else {}),
+            }
+        )
         self.scaffold = algorithm is not None and algorithm["name"] == "scaffold"
         self.evaluate = evaluate
         self.eval_every = eval_every
@@ -177,10 +194,21 @@ class FlotillaServer:
         self.store = StateStore(state_dir, fsync=fsync)
         self.store.lock()
         try:
-            self._build(tokens, settings, server, aggregator, config, privacy, accountant, secure_buffer,
-                        secure_max_norm, secure_masking, limits)
+            self._build(
+                tokens,
+                settings,
+                server,
+                aggregator,
+                config,
+                privacy,
+                accountant,
+                secure_buffer,
+                secure_max_norm,
+                secure_masking,
+                limits,
+            )
         except BaseException:
-            self.store.close()     # let go of the state directory's lock at once, not at garbage collection
+            self.store.close()  # let go of the state directory's lock at once, not at garbage collection
             raise
 
     @staticmethod
@@ -190,17 +218,39 @@ class FlotillaServer:
         if cfg is None:
             return None
         from flotilla.algorithms.registry import Setting, as_config, refusal
+
         cfg = as_config(cfg)
         if cfg.name == "fedavg":
             return None
-        why = refusal(cfg, Setting("round" if settings.mode == "sync" else "buffer", True, "", dp_sgd is not None,
-                                   privacy is not None, secure))
+        why = refusal(
+            cfg,
+            Setting(
+                "round" if settings.mode == "sync" else "buffer",
+                True,
+                "",
+                dp_sgd is not None,
+                privacy is not None,
+                secure,
+            ),
+        )
         if why:
             raise ValueError(why)
         return cfg.model_dump(mode="json")
 
-    def _build(self, tokens, settings, server, aggregator, config, privacy, accountant, secure_buffer,
-               secure_max_norm, secure_masking, limits) -> None:
+    def _build(
+        self,
+        tokens,
+        settings,
+        server,
+        aggregator,
+        config,
+        privacy,
+        accountant,
+        secure_buffer,
+        secure_max_norm,
+        secure_masking,
+        limits,
+    ) -> None:
         if config is not None and not (self.store.path / "config.yaml").exists():
             self.store.run_dir.write_config(config)
         weights = self.flat.flat.clone()
@@ -208,51 +258,96 @@ class FlotillaServer:
         if privacy is not None:
             # User-level DP (flotilla.privacy.UserLevelSpec): DPFedAvg per round / DPFedBuff per buffer.
             from flotilla.network.dp import NetworkPrivacy
+
             if aggregator is not None:
                 raise ValueError("privacy: the DP aggregator replaces the aggregator; give one or the other")
             if settings.weighting != "uniform":
-                raise ValueError("weighting: user-level DP needs weighting: uniform (example-count weights break the "
-                                 "per-device sensitivity bound clip_norm)")
-            dp = NetworkPrivacy(privacy, population=tokens.devices, mode=settings.mode, cohort=settings.cohort,
-                                buffer_size=settings.buffer_size, total_steps=settings.total_steps,
-                                accountant=accountant, seed=settings.seed)
+                raise ValueError(
+                    "weighting: user-level DP needs weighting: uniform (example-count weights break the "
+                    "per-device sensitivity bound clip_norm)"
+                )
+            dp = NetworkPrivacy(
+                privacy,
+                population=tokens.devices,
+                mode=settings.mode,
+                cohort=settings.cohort,
+                buffer_size=settings.buffer_size,
+                total_steps=settings.total_steps,
+                accountant=accountant,
+                seed=settings.seed,
+            )
             if secure_masking is not None:
-                masked_release = dp.masked_release()   # the aggregator stays the plain mean of the one released step
+                masked_release = dp.masked_release()  # the aggregator stays the plain mean of the one released step
             elif secure_buffer and settings.mode == "async":
-                aggregator = dp.secure_aggregator(self.flat.numel, settings, lambda: self.coord.version, secure_max_norm)
+                aggregator = dp.secure_aggregator(
+                    self.flat.numel, settings, lambda: self.coord.version, secure_max_norm
+                )
             else:
-                fedbuff = None if settings.mode == "sync" else FedBuff(
-                    self.flat.numel, settings.buffer_size, settings.staleness, normalize=settings.normalize,
-                    max_staleness=settings.max_staleness, validate=False)
+                fedbuff = (
+                    None
+                    if settings.mode == "sync"
+                    else FedBuff(
+                        self.flat.numel,
+                        settings.buffer_size,
+                        settings.staleness,
+                        normalize=settings.normalize,
+                        max_staleness=settings.max_staleness,
+                        validate=False,
+                    )
+                )
                 aggregator = dp.aggregator(self.flat.numel, fedbuff)
         if secure_masking is not None and (secure_buffer or aggregator is not None):
-            raise ValueError("secure_aggregation: sync masking in flotilla serve runs without the secure buffer or "
-                             "a custom aggregator")
+            raise ValueError(
+                "secure_aggregation: sync masking in flotilla serve runs without the secure buffer or "
+                "a custom aggregator"
+            )
         if secure_buffer:
             # Async only: devices seal updates to the buffer; sync SecAgg (the 4-round masking
             # protocol) is not run over the network.
             from flotilla.secure.fedbuff import SecureFedBuff
+
             if settings.mode != "async":
-                raise ValueError("secure_aggregation: flotilla serve runs the async secure buffer only; synchronous "
-                                 "secure aggregation (the 4-round masking protocol) is not available over the network; "
-                                 "use mode: async, or the simulator")
+                raise ValueError(
+                    "secure_aggregation: flotilla serve runs the async secure buffer only; synchronous "
+                    "secure aggregation (the 4-round masking protocol) is not available over the network; "
+                    "use mode: async, or the simulator"
+                )
             if dp is None and aggregator is not None:
                 raise ValueError("secure_aggregation: the secure buffer replaces the aggregator; give one or the other")
-            aggregator = aggregator if dp is not None else SecureFedBuff(self.flat.numel, settings.buffer_size, settings.staleness,
-                                       version_fn=lambda: self.coord.version, normalize=settings.normalize,
-                                       max_staleness=settings.max_staleness,
-                                       # the server cannot see norms of sealed updates: the buffer checks them
-                                       max_norm=secure_max_norm if secure_max_norm is not None else settings.max_update_norm)
+            aggregator = (
+                aggregator
+                if dp is not None
+                else SecureFedBuff(
+                    self.flat.numel,
+                    settings.buffer_size,
+                    settings.staleness,
+                    version_fn=lambda: self.coord.version,
+                    normalize=settings.normalize,
+                    max_staleness=settings.max_staleness,
+                    # the server cannot see norms of sealed updates: the buffer checks them
+                    max_norm=secure_max_norm if secure_max_norm is not None else settings.max_update_norm,
+                )
+            )
         self.coord = Coordinator(
-            weights, ServerOptimizer(server, self.flat.numel), settings, self.store,
-            aggregator=aggregator, device_index=tokens.index, on_step=self._on_step, privacy=dp,
-            sealed=secure_buffer, masked=secure_masking, masked_release=masked_release,
+            weights,
+            ServerOptimizer(server, self.flat.numel),
+            settings,
+            self.store,
+            aggregator=aggregator,
+            device_index=tokens.index,
+            on_step=self._on_step,
+            privacy=dp,
+            sealed=secure_buffer,
+            masked=secure_masking,
+            masked_release=masked_release,
             uploads_per_device=limits.uploads_per_device,
             scaffold_population=tokens.devices if self.scaffold else None,
         )
         # metrics written after the snapshot we resumed from are dropped (those steps are redone);
         # steps committed whose record a crash lost are written back from the ledger
-        history = self.store.run_dir.truncate_metrics(self.coord.version) if self.store.run_dir.metrics_file.exists() else []
+        history = (
+            self.store.run_dir.truncate_metrics(self.coord.version) if self.store.run_dir.metrics_file.exists() else []
+        )
         history += self._restore_metrics(history)
         self.limiter = RateLimiter(limits.rate, limits.burst)
         self.latest_metrics: dict[str, Any] = history[-1] if history else {}
@@ -263,7 +358,7 @@ class FlotillaServer:
         self._evaluator = ThreadPoolExecutor(1, thread_name_prefix="flotilla-eval")
         self._pending_records: list[asyncio.Future] = []
         self._server: grpc.aio.Server | None = None
-        self._upload_slots: asyncio.Semaphore | None = None   # made on the serving loop
+        self._upload_slots: asyncio.Semaphore | None = None  # made on the serving loop
         self.port: int | None = None
 
     # -- metrics (on the evaluation thread, in version order) --------------------------------
@@ -280,17 +375,25 @@ class FlotillaServer:
                 continue
             record = step_record(version, entries)
             seen += record.pop("examples_seen")
-            record.update(wall_time_s=last.get("wall_time_s"), examples_seen=seen,
-                          accepted=max((int(e["seq"]) for e in entries), default=-1) + 1, rejected=None,
-                          loss=None, accuracy=None, recovered=True)
+            record.update(
+                wall_time_s=last.get("wall_time_s"),
+                examples_seen=seen,
+                accepted=max((int(e["seq"]) for e in entries), default=-1) + 1,
+                rejected=None,
+                loss=None,
+                accuracy=None,
+                recovered=True,
+            )
             if self.coord.privacy is not None:
                 record.update(self.coord.privacy.metrics(version))
             record = finite_or_none(record)
             self.store.run_dir.append_metrics(record)
             out.append(record)
         if out:
-            log.warning("recovery: wrote back the metrics records of steps %s (lost in a crash; evaluation not redone)",
-                        ", ".join(str(r["round"]) for r in out))
+            log.warning(
+                "recovery: wrote back the metrics records of steps %s (lost in a crash; evaluation not redone)",
+                ", ".join(str(r["round"]) for r in out),
+            )
         return out
 
     def _on_step(self, record: dict[str, Any]) -> None:
@@ -299,12 +402,17 @@ class FlotillaServer:
         self._last_step_t = now
         self._seen += record.pop("examples_seen")
         c = self.coord
-        record.update(wall_time_s=round(self._wall, 4), examples_seen=self._seen,
-                      accepted=c.counters["accepted"],
-                      rejected=sum(v for k, v in c.counters.items() if k.startswith("rejected.")))
+        record.update(
+            wall_time_s=round(self._wall, 4),
+            examples_seen=self._seen,
+            accepted=c.counters["accepted"],
+            rejected=sum(v for k, v in c.counters.items() if k.startswith("rejected.")),
+        )
         evaluate = self.evaluate is not None and (record["round"] % self.eval_every == 0 or c.done)
         weights = c.weights.clone() if evaluate or c.done else None
-        fut = asyncio.get_running_loop().run_in_executor(self._evaluator, self._write_record, record, weights, evaluate, c.done)
+        fut = asyncio.get_running_loop().run_in_executor(
+            self._evaluator, self._write_record, record, weights, evaluate, c.done
+        )
         self._pending_records = [f for f in self._pending_records if not f.done()] + [fut]
 
     def _write_record(self, record: dict[str, Any], weights: torch.Tensor | None, evaluate: bool, final: bool) -> None:
@@ -319,10 +427,16 @@ class FlotillaServer:
         if final:
             self.flat.load(weights)
             self.store.run_dir.save_model(self.flat.named_views())
-            log.info("training finished at version %d; final model in %s", record["round"], self.store.path / "model.safetensors")
+            log.info(
+                "training finished at version %d; final model in %s",
+                record["round"],
+                self.store.path / "model.safetensors",
+            )
 
     # -- authentication ------------------------------------------------------------------------
-    async def _identify(self, context: grpc.aio.ServicerContext, roles=("device",), rate_limited: bool = True) -> Identity:
+    async def _identify(
+        self, context: grpc.aio.ServicerContext, roles=("device",), rate_limited: bool = True
+    ) -> Identity:
         token = None
         for key, value in context.invocation_metadata() or ():
             if key == wire.AUTH_HEADER and isinstance(value, str) and value.startswith("Bearer "):
@@ -331,8 +445,11 @@ class FlotillaServer:
         if who is None:
             self.coord.counters["rejected.auth"] += 1
             log.warning("refused an unauthenticated call from %s", context.peer())
-            err = Refused("UNAUTHENTICATED", "auth",
-                          "unknown client: send a device token issued for this server (authorization: Bearer <token>)")
+            err = Refused(
+                "UNAUTHENTICATED",
+                "auth",
+                "unknown client: send a device token issued for this server (authorization: Bearer <token>)",
+            )
             await context.abort(_CODES[err.code], str(err), err.trailing_metadata())
         if who.role not in roles:
             self.coord.counters["rejected.auth"] += 1
@@ -346,9 +463,12 @@ class FlotillaServer:
         if not self.limiter.allow(who.device):
             self.coord.counters["rejected.rate"] += 1
             log.warning("rate limit: refused a call from %s", who.device)
-            err = Refused("RESOURCE_EXHAUSTED", "rate",
-                          f"rate limit: more than {self.limits.rate:g} requests/s from {who.device}; slow down",
-                          retry_after_s=max(1.0 / self.limits.rate, 0.05))
+            err = Refused(
+                "RESOURCE_EXHAUSTED",
+                "rate",
+                f"rate limit: more than {self.limits.rate:g} requests/s from {who.device}; slow down",
+                retry_after_s=max(1.0 / self.limits.rate, 0.05),
+            )
             await context.abort(_CODES[err.code], str(err), err.trailing_metadata())
 
     async def _refuse(self, context, err: Refused, device: str, ticket: Ticket | None = None):
@@ -358,8 +478,11 @@ class FlotillaServer:
     async def _decoded(self, request, context, who: Identity):
         """Refuse a request gRPC could not parse (INVALID_ARGUMENT, counted under ``invalid``)."""
         if isinstance(request, _Undecodable):
-            await self._refuse(context, Refused("INVALID_ARGUMENT", "invalid",
-                                                f"the request is not a valid {request.what} message"), who.device)
+            await self._refuse(
+                context,
+                Refused("INVALID_ARGUMENT", "invalid", f"the request is not a valid {request.what} message"),
+                who.device,
+            )
 
     # -- RPCs ------------------------------------------------------------------------------------
     async def check_in(self, request: pb.CheckInRequest, context) -> pb.CheckInReply:
@@ -375,17 +498,26 @@ class FlotillaServer:
         elif isinstance(result, Ticket):
             reply.action = pb.CheckInReply.TRAIN
             a = reply.assignment
-            a.assignment_id, a.ticket, a.version, a.round = result.id, self.coord.ticket_text(result), result.version, result.round
+            a.assignment_id, a.ticket, a.version, a.round = (
+                result.id,
+                self.coord.ticket_text(result),
+                result.version,
+                result.round,
+            )
             a.seed, a.client_json, a.numel = result.seed, self.client_json, self.coord.numel
-            a.expires_in_s, a.model_bytes = max(0.0, result.expires - time.time()), 4 * self.coord.numel * self.coord.rows
+            a.expires_in_s, a.model_bytes = (
+                max(0.0, result.expires - time.time()),
+                4 * self.coord.numel * self.coord.rows,
+            )
             if self.coord.sealed:
                 a.buffer_key, a.buffer_nonce = self.coord.seal_info(result)
-                a.seal_weight = 1.0 if self.coord.settings.weighting == "uniform" else 0.0   # 0: num_examples
+                a.seal_weight = 1.0 if self.coord.settings.weighting == "uniform" else 0.0  # 0: num_examples
                 if self.coord.privacy is not None:
-                    a.clip_norm = self.coord.privacy.user.clip_norm   # the buffer refuses larger norms
+                    a.clip_norm = self.coord.privacy.user.clip_norm  # the buffer refuses larger norms
             if self.coord.masked is not None:
                 from flotilla.network.secagg import SECAGG_FLAG
-                reply.message = SECAGG_FLAG   # run the masking protocol (SecAggStep) instead of uploading
+
+                reply.message = SECAGG_FLAG  # run the masking protocol (SecAggStep) instead of uploading
         else:
             reply.action = pb.CheckInReply.WAIT
             reply.retry_after_s = float(result)
@@ -402,8 +534,12 @@ class FlotillaServer:
             # a request sent in parts counts once against the rate limit (its first part); the parts
             # that follow are bounded by the round's largest message, and a refused one ends the request
             # (flotilla.network.secagg.RequestParts), so only the next part 0 can start another
-            if not (isinstance(req, dict) and req.get("op") == "part" and req.get("index") not in (0, None)
-                    and self.coord.continues_request(who.device)):
+            if not (
+                isinstance(req, dict)
+                and req.get("op") == "part"
+                and req.get("index") not in (0, None)
+                and self.coord.continues_request(who.device)
+            ):
                 await self._rate_limit(context, who)
             if req is None:
                 raise Refused("INVALID_ARGUMENT", "invalid", "SecAggStep: the request is not JSON")
@@ -436,43 +572,78 @@ class FlotillaServer:
                     try:
                         first = await anext(aiter(request_iterator))
                     except StopAsyncIteration:
-                        raise Refused("INVALID_ARGUMENT", "invalid", "upload refused: empty stream (send the header first)") from None
+                        raise Refused(
+                            "INVALID_ARGUMENT", "invalid", "upload refused: empty stream (send the header first)"
+                        ) from None
                     if isinstance(first, _Undecodable):
-                        raise Refused("INVALID_ARGUMENT", "invalid", "upload refused: the first message is not a valid UploadPart")
+                        raise Refused(
+                            "INVALID_ARGUMENT", "invalid", "upload refused: the first message is not a valid UploadPart"
+                        )
                     if first.WhichOneof("part") != "header":
-                        raise Refused("INVALID_ARGUMENT", "invalid", "upload refused: the first message must be the header")
+                        raise Refused(
+                            "INVALID_ARGUMENT", "invalid", "upload refused: the first message must be the header"
+                        )
                     h = first.header
-                    ticket, answer = c.check_header(who.device, h.ticket, h.base_version, h.dtype, list(h.shape),
-                                                    int(h.num_examples), float(h.train_loss), int(h.examples_seen))
+                    ticket, answer = c.check_header(
+                        who.device,
+                        h.ticket,
+                        h.base_version,
+                        h.dtype,
+                        list(h.shape),
+                        int(h.num_examples),
+                        float(h.train_loss),
+                        int(h.examples_seen),
+                    )
                     if c.sealed and answer is None and len(h.ephemeral_pk) != 32:
-                        raise Refused("INVALID_ARGUMENT", "tampered", "upload refused: a sealed upload needs the 32-byte ephemeral key")
-                    c.table.begin_upload(ticket)      # one stream per assignment, a few per device
+                        raise Refused(
+                            "INVALID_ARGUMENT",
+                            "tampered",
+                            "upload refused: a sealed upload needs the 32-byte ephemeral key",
+                        )
+                    c.table.begin_upload(ticket)  # one stream per assignment, a few per device
                     began = True
                     # At most `upload_slots` deltas are held in memory at once, whatever the concurrency;
                     # the other streams wait here, throttled by HTTP/2 flow control.
                     async with self._upload_slots:
                         buf = await self._receive_body(request_iterator, c.numel * c.rows, c.sealed)
             except TimeoutError:
-                raise Refused("DEADLINE_EXCEEDED", "stalled",
-                              f"upload refused: the stream did not finish within {self.limits.upload_timeout_s:g} s "
-                              "(upload_timeout_s); retry on a better connection", retry_after_s=1.0) from None
-            if answer is not None:   # a retry of an assignment already in the ledger
+                raise Refused(
+                    "DEADLINE_EXCEEDED",
+                    "stalled",
+                    f"upload refused: the stream did not finish within {self.limits.upload_timeout_s:g} s "
+                    "(upload_timeout_s); retry on a better connection",
+                    retry_after_s=1.0,
+                ) from None
+            if answer is not None:  # a retry of an assignment already in the ledger
                 digest = await asyncio.get_running_loop().run_in_executor(None, fingerprint, buf)
                 if answer.digest is not None and answer.digest == digest:
                     return pb.UploadReply(seq=answer.seq, version=answer.version)
-                raise Refused("ALREADY_EXISTS", "replay", f"upload refused: replayed nonce, assignment {ticket.id[:8]} "
-                              f"was already accepted as update #{answer.seq} (with other bytes)")
-            if c.sealed:   # the buffer validates what it opens; the server sees only ciphertext
-                up = Upload(ticket, int(h.num_examples), float(h.train_loss), int(h.examples_seen), None, math.nan,
-                            bytes(h.ephemeral_pk), bytes(buf))
+                raise Refused(
+                    "ALREADY_EXISTS",
+                    "replay",
+                    f"upload refused: replayed nonce, assignment {ticket.id[:8]} "
+                    f"was already accepted as update #{answer.seq} (with other bytes)",
+                )
+            if c.sealed:  # the buffer validates what it opens; the server sees only ciphertext
+                up = Upload(
+                    ticket,
+                    int(h.num_examples),
+                    float(h.train_loss),
+                    int(h.examples_seen),
+                    None,
+                    math.nan,
+                    bytes(h.ephemeral_pk),
+                    bytes(buf),
+                )
             else:
                 payload = torch.frombuffer(buf, dtype=torch.float32)
-                delta, control = (payload, None) if c.variates is None else (payload[:c.numel], payload[c.numel:])
+                delta, control = (payload, None) if c.variates is None else (payload[: c.numel], payload[c.numel :])
                 norm = c.check_delta(delta, who.device)
                 if control is not None:
                     c.check_control(control, who.device)
-                up = Upload(ticket, int(h.num_examples), float(h.train_loss), int(h.examples_seen), delta, norm,
-                            control=control)
+                up = Upload(
+                    ticket, int(h.num_examples), float(h.train_loss), int(h.examples_seen), delta, norm, control=control
+                )
             # Shielded: a client hanging up must not cut a commit (or a server step) in half.  The
             # assignment's upload slot is held until the commit ends, so a retry sent meanwhile is
             # told "busy" and then gets the commit's answer, not a replay refusal.
@@ -499,39 +670,57 @@ class FlotillaServer:
                 raise Refused("INVALID_ARGUMENT", "invalid", f"upload refused: {what}")
             n = len(part.data)
             if pos + n > size:
-                raise Refused("INVALID_ARGUMENT", "shape", f"upload refused: more than the {size} bytes of shape ({numel},) float32")
-            buf[pos:pos + n] = part.data
+                raise Refused(
+                    "INVALID_ARGUMENT",
+                    "shape",
+                    f"upload refused: more than the {size} bytes of shape ({numel},) float32",
+                )
+            buf[pos : pos + n] = part.data
             pos += n
         if pos != size:
             # Also where a message over max_message_bytes ends up: gRPC drops it (the client
             # gets RESOURCE_EXHAUSTED "larger than max") and the stream looks cut short here.
-            raise Refused("INVALID_ARGUMENT", "truncated",
-                          f"upload refused: the stream ended after {pos} of the {size} bytes that shape ({numel},) float32 needs")
+            raise Refused(
+                "INVALID_ARGUMENT",
+                "truncated",
+                f"upload refused: the stream ended after {pos} of the {size} bytes that shape ({numel},) float32 needs",
+            )
         return buf
 
     async def status(self, request: pb.StatusRequest, context) -> pb.StatusReply:
         who = await self._identify(context, roles=("device", "admin"))
         await self._decoded(request, context, who)
         s = self.coord.status()
-        s.update(uptime_s=round(time.time() - self.started, 1), metrics=finite_or_none(self.latest_metrics),
-                 limits=asdict(self.limits), state_dir=str(self.store.path),
-                 task=json.loads(self.task_json))   # devices check their data against it before checking in
+        s.update(
+            uptime_s=round(time.time() - self.started, 1),
+            metrics=finite_or_none(self.latest_metrics),
+            limits=asdict(self.limits),
+            state_dir=str(self.store.path),
+            task=json.loads(self.task_json),
+        )  # devices check their data against it before checking in
         return pb.StatusReply(json=json.dumps(s))
 
     # -- lifecycle -------------------------------------------------------------------------------
     def _handler(self) -> grpc.GenericRpcHandler:
-        return grpc.method_handlers_generic_handler(wire.SERVICE, {
-            "CheckIn": grpc.unary_unary_rpc_method_handler(
-                self.check_in, _parser(pb.CheckInRequest), pb.CheckInReply.SerializeToString),
-            "Download": grpc.unary_stream_rpc_method_handler(
-                self.download, _parser(pb.DownloadRequest), pb.ModelChunk.SerializeToString),
-            "Upload": grpc.stream_unary_rpc_method_handler(
-                self.upload, _parser(pb.UploadPart), pb.UploadReply.SerializeToString),
-            "Status": grpc.unary_unary_rpc_method_handler(
-                self.status, _parser(pb.StatusRequest), pb.StatusReply.SerializeToString),
-            # bytes in and out (JSON): registered by hand, no .proto message
-            "SecAggStep": grpc.unary_unary_rpc_method_handler(self.secagg_step, None, None),
-        })
+        return grpc.method_handlers_generic_handler(
+            wire.SERVICE,
+            {
+                "CheckIn": grpc.unary_unary_rpc_method_handler(
+                    self.check_in, _parser(pb.CheckInRequest), pb.CheckInReply.SerializeToString
+                ),
+                "Download": grpc.unary_stream_rpc_method_handler(
+                    self.download, _parser(pb.DownloadRequest), pb.ModelChunk.SerializeToString
+                ),
+                "Upload": grpc.stream_unary_rpc_method_handler(
+                    self.upload, _parser(pb.UploadPart), pb.UploadReply.SerializeToString
+                ),
+                "Status": grpc.unary_unary_rpc_method_handler(
+                    self.status, _parser(pb.StatusRequest), pb.StatusReply.SerializeToString
+                ),
+                # bytes in and out (JSON): registered by hand, no .proto message
+                "SecAggStep": grpc.unary_unary_rpc_method_handler(self.secagg_step, None, None),
+            },
+        )
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
         """Start listening (TLS only, the port exclusively); returns the bound port."""
@@ -539,8 +728,10 @@ class FlotillaServer:
             raise ValueError(f"--port: must be between 0 and 65535, got {port}")
         self._upload_slots = asyncio.Semaphore(self.limits.upload_slots)
         # grpc.so_reuseport 0: a second server on the same port fails to bind instead of sharing it
-        self._server = grpc.aio.server(options=[*wire.channel_options(self.limits.max_message_bytes), ("grpc.so_reuseport", 0)],
-                                       compression=self.compression)
+        self._server = grpc.aio.server(
+            options=[*wire.channel_options(self.limits.max_message_bytes), ("grpc.so_reuseport", 0)],
+            compression=self.compression,
+        )
         self._server.add_generic_rpc_handlers((self._handler(),))
         try:
             self.port = self._server.add_secure_port(f"{host}:{port}", self._credentials)
@@ -550,16 +741,26 @@ class FlotillaServer:
             self._server = None
             self.store.close()
             if _in_use(host, port):
-                raise InUse(f"cannot listen on {host}:{port}: the port is in use (another flotilla serve?); "
-                            "choose another --port") from None
-            raise ValueError(f"cannot listen on {host}:{port}: check the address, and that network.tls.key is the "
-                             "private key of network.tls.cert") from None
+                raise InUse(
+                    f"cannot listen on {host}:{port}: the port is in use (another flotilla serve?); "
+                    "choose another --port"
+                ) from None
+            raise ValueError(
+                f"cannot listen on {host}:{port}: check the address, and that network.tls.key is the "
+                "private key of network.tls.cert"
+            ) from None
         await self.coord.start()
         await self._server.start()
         self._last_step_t = time.perf_counter()
-        log.info("serving on %s:%d (TLS%s), %s mode, version %d of %d", host, self.port,
-                 ", client certificates required" if self.tls.require_client_cert else "",
-                 self.coord.settings.mode, self.coord.version, self.coord.settings.total_steps)
+        log.info(
+            "serving on %s:%d (TLS%s), %s mode, version %d of %d",
+            host,
+            self.port,
+            ", client certificates required" if self.tls.require_client_cert else "",
+            self.coord.settings.mode,
+            self.coord.version,
+            self.coord.settings.total_steps,
+        )
         return self.port
 
     async def run_until_done(self, stop: asyncio.Event | None = None) -> None:
@@ -589,9 +790,11 @@ class FlotillaServer:
 
     def serve(self, host: str = "127.0.0.1", port: int = 0) -> None:
         """Blocking: start, train to the end, linger, stop."""
+
         async def main():
             await self.start(host, port)
             await self.run_until_done()
+
         asyncio.run(main())
 
 
@@ -605,7 +808,7 @@ def _in_use(host: str, port: int) -> bool:
         return False
     for family, kind, proto, _, addr in infos:
         with socket.socket(family, kind, proto) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as gRPC does: TIME_WAIT is not "in use"
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does: TIME_WAIT is not "in use"
             try:
                 sock.bind(addr)
             except OSError:
@@ -641,13 +844,16 @@ class ServerThread:
                 return
             self._ready.set()
             await self.server.run_until_done(self._stop)
+
         asyncio.run(main())
 
     def call(self, fn, *args):
         """Run ``fn(*args)`` on the server's loop (coroutine functions are awaited) and return its result."""
+
         async def wrapper():
             out = fn(*args)
             return await out if asyncio.iscoroutine(out) else out
+
         return asyncio.run_coroutine_threadsafe(wrapper(), self._loop).result(30)
 
     def stop(self) -> None:

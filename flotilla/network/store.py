@@ -35,6 +35,7 @@ Only one server may use a state directory: :meth:`StateStore.lock` (the server c
 :meth:`~StateStore.recover` too) takes an exclusive ``flock`` on ``serve.lock`` (released when the process ends, even by ``kill -9``); a second one is refused
 with one line (:class:`~flotilla.network.refusals.InUse`).
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -64,11 +65,12 @@ def _fsync_dir(path: Path) -> None:
 @dataclass
 class Recovered:
     """What :meth:`StateStore.recover` found on disk."""
-    tensors: dict[str, torch.Tensor] | None      # the snapshot (None: fresh start)
-    meta: dict[str, Any]                          # snapshot metadata (counters, version, applied_seq)
+
+    tensors: dict[str, torch.Tensor] | None  # the snapshot (None: fresh start)
+    meta: dict[str, Any]  # snapshot metadata (counters, version, applied_seq)
     pending: list[tuple[dict[str, Any], torch.Tensor]] = field(default_factory=list)  # (ledger entry, delta)
     next_seq: int = 0
-    repairs: list[str] = field(default_factory=list)   # what recovery fixed, for the log
+    repairs: list[str] = field(default_factory=list)  # what recovery fixed, for the log
     dropped: dict[str, int] = field(default_factory=dict)  # reason -> accepted updates dropped (ledger)
     accepted: list[dict[str, Any]] = field(default_factory=list)  # every accepted entry (retries' answers)
 
@@ -100,8 +102,10 @@ class StateStore:
             f.seek(0)
             holder = f.read().strip() or "?"
             f.close()
-            raise InUse(f"state directory {self.path} is in use by another flotilla serve (pid {holder}); "
-                        "stop it first, or give this one another --state-dir") from None
+            raise InUse(
+                f"state directory {self.path} is in use by another flotilla serve (pid {holder}); "
+                "stop it first, or give this one another --state-dir"
+            ) from None
         f.truncate(0)
         f.write(str(os.getpid()))
         f.flush()
@@ -135,7 +139,7 @@ class StateStore:
             self._ledger.close()
             self._ledger = None
         if self._lock is not None:
-            self._lock.close()          # releases the flock
+            self._lock.close()  # releases the flock
             self._lock = None
 
     def secret(self) -> bytes:
@@ -172,7 +176,9 @@ class StateStore:
         durable.  Call before acking the client."""
         self._append({"event": "accepted", **entry, "t": round(time.time(), 3)})
 
-    def step(self, version: int, entries: list[dict[str, Any]], tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    def step(
+        self, version: int, entries: list[dict[str, Any]], tensors: dict[str, torch.Tensor], meta: dict[str, Any]
+    ) -> None:
         """Record a server step that applied the accepted ``entries`` and produced ``version``."""
         seqs = sorted(int(e["seq"]) for e in entries)
         meta = {**meta, "version": version, "applied_seq": max(seqs, default=meta.get("applied_seq", -1))}
@@ -185,8 +191,16 @@ class StateStore:
     def drop(self, entries: list[dict[str, Any]], reason: str, why: str, version: int) -> None:
         """Accepted updates that will never be applied: their "dropped" line, then their files go."""
         seqs = sorted(int(e["seq"]) for e in entries)
-        self._append({"event": "dropped", "reason": reason, "why": why, "version": version, "seqs": seqs,
-                      "t": round(time.time(), 3)})
+        self._append(
+            {
+                "event": "dropped",
+                "reason": reason,
+                "why": why,
+                "version": version,
+                "seqs": seqs,
+                "t": round(time.time(), 3),
+            }
+        )
         for e in entries:
             self.discard(e["file"])
 
@@ -210,8 +224,11 @@ class StateStore:
         """Every committed step: (version, the accepted entries it applied), in order."""
         records = self.read_ledger()
         accepted = {int(r["seq"]): r for r in records if r["event"] == "accepted"}
-        return [(int(r["version"]), [accepted[s] for s in r["seqs"] if s in accepted])
-                for r in records if r["event"] == "step"]
+        return [
+            (int(r["version"]), [accepted[s] for s in r["seqs"] if s in accepted])
+            for r in records
+            if r["event"] == "step"
+        ]
 
     # -- reading back ---------------------------------------------------------------------------
     def read_ledger(self) -> list[dict[str, Any]]:
@@ -234,6 +251,7 @@ class StateStore:
         tensors, meta = None, {}
         if self.snapshot_file.exists():
             from safetensors import safe_open
+
             with safe_open(str(self.snapshot_file), "pt") as f:
                 meta = json.loads(f.metadata()["flotilla"])
             tensors = load_file(str(self.snapshot_file))
@@ -251,12 +269,16 @@ class StateStore:
         if version > last_step:
             # The snapshot was written but the crash came before its ledger line: write it now.
             seqs = sorted(s for s in accepted if s <= applied_seq and s not in stepped)
-            self._append({"event": "step", "version": version, "seqs": seqs, "t": round(time.time(), 3), "recovered": True})
+            self._append(
+                {"event": "step", "version": version, "seqs": seqs, "t": round(time.time(), 3), "recovered": True}
+            )
             stepped.update(seqs)
             repairs.append(f"wrote the missing ledger line for step {version} ({len(seqs)} updates)")
         elif version < last_step:
-            raise RuntimeError(f"{self.path}: ledger records step {last_step} but the snapshot is at version {version}; "
-                               "the state directory is inconsistent (was state.safetensors replaced?)")
+            raise RuntimeError(
+                f"{self.path}: ledger records step {last_step} but the snapshot is at version {version}; "
+                "the state directory is inconsistent (was state.safetensors replaced?)"
+            )
 
         waiting = {seq: e for seq, e in accepted.items() if seq > applied_seq and seq not in stepped}
         keep = {e["file"] for e in waiting.values()}

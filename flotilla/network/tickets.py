@@ -31,6 +31,7 @@ One live assignment per device (``AssignmentTable.live``):
 Memory: live and in-flight entries are bounded by the devices working now; answers by the
 assignments of the last ``grace`` seconds; ``renewed`` by the enrolled devices (token table).
 """
+
 from __future__ import annotations
 
 import base64
@@ -46,13 +47,13 @@ from flotilla.network.refusals import Refused
 
 @dataclass(frozen=True)
 class Ticket:
-    id: str          # the per-assignment nonce
+    id: str  # the per-assignment nonce
     device: str
     version: int
     round: int
     seed: int
-    expires: float   # unix time
-    boot: str = ""   # the issuing server process (tickets survive a restart; the table does not)
+    expires: float  # unix time
+    boot: str = ""  # the issuing server process (tickets survive a restart; the table does not)
 
     def encode(self, secret: bytes) -> str:
         payload = base64.urlsafe_b64encode(json.dumps(asdict(self), separators=(",", ":")).encode()).decode()
@@ -63,7 +64,9 @@ class Ticket:
         payload, _, sig = text.rpartition(".")
         good = hmac.new(secret, payload.encode(), hashlib.sha256).hexdigest()
         if not payload or not hmac.compare_digest(sig, good):
-            raise Refused("PERMISSION_DENIED", "ticket", "upload refused: the assignment ticket is not one this server signed")
+            raise Refused(
+                "PERMISSION_DENIED", "ticket", "upload refused: the assignment ticket is not one this server signed"
+            )
         try:
             return Ticket(**json.loads(base64.urlsafe_b64decode(payload)))
         except (ValueError, TypeError) as e:  # signed but unreadable: a server bug, not an attack
@@ -73,9 +76,10 @@ class Ticket:
 @dataclass(frozen=True)
 class Answer:
     """What an accepted assignment was told, kept to answer its retries the same way."""
+
     seq: int
     version: int
-    digest: str | None     # checksum of the uploaded bytes (None: not recorded, e.g. a secure round)
+    digest: str | None  # checksum of the uploaded bytes (None: not recorded, e.g. a secure round)
     keep_until: float
 
 
@@ -83,12 +87,12 @@ class AssignmentTable:
     def __init__(self, boot: str, uploads_per_device: int = 2):
         self.boot = boot
         self.uploads_per_device = uploads_per_device
-        self.live: dict[str, Ticket] = {}            # device -> its one live assignment
-        self.spoiled: set[str] = set()               # live assignment ids whose update was refused for good
-        self.renewed: set[str] = set()               # devices given (or adopting) an assignment since this boot
-        self.answers: dict[str, Answer] = {}         # assignment id -> its acceptance answer
-        self.in_flight: set[str] = set()             # assignment ids with an upload streaming
-        self.per_device: Counter[str] = Counter()    # device -> uploads streaming
+        self.live: dict[str, Ticket] = {}  # device -> its one live assignment
+        self.spoiled: set[str] = set()  # live assignment ids whose update was refused for good
+        self.renewed: set[str] = set()  # devices given (or adopting) an assignment since this boot
+        self.answers: dict[str, Answer] = {}  # assignment id -> its acceptance answer
+        self.in_flight: set[str] = set()  # assignment ids with an upload streaming
+        self.per_device: Counter[str] = Counter()  # device -> uploads streaming
 
     # -- live assignments ---------------------------------------------------------------------------
     def get(self, device: str) -> Ticket | None:
@@ -127,12 +131,15 @@ class AssignmentTable:
         if held is not None and held.id == ticket.id:
             return
         if ticket.boot != self.boot and held is None and ticket.device not in self.renewed:
-            self.live[ticket.device] = ticket       # issued before the restart: the device's first one counts
+            self.live[ticket.device] = ticket  # issued before the restart: the device's first one counts
             self.renewed.add(ticket.device)
             return
-        raise Refused("FAILED_PRECONDITION", "revoked",
-                      f"upload refused: assignment {ticket.id[:8]} is not this device's live assignment "
-                      "(a later check-in replaced it, it was given up or it timed out); check in again")
+        raise Refused(
+            "FAILED_PRECONDITION",
+            "revoked",
+            f"upload refused: assignment {ticket.id[:8]} is not this device's live assignment "
+            "(a later check-in replaced it, it was given up or it timed out); check in again",
+        )
 
     def __len__(self) -> int:
         return len(self.live)
@@ -149,11 +156,20 @@ class AssignmentTable:
     # -- uploads in flight ---------------------------------------------------------------------------
     def begin_upload(self, ticket: Ticket) -> None:
         if ticket.id in self.in_flight:
-            raise Refused("RESOURCE_EXHAUSTED", "busy", f"upload refused: an upload of assignment {ticket.id[:8]} "
-                          "is already in progress; retry when it has ended", retry_after_s=1.0)
+            raise Refused(
+                "RESOURCE_EXHAUSTED",
+                "busy",
+                f"upload refused: an upload of assignment {ticket.id[:8]} "
+                "is already in progress; retry when it has ended",
+                retry_after_s=1.0,
+            )
         if self.per_device[ticket.device] >= self.uploads_per_device:
-            raise Refused("RESOURCE_EXHAUSTED", "busy", f"upload refused: {ticket.device} already has "
-                          f"{self.uploads_per_device} uploads in progress", retry_after_s=1.0)
+            raise Refused(
+                "RESOURCE_EXHAUSTED",
+                "busy",
+                f"upload refused: {ticket.device} already has {self.uploads_per_device} uploads in progress",
+                retry_after_s=1.0,
+            )
         self.in_flight.add(ticket.id)
         self.per_device[ticket.device] += 1
 

@@ -3,6 +3,7 @@
 gRPC reports a key that does not match its certificate only as "Failed to bind" when the port
 is opened; :func:`check_tls_pair` says which file is wrong, in one line, before anything starts.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -22,8 +23,9 @@ def _read(path: str | Path, what: str) -> bytes:
         raise TLSFilesError(f"{what}: cannot read {path}: {e.strerror or e}") from None
 
 
-def check_tls_pair(cert: str | Path, key: str | Path, *, cert_key: str = "network.tls.cert",
-                   key_key: str = "network.tls.key") -> None:
+def check_tls_pair(
+    cert: str | Path, key: str | Path, *, cert_key: str = "network.tls.cert", key_key: str = "network.tls.key"
+) -> None:
     """Raise :class:`TLSFilesError` naming the config key unless ``key`` is the private key of the
     first certificate in the PEM chain ``cert``."""
     cert_pem, key_pem = _read(cert, cert_key), _read(key, key_key)

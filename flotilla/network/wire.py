@@ -11,6 +11,7 @@ with ``channel.unary_unary`` and friends (client), so no generated service stubs
 Tensors travel as raw little-endian float32 bytes split into chunks of at most ``chunk_bytes``,
 so a model of any size fits under gRPC's per-message limit.
 """
+
 from __future__ import annotations
 
 import sys
@@ -28,14 +29,18 @@ CHECK_IN = f"/{SERVICE}/CheckIn"
 DOWNLOAD = f"/{SERVICE}/Download"
 UPLOAD = f"/{SERVICE}/Upload"
 STATUS = f"/{SERVICE}/Status"
-SECAGG_STEP = f"/{SERVICE}/SecAggStep"   # sync secure aggregation: JSON bytes both ways (flotilla.network.secagg)
+SECAGG_STEP = f"/{SERVICE}/SecAggStep"  # sync secure aggregation: JSON bytes both ways (flotilla.network.secagg)
 
-AUTH_HEADER = "authorization"          # metadata: "Bearer <token>"
-DEFAULT_CHUNK_BYTES = 1 << 20          # 1 MiB per chunk
-DEFAULT_MAX_MESSAGE_BYTES = 4 << 20    # per gRPC message (gRPC's own default)
+AUTH_HEADER = "authorization"  # metadata: "Bearer <token>"
+DEFAULT_CHUNK_BYTES = 1 << 20  # 1 MiB per chunk
+DEFAULT_MAX_MESSAGE_BYTES = 4 << 20  # per gRPC message (gRPC's own default)
 SDK_VERSION = "1"
 
-COMPRESSION = {"none": grpc.Compression.NoCompression, "gzip": grpc.Compression.Gzip, "deflate": grpc.Compression.Deflate}
+COMPRESSION = {
+    "none": grpc.Compression.NoCompression,
+    "gzip": grpc.Compression.Gzip,
+    "deflate": grpc.Compression.Deflate,
+}
 
 
 def compression(name: str | None) -> grpc.Compression:
@@ -51,7 +56,7 @@ def chunks(data: bytes | memoryview, chunk_bytes: int) -> Iterator[memoryview]:
         raise ValueError(f"chunk_bytes: must be >= 1, got {chunk_bytes}")
     view = memoryview(data).cast("B")
     for start in range(0, len(view), chunk_bytes):
-        yield view[start:start + chunk_bytes]
+        yield view[start : start + chunk_bytes]
 
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -61,5 +66,18 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
-__all__ = ["pb", "SERVICE", "CHECK_IN", "DOWNLOAD", "UPLOAD", "STATUS", "AUTH_HEADER", "DEFAULT_CHUNK_BYTES",
-           "DEFAULT_MAX_MESSAGE_BYTES", "SDK_VERSION", "chunks", "channel_options", "compression"]
+__all__ = [
+    "pb",
+    "SERVICE",
+    "CHECK_IN",
+    "DOWNLOAD",
+    "UPLOAD",
+    "STATUS",
+    "AUTH_HEADER",
+    "DEFAULT_CHUNK_BYTES",
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "SDK_VERSION",
+    "chunks",
+    "channel_options",
+    "compression",
+]
