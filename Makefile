@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 # For the CPU-only wheel elsewhere: make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu
 TORCH_INDEX ?=
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test lint clean
 
 setup: $(STAMP)
 
@@ -25,8 +25,13 @@ $(STAMP): pyproject.toml scripts/install-system-deps
 demo: setup
 	$(VENV)/bin/flotilla run examples/shakespeare.yaml
 
-test: setup
+test: setup lint
 	$(VENV)/bin/pytest -q
+
+# ruff (configured in pyproject.toml): lint, and the formatting every file must already have
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 clean:
 	rm -rf $(VENV) runs
