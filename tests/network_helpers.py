@@ -56,3 +56,22 @@ def start_server(
         task=task,
     )
     return ServerThread(server)
+
+
+def connect(pki: PKI, st, i: int = 0):
+    """A device connection with device i's token, trusting the test CA."""
+    from flotilla.client import Connection
+
+    return Connection(f"localhost:{st.port}", pki.token(i), ca=pki.ca)
+
+
+def status(st) -> dict:
+    """The coordinator's status, read on the server's own thread."""
+    return st.call(st.server.coord.status)
+
+
+def train_assignment(conn):
+    """Check in and return the assignment; the device must be told to train."""
+    ci = conn.check_in(10)
+    assert ci.action == "train", ci
+    return ci.assignment

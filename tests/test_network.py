@@ -18,7 +18,7 @@ from torch import nn
 from flotilla.client import Connection, Device, Refused
 from flotilla.network.server import Limits
 from tests.helpers import synthetic_dataset
-from tests.network_helpers import PKI, start_server
+from tests.network_helpers import PKI, start_server, status
 
 NUMEL = 18  # nn.Linear(5, 3)
 
@@ -30,10 +30,6 @@ def pki(tmp_path_factory):
 
 def connect(pki, st, i=0, token=None, **kw) -> Connection:
     return Connection(f"localhost:{st.port}", pki.token(i) if token is None else token, ca=pki.ca, **kw)
-
-
-def status(st) -> dict:
-    return st.call(st.server.coord.status)
 
 
 def assignment(conn):

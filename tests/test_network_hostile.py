@@ -20,7 +20,7 @@ from flotilla.client import Connection
 from flotilla.network import wire
 from flotilla.network.server import Limits
 from flotilla.network.wire import pb
-from tests.network_helpers import PKI, start_server
+from tests.network_helpers import PKI, start_server, status
 
 NUMEL = 18  # nn.Linear(5, 3)
 
@@ -63,10 +63,6 @@ def data(delta: torch.Tensor) -> bytes:
 
 def trailing(err: grpc.RpcError) -> dict[str, str]:
     return dict(err.trailing_metadata() or ())
-
-
-def status(st) -> dict:
-    return st.call(st.server.coord.status)
 
 
 def test_a_device_stalling_uploads_cannot_block_another_devices_upload(pki, tmp_path):

@@ -11,13 +11,13 @@ import grpc
 import pytest
 import torch
 
-from flotilla.client import Connection, Refused
+from flotilla.client import Refused
 from flotilla.core.client import ClientSpec
 from flotilla.network.auth import TokenTable
 from flotilla.network.coordinator import CoordinatorSettings
 from flotilla.network.server import FlotillaServer, ServerThread
 from flotilla.privacy import UserLevelSpec, epsilon
-from tests.network_helpers import PKI, tiny_model
+from tests.network_helpers import PKI, connect, status, tiny_model
 
 NUMEL = 18  # nn.Linear(5, 3)
 
@@ -43,14 +43,6 @@ def start_server(pki, state_dir, *, privacy=None, secure_buffer=False, linger_s=
             secure_buffer=secure_buffer,
         )
     )
-
-
-def connect(pki, st, i=0) -> Connection:
-    return Connection(f"localhost:{st.port}", pki.token(i), ca=pki.ca)
-
-
-def status(st) -> dict:
-    return st.call(st.server.coord.status)
 
 
 def assignment(conn):

@@ -10,7 +10,8 @@ import torch
 from flotilla.client import Connection, Refused
 from flotilla.network.coordinator import CoordinatorSettings
 from flotilla.network.refusals import NEVER, RETRY_CHECKIN, RETRY_REQUEST, retry_class
-from tests.network_helpers import PKI, start_server
+from tests.network_helpers import PKI, connect, start_server, status
+from tests.network_helpers import train_assignment as train
 
 NUMEL = 18
 
@@ -18,20 +19,6 @@ NUMEL = 18
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
     return PKI(tmp_path_factory.mktemp("pki"), devices=4)
-
-
-def connect(pki, st, i=0) -> Connection:
-    return Connection(f"localhost:{st.port}", pki.token(i), ca=pki.ca)
-
-
-def status(st) -> dict:
-    return st.call(st.server.coord.status)
-
-
-def train(conn):
-    ci = conn.check_in(10)
-    assert ci.action == "train", ci
-    return ci.assignment
 
 
 def test_one_device_checking_in_six_times_holds_one_assignment_and_cannot_fill_the_buffer(pki, tmp_path):

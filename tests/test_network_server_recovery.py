@@ -9,12 +9,11 @@ import json
 import pytest
 import torch
 
-from flotilla.client import Connection
 from flotilla.network.auth import TokenTable
 from flotilla.network.coordinator import CoordinatorSettings
 from flotilla.network.refusals import InUse
 from flotilla.network.server import FlotillaServer, ServerThread, TLSFiles
-from tests.network_helpers import PKI, start_server, tiny_model
+from tests.network_helpers import PKI, connect, start_server, status, tiny_model
 
 NUMEL = 18
 
@@ -22,14 +21,6 @@ NUMEL = 18
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
     return PKI(tmp_path_factory.mktemp("pki"), devices=4)
-
-
-def connect(pki, st, i=0) -> Connection:
-    return Connection(f"localhost:{st.port}", pki.token(i), ca=pki.ca)
-
-
-def status(st) -> dict:
-    return st.call(st.server.coord.status)
 
 
 def metrics(state) -> list[dict]:

@@ -11,12 +11,13 @@ import grpc
 import pytest
 import torch
 
-from flotilla.client import Connection, Refused
+from flotilla.client import Refused
 from flotilla.network.auth import TokenTable
 from flotilla.network.coordinator import CoordinatorSettings
 from flotilla.network.server import FlotillaServer, ServerThread
 from flotilla.privacy import UserLevelSpec
-from tests.network_helpers import PKI, start_server, tiny_model
+from tests.network_helpers import PKI, connect, start_server, status, tiny_model
+from tests.network_helpers import train_assignment as train
 
 NUMEL = 18
 
@@ -24,20 +25,6 @@ NUMEL = 18
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
     return PKI(tmp_path_factory.mktemp("pki"), devices=4)
-
-
-def connect(pki, st, i=0) -> Connection:
-    return Connection(f"localhost:{st.port}", pki.token(i), ca=pki.ca)
-
-
-def status(st) -> dict:
-    return st.call(st.server.coord.status)
-
-
-def train(conn):
-    ci = conn.check_in(10)
-    assert ci.action == "train", ci
-    return ci.assignment
 
 
 def strict(path) -> list[dict]:
