@@ -16,11 +16,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 
-import numpy as np
 import torch
 from pydantic import Field
 
 from flotilla.core.client import ClientSpec, LocalTrainer, LossFn, client_seed
+from flotilla.core.evaluate import TestTally
 from flotilla.core.flat import FlatModel
 from flotilla.core.schema import Section
 
@@ -67,32 +67,10 @@ class PersonalizedEvaluation:
         self._delta = torch.empty(flat.numel)
 
     def __call__(self, weights: torch.Tensor) -> dict[str, float]:
-        model = self.flat.model
-        total_loss, total_correct, total, per_client = 0.0, 0, 0, []
+        tally = TestTally()
         for c in self.clients:
             # Fine-tune from the global weights; the model then holds client c's personalised weights.
             self.trainer.train(self.dataset, c, weights, client_seed(self.seed, _STREAM, c), self._delta)
-            model.eval()
-            correct = n = 0
-            with torch.no_grad():
-                for x, y in self.dataset.test_batches(c, self.batch_size):
-                    out = model(x)
-                    total_loss += float(self.loss_fn(out, y)) * len(y)
-                    correct += int((out.argmax(dim=-1) == y).sum())
-                    n += len(y)
-            if n:
-                per_client.append(correct / n)
-                total_correct += correct
-                total += n
+            tally.add_client(self.flat.model, self.dataset, c, self.loss_fn, self.batch_size)
         self.flat.load(weights)  # leave the shared model as the caller gave it
-        if total == 0:
-            raise ValueError("evaluation clients have no test examples")
-        acc = np.asarray(per_client)
-        return {
-            "personal_loss": total_loss / total,
-            "personal_accuracy": total_correct / total,
-            "personal_client_acc_mean": float(acc.mean()),
-            "personal_client_acc_p10": float(np.percentile(acc, 10)),
-            "personal_client_acc_p50": float(np.percentile(acc, 50)),
-            "personal_client_acc_p90": float(np.percentile(acc, 90)),
-        }
+        return tally.metrics("personal_")

@@ -12,7 +12,44 @@ from flotilla.core.dataset import FederatedDataset
 from flotilla.core.flat import FlatModel
 
 
-@torch.no_grad()
+class TestTally:
+    """Pools test loss and accuracy over clients, and keeps each client's accuracy for the spread."""
+
+    def __init__(self):
+        self.loss = 0.0
+        self.correct = 0
+        self.total = 0
+        self.per_client: list[float] = []
+
+    @torch.no_grad()
+    def add_client(self, model, dataset: FederatedDataset, client: int, loss_fn: LossFn, batch_size: int) -> None:
+        """Score ``model`` (as it is now) on ``client``'s test data; a client without test data is skipped."""
+        model.eval()
+        correct = n = 0
+        for x, y in dataset.test_batches(client, batch_size):
+            out = model(x)
+            self.loss += float(loss_fn(out, y)) * len(y)
+            correct += int((out.argmax(dim=-1) == y).sum())
+            n += len(y)
+        if n:
+            self.per_client.append(correct / n)
+            self.correct += correct
+            self.total += n
+
+    def metrics(self, prefix: str = "") -> dict[str, float]:
+        if self.total == 0:
+            raise ValueError("evaluation clients have no test examples")
+        acc = np.asarray(self.per_client)
+        return {
+            f"{prefix}loss": self.loss / self.total,
+            f"{prefix}accuracy": self.correct / self.total,
+            f"{prefix}client_acc_mean": float(acc.mean()),
+            f"{prefix}client_acc_p10": float(np.percentile(acc, 10)),
+            f"{prefix}client_acc_p50": float(np.percentile(acc, 50)),
+            f"{prefix}client_acc_p90": float(np.percentile(acc, 90)),
+        }
+
+
 def evaluate(
     flat: FlatModel,
     weights: torch.Tensor,
@@ -24,35 +61,10 @@ def evaluate(
     """Loss and accuracy pooled over all test examples of ``clients``, plus per-client accuracy
     mean and 10th/50th/90th percentiles (clients with no test data are skipped)."""
     flat.load(weights)
-    model = flat.model
-    model.eval()
-    total_loss = 0.0
-    total_correct = 0
-    total = 0
-    per_client = []
+    tally = TestTally()
     for c in clients:
-        correct = n = 0
-        for x, y in dataset.test_batches(c, batch_size):
-            out = model(x)
-            total_loss += float(loss_fn(out, y)) * len(y)
-            correct += int((out.argmax(dim=-1) == y).sum())
-            n += len(y)
-        if n:
-            per_client.append(correct / n)
-            total_correct += correct
-            total += n
-    if total == 0:
-        raise ValueError("evaluation clients have no test examples")
-    acc = np.asarray(per_client)
-    return {
-        "loss": total_loss / total,
-        "accuracy": total_correct / total,
-        "client_acc_mean": float(acc.mean()),
-        "client_acc_p10": float(np.percentile(acc, 10)),
-        "client_acc_p50": float(np.percentile(acc, 50)),
-        "client_acc_p90": float(np.percentile(acc, 90)),
-        "eval_examples": total,
-    }
+        tally.add_client(flat.model, dataset, c, loss_fn, batch_size)
+    return {**tally.metrics(), "eval_examples": tally.total}
 
 
 def eval_clients(dataset: FederatedDataset, max_clients: int | None, seed: int) -> list[int]:
