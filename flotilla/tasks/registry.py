@@ -3,8 +3,8 @@ dataset + model + loss, and a builder of the model alone (what a device needs).
 
 Everything that knows tasks reads this registry: the config's ``task:`` union and ``--help``
 (flotilla.config), the experiment layer (data + model), and the network client SDK (model only).
-Adding a task is one module that calls :func:`register` (see flotilla/tasks/fashion_mnist.py) and
-one import line in flotilla/tasks/__init__.py.
+Adding a task is one module in this package that calls :func:`register` (see
+flotilla/tasks/fashion_mnist.py); flotilla/tasks/__init__.py imports every module here.
 """
 
 from __future__ import annotations
