@@ -588,7 +588,7 @@ def describe_options(
         if field.is_required():
             default = "required" if within is None else f"required when {within} is given"
         else:
-            default = f"default {field.default!r}"
+            default = f"default {field.get_default(call_default_factory=True)!r}"
         type_name = str(ann).replace("typing.", "").replace("<class '", "").replace("'>", "")
         lines.append(f"  {key}: {type_name}, {default}. {field.description or ''}".rstrip())
     return lines
