@@ -47,8 +47,7 @@ def _processes(cfg, task):
 
 
 def _runtime(cfg) -> str | None:
-    rt = getattr(cfg, "runtime", None)
-    return rt.name if rt is not None else None
+    return cfg.runtime.name if cfg.runtime is not None else None
 
 
 def _ray(cfg, task):
