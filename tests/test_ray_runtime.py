@@ -1,6 +1,7 @@
 """The Ray runtime (runtime: {name: ray}; flotilla/sim/ray_runtime.py): the config section, the refusals
-(without Ray, with DP / secure aggregation / client algorithms), and, on a local Ray with 2 CPUs, the
-same result as in-process, an actor killed mid-round, a client whose training raises.
+(without Ray, with secure aggregation / client algorithms), and, on a local Ray with 2 CPUs, the
+same result as in-process (plain, DP-SGD, user-level DP), an actor killed mid-round, a client whose
+training raises.
 
 Tolerance: with 2 actors the weighted sum is regrouped (two partial sums added on the driver), so
 the final weights may differ from in-process by float rounding: |dw| <= 1e-6 after these 3 small
@@ -47,6 +48,18 @@ def run_rounds(algorithm, rounds):
     return [algorithm.step() for _ in range(rounds)]
 
 
+DP_SGD = {"sample_level": {"noise_multiplier": 1.0, "max_grad_norm": 1.0}}
+# S among the first round's delta norms (~4.78 under DP-SGD noise): some are clipped; adaptive clipping moves S
+USER_LEVEL = {
+    "user_level": {
+        "clip_norm": 4.785,
+        "noise_multiplier": 1.0,
+        "sampling": "poisson",
+        "adaptive_clipping": {"count_noise_multiplier": 1.0},
+    }
+}
+
+
 # -- config (no Ray needed) -----------------------------------------------------------------
 @pytest.mark.parametrize(
     "extra, message",
@@ -71,10 +84,6 @@ def run_rounds(algorithm, rounds):
         ({"runtime": {"name": "ray", "nodes": 2}}, "runtime.nodes: unknown key"),
         ({"runtime": {"name": "spark"}}, "runtime.name: Input should be 'in-process', 'processes' or 'ray'"),
         ({"runtime": {"name": "ray"}, "mode": "async"}, "runtime.name: ray runs synchronous rounds only"),
-        (
-            {"runtime": {"name": "ray"}, "privacy": {"sample_level": {}}},
-            "runtime: privacy is not supported on runtime.name: ray",
-        ),
         ({"runtime": {"name": "ray"}, "secure_aggregation": {}}, "runtime: secure_aggregation is not supported"),
         (
             {"runtime": {"name": "ray"}, "client": {"algorithm": {"name": "fedprox", "mu": 0.1}}},
@@ -127,26 +136,40 @@ def test_without_ray_flotilla_run_prints_one_line(monkeypatch, tmp_path, capsys)
     )
 
 
+def test_privacy_is_accepted_by_the_config():
+    cfg = config({"name": "ray"}, weighting="uniform", privacy={**DP_SGD, **USER_LEVEL})
+    assert cfg.privacy is not None and runtime_for(cfg).name == "ray"
+
+
+@needs_ray
 @pytest.mark.parametrize(
-    "parts",
+    "parts, message",
     [
-        {"privacy": {"sample_level": {"noise_multiplier": 1.0}}},
-        {"privacy": {"user_level": {"clip_norm": 1.0, "noise_multiplier": 1.0}}},
-        {"secure_aggregation": {}},
+        ({"secure_aggregation": {}}, "runtime: ray: the aggregator SecureAggregator cannot run on Ray actors: "),
+        (
+            {"client_algorithm": {"name": "fedprox", "mu": 0.1}},
+            "runtime: ray: the client update FedProxTrainer cannot run on Ray actors: ",
+        ),
     ],
 )
-def test_dp_and_secure_aggregation_are_refused_not_skipped(parts):
-    """Built without the config's checks (as a library user could): the Shape says composable=False."""
+def test_secure_aggregation_and_client_algorithms_are_refused_not_skipped(parts, message):
+    """Built without the config's checks (as a library user could): the components they give are
+    built on the driver and refused there, naming what would not run on the actors."""
+    from flotilla.core.client import LocalTrainer
+    from flotilla.core.protocols import Components
+
     cfg = config({"name": "ray"})
     task = build_task(cfg.task, cfg.seed)
-    cls, kwargs = RayFedAvg, dict(model=task.model, dataset=task.dataset, loss_fn=task.loss_fn, cohort=5, actors=2)
-    with pytest.raises(Exception) as e:
-        build_algorithm(cls, kwargs, rounds=2, **parts)
-    assert "RayFedAvg(actors=2): each Ray actor trains its clients" in str(e.value)
-    with pytest.raises(ValueError, match="would never run"):
-        from flotilla.core.protocols import Components
-
-        RayFedAvg(**kwargs, components=Components(sampler=sample_cohort))
+    kwargs = dict(model=task.model, dataset=task.dataset, loss_fn=task.loss_fn, cohort=5, actors=2)
+    with pytest.raises(ValueError) as e:
+        build_algorithm(RayFedAvg, kwargs, rounds=2, **parts)
+    assert str(e.value).startswith(message) and "use runtime: {name: in-process}" in str(e.value), str(e.value)
+    with pytest.raises(ValueError, match="the client update LocalTrainer cannot run on Ray actors"):
+        RayFedAvg(**kwargs, components=Components(client_update=LocalTrainer))  # not the actors' DP-SGD trainer
+    with pytest.raises(ValueError, match="a buffer component"):
+        RayFedAvg(**kwargs, components=Components(buffer=lambda buffer, version_fn: buffer))
+    sampled = RayFedAvg(**kwargs, components=Components(sampler=sample_cohort))  # a sampler runs on the driver
+    assert sampled.sample_cohort is sample_cohort
 
 
 @needs_ray
@@ -305,3 +328,48 @@ def test_actors_that_cannot_build_the_task_are_named(local_ray):
     too_many = RayFedAvg(task.model, task.dataset, task.loss_fn, cohort=5, actors=3)  # the local Ray has 2 CPUs
     with pytest.raises(ValueError, match=r"^runtime.actors: 3 actors x 1 CPUs .* need 3 CPUs, the Ray cluster has 2;"):
         too_many.step()
+
+
+@needs_ray
+def test_dp_sgd_on_one_actor_is_bit_identical_to_in_process(local_ray):
+    """Sample-level DP-SGD: the actor builds its own DPLocalTrainer from the driver's spec; same seed,
+    same noise, same weights bit for bit, and the same per-client epsilons in the metrics."""
+    cfg = config(rounds=2, privacy=DP_SGD)
+    reference, _, _, _ = build(cfg, build_task(cfg.task, cfg.seed))
+    rcfg = config({"name": "ray", "actors": 1}, rounds=2, privacy=DP_SGD)
+    algorithm, _, _, _ = build(rcfg, build_task(rcfg.task, rcfg.seed))
+    assert isinstance(algorithm.inner, RayFedAvg)
+    try:
+        ref_records, records = run_rounds(reference, 2), run_rounds(algorithm, 2)
+        assert torch.equal(algorithm.weights, reference.weights)
+        assert records == ref_records  # train loss, sample_epsilon_max / _mean, ...
+        assert records[0]["sample_epsilon_max"] > 0
+    finally:
+        algorithm.close()
+        reference.close()
+
+
+@needs_ray
+def test_user_level_dp_on_two_actors_equals_in_process(local_ray):
+    """User-level DP-FedAvg (Poisson cohorts, adaptive clipping) with DP-SGD: each actor clips its
+    clients' deltas to the driver's S and sums them, the driver adds the noise and divides by m.
+
+    Tolerance: 2 actors regroup the sum of clipped deltas (two partial sums), so the weights may
+    differ from in-process by float rounding: |dw| <= 1e-6 after 3 rounds (measured ~1e-8).  The noise, the clip norm
+    (adaptive: from the integer unclipped count), the epsilons and the cohorts are identical."""
+    privacy = {**DP_SGD, **USER_LEVEL}
+    cfg = config(weighting="uniform", privacy=privacy)
+    reference, _, _, _ = build(cfg, build_task(cfg.task, cfg.seed))
+    rcfg = config({"name": "ray", "actors": 2}, weighting="uniform", privacy=privacy)
+    algorithm, _, _, _ = build(rcfg, build_task(rcfg.task, rcfg.seed))
+    try:
+        ref_records, records = run_rounds(reference, 3), run_rounds(algorithm, 3)
+        assert (algorithm.weights - reference.weights).abs().max().item() <= 1e-6
+        for mine, ref in zip(records, ref_records):
+            assert mine.pop("train_loss") == pytest.approx(ref.pop("train_loss"), rel=1e-5)
+            assert mine == ref  # epsilon, delta, clip_norm, dp_updates, clients, sample epsilons, ...
+        assert records[-1]["epsilon"] > 0 and records[0]["clip_norm"] != records[-1]["clip_norm"]
+        assert 0 < records[0]["clipped_fraction"] < 1
+    finally:
+        algorithm.close()
+        reference.close()

@@ -194,6 +194,14 @@ class DPFedAvg(Aggregator):
         self.unclipped += norm <= self.clip_norm
 
     @torch.no_grad()
+    def merge(self, partial: torch.Tensor, count: int, unclipped: int) -> None:
+        """Add a partial sum that another DPFedAvg built with :meth:`add` at this ``clip_norm`` (a Ray actor's
+        share of the round): its ``sum``, ``count`` and ``unclipped``.  The noise stays here, on the sum."""
+        self.sum.add_(partial)
+        self.count += count
+        self.unclipped += unclipped
+
+    @torch.no_grad()
     def result(self) -> torch.Tensor:
         """The noised, normalised sum; also updates S when clipping is adaptive."""
         g = _release_generator(self.seed, self.releases, 0xD1FF, self.secure_noise)

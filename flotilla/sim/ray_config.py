@@ -107,10 +107,10 @@ def check_runtime(cfg) -> None:
             f"runtime.name: ray trains on runtime.actors Ray actors; workers: {cfg.workers} is for "
             f"runtime.name: processes (set workers: 1)"
         )
+    # privacy composes (DP-SGD on the actors, user-level clipping there and the noise on the driver)
     refused = [
         k
         for k, on in (
-            ("privacy", cfg.privacy is not None),
             ("secure_aggregation", cfg.secure_aggregation is not None),
             ("client.algorithm", cfg.client.algorithm is not None),
         )
@@ -118,7 +118,7 @@ def check_runtime(cfg) -> None:
     ]
     if refused:
         raise ValueError(
-            f"runtime: {refused[0]} is not supported on runtime.name: ray yet (each actor sums its "
-            f"clients' plain deltas, so DP-SGD, user-level DP, secure aggregation and client algorithms "
-            f"would not run there); use runtime.name: in-process"
+            f"runtime: {refused[0]} is not supported on runtime.name: ray yet (each actor trains with a "
+            f"plain or DP-SGD trainer and sums plain or clipped deltas, so secure aggregation's masking and "
+            f"client algorithms would not run there); use runtime.name: in-process"
         )

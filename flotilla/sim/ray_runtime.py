@@ -20,14 +20,24 @@ actor order and takes the one server step.
   so the round's result is the fault-free one.  A client whose training raises fails the round
   with the client id and the error; the round is abandoned (weights and optimizer unchanged).  With
   ``on_client_error="skip"`` the client is left out of its round instead, like a dropout.
-* Plain weighted-mean aggregation only (``composable=False``): DP, secure aggregation and client
-  algorithms are refused when the algorithm is built, never silently skipped.
+* Differential privacy composes through the same Components as in-process (``PrivacyParts``): the
+  driver builds what they give, and the actors do the per-client work.  DP-SGD: each actor builds
+  its own :class:`~flotilla.privacy.sample.DPLocalTrainer` from the driver trainer's plain
+  ``SampleLevelSpec`` and sends back each client's result (its epsilon), which the driver puts into
+  its trainer's ``results`` as in-process training would.  User-level DP-FedAvg: each actor clips
+  every client's delta to the driver's current S with a DPFedAvg of its own (``add``: the same
+  validation and clipping) and returns the partial sum; the driver ``merge``s the partial sums into
+  its DPFedAvg, which adds the noise and divides by the expected cohort (``result``), so noise,
+  adaptive clipping and accounting are the in-process ones.  A sampler (Poisson) runs on the driver.
+* Refused when built, never silently skipped: any other client update (client algorithms) or
+  aggregator (secure aggregation) and a buffer.
 
 Ray is an optional extra; this module imports it only when an algorithm is built.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -47,10 +57,10 @@ from flotilla.sim.parallel import split_cohort
 from flotilla.sim.ray_config import RAY_EXTRA
 from flotilla.sim.sync import SyncFedAvg
 
-NOT_COMPOSABLE = (
-    "each Ray actor trains its clients and returns the sum of their plain deltas, so a client update "
-    "(DP-SGD, a client algorithm), an aggregator (user-level DP, secure aggregation) or a cohort sampler "
-    "given to it would never run; use runtime: {name: in-process}"
+NOT_ON_RAY = (
+    "each Ray actor trains its clients with a (DP-SGD) trainer it builds itself and sums their (clipped) "
+    "deltas, so only DP composes here; client algorithms and secure aggregation are not supported on "
+    "runtime: ray yet; use runtime: {name: in-process}"
 )
 
 
@@ -77,7 +87,18 @@ class ClientActor:
     ``kind`` is ``"config"`` (``what`` is the task config, built with the task registry on this actor)
     or ``"objects"`` (``what`` is ``(model, dataset, loss_fn)``, resolved from the object store)."""
 
-    def __init__(self, kind: str, what, client: ClientSpec, weighting: str, seed: int, threads: int, paths: list[str]):
+    def __init__(
+        self,
+        kind: str,
+        what,
+        client: ClientSpec,
+        weighting: str,
+        seed: int,
+        threads: int,
+        paths: list[str],
+        dp=None,  # a SampleLevelSpec: train with DP-SGD
+        clip: bool = False,  # user-level DP: clip each delta to the S given each round
+    ):
         for p in reversed(paths):  # the driver's cwd and sys.path: a task.factory module next to the config
             if p not in sys.path:
                 sys.path.insert(0, p)
@@ -90,10 +111,24 @@ class ClientActor:
         else:
             model, dataset, loss_fn = what
         self.dataset, self.weighting, self.seed = dataset, weighting, seed
-        self.flat = FlatModel(model)
-        self.trainer = LocalTrainer(self.flat, loss_fn, client)
+        if dp is not None:
+            from flotilla.privacy.sample import DPLocalTrainer, make_dp_compatible
+
+            make_dp_compatible(model)  # recurrent layers -> Opacus' DP layers, before the FlatModel binds them
+            self.flat = FlatModel(model)
+            self.trainer = DPLocalTrainer(self.flat, loss_fn, client, dp)
+            self.results = self.trainer.results  # one DPClientResult (epsilon) per client trained
+        else:
+            self.flat = FlatModel(model)
+            self.trainer = LocalTrainer(self.flat, loss_fn, client)
+            self.results = None
         self.delta = torch.empty(self.flat.numel)
         self.sum = torch.zeros(self.flat.numel)
+        self.clipper = None
+        if clip:  # DPFedAvg's own validation and clipping; its noise is never used here (the driver adds it)
+            from flotilla.privacy.user import DPFedAvg
+
+            self.clipper = DPFedAvg(self.flat.numel, clip_norm=1.0, noise_multiplier=0.0, expected_cohort=1.0)
 
     def info(self) -> dict:
         import ray
@@ -105,32 +140,57 @@ class ClientActor:
             "node": ray.get_runtime_context().get_node_id(),
         }
 
-    def train(self, round_: int, clients: list[int], weights: torch.Tensor, skip_failed: bool = False):
+    def train(
+        self,
+        round_: int,
+        clients: list[int],
+        weights: torch.Tensor,
+        skip_failed: bool = False,
+        clip_norm: float | None = None,
+    ):
         """Train ``clients`` in order from ``weights``: ``(sum_i w_i delta_i, sum_i w_i, loss_sum, seen, count,
-        failed)``, or ``("error", client, error, traceback)`` for the first client whose training raised
-        (with ``skip_failed``, such clients are left out and listed in ``failed`` as ``(client, error)``)."""
-        out = self.sum.zero_()
+        failed, dp)``, or ``("error", client, error, traceback)`` for the first client whose training raised
+        (with ``skip_failed``, such clients are left out and listed in ``failed`` as ``(client, error)``).
+        With user-level DP the sum is of deltas clipped to ``clip_norm`` (weight 1); ``dp`` holds the
+        clipper's ``unclipped`` count and the DP-SGD trainer's per-client results."""
+        if self.clipper is not None:
+            self.clipper.clip_norm = clip_norm
+            self.clipper.reset()
+            out = self.clipper.sum
+        else:
+            out = self.sum.zero_()
+        results = self.results
+        if results is not None:
+            results.clear()
         total_weight = loss_sum = seen = 0.0
         count = 0
         failed = []
         for c in clients:
             try:
                 r = self.trainer.train(self.dataset, c, weights, client_seed(self.seed, round_, c), self.delta)
+                weight = float(r.num_examples) if self.weighting == "examples" else 1.0
                 if r.num_examples > 0:
-                    check_update(self.delta, self.flat.numel, f"update from client {c}")
+                    if self.clipper is not None:
+                        self.clipper.add(self.delta, weight, c)  # as the driver's DPFedAvg.add in-process
+                    else:
+                        check_update(self.delta, self.flat.numel, f"update from client {c}")
             except Exception as e:
                 if skip_failed:
                     failed.append((c, f"{type(e).__name__}: {e}"))
                     continue
                 return ("error", c, f"{type(e).__name__}: {e}", traceback.format_exc())
             if r.num_examples > 0:
-                weight = float(r.num_examples) if self.weighting == "examples" else 1.0
-                out.add_(self.delta, alpha=weight)
+                if self.clipper is None:
+                    out.add_(self.delta, alpha=weight)
                 total_weight += weight
                 count += 1
             loss_sum += r.loss * r.examples_seen
             seen += r.examples_seen
-        return (out, total_weight, loss_sum, seen, count, failed)
+        dp = {
+            "unclipped": self.clipper.unclipped if self.clipper is not None else 0,
+            "results": list(results) if results is not None else [],
+        }
+        return (out, total_weight, loss_sum, seen, count, failed, dp)
 
 
 class RayFedAvg(SyncFedAvg):
@@ -139,9 +199,9 @@ class RayFedAvg(SyncFedAvg):
     @classmethod
     def shape(cls, *, actors: int = 2, **kwargs) -> Shape:
         base = SyncFedAvg.shape(**kwargs)
-        return dataclasses.replace(
-            base, name=f"RayFedAvg(actors={actors})", composable=False, why_not_composable=NOT_COMPOSABLE
-        )
+        # composable: DP's components are built on the driver and carried out by the actors (module
+        # docstring); the constructor refuses, naming it, any component the actors could not carry out.
+        return dataclasses.replace(base, name=f"RayFedAvg(actors={actors})")
 
     def __init__(
         self,
@@ -173,21 +233,64 @@ class RayFedAvg(SyncFedAvg):
             raise ValueError(f"runtime.max_restarts: must be an integer >= 0, got {max_restarts!r}")
         if on_client_error not in ("stop", "skip"):
             raise ValueError(f"runtime.on_client_error: must be 'stop' or 'skip', got {on_client_error!r}")
-        if components is not None and components.given():
-            raise ValueError(f"runtime: ray: {NOT_COMPOSABLE}")
         self._ray = import_ray()  # before anything is built: one line naming the extra
+        components = components or Components()
+        if components.buffer is not None:
+            raise ValueError(
+                f"runtime: ray: a buffer component (FedBuff) is not used by synchronous rounds; {NOT_ON_RAY}"
+            )
+        if components.client_update is not None and task_config is None:
+            # the actors get the model as objects: a copy from before the DP-SGD trainer hooks into it
+            model_for_actors = copy.deepcopy(model)
+        else:
+            model_for_actors = model
         super().__init__(
-            model, dataset, loss_fn, cohort=cohort, client=client, server=server, weighting=weighting, seed=seed
+            model,
+            dataset,
+            loss_fn,
+            cohort=cohort,
+            client=client,
+            server=server,
+            weighting=weighting,
+            seed=seed,
+            components=components,
         )
+        self._dp_trainer, self._dp_aggregator = self._dp_parts(components)
         self.actors, self.address, self.cpus_per_actor = actors, address, float(cpus_per_actor)
         self.max_restarts, self.on_client_error = max_restarts, on_client_error
-        self._client_spec, self._loss_fn, self._model = client, loss_fn, model
+        self._client_spec, self._loss_fn, self._model = client, loss_fn, model_for_actors
         self._task_config = task_config
         self._total = torch.zeros(self.flat.numel)
         self._handles: list = []
         self._source = None
         self.actor_nodes: list[str] = []  # the Ray node of each actor, once started
         self._started_ray = False
+
+    def _dp_parts(self, components: Components):
+        """The DP-SGD trainer and the DP-FedAvg aggregator the components built here (None: not given).
+        Exact types: anything else (a client algorithm's trainer, a secure aggregator, a subclass that
+        trains or aggregates differently) would not run on the actors, so it is refused."""
+        trainer = aggregator = None
+        if components.client_update is not None or components.aggregator is not None:
+            from flotilla.privacy.sample import DPLocalTrainer
+            from flotilla.privacy.user import DPFedAvg
+
+            refused = None
+            if components.client_update is not None:
+                if type(self.trainer) is DPLocalTrainer:
+                    trainer = self.trainer
+                else:
+                    refused = f"the client update {type(self.trainer).__name__}"
+            if components.aggregator is not None:
+                if type(self.aggregator) is DPFedAvg:
+                    aggregator = self.aggregator
+                else:
+                    refused = refused or f"the aggregator {type(self.aggregator).__name__}"
+            if refused:
+                if trainer is not None:
+                    trainer.close()  # Opacus' hooks off the user's model
+                raise ValueError(f"runtime: ray: {refused} cannot run on Ray actors: {NOT_ON_RAY}")
+        return trainer, aggregator
 
     # -- actors --------------------------------------------------------------------------------
     def _start(self) -> None:
@@ -226,7 +329,17 @@ class RayFedAvg(SyncFedAvg):
         )
         threads = max(1, int(self.cpus_per_actor))
         self._handles = [
-            remote.remote(kind, what, self._client_spec, self.weighting, self.seed, threads, paths)
+            remote.remote(
+                kind,
+                what,
+                self._client_spec,
+                self.weighting,
+                self.seed,
+                threads,
+                paths,
+                self._dp_trainer.dp if self._dp_trainer is not None else None,
+                self._dp_aggregator is not None,
+            )
             for _ in range(self.actors)
         ]
         try:
@@ -268,7 +381,8 @@ class RayFedAvg(SyncFedAvg):
 
     # -- the round -----------------------------------------------------------------------------
     def _submit(self, rank: int, weights_ref, share: list[int]):
-        return self._handles[rank].train.remote(self.round, share, weights_ref, self.on_client_error == "skip")
+        clip = self._dp_aggregator.clip_norm if self._dp_aggregator is not None else None  # this round's S
+        return self._handles[rank].train.remote(self.round, share, weights_ref, self.on_client_error == "skip", clip)
 
     def _gather(self, refs: list) -> list:
         """Each actor's reply.  A call whose actor died is retried by Ray once it has restarted the
@@ -297,12 +411,21 @@ class RayFedAvg(SyncFedAvg):
             if isinstance(reply[0], str):
                 _, c, error, detail = reply
                 raise ClientTrainingError(c, self.round + 1, error, detail)
-        total = self._total.zero_()
-        for reply in replies:
-            total.add_(reply[0])
-        total_weight = sum(r[1] for r in replies)
-        if sum(r[4] for r in replies):
-            self.server_opt.step(self.weights, total.div_(total_weight))
+        if self._dp_aggregator is not None:  # partial sums of clipped deltas; noise and 1/m here, as in-process
+            dp = self._dp_aggregator
+            dp.reset()
+            for reply in replies:
+                dp.merge(reply[0], reply[4], reply[6]["unclipped"])
+            self.server_opt.step(self.weights, dp.result())  # releases (pure noise) even for an empty cohort
+        else:
+            total = self._total.zero_()
+            for reply in replies:
+                total.add_(reply[0])
+            total_weight = sum(r[1] for r in replies)
+            if sum(r[4] for r in replies):
+                self.server_opt.step(self.weights, total.div_(total_weight))
+        if self._dp_trainer is not None:  # each client's epsilon, read by PrivateAlgorithm as in-process
+            self._dp_trainer.results.extend(res for reply in replies for res in reply[6]["results"])
         self.round += 1
         seen = sum(r[3] for r in replies)
         record = {
@@ -311,6 +434,7 @@ class RayFedAvg(SyncFedAvg):
             "examples_seen": seen,
             "clients": len(clients),
         }
+        record.update(self.aggregator.round_metrics())
         failed = [f for r in replies for f in r[5]]
         if self.on_client_error == "skip":
             record["failed_clients"] = len(failed)
