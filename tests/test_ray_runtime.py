@@ -347,6 +347,20 @@ def test_dp_sgd_on_one_actor_is_bit_identical_to_in_process(local_ray):
     finally:
         algorithm.close()
         reference.close()
+    # flotilla.train(model, data): the model goes to the actor as an object, a copy from before the
+    # driver's DP-SGD trainer hooked Opacus into it
+    fresh = build_task(cfg.task, cfg.seed)
+    result = flotilla.train(
+        fresh.model,
+        fresh.dataset,
+        rounds=2,
+        cohort=5,
+        client={"batch_size": 10},
+        server={"optimizer": "fedadam", "lr": 0.01},
+        privacy=DP_SGD,
+        runtime={"name": "ray", "actors": 1},
+    )
+    assert torch.equal(result.weights, reference.weights)
 
 
 @needs_ray
