@@ -83,7 +83,10 @@ USER_LEVEL = {
         ({"runtime": {"name": "ray", "cpus_per_actor": 0}}, "runtime.cpus_per_actor: Input should be greater than 0"),
         ({"runtime": {"name": "ray", "nodes": 2}}, "runtime.nodes: unknown key"),
         ({"runtime": {"name": "spark"}}, "runtime.name: Input should be 'in-process', 'processes' or 'ray'"),
-        ({"runtime": {"name": "ray"}, "mode": "async"}, "runtime.name: ray runs synchronous rounds only"),
+        (
+            {"runtime": {"name": "ray"}, "fleet": {"population": 50}},
+            "runtime.name: ray runs synchronous rounds and the async fleet (mode: async); the synchronous fleet",
+        ),
         ({"runtime": {"name": "ray"}, "secure_aggregation": {}}, "runtime: secure_aggregation is not supported"),
         (
             {"runtime": {"name": "ray"}, "client": {"algorithm": {"name": "fedprox", "mu": 0.1}}},
@@ -194,7 +197,7 @@ def local_ray():
         pytest.skip("Ray is not installed (pip install 'flotilla[ray]')")
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never a cluster found here
     yield ray
     ray.shutdown()
 

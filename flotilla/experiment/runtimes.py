@@ -50,17 +50,15 @@ def _runtime(cfg) -> str | None:
     return cfg.runtime.name if cfg.runtime is not None else None
 
 
-def _ray(cfg, task):
-    from flotilla.sim.ray_runtime import RayFedAvg, import_ray
+def _ray_keys(cfg, task) -> dict:
+    from flotilla.sim.ray_runtime import import_ray
 
     import_ray()  # without Ray: one line naming the extra, before anything is built
     rt = cfg.runtime
     # Actors build the task from its config with the task registry; a task handed over as objects
     # (flotilla.train(model, data), task: {name: python} without a factory) goes to them once instead.
     from_config = task.name == cfg.task.name and not (cfg.task.name == "python" and not cfg.task.factory)
-    return RayFedAvg, dict(
-        _common(cfg, task),
-        cohort=cfg.cohort,
+    return dict(
         actors=rt.actors,
         address=rt.address,
         cpus_per_actor=rt.cpus_per_actor,
@@ -69,6 +67,21 @@ def _ray(cfg, task):
         on_client_error=rt.on_client_error,
         task_config=cfg.task if from_config else None,
     )
+
+
+def _ray(cfg, task):
+    from flotilla.sim.ray_runtime import RayFedAvg
+
+    return RayFedAvg, dict(_common(cfg, task), cohort=cfg.cohort, **_ray_keys(cfg, task))
+
+
+def _ray_fleet(cfg, task):
+    """The async fleet with its trips trained on Ray actors (the clock and the buffer stay here)."""
+    keys = _ray_keys(cfg, task)
+    from flotilla.sim.ray_fleet import RayAsyncFleet
+
+    _, kwargs = _fleet(cfg, task)
+    return RayAsyncFleet, dict(kwargs, **keys)
 
 
 def _fleet(cfg, task):
@@ -97,6 +110,7 @@ def _fleet(cfg, task):
 
 
 RUNTIMES = (
+    Runtime("ray-fleet", lambda cfg: cfg.mode == "async" and _runtime(cfg) == "ray", _ray_fleet),
     Runtime("fleet", lambda cfg: cfg.mode == "async" or cfg.fleet is not None, _fleet),
     Runtime("ray", lambda cfg: _runtime(cfg) == "ray", _ray),
     Runtime("processes", lambda cfg: cfg.workers > 1 or _runtime(cfg) == "processes", _processes),

@@ -1,5 +1,5 @@
 """Config section ``runtime:`` (pydantic; imported by :mod:`flotilla.config`): where a run's
-synchronous rounds are trained.
+synchronous rounds (and, on Ray, the async fleet's trips) are trained.
 
     runtime: {name: in-process}                   # the default: one process (flotilla.sim.sync)
     runtime: {name: processes}                    # worker processes on this machine; `workers: N` says how many
@@ -90,10 +90,15 @@ def check_runtime(cfg) -> None:
         )
     if rt.name == "in-process":
         return
+    if rt.name == "ray" and cfg.mode == "async":
+        _check_ray_async(cfg)
+        return
     if cfg.mode == "async" or cfg.fleet is not None:
         raise ValueError(
-            f"runtime.name: {rt.name} runs synchronous rounds only; the fleet simulator (mode: async, "
-            f"fleet) runs in-process (remove runtime, or use runtime.name: in-process)"
+            f"runtime.name: {rt.name} runs synchronous rounds"
+            + (" and the async fleet (mode: async)" if rt.name == "ray" else " only")
+            + "; the synchronous fleet simulator (fleet with mode: sync) runs in-process "
+            "(remove runtime, or use runtime.name: in-process)"
         )
     if rt.name == "processes":
         if cfg.workers < 2:  # ParallelFedAvg with one worker is in-process, but refuses what in-process composes
@@ -122,3 +127,18 @@ def check_runtime(cfg) -> None:
             f"plain or DP-SGD trainer and sums plain or clipped deltas, so secure aggregation's masking and "
             f"client algorithms would not run there); use runtime.name: in-process"
         )
+
+
+def _check_ray_async(cfg) -> None:
+    """The async fleet on Ray (flotilla.sim.ray_fleet) trains plain clients on the actors."""
+    for key, on in (
+        ("privacy", cfg.privacy is not None),
+        ("secure_aggregation", cfg.secure_aggregation is not None),
+        ("client.algorithm", cfg.client.algorithm is not None),
+    ):
+        if on:
+            raise ValueError(
+                f"runtime: {key} is not supported with mode: async on runtime.name: ray yet (the actors train "
+                f"plain clients; DP-FedBuff, the secure buffer and client algorithms run on the driver's "
+                f"buffer in-process); use runtime.name: in-process"
+            )

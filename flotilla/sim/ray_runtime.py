@@ -81,6 +81,20 @@ def import_ray():
     return ray
 
 
+def check_actor_args(actors, cpus_per_actor, gpus_per_actor, max_restarts, on_client_error) -> None:
+    """The runtime keys, checked when an algorithm is built from Python (the config checks them too)."""
+    if not isinstance(actors, int) or isinstance(actors, bool) or actors < 1:
+        raise ValueError(f"runtime.actors: must be an integer >= 1, got {actors!r}")
+    if not cpus_per_actor > 0:
+        raise ValueError(f"runtime.cpus_per_actor: must be > 0, got {cpus_per_actor!r}")
+    if gpus_per_actor:
+        raise ValueError("runtime.gpus_per_actor: GPUs are not supported by the Ray runtime yet; use 0")
+    if not isinstance(max_restarts, int) or max_restarts < 0:
+        raise ValueError(f"runtime.max_restarts: must be an integer >= 0, got {max_restarts!r}")
+    if on_client_error not in ("stop", "skip"):
+        raise ValueError(f"runtime.on_client_error: must be 'stop' or 'skip', got {on_client_error!r}")
+
+
 class ClientActor:
     """One Ray actor: a model trained in place and the task's data, built here once.
 
@@ -192,112 +206,29 @@ class ClientActor:
         }
         return (out, total_weight, loss_sum, seen, count, failed, dp)
 
+    def train_trip(self, trip_id: int, client: int, weights: torch.Tensor):
+        """One fleet trip (the async fleet on Ray): ``(ClientResult, delta)`` of ``client`` trained from
+        ``weights`` with the trip's seed, as AsyncFleetSim trains it in-process; or
+        ``("error", client, error, traceback)`` when its training raised."""
+        try:
+            r = self.trainer.train(self.dataset, client, weights, client_seed(self.seed, trip_id, client), self.delta)
+        except Exception as e:
+            return ("error", client, f"{type(e).__name__}: {e}", traceback.format_exc())
+        return (r, self.delta)
 
-class RayFedAvg(SyncFedAvg):
-    """:class:`SyncFedAvg` whose rounds are trained by ``actors`` Ray actors."""
 
-    @classmethod
-    def shape(cls, *, actors: int = 2, **kwargs) -> Shape:
-        base = SyncFedAvg.shape(**kwargs)
-        # composable: DP's components are built on the driver and carried out by the actors (module
-        # docstring); the constructor refuses, naming it, any component the actors could not carry out.
-        return dataclasses.replace(base, name=f"RayFedAvg(actors={actors})")
+class RayActors:
+    """Starting and ending the actors; shared by :class:`RayFedAvg` and the async fleet on Ray
+    (:mod:`flotilla.sim.ray_fleet`).  The class using it sets ``_ray``, ``actors``, ``address``,
+    ``cpus_per_actor``, ``max_restarts``, ``_task_config``, ``_model``, ``_loss_fn``, ``_client_spec``,
+    ``_dp_trainer``, ``_dp_aggregator``, ``_handles``, ``_source``, ``actor_nodes`` and ``_started_ray``."""
 
-    def __init__(
-        self,
-        model: nn.Module,
-        dataset: FederatedDataset,
-        loss_fn: LossFn,
-        *,
-        cohort: int,
-        actors: int = 2,
-        address: str | None = None,
-        cpus_per_actor: float = 1.0,
-        gpus_per_actor: float = 0.0,
-        max_restarts: int = 3,
-        on_client_error: str = "stop",
-        task_config=None,
-        client: ClientSpec = ClientSpec(),
-        server: ServerOptimizerSpec = ServerOptimizerSpec(),
-        weighting: str = "examples",
-        seed: int = 0,
-        components: Components | None = None,
-    ):
-        if not isinstance(actors, int) or isinstance(actors, bool) or actors < 1:
-            raise ValueError(f"runtime.actors: must be an integer >= 1, got {actors!r}")
-        if not cpus_per_actor > 0:
-            raise ValueError(f"runtime.cpus_per_actor: must be > 0, got {cpus_per_actor!r}")
-        if gpus_per_actor:
-            raise ValueError("runtime.gpus_per_actor: GPUs are not supported by the Ray runtime yet; use 0")
-        if not isinstance(max_restarts, int) or max_restarts < 0:
-            raise ValueError(f"runtime.max_restarts: must be an integer >= 0, got {max_restarts!r}")
-        if on_client_error not in ("stop", "skip"):
-            raise ValueError(f"runtime.on_client_error: must be 'stop' or 'skip', got {on_client_error!r}")
-        self._ray = import_ray()  # before anything is built: one line naming the extra
-        components = components or Components()
-        if components.buffer is not None:
-            raise ValueError(
-                f"runtime: ray: a buffer component (FedBuff) is not used by synchronous rounds; {NOT_ON_RAY}"
-            )
-        if components.client_update is not None and task_config is None:
-            # the actors get the model as objects: a copy from before the DP-SGD trainer hooks into it
-            model_for_actors = copy.deepcopy(model)
-        else:
-            model_for_actors = model
-        super().__init__(
-            model,
-            dataset,
-            loss_fn,
-            cohort=cohort,
-            client=client,
-            server=server,
-            weighting=weighting,
-            seed=seed,
-            components=components,
-        )
-        self._dp_trainer, self._dp_aggregator = self._dp_parts(components)
-        self.actors, self.address, self.cpus_per_actor = actors, address, float(cpus_per_actor)
-        self.max_restarts, self.on_client_error = max_restarts, on_client_error
-        self._client_spec, self._loss_fn, self._model = client, loss_fn, model_for_actors
-        self._task_config = task_config
-        self._total = torch.zeros(self.flat.numel)
-        self._handles: list = []
-        self._source = None
-        self.actor_nodes: list[str] = []  # the Ray node of each actor, once started
-        self._started_ray = False
-
-    def _dp_parts(self, components: Components):
-        """The DP-SGD trainer and the DP-FedAvg aggregator the components built here (None: not given).
-        Exact types: anything else (a client algorithm's trainer, a secure aggregator, a subclass that
-        trains or aggregates differently) would not run on the actors, so it is refused."""
-        trainer = aggregator = None
-        if components.client_update is not None or components.aggregator is not None:
-            from flotilla.privacy.sample import DPLocalTrainer
-            from flotilla.privacy.user import DPFedAvg
-
-            refused = None
-            if components.client_update is not None:
-                if type(self.trainer) is DPLocalTrainer:
-                    trainer = self.trainer
-                else:
-                    refused = f"the client update {type(self.trainer).__name__}"
-            if components.aggregator is not None:
-                if type(self.aggregator) is DPFedAvg:
-                    aggregator = self.aggregator
-                else:
-                    refused = refused or f"the aggregator {type(self.aggregator).__name__}"
-            if refused:
-                if trainer is not None:
-                    trainer.close()  # Opacus' hooks off the user's model
-                raise ValueError(f"runtime: ray: {refused} cannot run on Ray actors: {NOT_ON_RAY}")
-        return trainer, aggregator
-
-    # -- actors --------------------------------------------------------------------------------
     def _start(self) -> None:
         ray = self._ray
         if not ray.is_initialized():
-            if self.address is None:  # a private local Ray sized for the actors
+            if self.address is None:  # a private local Ray sized for the actors, even if a cluster runs here
                 ray.init(
+                    address="local",
                     num_cpus=max(1, math.ceil(self.actors * self.cpus_per_actor - 1e-9)),
                     include_dashboard=False,
                     log_to_driver=False,
@@ -378,6 +309,97 @@ class RayFedAvg(SyncFedAvg):
         if self._started_ray:
             self._ray.shutdown()
             self._started_ray = False
+
+
+class RayFedAvg(RayActors, SyncFedAvg):
+    """:class:`SyncFedAvg` whose rounds are trained by ``actors`` Ray actors."""
+
+    @classmethod
+    def shape(cls, *, actors: int = 2, **kwargs) -> Shape:
+        base = SyncFedAvg.shape(**kwargs)
+        # composable: DP's components are built on the driver and carried out by the actors (module
+        # docstring); the constructor refuses, naming it, any component the actors could not carry out.
+        return dataclasses.replace(base, name=f"RayFedAvg(actors={actors})")
+
+    def __init__(
+        self,
+        model: nn.Module,
+        dataset: FederatedDataset,
+        loss_fn: LossFn,
+        *,
+        cohort: int,
+        actors: int = 2,
+        address: str | None = None,
+        cpus_per_actor: float = 1.0,
+        gpus_per_actor: float = 0.0,
+        max_restarts: int = 3,
+        on_client_error: str = "stop",
+        task_config=None,
+        client: ClientSpec = ClientSpec(),
+        server: ServerOptimizerSpec = ServerOptimizerSpec(),
+        weighting: str = "examples",
+        seed: int = 0,
+        components: Components | None = None,
+    ):
+        check_actor_args(actors, cpus_per_actor, gpus_per_actor, max_restarts, on_client_error)
+        self._ray = import_ray()  # before anything is built: one line naming the extra
+        components = components or Components()
+        if components.buffer is not None:
+            raise ValueError(
+                f"runtime: ray: a buffer component (FedBuff) is not used by synchronous rounds; {NOT_ON_RAY}"
+            )
+        if components.client_update is not None and task_config is None:
+            # the actors get the model as objects: a copy from before the DP-SGD trainer hooks into it
+            model_for_actors = copy.deepcopy(model)
+        else:
+            model_for_actors = model
+        super().__init__(
+            model,
+            dataset,
+            loss_fn,
+            cohort=cohort,
+            client=client,
+            server=server,
+            weighting=weighting,
+            seed=seed,
+            components=components,
+        )
+        self._dp_trainer, self._dp_aggregator = self._dp_parts(components)
+        self.actors, self.address, self.cpus_per_actor = actors, address, float(cpus_per_actor)
+        self.max_restarts, self.on_client_error = max_restarts, on_client_error
+        self._client_spec, self._loss_fn, self._model = client, loss_fn, model_for_actors
+        self._task_config = task_config
+        self._total = torch.zeros(self.flat.numel)
+        self._handles: list = []
+        self._source = None
+        self.actor_nodes: list[str] = []  # the Ray node of each actor, once started
+        self._started_ray = False
+
+    def _dp_parts(self, components: Components):
+        """The DP-SGD trainer and the DP-FedAvg aggregator the components built here (None: not given).
+        Exact types: anything else (a client algorithm's trainer, a secure aggregator, a subclass that
+        trains or aggregates differently) would not run on the actors, so it is refused."""
+        trainer = aggregator = None
+        if components.client_update is not None or components.aggregator is not None:
+            from flotilla.privacy.sample import DPLocalTrainer
+            from flotilla.privacy.user import DPFedAvg
+
+            refused = None
+            if components.client_update is not None:
+                if type(self.trainer) is DPLocalTrainer:
+                    trainer = self.trainer
+                else:
+                    refused = f"the client update {type(self.trainer).__name__}"
+            if components.aggregator is not None:
+                if type(self.aggregator) is DPFedAvg:
+                    aggregator = self.aggregator
+                else:
+                    refused = refused or f"the aggregator {type(self.aggregator).__name__}"
+            if refused:
+                if trainer is not None:
+                    trainer.close()  # Opacus' hooks off the user's model
+                raise ValueError(f"runtime: ray: {refused} cannot run on Ray actors: {NOT_ON_RAY}")
+        return trainer, aggregator
 
     # -- the round -----------------------------------------------------------------------------
     def _submit(self, rank: int, weights_ref, share: list[int]):

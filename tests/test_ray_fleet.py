@@ -1,0 +1,145 @@
+"""The async fleet on Ray (mode: async with runtime: {name: ray}; flotilla/sim/ray_fleet.py): the clock,
+scheduler and buffer stay on the driver, trips are trained on the actors.  On a local Ray with 2 CPUs:
+the same bits as in-process AsyncFleetSim (weights, staleness metrics, sim_time_s; driver and actors
+train with one torch thread), a resume, an actor killed mid-step; and the refusals.
+"""
+
+import importlib.util
+
+import pytest
+import torch
+
+from flotilla.config import ConfigError, validate
+from flotilla.experiment.run import build
+from flotilla.experiment.runtimes import runtime_for
+from flotilla.sim.fleet import AsyncFleetSim
+from flotilla.tasks import build_task
+
+HAVE_RAY = importlib.util.find_spec("ray") is not None
+needs_ray = pytest.mark.skipif(not HAVE_RAY, reason="Ray is not installed (pip install 'flotilla[ray]')")
+
+
+def config(runtime=None, algorithm="fedbuff", **extra):
+    raw = {
+        "task": {"name": "fashion-mnist", "num_clients": 8, "examples_per_client": 20, "partition": "iid"},
+        "rounds": 3,
+        "mode": "async",
+        "fleet": {"population": 50},
+        "async": {"algorithm": algorithm, "concurrency": 6, "buffer_size": 3, "max_staleness": 3},
+        "client": {"batch_size": 10},
+        "server": {"optimizer": "fedadam", "lr": 0.01},
+        **extra,
+    }
+    if algorithm == "fedasync":
+        del raw["async"]["buffer_size"]
+    if runtime is not None:
+        raw["runtime"] = runtime
+    return validate(raw)
+
+
+def built(cfg):
+    algorithm, _, _, _ = build(cfg, build_task(cfg.task, cfg.seed))
+    return algorithm
+
+
+def same(a, b):
+    assert torch.equal(a.weights, b.weights)
+    assert a.staleness_histogram() == b.staleness_histogram()
+    assert a.sched.now == b.sched.now
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each actor (cpus_per_actor: 1): training is then the same bits
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def local_ray():
+    if not HAVE_RAY:
+        pytest.skip("Ray is not installed (pip install 'flotilla[ray]')")
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+# -- config (no Ray needed) -----------------------------------------------------------------
+def test_selection_and_refusals():
+    assert runtime_for(config({"name": "ray"})).name == "ray-fleet"
+    assert runtime_for(config()).name == "fleet"
+    refusals = [
+        ({"privacy": {"user_level": {"clip_norm": 1.0, "noise_multiplier": 1.0}}}, "runtime: privacy is not"),
+        ({"secure_aggregation": {}}, "runtime: secure_aggregation is not supported with mode: async"),
+        ({"client": {"batch_size": 10, "algorithm": {"name": "fedprox", "mu": 0.1}}}, "runtime: client.algorithm"),
+        ({"workers": 2}, "workers: the fleet simulator trains one client at a time"),
+    ]
+    for extra, message in refusals:
+        with pytest.raises(ConfigError) as e:
+            config({"name": "ray"}, **extra)
+        assert message in str(e.value), str(e.value)
+    with pytest.raises(ConfigError, match="synchronous fleet simulator .fleet with mode: sync. runs in-process"):
+        raw = config({"name": "ray"}).model_dump(mode="json", by_alias=True)
+        validate({k: v for k, v in raw.items() if k != "async"} | {"mode": "sync", "cohort": 5})
+
+
+# -- on a local Ray ---------------------------------------------------------------------------
+@needs_ray
+def test_fedbuff_on_ray_equals_in_process_resumes_and_survives_a_killed_actor(local_ray, one_thread):
+    from flotilla.sim.ray_fleet import RayAsyncFleet
+
+    ray = local_ray
+    reference = built(config())
+    ref_records = [reference.step() for _ in range(4)]
+    algorithm = built(config({"name": "ray", "actors": 2}))
+    assert isinstance(algorithm, RayAsyncFleet) and isinstance(algorithm, AsyncFleetSim)
+    try:
+        records = [algorithm.step() for _ in range(2)]
+        assert records == ref_records[:2]  # staleness, sim_time_s, trips, train_loss: all the same
+        assert algorithm.trips_sent_ahead >= 2 * 3 and algorithm.trips_trained_late == 0
+        # Step 3 twice from the same state: once with actor 0 killed mid-step, once without.
+        before = algorithm.state_dict()
+        pid = ray.get(algorithm._handles[0].info.remote())["pid"]
+        send, killed = algorithm._send, []
+
+        def send_then_kill(tid, client, weights_ref):
+            ref = send(tid, client, weights_ref)
+            if not killed:
+                ray.kill(algorithm._handles[0], no_restart=False)  # Ray restarts it; its calls are retried
+                killed.append(tid)
+            return ref
+
+        algorithm._send = send_then_kill
+        faulty = algorithm.step()
+        algorithm._send = send
+        assert killed and ray.get(algorithm._handles[0].info.remote())["pid"] != pid
+        w_faulty = algorithm.weights.clone()
+        algorithm.load_state_dict(before)
+        clean = algorithm.step()
+        assert faulty == clean == ref_records[2] and torch.equal(w_faulty, algorithm.weights)
+        # resume: a new algorithm (new actors) from step 3's checkpoint goes on with the same bits
+        state = algorithm.state_dict()
+    finally:
+        algorithm.close()
+    resumed = built(config({"name": "ray", "actors": 2}))
+    try:
+        resumed.load_state_dict(state)
+        assert resumed.step() == ref_records[3]
+        same(resumed, reference)
+    finally:
+        resumed.close()
+
+
+@needs_ray
+def test_fedasync_on_ray_equals_in_process(local_ray, one_thread):
+    reference = built(config(algorithm="fedasync"))
+    ref_records = [reference.step() for _ in range(3)]
+    algorithm = built(config({"name": "ray", "actors": 2}, algorithm="fedasync"))
+    try:
+        assert [algorithm.step() for _ in range(3)] == ref_records
+        same(algorithm, reference)
+    finally:
+        algorithm.close()
