@@ -56,7 +56,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def local_ray():
     if not HAVE_RAY:
         pytest.skip("Ray is not installed (pip install 'flotilla[ray]')")
@@ -134,12 +134,18 @@ def test_fedbuff_on_ray_equals_in_process_resumes_and_survives_a_killed_actor(lo
 
 
 @needs_ray
-def test_fedasync_on_ray_equals_in_process(local_ray, one_thread):
-    reference = built(config(algorithm="fedasync"))
-    ref_records = [reference.step() for _ in range(3)]
-    algorithm = built(config({"name": "ray", "actors": 2}, algorithm="fedasync"))
+def test_fedasync_with_arrivals_on_ray_equals_in_process_even_unpredicted(local_ray, one_thread):
+    arrivals = {"algorithm": "fedasync", "concurrency": 6, "arrival_rate": 2.0, "max_staleness": 3}
+    reference = built(config(**{"async": arrivals}))
+    ref_records = [reference.step() for _ in range(4)]
+    algorithm = built(config({"name": "ray", "actors": 2}, **{"async": arrivals}))
     try:
-        assert [algorithm.step() for _ in range(3)] == ref_records
+        assert [algorithm.step() for _ in range(2)] == ref_records[:2]
+        assert algorithm.trips_trained_late == 0
+        # a look-ahead that predicts nothing only costs time: each trip is trained when the loop reaches it
+        algorithm._predict = lambda: []
+        assert [algorithm.step() for _ in range(2)] == ref_records[2:]
+        assert algorithm.trips_trained_late >= 2
         same(algorithm, reference)
     finally:
         algorithm.close()
