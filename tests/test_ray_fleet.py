@@ -149,3 +149,45 @@ def test_fedasync_with_arrivals_on_ray_equals_in_process_even_unpredicted(local_
         same(algorithm, reference)
     finally:
         algorithm.close()
+
+
+@needs_ray
+def test_a_failing_client_is_named_or_skipped_and_components_are_refused(local_ray, capsys):
+    from flotilla.core.protocols import Components
+    from flotilla.sim.ray_fleet import RayAsyncFleet
+    from flotilla.sim.ray_runtime import ClientTrainingError
+
+    cfg = config()
+    task = build_task(cfg.task, cfg.seed)
+    _, kwargs = runtime_for(cfg).algorithm(cfg, task)  # AsyncFleetSim's arguments
+
+    with pytest.raises(ValueError, match="runtime: ray: buffer given: the async fleet on runtime: ray trains plain"):
+        RayAsyncFleet(**kwargs, components=Components(buffer=lambda buf, version: buf))
+
+    def make_dataset(base, bad):  # defined in a function: Ray pickles it by value
+        class Failing(type(base)):
+            def train_batches(self, client, *args, **kwargs):
+                if client == bad:
+                    raise RuntimeError("disk on fire")
+                return super().train_batches(client, *args, **kwargs)
+
+        failing = Failing.__new__(Failing)
+        failing.__dict__.update(base.__dict__)
+        return failing
+
+    bad = None
+    for on_error in ("stop", "skip"):
+        # the task as objects (flotilla.train(model, data)): into the object store once
+        algorithm = RayAsyncFleet(**dict(kwargs, actors=1, on_client_error=on_error))
+        bad = algorithm._predict()[0][1] if bad is None else bad  # the client of the first trip trained
+        algorithm.dataset = make_dataset(task.dataset, bad)
+        try:
+            if on_error == "stop":
+                with pytest.raises(ClientTrainingError, match=f"client {bad} failed in round 1: RuntimeError: disk"):
+                    algorithm.step()
+            else:
+                record = algorithm.step()
+                assert record["wasted_trips"] >= 1 and record["updates"] == 3
+                assert f"client {bad} failed on trip" in capsys.readouterr().err
+        finally:
+            algorithm.close()
