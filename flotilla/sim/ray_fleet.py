@@ -20,10 +20,16 @@ receives the same deltas in the same order: the same bits as in-process when act
 train with the same torch thread count.  A wrong prediction (an update rejected as non-finite)
 only costs time: a trip that was not sent ahead is trained on an actor when the loop reaches it.
 
-Parallelism is therefore up to ``buffer_size`` trips per step (FedAsync applies every update at
-once, so its trips train one at a time: correct, not faster).  Faults are handled as for
-synchronous rounds: a killed actor is restarted by Ray and its trips are retried
-(``max_task_retries``); a trip's training depends only on (weights, seed, trip, client).
+The look-ahead goes on past the step's end: trips of the next step(s) that downloaded a version
+already known (most of them, as they started before this step ended) are sent too, so the actors
+keep training while the driver takes the server step; at most ``window = buffer_size + 2 *
+actors`` replies are outstanding (each one delta in Ray's object store).  A trip's id fixes its
+client, and a trip sent ahead started at a version no later than the current one, so its reply
+stays valid until it is taken; replies are forgotten when their trip is no longer in flight and
+when a checkpoint is loaded.  FedAsync (a buffer of one) thus also trains several trips at once.
+
+Faults are handled as for synchronous rounds: a killed actor is restarted by Ray and its trips are
+retried (``max_task_retries``); a trip's training depends only on (weights, seed, trip, client).
 """
 
 from __future__ import annotations
@@ -87,40 +93,56 @@ class RayAsyncFleet(RayActors, AsyncFleetSim):
         self._source = None
         self.actor_nodes: list[str] = []
         self._started_ray = False
-        self._ahead: dict[int, object] = {}  # trip id -> the actor's reply (an ObjectRef), this step only
-        self._load = [0] * actors  # examples sent to each actor this step
+        self._ahead: dict[int, tuple] = {}  # trip id -> (the actor's reply, an ObjectRef; actor; examples)
+        self._load = [0] * actors  # examples outstanding on each actor
+        # trips sent ahead and not yet taken: this step's and some of the next step's (replies are
+        # held in Ray's object store, one delta each)
+        self.window = self.buffer_size + 2 * actors
         self.trips_sent_ahead = self.trips_trained_late = 0  # how well the look-ahead predicted
 
     # -- the look-ahead ------------------------------------------------------------------------
     def _predict(self) -> list[tuple[int, int, int]]:
-        """The trips ``(trip_id, client, version)`` this step's loop will train, in event order,
-        found by running its events on a copy of the scheduler (the real one is not touched)."""
+        """The trips ``(trip_id, client, version)`` to send now, in event order: those this step's loop
+        will train, then those of the next step(s) whose version is already known (so the actors keep
+        working while the driver steps), at most ``window`` outstanding.  Found by running the events
+        on a copy of the scheduler (the real one is not touched)."""
         sched, server = self.sched, self.server
         rate = None if sched.poisson is None else sched.poisson.rate
         ahead = AsyncScheduler(self.fleet, sched.concurrency, arrival_rate=rate)
         ahead.load_state_arrays(sched.state_arrays())
         need = self.buffer_size - (server.buffer.count if self.algorithm == "fedbuff" else 0)
-        version, max_s, num_train = server.version, self.max_staleness, self.dataset.num_train
-        trips = []
+        version = known = server.version
+        max_s, num_train, sent, snapshots = self.max_staleness, self.dataset.num_train, self._ahead, self.snapshots
+        trips: list[tuple[int, int, int]] = []
+        steps_ahead = max(1, self.window // self.buffer_size)  # FedAsync: several one-update steps
         try:
             for _ in range(_stall_limit(sched.concurrency)):  # the real loop stalls past this
                 _, _, tid, _, client, v0, _, dropped = ahead.pop()
                 if not dropped and (max_s is None or version - v0 <= max_s):
-                    trips.append((tid, client, v0))
+                    if version > known and len(sent) + len(trips) >= self.window:
+                        break
+                    # weights of a later version are not known yet; a trip sent at an earlier step is kept
+                    if tid not in sent and (v0 == known or (v0 < known and v0 in snapshots)):
+                        trips.append((tid, client, v0))
                     if num_train(client) > 0:
                         need -= 1
                         if need <= 0:
-                            break
+                            if version - known >= steps_ahead:  # far enough
+                                break
+                            version += 1  # as the real step will (unless an update is rejected)
+                            ahead.version = version
+                            need = self.buffer_size
                 ahead.fill()
         except FleetStalled:  # the real loop will say so
             pass
         return trips
 
     def _send(self, tid: int, client: int, weights_ref):
-        """One trip to the least-loaded actor (by examples, this step); Ray runs each actor's calls in order."""
+        """One trip to the actor with the fewest examples outstanding; Ray runs each actor's calls in order."""
         rank = min(range(self.actors), key=lambda k: (self._load[k], k))
-        self._load[rank] += max(self.dataset.num_train(client), 1)
-        return self._handles[rank].train_trip.remote(tid, client, weights_ref)
+        size = max(self.dataset.num_train(client), 1)
+        self._load[rank] += size
+        return self._handles[rank].train_trip.remote(tid, client, weights_ref), rank, size
 
     def step(self):
         if self.null_client:  # nothing is trained: the in-process loop as it is
@@ -128,23 +150,39 @@ class RayAsyncFleet(RayActors, AsyncFleetSim):
         if not self._handles:
             self._start()
         ray, refs = self._ray, {}
-        self._load = [0] * self.actors
         for tid, client, v0 in self._predict():
-            if v0 not in refs:  # each version's weights into the object store once
+            if v0 not in refs:  # each version's weights into the object store once per step
                 refs[v0] = ray.put(self._start_weights(v0))
             self._ahead[tid] = self._send(tid, client, refs[v0])
-        self.trips_sent_ahead += len(self._ahead)
+            self.trips_sent_ahead += 1
         try:
-            return super().step()
-        finally:
-            self._ahead.clear()  # replies not used (a stall): dropped
+            out = super().step()
+        except BaseException:
+            self._forget()
+            raise
+        # a reply whose trip is no longer in flight will not be asked for (a prediction was wrong)
+        in_flight = {e[2] for e in self.sched.heap}
+        for tid in [t for t in self._ahead if t not in in_flight]:
+            self._forget(tid)
+        return out
+
+    def _forget(self, tid: int | None = None) -> None:
+        for t in list(self._ahead) if tid is None else [tid]:
+            _, rank, size = self._ahead.pop(t)
+            self._load[rank] -= size
+
+    def load_state_dict(self, state) -> None:
+        self._forget()  # replies computed for another state
+        super().load_state_dict(state)
 
     def _train(self, trip_id: int, client: int, start: torch.Tensor):
         """The trip's result from its actor (sent ahead, or now), its delta into ``self.delta``."""
-        ref = self._ahead.pop(trip_id, None)
-        if ref is None:
+        sent = self._ahead.pop(trip_id, None)
+        if sent is None:
             self.trips_trained_late += 1
-            ref = self._send(trip_id, client, self._ray.put(start))
+            sent = self._send(trip_id, client, self._ray.put(start))
+        ref, rank, size = sent
+        self._load[rank] -= size
         try:
             reply = self._ray.get(ref)
         except self._ray.exceptions.RayActorError as e:
