@@ -151,12 +151,13 @@ def test_fedasync_with_arrivals_on_ray_equals_in_process_even_unpredicted(local_
     ref_records = [reference.step() for _ in range(4)]
     algorithm = built(config({"name": "ray", "actors": 2}, **{"async": arrivals}))
     try:
-        assert [algorithm.step() for _ in range(2)] == ref_records[:2]
-        assert algorithm.trips_trained_late == 0
+        assert [algorithm.step() for _ in range(3)] == ref_records[:3]
+        assert algorithm.trips_trained_late == 0 and algorithm._ahead  # later trips already sent
+        algorithm.close()  # their replies go with the actors; the next step starts new ones
         # a look-ahead that predicts nothing only costs time: each trip is trained when the loop reaches it
         algorithm._predict = lambda: []
-        assert [algorithm.step() for _ in range(2)] == ref_records[2:]
-        assert algorithm.trips_trained_late >= 2
+        assert algorithm.step() == ref_records[3]
+        assert algorithm.trips_trained_late >= 1
         same(algorithm, reference)
     finally:
         algorithm.close()

@@ -82,11 +82,7 @@ class RayAsyncFleet(RayActors, AsyncFleetSim):
         super().__init__(model, dataset, loss_fn, **kwargs)
         self.actors, self.address, self.cpus_per_actor = actors, address, float(cpus_per_actor)
         self.max_restarts, self.on_client_error = max_restarts, on_client_error
-        self._client_spec, self._loss_fn, self._model = kwargs.get("client"), loss_fn, model
-        if self._client_spec is None:
-            from flotilla.core.client import ClientSpec
-
-            self._client_spec = ClientSpec()
+        self._client_spec, self._loss_fn, self._model = self.trainer.spec, loss_fn, model
         self._task_config = task_config
         self._dp_trainer = self._dp_aggregator = None
         self._handles: list = []
@@ -170,6 +166,10 @@ class RayAsyncFleet(RayActors, AsyncFleetSim):
         for t in list(self._ahead) if tid is None else [tid]:
             _, rank, size = self._ahead.pop(t)
             self._load[rank] -= size
+
+    def close(self) -> None:
+        self._forget()  # replies of these actors: the next step starts new ones
+        super().close()
 
     def load_state_dict(self, state) -> None:
         self._forget()  # replies computed for another state
