@@ -24,7 +24,8 @@ RAY_KEYS = ("address", "actors", "cpus_per_actor", "gpus_per_actor", "max_restar
 
 
 class RuntimeConfig(Section):
-    """Where synchronous rounds are trained: in this process, in worker processes, or on Ray actors."""
+    """Where synchronous rounds are trained: in this process, in worker processes, or on Ray actors
+    (which also train the async fleet's trips)."""
 
     name: Literal["in-process", "processes", "ray"] = Field(
         "in-process",
@@ -39,8 +40,8 @@ class RuntimeConfig(Section):
     actors: int = Field(
         2,
         ge=1,
-        description="ray: actors that train each round's cohort (each holds one model and its "
-        "own copy of the task data)",
+        description="ray: actors that train each round's cohort, or the async fleet's trips (each holds "
+        "one model and its own copy of the task data)",
     )
     cpus_per_actor: float = Field(
         1.0, gt=0, description="ray: CPUs each actor reserves (also its torch threads, at least 1)"
@@ -51,7 +52,8 @@ class RuntimeConfig(Section):
     max_restarts: int = Field(
         3,
         ge=0,
-        description="ray: times a dead actor is restarted (its clients are retried); beyond that the round fails",
+        description="ray: times a dead actor is restarted (its clients or trips are retried); beyond that the "
+        "round or step fails",
     )
     on_client_error: Literal["stop", "skip"] = Field(
         "stop",
