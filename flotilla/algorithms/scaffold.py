@@ -44,6 +44,7 @@ from flotilla.core.client import ClientResult, ClientSpec, LocalTrainer, LossFn
 from flotilla.core.flat import FlatModel
 from flotilla.core.protocols import Components, Shape
 from flotilla.core.schema import Section
+from flotilla.core.wrapper import AlgorithmWrapper
 
 AUTO_DISK_BYTES = 1 << 30  # store: auto keeps the c_i on disk when population x model could exceed 1 GiB
 _KEYS = ("scaffold.c", "scaffold.pending", "scaffold.pending_count", "scaffold.clients", "scaffold.values")
@@ -212,28 +213,12 @@ class ScaffoldBuffer(_Forward):
         return s
 
 
-class ScaffoldAlgorithm:
+class ScaffoldAlgorithm(AlgorithmWrapper):
     """The built algorithm with the control variates in its checkpoints and two metrics."""
 
     def __init__(self, inner, variates: ControlVariates):
-        self.inner, self.variates = inner, variates
-
-    @property
-    def round(self) -> int:
-        return self.inner.round
-
-    @property
-    def weights(self) -> torch.Tensor:
-        return self.inner.weights
-
-    @property
-    def flat(self):
-        return self.inner.flat
-
-    def __getattr__(self, name):
-        if name in ("inner", "variates"):
-            raise AttributeError(name)
-        return getattr(self.inner, name)
+        super().__init__(inner)
+        self.variates = variates
 
     def step(self) -> dict[str, Any]:
         record = self.inner.step()

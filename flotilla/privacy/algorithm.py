@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from flotilla.core.protocols import Components, Shape
+from flotilla.core.wrapper import AlgorithmWrapper
 from flotilla.privacy.accountant import ACCOUNTANTS, PrivacyError, calibrate_noise, epsilon, max_steps
 from flotilla.privacy.sample import DPLocalTrainer, SampleLevelSpec, make_dp_compatible
 from flotilla.privacy.user import AdaptiveClippingSpec, DPFedAvg, UserLevelSpec, delta_noise_multiplier, poisson_cohort
@@ -252,7 +253,7 @@ class PrivacyParts:
         )
 
 
-class PrivateAlgorithm:
+class PrivateAlgorithm(AlgorithmWrapper):
     """A training algorithm with sample- and/or user-level DP (see module docstring)."""
 
     def __init__(
@@ -268,7 +269,7 @@ class PrivateAlgorithm:
     ):
         if (aggregator is None) != (plan is None):
             raise ValueError("PrivateAlgorithm: user-level DP needs both the aggregator and its plan")
-        self.inner = inner
+        super().__init__(inner)
         self.spec = spec
         self.aggregator = aggregator
         self.plan = plan
@@ -281,24 +282,6 @@ class PrivateAlgorithm:
     @property
     def delta(self) -> float | None:
         return self.plan.delta if self.plan is not None else None
-
-    # -- the algorithm interface the Runner drives ---------------------------------------------
-    @property
-    def round(self) -> int:
-        return self.inner.round
-
-    @property
-    def weights(self) -> torch.Tensor:
-        return self.inner.weights
-
-    @property
-    def flat(self):
-        return self.inner.flat
-
-    def __getattr__(self, name):  # anything else (sim clocks, dataset, ...) is the inner algorithm's
-        if name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)
 
     def close(self) -> None:
         """Remove Opacus' hooks from the model and close the wrapped algorithm."""
