@@ -22,8 +22,9 @@ only costs time: a trip that was not sent ahead is trained on an actor when the 
 
 The look-ahead goes on past the step's end: trips of the next step(s) that downloaded a version
 already known (most of them, as they started before this step ended) are sent too, so the actors
-keep training while the driver takes the server step; at most ``window = buffer_size + 2 *
-actors`` replies are outstanding (each one delta in Ray's object store).  A trip's id fixes its
+keep training while the driver takes the server step.  At most ``window = 4 x actors`` replies
+are outstanding (each one delta in Ray's object store, however large the buffer); the other
+predicted trips wait on the driver and are sent as replies are taken.  A trip's id fixes its
 client, and a trip sent ahead started at a version no later than the current one, so its reply
 stays valid until it is taken; replies are forgotten when their trip is no longer in flight and
 when a checkpoint is loaded.  FedAsync (a buffer of one) thus also trains several trips at once.
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from collections import deque
 
 import torch
 
@@ -91,9 +93,10 @@ class RayAsyncFleet(RayActors, AsyncFleetSim):
         self._started_ray = False
         self._ahead: dict[int, tuple] = {}  # trip id -> (the actor's reply, an ObjectRef; actor; examples)
         self._load = [0] * actors  # examples outstanding on each actor
-        # trips sent ahead and not yet taken: this step's and some of the next step's (replies are
-        # held in Ray's object store, one delta each)
-        self.window = self.buffer_size + 2 * actors
+        self._queue: deque = deque()  # (trip id, client, weights) predicted, to send as replies are taken
+        # replies outstanding at most (each one delta in Ray's object store): enough to keep every
+        # actor busy, bounded however large the buffer
+        self.window = 4 * actors
         self.trips_sent_ahead = self.trips_trained_late = 0  # how well the look-ahead predicted
 
     # -- the look-ahead ------------------------------------------------------------------------
@@ -149,20 +152,30 @@ class RayAsyncFleet(RayActors, AsyncFleetSim):
         for tid, client, v0 in self._predict():
             if v0 not in refs:  # each version's weights into the object store once per step
                 refs[v0] = ray.put(self._start_weights(v0))
-            self._ahead[tid] = self._send(tid, client, refs[v0])
-            self.trips_sent_ahead += 1
+            self._queue.append((tid, client, refs[v0]))
+        self._top_up()
         try:
             out = super().step()
         except BaseException:
             self._forget()
             raise
+        self._queue.clear()  # predicted but not sent: the next step predicts again
         # a reply whose trip is no longer in flight will not be asked for (a prediction was wrong)
         in_flight = {e[2] for e in self.sched.heap}
         for tid in [t for t in self._ahead if t not in in_flight]:
             self._forget(tid)
         return out
 
+    def _top_up(self) -> None:
+        """Send predicted trips, in event order, while fewer than ``window`` replies are outstanding."""
+        while self._queue and len(self._ahead) < self.window:
+            tid, client, weights_ref = self._queue.popleft()
+            self._ahead[tid] = self._send(tid, client, weights_ref)
+            self.trips_sent_ahead += 1
+
     def _forget(self, tid: int | None = None) -> None:
+        if tid is None:
+            self._queue.clear()
         for t in list(self._ahead) if tid is None else [tid]:
             _, rank, size = self._ahead.pop(t)
             self._load[rank] -= size
@@ -178,11 +191,18 @@ class RayAsyncFleet(RayActors, AsyncFleetSim):
     def _train(self, trip_id: int, client: int, start: torch.Tensor):
         """The trip's result from its actor (sent ahead, or now), its delta into ``self.delta``."""
         sent = self._ahead.pop(trip_id, None)
-        if sent is None:
-            self.trips_trained_late += 1
-            sent = self._send(trip_id, client, self._ray.put(start))
+        if sent is None:  # still waiting for room in the window (sent now, once), or not predicted
+            queued = next((q for q in self._queue if q[0] == trip_id), None)
+            if queued is not None:
+                self._queue.remove(queued)
+                weights_ref = queued[2]
+            else:
+                self.trips_trained_late += 1
+                weights_ref = self._ray.put(start)
+            sent = self._send(trip_id, client, weights_ref)
         ref, rank, size = sent
         self._load[rank] -= size
+        self._top_up()  # the next trip to the actors before waiting for this one
         try:
             reply = self._ray.get(ref)
         except self._ray.exceptions.RayActorError as e:
