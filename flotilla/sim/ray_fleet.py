@@ -103,8 +103,8 @@ class RayAsyncFleet(RayActors, AsyncFleetSim):
     def _predict(self) -> list[tuple[int, int, int]]:
         """The trips ``(trip_id, client, version)`` to send now, in event order: those this step's loop
         will train, then those of the next step(s) whose version is already known (so the actors keep
-        working while the driver steps), at most ``window`` outstanding.  Found by running the events
-        on a copy of the scheduler (the real one is not touched)."""
+        working while the driver steps; at most ``window`` of those).  Found by running the events on
+        a copy of the scheduler (the real one is not touched)."""
         sched, server = self.sched, self.server
         rate = None if sched.poisson is None else sched.poisson.rate
         ahead = AsyncScheduler(self.fleet, sched.concurrency, arrival_rate=rate)
@@ -114,15 +114,17 @@ class RayAsyncFleet(RayActors, AsyncFleetSim):
         max_s, num_train, sent, snapshots = self.max_staleness, self.dataset.num_train, self._ahead, self.snapshots
         trips: list[tuple[int, int, int]] = []
         steps_ahead = max(1, self.window // self.buffer_size)  # FedAsync: several one-update steps
+        beyond = 0  # trips of the next steps found
         try:
             for _ in range(_stall_limit(sched.concurrency)):  # the real loop stalls past this
                 _, _, tid, _, client, v0, _, dropped = ahead.pop()
                 if not dropped and (max_s is None or version - v0 <= max_s):
-                    if version > known and len(sent) + len(trips) >= self.window:
+                    if beyond >= self.window:  # enough of the next steps' trips
                         break
                     # weights of a later version are not known yet; a trip sent at an earlier step is kept
                     if tid not in sent and (v0 == known or (v0 < known and v0 in snapshots)):
                         trips.append((tid, client, v0))
+                        beyond += version > known
                     if num_train(client) > 0:
                         need -= 1
                         if need <= 0:
