@@ -13,8 +13,8 @@ trains from weights already known at the step's start: the current weights or a 
 At the start of each step the driver runs the step's events ahead on a copy of the scheduler
 (loaded from its checkpoint arrays, so it replays exactly), predicts which trips will be trained
 (not dropped, not too stale) and how many of them fill the buffer (a client with training
-examples counts), and sends those trips to the actors at once, each with the weights of the
-version it downloaded (one object-store copy per version).  Then the unchanged in-process loop
+examples counts), and sends those trips to the actors (within the window below), each with the
+weights of the version it downloaded (one object-store copy per version).  Then the unchanged in-process loop
 runs, and its ``_train`` takes each trip's result from its actor in event order, so the buffer
 receives the same deltas in the same order: the same bits as in-process when actors and driver
 train with the same torch thread count.  A wrong prediction (an update rejected as non-finite)
