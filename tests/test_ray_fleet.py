@@ -63,7 +63,7 @@ def local_ray():
         pytest.skip("Ray is not installed (pip install 'flotilla[ray]')")
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never a cluster found here
     yield ray
     ray.shutdown()
 
