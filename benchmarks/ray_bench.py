@@ -206,8 +206,8 @@ def _med(rows: list[dict], key: str):
     return statistics.median(vals) if vals else None
 
 
-def _f(x, fmt: str) -> str:
-    return "-" if x is None else format(x, fmt)
+def _f(x, fmt: str, unit: str = "") -> str:
+    return "-" if x is None else format(x, fmt) + unit
 
 
 def summarise(runs: list[dict], cohorts: list[int], variants: list[str]) -> tuple[str, dict]:
@@ -236,8 +236,8 @@ def summarise(runs: list[dict], cohorts: list[int], variants: list[str]) -> tupl
             s = m["round_s_median"]
             w = f"{m['mb_per_worker']:.0f} (x{m['workers']:.0f})" if m["mb_per_worker"] else "-"
             lines.append(
-                f"| {c} | {v} | {m['n']} | {s:.3f} | {_f(s / base if base else None, '.2f')}x | "
-                f"{_f(flower / s if flower and v != 'flower' else None, '.1f')}x | {m['startup_s']:.1f} | "
+                f"| {c} | {v} | {m['n']} | {s:.3f} | {_f(s / base if base else None, '.2f', 'x')} | "
+                f"{_f(flower / s if flower and v != 'flower' else None, '.1f', 'x')} | {m['startup_s']:.1f} | "
                 f"{m['wall_s']:.1f} | {m['peak_mb']:.0f} | {w} | {m['accuracy']:.4f} | {m['load1_before']:.2f} |"
             )
     notes = []
