@@ -390,3 +390,44 @@ def test_user_level_dp_on_two_actors_equals_in_process(local_ray):
     finally:
         algorithm.close()
         reference.close()
+
+
+DRIVER_ONLY_MODULE = """
+import torch
+
+
+class DriverOnlyNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(x)
+"""
+
+
+@needs_ray
+def test_a_task_given_as_objects_whose_code_is_only_on_the_drivers_path_trains_on_the_actors(local_ray, tmp_path):
+    """The actors unpickle the user's model after putting the driver's sys.path on theirs (a module
+    found by the driver through sys.path only failed with ModuleNotFoundError on the actor)."""
+    from torch.utils.data import TensorDataset
+
+    (tmp_path / "driver_only_mod.py").write_text(DRIVER_ONLY_MODULE)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import driver_only_mod
+
+        g = torch.Generator().manual_seed(0)
+        data = {
+            f"u{i}": TensorDataset(torch.randn(12, 4, generator=g), torch.randint(0, 2, (12,), generator=g))
+            for i in range(6)
+        }
+        kw = dict(rounds=2, cohort=3, client={"steps": 2, "batch_size": 4}, threads=1)
+        torch.manual_seed(0)
+        ray_run = flotilla.train(driver_only_mod.DriverOnlyNet(), data, runtime={"name": "ray", "actors": 1}, **kw)
+        torch.manual_seed(0)
+        local = flotilla.train(driver_only_mod.DriverOnlyNet(), data, **kw)
+        assert torch.equal(ray_run.weights, local.weights)
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("driver_only_mod", None)

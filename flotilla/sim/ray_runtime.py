@@ -99,7 +99,8 @@ class ClientActor:
     """One Ray actor: a model trained in place and the task's data, built here once.
 
     ``kind`` is ``"config"`` (``what`` is the task config, built with the task registry on this actor)
-    or ``"objects"`` (``what`` is ``(model, dataset, loss_fn)``, resolved from the object store)."""
+    or ``"objects"`` (``what`` is ``[ref]`` to ``(model, dataset, loss_fn)`` in the object store, resolved
+    here after the driver's ``sys.path`` is set, so the task's own modules unpickle)."""
 
     def __init__(
         self,
@@ -122,8 +123,10 @@ class ClientActor:
 
             task = build_task(what, seed)
             model, dataset, loss_fn = task.model, task.dataset, task.loss_fn
-        else:
-            model, dataset, loss_fn = what
+        else:  # [ref]: Ray resolves a bare ref before __init__ runs, i.e. before the paths above are set
+            import ray
+
+            model, dataset, loss_fn = ray.get(what[0])
         self.dataset, self.weighting, self.seed = dataset, weighting, seed
         if dp is not None:
             from flotilla.privacy.sample import DPLocalTrainer, make_dp_compatible
@@ -252,7 +255,8 @@ class RayActors:
         if self._task_config is not None:
             kind, what = "config", self._task_config
         else:  # the task came as objects: into the object store once, not every round (kept for restarts)
-            kind, what = "objects", ray.put((self._model, self.dataset, self._loss_fn))
+            # in a list, so the actor resolves it after putting the driver's sys.path on its own
+            kind, what = "objects", [ray.put((self._model, self.dataset, self._loss_fn))]
         self._source = what
         paths = [os.getcwd()] + [p for p in sys.path if p]
         remote = ray.remote(ClientActor).options(
