@@ -101,7 +101,10 @@ def test_a_device_stalling_uploads_cannot_block_another_devices_upload(pki, tmp_
         assert (
             codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 9 and codes.count(grpc.StatusCode.DEADLINE_EXCEEDED) == 1
         )
-        s = status(st)
+        # the cut stream's slot is freed when its handler ends, just after the device got the refusal
+        deadline = time.monotonic() + 5.0
+        while (s := status(st))["uploading"] and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert s["uploading"] == 0 and s["accepted"] == 1
         # the slot is free again: the attacker's own assignment can still be uploaded properly
         assert Connection(f"localhost:{st.port}", pki.token(0), ca=pki.ca).upload(a, torch.zeros(NUMEL), 10) == (1, 1)
