@@ -146,7 +146,7 @@ class Watch(threading.Thread):
 
 
 def run_one(variant: str, data: Path, rounds: int, timeout: float, log: Path) -> dict:
-    from run import _kill_leftovers
+    from run import run_watched
 
     if variant == "flower":
         cmd = [str(FLOWER_PY), str(SPEED / "fl_flower.py")]
@@ -164,21 +164,7 @@ def run_one(variant: str, data: Path, rounds: int, timeout: float, log: Path) ->
         PYTHONWARNINGS="ignore",
     )
     load = os.getloadavg()[0]
-    t0 = time.perf_counter()
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True)
-        watch = Watch(proc.pid)
-        watch.start()
-        try:
-            rc = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            rc = "timeout"
-        wall = time.perf_counter() - t0
-        watch.done.set()
-        watch.join()
-        _kill_leftovers(proc.pid)
-        if rc == "timeout":
-            proc.wait()
+    rc, wall, watch = run_watched(cmd, env, log, timeout, Watch)
     r = {
         "variant": variant,
         "wall_s": wall,

@@ -139,6 +139,27 @@ def _kill_leftovers(root: int) -> None:
             pass
 
 
+def run_watched(cmd: list[str], env: dict, log: Path, timeout: float, watch_class) -> tuple[int | str, float, object]:
+    """Run ``cmd`` in its own session with its output in ``log``, sampled by ``watch_class(pid)``;
+    ``(exit code or "timeout", wall seconds, the watch)``; whatever it left running is killed."""
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True)
+        watch = watch_class(proc.pid)
+        watch.start()
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+        wall = time.perf_counter() - t0
+        watch.done.set()
+        watch.join()
+        _kill_leftovers(proc.pid)
+        if rc == "timeout":
+            proc.wait()
+    return rc, wall, watch
+
+
 # --- one run --------------------------------------------------------------------------------
 def run_one(name: str, data_dir: Path, extra: list[str], threads: int, timeout: float, log_dir: Path, tag: str) -> dict:
     python, script, args = FRAMEWORKS[name]
@@ -154,21 +175,7 @@ def run_one(name: str, data_dir: Path, extra: list[str], threads: int, timeout: 
     )
     log = log_dir / f"{tag}-{name}.log"
     load_before = os.getloadavg()[0]
-    t0 = time.perf_counter()
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True)
-        watch = MemoryWatch(proc.pid)
-        watch.start()
-        try:
-            rc = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            rc = "timeout"
-        wall = time.perf_counter() - t0
-        watch.done.set()
-        watch.join()
-        _kill_leftovers(proc.pid)
-        if rc == "timeout":
-            proc.wait()
+    rc, wall, watch = run_watched(cmd, env, log, timeout, MemoryWatch)
     result = {
         "framework": name,
         "wall_s": wall,
