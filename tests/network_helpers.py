@@ -41,10 +41,13 @@ def start_server(
     require_client_cert: bool = False,
     linger_s: float = 0.0,
     task: dict | None = None,
+    server: dict | None = None,
     **settings,
 ) -> ServerThread:
+    """A FlotillaServer on a free port: ``settings`` are CoordinatorSettings, ``server`` any further
+    FlotillaServer arguments (privacy, secure_masking, secure_buffer, ...)."""
     settings.setdefault("selection_window_s", 0.0)
-    server = FlotillaServer(
+    built = FlotillaServer(
         model if model is not None else tiny_model(),
         tls=pki.tls(require_client_cert),
         tokens=TokenTable.load(pki.paths["tokens_json"]),
@@ -54,8 +57,9 @@ def start_server(
         fsync=False,
         linger_s=linger_s,
         task=task,
+        **(server or {}),
     )
-    return ServerThread(server)
+    return ServerThread(built)
 
 
 def connect(pki: PKI, st, i: int = 0):

@@ -18,6 +18,7 @@ from flotilla.network.coordinator import CoordinatorSettings
 from flotilla.network.server import FlotillaServer, ServerThread
 from flotilla.privacy import UserLevelSpec, epsilon
 from tests.network_helpers import PKI, connect, status, tiny_model
+from tests.network_helpers import start_server as start_with
 
 NUMEL = 18  # nn.Linear(5, 3)
 
@@ -29,19 +30,8 @@ def pki(tmp_path_factory):
 
 def start_server(pki, state_dir, *, privacy=None, secure_buffer=False, linger_s=0.0, **settings) -> ServerThread:
     """tests.network_helpers.start_server with the server's privacy argument."""
-    settings.setdefault("selection_window_s", 0.0)
-    return ServerThread(
-        FlotillaServer(
-            tiny_model(),
-            tls=pki.tls(),
-            tokens=TokenTable.load(pki.paths["tokens_json"]),
-            state_dir=state_dir,
-            settings=CoordinatorSettings(**settings),
-            fsync=False,
-            linger_s=linger_s,
-            privacy=privacy,
-            secure_buffer=secure_buffer,
-        )
+    return start_with(
+        pki, state_dir, linger_s=linger_s, server={"privacy": privacy, "secure_buffer": secure_buffer}, **settings
     )
 
 

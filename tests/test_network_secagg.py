@@ -16,7 +16,7 @@ from flotilla.network.auth import TokenTable
 from flotilla.network.coordinator import CoordinatorSettings
 from flotilla.network.secagg import SecAggParams
 from flotilla.network.server import FlotillaServer, ServerThread
-from tests.network_helpers import PKI, tiny_model
+from tests.network_helpers import PKI, start_server
 
 NUMEL = 18  # nn.Linear(5, 3)
 N = 5
@@ -29,29 +29,9 @@ def pki(tmp_path_factory):
 
 
 def start(pki, state_dir, masking=None, linger_s=0.0, privacy=None, **settings) -> ServerThread:
-    kw = dict(
-        mode="sync",
-        cohort=N,
-        over_selection=1.0,
-        total_steps=3,
-        selection_window_s=0.0,
-        retry_after_s=0.05,
-        secagg_stage_s=1.0,
-    )
+    kw = dict(mode="sync", cohort=N, over_selection=1.0, total_steps=3, retry_after_s=0.05, secagg_stage_s=1.0)
     kw.update(settings)
-    return ServerThread(
-        FlotillaServer(
-            tiny_model(),
-            tls=pki.tls(),
-            tokens=TokenTable.load(pki.paths["tokens_json"]),
-            state_dir=state_dir,
-            settings=CoordinatorSettings(**kw),
-            fsync=False,
-            linger_s=linger_s,
-            secure_masking=masking,
-            privacy=privacy,
-        )
-    )
+    return start_server(pki, state_dir, linger_s=linger_s, server={"secure_masking": masking, "privacy": privacy}, **kw)
 
 
 def deltas():

@@ -57,17 +57,6 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    if not HAVE_RAY:
-        pytest.skip("Ray is not installed (pip install 'flotilla[ray]')")
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never a cluster found here
-    yield ray
-    ray.shutdown()
-
-
 # -- config (no Ray needed) -----------------------------------------------------------------
 def test_selection_and_refusals():
     assert runtime_for(config({"name": "ray"})).name == "ray-fleet"

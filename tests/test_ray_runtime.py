@@ -191,15 +191,6 @@ def test_address_auto_without_a_cluster_is_one_line(monkeypatch):
 
 
 # -- on a local Ray ---------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def local_ray():
-    if not HAVE_RAY:
-        pytest.skip("Ray is not installed (pip install 'flotilla[ray]')")
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never a cluster found here
-    yield ray
-    ray.shutdown()
 
 
 @needs_ray
