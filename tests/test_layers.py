@@ -26,12 +26,21 @@ LAYERS = [
             "flotilla.secure",
             "flotilla.algorithms",
             "flotilla.runs",
+            "flotilla.blt",  # byte-level LM with entropy patching (issue 17)
+            "flotilla.adapters",  # READ side network, LoRA, adapters, BitFit (issue 18)
+            "flotilla.oov",  # personalised out-of-vocabulary adapter (issue 18)
+            "flotilla.fairness",  # device tiers coupled to data, MDAC (issue 15)
+            "flotilla.channels",  # upload/download compression with byte accounting (issue 19)
         ],
     ),
     ("runtimes", ["flotilla.sim", "flotilla.network", "flotilla.runner"]),
-    ("experiment", ["flotilla.config", "flotilla.experiment"]),
+    # flotilla.tune runs whole experiments (trials) through flotilla.experiment
+    ("experiment", ["flotilla.config", "flotilla.experiment", "flotilla.tune"]),
     # flotilla.network.cli is the command line of the network runtime (serve/join/status/certs): an entry point
-    ("entry", ["flotilla.api", "flotilla.cli", "flotilla.client", "flotilla.network.cli", "flotilla"]),
+    (
+        "entry",
+        ["flotilla.api", "flotilla.cli", "flotilla.client", "flotilla.network.cli", "flotilla.dashboard", "flotilla"],
+    ),
 ]
 
 
