@@ -5,6 +5,8 @@ flotilla run --resume RUN_DIR [--set rounds=N]
 flotilla report RUN_DIR [RUN_DIR ...] [--out FILE] [--x round|sim_time_s|wall_time_s]
 flotilla certs DIR | serve CONFIG.yaml --port P | join --server HOST:P --token T --data PATH
 flotilla status --server HOST:P                     (network deployment: flotilla/network/cli.py)
+flotilla tune SPACE.yaml [--resume] [--workers N] | pretrain CONFIG.yaml   (flotilla/tune/commands.py)
+flotilla dashboard RUNS_DIR [--host H] [--port P] [--token T|auto]
 """
 
 from __future__ import annotations
@@ -54,6 +56,17 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", default="flotilla-report.png", help="plot file (default: flotilla-report.png)")
     rep.add_argument("--x", default="round", choices=["round", "sim_time_s", "wall_time_s"], help="x axis of the plot")
 
+    dash = sub.add_parser("dashboard", help="serve a web page of runs (live as they write) on 127.0.0.1")
+    dash.add_argument("runs_dir", metavar="RUNS_DIR", help="a run directory, or a folder of them (e.g. runs/)")
+    dash.add_argument("--host", default="127.0.0.1", help="address to listen on (beyond this machine needs --token)")
+    from flotilla.network.addresses import port_number
+
+    dash.add_argument("--port", type=port_number, default=8050, help="port (default 8050; 0: any free port)")
+    dash.add_argument("--token", help="require this token on every request ('auto': a random one, printed)")
+
+    from flotilla.tune import commands as tune_commands
+
+    tune_commands.add_parsers(sub)  # flotilla tune / pretrain (flotilla/tune/commands.py)
     from flotilla.network import cli as network_cli
 
     network_cli.add_parsers(sub)
@@ -71,6 +84,12 @@ def main(argv: list[str] | None = None) -> int:
             print(report(args.run_dirs, Path(args.out), x=args.x))
             print(f"plot: {args.out}")
             return 0
+        if args.command == "dashboard":
+            return _dashboard(args)
+        from flotilla.tune import commands as tune_commands
+
+        if args.command in tune_commands.COMMANDS:
+            return tune_commands.run(args)
         from flotilla.network import cli as network_cli
 
         if args.command in network_cli.COMMANDS:
@@ -108,6 +127,22 @@ def _run(args) -> int:
     if last:
         print(f"final: round {last[-1]['round']} accuracy {last[-1]['accuracy']:.4f} loss {last[-1]['loss']:.4f}")
     print(f"run directory: {result.run_dir}")
+    return 0
+
+
+def _dashboard(args) -> int:
+    try:
+        from flotilla.dashboard import app, serve
+    except ImportError as e:
+        raise ImportError(
+            f"flotilla dashboard needs the dashboard extra: pip install 'flotilla[dashboard]' ({e})"
+        ) from None
+    token = serve.resolve_token(args.token)
+    serve.check_exposure(args.host, token)
+    web = app.build_app(runs_dir=args.runs_dir, token=token)
+    sock = serve.bind(args.host, args.port)
+    print(f"dashboard: {serve.address(args.host, sock, token)}  (Ctrl-C stops it)", flush=True)
+    serve.run_blocking(web, sock)
     return 0
 
 

@@ -49,6 +49,14 @@ def add_parsers(sub) -> None:
     s.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
     )
+    s.add_argument("--dashboard", action="store_true", help="serve the live deployment view (flotilla dashboard)")
+    s.add_argument(
+        "--dashboard-host", default="127.0.0.1", help="dashboard address (beyond this machine needs a token)"
+    )
+    s.add_argument("--dashboard-port", type=port_number, default=8050, help="dashboard port (default 8050)")
+    s.add_argument("--dashboard-token", help="require this token on the dashboard ('auto': a random one, printed)")
+    s.add_argument("--metrics-port", type=port_number, help="serve Prometheus metrics on this port (off by default)")
+    s.add_argument("--metrics-host", default="127.0.0.1", help="Prometheus metrics address (default 127.0.0.1)")
 
     j = sub.add_parser("join", help="run a device: train on local data whenever the server assigns work")
     j.add_argument("--server", type=server_address, required=True, metavar="HOST:PORT")
@@ -58,6 +66,12 @@ def add_parsers(sub) -> None:
     j.add_argument("--compression", choices=["none", "gzip", "deflate"], default="none", help="compress uploads")
     j.add_argument("--max-tasks", type=int, help="stop after this many trained assignments")
     j.add_argument("--threads", type=int, default=1, help="torch threads for local training (default 1)")
+    j.add_argument(
+        "--device",
+        choices=["cpu", "cuda", "auto"],
+        default="cpu",
+        help="where to train: cpu (default), cuda, or auto (cuda if torch sees a GPU)",
+    )
 
     st = sub.add_parser("status", help="show a server's version, clients in flight, accepted/rejected updates, metrics")
     st.add_argument("--server", type=server_address, required=True, metavar="HOST:PORT")
@@ -154,10 +168,20 @@ def _serve(args) -> int:
     _logging()
     from flotilla.experiment.serve import server_from_config
 
+    watchers = _watchers(args)  # checked (extras installed, token for an exposed host) before the state directory
     server = server_from_config(cfg, state_dir=args.state_dir)
     host = args.host or cfg.network.host
     print(f"state directory: {server.store.path}", flush=True)
-    stopped_by = _serve_until_done(server, host, args.port)
+    try:
+        dashboard = watchers(server)
+    except BaseException:
+        server.store.close()
+        raise
+    try:
+        stopped_by = _serve_until_done(server, host, args.port)
+    finally:
+        if dashboard is not None:
+            dashboard.stop()
     if stopped_by is not None:
         print("interrupted; state is saved, run the same command to resume", file=sys.stderr)
         return 128 + stopped_by
@@ -166,6 +190,47 @@ def _serve(args) -> int:
         print(f"final: version {m['round']} accuracy {m['accuracy']:.4f} loss {m['loss']:.4f}")
     print(f"run directory: {server.store.path}")
     return 0
+
+
+def _watchers(args):
+    """What ``--dashboard`` and ``--metrics-port`` ask for, checked now; returns a function that
+    starts them for a built server (and returns the dashboard thread, or None)."""
+    if not args.dashboard and args.metrics_port is None:
+        return lambda server: None
+    try:
+        if args.dashboard:
+            from flotilla.dashboard import app, serve
+        if args.metrics_port is not None:
+            from flotilla.network import metrics
+    except ImportError as e:
+        raise ImportError(
+            f"--dashboard / --metrics-port need the dashboard extra: pip install 'flotilla[dashboard]' ({e})"
+        ) from None
+    token = None
+    if args.metrics_port is not None:
+        from flotilla.dashboard.serve import bind
+
+        bind(args.metrics_host, args.metrics_port, "--metrics-port").close()  # in use: one line now, before any state is made
+    if args.dashboard:
+        token = serve.resolve_token(args.dashboard_token)
+        serve.check_exposure(args.dashboard_host, token)
+        sock = serve.bind(args.dashboard_host, args.dashboard_port)
+
+    def start(server):
+        if args.metrics_port is not None:
+            try:
+                metrics.start_exporter(server, args.metrics_port, args.metrics_host)
+            except OSError as e:
+                raise ValueError(f"--metrics-port {args.metrics_port}: cannot listen: {e.strerror}") from None
+            print(f"prometheus metrics: http://{args.metrics_host}:{args.metrics_port}/metrics", flush=True)
+        if not args.dashboard:
+            return None
+        server.watched = True
+        web = app.build_app(runs_dir=server.store.path, deployment=server.observed.snapshot, token=token)
+        print(f"dashboard: {serve.address(args.dashboard_host, sock, token)}", flush=True)
+        return serve.DashboardThread(web, sock)
+
+    return start
 
 
 def _serve_until_done(server, host: str, port: int) -> int | None:
@@ -226,6 +291,7 @@ def _join(args) -> int:
         compression=args.compression,
         max_tasks=args.max_tasks,
         on_event=event,
+        device=args.device,
         **tls,
     )
     report = device.run()

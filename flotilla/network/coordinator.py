@@ -283,6 +283,7 @@ class Coordinator:
         self._looked_up: dict[str, Answer | None] = {}  # old tickets already looked up in the ledger file
         self.next_seq = 0
         self.examples_seen_total = 0
+        self.last_step_s = 0.0
         self._recover()
         self._served = {self.version: self._serialize()}  # model bytes of versions still in flight
 
@@ -890,6 +891,7 @@ class Coordinator:
 
     async def _step(self) -> None:
         """Core's server step on the aggregate; rolled back if it makes the model non-finite."""
+        started = time.perf_counter()
         entries = self.buffer
         saved = (
             self.weights.clone(),
@@ -925,6 +927,7 @@ class Coordinator:
             record["lost_on_restart"] = self.counters["dropped.lost_on_restart"]
         if self.variates is not None:
             record["scaffold_c_norm"] = float(self.variates.c.norm())
+        self.last_step_s = time.perf_counter() - started  # the step and its durable write (watchers' latency)
         log.info("step %d: %d updates, train_loss %.4f", self.version, len(entries), record["train_loss"])
         if self.on_step is not None:
             self.on_step(record)

@@ -50,6 +50,7 @@ from flotilla.core.server_opt import ServerOptimizer, ServerOptimizerSpec
 from flotilla.network import wire
 from flotilla.network.auth import Identity, RateLimiter, TokenTable
 from flotilla.network.coordinator import Coordinator, CoordinatorSettings, Upload, fingerprint, step_record
+from flotilla.network.observe import Observations, ledger_tail
 from flotilla.network.refusals import InUse, Refused
 from flotilla.network.store import StateStore
 from flotilla.network.tickets import Ticket
@@ -162,6 +163,7 @@ class FlotillaServer:
         secure_masking=None,
         dp_sgd=None,
         client_algorithm=None,
+        channels=None,
     ):
         if dp_sgd is not None:
             # sample-level DP runs on the devices (flotilla.client.Device); both sides make the model
@@ -188,9 +190,23 @@ class FlotillaServer:
             }
         )
         self.scaffold = algorithm is not None and algorithm["name"] == "scaffold"
+        # compressed downloads and uploads (flotilla.channels): the assignment carries the chain
+        from flotilla.channels.wire import ServerChannels
+
+        self.channels = ServerChannels.build(
+            channels,
+            self.flat.shapes,
+            user_level=privacy,
+            secure=secure_buffer or secure_masking is not None,
+            scaffold=self.scaffold,
+        )
+        if self.channels is not None:
+            self.client_json = json.dumps({**json.loads(self.client_json), "channels": self.channels.assignment})
         self.evaluate = evaluate
         self.eval_every = eval_every
         self.linger_s = linger_s
+        self.observed = Observations()  # for the dashboard and the Prometheus exporter (network/observe.py)
+        self.watched = False  # set by a watcher: only then does the loop build snapshots
         self.store = StateStore(state_dir, fsync=fsync)
         self.store.lock()
         try:
@@ -397,6 +413,7 @@ class FlotillaServer:
         return out
 
     def _on_step(self, record: dict[str, Any]) -> None:
+        self.observed.saw_step(self.coord.last_step_s)
         now = time.perf_counter()
         self._wall += now - self._last_step_t
         self._last_step_t = now
@@ -457,6 +474,8 @@ class FlotillaServer:
             await context.abort(_CODES[err.code], str(err), err.trailing_metadata())
         if rate_limited:
             await self._rate_limit(context, who)
+        if who.role == "device":
+            self.observed.devices_seen.add(who.device)
         return who
 
     async def _rate_limit(self, context: grpc.aio.ServicerContext, who: Identity) -> None:
@@ -509,6 +528,8 @@ class FlotillaServer:
                 max(0.0, result.expires - time.time()),
                 4 * self.coord.numel * self.coord.rows,
             )
+            if self.channels is not None:
+                a.model_bytes = self.channels.download_bytes
             if self.coord.sealed:
                 a.buffer_key, a.buffer_nonce = self.coord.seal_info(result)
                 a.seal_weight = 1.0 if self.coord.settings.weighting == "uniform" else 0.0  # 0: num_examples
@@ -553,9 +574,12 @@ class FlotillaServer:
         await self._decoded(request, context, who)
         try:
             data = self.coord.model_bytes(request.version)
+            if self.channels is not None:
+                data = self.channels.download(request.version, data)
         except Refused as e:
             await self._refuse(context, e, who.device)
         total = len(data)
+        self.observed.bytes_out += total
         for off, part in zip(range(0, total, self.limits.chunk_bytes), wire.chunks(data, self.limits.chunk_bytes)):
             yield pb.ModelChunk(version=request.version, offset=off, total_bytes=total, data=bytes(part))
 
@@ -584,11 +608,23 @@ class FlotillaServer:
                             "INVALID_ARGUMENT", "invalid", "upload refused: the first message must be the header"
                         )
                     h = first.header
+                    dtype = h.dtype
+                    if self.channels is not None:  # compressed: checked as the float32 delta it decodes to
+                        from flotilla.channels.wire import CHANNEL_DTYPE
+
+                        if dtype != CHANNEL_DTYPE:
+                            raise Refused(
+                                "INVALID_ARGUMENT",
+                                "dtype",
+                                f"upload refused: dtype {dtype!r}, expected {CHANNEL_DTYPE!r} (this server's "
+                                "channels compress uploads: encode the delta with the assignment's channels)",
+                            )
+                        dtype = "float32"
                     ticket, answer = c.check_header(
                         who.device,
                         h.ticket,
                         h.base_version,
-                        h.dtype,
+                        dtype,
                         list(h.shape),
                         int(h.num_examples),
                         float(h.train_loss),
@@ -605,7 +641,13 @@ class FlotillaServer:
                     # At most `upload_slots` deltas are held in memory at once, whatever the concurrency;
                     # the other streams wait here, throttled by HTTP/2 flow control.
                     async with self._upload_slots:
-                        buf = await self._receive_body(request_iterator, c.numel * c.rows, c.sealed)
+                        buf = await self._receive_body(
+                            request_iterator,
+                            c.numel * c.rows,
+                            c.sealed,
+                            self.channels.upload_bytes if self.channels is not None else None,
+                        )
+                        self.observed.bytes_in += len(buf)
             except TimeoutError:
                 raise Refused(
                     "DEADLINE_EXCEEDED",
@@ -636,7 +678,13 @@ class FlotillaServer:
                     bytes(buf),
                 )
             else:
-                payload = torch.frombuffer(buf, dtype=torch.float32)
+                if self.channels is not None:
+                    try:
+                        payload = self.channels.decode_upload(buf)
+                    except ValueError as e:
+                        raise Refused("INVALID_ARGUMENT", "invalid", f"upload refused: {e}") from None
+                else:
+                    payload = torch.frombuffer(buf, dtype=torch.float32)
                 delta, control = (payload, None) if c.variates is None else (payload[: c.numel], payload[c.numel :])
                 norm = c.check_delta(delta, who.device)
                 if control is not None:
@@ -658,9 +706,9 @@ class FlotillaServer:
                 c.table.end_upload(ticket)
         return pb.UploadReply(seq=seq, version=version)
 
-    async def _receive_body(self, request_iterator, numel: int, sealed: bool) -> bytearray:
-        # sealed: AES-GCM nonce (12) + weight (8) + float32 delta + tag (16)
-        size = 4 * numel + (36 if sealed else 0)
+    async def _receive_body(self, request_iterator, numel: int, sealed: bool, size: int | None = None) -> bytearray:
+        # sealed: AES-GCM nonce (12) + weight (8) + float32 delta + tag (16); size: a compressed upload's
+        size = 4 * numel + (36 if sealed else 0) if size is None else size
         buf = bytearray(size)
         pos = 0
         async for part in request_iterator:
@@ -699,6 +747,33 @@ class FlotillaServer:
             task=json.loads(self.task_json),
         )  # devices check their data against it before checking in
         return pb.StatusReply(json=json.dumps(s))
+
+    def refresh_snapshot(self) -> None:
+        """Build what watchers see (on the server's loop, so the tables are not changing under it)."""
+        o, c = self.observed, self.coord
+        lat = sorted(o.step_latency_s)
+        r = c.secagg
+        o.publish(
+            {
+                "time": time.time(),
+                "uptime_s": round(time.time() - self.started, 1),
+                "status": c.status(),
+                "devices_seen": len(o.devices_seen),
+                "bytes_in": o.bytes_in,
+                "bytes_out": o.bytes_out,
+                "step_latency_s": {
+                    "count": o.step_latency_total,
+                    "last": lat and o.step_latency_s[-1],
+                    "p50": lat and lat[len(lat) // 2],
+                    "p90": lat and lat[int(len(lat) * 0.9)],
+                },
+                "secagg": None
+                if r is None
+                else {"stage": r.stage, "devices": len(r.ids), "slots": r.config.cohort, "aborted": r.aborted},
+                "ledger_tail": ledger_tail(self.store.ledger_file),
+                "metrics": finite_or_none(self.latest_metrics),
+            }
+        )
 
     # -- lifecycle -------------------------------------------------------------------------------
     def _handler(self) -> grpc.GenericRpcHandler:
@@ -768,12 +843,16 @@ class FlotillaServer:
         stop = stop or asyncio.Event()
         while not self.coord.done and not stop.is_set():
             await asyncio.shield(self.coord.close_round_if_due())
+            if self.watched and time.monotonic() - self.observed.refreshed_at >= 1.0:
+                self.refresh_snapshot()
             try:
                 await asyncio.wait_for(stop.wait(), 0.25)
             except TimeoutError:
                 pass
         if self._pending_records:
             await asyncio.gather(*self._pending_records)
+        if self.watched:
+            self.refresh_snapshot()  # watchers see the end: done, the last step, the final metrics
         if self.coord.done and not stop.is_set():
             try:
                 await asyncio.wait_for(stop.wait(), self.linger_s)
