@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from flotilla.algorithms import Setting, algorithm_config_union, algorithm_names, refusal
 from flotilla.algorithms.finetune import PersonalizeConfig
+from flotilla.channels.config import ChannelsConfig
 from flotilla.core.schema import Section
 from flotilla.core.server_opt import OPTIMIZERS
 from flotilla.core.staleness import AVERAGE_WITH_DP
@@ -266,6 +267,9 @@ class ExperimentConfig(Strict):
     )
     secure_aggregation: SecureAggregationConfig | None = Field(
         None, description="secure aggregation: the server sees only sums of updates (see docs/security.md)"
+    )
+    channels: ChannelsConfig | None = Field(
+        None, description="compress uploads and downloads (fp16, quantize, topk, ...; see docs/channels.md)"
     )
 
     @model_validator(mode="after")

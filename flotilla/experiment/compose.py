@@ -37,6 +37,7 @@ def build_algorithm(
     client_algorithm=None,
     rounds: int,
     eval_every: int = 1,
+    channels=None,
 ):
     """``(algorithm, rounds)``: ``algorithm_class(**kwargs)`` with a client algorithm (the ``client.algorithm``
     section), DP and/or secure aggregation composed in.  ``rounds`` comes back smaller when the privacy
@@ -66,9 +67,18 @@ def build_algorithm(
         if algo is not None:
             _no_clash(algo.components, secure.components, "secure aggregation", algo.name)
         components = components.merged(secure.components)
+    wrap_channels = None
+    if channels is not None:  # upload/download compression around whichever client update (flotilla/channels)
+        from flotilla.channels.sim import compose as channel_parts
+
+        components, wrap_channels = channel_parts(
+            channels, shape, components, privacy=privacy, secure=secure is not None
+        )
     algorithm = algorithm_class(**kwargs, components=components) if components.given() else algorithm_class(**kwargs)
     if algo is not None:
         algorithm = algo.wrap(algorithm)  # state the client algorithm checkpoints (SCAFFOLD's c, c_i)
+    if wrap_channels is not None:
+        algorithm = wrap_channels(algorithm)  # byte metrics, checkpointed error-feedback residuals
     if private is None:
         return algorithm, rounds
     wrapped = private.wrap(algorithm)

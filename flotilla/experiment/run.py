@@ -65,6 +65,7 @@ def build(cfg: ExperimentConfig, task):
         privacy=cfg.privacy.model_dump() if cfg.privacy is not None else None,
         secure_aggregation=cfg.secure_aggregation.model_dump() if cfg.secure_aggregation is not None else None,
         client_algorithm=cfg.client.algorithm,
+        channels=cfg.channels,
     )
     clients = eval_clients(task.dataset, cfg.eval.max_clients, cfg.seed)
     evaluate_fn = None

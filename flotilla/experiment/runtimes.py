@@ -84,6 +84,15 @@ def _ray_fleet(cfg, task):
     return RayAsyncFleet, dict(kwargs, **keys)
 
 
+def _message_bytes(cfg, task) -> tuple[int, int] | None:
+    """(download, upload) bytes of one message with ``channels`` (None: fp32): the fleet's transfers."""
+    if getattr(cfg, "channels", None) is None:
+        return None
+    from flotilla.channels.sim import message_bytes
+
+    return message_bytes(cfg.channels, [tuple(p.shape) for p in task.model.parameters() if p.requires_grad])
+
+
 def _fleet(cfg, task):
     from flotilla.fleet.config import FleetConfig
     from flotilla.fleet.fleet import fleet_from_config
@@ -91,7 +100,9 @@ def _fleet(cfg, task):
 
     fcfg = cfg.fleet if cfg.fleet is not None else FleetConfig()
     numel = sum(p.numel() for p in task.model.parameters() if p.requires_grad)
-    fleet = fleet_from_config(fcfg, cfg.seed, task.dataset.train_sizes.numpy(), numel * 4, cfg.client)
+    fleet = fleet_from_config(
+        fcfg, cfg.seed, task.dataset.train_sizes.numpy(), numel * 4, cfg.client, message_bytes=_message_bytes(cfg, task)
+    )
     common = dict(_common(cfg, task), fleet=fleet)
     if cfg.mode == "async":
         a = cfg.async_

@@ -75,6 +75,8 @@ class DurationModel:
         per_example: PerExample | None = None,
         extra: Distribution | None = None,
         latency_s: float = 0.0,
+        download_bytes: int | None = None,
+        upload_bytes: int | None = None,
     ):
         if len(work) != population.num_clients:
             raise ValueError(f"work has {len(work)} entries, the task has {population.num_clients} clients")
@@ -84,6 +86,9 @@ class DurationModel:
         self.availability = availability
         self.work = np.asarray(work, dtype=np.float64)
         self.model_bytes = int(model_bytes)
+        # compressed messages (flotilla.channels): each direction its own size; default the model's
+        self.download_bytes = int(model_bytes if download_bytes is None else download_bytes)
+        self.upload_bytes = int(model_bytes if upload_bytes is None else upload_bytes)
         self.per_example = per_example
         self.extra = extra
         self.latency_s = float(latency_s)
@@ -107,12 +112,11 @@ class DurationModel:
             compute = work * np.maximum(pe.mean + pe.sd * z, pe.min)
         else:
             compute = work / pop.speed(device)
-        bits = self.model_bytes * 8.0
         duration = (
             self.latency_s
             + compute
-            + bits / (pop.bandwidth_down(device) * 1e6)
-            + bits / (pop.bandwidth_up(device) * 1e6)
+            + self.download_bytes * 8.0 / (pop.bandwidth_down(device) * 1e6)
+            + self.upload_bytes * 8.0 / (pop.bandwidth_up(device) * 1e6)
         )
         if self.extra is not None:
             duration = duration + self.extra.from_uniform(

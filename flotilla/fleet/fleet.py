@@ -27,6 +27,14 @@ class Fleet:
     def model_bytes(self) -> int:
         return self.durations.model_bytes
 
+    @property
+    def download_bytes(self) -> int:  # one model download (compressed with channels.download)
+        return self.durations.download_bytes
+
+    @property
+    def upload_bytes(self) -> int:  # one update upload (compressed with channels.upload)
+        return self.durations.upload_bytes
+
     def trips(self, k0: int, n: int) -> TripBatch:
         return self.durations.trips(k0, n)
 
@@ -54,6 +62,8 @@ def make_fleet(
     session_s: Distribution | dict | float | None = None,
     dropout: float = 0.0,
     device_to_client: str = "modulo",
+    download_bytes: int | None = None,
+    upload_bytes: int | None = None,
 ) -> Fleet:
     """Build a fleet from plain values (the Python-API twin of the ``fleet:`` config section)."""
     pop = Population(
@@ -83,11 +93,20 @@ def make_fleet(
         per_example=per_example_s,
         extra=make_distribution(trip_extra_s, "fleet.trip_extra_s") if trip_extra_s is not None else None,
         latency_s=latency_s,
+        download_bytes=download_bytes,
+        upload_bytes=upload_bytes,
     )
     return Fleet(pop, av, durations)
 
 
-def fleet_from_config(fleet_cfg: Any, seed: int, train_sizes: np.ndarray, model_bytes: int, client_cfg: Any) -> Fleet:
+def fleet_from_config(
+    fleet_cfg: Any,
+    seed: int,
+    train_sizes: np.ndarray,
+    model_bytes: int,
+    client_cfg: Any,
+    message_bytes: tuple[int, int] | None = None,
+) -> Fleet:
     """Build from a validated :class:`flotilla.fleet.config.FleetConfig` and ``ClientConfig``."""
     f, a = fleet_cfg, fleet_cfg.availability
     return make_fleet(
@@ -111,4 +130,6 @@ def fleet_from_config(fleet_cfg: Any, seed: int, train_sizes: np.ndarray, model_
         session_s=a.session_s.spec() if a.session_s else None,
         dropout=a.dropout,
         device_to_client=f.device_to_client,
+        download_bytes=message_bytes[0] if message_bytes else None,
+        upload_bytes=message_bytes[1] if message_bytes else None,
     )

@@ -130,7 +130,7 @@ class _FleetAlgorithm:
             "trips": sched.trips_started,
             "uploads": c.uploads,
             "dropouts": c.dropouts,
-            "bytes_down": sched.trips_started * self.model_bytes,
+            "bytes_down": sched.trips_started * self.fleet.download_bytes,
             "bytes_up": c.bytes_up,
             "wasted_trips": c.wasted_trips,
             "wasted_device_s": round(c.wasted_device_s, 3),
@@ -310,7 +310,7 @@ class AsyncFleetSim(_FleetAlgorithm):
         finally:
             c.dropouts += dropouts
             c.uploads += uploads
-            c.bytes_up += uploads * self.model_bytes
+            c.bytes_up += uploads * self.fleet.upload_bytes
             c.wasted_trips += wasted
             c.wasted_device_s += wasted_s
             c.stale_discarded += stale
@@ -502,7 +502,7 @@ class SyncFleetSim(_FleetAlgorithm):
         )
 
     def step(self) -> dict[str, Any]:
-        sched, c, mb = self.sched, self.c, self.model_bytes
+        sched, c, mb = self.sched, self.c, self.fleet.upload_bytes
         out = sched.round(self.select, self.cohort, self.deadline_s)
         self.last_round = out
         c.bytes_up += (len(out.accepted) + len(out.late)) * mb
