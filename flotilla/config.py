@@ -23,6 +23,7 @@ from flotilla.core.staleness import AVERAGE_WITH_DP
 from flotilla.fleet.config import AsyncConfig, FleetConfig
 from flotilla.network.config import NetworkConfig
 from flotilla.sim.ray_config import RuntimeConfig, check_runtime
+from flotilla.sim.sync import check_device_keys
 from flotilla.tasks import (
     TaskConfig,
     task_names,
@@ -47,6 +48,12 @@ class ClientConfig(Strict):
     lr: float = Field(0.1, gt=0, description="client SGD learning rate")
     momentum: float = Field(0.0, ge=0, lt=1, description="client SGD momentum")
     weight_decay: float = Field(0.0, ge=0, description="client SGD weight decay")
+    vectorize: int = Field(
+        1,
+        ge=1,
+        description="train K clients of a round at once on stacked weights (torch.func.vmap; in-process sync "
+        "rounds, for GPUs; see docs/gpus.md); 1 = one after another",
+    )
     algorithm: algorithm_config_union() | None = Field(  # type: ignore[valid-type]
         None,
         description=f"client algorithm, by name: {', '.join(algorithm_names())} (default: fedavg's local SGD; "
@@ -243,6 +250,9 @@ class ExperimentConfig(Strict):
         "examples", description="weight client deltas by example count or uniformly"
     )
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's choice)")
+    device: Literal["cpu", "cuda", "auto"] = Field(
+        "cpu", description="where clients train and evaluation runs: cpu, cuda, or auto (cuda if torch sees a GPU)"
+    )
     workers: int = Field(1, ge=1, description="processes that train each round's cohort (Linux; 1 = in-process)")
     runtime: RuntimeConfig | None = Field(
         None,
@@ -303,6 +313,11 @@ class ExperimentConfig(Strict):
     @model_validator(mode="after")
     def _runtime_fits(self):
         check_runtime(self)  # flotilla/sim/ray_config.py
+        return self
+
+    @model_validator(mode="after")
+    def _device_fits(self):
+        check_device_keys(self)  # flotilla/sim/sync.py
         return self
 
     @model_validator(mode="after")
@@ -493,6 +508,7 @@ def _format(err: ValidationError) -> str:
         if (
             msg.split(":")[0]
             in ("cohort", "async", "async.concurrency", "fleet.over_selection", "workers", "weighting")
+            + ("device", "client.vectorize")
             or msg.startswith(("privacy", "secure_aggregation", "client.algorithm", "eval.personalize", "runtime"))
         ) and key == "config":
             lines.append(f"  {msg}")

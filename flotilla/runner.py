@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from flotilla.core.device import to_cpu
 from flotilla.runs.rundir import RunDir
 
 EvalFn = Callable[[torch.Tensor], dict[str, float]]
@@ -92,7 +93,8 @@ class Runner:
                 self.history.append(record)
                 self._log(record, writer)
                 if self.run_dir is not None and (alg.round % self.checkpoint_every == 0 or alg.round == self.rounds):
-                    self.run_dir.save_state(alg.state_dict(), {"round": alg.round})
+                    # Saved on the CPU whatever the device: a run started on a GPU resumes anywhere.
+                    self.run_dir.save_state(to_cpu(alg.state_dict()), {"round": alg.round})
                 bar.set_postfix(self._postfix(), refresh=False)
                 bar.update(1)
                 if self.stop is not None and self.stop(record):
@@ -146,7 +148,7 @@ class Runner:
         if self.run_dir is None:
             return
         self.algorithm.flat.load(self.algorithm.weights)
-        self.run_dir.save_model(self.algorithm.flat.named_views())
+        self.run_dir.save_model(to_cpu(self.algorithm.flat.named_views()))
         from flotilla.runs.plot import plot_runs  # matplotlib costs ~0.6 s: import only when plotting
 
         plot_runs({self.run_dir.path.name: self.history}, self.run_dir.path / "plot.png")

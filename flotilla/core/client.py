@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from flotilla.core.dataset import FederatedDataset
+from flotilla.core.device import seed_device, to_device
 from flotilla.core.flat import FlatModel
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -28,6 +29,8 @@ class ClientSpec:
     lr: float = 0.1
     momentum: float = 0.0
     weight_decay: float = 0.0
+    # (fraction, min, max): that share of clients trains a uniform min..max epochs (system heterogeneity)
+    heterogeneous_epochs: tuple[float, int, int] | None = None
 
 
 @dataclass
@@ -37,6 +40,15 @@ class ClientResult:
     examples_seen: int  # examples processed, counting repeats over epochs
     steps: int
     loss: float  # mean training loss over the local steps
+
+
+def local_epochs(spec: ClientSpec, seed: int) -> int:
+    """The epochs one client trains: ``spec.epochs``, or with heterogeneous epochs a draw from its seed."""
+    if spec.heterogeneous_epochs is None:
+        return spec.epochs
+    fraction, low, high = spec.heterogeneous_epochs
+    rng = np.random.default_rng([seed, 0xE90C])
+    return int(rng.integers(low, high + 1)) if rng.random() < fraction else spec.epochs
 
 
 def client_seed(seed: int, round_or_version: int, client: int) -> int:
@@ -51,7 +63,7 @@ class LocalTrainer:
         self.flat = flat
         self.loss_fn = loss_fn
         self.spec = spec
-        self._momentum = torch.zeros(flat.numel) if spec.momentum > 0 else None
+        self._momentum = torch.zeros(flat.numel, device=flat.device) if spec.momentum > 0 else None
 
     def train(
         self,
@@ -70,10 +82,14 @@ class LocalTrainer:
         # Dropout and other in-model randomness.  Only the CPU generator: torch.manual_seed also
         # seeds every accelerator backend and records a stack trace, ~2 ms per client.
         torch.default_generator.manual_seed(seed)
+        device = flat.device
+        seed_device(seed, device)
         model.train()
         steps = seen = 0
-        loss_sum = torch.zeros(())
-        for x, y in dataset.train_batches(client, spec.batch_size, generator, spec.epochs, spec.steps):
+        loss_sum = torch.zeros((), device=device)
+        # The shuffle stays on the CPU generator: the same batches on every device.
+        for x, y in dataset.train_batches(client, spec.batch_size, generator, local_epochs(spec, seed), spec.steps):
+            x, y = to_device((x, y), device)
             flat.grad.zero_()
             loss = self.loss_fn(model(x), y)
             loss.backward()

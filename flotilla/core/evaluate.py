@@ -9,6 +9,7 @@ import torch
 
 from flotilla.core.client import LossFn
 from flotilla.core.dataset import FederatedDataset
+from flotilla.core.device import to_device
 from flotilla.core.flat import FlatModel
 
 
@@ -25,8 +26,10 @@ class TestTally:
     def add_client(self, model, dataset: FederatedDataset, client: int, loss_fn: LossFn, batch_size: int) -> None:
         """Score ``model`` (as it is now) on ``client``'s test data; a client without test data is skipped."""
         model.eval()
+        device = next(model.parameters()).device  # the model's device (FlatModel's ``device``)
         correct = n = 0
         for x, y in dataset.test_batches(client, batch_size):
+            x, y = to_device((x, y), device)
             out = model(x)
             self.loss += float(loss_fn(out, y)) * len(y)
             correct += int((out.argmax(dim=-1) == y).sum())

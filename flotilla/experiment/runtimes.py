@@ -37,13 +37,13 @@ def _common(cfg, task) -> dict:
 def _in_process(cfg, task):
     from flotilla.sim.sync import SyncFedAvg
 
-    return SyncFedAvg, dict(_common(cfg, task), cohort=cfg.cohort)
+    return SyncFedAvg, dict(_common(cfg, task), cohort=cfg.cohort, device=cfg.device, vectorize=cfg.client.vectorize)
 
 
 def _processes(cfg, task):
     from flotilla.sim.parallel import ParallelFedAvg
 
-    return ParallelFedAvg, dict(_common(cfg, task), cohort=cfg.cohort, workers=cfg.workers)
+    return ParallelFedAvg, dict(_common(cfg, task), cohort=cfg.cohort, workers=cfg.workers, device=cfg.device)
 
 
 def _runtime(cfg) -> str | None:
@@ -104,6 +104,8 @@ def _fleet(cfg, task):
         fcfg, cfg.seed, task.dataset.train_sizes.numpy(), numel * 4, cfg.client, message_bytes=_message_bytes(cfg, task)
     )
     common = dict(_common(cfg, task), fleet=fleet)
+    if _runtime(cfg) != "ray":  # on Ray the actors hold the GPUs (gpus_per_actor); the driver trains nothing
+        common["device"] = cfg.device
     if cfg.mode == "async":
         a = cfg.async_
         return AsyncFleetSim, dict(

@@ -39,6 +39,7 @@ from torch.nn import functional as F
 
 from flotilla.core.client import ClientSpec, LocalTrainer, LossFn
 from flotilla.core.dataset import FederatedDataset, from_torch_datasets
+from flotilla.core.device import resolve_device
 from flotilla.core.flat import FlatModel
 from flotilla.network import wire
 from flotilla.network.wire import pb
@@ -734,7 +735,9 @@ class Device:
         max_tasks: int | None = None,
         max_give_ups: int | None = 3,
         on_event: Callable[[str, dict[str, Any]], None] | None = None,
+        device: str | torch.device = "cpu",
     ):
+        self.device = resolve_device(device)  # where this device trains (flotilla join --device)
         self.dataset, self.client = as_device_data(data, client)
         self.num_examples = self.dataset.num_train(self.client)
         if self.num_examples == 0:
@@ -783,7 +786,7 @@ class Device:
             from flotilla.privacy.sample import make_dp_compatible
 
             make_dp_compatible(model)
-        self.flat = FlatModel(model)
+        self.flat = FlatModel(model, self.device)
         self.start = torch.empty(self.flat.numel)
         self.delta = torch.empty(self.flat.numel)
 
@@ -823,6 +826,10 @@ class Device:
             raise ValueError(
                 f"the server's client.algorithm {algorithm!r} is not one this SDK can run: {str(e).splitlines()[0]}"
             ) from None
+        if self.device.type != "cpu" and (cfg.name == "scaffold" or (cfg.name == "fedprox" and cfg.mu > 0)):
+            raise ValueError(
+                f"device: the server's client.algorithm {cfg.name} trains on the CPU only for now; join with --device cpu"
+            )
         if cfg.name == "fedprox" and cfg.mu > 0:
             from flotilla.algorithms.fedprox import FedProxTrainer
 

@@ -33,6 +33,7 @@ from torch import nn
 
 from flotilla.core.client import ClientResult, ClientSpec, LossFn
 from flotilla.core.dataset import FederatedDataset
+from flotilla.core.device import to_device
 from flotilla.core.flat import FlatModel
 from flotilla.privacy.accountant import PrivacyError, dpsgd_schedule, epsilon
 
@@ -144,25 +145,26 @@ class DPLocalTrainer:
         # Reproducible noise from the client seed; secure_mode: an unpredictable seed (os.urandom) and Opacus'
         # floating-point-attack-resistant sampling (runs are then not reproducible).
         noise_seed = int.from_bytes(os.urandom(8), "little") >> 1 if dp.secure_mode else seed ^ 0x5A5A5A5A
-        self.optimizer.generator = torch.Generator().manual_seed(noise_seed)
+        # The noise is drawn on the model's device (Opacus needs a generator of that device).
+        self.optimizer.generator = torch.Generator(device=flat.device).manual_seed(noise_seed)
         torch.manual_seed(seed)  # dropout and other in-model randomness
         self.module.train()
         indices = dataset.train_indices[client]
         sampler = UniformWithReplacementSampler(num_samples=n, sample_rate=q, generator=generator, steps=steps)
         seen = 0
-        loss_sum = torch.zeros(())
+        loss_sum = torch.zeros((), device=flat.device)
         try:
             for batch in sampler:
                 self.optimizer.zero_grad(set_to_none=False)
                 if batch:
-                    x, y = dataset.fetch(indices[torch.as_tensor(batch)])
+                    x, y = to_device(dataset.fetch(indices[torch.as_tensor(batch)]), flat.device)
                     loss = self.loss_fn(self.module(x), y)
                     loss.backward()
                     loss_sum += loss.detach() * len(batch)
                     seen += len(batch)
                 else:  # an empty Poisson batch still takes a (pure-noise) step, as Opacus does
                     for p in flat.params:
-                        p.grad_sample = torch.zeros((0, *p.shape))
+                        p.grad_sample = torch.zeros((0, *p.shape), device=flat.device)
                 self.optimizer.step()
         finally:
             self.optimizer.zero_grad(set_to_none=False)

@@ -36,6 +36,7 @@ from torch import nn
 from flotilla.core.aggregate import UpdateRejected, WeightedMean
 from flotilla.core.client import ClientSpec, LocalTrainer, LossFn, client_seed
 from flotilla.core.dataset import FederatedDataset
+from flotilla.core.device import resolve_device
 from flotilla.core.fedbuff import FedAsyncServer, FedBuff, FedBuffServer
 from flotilla.core.flat import FlatModel
 from flotilla.core.protocols import Components, Shape, refuse_unused
@@ -93,6 +94,7 @@ class _FleetAlgorithm:
         seed: int,
         null_client: bool,
         components: Components,
+        device: str | torch.device = "cpu",
     ):
         if weighting not in ("examples", "uniform"):
             raise ValueError(f"weighting: must be 'examples' or 'uniform', got {weighting!r}")
@@ -106,8 +108,10 @@ class _FleetAlgorithm:
         self.weighting = weighting
         self.seed = seed
         self.null_client = null_client
-        self.flat = FlatModel(model)
-        self.weights = self.flat.flat.clone()
+        # Trips train on the device; the global model, the buffer and the server step stay on the CPU.
+        self.device = resolve_device(device)
+        self.flat = FlatModel(model, self.device)
+        self.weights = self.flat.flat.to("cpu", copy=True)
         self.model_bytes = fleet.model_bytes
         self.delta = torch.empty(0 if null_client else self.flat.numel)
         self.trainer = (components.client_update or LocalTrainer)(self.flat, loss_fn, client)
@@ -163,12 +167,13 @@ class AsyncFleetSim(_FleetAlgorithm):
         trace: bool = False,
         arrival_rate: float | None = None,
         components: Components | None = None,
+        device: str | torch.device = "cpu",
     ):
         if algorithm not in ("fedbuff", "fedasync"):
             raise ValueError(f"async.algorithm: must be 'fedbuff' or 'fedasync', got {algorithm!r}")
         usable = ("client_update", "buffer") if algorithm == "fedbuff" else ("client_update",)
         parts = refuse_unused(components, f"AsyncFleetSim({algorithm})", usable)
-        super().__init__(model, dataset, loss_fn, fleet, client, weighting, seed, null_client, parts)
+        super().__init__(model, dataset, loss_fn, fleet, client, weighting, seed, null_client, parts, device)
         self.algorithm = algorithm
         self.sched = AsyncScheduler(fleet, concurrency, trace=trace, arrival_rate=arrival_rate)
         self.max_staleness = max_staleness
@@ -454,6 +459,7 @@ class SyncFleetSim(_FleetAlgorithm):
         trace: bool = False,
         max_empty_rounds: int = 100,
         components: Components | None = None,
+        device: str | torch.device = "cpu",
     ):
         if over_selection < 1:
             raise ValueError(f"fleet.over_selection: must be >= 1, got {over_selection}")
@@ -465,7 +471,7 @@ class SyncFleetSim(_FleetAlgorithm):
                 f"cohort x fleet.over_selection = {self.select} is larger than fleet.population={fleet.size}"
             )
         parts = refuse_unused(components, "SyncFleetSim", ("client_update", "aggregator"))
-        super().__init__(model, dataset, loss_fn, fleet, client, weighting, seed, null_client, parts)
+        super().__init__(model, dataset, loss_fn, fleet, client, weighting, seed, null_client, parts, device)
         self.cohort = cohort
         self.deadline_s = deadline_s
         self.sched = SyncScheduler(fleet, trace=trace)

@@ -33,6 +33,7 @@ from torch import nn
 from flotilla.core.aggregate import UpdateRejected, check_update
 from flotilla.core.client import ClientSpec, LossFn, client_seed
 from flotilla.core.dataset import FederatedDataset
+from flotilla.core.device import resolve_device
 from flotilla.core.protocols import Components, Shape
 from flotilla.core.server_opt import ServerOptimizerSpec
 from flotilla.sim.sync import SyncFedAvg
@@ -59,6 +60,11 @@ def _usable_cores() -> int:
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
 
+
+CUDA_FORK = (
+    "worker processes are forked and CUDA cannot run in a forked process; with device: cuda use "
+    "workers: 1 (client.vectorize keeps one GPU busy) or runtime: ray with gpus_per_actor"
+)
 
 _NOT_COMPOSABLE = (
     "each worker process trains its clients and sums their plain deltas in shared memory, so a "
@@ -92,15 +98,26 @@ class ParallelFedAvg(SyncFedAvg):
         seed: int = 0,
         aggregator=None,
         components: Components | None = None,
+        device: str | torch.device = "cpu",
     ):
         if not isinstance(workers, int) or workers < 1:
             raise ValueError(f"workers: must be an integer >= 1, got {workers!r}")
+        if workers > 1 and resolve_device(device).type != "cpu":
+            raise ValueError(f"workers: {CUDA_FORK}")
         if aggregator is not None or (components is not None and components.given()):
             raise ValueError(f"workers: {_NOT_COMPOSABLE}; use workers=1")
         if workers > 1 and "fork" not in mp.get_all_start_methods():
             raise RuntimeError("workers > 1 needs the 'fork' start method (Linux); use workers=1 on this platform")
         super().__init__(
-            model, dataset, loss_fn, cohort=cohort, client=client, server=server, weighting=weighting, seed=seed
+            model,
+            dataset,
+            loss_fn,
+            cohort=cohort,
+            client=client,
+            server=server,
+            weighting=weighting,
+            seed=seed,
+            device=device,
         )
         self.workers = workers
         self.threads_per_worker = threads_per_worker or max(1, _usable_cores() // workers)

@@ -19,6 +19,7 @@ from torch import nn
 from flotilla.core.aggregate import RoundAborted, WeightedMean
 from flotilla.core.client import ClientSpec, LocalTrainer, LossFn, client_seed
 from flotilla.core.dataset import FederatedDataset
+from flotilla.core.device import resolve_device
 from flotilla.core.flat import FlatModel
 from flotilla.core.protocols import Components, Shape, refuse_unused
 from flotilla.core.server_opt import ServerOptimizer, ServerOptimizerSpec
@@ -46,14 +47,18 @@ class SyncFedAvg:
         seed: int = 0,
         aggregator=None,
         components: Components | None = None,
+        device: str | torch.device = "cpu",
+        vectorize: int = 1,
     ):
         if not 1 <= cohort <= dataset.num_clients:
             raise ValueError(f"cohort: must be between 1 and the population size {dataset.num_clients}, got {cohort}")
         if weighting not in ("examples", "uniform"):
             raise ValueError(f"weighting: must be 'examples' or 'uniform', got {weighting!r}")
         self.dataset = dataset
-        self.flat = FlatModel(model)
-        self.weights = self.flat.flat.clone()  # the global model
+        # Clients train on the device; the global model and the server side stay on the CPU.
+        self.device = resolve_device(device)
+        self.flat = FlatModel(model, self.device)
+        self.weights = self.flat.flat.to("cpu", copy=True)  # the global model
         self.delta = torch.empty(self.flat.numel)  # reused by every client
         self.server_opt = ServerOptimizer(server, self.flat.numel)
         parts = refuse_unused(components, "SyncFedAvg", ("client_update", "aggregator", "sampler"))
@@ -64,12 +69,44 @@ class SyncFedAvg:
         self.aggregator = aggregator
         make_update = parts.client_update or LocalTrainer
         self.trainer = make_update(self.flat, loss_fn, client)
+        self.vectorized = self._vectorized(vectorize, parts, loss_fn, client)
         self.cohort = cohort
         self.weighting = weighting
         self.seed = seed
         self.round = 0
         # How a round's cohort is drawn (user-level DP may give Poisson sampling as a component).
         self.sample_cohort = parts.sampler or sample_cohort
+
+    def _vectorized(self, k: int, parts: Components, loss_fn: LossFn, client: ClientSpec):
+        """``client.vectorize: k``: a trainer of k clients at once, or None (k = 1)."""
+        if k == 1:
+            return None
+        if parts.client_update is not None:
+            raise ValueError(
+                "client.vectorize: stacks plain local SGD; a custom client update (DP-SGD, FedProx, SCAFFOLD) "
+                "trains one client at a time; set client.vectorize: 1"
+            )
+        from flotilla.core.vectorized import VectorizedTrainer
+
+        trainer = VectorizedTrainer(self.flat, loss_fn, client, k)
+        self._deltas = torch.empty(k, self.flat.numel, device=self.device)
+        return trainer
+
+    def _train_cohort(self, clients: list[int]):
+        """Each client's (client, result, delta) in cohort order; the delta is valid until the next one is yielded."""
+        if self.vectorized is None:
+            for c in clients:
+                seed = client_seed(self.seed, self.round, c)
+                yield c, self.trainer.train(self.dataset, c, self.weights, seed, self.delta), self.delta
+            return
+        k = self.vectorized.k
+        for lo in range(0, len(clients), k):
+            group = clients[lo : lo + k]
+            seeds = [client_seed(self.seed, self.round, c) for c in group]
+            results = self.vectorized.train(self.dataset, group, self.weights, seeds, self._deltas)
+            for i, r in enumerate(results):
+                self.delta.copy_(self._deltas[i])  # the aggregator sees one CPU delta at a time, as sequentially
+                yield group[i], r, self.delta
 
     @classmethod
     def shape(cls, *, dataset: FederatedDataset, cohort: int, weighting: str = "examples", seed: int = 0, **_) -> Shape:
@@ -82,13 +119,12 @@ class SyncFedAvg:
         loss_sum = seen = 0.0
         aborted = None
         try:
-            for c in clients.tolist():
-                r = self.trainer.train(self.dataset, c, self.weights, client_seed(self.seed, self.round, c), self.delta)
+            for c, r, delta in self._train_cohort(clients.tolist()):
                 weight = float(r.num_examples) if self.weighting == "examples" else 1.0
                 loss_sum += r.loss * r.examples_seen
                 seen += r.examples_seen
                 if r.num_examples > 0:
-                    self.aggregator.add(self.delta, weight, c)
+                    self.aggregator.add(delta, weight, c)
             # A DP aggregator releases (pure noise) even for an empty cohort: skipping would leak it.
             if self.aggregator.count or self.aggregator.release_when_empty:
                 update = self.aggregator.result()
@@ -127,3 +163,52 @@ class SyncFedAvg:
         self.aggregator.load_state_dict(agg)
         self.weights.copy_(state["weights"])
         self.round = int(state["round"])
+
+
+def check_device_keys(cfg) -> None:
+    """``device`` and ``client.vectorize`` against the rest of the config (config.py's validator calls
+    this with the whole ExperimentConfig); raises ValueError with one line naming the key."""
+    from flotilla.core.device import CUDA_MISSING
+
+    runtime = cfg.runtime.name if cfg.runtime is not None else None
+    processes = cfg.workers > 1 or runtime == "processes"
+    # On Ray the GPUs are the actors' (gpus_per_actor): the driver may have none.
+    if cfg.device == "cuda" and runtime != "ray" and not torch.cuda.is_available():
+        raise ValueError(CUDA_MISSING)
+    on_gpu = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if on_gpu and processes:
+        from flotilla.sim.parallel import CUDA_FORK
+
+        raise ValueError(f"workers: {CUDA_FORK}")
+    if on_gpu and cfg.client.algorithm is not None:
+        raise ValueError(
+            f"device: client.algorithm {cfg.client.algorithm.name} keeps its state on the CPU and runs there only "
+            "for now; use device: cpu"
+        )
+    if cfg.device != "cpu" and cfg.network is not None:
+        raise ValueError(
+            "device: flotilla serve evaluates on the server's CPU; each device picks its own with "
+            "flotilla join --device; remove device"
+        )
+    if cfg.client.vectorize > 1:
+        p = cfg.privacy
+        why = (
+            "privacy.sample_level (DP-SGD clips each example's gradient with Opacus, one client at a time)"
+            if p is not None and p.sample_level is not None
+            else f"client.algorithm {cfg.client.algorithm.name} (its client update is not plain local SGD)"
+            if cfg.client.algorithm is not None
+            else "mode: async or fleet (the fleet trains each trip as its event fires)"
+            if cfg.mode == "async" or cfg.fleet is not None
+            else "worker processes (each trains its share one client at a time)"
+            if processes
+            else "runtime: ray (actors train one client at a time)"
+            if runtime == "ray"
+            else "flotilla serve (devices train themselves)"
+            if cfg.network is not None
+            else None
+        )
+        if why:
+            raise ValueError(
+                f"client.vectorize: stacks clients of one in-process round; it cannot run with {why}; "
+                "set client.vectorize: 1"
+            )
