@@ -2,7 +2,7 @@
 
 :class:`WordLM` (what trains federated): every vocabulary word's embedding is computed from its
 letters by a character CNN (widths 2, 3, 4, max-pooled over the word, then a linear map), one
-learned vector stands for ``<unk>``; an LSTM reads the input embeddings and its output, mapped to
+learned vector stands for ``<unk>``; a tanh bounds every embedding; an LSTM reads the input embeddings and its output, mapped to
 the embedding width, scores every word by a dot product with the same character-built
 embeddings plus a per-word bias.
 
@@ -34,7 +34,7 @@ class CharWordEncoder(nn.Module):
     def forward(self, spellings: torch.Tensor) -> torch.Tensor:
         c = self.chars(spellings).transpose(1, 2)  # [N, char_dim, L]
         pooled = torch.cat([torch.relu(conv(c)).amax(dim=2) for conv in self.convs], dim=1)
-        return self.out(pooled)
+        return torch.tanh(self.out(pooled))  # bounded embeddings keep the tied dot-product logits stable
 
 
 class WordLM(nn.Module):

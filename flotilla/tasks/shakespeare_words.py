@@ -25,8 +25,8 @@ from flotilla.tasks.registry import Task, TaskType, register
 class WordLMConfig(Section):
     dim: int = Field(64, ge=1, description="word embedding width (built from characters)")
     hidden: int = Field(128, ge=1, description="LSTM hidden units")
-    char_dim: int = Field(16, ge=1, description="character embedding size of the word encoder")
-    filters: int = Field(32, ge=1, description="character CNN filters per width (widths 2, 3, 4)")
+    char_dim: int = Field(8, ge=1, description="character embedding size of the word encoder")
+    filters: int = Field(24, ge=1, description="character CNN filters per width (widths 2, 3, 4)")
 
 
 class ShakespeareWordsTask(Section):
