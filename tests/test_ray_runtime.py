@@ -77,7 +77,7 @@ USER_LEVEL = {
         ),
         ({"runtime": {"name": "in-process"}, "workers": 2}, "runtime.name: in-process trains in one process"),
         ({"runtime": {"name": "processes"}}, "runtime.name: processes trains in `workers` processes; set workers: 2"),
-        ({"runtime": {"name": "ray", "gpus_per_actor": 0.5}}, "runtime.gpus_per_actor: GPUs are not supported"),
+        ({"runtime": {"name": "ray", "gpus_per_actor": -1}}, "runtime.gpus_per_actor: Input should be greater than"),
         ({"runtime": {"name": "ray", "address": "not an address"}}, "runtime.address: must be null"),
         ({"runtime": {"name": "ray", "actors": 0}}, "runtime.actors: Input should be greater than or equal to 1"),
         ({"runtime": {"name": "ray", "cpus_per_actor": 0}}, "runtime.cpus_per_actor: Input should be greater than 0"),
@@ -87,10 +87,10 @@ USER_LEVEL = {
             {"runtime": {"name": "ray"}, "fleet": {"population": 50}},
             "runtime.name: ray runs synchronous rounds and the async fleet (mode: async); the synchronous fleet",
         ),
-        ({"runtime": {"name": "ray"}, "secure_aggregation": {}}, "runtime: secure_aggregation is not supported"),
         (
-            {"runtime": {"name": "ray"}, "client": {"algorithm": {"name": "fedprox", "mu": 0.1}}},
-            "runtime: client.algorithm is not supported",
+            {"runtime": {"name": "ray"}, "client": {"algorithm": {"name": "scaffold"}}},
+            "runtime: client.algorithm: scaffold is not supported on runtime.name: ray (the actors build the client "
+            "updates of fedavg, fedprox; SCAFFOLD's per-client control variates",
         ),
     ],
 )
@@ -139,23 +139,19 @@ def test_without_ray_flotilla_run_prints_one_line(monkeypatch, tmp_path, capsys)
     )
 
 
-def test_privacy_is_accepted_by_the_config():
+def test_privacy_secure_aggregation_fedprox_and_gpus_are_accepted_by_the_config():
     cfg = config({"name": "ray"}, weighting="uniform", privacy={**DP_SGD, **USER_LEVEL})
     assert cfg.privacy is not None and runtime_for(cfg).name == "ray"
+    cfg = config(
+        {"name": "ray", "gpus_per_actor": 0.25},
+        secure_aggregation={"degree": "auto"},
+        client={"batch_size": 10, "algorithm": {"name": "fedprox", "mu": 0.1}},
+    )
+    assert cfg.runtime.gpus_per_actor == 0.25 and runtime_for(cfg).name == "ray"
 
 
 @needs_ray
-@pytest.mark.parametrize(
-    "parts, message",
-    [
-        ({"secure_aggregation": {}}, "runtime: ray: the aggregator SecureAggregator cannot run on Ray actors: "),
-        (
-            {"client_algorithm": {"name": "fedprox", "mu": 0.1}},
-            "runtime: ray: the client update FedProxTrainer cannot run on Ray actors: ",
-        ),
-    ],
-)
-def test_secure_aggregation_and_client_algorithms_are_refused_not_skipped(parts, message):
+def test_scaffold_and_unknown_components_are_refused_not_skipped():
     """Built without the config's checks (as a library user could): the components they give are
     built on the driver and refused there, naming what would not run on the actors."""
     from flotilla.core.client import LocalTrainer
@@ -165,14 +161,25 @@ def test_secure_aggregation_and_client_algorithms_are_refused_not_skipped(parts,
     task = build_task(cfg.task, cfg.seed)
     kwargs = dict(model=task.model, dataset=task.dataset, loss_fn=task.loss_fn, cohort=5, actors=2)
     with pytest.raises(ValueError) as e:
-        build_algorithm(RayFedAvg, kwargs, rounds=2, **parts)
-    assert str(e.value).startswith(message) and "use runtime: {name: in-process}" in str(e.value), str(e.value)
-    with pytest.raises(ValueError, match="the client update LocalTrainer cannot run on Ray actors"):
-        RayFedAvg(**kwargs, components=Components(client_update=LocalTrainer))  # not the actors' DP-SGD trainer
+        build_algorithm(RayFedAvg, kwargs, rounds=2, client_algorithm={"name": "scaffold"})
+    assert str(e.value).startswith("runtime: ray: the client update ScaffoldTrainer cannot run on Ray actors: ")
+    assert "use runtime: {name: in-process}" in str(e.value)
+
+    class Mine(LocalTrainer):  # a subclass may train differently: not what the actors would build
+        pass
+
+    with pytest.raises(ValueError, match="the client update Mine cannot run on Ray actors"):
+        RayFedAvg(**kwargs, components=Components(client_update=Mine))
+    with pytest.raises(ValueError, match="the aggregator WeightedMean cannot run on Ray actors"):
+        from flotilla.core.aggregate import WeightedMean
+
+        RayFedAvg(**kwargs, components=Components(aggregator=WeightedMean))
     with pytest.raises(ValueError, match="a buffer component"):
         RayFedAvg(**kwargs, components=Components(buffer=lambda buffer, version_fn: buffer))
     sampled = RayFedAvg(**kwargs, components=Components(sampler=sample_cohort))  # a sampler runs on the driver
     assert sampled.sample_cohort is sample_cohort
+    prox, _ = build_algorithm(RayFedAvg, kwargs, rounds=2, client_algorithm={"name": "fedprox", "mu": 0.1})
+    assert prox._update == ("fedprox", 0.1)  # what each actor builds
 
 
 @needs_ray

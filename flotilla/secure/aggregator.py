@@ -65,6 +65,25 @@ class DropoutSim:
         return out
 
 
+def encode_input(
+    encoder: FixedPointEncoder, delta: torch.Tensor, factor: float, l2_clip: float | None, out: np.ndarray
+) -> tuple[int, int]:
+    """A client's protocol input into ``out`` (``numel + 1`` ring elements): ``factor * delta`` encoded
+    (first scaled to L2 norm <= ``l2_clip`` if set), then ``factor`` itself (the weight travels masked
+    too).  Returns (coordinates outside [-clip, clip], 1 if the delta was L2-clipped else 0)."""
+    d = delta.detach().cpu().numpy()
+    l2_clipped = 0
+    if l2_clip is not None:  # client side: bound the update's L2 norm first
+        norm = float(np.linalg.norm(d.astype(np.float64)))
+        if norm > l2_clip:
+            d = d * np.float32(l2_clip / norm)
+            l2_clipped = 1
+    clipped = int(np.count_nonzero(np.abs(d) > encoder.clip))
+    out[:-1] = encoder.encode(d, factor)
+    out[-1] = encoder.encode([encoder.clip], factor)[0]
+    return clipped, l2_clipped
+
+
 class SecureAggregator(Aggregator):
     """Weighted mean of client deltas where the server sees only masked vectors and their sum.
 
@@ -197,6 +216,20 @@ class SecureAggregator(Aggregator):
             raise UpdateRejected(f"{where}: the round is finished; call reset() first")
         if self.validate:
             check_update(delta, self.numel, where)
+        slot = self._admit(weight, client, where)
+        if slot is None:
+            return
+        t0 = time.perf_counter()
+        clipped, l2_clipped = encode_input(self.encoder, delta, weight / self.max_weight, self.l2_clip, self._ring)
+        self.clipped += clipped
+        self.l2_clipped += l2_clipped
+        msg = self._clients[slot].masked_input(self._bundles[slot], self._ring)
+        self.timing["client_s"] += time.perf_counter() - t0
+        self._timed("server_s", self._server.receive_masked_input, msg)
+        self._include(slot)
+
+    def _admit(self, weight: float, client, where: str) -> int | None:
+        """The slot of this round's next client, or None when it drops out before sending its input."""
         if not (math.isfinite(weight) and weight > 0):
             raise UpdateRejected(f"{where}: weight must be a positive finite number, got {weight}")
         if weight > self.max_weight:
@@ -215,27 +248,41 @@ class SecureAggregator(Aggregator):
         stage = self._stages.get(slot)
         if stage in ("advertise", "share", "mask"):
             self.dropped[client] = stage  # this update never reaches the server
-            return
+            return None
+        return slot
 
-        t0 = time.perf_counter()
-        d = delta.detach().numpy()
-        if self.l2_clip is not None:  # client side: bound the update's L2 norm first
-            norm = float(np.linalg.norm(d.astype(np.float64)))
-            if norm > self.l2_clip:
-                d = d * np.float32(self.l2_clip / norm)
-                self.l2_clipped += 1
-        self.clipped += int(np.count_nonzero(np.abs(d) > self.encoder.clip))
-        factor = weight / self.max_weight
-        ring = self._ring
-        ring[:-1] = self.encoder.encode(d, factor)
-        ring[-1] = self.encoder.encode([self.encoder.clip], factor)[0]  # the weight travels masked too
-        msg = self._clients[slot].masked_input(self._bundles[slot], ring)
-        self.timing["client_s"] += time.perf_counter() - t0
-        self._timed("server_s", self._server.receive_masked_input, msg)
+    def _include(self, slot: int) -> None:
+        client = self._slots[slot]
         self.count += 1
         self.included.append(client)
-        if stage == "unmask":
-            self.dropped[client] = stage  # included, but will not help unmask
+        if self._stages.get(slot) == "unmask":
+            self.dropped[client] = "unmask"  # included, but will not help unmask
+
+    # -- the client's part elsewhere (a runtime whose clients train in other processes) ----------
+    def admit(self, weight: float, client) -> tuple[int, list[tuple[bytes, int]]] | None:
+        """``add`` without the delta, for a client trained elsewhere (a Ray actor): its slot and the seeds
+        of its masks (what that client alone holds), or None when it drops out before sending its input.
+        The trainer then encodes with :func:`encode_input` (factor ``weight / max_weight``), masks with
+        :func:`~flotilla.secure.protocol.add_masks`, and sums; :meth:`receive_masked_sum` takes the sums."""
+        where = f"update from client {client}"
+        if self._done:
+            raise UpdateRejected(f"{where}: the round is finished; call reset() first")
+        slot = self._admit(weight, client, where)
+        if slot is None:
+            return None
+        return slot, self._timed("client_s", self._clients[slot].mask_seeds, self._bundles[slot])
+
+    def drop(self, slot: int, stage: str = "mask") -> None:
+        """An admitted client whose input never came (its training failed): a dropout before sending."""
+        self.dropped[self._slots[slot]] = stage
+
+    def receive_masked_sum(self, slots: list[int], total: np.ndarray, clipped: int = 0, l2_clipped: int = 0) -> None:
+        """The sum mod 2^bits of the masked inputs of the admitted ``slots``, with the clients' clip counts."""
+        self._timed("server_s", self._server.receive_masked_sum, self._server.config.session, slots, total)
+        for slot in sorted(slots):
+            self._include(slot)
+        self.clipped += clipped
+        self.l2_clipped += l2_clipped
 
     def result(self) -> torch.Tensor:
         if self._done:

@@ -116,6 +116,12 @@ def _check_session(config: SecAggConfig, msg, who: str) -> None:
         raise ReplayedMessage(f"{who}: {type(msg).__name__} belongs to another round (session id mismatch)")
 
 
+def add_masks(y: np.ndarray, seeds: list[tuple[bytes, int]], prg: PRG) -> None:
+    """``y += sum sign * PRG(seed)`` mod 2^bits in place: a client's masks (``SecAggClient.mask_seeds``)."""
+    for seed, sign in seeds:
+        prg.add_into(y, seed, sign)
+
+
 class SecAggClient:
     """One client's side of a round. Call advertise, share_keys, masked_input, unmask in order."""
 
@@ -188,6 +194,22 @@ class SecAggClient:
 
     # -- round 2 ------------------------------------------------------------------------
     def masked_input(self, bundle: ShareBundle, x: np.ndarray) -> MaskedInput:
+        cfg = self.config
+        senders = self._check_bundle(bundle)
+        if not isinstance(x, np.ndarray) or x.dtype != cfg.dtype or x.shape != (cfg.length,):
+            raise ProtocolError(f"{self._who}: input must be a ({cfg.length},) {cfg.dtype} ring vector")
+        y = x.copy()
+        add_masks(y, self._open(bundle, senders), self._prg or PRG(cfg.length, cfg.dtype))
+        return MaskedInput(cfg.session, self.id, y)
+
+    def mask_seeds(self, bundle: ShareBundle) -> list[tuple[bytes, int]]:
+        """Round 2 without the input: the seeds of this client's masks, ``[(b_u, +1), (s_uv, +1 if v > u
+        else -1), ...]``, for :func:`add_masks` (``masked_input`` is this plus the input).  A runtime that
+        masks elsewhere (a Ray actor training this client) gets only these seeds; the client keeps its
+        shares for round 3."""
+        return self._open(bundle, self._check_bundle(bundle))
+
+    def _check_bundle(self, bundle: ShareBundle) -> set[int]:
         self._expect("mask", bundle)
         cfg = self.config
         if bundle.recipient != self.id:
@@ -199,8 +221,10 @@ class SecAggClient:
             raise SecAggAborted(
                 f"{self._who}: only {len(senders) + 1} of its share holders remain, threshold is {cfg.t}"
             )
-        if not isinstance(x, np.ndarray) or x.dtype != cfg.dtype or x.shape != (cfg.length,):
-            raise ProtocolError(f"{self._who}: input must be a ({cfg.length},) {cfg.dtype} ring vector")
+        return senders
+
+    def _open(self, bundle: ShareBundle, senders: set[int]) -> list[tuple[bytes, int]]:
+        cfg = self.config
         # Decrypt everything before changing any state: one bad ciphertext rejects the bundle.
         held = {}
         for u in sorted(senders):
@@ -215,17 +239,15 @@ class SecAggClient:
                 raise TamperedMessage(f"{self._who}: shares from client {u} have the wrong length")
             held[u] = pt
 
-        prg = self._prg or PRG(cfg.length, cfg.dtype)
-        y = x.copy()
-        prg.add_into(y, self._b)
+        seeds = [(self._b, 1)]
         for v in sorted(senders):  # pairwise masks cancel in the sum
             seed = K.derive(self._s_sk, self._keys[v][1], cfg.session, _mask_info(self.id, v))
-            prg.add_into(y, seed, +1 if v > self.id else -1)
+            seeds.append((seed, +1 if v > self.id else -1))
         self._held.update(held)
         self._u2_nb = senders
         del self._b, self._s_sk, self._c_sk  # no longer needed: forget them
         self.stage = "unmask"
-        return MaskedInput(cfg.session, self.id, y)
+        return seeds
 
     # -- round 3 ------------------------------------------------------------------------
     def unmask(self, request: UnmaskRequest) -> UnmaskResponse:
@@ -357,6 +379,26 @@ class SecAggServer:
             raise ProtocolError(f"server: masked input from client {u} is not a ({cfg.length},) {cfg.dtype} vector")
         np.add(self._sum, y, out=self._sum)  # only the running sum is kept
         self._masked.add(u)
+
+    def receive_masked_sum(self, session: bytes, senders, y: np.ndarray) -> None:
+        """Round 2 for several clients at once: ``y`` is the sum mod 2^bits of their masked inputs,
+        added up by a relay that trained them (a Ray actor); the same checks as one by one."""
+        cfg, senders = self.config, sorted(senders)
+        if session != cfg.session:
+            raise ReplayedMessage("server: a masked sum belongs to another round (session id mismatch)")
+        if self.stage != "mask":
+            raise ProtocolError(f"server: got a masked sum while in stage {self.stage!r}")
+        if len(set(senders)) != len(senders) or not senders:
+            raise ProtocolError(f"server: a masked sum must name distinct senders, got {senders[:5]}")
+        for u in senders:
+            if u not in self._shares:
+                raise ProtocolError(f"server: masked input from client {u}, which did not share keys")
+            if u in self._masked:
+                raise ReplayedMessage(f"server: client {u} already sent its masked input")
+        if not isinstance(y, np.ndarray) or y.dtype != cfg.dtype or y.shape != (cfg.length,):
+            raise ProtocolError(f"server: a masked sum is not a ({cfg.length},) {cfg.dtype} vector")
+        np.add(self._sum, y, out=self._sum)
+        self._masked.update(senders)
 
     def close_masked_input(self) -> UnmaskRequest:
         if self.stage != "mask":

@@ -20,6 +20,7 @@ from pydantic import Field, field_validator
 from flotilla.core.schema import Section
 
 RAY_EXTRA = "pip install 'flotilla[ray]'"
+RAY_CLIENT_ALGORITHMS = ("fedavg", "fedprox")  # client updates an actor builds itself (sim/ray_runtime.py)
 RAY_KEYS = ("address", "actors", "cpus_per_actor", "gpus_per_actor", "max_restarts", "on_client_error")
 
 
@@ -47,7 +48,10 @@ class RuntimeConfig(Section):
         1.0, gt=0, description="ray: CPUs each actor reserves (also its torch threads, at least 1)"
     )
     gpus_per_actor: float = Field(
-        0.0, ge=0, description="ray: GPUs each actor reserves; only 0 for now (training on GPUs is not supported yet)"
+        0.0,
+        ge=0,
+        description="ray: GPUs each actor reserves, may be a fraction (0.25: four actors share a GPU); > 0 "
+        "trains on the actor's GPU (device cuda on its node); the cluster must have them",
     )
     max_restarts: int = Field(
         3,
@@ -68,13 +72,6 @@ class RuntimeConfig(Section):
             return v
         raise ValueError("must be null (a private local Ray), 'auto', 'host:port' or 'ray://host:port'")
 
-    @field_validator("gpus_per_actor")
-    @classmethod
-    def _no_gpus_yet(cls, v):
-        if v:
-            raise ValueError("GPUs are not supported by the Ray runtime yet (actors train on CPU); use 0")
-        return v
-
 
 def check_runtime(cfg) -> None:
     """Cross-section checks of ``cfg.runtime`` (an ExperimentConfig); each error names its key."""
@@ -92,6 +89,11 @@ def check_runtime(cfg) -> None:
         )
     if rt.name == "in-process":
         return
+    if rt.name == "ray" and getattr(cfg, "device", None) == "cuda" and not rt.gpus_per_actor:
+        raise ValueError(
+            "runtime.gpus_per_actor: device: cuda on runtime.name: ray trains on the actors' GPUs; set "
+            "gpus_per_actor > 0 (e.g. 0.25), or device: cpu"
+        )
     if rt.name == "ray" and cfg.mode == "async":
         _check_ray_async(cfg)
         return
@@ -114,20 +116,14 @@ def check_runtime(cfg) -> None:
             f"runtime.name: ray trains on runtime.actors Ray actors; workers: {cfg.workers} is for "
             f"runtime.name: processes (set workers: 1)"
         )
-    # privacy composes (DP-SGD on the actors, user-level clipping there and the noise on the driver)
-    refused = [
-        k
-        for k, on in (
-            ("secure_aggregation", cfg.secure_aggregation is not None),
-            ("client.algorithm", cfg.client.algorithm is not None),
-        )
-        if on
-    ]
-    if refused:
+    # privacy, secure aggregation and FedProx compose (DP-SGD / FedProx on the actors, user-level clipping
+    # and SecAgg masking there, the noise and the unmasking on the driver); SCAFFOLD keeps per-client state
+    algo = cfg.client.algorithm
+    if algo is not None and algo.name not in RAY_CLIENT_ALGORITHMS:
         raise ValueError(
-            f"runtime: {refused[0]} is not supported on runtime.name: ray yet (each actor trains with a "
-            f"plain or DP-SGD trainer and sums plain or clipped deltas, so secure aggregation's masking and "
-            f"client algorithms would not run there); use runtime.name: in-process"
+            f"runtime: client.algorithm: {algo.name} is not supported on runtime.name: ray (the actors build the "
+            f"client updates of {', '.join(RAY_CLIENT_ALGORITHMS)}; SCAFFOLD's per-client control variates live "
+            f"in the driver's store and are not shipped with each client's call); use runtime.name: in-process"
         )
 
 

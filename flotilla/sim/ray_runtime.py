@@ -29,8 +29,15 @@ actor order and takes the one server step.
   validation and clipping) and returns the partial sum; the driver ``merge``s the partial sums into
   its DPFedAvg, which adds the noise and divides by the expected cohort (``result``), so noise,
   adaptive clipping and accounting are the in-process ones.  A sampler (Poisson) runs on the driver.
-* Refused when built, never silently skipped: any other client update (client algorithms) or
-  aggregator (secure aggregation) and a buffer.
+* Secure aggregation (SecAgg / SecAgg+, with or without user-level DP): the driver keeps the
+  protocol's state (keys, graph, shares, dropouts, unmasking: its SecureAggregator) and gives each
+  actor only the mask seeds of the clients it trains; the actor encodes, masks and sums them mod
+  2^bits, and the driver unmasks the sum of the partial sums (:mod:`flotilla.sim.ray_secure`).
+  Ring sums are exact: the same bits as in-process for any number of actors.
+* FedProx: the actors build the same ``FedProxTrainer`` (its ``mu``).  GPUs: ``gpus_per_actor > 0``
+  (a fraction shares one) trains on the actor's GPU (its model and flat buffers there).
+* Refused when built, never silently skipped: any other client update (SCAFFOLD) or aggregator,
+  and a buffer.
 
 Ray is an optional extra; this module imports it only when an algorithm is built.
 """
@@ -47,7 +54,7 @@ import traceback
 import torch
 from torch import nn
 
-from flotilla.core.aggregate import check_update
+from flotilla.core.aggregate import RoundAborted, check_update
 from flotilla.core.client import ClientSpec, LocalTrainer, LossFn, client_seed
 from flotilla.core.dataset import FederatedDataset
 from flotilla.core.flat import FlatModel
@@ -58,9 +65,9 @@ from flotilla.sim.ray_config import RAY_EXTRA
 from flotilla.sim.sync import SyncFedAvg
 
 NOT_ON_RAY = (
-    "each Ray actor trains its clients with a (DP-SGD) trainer it builds itself and sums their (clipped) "
-    "deltas, so only DP composes here; client algorithms and secure aggregation are not supported on "
-    "runtime: ray yet; use runtime: {name: in-process}"
+    "each Ray actor builds its client update itself (plain local SGD, DP-SGD or FedProx) and sums plain, "
+    "clipped or masked deltas; other client updates (SCAFFOLD: per-client state on the driver) and "
+    "aggregators are not supported on runtime: ray; use runtime: {name: in-process}"
 )
 
 
@@ -87,12 +94,46 @@ def check_actor_args(actors, cpus_per_actor, gpus_per_actor, max_restarts, on_cl
         raise ValueError(f"runtime.actors: must be an integer >= 1, got {actors!r}")
     if not cpus_per_actor > 0:
         raise ValueError(f"runtime.cpus_per_actor: must be > 0, got {cpus_per_actor!r}")
-    if gpus_per_actor:
-        raise ValueError("runtime.gpus_per_actor: GPUs are not supported by the Ray runtime yet; use 0")
+    if not (isinstance(gpus_per_actor, (int, float)) and math.isfinite(gpus_per_actor) and gpus_per_actor >= 0):
+        raise ValueError(f"runtime.gpus_per_actor: must be a number >= 0, got {gpus_per_actor!r}")
     if not isinstance(max_restarts, int) or max_restarts < 0:
         raise ValueError(f"runtime.max_restarts: must be an integer >= 0, got {max_restarts!r}")
     if on_client_error not in ("stop", "skip"):
         raise ValueError(f"runtime.on_client_error: must be 'stop' or 'skip', got {on_client_error!r}")
+
+
+def client_update_spec(trainer) -> tuple | None:
+    """What an actor needs to build the driver's client update itself: None (``LocalTrainer``),
+    ``("dp", SampleLevelSpec)`` (DP-SGD) or ``("fedprox", mu)``; anything else cannot run on the actors
+    (raises ValueError naming it).  Exact types: a subclass may train differently."""
+    from flotilla.algorithms.fedprox import FedProxTrainer
+
+    if type(trainer) is LocalTrainer:
+        return None
+    if type(trainer) is FedProxTrainer:
+        return ("fedprox", trainer.mu)
+    from flotilla.privacy.sample import DPLocalTrainer
+
+    if type(trainer) is DPLocalTrainer:
+        return ("dp", trainer.dp)
+    raise ValueError(f"runtime: ray: the client update {type(trainer).__name__} cannot run on Ray actors: {NOT_ON_RAY}")
+
+
+def build_client_update(model: nn.Module, loss_fn: LossFn, client: ClientSpec, update, device):
+    """``(flat, trainer)`` on an actor from :func:`client_update_spec`'s description."""
+    kind = update[0] if update is not None else None
+    if kind == "dp":
+        from flotilla.privacy.sample import DPLocalTrainer, make_dp_compatible
+
+        make_dp_compatible(model)  # recurrent layers -> Opacus' DP layers, before the FlatModel binds them
+    flat = FlatModel(model) if device is None else FlatModel(model, device)
+    if kind == "dp":
+        return flat, DPLocalTrainer(flat, loss_fn, client, update[1])
+    if kind == "fedprox":
+        from flotilla.algorithms.fedprox import FedProxTrainer
+
+        return flat, FedProxTrainer(flat, loss_fn, client, update[1])
+    return flat, LocalTrainer(flat, loss_fn, client)
 
 
 class ClientActor:
@@ -100,7 +141,8 @@ class ClientActor:
 
     ``kind`` is ``"config"`` (``what`` is the task config, built with the task registry on this actor)
     or ``"objects"`` (``what`` is ``[ref]`` to ``(model, dataset, loss_fn)`` in the object store, resolved
-    here after the driver's ``sys.path`` is set, so the task's own modules unpickle)."""
+    here after the driver's ``sys.path`` is set, so the task's own modules unpickle).  ``update``
+    describes the client update (:func:`client_update_spec`); ``gpu``: train on this node's GPU."""
 
     def __init__(
         self,
@@ -111,13 +153,19 @@ class ClientActor:
         seed: int,
         threads: int,
         paths: list[str],
-        dp=None,  # a SampleLevelSpec: train with DP-SGD
+        update=None,  # client_update_spec(): plain, DP-SGD or FedProx
         clip: bool = False,  # user-level DP: clip each delta to the S given each round
+        gpu: bool = False,
     ):
         for p in reversed(paths):  # the driver's cwd and sys.path: a task.factory module next to the config
             if p not in sys.path:
                 sys.path.insert(0, p)
         torch.set_num_threads(threads)
+        device = None
+        if gpu:  # Ray gave this actor a (fraction of a) GPU: CUDA_VISIBLE_DEVICES names it
+            from flotilla.core.device import resolve_device
+
+            device = resolve_device("cuda")
         if kind == "config":
             from flotilla.tasks import build_task
 
@@ -128,17 +176,9 @@ class ClientActor:
 
             model, dataset, loss_fn = ray.get(what[0])
         self.dataset, self.weighting, self.seed = dataset, weighting, seed
-        if dp is not None:
-            from flotilla.privacy.sample import DPLocalTrainer, make_dp_compatible
-
-            make_dp_compatible(model)  # recurrent layers -> Opacus' DP layers, before the FlatModel binds them
-            self.flat = FlatModel(model)
-            self.trainer = DPLocalTrainer(self.flat, loss_fn, client, dp)
-            self.results = self.trainer.results  # one DPClientResult (epsilon) per client trained
-        else:
-            self.flat = FlatModel(model)
-            self.trainer = LocalTrainer(self.flat, loss_fn, client)
-            self.results = None
+        self.flat, self.trainer = build_client_update(model, loss_fn, client, update, device)
+        self.results = getattr(self.trainer, "results", None)  # DP-SGD: one DPClientResult (epsilon) per client
+        self.device = str(self.flat.flat.device)
         self.delta = torch.empty(self.flat.numel)
         self.sum = torch.zeros(self.flat.numel)
         self.clipper = None
@@ -146,6 +186,7 @@ class ClientActor:
             from flotilla.privacy.user import DPFedAvg
 
             self.clipper = DPFedAvg(self.flat.numel, clip_norm=1.0, noise_multiplier=0.0, expected_cohort=1.0)
+        self.masking = None  # secure aggregation: an ActorMasking for the round's encoding parameters
 
     def info(self) -> dict:
         import ray
@@ -155,7 +196,16 @@ class ClientActor:
             "num_clients": self.dataset.num_clients,
             "pid": os.getpid(),
             "node": ray.get_runtime_context().get_node_id(),
+            "device": self.device,
         }
+
+    def _masking(self, spec):
+        from flotilla.sim.ray_secure import ActorMasking
+
+        if self.masking is None or self.masking.spec != spec:
+            self.masking = ActorMasking(spec, self.flat.numel)
+        self.masking.reset()
+        return self.masking
 
     def train(
         self,
@@ -164,16 +214,23 @@ class ClientActor:
         weights: torch.Tensor,
         skip_failed: bool = False,
         clip_norm: float | None = None,
+        masks: dict | None = None,
+        masking=None,
     ):
         """Train ``clients`` in order from ``weights``: ``(sum_i w_i delta_i, sum_i w_i, loss_sum, seen, count,
-        failed, dp)``, or ``("error", client, error, traceback)`` for the first client whose training raised
+        failed, extra)``, or ``("error", client, error, traceback)`` for the first client whose training raised
         (with ``skip_failed``, such clients are left out and listed in ``failed`` as ``(client, error)``).
-        With user-level DP the sum is of deltas clipped to ``clip_norm`` (weight 1); ``dp`` holds the
-        clipper's ``unclipped`` count and the DP-SGD trainer's per-client results."""
+        With user-level DP the sum is of deltas clipped to ``clip_norm`` (weight 1); ``extra`` holds the
+        clipper's ``unclipped`` count and the DP-SGD trainer's per-client results.  With secure aggregation
+        (``masking``, a MaskingSpec, and ``masks[c] = (slot, seeds)`` for the clients that send an input) the
+        sum is of their masked ring inputs, mod 2^bits, and ``extra["secure"]`` says which slots it holds."""
+        secure = self._masking(masking) if masking is not None else None
         if self.clipper is not None:
             self.clipper.clip_norm = clip_norm
             self.clipper.reset()
             out = self.clipper.sum
+        elif secure is not None:
+            out = secure.sum
         else:
             out = self.sum.zero_()
         results = self.results
@@ -191,23 +248,27 @@ class ClientActor:
                         self.clipper.add(self.delta, weight, c)  # as the driver's DPFedAvg.add in-process
                     else:
                         check_update(self.delta, self.flat.numel, f"update from client {c}")
+                        if secure is not None and c in masks:  # as SecureAggregator.add for its slot
+                            secure.add(self.delta, weight, *masks[c])
             except Exception as e:
                 if skip_failed:
                     failed.append((c, f"{type(e).__name__}: {e}"))
                     continue
                 return ("error", c, f"{type(e).__name__}: {e}", traceback.format_exc())
             if r.num_examples > 0:
-                if self.clipper is None:
+                if self.clipper is None and secure is None:
                     out.add_(self.delta, alpha=weight)
                 total_weight += weight
                 count += 1
             loss_sum += r.loss * r.examples_seen
             seen += r.examples_seen
-        dp = {
+        extra = {
             "unclipped": self.clipper.unclipped if self.clipper is not None else 0,
             "results": list(results) if results is not None else [],
         }
-        return (out, total_weight, loss_sum, seen, count, failed, dp)
+        if secure is not None:
+            extra["secure"] = secure.reply()
+        return (out, total_weight, loss_sum, seen, count, failed, extra)
 
     def train_trip(self, trip_id: int, client: int, weights: torch.Tensor):
         """One fleet trip (the async fleet on Ray): ``(ClientResult, delta)`` of ``client`` trained from
@@ -217,14 +278,17 @@ class ClientActor:
             r = self.trainer.train(self.dataset, client, weights, client_seed(self.seed, trip_id, client), self.delta)
         except Exception as e:
             return ("error", client, f"{type(e).__name__}: {e}", traceback.format_exc())
+        if self.results is not None:
+            self.results.clear()  # the DPClientResult is r itself
         return (r, self.delta)
 
 
 class RayActors:
     """Starting and ending the actors; shared by :class:`RayFedAvg` and the async fleet on Ray
     (:mod:`flotilla.sim.ray_fleet`).  The class using it sets ``_ray``, ``actors``, ``address``,
-    ``cpus_per_actor``, ``max_restarts``, ``_task_config``, ``_model``, ``_loss_fn``, ``_client_spec``,
-    ``_dp_trainer``, ``_dp_aggregator``, ``_handles``, ``_source``, ``actor_nodes`` and ``_started_ray``."""
+    ``cpus_per_actor``, ``gpus_per_actor``, ``max_restarts``, ``_task_config``, ``_model``, ``_loss_fn``,
+    ``_client_spec``, ``_update`` (:func:`client_update_spec`), ``_dp_aggregator``, ``_handles``, ``_source``,
+    ``actor_nodes`` and ``_started_ray``."""
 
     def _start(self) -> None:
         ray = self._ray
@@ -245,12 +309,21 @@ class RayActors:
                         f"({str(e).splitlines()[0]}); start one with `ray start --head`"
                     ) from None
             self._started_ray = True
-        need, have = self.actors * self.cpus_per_actor, ray.cluster_resources().get("CPU", 0.0)
+        resources = ray.cluster_resources()
+        need, have = self.actors * self.cpus_per_actor, resources.get("CPU", 0.0)
         if need > have + 1e-9:  # Ray would keep the actors pending and the round would wait forever
             self.close()
             raise ValueError(
                 f"runtime.actors: {self.actors} actors x {self.cpus_per_actor:g} CPUs (runtime.cpus_per_actor) "
                 f"need {need:g} CPUs, the Ray cluster has {have:g}; add nodes or ask for fewer"
+            )
+        gpus = self.gpus_per_actor
+        need, have = self.actors * gpus, resources.get("GPU", 0.0)
+        if gpus and need > have + 1e-9:  # the same: pending for ever
+            self.close()
+            raise ValueError(
+                f"runtime.gpus_per_actor: {self.actors} actors x {gpus:g} GPUs need {need:g} GPUs, the Ray "
+                f"cluster has {have:g}" + ("" if have else " (no node has a GPU); use gpus_per_actor: 0")
             )
         if self._task_config is not None:
             kind, what = "config", self._task_config
@@ -260,7 +333,10 @@ class RayActors:
         self._source = what
         paths = [os.getcwd()] + [p for p in sys.path if p]
         remote = ray.remote(ClientActor).options(
-            num_cpus=self.cpus_per_actor, max_restarts=self.max_restarts, max_task_retries=self.max_restarts
+            num_cpus=self.cpus_per_actor,
+            num_gpus=gpus,
+            max_restarts=self.max_restarts,
+            max_task_retries=self.max_restarts,
         )
         threads = max(1, int(self.cpus_per_actor))
         self._handles = [
@@ -272,8 +348,9 @@ class RayActors:
                 self.seed,
                 threads,
                 paths,
-                self._dp_trainer.dp if self._dp_trainer is not None else None,
+                self._update,
                 self._dp_aggregator is not None,
+                gpus > 0,
             )
             for _ in range(self.actors)
         ]
@@ -294,9 +371,10 @@ class RayActors:
                     f"{self.dataset.num_clients}; the task config must build the same task everywhere"
                 )
         self.actor_nodes = [info["node"] for info in infos]
+        devices = sorted({info["device"] for info in infos})
         print(
             f"flotilla: ray: {self.actors} actor(s) on {len(set(self.actor_nodes))} node(s) "
-            f"(address: {self.address or 'a private local Ray'})",
+            f"(address: {self.address or 'a private local Ray'}; training on {', '.join(devices)})",
             file=sys.stderr,
         )
 
@@ -368,47 +446,58 @@ class RayFedAvg(RayActors, SyncFedAvg):
             seed=seed,
             components=components,
         )
-        self._dp_trainer, self._dp_aggregator = self._dp_parts(components)
+        self._update, self._dp_aggregator, self._secure = self._parts(components)
+        self._dp_trainer = self.trainer if self._update is not None and self._update[0] == "dp" else None
         self.actors, self.address, self.cpus_per_actor = actors, address, float(cpus_per_actor)
+        self.gpus_per_actor = float(gpus_per_actor)
         self.max_restarts, self.on_client_error = max_restarts, on_client_error
         self._client_spec, self._loss_fn, self._model = client, loss_fn, model_for_actors
         self._task_config = task_config
         self._total = torch.zeros(self.flat.numel)
+        self._masks = self._masking = None  # secure aggregation: the round's {client: (slot, seeds)}, MaskingSpec
         self._handles: list = []
         self._source = None
         self.actor_nodes: list[str] = []  # the Ray node of each actor, once started
         self._started_ray = False
 
-    def _dp_parts(self, components: Components):
-        """The DP-SGD trainer and the DP-FedAvg aggregator the components built here (None: not given).
-        Exact types: anything else (a client algorithm's trainer, a secure aggregator, a subclass that
-        trains or aggregates differently) would not run on the actors, so it is refused."""
-        trainer = aggregator = None
-        if components.client_update is not None or components.aggregator is not None:
-            from flotilla.privacy.sample import DPLocalTrainer
+    def _parts(self, components: Components):
+        """``(update, dp_aggregator, secure_aggregator)``: how the actors build the client update the
+        components gave (:func:`client_update_spec`: plain, DP-SGD, FedProx), and the DP-FedAvg or
+        SecureAggregator they built here (None: not given).  Exact types: anything else (SCAFFOLD's
+        trainer, another aggregator, a subclass that trains or aggregates differently) would not run
+        on the actors, so it is refused."""
+        update = dp_aggregator = secure = None
+        refused = None
+        try:
+            update = client_update_spec(self.trainer)
+        except ValueError as e:
+            refused = e
+        if components.aggregator is not None:
             from flotilla.privacy.user import DPFedAvg
+            from flotilla.secure.aggregator import SecureAggregator
 
-            refused = None
-            if components.client_update is not None:
-                if type(self.trainer) is DPLocalTrainer:
-                    trainer = self.trainer
-                else:
-                    refused = f"the client update {type(self.trainer).__name__}"
-            if components.aggregator is not None:
-                if type(self.aggregator) is DPFedAvg:
-                    aggregator = self.aggregator
-                else:
-                    refused = refused or f"the aggregator {type(self.aggregator).__name__}"
-            if refused:
-                if trainer is not None:
-                    trainer.close()  # Opacus' hooks off the user's model
-                raise ValueError(f"runtime: ray: {refused} cannot run on Ray actors: {NOT_ON_RAY}")
-        return trainer, aggregator
+            if type(self.aggregator) is DPFedAvg:
+                dp_aggregator = self.aggregator
+            elif type(self.aggregator) is SecureAggregator:
+                secure = self.aggregator
+            elif refused is None:
+                refused = ValueError(
+                    f"runtime: ray: the aggregator {type(self.aggregator).__name__} cannot run on Ray actors: {NOT_ON_RAY}"
+                )
+        if refused is not None:
+            if hasattr(self.trainer, "close"):
+                self.trainer.close()  # e.g. Opacus' hooks off the user's model
+            raise refused
+        return update, dp_aggregator, secure
 
     # -- the round -----------------------------------------------------------------------------
     def _submit(self, rank: int, weights_ref, share: list[int]):
         clip = self._dp_aggregator.clip_norm if self._dp_aggregator is not None else None  # this round's S
-        return self._handles[rank].train.remote(self.round, share, weights_ref, self.on_client_error == "skip", clip)
+        masks, masking = self._masks, self._masking  # secure aggregation: this round's
+        if masks is not None:  # only the seeds of this actor's clients
+            masks = {c: masks[c] for c in share if c in masks}
+        skip = self.on_client_error == "skip"
+        return self._handles[rank].train.remote(self.round, share, weights_ref, skip, clip, masks, masking)
 
     def _gather(self, refs: list) -> list:
         """Each actor's reply.  A call whose actor died is retried by Ray once it has restarted the
@@ -429,15 +518,27 @@ class RayFedAvg(RayActors, SyncFedAvg):
         if not self._handles:
             self._start()
         clients = [int(c) for c in self.sample_cohort(self.seed, self.round, self.dataset.num_clients, self.cohort)]
-        shares = split_cohort(clients, [self.dataset.num_train(c) for c in clients], self.actors)
+        masks = aborted = None
+        to_train = clients
+        if self._secure is not None:  # the protocol's state stays here; each client's masking goes to its actor
+            from flotilla.sim.ray_secure import MaskingSpec, admit_cohort
+
+            masks, to_train, aborted = admit_cohort(self._secure, clients, self._secure_weight)
+            self._masks, self._masking = masks, MaskingSpec.of(self._secure)
+        shares = split_cohort(to_train, [self.dataset.num_train(c) for c in to_train], self.actors)
         weights_ref = self._ray.put(self.weights)
-        refs = [self._submit(rank, weights_ref, share) for rank, share in enumerate(shares)]
-        replies = self._gather(refs)
+        try:
+            refs = [self._submit(rank, weights_ref, share) for rank, share in enumerate(shares)]
+            replies = self._gather(refs)
+        finally:
+            self._masks = self._masking = None  # the seeds of a round are used once
         for reply in replies:  # the round is abandoned: weights, optimizer state and round unchanged
             if isinstance(reply[0], str):
                 _, c, error, detail = reply
                 raise ClientTrainingError(c, self.round + 1, error, detail)
-        if self._dp_aggregator is not None:  # partial sums of clipped deltas; noise and 1/m here, as in-process
+        if self._secure is not None:
+            aborted = self._secure_step(replies, masks, aborted)
+        elif self._dp_aggregator is not None:  # partial sums of clipped deltas; noise and 1/m here, as in-process
             dp = self._dp_aggregator
             dp.reset()
             for reply in replies:
@@ -461,9 +562,37 @@ class RayFedAvg(RayActors, SyncFedAvg):
             "clients": len(clients),
         }
         record.update(self.aggregator.round_metrics())
+        if aborted is not None:
+            record.update(aborted=True, abort_reason=str(aborted))
         failed = [f for r in replies for f in r[5]]
         if self.on_client_error == "skip":
             record["failed_clients"] = len(failed)
             for c, error in failed:
                 print(f"flotilla: ray: client {c} failed in round {self.round}, left out: {error}", file=sys.stderr)
         return record
+
+    # -- secure aggregation (flotilla.sim.ray_secure) ------------------------------------------------
+    def _secure_weight(self, c: int) -> float | None:
+        """A client's weight as SyncFedAvg's ``add`` would give it; None: no training examples, no ``add``."""
+        n = self.dataset.num_train(c)
+        if n == 0:
+            return None
+        return float(n) if self.weighting == "examples" else 1.0
+
+    def _secure_step(self, replies: list, masks: dict, aborted):
+        """The actors' partial masked sums into the driver's protocol, unmasked there (``result``) and
+        the server step, as SyncFedAvg does with the SecureAggregator; returns the round's abort, if any."""
+        from flotilla.sim.ray_secure import receive
+
+        agg = self._secure
+        if aborted is not None:  # aborted while admitting (in-process: at that client's add)
+            return aborted
+        try:
+            for reply in replies:
+                failed = [masks[c][0] for c, _ in reply[5] if c in masks]  # skipped: dropouts before sending
+                receive(agg, reply[0], reply[6]["secure"], failed)
+            if agg.count or agg.release_when_empty:
+                self.server_opt.step(self.weights, agg.result())
+        except RoundAborted as e:
+            return e  # no server step: weights and optimizer state untouched
+        return None
