@@ -1,0 +1,9 @@
+"""Hyperparameter tuning of Flotilla experiments with Optuna, under noisy federated evaluation.
+
+``flotilla tune SPACE.yaml`` (:func:`flotilla.tune.study.tune`): see docs/tuning.md."""
+
+from flotilla.tune.noisy_eval import NoiseConfig, NoisyEvaluation
+from flotilla.tune.space import Space, TuneConfig, load_space
+from flotilla.tune.study import StudyError, tune
+
+__all__ = ["NoiseConfig", "NoisyEvaluation", "Space", "StudyError", "TuneConfig", "load_space", "tune"]
