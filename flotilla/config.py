@@ -20,6 +20,7 @@ from flotilla.channels.config import ChannelsConfig
 from flotilla.core.schema import Section
 from flotilla.core.server_opt import OPTIMIZERS
 from flotilla.core.staleness import AVERAGE_WITH_DP
+from flotilla.fairness.config import TiersConfig, check_experiment as check_tiers
 from flotilla.fleet.config import AsyncConfig, FleetConfig
 from flotilla.network.config import NetworkConfig
 from flotilla.sim.ray_config import RuntimeConfig, check_runtime
@@ -278,6 +279,9 @@ class ExperimentConfig(Strict):
     secure_aggregation: SecureAggregationConfig | None = Field(
         None, description="secure aggregation: the server sees only sums of updates (see docs/security.md)"
     )
+    tiers: TiersConfig | None = Field(
+        None, description="device tiers low/mid/high coupled to the data, tier-aware optimisations (see docs/fairness.md)"
+    )
     channels: ChannelsConfig | None = Field(
         None, description="compress uploads and downloads (fp16, quantize, topk, ...; see docs/channels.md)"
     )
@@ -308,6 +312,11 @@ class ExperimentConfig(Strict):
                 )
         if (self.fleet is not None or self.mode == "async") and self.workers > 1:
             raise ValueError("workers: the fleet simulator trains one client at a time in-process; set workers: 1")
+        return self
+
+    @model_validator(mode="after")
+    def _tiers_fit(self):
+        check_tiers(self)  # flotilla/fairness/config.py
         return self
 
     @model_validator(mode="after")
@@ -509,7 +518,7 @@ def _format(err: ValidationError) -> str:
             msg.split(":")[0]
             in ("cohort", "async", "async.concurrency", "fleet.over_selection", "workers", "weighting")
             + ("device", "client.vectorize")
-            or msg.startswith(("privacy", "secure_aggregation", "client.algorithm", "eval.personalize", "runtime"))
+            or msg.startswith(("privacy", "tiers", "secure_aggregation", "client.algorithm", "eval.personalize", "runtime"))
         ) and key == "config":
             lines.append(f"  {msg}")
         else:

@@ -37,6 +37,7 @@ def build_algorithm(
     client_algorithm=None,
     rounds: int,
     eval_every: int = 1,
+    tiers: Components | None = None,
     channels=None,
 ):
     """``(algorithm, rounds)``: ``algorithm_class(**kwargs)`` with a client algorithm (the ``client.algorithm``
@@ -74,6 +75,11 @@ def build_algorithm(
         components, wrap_channels = channel_parts(
             channels, shape, components, privacy=privacy, secure=secure is not None
         )
+    if tiers is not None:  # tier-aware selection, compression, HeteroFL (flotilla/fairness/parts.py)
+        clash = [k for k in tiers.given() if k in components.given()]
+        if clash:
+            raise ValueError(f"tiers: the tier optimisations' {', '.join(clash)} would replace another's; remove one")
+        components = components.merged(tiers)
     algorithm = algorithm_class(**kwargs, components=components) if components.given() else algorithm_class(**kwargs)
     if algo is not None:
         algorithm = algo.wrap(algorithm)  # state the client algorithm checkpoints (SCAFFOLD's c, c_i)

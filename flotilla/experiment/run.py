@@ -16,6 +16,7 @@ from flotilla.config import ConfigError, ExperimentConfig, validate
 from flotilla.core.evaluate import eval_clients, evaluate
 from flotilla.experiment.compose import build_algorithm
 from flotilla.experiment.runtimes import runtime_for
+from flotilla.fairness.parts import tier_components, with_tier_metrics
 from flotilla.experiment.specs import client_spec
 from flotilla.runner import Runner
 from flotilla.runs.rundir import RunDir
@@ -65,6 +66,7 @@ def build(cfg: ExperimentConfig, task):
         privacy=cfg.privacy.model_dump() if cfg.privacy is not None else None,
         secure_aggregation=cfg.secure_aggregation.model_dump() if cfg.secure_aggregation is not None else None,
         client_algorithm=cfg.client.algorithm,
+        tiers=tier_components(cfg, task),
         channels=cfg.channels,
     )
     clients = eval_clients(task.dataset, cfg.eval.max_clients, cfg.seed)
@@ -88,6 +90,7 @@ def build(cfg: ExperimentConfig, task):
             record = evaluate(algorithm.flat, w, task.dataset, clients, task.loss_fn, cfg.eval.batch_size)
             return record if personal is None else {**record, **personal(w)}
 
+    evaluate_fn = with_tier_metrics(evaluate_fn, cfg, task, algorithm, clients)  # tier_<t>_<metric>
     stops = []
     if cfg.privacy is not None:
         stops.append(algorithm.budget_spent)

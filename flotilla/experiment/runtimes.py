@@ -100,8 +100,17 @@ def _fleet(cfg, task):
 
     fcfg = cfg.fleet if cfg.fleet is not None else FleetConfig()
     numel = sum(p.numel() for p in task.model.parameters() if p.requires_grad)
+    from flotilla.fairness.parts import fleet_tiers
+
+    tiers = fleet_tiers(cfg, task)  # device tiers scale speeds and bandwidths (tiers: section)
     fleet = fleet_from_config(
-        fcfg, cfg.seed, task.dataset.train_sizes.numpy(), numel * 4, cfg.client, message_bytes=_message_bytes(cfg, task)
+        fcfg,
+        cfg.seed,
+        task.dataset.train_sizes.numpy(),
+        numel * 4,
+        cfg.client,
+        message_bytes=_message_bytes(cfg, task),
+        tiers=tiers,
     )
     common = dict(_common(cfg, task), fleet=fleet)
     if _runtime(cfg) != "ray":  # on Ray the actors hold the GPUs (gpus_per_actor); the driver trains nothing

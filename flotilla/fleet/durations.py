@@ -10,6 +10,10 @@ A trip is: download the model, train locally, upload the delta.
                  examples * max(N(mean, sd), min)                     (drawn per trip)
     extra_s    = an optional per-trip draw (e.g. FLSim's per-user half-normal duration)
 
+With device tiers (flotilla.fairness), the client a device trains on has a tier, and that tier's
+multipliers scale the device's speed and both bandwidths (a low tier of speed 0.2 computes 5x
+slower than the same device draw in the high tier).
+
 ``examples`` is the work of the local training the task's client would really do: epochs x
 its training examples, or the examples seen in ``steps`` local steps.  A trip drops out with
 probability ``dropout`` at a uniform point of its duration, or when the device's session
@@ -54,6 +58,25 @@ class PerExample:
     min: float = 1e-6
 
 
+@dataclass(frozen=True)
+class TierMultipliers:
+    """Device tiers: the tier of each task client and each tier's speed / bandwidth multiplier."""
+
+    tier: np.ndarray  # int, one per task client (0 low, 1 mid, 2 high)
+    speed: tuple[float, ...]  # per tier
+    bandwidth: tuple[float, ...]  # per tier
+
+    def __post_init__(self):
+        for name in ("speed", "bandwidth"):
+            values = getattr(self, name)
+            if not all(np.isfinite(v) and v > 0 for v in values):
+                raise ValueError(f"tiers.{name}: multipliers must be > 0, got {list(values)}")
+
+    def of_clients(self, client: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        t = self.tier[client]
+        return np.asarray(self.speed)[t], np.asarray(self.bandwidth)[t]
+
+
 @dataclass
 class TripBatch:
     """Outcomes of candidate trips ``k0 .. k0+n-1`` if they were started (numpy arrays)."""
@@ -77,6 +100,7 @@ class DurationModel:
         latency_s: float = 0.0,
         download_bytes: int | None = None,
         upload_bytes: int | None = None,
+        tiers: TierMultipliers | None = None,
     ):
         if len(work) != population.num_clients:
             raise ValueError(f"work has {len(work)} entries, the task has {population.num_clients} clients")
@@ -92,6 +116,9 @@ class DurationModel:
         self.per_example = per_example
         self.extra = extra
         self.latency_s = float(latency_s)
+        if tiers is not None and len(tiers.tier) != population.num_clients:
+            raise ValueError(f"the tier map has {len(tiers.tier)} clients, the task has {population.num_clients}")
+        self.tiers = tiers
 
     def trips(self, k0: int, n: int) -> TripBatch:
         return self.trips_for(np.arange(k0, k0 + n, dtype=np.uint64))
@@ -104,6 +131,9 @@ class DurationModel:
         device = pop.candidates(k) if device is None else device
         client = pop.client_of(device)
         work = self.work[client]
+        speed_x = bw_x = 1.0
+        if self.tiers is not None:
+            speed_x, bw_x = self.tiers.of_clients(client)
         if self.per_example is not None:
             pe = self.per_example
             z = normal_from_uniform(
@@ -111,12 +141,12 @@ class DurationModel:
             )
             compute = work * np.maximum(pe.mean + pe.sd * z, pe.min)
         else:
-            compute = work / pop.speed(device)
+            compute = work / (pop.speed(device) * speed_x)
         duration = (
             self.latency_s
             + compute
-            + self.download_bytes * 8.0 / (pop.bandwidth_down(device) * 1e6)
-            + self.upload_bytes * 8.0 / (pop.bandwidth_up(device) * 1e6)
+            + self.download_bytes * 8.0 / (pop.bandwidth_down(device) * bw_x * 1e6)
+            + self.upload_bytes * 8.0 / (pop.bandwidth_up(device) * bw_x * 1e6)
         )
         if self.extra is not None:
             duration = duration + self.extra.from_uniform(

@@ -9,7 +9,7 @@ import numpy as np
 
 from flotilla.fleet.availability import Availability
 from flotilla.fleet.distributions import Distribution, make_distribution
-from flotilla.fleet.durations import DurationModel, PerExample, TripBatch, work_examples
+from flotilla.fleet.durations import DurationModel, PerExample, TierMultipliers, TripBatch, work_examples
 from flotilla.fleet.population import Population
 
 
@@ -64,6 +64,7 @@ def make_fleet(
     device_to_client: str = "modulo",
     download_bytes: int | None = None,
     upload_bytes: int | None = None,
+    tiers: TierMultipliers | None = None,
 ) -> Fleet:
     """Build a fleet from plain values (the Python-API twin of the ``fleet:`` config section)."""
     pop = Population(
@@ -93,6 +94,7 @@ def make_fleet(
         per_example=per_example_s,
         extra=make_distribution(trip_extra_s, "fleet.trip_extra_s") if trip_extra_s is not None else None,
         latency_s=latency_s,
+        tiers=tiers,
         download_bytes=download_bytes,
         upload_bytes=upload_bytes,
     )
@@ -106,8 +108,10 @@ def fleet_from_config(
     model_bytes: int,
     client_cfg: Any,
     message_bytes: tuple[int, int] | None = None,
+    tiers: TierMultipliers | None = None,
 ) -> Fleet:
-    """Build from a validated :class:`flotilla.fleet.config.FleetConfig` and ``ClientConfig``."""
+    """Build from a validated :class:`flotilla.fleet.config.FleetConfig` and ``ClientConfig``
+    (``tiers``: device tiers scaling speeds and bandwidths, from the ``tiers:`` section)."""
     f, a = fleet_cfg, fleet_cfg.availability
     return make_fleet(
         population=f.population,
@@ -130,6 +134,7 @@ def fleet_from_config(
         session_s=a.session_s.spec() if a.session_s else None,
         dropout=a.dropout,
         device_to_client=f.device_to_client,
+        tiers=tiers,
         download_bytes=message_bytes[0] if message_bytes else None,
         upload_bytes=message_bytes[1] if message_bytes else None,
     )
