@@ -314,3 +314,77 @@ def test_bad_config_is_refused_with_the_key(channels, key):
 
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate({"task": {"name": "fashion-mnist"}, "rounds": 1, "channels": channels})
+
+
+# ---------------------------------------------------------------- over the network: the same bytes
+
+import threading  # noqa: E402
+
+from tests.network_helpers import PKI, start_server  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    return PKI(tmp_path_factory.mktemp("pki"), devices=2)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_network_wire_is_the_compressed_format_with_the_simulators_byte_counts(pki, tmp_path, mode):
+    from flotilla.network.client import Device
+
+    channels = {**TOPK_Q, "error_feedback": True}
+    data = synthetic_dataset(num_clients=2, per_client=12)
+    model = lambda: nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))  # noqa: E731
+    torch.manual_seed(0)
+    with start_server(
+        pki,
+        tmp_path / "s",
+        model(),
+        mode=mode,
+        cohort=2,
+        buffer_size=2,
+        total_steps=2,
+        linger_s=2.0,
+        server={"channels": channels},
+    ) as st:
+        reports = {}
+
+        def device(i):
+            torch.manual_seed(i)
+            d = Device(f"localhost:{st.port}", pki.token(i), model(), data, client=i, ca=pki.ca)
+            reports[i] = (d.run(), d)
+
+        threads = [threading.Thread(target=device, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not any(t.is_alive() for t in threads)
+        served = st.server.channels
+    assert st.server.coord.version == 2
+    uploads = sum(len(r.accepted) for r, _ in reports.values())
+    assert uploads == 4  # FedBuff (async): two buffers of two compressed updates each
+    assert all(d.residual is not None for _, d in reports.values())  # error feedback kept on the device
+    # the simulator's counts for the same model and chain (2 clients x 2 rounds)
+    sim, _ = build_algorithm(SyncFedAvg, _sync_kw(cohort=2), rounds=2, channels=channels)
+    record = [sim.step() for _ in range(2)][-1]
+    assert served.bytes_up == record["bytes_up"] == 4 * served.upload_bytes
+    assert served.bytes_down == record["bytes_down"] == 4 * 2 * 75  # fp16 downloads, one per assignment
+
+
+def test_network_refuses_plain_and_malformed_compressed_uploads(pki, tmp_path):
+    from flotilla.network.client import Connection, Refused
+
+    channels = {"upload": [{"name": "topk", "keep": 0.2}]}
+    with start_server(pki, tmp_path / "s", cohort=1, server={"channels": channels}) as st:
+        with Connection(f"localhost:{st.port}", pki.token(0), ca=pki.ca) as c:
+            a = c.check_in(10).assignment
+            assert a.channels["upload"][0]["name"] == "topk"
+            codec = Codec([Step("topk", keep=0.2)], [(3, 5), (3,)])
+            with pytest.raises(Refused, match="dtype 'float32', expected 'channels'"):
+                c.upload(a, torch.zeros(18), 10)
+            data, _ = codec.encode(torch.randn(18))
+            bad = b"\xff" + data[1:]  # the bitmap marks more values than the chain keeps
+            with pytest.raises(Refused, match="bitmap"):
+                c.upload_raw(a.ticket, a.version, "channels", [18], bad, 10)
+            assert c.upload_raw(a.ticket, a.version, "channels", [18], data, 10) == (0, 1)

@@ -264,6 +264,7 @@ class Assignment:
     secagg: bool = False  # sync secure aggregation: run the masking protocol instead of uploading
     dp_sgd: Any = None  # sample-level DP (flotilla.privacy.SampleLevelSpec): train with DP-SGD
     algorithm: dict[str, Any] | None = None  # client.algorithm (fedprox: mu; scaffold); None: FedAvg's local SGD
+    channels: dict[str, Any] | None = None  # compressed download/upload (flotilla.channels); None: float32
 
     @property
     def scaffold(self) -> bool:
@@ -375,6 +376,7 @@ class Connection:
             spec = json.loads(x.client_json)
             dp_sgd = spec.pop("dp_sgd", None)
             algorithm = spec.pop("algorithm", None)
+            channels = spec.pop("channels", None)
             if dp_sgd is not None:
                 from flotilla.privacy.sample import SampleLevelSpec
 
@@ -396,11 +398,15 @@ class Connection:
                 r.message == "secagg",
                 dp_sgd,
                 algorithm,
+                channels,
             )
         return CheckIn(action, a, r.retry_after_s, json.loads(r.task_json or "{}"), r.device_id, r.message)
 
-    def download(self, version: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The model at ``version`` as a flat float32 vector (written into ``out`` if given)."""
+    def download(self, version: int, out: torch.Tensor | None = None, codec=None) -> torch.Tensor:
+        """The model at ``version`` as a flat float32 vector (written into ``out`` if given); ``codec``: the
+        assignment's download channel (flotilla.channels), whose encoding the chunks carry."""
+        if codec is not None and not codec.lossless:
+            return self._download_encoded(version, out, codec)
         view = None
         received = 0
         try:
@@ -428,6 +434,29 @@ class Connection:
         if view is None or received != len(view):
             raise Refused(grpc.StatusCode.DATA_LOSS, f"model download ended after {received} bytes")
         return out
+
+    def _download_encoded(self, version: int, out: torch.Tensor | None, codec) -> torch.Tensor:
+        buf, received = bytearray(codec.message_bytes), 0
+        try:
+            for chunk in self._download(
+                pb.DownloadRequest(version=version), metadata=self.metadata, timeout=self.timeout_s
+            ):
+                n = len(chunk.data)
+                if chunk.total_bytes != len(buf):
+                    raise Refused(
+                        grpc.StatusCode.FAILED_PRECONDITION,
+                        f"the server's model is {chunk.total_bytes} bytes, this device's channel decodes {len(buf)}",
+                    )
+                if chunk.offset != received or received + n > len(buf):
+                    raise Refused(grpc.StatusCode.DATA_LOSS, f"model chunk at offset {chunk.offset} out of order")
+                buf[received : received + n] = chunk.data
+                received += n
+        except grpc.RpcError as e:
+            raise self._error(e) from None
+        if received != len(buf):
+            raise Refused(grpc.StatusCode.DATA_LOSS, f"model download ended after {received} bytes")
+        weights = codec.decode(buf)
+        return weights if out is None else out.copy_(weights)
 
     def upload(
         self,
@@ -762,6 +791,8 @@ class Device:
         self.on_event = on_event or (lambda kind, info: None)
         self.step_limit: int | None = None  # the server's last version, from its status
         self._given_up: dict[tuple, str] = {}  # (version, seed) or ("id", assignment) -> why
+        self._channels = None  # (the assignment's channels settings, their codecs)
+        self.residual: torch.Tensor | None = None  # error feedback: what compression dropped so far
         self._give_ups_in_a_row = 0
 
     def _module(self, task: dict[str, Any]) -> nn.Module:
@@ -957,7 +988,13 @@ class Device:
                 if a.scaffold:
                     self._trainer_for(a.client, a.dp_sgd, a.algorithm)  # c_i lives on across assignments
                 try:
-                    self._retry(report, self.conn.download, a.version, self._download_buf if a.scaffold else self.start)
+                    self._retry(
+                        report,
+                        self.conn.download,
+                        a.version,
+                        self._download_buf if a.scaffold else self.start,
+                        self._codecs(a).down if a.channels else None,
+                    )
                 except Refused as e:  # e.g. the version moved on between check-in and download
                     report.refused.append(str(e))
                     continue
@@ -979,6 +1016,10 @@ class Device:
                         f"(train loss {r.loss:.4g}); a smaller client.lr may help",
                     )
                     continue
+                if a.channels:  # compressed (clipped first with user-level DP); the residual stays here
+                    payload, _, residual = self._codecs(a).upload(self.delta, a.seed, self.residual)
+                    if residual is not None:
+                        self.residual = residual
                 try:
                     seq, version = self._upload_once(report, a, r, payload)
                 except Refused as e:
@@ -1008,15 +1049,43 @@ class Device:
                 self._trainer = None
         return report
 
+    def _codecs(self, a: Assignment):
+        """The codecs of the assignment's channels (rebuilt only when the server's settings change)."""
+        if self._channels is None or self._channels[0] != a.channels:
+            from flotilla.channels.wire import device_channels
+
+            self._channels = (a.channels, device_channels(a.channels, self.flat.shapes))
+        return self._channels[1]
+
     def _upload_once(
-        self, report: DeviceReport, a: Assignment, r, payload: torch.Tensor | None = None
+        self, report: DeviceReport, a: Assignment, r, payload: torch.Tensor | bytes | None = None
     ) -> tuple[int, int]:
         retried = False
         while True:
             try:
-                out = self.conn.upload(
-                    a, self.delta if payload is None else payload, r.num_examples, r.loss, r.examples_seen, r.steps
-                )
+                if isinstance(payload, bytes):  # compressed by the assignment's channels
+                    from flotilla.channels.wire import CHANNEL_DTYPE
+
+                    out = self.conn.upload_raw(
+                        a.ticket,
+                        a.version,
+                        CHANNEL_DTYPE,
+                        [a.numel],
+                        payload,
+                        r.num_examples,
+                        r.loss,
+                        r.examples_seen,
+                        r.steps,
+                    )
+                else:
+                    out = self.conn.upload(
+                        a,
+                        self.delta if payload is None else payload,
+                        r.num_examples,
+                        r.loss,
+                        r.examples_seen,
+                        r.steps,
+                    )
                 self.backoff.reset()
                 return out
             except Refused as e:
