@@ -49,6 +49,16 @@ def same(a, b):
     assert a.sched.now == b.sched.now
 
 
+# DP-FedBuff's noise inside the secure buffer, with DP-SGD on the clients (the actors)
+PRIVATE_SECURE = {
+    "privacy": {
+        "user_level": {"clip_norm": 0.5, "noise_multiplier": 0.8},
+        "sample_level": {"noise_multiplier": 1.0, "max_grad_norm": 1.0},
+    },
+    "secure_aggregation": {},
+}
+
+
 @pytest.fixture
 def one_thread():
     threads = torch.get_num_threads()
@@ -61,10 +71,11 @@ def one_thread():
 def test_selection_and_refusals():
     assert runtime_for(config({"name": "ray"})).name == "ray-fleet"
     assert runtime_for(config()).name == "fleet"
+    # privacy, the secure buffer and FedProx compose (test below); SCAFFOLD's per-client state does not
+    for extra in (PRIVATE_SECURE, {"client": {"batch_size": 10, "algorithm": {"name": "fedprox", "mu": 0.1}}}):
+        assert runtime_for(config({"name": "ray"}, **extra)).name == "ray-fleet"
     refusals = [
-        ({"privacy": {"user_level": {"clip_norm": 1.0, "noise_multiplier": 1.0}}}, "runtime: privacy is not"),
-        ({"secure_aggregation": {}}, "runtime: secure_aggregation is not supported with mode: async"),
-        ({"client": {"batch_size": 10, "algorithm": {"name": "fedprox", "mu": 0.1}}}, "runtime: client.algorithm"),
+        ({"client": {"batch_size": 10, "algorithm": {"name": "scaffold"}}}, "runtime: client.algorithm: scaffold is"),
         ({"workers": 2}, "workers: the fleet simulator trains one client at a time"),
     ]
     for extra, message in refusals:
@@ -158,6 +169,7 @@ def test_fedasync_with_arrivals_on_ray_equals_in_process_even_unpredicted(local_
 
 @needs_ray
 def test_a_failing_client_is_named_or_skipped_and_components_are_refused(local_ray, capsys):
+    from flotilla.core.client import LocalTrainer
     from flotilla.core.protocols import Components
     from flotilla.sim.ray_fleet import RayAsyncFleet
     from flotilla.sim.ray_runtime import ClientTrainingError
@@ -166,8 +178,12 @@ def test_a_failing_client_is_named_or_skipped_and_components_are_refused(local_r
     task = build_task(cfg.task, cfg.seed)
     _, kwargs = runtime_for(cfg).algorithm(cfg, task)  # AsyncFleetSim's arguments
 
-    with pytest.raises(ValueError, match="runtime: ray: buffer given: the async fleet on runtime: ray trains plain"):
-        RayAsyncFleet(**kwargs, components=Components(buffer=lambda buf, version: buf))
+    with pytest.raises(ValueError, match="runtime: ray: the client update Mine cannot run on Ray actors"):
+
+        class Mine(LocalTrainer):  # a subclass may train differently: not what the actors build
+            pass
+
+        RayAsyncFleet(**kwargs, components=Components(client_update=Mine))
 
     def make_dataset(base, bad):  # defined in a function: Ray pickles it by value
         class Failing(type(base)):
@@ -196,3 +212,20 @@ def test_a_failing_client_is_named_or_skipped_and_components_are_refused(local_r
                 assert f"client {bad} failed on trip" in capsys.readouterr().err
         finally:
             algorithm.close()
+
+
+@needs_ray
+def test_dp_fedbuff_in_the_secure_buffer_with_dp_sgd_on_two_actors_equals_in_process(local_ray, one_thread):
+    """The actors train each trip with DP-SGD (their own DPLocalTrainer; each trip's epsilon comes back to
+    the driver's trainer); each delta goes, in event order, into the driver's secure buffer, which clips
+    it to S, applies the staleness weight and adds DP-FedBuff's noise inside: same bits and metrics."""
+    reference = built(config(**PRIVATE_SECURE))
+    ref_records = [reference.step() for _ in range(2)]
+    algorithm = built(config({"name": "ray", "actors": 2}, **PRIVATE_SECURE))
+    try:
+        assert [algorithm.step() for _ in range(2)] == ref_records
+        assert torch.equal(algorithm.weights, reference.weights)
+        assert ref_records[-1]["epsilon"] > 0 and ref_records[-1]["sample_epsilon_max"] > 0
+    finally:
+        algorithm.close()
+        reference.close()

@@ -118,6 +118,16 @@ def check_runtime(cfg) -> None:
         )
     # privacy, secure aggregation and FedProx compose (DP-SGD / FedProx on the actors, user-level clipping
     # and SecAgg masking there, the noise and the unmasking on the driver); SCAFFOLD keeps per-client state
+    _check_client_algorithm(cfg)
+
+
+def _check_ray_async(cfg) -> None:
+    """The async fleet on Ray (flotilla.sim.ray_fleet): the actors train the trips (plain, DP-SGD, FedProx);
+    the buffer (FedBuff, DP-FedBuff, the secure buffer) stays on the driver."""
+    _check_client_algorithm(cfg)
+
+
+def _check_client_algorithm(cfg) -> None:
     algo = cfg.client.algorithm
     if algo is not None and algo.name not in RAY_CLIENT_ALGORITHMS:
         raise ValueError(
@@ -125,18 +135,3 @@ def check_runtime(cfg) -> None:
             f"client updates of {', '.join(RAY_CLIENT_ALGORITHMS)}; SCAFFOLD's per-client control variates live "
             f"in the driver's store and are not shipped with each client's call); use runtime.name: in-process"
         )
-
-
-def _check_ray_async(cfg) -> None:
-    """The async fleet on Ray (flotilla.sim.ray_fleet) trains plain clients on the actors."""
-    for key, on in (
-        ("privacy", cfg.privacy is not None),
-        ("secure_aggregation", cfg.secure_aggregation is not None),
-        ("client.algorithm", cfg.client.algorithm is not None),
-    ):
-        if on:
-            raise ValueError(
-                f"runtime: {key} is not supported with mode: async on runtime.name: ray yet (the actors train "
-                f"plain clients; DP-FedBuff, the secure buffer and client algorithms run on the driver's "
-                f"buffer in-process); use runtime.name: in-process"
-            )

@@ -35,21 +35,28 @@ retried (``max_task_retries``); a trip's training depends only on (weights, seed
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import sys
 from collections import deque
 
 import torch
 
-from flotilla.core.client import ClientResult
+from flotilla.core.client import ClientResult, ClientSpec
 from flotilla.core.protocols import Components, Shape
 from flotilla.fleet.clock import AsyncScheduler, FleetStalled
 from flotilla.sim.fleet import AsyncFleetSim, _stall_limit
-from flotilla.sim.ray_runtime import ClientTrainingError, RayActors, check_actor_args, import_ray
+from flotilla.sim.ray_runtime import (
+    ClientTrainingError,
+    RayActors,
+    check_actor_args,
+    client_update_spec,
+    import_ray,
+)
 
 NOT_ON_RAY_ASYNC = (
-    "the async fleet on runtime: ray trains plain clients on the actors; privacy (DP-FedBuff, DP-SGD), "
-    "secure aggregation and client algorithms are not supported there yet; use runtime: {name: in-process}"
+    "the async fleet on runtime: ray trains each trip on an actor and hands its delta to the driver's "
+    "buffer (FedBuff, DP-FedBuff or the secure buffer); an aggregator or a cohort sampler is not used there"
 )
 
 
@@ -79,14 +86,29 @@ class RayAsyncFleet(RayActors, AsyncFleetSim):
     ):
         check_actor_args(actors, cpus_per_actor, gpus_per_actor, max_restarts, on_client_error)
         self._ray = import_ray()  # before anything is built: one line naming the extra
-        if components is not None and components.given():
-            raise ValueError(f"runtime: ray: {', '.join(components.given())} given: {NOT_ON_RAY_ASYNC}")
-        super().__init__(model, dataset, loss_fn, **kwargs)
+        components = components or Components()
+        if components.aggregator is not None or components.sampler is not None:
+            given = "an aggregator" if components.aggregator is not None else "a sampler"
+            raise ValueError(f"runtime: ray: {given} given: {NOT_ON_RAY_ASYNC}")
+        if components.client_update is not None and task_config is None:
+            model_for_actors = copy.deepcopy(model)  # from before a DP-SGD trainer hooks into the model
+        else:
+            model_for_actors = model
+        super().__init__(model, dataset, loss_fn, components=components, **kwargs)
+        try:  # the actors build the client update themselves (plain, DP-SGD, FedProx); SCAFFOLD is refused
+            self._update = client_update_spec(self.trainer)
+        except ValueError:
+            if hasattr(self.trainer, "close"):
+                self.trainer.close()  # Opacus' hooks off the user's model
+            raise
+        # DP-SGD: each trip's DPClientResult (its epsilon) goes into the driver trainer's results, as in-process
+        self._dp_trainer = self.trainer if self._update is not None and self._update[0] == "dp" else None
         self.actors, self.address, self.cpus_per_actor = actors, address, float(cpus_per_actor)
+        self.gpus_per_actor = float(gpus_per_actor)
         self.max_restarts, self.on_client_error = max_restarts, on_client_error
-        self._client_spec, self._loss_fn, self._model = self.trainer.spec, loss_fn, model
+        self._client_spec, self._loss_fn, self._model = kwargs.get("client", ClientSpec()), loss_fn, model_for_actors
         self._task_config = task_config
-        self._dp_trainer = self._dp_aggregator = None
+        self._dp_aggregator = None  # DP-FedBuff's clipping and noise, the secure buffer: in the driver's buffer
         self._handles: list = []
         self._source = None
         self.actor_nodes: list[str] = []
@@ -220,4 +242,6 @@ class RayAsyncFleet(RayActors, AsyncFleetSim):
             raise ClientTrainingError(c, self.round + 1, error, detail)
         r, delta = reply
         self.delta.copy_(delta)
+        if self._dp_trainer is not None and r.num_examples > 0:
+            self._dp_trainer.results.append(r)  # as DPLocalTrainer.train appends it in-process
         return r
