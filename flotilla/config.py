@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from flotilla.algorithms import Setting, algorithm_config_union, algorithm_names, refusal
 from flotilla.algorithms.finetune import PersonalizeConfig
+from flotilla.algorithms.rowwise import MODES as EMBEDDING_ROWS
+from flotilla.algorithms.rowwise import refusal as embedding_rows_refusal
 from flotilla.channels.config import ChannelsConfig
 from flotilla.core.schema import Section
 from flotilla.core.server_opt import OPTIMIZERS
@@ -78,6 +80,12 @@ class ServerConfig(Strict):
         description="starting value of the second moment v (fedadam/fedyogi/fedadagrad). 0 (default) keeps "
         "earlier runs unchanged; Reddi et al. start at tau^2 (1e-6 for the default tau), which shrinks "
         "a step by at most 2x, and only where sqrt(v) is not well above tau",
+    )
+    embedding_rows: Literal[EMBEDDING_ROWS] = Field(
+        "dense",
+        description="embedding tables (task movielens): dense = whole deltas; sparse = clients upload only the "
+        "rows they touched (bytes reported; same mean); rowwise = RF^2's per-row mean over the clients that "
+        "touched each row (see docs/fairness.md)",
     )
 
 
@@ -325,6 +333,29 @@ class ExperimentConfig(Strict):
         return self
 
     @model_validator(mode="after")
+    def _embedding_rows_fits(self):  # flotilla/algorithms/rowwise.py
+        p, a = self.privacy, self.client.algorithm
+        setting = Setting(
+            "round" if self.mode == "sync" else "buffer",
+            self.workers <= 1,
+            f"workers: {self.workers} sums each round in worker processes",
+            p is not None and p.sample_level is not None,
+            p is not None and p.user_level is not None,
+            self.secure_aggregation is not None,
+        )
+        why = embedding_rows_refusal(
+            self.server.embedding_rows,
+            setting,
+            weight_decay=self.client.weight_decay,
+            client_algorithm=a.name if a is not None else None,
+            ray=self.runtime is not None and self.runtime.name == "ray",
+            channels=self.channels is not None,
+        )
+        if why:
+            raise ValueError(why)
+        return self
+
+    @model_validator(mode="after")
     def _device_fits(self):
         check_device_keys(self)  # flotilla/sim/sync.py
         return self
@@ -519,6 +550,7 @@ def _format(err: ValidationError) -> str:
             in ("cohort", "async", "async.concurrency", "fleet.over_selection", "workers", "weighting")
             + ("device", "client.vectorize")
             or msg.startswith(("privacy", "tiers", "secure_aggregation", "client.algorithm", "eval.personalize", "runtime"))
+            or msg.startswith("server.embedding_rows")
         ) and key == "config":
             lines.append(f"  {msg}")
         else:

@@ -39,6 +39,7 @@ def build_algorithm(
     eval_every: int = 1,
     tiers: Components | None = None,
     channels=None,
+    embedding_rows: str = "dense",
 ):
     """``(algorithm, rounds)``: ``algorithm_class(**kwargs)`` with a client algorithm (the ``client.algorithm``
     section), DP and/or secure aggregation composed in.  ``rounds`` comes back smaller when the privacy
@@ -59,6 +60,13 @@ def build_algorithm(
 
         secure = SecureParts(secure_aggregation, shape, private)
     components = algo.components if algo is not None else Components()
+    if embedding_rows != "dense":  # sparse embedding uploads, per-row mean (flotilla/algorithms/rowwise.py)
+        from flotilla.algorithms.rowwise import embedding_rows_components
+
+        rows = embedding_rows_components(embedding_rows, shape, kwargs["model"], channels=channels is not None)
+        if algo is not None:
+            _no_clash(components, rows, "server.embedding_rows", algo.name)
+        components = components.merged(rows)
     if private is not None:
         if algo is not None:
             _no_clash(components, private.components, "privacy", algo.name)

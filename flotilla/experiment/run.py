@@ -68,6 +68,7 @@ def build(cfg: ExperimentConfig, task):
         client_algorithm=cfg.client.algorithm,
         tiers=tier_components(cfg, task),
         channels=cfg.channels,
+        embedding_rows=cfg.server.embedding_rows,
     )
     clients = eval_clients(task.dataset, cfg.eval.max_clients, cfg.seed)
     evaluate_fn = None
@@ -86,7 +87,16 @@ def build(cfg: ExperimentConfig, task):
                 batch_size=cfg.eval.batch_size,
             )
 
+        own = getattr(task, "evaluate", None)  # the task's own metrics (movielens: loss, AUC, AP)
+        if own is not None and personal is not None:
+            raise ConfigError(
+                f"invalid config:\n  eval.personalize: reports accuracy; task {task.name} has its own metrics"
+            )
+
         def evaluate_fn(w):
+            if own is not None:
+                algorithm.flat.load(w)
+                return own(algorithm.flat.model, task.dataset, clients, cfg.eval.batch_size)
             record = evaluate(algorithm.flat, w, task.dataset, clients, task.loss_fn, cfg.eval.batch_size)
             return record if personal is None else {**record, **personal(w)}
 

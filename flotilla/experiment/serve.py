@@ -46,6 +46,8 @@ def server_from_config(cfg, state_dir: str | Path | None = None) -> FlotillaServ
     why = network_refusal(cfg.client.algorithm)
     if why is None and cfg.eval.personalize is not None:
         why = "eval.personalize: personalised evaluation is not wired into flotilla serve yet; remove it"
+    if why is None and cfg.server.embedding_rows != "dense":
+        why = f"server.embedding_rows: {cfg.server.embedding_rows} is simulated only; the wire carries dense deltas"
     if why:
         raise ConfigError(f"invalid config:\n  {why}")
     user = sample = None
@@ -98,6 +100,9 @@ def server_from_config(cfg, state_dir: str | Path | None = None) -> FlotillaServ
     clients = eval_clients(task.dataset, cfg.eval.max_clients, cfg.seed)
 
     def evaluate_fn(flat: FlatModel, weights: torch.Tensor) -> dict[str, float]:
+        if getattr(task, "evaluate", None) is not None:  # the task's own metrics (movielens: loss, AUC, AP)
+            flat.load(weights)
+            return task.evaluate(flat.model, task.dataset, clients, cfg.eval.batch_size)
         return evaluate(flat, weights, task.dataset, clients, task.loss_fn, cfg.eval.batch_size)
 
     if state_dir is None:

@@ -26,6 +26,9 @@ class Task:
     dataset: FederatedDataset
     model: nn.Module
     loss_fn: LossFn
+    # The task's own test metrics instead of loss/accuracy (movielens: loss, AUC, AP):
+    # (model, dataset, clients, batch_size) -> a metrics record; None: flotilla.core.evaluate's.
+    evaluate: Callable[[nn.Module, FederatedDataset, Any, int], dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)
