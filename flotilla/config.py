@@ -22,6 +22,7 @@ from flotilla.channels.config import ChannelsConfig
 from flotilla.core.schema import Section
 from flotilla.core.server_opt import OPTIMIZERS
 from flotilla.core.staleness import AVERAGE_WITH_DP
+from flotilla.experiment.init import InitConfig
 from flotilla.fairness.config import TiersConfig, check_experiment as check_tiers
 from flotilla.fleet.config import AsyncConfig, FleetConfig
 from flotilla.network.config import NetworkConfig
@@ -44,6 +45,20 @@ class Strict(Section):
 
 
 # --- algorithm ----------------------------------------------------------------------------
+class HeterogeneousEpochs(Strict):
+    """Where to Begin? (Nguyen et al. 2023): 30% of clients run a uniform 1-5 local epochs."""
+
+    fraction: float = Field(0.3, ge=0, le=1, description="chance that a client (each round) draws its own epochs")
+    min: int = Field(1, ge=1, description="fewest local epochs such a client trains")
+    max: int = Field(5, ge=1, description="most local epochs such a client trains")
+
+    @model_validator(mode="after")
+    def _range(self):
+        if self.min > self.max:
+            raise ValueError(f"min: {self.min} is larger than max: {self.max}")
+        return self
+
+
 class ClientConfig(Strict):
     epochs: int = Field(1, ge=1, description="local epochs (ignored when steps is set)")
     steps: int | None = Field(None, ge=1, description="exact number of local steps instead of epochs")
@@ -51,6 +66,9 @@ class ClientConfig(Strict):
     lr: float = Field(0.1, gt=0, description="client SGD learning rate")
     momentum: float = Field(0.0, ge=0, lt=1, description="client SGD momentum")
     weight_decay: float = Field(0.0, ge=0, description="client SGD weight decay")
+    heterogeneous_epochs: HeterogeneousEpochs | None = Field(
+        None, description="system heterogeneity: a fraction of clients trains a random number of local epochs"
+    )
     vectorize: int = Field(
         1,
         ge=1,
@@ -62,6 +80,12 @@ class ClientConfig(Strict):
         description=f"client algorithm, by name: {', '.join(algorithm_names())} (default: fedavg's local SGD; "
         f"see docs/algorithms.md)",
     )
+
+    @model_validator(mode="after")
+    def _epochs_drawn(self):
+        if self.heterogeneous_epochs is not None and self.steps is not None:
+            raise ValueError("heterogeneous_epochs: draws local epochs, but client.steps fixes the steps; remove one")
+        return self
 
 
 class ServerConfig(Strict):
@@ -108,6 +132,7 @@ class OutputConfig(Strict):
     checkpoint_every: int = Field(1, ge=1, description="save the training state every N rounds")
     tensorboard: bool = Field(False, description="also write TensorBoard event files")
     progress: bool = Field(True, description="show a progress bar")
+    plot: bool = Field(True, description="draw plot.png when the run ends (flotilla tune's trials skip it)")
 
 
 # --- differential privacy (flotilla.privacy; see docs/privacy.md) -------------------------------
@@ -286,6 +311,9 @@ class ExperimentConfig(Strict):
     )
     secure_aggregation: SecureAggregationConfig | None = Field(
         None, description="secure aggregation: the server sees only sums of updates (see docs/security.md)"
+    )
+    init: InitConfig | None = Field(
+        None, description="start from a checkpoint instead of a random model (see docs/pretraining.md)"
     )
     tiers: TiersConfig | None = Field(
         None, description="device tiers low/mid/high coupled to the data, tier-aware optimisations (see docs/fairness.md)"

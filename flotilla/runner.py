@@ -41,6 +41,7 @@ class Runner:
         progress: bool = True,
         tensorboard: bool = False,
         stop: Callable[[dict[str, Any]], bool] | None = None,
+        plot: bool = True,
     ):
         self.algorithm = algorithm
         self.evaluate = evaluate
@@ -51,6 +52,7 @@ class Runner:
         self.progress = progress
         self.tensorboard = tensorboard
         self.stop = stop
+        self.plot = plot
         self.history: list[dict[str, Any]] = []
 
     def resume(self) -> None:
@@ -149,6 +151,8 @@ class Runner:
             return
         self.algorithm.flat.load(self.algorithm.weights)
         self.run_dir.save_model(to_cpu(self.algorithm.flat.named_views()))
+        if not self.plot:
+            return
         from flotilla.runs.plot import plot_runs  # matplotlib costs ~0.6 s: import only when plotting
 
         plot_runs({self.run_dir.path.name: self.history}, self.run_dir.path / "plot.png")

@@ -79,3 +79,32 @@ def eval_clients(dataset: FederatedDataset, max_clients: int | None, seed: int) 
         rng = np.random.default_rng([seed, 0xE7A1])
         have_test = sorted(rng.choice(have_test, size=max_clients, replace=False).tolist())
     return have_test
+
+
+@torch.no_grad()
+def client_correct(
+    flat: FlatModel,
+    weights: torch.Tensor,
+    dataset: FederatedDataset,
+    clients: Sequence[int],
+    batch_size: int = 1024,
+    loss_fn: LossFn | None = None,
+) -> tuple[list[torch.Tensor], float]:
+    """Per client, a bool tensor: is each of its test examples classified right by ``weights``?
+    And the summed loss over all those examples (0.0 without ``loss_fn``).
+
+    The raw material of per-client metrics (a client's accuracy is its mean); flotilla.tune's
+    noisy evaluation resamples and re-assigns these examples without another forward pass."""
+    flat.load(weights)
+    model = flat.model
+    model.eval()
+    out, loss = [], 0.0
+    for c in clients:
+        parts = []
+        for x, y in dataset.test_batches(c, batch_size):
+            logits = model(x)
+            parts.append(logits.argmax(dim=-1) == y)
+            if loss_fn is not None:
+                loss += float(loss_fn(logits, y)) * len(y)
+        out.append(torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool))
+    return out, loss

@@ -15,6 +15,7 @@ from torch import nn
 from flotilla.config import ConfigError, ExperimentConfig, validate
 from flotilla.core.evaluate import eval_clients, evaluate
 from flotilla.experiment.compose import build_algorithm
+from flotilla.experiment.init import apply_init
 from flotilla.experiment.runtimes import runtime_for
 from flotilla.fairness.parts import tier_components, with_tier_metrics
 from flotilla.experiment.specs import client_spec
@@ -118,8 +119,12 @@ def run_experiment(
     *,
     task=None,
     write_run_dir: bool = True,
+    observe=None,
 ) -> TrainResult:
-    """Build the task named in ``cfg`` (or use the given ``task``) and train it, writing a run directory."""
+    """Build the task named in ``cfg`` (or use the given ``task``) and train it, writing a run directory.
+
+    ``observe(algorithm, task, evaluate_fn, stop) -> (evaluate_fn, stop)`` may wrap the evaluation
+    and the stop rule (flotilla.tune: the noisy evaluation its tuner sees, pruning)."""
     from flotilla.tasks import build_task
 
     if cfg.threads:
@@ -127,6 +132,7 @@ def run_experiment(
     if task is None:
         task = build_task(cfg.task, cfg.seed)
     check_fits(cfg, task)
+    apply_init(cfg, task.model)  # init: {checkpoint}: before any runtime copies the model
     path = None
     if write_run_dir:
         path = Path(run_dir) if run_dir is not None else Path(cfg.output.dir) / (cfg.output.name or _run_name(cfg))
@@ -136,6 +142,8 @@ def run_experiment(
                 raise FileExistsError(f"{path} already holds a run; use --resume {path} or another output.name")
             rd.write_config(cfg.model_dump(mode="json"))
     algorithm, rounds, evaluate_fn, stop = build(cfg, task)
+    if observe is not None:
+        evaluate_fn, stop = observe(algorithm, task, evaluate_fn, stop)
     return run_algorithm(
         algorithm,
         task.model,
@@ -147,6 +155,7 @@ def run_experiment(
         checkpoint_every=cfg.output.checkpoint_every,
         progress=cfg.output.progress,
         tensorboard=cfg.output.tensorboard,
+        plot=cfg.output.plot,
         stop=stop,
     )
 

@@ -14,6 +14,7 @@ from flotilla.algorithms import network_refusal
 from flotilla.config import ConfigError
 from flotilla.core.evaluate import eval_clients, evaluate
 from flotilla.core.flat import FlatModel
+from flotilla.experiment.init import apply_init
 from flotilla.experiment.specs import client_spec, server_spec, staleness_spec
 from flotilla.network.auth import TokenTable
 from flotilla.network.coordinator import CoordinatorSettings
@@ -97,6 +98,7 @@ def server_from_config(cfg, state_dir: str | Path | None = None) -> FlotillaServ
     except ValueError as e:
         raise ConfigError(f"invalid config:\n  {e}") from None
     task = build_task(cfg.task, cfg.seed)
+    apply_init(cfg, task.model)  # init: {checkpoint}: the server's initial model
     clients = eval_clients(task.dataset, cfg.eval.max_clients, cfg.seed)
 
     def evaluate_fn(flat: FlatModel, weights: torch.Tensor) -> dict[str, float]:

@@ -9,7 +9,9 @@ from flotilla.core.staleness import Staleness
 
 def client_spec(cfg) -> ClientSpec:
     c = cfg.client
-    return ClientSpec(c.epochs, c.steps, c.batch_size, c.lr, c.momentum, c.weight_decay)
+    h = c.heterogeneous_epochs
+    hetero = (h.fraction, h.min, h.max) if h is not None else None
+    return ClientSpec(c.epochs, c.steps, c.batch_size, c.lr, c.momentum, c.weight_decay, hetero)
 
 
 def server_spec(cfg) -> ServerOptimizerSpec:

@@ -30,6 +30,10 @@ class ShakespeareTask(Section):
         None, ge=1, description="keep a seeded random subset of N roles (after the min_chars filter)"
     )
     max_train_samples_per_client: int | None = Field(None, ge=1, description="subsample each role's training windows")
+    plays: Literal["all", "proxy", "target"] = Field(
+        "all",
+        description="proxy: the 11 history plays only; target: the other 27 (a fixed split by play, docs/tuning.md)",
+    )
     model: CharLSTMConfig = CharLSTMConfig()
 
 
@@ -47,12 +51,39 @@ def build(cfg: ShakespeareTask, seed: int) -> Task:
         seq_len=cfg.seq_len,
         test_fraction=cfg.test_fraction,
         min_chars=cfg.min_chars,
-        max_clients=cfg.max_clients,
+        max_clients=cfg.max_clients if cfg.plays == "all" else None,
         max_train_samples_per_client=cfg.max_train_samples_per_client,
         seed=seed,
     )
+    if cfg.plays != "all":
+        data = select_plays(data, cfg.plays == "proxy", cfg.max_clients, seed)
     torch.manual_seed(seed)
     return Task(cfg.name, data, model(cfg), F.cross_entropy)
+
+
+# The proxy / target split by play (one-shot proxy tuning, pre-training): the history plays.
+PROXY_PLAYS = frozenset(
+    {"Edward III", "Henry IV, Part I", "Henry IV, Part 2", "Henry V", "Henry VI, Part 1", "Henry VI, Part 2"}
+    | {"Henry VI, Part 3", "Henry VIII", "King John", "Richard II", "Richard III"}
+)
+
+
+def select_plays(data, proxy: bool, max_clients: int | None, seed: int):
+    """The roles of the proxy plays (or of all the others), then a seeded subset of ``max_clients``."""
+    import numpy as np
+
+    from flotilla.data.shakespeare import ShakespeareDataset
+
+    keep = [i for i, n in enumerate(data.client_names) if (n.rsplit("/", 1)[0] in PROXY_PLAYS) == proxy]
+    if max_clients is not None and max_clients < len(keep):
+        keep = sorted(np.random.default_rng([seed, 0x9A75]).choice(keep, max_clients, replace=False).tolist())
+    return ShakespeareDataset(
+        data.text,
+        data.seq_len,
+        [data.train_indices[i] for i in keep],
+        [data.test_indices[i] for i in keep],
+        [data.client_names[i] for i in keep],
+    )
 
 
 TASK = register(TaskType("shakespeare", ShakespeareTask, build, model))
