@@ -2,6 +2,7 @@
 
     nice -n 10 python benchmarks/blt.py entropy             # train + cache the entropy model (~2 min)
     nice -n 10 python benchmarks/blt.py sweep               # mean patch size, global FLOPs/byte vs threshold
+    python benchmarks/blt.py patches ["TEXT"]               # where patches start in TEXT
     nice -n 10 python benchmarks/blt.py train [--rounds 30] [--only blt,bt,...]   # one line per model
 
 Every model trains federated with the same schedule (rounds x cohort x local steps x batch x bytes),
@@ -68,9 +69,9 @@ def run_bytes(name: str, args) -> dict:
         x, y = task.dataset.fetch(torch.cat(task.dataset.train_indices)[:BATCH])
     flops = train_flops(task.model, x, y) / x.numel()
     params = sum(p.numel() for p in task.model.parameters() if p.requires_grad)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     result = run_experiment(cfg, task=task, write_run_dir=False)
-    train_s = time.perf_counter() - t0
+    train_s, cpu_s = time.perf_counter() - t0, time.process_time() - c0
     held = heldout_roles(cfg.task)
     nats, n = score(result.model, held, range(held.num_clients))
     record = {
@@ -83,6 +84,7 @@ def run_bytes(name: str, args) -> dict:
         "heldout_roles": held.num_clients,
         "sim_eval_loss_nats": result.history[-1].get("loss"),
         "s_per_round": train_s / args.rounds,
+        "cpu_s_per_round": cpu_s / args.rounds,
     }
     model = result.model
     if getattr(model, "patching", None) is not None:
@@ -138,9 +140,9 @@ def run_charlstm(args) -> dict:
     torch.manual_seed(cfg.seed)
     model = build_task(cfg.task, cfg.seed).model
     task = Task("shakespeare", ds, model, F.cross_entropy)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     result = run_experiment(cfg, task=task, write_run_dir=False)
-    train_s = time.perf_counter() - t0
+    train_s, cpu_s = time.perf_counter() - t0, time.process_time() - c0
     model = result.model.eval()
     nats, n_bytes, n_chars = 0.0, 0, 0
     with torch.no_grad():
@@ -166,6 +168,7 @@ def run_charlstm(args) -> dict:
         "heldout_chars": n_chars,
         "heldout_bytes": n_bytes,
         "s_per_round": train_s / args.rounds,
+        "cpu_s_per_round": cpu_s / args.rounds,
         "train_chars_predicted": args.rounds * args.cohort * args.steps * 32,
     }
 
@@ -221,15 +224,40 @@ def cmd_sweep(args) -> None:
     (OUT / "blt_sweep.json").write_text(json.dumps({"rows": rows, "bytes": x.numel(), "load": load()}, indent=1))
 
 
+def cmd_patches(args) -> None:
+    """Show where patches start in ``args.text`` ('|' before each patch) for a few targets."""
+    from flotilla.blt.bytes import encode
+    from flotilla.blt.entropy import load_entropy_model
+    from flotilla.blt.patcher import calibrate_threshold, entropy_starts, patch_lengths
+    from flotilla.tasks.shakespeare_bytes import EntropyModelConfig, entropy_spec
+
+    model, calibration = load_entropy_model(entropy_spec(EntropyModelConfig()))
+    x = encode(args.text)[None]
+    ent = model.entropy(x)
+    for target in (2.0, 4.0, 8.0):
+        starts = entropy_starts(ent, calibrate_threshold(calibration, target))
+        raw, pos, parts = args.text.encode(), 0, []
+        for n in patch_lengths(starts)[0]:
+            parts.append(raw[pos : pos + n].decode("utf-8", errors="replace"))
+            pos += n
+        print(f"target {target:g}: " + "|".join(parts))
+
+
 def cmd_train(args) -> None:
     names = args.only.split(",")
-    if len(names) > 1:  # one process per model: a fresh allocator and a clean timing for each
-        records = []
+    if len(names) > 1:  # one process per model (one thread each), all at once: cpu_s_per_round is
+        # the process's own CPU time, the figure least disturbed by the machine's other load
+        procs = []
         for n in names:
             cmd = [sys.executable, __file__, "train", "--only", n] + [
                 f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("only", "command", "func")
             ]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True))
+        records = []
+        for proc in procs:
+            out, _ = proc.communicate()
+            if proc.returncode:
+                raise SystemExit(f"a run failed (exit {proc.returncode})")
             records.append(json.loads(out.strip().splitlines()[-1]))
             print(json.dumps(records[-1]), flush=True)
         OUT.mkdir(exist_ok=True)
@@ -249,11 +277,14 @@ def main() -> None:
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("entropy").set_defaults(func=cmd_entropy)
     sub.add_parser("sweep").set_defaults(func=cmd_sweep)
+    pt = sub.add_parser("patches")
+    pt.add_argument("text", nargs="?", default="Now is the winter of our discontent made glorious summer by this sun")
+    pt.set_defaults(func=cmd_patches)
     t = sub.add_parser("train")
     t.add_argument("--only", default="bt,blt,blt-space,blt-fixed,charlstm")
-    t.add_argument("--rounds", type=int, default=30)
-    t.add_argument("--cohort", type=int, default=5)
-    t.add_argument("--steps", type=int, default=5)
+    t.add_argument("--rounds", type=int, default=15)
+    t.add_argument("--cohort", type=int, default=4)
+    t.add_argument("--steps", type=int, default=4)
     t.add_argument("--lr", type=float, default=0.5)
     t.add_argument("--server-lr", type=float, default=0.01)
     t.set_defaults(func=cmd_train)
