@@ -117,7 +117,7 @@ class VectorizedTrainer:
             for i in active:
                 b = next(batches[i], None)
                 if b is not None:
-                    step[i] = to_device(b, device)
+                    step[i] = b
             active = list(step)
             # Clients with equally shaped batches train in one vmap call.
             groups: dict[tuple, list[int]] = {}
@@ -142,8 +142,8 @@ class VectorizedTrainer:
         whole = len(rows) == weights.shape[0]
         index = None if whole else torch.tensor(rows, device=weights.device)
         w = weights if whole else weights.index_select(0, index)
-        x = torch.stack([b[0] for b in batch])
-        y = torch.stack([b[1] for b in batch])
+        # Stacked where the batches were made (the CPU), then one copy to the device.
+        x, y = to_device((torch.stack([b[0] for b in batch]), torch.stack([b[1] for b in batch])), weights.device)
         g, loss = self._grads(w, x, y)
         if spec.weight_decay:
             g.add_(w, alpha=spec.weight_decay)
