@@ -247,3 +247,18 @@ def test_refusals_name_each_reason():
     assert "Ray" in refusal("rowwise", plain, ray=True)
     assert "flotilla serve" in refusal("rowwise", plain, network=True)
     assert "SCAFFOLD" in refusal("rowwise", plain, client_algorithm="scaffold")
+
+
+def test_the_example_config_runs_as_a_smoke_test():
+    """examples/movielens.yaml (RF^2's setup) with --set overrides: a round on a few users."""
+    from pathlib import Path
+
+    from flotilla.config import load_config
+    from flotilla.experiment.run import run_experiment
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "movielens.yaml"
+    cfg = load_config(path, ["rounds=2", "cohort=10", "task.max_users=60", "eval.every=2", "output.progress=false"])
+    assert (cfg.server.optimizer, cfg.server.lr, cfg.server.beta1, cfg.client.lr) == ("fedadagrad", 0.1, 0.0, 1.0)
+    result = run_experiment(cfg, write_run_dir=False)
+    last = result.history[-1]
+    assert last["round"] == 2 and 0 <= last["auc"] <= 1 and last["upload_bytes_mean"] < last["upload_bytes_dense"]
