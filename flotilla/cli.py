@@ -21,6 +21,8 @@ from flotilla.runner import DivergedError
 # What --resume may change: more (or fewer, not below those done) rounds.  Anything else would
 # make the resumed run a different experiment from the one its checkpoint belongs to.
 RESUME_KEYS = ("rounds",)
+# Where the run trains is not part of the experiment: a run started on a GPU resumes on a CPU.
+RESUME_PLACE = ("device",)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -157,12 +159,13 @@ def _resume_config(run_dir: str, overrides: list[str]):
         return validate(raw)
     for item in overrides:
         key = item.split("=", 1)[0].strip()
-        if key not in RESUME_KEYS:
+        if key not in RESUME_KEYS + RESUME_PLACE:
             raise ConfigError(
                 f"--set {key}: --resume can only change {', '.join(RESUME_KEYS)} "
                 f"(any other key would make a different experiment)"
             )
-    before = validate(raw)
+    # (the saved device may be one this machine lacks: validated with the new one)
+    before = validate(apply_overrides(raw, [o for o in overrides if o.split("=", 1)[0].strip() in RESUME_PLACE]))
     cfg = validate(apply_overrides(raw, overrides))
     u = cfg.privacy.user_level if cfg.privacy is not None else None
     if cfg.rounds != before.rounds and u is not None and u.target_epsilon is not None:

@@ -85,27 +85,6 @@ def test_device_cpu_gives_the_same_bits_as_no_key(keys):
     assert [r["loss"] for r in plain.history] == [r["loss"] for r in cpu.history]
 
 
-def test_checkpoints_are_saved_on_the_cpu(tmp_path, monkeypatch):
-    import flotilla.runner as runner
-
-    seen = []
-
-    def spy(state):
-        seen.append(set(state))
-        return real(state)
-
-    real = runner.to_cpu
-    monkeypatch.setattr(runner, "to_cpu", spy)
-    result = _train(tmp_path / "ckpt", device="cpu")
-    # Both files go through to_cpu (a GPU run's tensors come back to the CPU before saving) ...
-    assert any("weights" in keys for keys in seen) and any("0.weight" in keys for keys in seen)
-    # ... and hold CPU tensors a CPU-only machine can load and resume from.
-    for f in ("state.safetensors", "model.safetensors"):
-        tensors = load_file(str(result.run_dir / f))
-        assert tensors and all(t.device.type == "cpu" for t in tensors.values())
-    assert torch.equal(load_file(str(result.run_dir / "state.safetensors"))["weights"], result.weights)
-
-
 def test_to_device_leaves_cpu_batches_alone():
     x, y = torch.randn(2, 3), torch.tensor([0, 1])
     batch = (x, y)
@@ -130,3 +109,53 @@ def test_join_device_flag(no_gpu):
     with pytest.raises(ValueError) as e:
         Device("127.0.0.1:1", "token", nn.Linear(5, 3), (torch.randn(4, 5), torch.tensor([0, 1, 2, 0])), device="cuda")
     assert str(e.value) == CUDA_MISSING
+
+
+def tiny_task(seed: int):
+    """The config-file task of the resume test: 6 synthetic clients, a small MLP."""
+    return {"model": nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3)), "data": synthetic_dataset(6)}
+
+
+def test_a_gpu_run_resumes_on_a_cpu(tmp_path, no_gpu, monkeypatch):
+    """A run whose saved config says device: cuda resumes here with --set device=cpu (its checkpoint
+    holds CPU tensors) and ends where an uninterrupted run ends, bit for bit."""
+    from pathlib import Path
+
+    import yaml
+
+    import flotilla.runner as runner
+    from flotilla.cli import main
+
+    seen, real = [], runner.to_cpu
+
+    def spy(state):
+        seen.append(set(state))
+        return real(state)
+
+    monkeypatch.setattr(runner, "to_cpu", spy)
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the factory is found from the repository root
+    cfg = {
+        "task": {"name": "python", "factory": "tests.test_device:tiny_task"},
+        "rounds": 3,
+        "cohort": 3,
+        "output": {"progress": False},
+    }
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert main(["run", str(path), "--run-dir", str(full)]) == 0
+    path.write_text(yaml.safe_dump({**cfg, "rounds": 1}))
+    assert main(["run", str(path), "--run-dir", str(cut)]) == 0
+    saved = yaml.safe_load((cut / "config.yaml").read_text())
+    (cut / "config.yaml").write_text(yaml.safe_dump({**saved, "device": "cuda"}))  # as a GPU run leaves it
+    assert main(["run", "--resume", str(cut), "--set", "rounds=3"]) == 2  # cuda is not here: refused
+    assert main(["run", "--resume", str(cut), "--set", "rounds=3", "--set", "device=cpu"]) == 0
+    a, b = load_file(str(full / "model.safetensors")), load_file(str(cut / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert yaml.safe_load((cut / "config.yaml").read_text())["device"] == "cpu"
+    # Both files go through to_cpu (a GPU run's tensors come back to the CPU before saving) and hold CPU tensors.
+    assert any("weights" in keys for keys in seen) and any("0.weight" in keys for keys in seen)
+    for f in ("state.safetensors", "model.safetensors"):
+        tensors = load_file(str(full / f))
+        assert tensors and all(t.device.type == "cpu" for t in tensors.values())
