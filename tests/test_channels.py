@@ -388,3 +388,25 @@ def test_network_refuses_plain_and_malformed_compressed_uploads(pki, tmp_path):
             with pytest.raises(Refused, match="bitmap"):
                 c.upload_raw(a.ticket, a.version, "channels", [18], bad, 10)
             assert c.upload_raw(a.ticket, a.version, "channels", [18], data, 10) == (0, 1)
+
+
+def test_fleet_counts_compressed_bytes_and_trips_get_shorter():
+    from flotilla.channels.sim import message_bytes
+    from flotilla.fleet.fleet import make_fleet
+    from flotilla.sim.fleet import AsyncFleetSim
+
+    kw = _sync_kw()
+    kw.pop("cohort")
+    shapes = [tuple(p.shape) for p in kw["model"].parameters()]
+    down, up = message_bytes(TOPK_Q, shapes)
+    sizes = kw["dataset"].train_sizes.numpy()
+    # 1 kbit/s links, so the 300-byte fp32 messages take seconds and compression visibly shortens trips
+    slow = dict(population=50, seed=0, train_sizes=sizes, bandwidth_down_mbps=0.001, bandwidth_up_mbps=0.001)
+    plain = make_fleet(model_bytes=300, **slow)
+    packed = make_fleet(model_bytes=300, download_bytes=down, upload_bytes=up, **slow)
+    assert bool((packed.trips(0, 20).duration < plain.trips(0, 20).duration).all())
+    algo, _ = build_algorithm(
+        AsyncFleetSim, dict(kw, fleet=packed, concurrency=5, buffer_size=3), rounds=1, channels=TOPK_Q
+    )
+    m = algo.step()
+    assert m["bytes_up"] == m["uploads"] * up and m["bytes_down"] == m["trips"] * down == m["trips"] * 150
