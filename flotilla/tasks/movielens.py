@@ -15,7 +15,7 @@ per-row averaging (flotilla.algorithms.rowwise, ``server.embedding_rows``) need.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
@@ -32,12 +32,15 @@ from flotilla.tasks.registry import Task, TaskType, register
 NUM_USERS, NUM_MOVIES, NUM_GENRES, MAX_GENRES = 671, 9_066, 20, 10
 
 
+Width = Annotated[int, Field(ge=1)]
+
+
 class DLRMConfig(Section):
     embedding_dim: int = Field(16, ge=1, description="size of the user, item and genre embeddings (RF^2: 16)")
-    bottom: list[int] = Field(
+    bottom: list[Width] = Field(
         [16], description="hidden sizes of the bottom MLP over the dense features (then a layer to embedding_dim)"
     )
-    top: list[int] = Field([256], description="hidden sizes of the top MLP (then one output logit; RF^2: 256)")
+    top: list[Width] = Field([256], description="hidden sizes of the top MLP (then one output logit; RF^2: 256)")
     user_embedding: bool = Field(
         True, description="embed the user id (RF^2's DLRM leaves it out: false reproduces that)"
     )
@@ -161,8 +164,9 @@ class DLRM(nn.Module):
                 nn.init.uniform_(table.weight, -bound, bound)
         self.bottom = _mlp([2, *cfg.bottom, d], last_relu=True)
         vectors = 4 if cfg.user_embedding else 3
-        self._pairs = torch.triu_indices(vectors, vectors, offset=1)
-        self.top = _mlp([d + self._pairs.shape[1], *cfg.top, 1], last_relu=False)
+        # which pairs of vectors are dotted (a buffer: it follows the model to its device; not saved)
+        self.register_buffer("pairs", torch.triu_indices(vectors, vectors, offset=1), persistent=False)
+        self.top = _mlp([d + self.pairs.shape[1], *cfg.top, 1], last_relu=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         year = x[:, 2].float()
@@ -172,7 +176,7 @@ class DLRM(nn.Module):
         if self.user is not None:
             vectors.append(self.user(x[:, 0]))
         t = torch.stack(vectors, dim=1)
-        dots = torch.bmm(t, t.transpose(1, 2))[:, self._pairs[0], self._pairs[1]]
+        dots = torch.bmm(t, t.transpose(1, 2))[:, self.pairs[0], self.pairs[1]]
         return self.top(torch.cat([b, dots], dim=1)).squeeze(-1)
 
 
@@ -235,9 +239,10 @@ def client_scores(
     """Per client, ``(logits, labels)`` of its test examples under ``model`` as it is now (pool them
     over any group of clients, e.g. a device tier, and call :func:`score_metrics`)."""
     model.eval()
+    device = next(model.parameters()).device  # the model may train on a GPU (device: cuda); scores come back
     out = {}
     for c in clients:
-        parts = [(model(x), y) for x, y in dataset.test_batches(c, batch_size)]
+        parts = [(model(x.to(device)).float().cpu(), y) for x, y in dataset.test_batches(c, batch_size)]
         if parts:
             out[c] = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
     return out
