@@ -263,3 +263,12 @@ def test_the_example_config_runs_as_a_smoke_test():
     result = run_experiment(cfg, write_run_dir=False)
     last = result.history[-1]
     assert last["round"] == 2 and 0 <= last["auc"] <= 1 and last["upload_bytes_mean"] < last["upload_bytes_dense"]
+
+
+def test_serve_refuses_sparse_uploads_with_the_reason():
+    from flotilla.experiment.serve import server_from_config
+
+    net = {"tls": {"cert": "c.pem", "key": "k.pem"}, "tokens": "t.txt"}
+    cfg = validate({"task": SMALL, "rounds": 1, "server": {"embedding_rows": "rowwise"}, "network": net})
+    with pytest.raises(ConfigError, match=r"server\.embedding_rows: rowwise is simulated only; the wire carries dense"):
+        server_from_config(cfg)
