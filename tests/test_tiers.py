@@ -232,3 +232,22 @@ def test_good_tier_config_is_accepted():
     cfg = validate({**BASE, "tiers": {"assignment": "dirichlet", "exclude_low": True, "quantize_bits": {"low": 4}}})
     assert cfg.tiers.optimisations() == ["exclude_low", "quantize_bits"]
     assert cfg.tiers.speed == "benchmarkme" and cfg.tiers.alpha == 0.005
+
+
+def test_items_labels_and_plays():
+    from flotilla.core.dataset import FederatedDataset
+    from flotilla.fairness.items import client_items
+
+    y = torch.tensor([0, 0, 2, 1, 1, 1])
+    fetch = lambda idx: (torch.zeros(len(idx), 2), y[idx])  # noqa: E731
+    train = [torch.tensor([0, 1, 2]), torch.tensor([3, 4]), torch.tensor([5])]
+    ds = FederatedDataset("toy", fetch, train, client_names=["Hamlet/HAMLET", "Hamlet/OPHELIA", "Macbeth/MACBETH"])
+    assert client_items(ds, "labels") == [[0, 2], [1], [1]]
+    assert client_items(ds, "plays") == [[0], [0], [1]]
+    assert client_items(ds, "auto") == [[0], [0], [1]]  # Play/ROLE names: plays
+    plain = FederatedDataset("toy", fetch, train)
+    assert client_items(plain, "auto") == [[0, 2], [1], [1]]
+    with pytest.raises(ValueError, match="tiers.items: plays needs client names"):
+        client_items(plain, "plays")
+    with pytest.raises(ValueError, match="tiers.items: clicks needs the movielens"):
+        client_items(plain, "clicks")

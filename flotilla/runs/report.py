@@ -69,7 +69,7 @@ def optimisations(config: dict[str, Any]) -> str:
 
 def _short(v: Any) -> str:
     if isinstance(v, dict):
-        return "/".join(f"{k[0]}{_fmt(x)}" for k, x in v.items())
+        return "/".join(f"{k}:{x:g}" for k, x in v.items())
     return _fmt(v)
 
 
