@@ -272,3 +272,13 @@ def test_serve_refuses_sparse_uploads_with_the_reason():
     cfg = validate({"task": SMALL, "rounds": 1, "server": {"embedding_rows": "rowwise"}, "network": net})
     with pytest.raises(ConfigError, match=r"server\.embedding_rows: rowwise is simulated only; the wire carries dense"):
         server_from_config(cfg)
+
+
+def test_without_the_user_embedding_the_user_table_is_neither_built_nor_uploaded():
+    """RF^2's DLRM leaves the user id out (task.model.user_embedding: false)."""
+    task = build_task(small_task(model={"user_embedding": False}), 0)
+    names = [n for n, _ in task.model.named_parameters()]
+    assert "user.weight" not in names and task.dataset.tables == ("item.weight", "genre.weight")
+    assert set(task.dataset.embedding_rows(0)) == {"item.weight", "genre.weight"}
+    x, _ = task.dataset.fetch(task.dataset.train_indices[0])
+    assert task.model(x).shape == (len(x),)
