@@ -37,6 +37,7 @@ class PretrainConfig(Section):
     batch_size: int = Field(64, ge=1, description="batch size")
     lr: float = Field(0.05, gt=0, description="SGD learning rate")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's choice)")
     max_examples: int | None = Field(None, ge=1, description="train on a seeded subset of this many examples")
     output: str = Field(..., description="checkpoint file to write (.safetensors)")
 
@@ -73,6 +74,8 @@ def central_accuracy(model, dataset, indices: torch.Tensor, fetch, batch_size: i
 
 def pretrain(cfg: PretrainConfig, echo=print) -> dict[str, Any]:
     """Train ``cfg.task``'s model on all its clients' training examples; write the checkpoint atomically."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     task = build_task(cfg.task, cfg.seed)
     data, model = task.dataset, task.model
     train = _pooled(data.train_indices)

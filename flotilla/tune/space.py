@@ -52,6 +52,7 @@ class TuneConfig(Section):
         None, description="tune on this task instead; the chosen config is then trained once on the base's task"
     )
     output: str | None = Field(None, description="study folder (default: tune/<file name>)")
+    threads: int | None = Field(None, ge=1, description="torch threads of every trial (overrides the base's threads)")
     heartbeat_s: float = Field(10.0, gt=0, description="a running trial silent 3x this long is taken as dead")
 
     @model_validator(mode="after")
@@ -137,7 +138,8 @@ class Space:
 
     def config(self, params: dict[str, Any], *, target: bool = False) -> dict[str, Any]:
         """The raw experiment config of a trial (or of the target run with ``target``)."""
-        return with_params(self.base if target else self.tuning_base, params)
+        raw = with_params(self.base if target else self.tuning_base, params)
+        return raw if self.cfg.threads is None else dict(raw, threads=self.cfg.threads)
 
 
 def load_space(path: str | Path, overrides: list[str] | None = None) -> Space:
