@@ -20,6 +20,12 @@ CUDA_MISSING = (
     "use device: cpu or auto"
 )
 
+# Worker processes (workers: N) are forked after the parent has built its model.
+CUDA_FORK = (
+    "worker processes are forked and CUDA cannot run in a forked process; with device: cuda use "
+    "workers: 1 (client.vectorize keeps one GPU busy) or runtime: ray with gpus_per_actor"
+)
+
 
 def resolve_device(name: str | torch.device | None) -> torch.device:
     """``cpu`` | ``cuda`` | ``auto`` (cuda if torch sees a GPU, else cpu) -> a ``torch.device``.

@@ -33,7 +33,7 @@ from torch import nn
 from flotilla.core.aggregate import UpdateRejected, check_update
 from flotilla.core.client import ClientSpec, LossFn, client_seed
 from flotilla.core.dataset import FederatedDataset
-from flotilla.core.device import resolve_device
+from flotilla.core.device import CUDA_FORK, resolve_device
 from flotilla.core.protocols import Components, Shape
 from flotilla.core.server_opt import ServerOptimizerSpec
 from flotilla.sim.sync import SyncFedAvg
@@ -60,11 +60,6 @@ def _usable_cores() -> int:
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
 
-
-CUDA_FORK = (
-    "worker processes are forked and CUDA cannot run in a forked process; with device: cuda use "
-    "workers: 1 (client.vectorize keeps one GPU busy) or runtime: ray with gpus_per_actor"
-)
 
 _NOT_COMPOSABLE = (
     "each worker process trains its clients and sums their plain deltas in shared memory, so a "

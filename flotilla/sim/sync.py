@@ -168,7 +168,7 @@ class SyncFedAvg:
 def check_device_keys(cfg) -> None:
     """``device`` and ``client.vectorize`` against the rest of the config (config.py's validator calls
     this with the whole ExperimentConfig); raises ValueError with one line naming the key."""
-    from flotilla.core.device import CUDA_MISSING
+    from flotilla.core.device import CUDA_FORK, CUDA_MISSING
 
     runtime = cfg.runtime.name if cfg.runtime is not None else None
     processes = cfg.workers > 1 or runtime == "processes"
@@ -177,8 +177,6 @@ def check_device_keys(cfg) -> None:
         raise ValueError(CUDA_MISSING)
     on_gpu = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     if on_gpu and processes:
-        from flotilla.sim.parallel import CUDA_FORK
-
         raise ValueError(f"workers: {CUDA_FORK}")
     if on_gpu and cfg.client.algorithm is not None:
         raise ValueError(
