@@ -28,27 +28,27 @@ RUNS = {
     "fedbuff-fleet": {
         **COMMON,
         "mode": "async",
-        "rounds": 60,
+        "rounds": 30,
         "server": {"optimizer": "fedavg", "lr": 1.0},
         "fleet": {"population": 100000, "speed": {"dist": "lognormal", "median": 10, "sigma": 1.0}},
         "async": {"algorithm": "fedbuff", "concurrency": 50, "buffer_size": 10},
-        "eval": {"every": 5, "max_clients": 100},
+        "eval": {"every": 5, "max_clients": 50},
     },
     "dp-fedavg": {
         **COMMON,
-        "rounds": 30,
+        "rounds": 15,
         "cohort": 20,
         "server": {"optimizer": "fedavg", "lr": 1.0},
         "privacy": {"user_level": {"clip_norm": 0.5, "target_epsilon": 4.0, "sampling": "poisson"}},
-        "eval": {"every": 3, "max_clients": 100},
+        "eval": {"every": 3, "max_clients": 50},
     },
     "secagg-fedavgm": {
         **COMMON,
-        "rounds": 20,
+        "rounds": 12,
         "cohort": 20,
         "server": {"optimizer": "fedavgm", "lr": 1.0, "momentum": 0.9},
         "secure_aggregation": {"degree": "auto", "clip": 1.0, "dropout": {"mask": 0.05, "unmask": 0.05}},
-        "eval": {"every": 2, "max_clients": 100},
+        "eval": {"every": 2, "max_clients": 50},
     },
 }
 
@@ -56,14 +56,15 @@ RUNS = {
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="docs/dashboard", help="folder for the PNGs")
+    p.add_argument("--runs", help="keep the runs in this folder; runs already there are not trained again")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     from selenium import webdriver
 
     with tempfile.TemporaryDirectory() as tmp:
-        runs = Path(tmp) / "runs"
-        runs.mkdir()
+        runs = Path(args.runs) if args.runs else Path(tmp) / "runs"
+        runs.mkdir(parents=True, exist_ok=True)
         dash = DashboardThread(build_app(runs_dir=runs), bind("127.0.0.1", 0))
         opts = webdriver.ChromeOptions()
         opts.binary_location = "/usr/bin/chromium"
@@ -73,6 +74,8 @@ def main() -> None:
         try:
             driver.get(f"http://127.0.0.1:{dash.port}/")
             for name, raw in RUNS.items():
+                if (runs / name / "model.safetensors").exists():
+                    continue
                 t = time.perf_counter()
                 result = run_experiment(validate({**raw, "output": {"progress": False}}), run_dir=runs / name)
                 last = result.history[-1]
