@@ -163,13 +163,23 @@ def test_vectorize_refuses_a_custom_client_update():
         )
 
 
-def test_vectorized_train_through_the_api():
+@pytest.mark.parametrize(
+    "keys",
+    [{}, {"weighting": "uniform", "privacy": {"user_level": {"clip_norm": 0.05, "noise_multiplier": 0.5}}}],
+    ids=["fedavg", "user-level-dp"],
+)
+def test_vectorized_train_through_the_api(keys):
+    """Through the config; user-level DP composes unchanged (each delta is clipped as it is added, the
+    same seeded noise), as would secure aggregation: the aggregator sees the deltas one by one."""
     import flotilla
 
     data = _images([10, 14, 6, 8])
     out = {}
     for k in (1, 2):
         torch.manual_seed(0)
-        r = flotilla.train(_mlp(), data, rounds=2, cohort=3, seed=1, client={"vectorize": k, "batch_size": 5})
-        out[k] = r.weights
-    assert (out[1] - out[2]).abs().max().item() <= TOL
+        client = {"vectorize": k, "batch_size": 5}
+        r = flotilla.train(_mlp(), data, rounds=2, cohort=3, seed=1, client=client, **keys)
+        out[k] = r.weights, r.history
+    assert (out[1][0] - out[2][0]).abs().max().item() <= TOL
+    if keys:  # clipped: every delta was larger than the bound, and noise was added
+        assert out[1][1][-1]["clipped_fraction"] == out[2][1][-1]["clipped_fraction"] == 1.0
