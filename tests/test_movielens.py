@@ -223,7 +223,7 @@ def test_evaluate_clients_gives_per_client_metrics():
         ({"task": {**SMALL, "test_fraction": 1.0}}, "task.test_fraction"),
         ({"task": {**SMALL, "threshold": 4}}, "task.threshold: unknown key"),
         ({"task": {**SMALL, "model": {"embeding_dim": 8}}}, "task.model.embeding_dim: unknown key"),
-        ({"task": {**SMALL, "model": {"top": [64, 0]}}}, "task.model.top.1"),
+        ({"task": {**SMALL, "model": {"top": [64, 0]}}}, "task.model.top: every layer width must be >= 1"),
         ({"server": {"embedding_rows": "rows"}}, "server.embedding_rows"),
         ({"server": {"embedding_rows": "rowwise"}, "mode": "async"}, "server.embedding_rows: rowwise cannot run"),
         ({"server": {"embedding_rows": "sparse"}, "workers": 2}, "server.embedding_rows: sparse cannot run"),

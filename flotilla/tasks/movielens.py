@@ -15,11 +15,11 @@ per-row averaging (flotilla.algorithms.rowwise, ``server.embedding_rows``) need.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Annotated, Literal
+from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import nn
 from torch.nn import functional as F
 
@@ -32,18 +32,22 @@ from flotilla.tasks.registry import Task, TaskType, register
 NUM_USERS, NUM_MOVIES, NUM_GENRES, MAX_GENRES = 671, 9_066, 20, 10
 
 
-Width = Annotated[int, Field(ge=1)]
-
-
 class DLRMConfig(Section):
     embedding_dim: int = Field(16, ge=1, description="size of the user, item and genre embeddings (RF^2: 16)")
-    bottom: list[Width] = Field(
+    bottom: list[int] = Field(
         [16], description="hidden sizes of the bottom MLP over the dense features (then a layer to embedding_dim)"
     )
-    top: list[Width] = Field([256], description="hidden sizes of the top MLP (then one output logit; RF^2: 256)")
+    top: list[int] = Field([256], description="hidden sizes of the top MLP (then one output logit; RF^2: 256)")
     user_embedding: bool = Field(
         True, description="embed the user id (RF^2's DLRM leaves it out: false reproduces that)"
     )
+
+    @field_validator("bottom", "top")
+    @classmethod
+    def _widths(cls, v: list[int]) -> list[int]:
+        if any(w < 1 for w in v):
+            raise ValueError(f"every layer width must be >= 1, got {v}")
+        return v
 
 
 class MovieLensTask(Section):
