@@ -105,6 +105,10 @@ def test_vectorized_round_matches_sequential_round():
 
 def test_vectorize_refuses_what_it_cannot_stack():
     data = _images([10, 10])
+    with pytest.raises(
+        ValueError, match=r"client.vectorize: must be an integer >= 1 \(1: one client after another\), got 0"
+    ):
+        SyncFedAvg(_mlp(), data, F.cross_entropy, cohort=2, vectorize=0)
     with pytest.raises(ValueError, match=r"client.vectorize: the model's layer lstm \(LSTM\)"):
         SyncFedAvg(CharLSTM(10), data, F.cross_entropy, cohort=2, vectorize=2)
     bn = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(2 * 26 * 26, 10))

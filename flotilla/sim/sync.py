@@ -79,6 +79,8 @@ class SyncFedAvg:
 
     def _vectorized(self, k: int, parts: Components, loss_fn: LossFn, client: ClientSpec):
         """``client.vectorize: k``: a trainer of k clients at once, or None (k = 1)."""
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"client.vectorize: must be an integer >= 1 (1: one client after another), got {k!r}")
         if k == 1:
             return None
         if parts.client_update is not None:
