@@ -84,6 +84,13 @@ def parse_args(argv=None):
     p.add_argument("--out", default="benchmarks/out/gpu_check.json", help="JSON report")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument(
+        "--pairs",
+        type=int,
+        default=0,
+        help="with --vectorize-only: instead of whole rounds, time N interleaved pairs of one call (K = 10 and 50 "
+        "clients: K LocalTrainer calls, then one VectorizedTrainer call), finer than rounds on a busy machine",
+    )
+    p.add_argument(
         "--vectorize-only",
         action="store_true",
         help="only sequential vs client.vectorize on --device, Fashion-MNIST at cohort 10 and 50 (the CPU ratio)",
@@ -213,6 +220,46 @@ def vectorize_runs(name: str, raw: dict, rounds: int, device) -> dict:
     return vec
 
 
+def trainer_pairs(raw: dict, k: int, pairs: int, device) -> dict:
+    """``pairs`` times in turn: K clients one after another (LocalTrainer) and at once (VectorizedTrainer)."""
+    import statistics
+
+    import torch
+
+    from flotilla.config import validate
+    from flotilla.core.client import ClientSpec, LocalTrainer, client_seed
+    from flotilla.core.device import synchronize
+    from flotilla.core.flat import FlatModel
+    from flotilla.core.vectorized import VectorizedTrainer
+    from flotilla.tasks import build_task
+
+    cfg = validate({**raw, "rounds": 1})
+    task = build_task(cfg.task, cfg.seed)
+    c = cfg.client
+    spec = ClientSpec(c.epochs, c.steps, c.batch_size, c.lr, c.momentum, c.weight_decay)
+    flat = FlatModel(task.model, device)
+    start = flat.flat.to("cpu", copy=True)
+    seq, vec = LocalTrainer(flat, task.loss_fn, spec), VectorizedTrainer(flat, task.loss_fn, spec, k)
+    clients = list(range(k))
+    seeds = [client_seed(cfg.seed, 1, c) for c in clients]
+    delta, deltas = torch.empty(flat.numel), torch.empty(k, flat.numel, device=device)
+    vec.train(task.dataset, clients, start, seeds, deltas)  # warm-up (torch.func's imports)
+    times = []
+    for _ in range(pairs):
+        synchronize(device)
+        t = time.perf_counter()
+        for client, seed in zip(clients, seeds):
+            seq.train(task.dataset, client, start, seed, delta)
+        synchronize(device)
+        t_seq = time.perf_counter() - t
+        vec.train(task.dataset, clients, start, seeds, deltas)
+        synchronize(device)
+        times.append((t_seq, time.perf_counter() - t - t_seq))
+    ratios = [round(a / b, 2) for a, b in times]
+    print(f"K={k}: sequential / vectorized per call, {pairs} pairs: {ratios} (median {statistics.median(ratios)})")
+    return {"seconds": times, "ratios": ratios, "median": statistics.median(ratios), "load": os.getloadavg()}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     missing = missing_dependencies()
@@ -256,7 +303,10 @@ def main(argv=None) -> int:
             continue
         try:
             if args.vectorize_only:
-                report["tasks"][name] = {"vectorize": vectorize_runs(name, raw, rounds, device)}
+                if args.pairs:  # per call instead of per round
+                    report["tasks"][name] = {"pairs": {k: trainer_pairs(raw, k, args.pairs, device) for k in (10, 50)}}
+                else:
+                    report["tasks"][name] = {"vectorize": vectorize_runs(name, raw, rounds, device)}
                 continue
             cpu = run(raw, rounds, "cpu")
             dev = run(raw, rounds, str(device))
