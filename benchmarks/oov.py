@@ -38,7 +38,7 @@ from flotilla.config import validate
 from flotilla.experiment.run import build
 from flotilla.oov.data import windows
 from flotilla.oov.personal import adapt, finetune, personal_ids, score
-from flotilla.oov.vocab import oov_rate
+from flotilla.oov.vocab import exact_match_at_k, oov_rate
 from flotilla.tasks import build_task
 
 OUT = Path(__file__).resolve().parent / "out" / "oov.json"
@@ -88,15 +88,15 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=2000)
     p.add_argument("--rounds", type=int, default=40)
     p.add_argument("--cohort", type=int, default=5)
-    p.add_argument("--client-steps", type=int, default=10)
-    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--client-steps", type=int, default=5)
+    p.add_argument("--batch", type=int, default=48)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--server", default="fedavg")
     p.add_argument("--server-lr", type=float, default=1.0)
-    p.add_argument("--users", type=int, default=30)
+    p.add_argument("--users", type=int, default=20)
     p.add_argument("--k", type=int, nargs="+", default=[10, 50], help="adapter words per user")
-    p.add_argument("--device-steps", type=int, default=60)
+    p.add_argument("--device-steps", type=int, default=40)
     p.add_argument("--adapter-lr", type=float, default=1e-2)
     p.add_argument("--finetune-lr", type=float, default=1e-3)
     args = p.parse_args()
@@ -126,6 +126,13 @@ def main() -> None:
             words = set(personal.adapter.words)
             xp, yp = windows(personal_ids(role.test, vocab, personal.adapter.words), seq)
             row[f"adapter{k}"] = {**score(personal, xp, yp, len(vocab)).__dict__, "words": len(words)}
+            with torch.no_grad():
+                on_words = yp >= len(vocab)
+                hits = exact_match_at_k(personal(xp), yp)[on_words]
+            row[f"adapter{k}"].update(word_positions=int(on_words.sum()), word_hits=int(hits.sum()))
+            # in-sample check that the adapter learned its words: EMR@3 at OOV positions of the training text
+            xt, yt = windows(personal_ids(role.train, vocab, personal.adapter.words), seq)
+            row[f"adapter{k}"]["train_emr_oov"] = score(personal, xt, yt, len(vocab)).emr_oov
             row[f"oov_after{k}"] = oov_rate(role.test, known | words)
             row[f"train_oov_after{k}"] = oov_rate(role.train, known | words)
         assert torch.equal(flat.flat, uploaded), "personalisation changed the federated model"
@@ -153,6 +160,12 @@ def main() -> None:
             "users_improved": int((gain > 0).sum()),
             "users_worse": int((gain < 0).sum()),
         }
+        if method.startswith("adapter"):
+            summary[method]["train_emr_oov_user_mean"] = float(
+                np.nanmean([r[method]["train_emr_oov"] for r in per_user])
+            )
+            summary[method]["test_positions_on_adapter_words"] = sum(r[method]["word_positions"] for r in per_user)
+            summary[method]["test_hits_on_adapter_words"] = sum(r[method]["word_hits"] for r in per_user)
     words = sum(r["test_words"] for r in per_user)
     for k in args.k:
         before = sum(r["oov_before"] * r["test_words"] for r in per_user) / words

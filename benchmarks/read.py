@@ -144,6 +144,25 @@ def federated(method: str, lr: float, args) -> dict:
     }
 
 
+def interleaved_timing(methods, data, args) -> dict:
+    """ms per training step, methods interleaved (--timing-repeats x --timing-steps each), so a
+    change of machine load hits every method alike; the median over repeats."""
+    trainers = {}
+    pool = pooled(data)
+    for method in methods:
+        m = model(ShakespeareFinetuneTask.model_validate(task_cfg(method)), seed=0)
+        flat = FlatModel(m)
+        spec = ClientSpec(steps=args.timing_steps, batch_size=args.batch, lr=0.1)
+        trainers[method] = (LocalTrainer(flat, F.cross_entropy, spec), flat.flat.clone(), torch.empty(flat.numel))
+    times = {m: [] for m in methods}
+    for repeat in range(args.timing_repeats):
+        for method, (trainer, start, delta) in trainers.items():
+            t0 = time.perf_counter()
+            trainer.train(pool, 0, start, repeat, delta)
+            times[method].append(1000 * (time.perf_counter() - t0) / args.timing_steps)
+    return {m: {"median_ms": statistics.median(t), "all_ms": t} for m, t in times.items()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
@@ -154,6 +173,11 @@ def main() -> None:
     p.add_argument("--cohort", type=int, default=4)
     p.add_argument("--client-steps", type=int, default=5)
     p.add_argument("--eval-clients", type=int, default=20)
+    p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--central-only", action="store_true", help="skip the federated runs (an lr sweep)")
+    p.add_argument("--timing-only", action="store_true", help="only the interleaved step timing")
+    p.add_argument("--timing-steps", type=int, default=5)
+    p.add_argument("--timing-repeats", type=int, default=5)
     args = p.parse_args()
     torch.set_num_threads(1)
     load_before = load()
@@ -168,11 +192,22 @@ def main() -> None:
         f"{data.num_clients} federated roles; load {load_before}",
         flush=True,
     )
+    if args.timing_only:
+        timing = interleaved_timing(args.methods, data, args)
+        for m, t in timing.items():
+            print(f"{m}: {t['median_ms']:.0f} ms/step (median of {args.timing_repeats})")
+        out = {"args": {**vars(args), "out": str(args.out)}, "timing": timing, "load_before": load_before}
+        out["load_after"] = load()
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(out, indent=1))
+        print(f"load {load_before} -> {out['load_after']}; wrote {args.out}")
+        return
     rows = {}
     for method in args.methods:
         row = {"method": method, **memory(method, data, args)}
         row["central"] = central(method, data, eval_set, args)
-        row["federated"] = federated(method, row["central"]["lr"], args)
+        if not args.central_only:
+            row["federated"] = federated(method, row["central"]["lr"], args)
         rows[method] = row
         print(json.dumps(row), flush=True)
     out = {
@@ -188,9 +223,11 @@ def main() -> None:
         "load_after": load(),
         "median_step_ms": statistics.median(r["central"]["step_ms"] for r in rows.values()),
     }
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(out, indent=1))
-    print(f"load {load_before} -> {out['load_after']}; wrote {OUT}")
+    path = args.out
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out["args"] = {**vars(args), "out": str(path)}
+    path.write_text(json.dumps(out, indent=1))
+    print(f"load {load_before} -> {out['load_after']}; wrote {path}")
 
 
 if __name__ == "__main__":
