@@ -24,6 +24,12 @@ every variant.  Reported per (cohort, variant), medians over repeats:
 * load1 before each run.
 
 Writes benchmarks/out/ray-bench.json and prints a markdown table.
+
+Where an actor's round goes (the same ``ClientActor.train`` in this process and in one actor, alternately:
+wall and CPU time of each side, and the full call with Ray's plumbing):
+
+    PYTHONPATH=benchmarks/speed .venv/bin/python benchmarks/ray_bench.py --profile-actor \
+        --data benchmarks/out/data/fmnist-cohort50 --pairs 5
 """
 
 from __future__ import annotations
@@ -88,6 +94,79 @@ def child(argv: list[str]) -> None:
             "weights_sha": hashlib.sha1(res.weights.numpy().tobytes()).hexdigest()[:12],
         }
     )
+
+
+# --- where an actor's round goes: the same ClientActor.train in this process and in an actor -----
+def profile_actor(argv: list[str]) -> None:
+    """``--profile-actor``: one cohort's ``ClientActor.train`` run alternately in this process and in one
+    Ray actor (same class, same task, same weights and clients), ``--pairs`` times: wall and CPU time of
+    the training thread on each side, and the actor call's full time from the driver (``ray.put`` of
+    the weights, the call, the reply).  Separates the actor's training from Ray's plumbing."""
+    import ray
+    import torch  # noqa: F401  (before flotilla: the thread count below applies)
+    from common import base_args, load, make_model
+    from fl_flotilla import federated
+    from torch.nn import functional as F
+
+    from flotilla.core.client import ClientSpec
+    from flotilla.core.flat import FlatModel
+    from flotilla.sim.ray_runtime import ClientActor
+    from flotilla.sim.sync import sample_cohort
+
+    p = base_args("ray_bench --profile-actor")
+    p.add_argument("--pairs", type=int, default=5)
+    p.add_argument(
+        "--ray-niceness", type=int, default=0, help="Ray's worker_niceness (Ray's default 15; the runtime sets 0)"
+    )
+    args = p.parse_args(argv)
+    wl = load(args)
+    m = wl.meta
+    data, model = federated(wl), make_model(m)
+    spec = ClientSpec(epochs=m["epochs"], batch_size=m["batch"], lr=m["lr"])
+    ray.init(
+        address="local",
+        num_cpus=1,
+        include_dashboard=False,
+        log_to_driver=False,
+        _system_config={"worker_niceness": args.ray_niceness},
+    )
+    task = [ray.put((model, data, F.cross_entropy))]
+    paths = [os.getcwd()] + [q for q in sys.path if q]
+    here = ClientActor("objects", task, spec, "examples", 0, 1, paths)
+    actor = ray.remote(ClientActor).options(num_cpus=1).remote("objects", task, spec, "examples", 0, 1, paths)
+    ray.get(actor.info.remote())
+    weights = FlatModel(make_model(m)).flat.clone()
+    clients = [int(c) for c in sample_cohort(0, 0, data.num_clients, m["cohort"])]
+
+    def timed(self, clients, weights):
+        w0, c0 = time.perf_counter(), time.thread_time()
+        self.train(0, clients, weights)
+        return time.perf_counter() - w0, time.thread_time() - c0
+
+    rows = []
+    for k in range(args.pairs):
+        here_s, here_cpu = timed(here, clients, weights)
+        actor_s, actor_cpu = ray.get(actor.__ray_call__.remote(timed, clients, weights))
+        t0 = time.perf_counter()
+        ray.get(actor.train.remote(0, clients, ray.put(weights)))
+        call_s = time.perf_counter() - t0
+        rows.append((here_s, here_cpu, actor_s, actor_cpu, call_s, os.getloadavg()[0]))
+        print(
+            f"  pair {k + 1}: this process {here_s:.3f}s (cpu {here_cpu:.3f}s)  actor {actor_s:.3f}s "
+            f"(cpu {actor_cpu:.3f}s)  full actor call {call_s:.3f}s  load {rows[-1][-1]:.1f}",
+            flush=True,
+        )
+    med = [statistics.median(col) for col in zip(*rows)]
+    cpu_ratios = sorted(r[3] / r[1] for r in rows)
+    print(
+        f"cohort {len(clients)}, {args.pairs} pairs, medians: this process {med[0]:.3f}s (cpu {med[1]:.3f}s), actor "
+        f"{med[2]:.3f}s (cpu {med[3]:.3f}s), full call {med[4]:.3f}s; actor/this cpu {statistics.median(cpu_ratios):.2f}x "
+        f"(range {cpu_ratios[0]:.2f}-{cpu_ratios[-1]:.2f}); Ray plumbing per call {med[4] - med[2]:+.3f}s; "
+        f"load1 {min(r[-1] for r in rows):.1f}-{max(r[-1] for r in rows):.1f}; actor niceness "
+        f"{ray.get(actor.__ray_call__.remote(lambda self: os.nice(0)))} (this process {os.nice(0)})",
+        flush=True,
+    )
+    ray.shutdown()
 
 
 # --- data per cohort: the prepared fmnist folder with another cohort in meta.json ---------------
@@ -235,7 +314,10 @@ def summarise(runs: list[dict], cohorts: list[int], variants: list[str]) -> tupl
         )
         paired = _paired(runs, 50, "ray1", "inproc")
         if paired:
-            notes.append(f"  (within each repeat: {', '.join(f'{p:.2f}x' for p in paired)})")
+            notes.append(
+                f"  (within each repeat: {', '.join(f'{p:.2f}x' for p in paired)}; median "
+                f"{statistics.median(paired):.2f}x, spread {min(paired):.2f}-{max(paired):.2f}x)"
+            )
     for c in cohorts:
         fl = med.get((c, "flower"))
         for v in ("ray1", "ray2"):
@@ -330,5 +412,7 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--child"]:
         child(sys.argv[2:])
+    elif sys.argv[1:2] == ["--profile-actor"]:  # PYTHONPATH=benchmarks/speed; --data a prepared fmnist folder
+        profile_actor(sys.argv[2:])
     else:
         sys.exit(main())

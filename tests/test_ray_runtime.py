@@ -78,6 +78,10 @@ USER_LEVEL = {
         ({"runtime": {"name": "in-process"}, "workers": 2}, "runtime.name: in-process trains in one process"),
         ({"runtime": {"name": "processes"}}, "runtime.name: processes trains in `workers` processes; set workers: 2"),
         ({"runtime": {"name": "ray", "gpus_per_actor": -1}}, "runtime.gpus_per_actor: Input should be greater than"),
+        (
+            {"runtime": {"name": "ray"}, "device": "cuda"},
+            "runtime.gpus_per_actor: device: cuda on runtime.name: ray trains on the actors' GPUs; set gpus_per_actor > 0",
+        ),
         ({"runtime": {"name": "ray", "address": "not an address"}}, "runtime.address: must be null"),
         ({"runtime": {"name": "ray", "actors": 0}}, "runtime.actors: Input should be greater than or equal to 1"),
         ({"runtime": {"name": "ray", "cpus_per_actor": 0}}, "runtime.cpus_per_actor: Input should be greater than 0"),

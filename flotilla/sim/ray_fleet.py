@@ -94,6 +94,8 @@ class RayAsyncFleet(RayActors, AsyncFleetSim):
             model_for_actors = copy.deepcopy(model)  # from before a DP-SGD trainer hooks into the model
         else:
             model_for_actors = model
+        # the driver only keeps the weights (on the CPU); the actors train, on their GPU with gpus_per_actor > 0
+        kwargs.pop("device", None)
         super().__init__(model, dataset, loss_fn, components=components, **kwargs)
         try:  # the actors build the client update themselves (plain, DP-SGD, FedProx); SCAFFOLD is refused
             self._update = client_update_spec(self.trainer)

@@ -299,6 +299,9 @@ class RayActors:
                     num_cpus=max(1, math.ceil(self.actors * self.cpus_per_actor - 1e-9)),
                     include_dashboard=False,
                     log_to_driver=False,
+                    # Ray runs workers at nice +15 so that drivers stay responsive; here the actors ARE the
+                    # work (the driver waits), and at +15 they lost to every other process on a busy machine
+                    _system_config={"worker_niceness": 0},
                 )
             else:
                 try:
