@@ -3,18 +3,20 @@
     nice -n 10 python benchmarks/blt.py entropy             # train + cache the entropy model (~2 min)
     nice -n 10 python benchmarks/blt.py sweep               # mean patch size, global FLOPs/byte vs threshold
     python benchmarks/blt.py patches ["TEXT"]               # where patches start in TEXT
+    python benchmarks/blt.py unigram                        # the byte-frequency floor, bits per byte
     nice -n 10 python benchmarks/blt.py train [--rounds 30] [--only blt,bt,...]   # one line per model
 
 Every model trains federated with the same schedule (rounds x cohort x local steps x batch x bytes),
 is scored in bits per byte on the held-out text of held-out roles (roles that never trained), and
 its training FLOPs per byte are counted by PyTorch's FlopCounterMode on one batch.  Results go to
-benchmarks/out/blt_<command>.json.
+benchmarks/out/blt_sweep.json and blt_train_seed<S>.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -41,9 +43,9 @@ def load():
     return os.popen("uptime").read().strip()
 
 
-def byte_cfg(model: dict, rounds: int, cohort: int, steps: int, lr: float, server_lr: float) -> dict:
+def byte_cfg(model: dict, rounds: int, cohort: int, steps: int, lr: float, server_lr: float, seed: int = 0) -> dict:
     return {
-        "seed": 0,
+        "seed": seed,
         "task": {"name": "shakespeare-bytes", "seq_len": SEQ, "model": model},
         "rounds": rounds,
         "cohort": cohort,
@@ -62,7 +64,7 @@ def run_bytes(name: str, args) -> dict:
     from flotilla.tasks import build_task
     from flotilla.tasks.shakespeare_bytes import heldout_roles
 
-    cfg = validate(byte_cfg(MODELS[name], args.rounds, args.cohort, args.steps, args.lr, args.server_lr))
+    cfg = validate(byte_cfg(MODELS[name], args.rounds, args.cohort, args.steps, args.lr, args.server_lr, args.seed))
     task = build_task(cfg.task, cfg.seed)
     x, y = task.dataset.fetch(task.dataset.train_indices[0][:BATCH])
     if len(x) < BATCH:
@@ -116,7 +118,7 @@ def run_charlstm(args) -> dict:
     train_roles, held_roles = _eligible(bcfg, rb)
     cfg = validate(
         {
-            "seed": 0,
+            "seed": args.seed,
             "task": {"name": "shakespeare", "seq_len": 80, "min_chars": 0},
             "rounds": args.rounds,
             "cohort": args.cohort,
@@ -243,6 +245,21 @@ def cmd_patches(args) -> None:
         print(f"target {target:g}: " + "|".join(parts))
 
 
+def cmd_unigram(args) -> None:
+    """Bits per byte of the training roles' byte frequencies (add-one) on the held-out roles' test bytes."""
+    from flotilla.config import validate
+    from flotilla.tasks.shakespeare_bytes import build_data, heldout_roles
+
+    cfg = validate(byte_cfg(MODELS["bt"], 1, 1, 1, 0.1, 0.1)).task
+    train, held = build_data(cfg, 0), heldout_roles(cfg)
+    counts = torch.ones(260)
+    for c in range(train.num_clients):
+        counts += torch.bincount(train.fetch(train.train_indices[c])[1].reshape(-1), minlength=260)
+    logp = (counts / counts.sum()).log()
+    y = torch.cat([held.fetch_test(held.test_indices[c])[1] for c in range(held.num_clients)])
+    print(json.dumps({"unigram_heldout_bpb": float(-logp[y].sum() / math.log(2) / len(y)), "bytes": len(y)}))
+
+
 def cmd_train(args) -> None:
     names = args.only.split(",")
     if len(names) > 1:  # one process per model (one thread each), all at once: cpu_s_per_round is
@@ -261,7 +278,7 @@ def cmd_train(args) -> None:
             records.append(json.loads(out.strip().splitlines()[-1]))
             print(json.dumps(records[-1]), flush=True)
         OUT.mkdir(exist_ok=True)
-        (OUT / "blt_train.json").write_text(
+        (OUT / f"blt_train_seed{args.seed}.json").write_text(
             json.dumps({"records": records, "args": vars(args) | {"func": None}, "load": load()}, indent=1)
         )
         return
@@ -277,6 +294,7 @@ def main() -> None:
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("entropy").set_defaults(func=cmd_entropy)
     sub.add_parser("sweep").set_defaults(func=cmd_sweep)
+    sub.add_parser("unigram").set_defaults(func=cmd_unigram)
     pt = sub.add_parser("patches")
     pt.add_argument("text", nargs="?", default="Now is the winter of our discontent made glorious summer by this sun")
     pt.set_defaults(func=cmd_patches)
@@ -287,6 +305,7 @@ def main() -> None:
     t.add_argument("--steps", type=int, default=4)
     t.add_argument("--lr", type=float, default=0.5)
     t.add_argument("--server-lr", type=float, default=0.01)
+    t.add_argument("--seed", type=int, default=0, help="model init, cohorts, shuffling (not the entropy model)")
     t.set_defaults(func=cmd_train)
     args = p.parse_args()
     args.func(args)
