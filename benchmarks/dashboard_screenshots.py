@@ -70,7 +70,9 @@ def main() -> None:
         opts.binary_location = "/usr/bin/chromium"
         for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1400,2600"):
             opts.add_argument(a)
-        driver = webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path="/usr/bin/chromedriver"))
+        driver = webdriver.Chrome(
+            options=opts, service=webdriver.ChromeService(executable_path="/usr/bin/chromedriver")
+        )
         try:
             driver.get(f"http://127.0.0.1:{dash.port}/")
             for name, raw in RUNS.items():

@@ -210,7 +210,9 @@ def _watchers(args):
     if args.metrics_port is not None:
         from flotilla.dashboard.serve import bind
 
-        bind(args.metrics_host, args.metrics_port, "--metrics-port").close()  # in use: one line now, before any state is made
+        bind(
+            args.metrics_host, args.metrics_port, "--metrics-port"
+        ).close()  # in use: one line now, before any state is made
     if args.dashboard:
         token = serve.resolve_token(args.dashboard_token)
         serve.check_exposure(args.dashboard_host, token)
