@@ -58,6 +58,16 @@ def base(alpha: str, server: str, hetero: bool, rounds: int, seed: int, init: st
     return cfg
 
 
+def body_only(checkpoint: Path) -> Path:
+    """The checkpoint without the classifier head (head.*): loaded with init.partial, the head stays random."""
+    from safetensors.torch import load_file, save_file
+
+    out = checkpoint.with_name(checkpoint.stem + "-body.safetensors")
+    if not out.exists():
+        save_file({k: v for k, v in load_file(str(checkpoint)).items() if not k.startswith("head.")}, str(out))
+    return out
+
+
 def hessian_top(checkpoint: str | None, seed: int, examples: int = 500) -> tuple[float, float]:
     """(top Hessian eigenvalue, loss) of the Fashion-MNIST training loss at the initial model."""
     from torch.nn import functional as F
@@ -73,7 +83,7 @@ def hessian_top(checkpoint: str | None, seed: int, examples: int = 500) -> tuple
     torch.manual_seed(seed)
     model = SmallCNN()
     if checkpoint is not None:
-        load_init(model, checkpoint)
+        print(load_init(model, checkpoint, partial=True).summary())
     with torch.no_grad():
         loss = sum(float(F.cross_entropy(model(x), y)) * len(y) for x, y in batches) / examples
     return top_hessian_eigenvalue(model, F.cross_entropy, batches, iters=30, seed=seed, tol=1e-3), loss
@@ -112,7 +122,8 @@ def main() -> None:
         )
         results["pretrain"] = {**info, "wall_s": time.time() - t}
     for seed in args.seeds:
-        for name, path in (("random", None), ("pretrained", str(ckpt))):
+        inits = (("random", None), ("pretrained", str(ckpt)), ("pretrained-body", str(body_only(ckpt))))
+        for name, path in inits:
             key = f"{name}/seed{seed}"
             if key not in results["hessian"]:
                 t = time.time()

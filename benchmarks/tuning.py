@@ -92,7 +92,15 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--trials", type=int, default=8)
     ap.add_argument("--out", default="benchmarks/out/tuning")
+    ap.add_argument("--only", nargs="+", default=None, metavar="METHOD/NOISE", help="run only these studies")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="DIR", help="summarise the results of these outs")
     args = ap.parse_args()
+    if args.merge:  # e.g. seeds run as separate processes with their own --out
+        merged = {}
+        for d in args.merge:
+            merged.update(json.loads((Path(d) / "results.json").read_text()))
+        print(summary(merged, args.seeds))
+        return
     import torch
 
     torch.set_num_threads(1)
@@ -105,7 +113,7 @@ def main() -> None:
     for seed in args.seeds:
         for method, noise in PLAN:
             key = f"{method}/{noise}/seed{seed}"
-            if key in results:
+            if key in results or (args.only and f"{method}/{noise}" not in args.only):
                 continue
             folder = out / "studies" / f"{method}-{noise}-seed{seed}"
             path = space_file(folder, method, noise, seed, args.trials)
