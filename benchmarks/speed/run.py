@@ -6,7 +6,8 @@
 
 Every framework runs as its own process, started fresh for every repeat, in its own virtual
 environment (peers under benchmarks/.peers/, installed on first use by install_peers.sh).
-Reported per framework (medians over repeats; repeats are interleaved so load drifts hit all):
+Reported per framework (medians over repeats; repeats are interleaved, in forward then reversed
+order, so load drifts hit all and every pair runs in both orders):
 
 * wall: process start to process exit (interpreter start, imports, data loading, training,
   final evaluation, shutdown) - what a researcher waits for.
@@ -18,6 +19,10 @@ Reported per framework (medians over repeats; repeats are interleaved so load dr
   child's session or descended from it: Ray's raylet, GCS and workers count), sampled every 1 s
   (reading PSS briefly locks the process's memory map, so it is not read more often).
 * accuracy: on the workload's central test set after the last round.
+* spread: median [min-max] over repeats of steady s/round and CPU seconds; every ratio line says
+  whether it is beyond the harness's own noise (noise.py: only when the two frameworks' ranges over
+  the repeats do not overlap).  Use 5 or more repeats to resolve a 10% difference.
+* load: 1/5/15-minute load averages before and after the whole run (and each run's own).
 
 Results go to benchmarks/out/speed-<workload>.json and a markdown table on stdout.
 """
@@ -42,6 +47,7 @@ PEERS = BENCH / ".peers"
 OUT = BENCH / "out"
 sys.path.insert(0, str(HERE))
 from common import WORKLOADS  # noqa: E402
+from noise import spread, verdict  # noqa: E402
 from prepare import prepare  # noqa: E402
 
 # name -> (venv python, script, extra args)
@@ -207,6 +213,18 @@ def _paired_wall_ratios(runs: list[dict], a: str, b: str) -> list[float]:
     return [wall[(a, k)] / wall[(b, k)] for (f, k) in sorted(wall, key=str) if f == a and (b, k) in wall]
 
 
+def _values(runs: list[dict], name: str, key: str) -> list[float]:
+    return [
+        r[key] for r in runs if r["framework"] == name and "error" not in r and isinstance(r.get(key), (int, float))
+    ]
+
+
+def _fmt(s: dict, digits: int) -> str:
+    if s["median"] is None:
+        return "-"
+    return f"{s['median']:.{digits}f} [{s['min']:.{digits}f}-{s['max']:.{digits}f}]"
+
+
 def summarise(runs: list[dict], names: list[str]) -> tuple[str, dict]:
     med = {}
     for n in names:
@@ -231,9 +249,11 @@ def summarise(runs: list[dict], names: list[str]) -> tuple[str, dict]:
                 acc_min=min(accs),
                 acc_max=max(accs),
                 shas=sorted({r.get("weights_sha") for r in ok if r.get("weights_sha")}),
+                round_spread=spread(_values(ok, n, "round_s_median")),
+                cpu_spread=spread(_values(ok, n, "cpu_s")),
             )
     lines = [
-        "| framework | runs | wall s | CPU s (tree) | s/round (steady) | first round s | peak MB (PSS, tree) | procs | accuracy (median, min-max) | load1 at start |",
+        "| framework | runs | wall s | CPU s (tree), median [min-max] | s/round (steady), median [min-max] | first round s | peak MB (PSS, tree) | procs | accuracy (median, min-max) | load1 at start |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for n in names:
@@ -243,7 +263,7 @@ def summarise(runs: list[dict], names: list[str]) -> tuple[str, dict]:
             continue
         m = med[n]
         lines.append(
-            f"| {n} | {m['n_ok']} | {m['wall_s']:.1f} | {m['cpu_s']:.1f} | {m['round_s_median']:.3f} | {m['first_round_s']:.2f} | "
+            f"| {n} | {m['n_ok']} | {m['wall_s']:.1f} | {_fmt(m['cpu_spread'], 1)} | {_fmt(m['round_spread'], 3)} | {m['first_round_s']:.2f} | "
             f"{m['peak_mb']:.0f} | {m['max_procs']:.0f} | {m['accuracy']:.4f} ({m['acc_min']:.4f}-{m['acc_max']:.4f}) | "
             f"{m['load1_before']:.2f} |"
         )
@@ -254,11 +274,11 @@ def summarise(runs: list[dict], names: list[str]) -> tuple[str, dict]:
         for peer in ("raw", "pfl", "flower"):
             if peer in med:
                 w = med[fl]["wall_s"] / med[peer]["wall_s"]
-                c = med[fl]["cpu_s"] / med[peer]["cpu_s"]
-                r = med[fl]["round_s_median"] / med[peer]["round_s_median"]
                 paired = _paired_wall_ratios(runs, fl, peer)
+                v_round = verdict(_values(runs, fl, "round_s_median"), _values(runs, peer, "round_s_median"))
+                v_cpu = verdict(_values(runs, fl, "cpu_s"), _values(runs, peer, "cpu_s"))
                 ratios.append(
-                    f"- {fl} / {peer}: wall {w:.2f}x, CPU {c:.2f}x, steady s/round {r:.2f}x"
+                    f"- {fl} / {peer}: steady s/round {v_round['text']}; CPU {v_cpu['text']}; wall {w:.2f}x"
                     + (f"  ({1 / w:.1f}x faster end to end)" if w < 1 else "")
                     + (
                         f"; wall of each repeat's pair {', '.join(f'{x:.2f}x' for x in paired)} "
@@ -267,6 +287,7 @@ def summarise(runs: list[dict], names: list[str]) -> tuple[str, dict]:
                         else ""
                     )
                 )
+                med[fl].setdefault("verdicts", {})[peer] = {"round_s": v_round, "cpu_s": v_cpu}
     if "raw" in med and "flotilla" in med:
         same = set(med["raw"]["shas"]) & set(med["flotilla"]["shas"])
         ratios.append(f"- final weights of flotilla (1 worker) and the bare loop identical: {bool(same)}")
@@ -288,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=None, help="central iterations (default: the workload's)")
     p.add_argument("--users", default=None, help="scale: comma list of population sizes (default 100000,1000000)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process for every framework")
+    p.add_argument("--seed", type=int, default=None, help="seed passed to every framework (default: the workload's, 0)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds before one run is killed")
     p.add_argument("--skip", default="", help="framework@users pairs to skip, e.g. flower@1000000")
     p.add_argument("--out", default=str(OUT))
@@ -308,11 +330,14 @@ def main(argv: list[str] | None = None) -> int:
     skip = set(s for s in a.skip.split(",") if s)
     report, all_runs = [], []
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    load_start = os.getloadavg()
     for pop in pops:
         extra = (["--rounds", str(a.rounds)] if a.rounds else []) + (["--users", str(pop)] if pop else [])
+        extra += ["--seed", str(a.seed)] if a.seed is not None else []
         runs = []
         for rep in range(a.repeats):
-            order = names[rep % len(names) :] + names[: rep % len(names)]  # rotate: drifting load hits all
+            # alternate: forward on even repeats, reversed on odd ones, so every pair runs in both orders
+            order = names if rep % 2 == 0 else names[::-1]
             for n in order:
                 if f"{n}@{pop}" in skip:
                     continue
@@ -333,13 +358,17 @@ def main(argv: list[str] | None = None) -> int:
         rounds = a.rounds or meta["rounds"]
         head = (
             f"{title}: {rounds} rounds, cohort {meta['cohort']}, {a.repeats} repeats, {a.threads} torch thread(s) per process, "
-            f"{os.cpu_count()} cores; load average now {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
+            f"{os.cpu_count()} cores, seed {a.seed if a.seed is not None else meta.get('seed', 0)}; load average (1/5/15 min) "
+            f"before {' '.join(f'{x:.2f}' for x in load_start)}, after {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
         )
         report.append(head + "\n\n" + table)
         all_runs += runs
         print("\n" + report[-1] + "\n", flush=True)
     path = out / f"speed-{a.workload}.json"
-    path.write_text(json.dumps({"argv": sys.argv, "time": stamp, "runs": all_runs, "report": report}, indent=1))
+    loads = {"before": load_start, "after": os.getloadavg()}
+    path.write_text(
+        json.dumps({"argv": sys.argv, "time": stamp, "load": loads, "runs": all_runs, "report": report}, indent=1)
+    )
     print(f"raw results: {path}")
     return 0 if all("error" not in r for r in all_runs) else 1
 

@@ -1,0 +1,47 @@
+"""Is a speed ratio beyond the harness's own noise?  (Pure functions; run.py and tests use them.)
+
+Rule: over repeats, framework A's steady s/round values span [min_a, max_a] and B's span
+[min_b, max_b].  The ratio of medians A/B is called *beyond noise* only when the two ranges do
+not overlap (every A repeat faster than every B repeat, or every one slower); otherwise it is
+*within noise*.  With 3 repeats each, non-overlap has a chance of 2/20 = 10% when A and B are
+really equal (any of the 20 interleavings of 6 exchangeable values, 2 of them separated); with
+5 repeats 2/252 < 1%.  Conservative and assumption-free: a ratio that survives it is real.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+
+def spread(values: list[float]) -> dict:
+    """Median, min, max of ``values`` (an empty list gives Nones)."""
+    vals = [float(v) for v in values if isinstance(v, (int, float))]
+    if not vals:
+        return {"median": None, "min": None, "max": None, "n": 0}
+    return {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "n": len(vals)}
+
+
+def verdict(a: list[float], b: list[float]) -> dict:
+    """Ratio of medians a/b with its noise verdict: ``{"ratio", "lo", "hi", "beyond_noise", "text"}``.
+
+    ``lo``/``hi`` are the extreme ratios the ranges allow (min_a/max_b, max_a/min_b).
+    """
+    sa, sb = spread(a), spread(b)
+    if not sa["n"] or not sb["n"] or not sb["median"] or not sb["min"]:
+        return {"ratio": None, "lo": None, "hi": None, "beyond_noise": False, "text": "no data"}
+    ratio = sa["median"] / sb["median"]
+    lo, hi = sa["min"] / sb["max"], sa["max"] / sb["min"]
+    beyond = sa["max"] < sb["min"] or sa["min"] > sb["max"]
+    if sa["n"] < 2 or sb["n"] < 2:
+        beyond, why = False, "within noise (fewer than 2 repeats each: no spread to judge)"
+    elif beyond:
+        why = "beyond noise (ranges do not overlap)"
+    else:
+        why = "within noise (ranges overlap)"
+    return {
+        "ratio": ratio,
+        "lo": lo,
+        "hi": hi,
+        "beyond_noise": beyond,
+        "text": f"{ratio:.2f}x [{lo:.2f}-{hi:.2f}], {why}",
+    }
