@@ -5,6 +5,8 @@
     .venv/bin/python benchmarks/dp_bench.py --part overhead  # user-level DP cost of one round
     .venv/bin/python benchmarks/dp_bench.py --part curve     # accuracy vs epsilon, FMNIST + Shakespeare
     .venv/bin/python benchmarks/dp_bench.py --quick          # smaller everything (smoke test)
+    .venv/bin/python benchmarks/dp_bench.py --part modes --quick   # DP-SGD ms/step per Opacus grad_sample_mode
+    .venv/bin/python benchmarks/dp_bench.py --part timing --grad-sample-mode ew   # timing with one mode
 
 Prints markdown tables and writes benchmarks/out/dp_bench.json.  One torch thread throughout, so
 timings compare like with like on a shared machine; the load average is recorded with them.
@@ -36,6 +38,7 @@ from flotilla.sim.sync import SyncFedAvg  # noqa: E402
 from flotilla.tasks.models import CharLSTM, SmallCNN  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out" / "dp_bench.json"
+GRAD_SAMPLE_MODE = "auto"  # --grad-sample-mode
 
 
 def load() -> str:
@@ -71,7 +74,7 @@ def part_timing(quick: bool) -> list[dict]:
     rows = []
     n_clients = 3 if quick else 6
     spec = ClientSpec(epochs=1, batch_size=32, lr=0.05)
-    dp = SampleLevelSpec(noise_multiplier=1.0, max_grad_norm=1.0)
+    dp = SampleLevelSpec(noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=GRAD_SAMPLE_MODE)
 
     ds = fmnist(100)  # 600 images per client: ~19 steps of 32
     clients = list(range(n_clients))
@@ -274,16 +277,69 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# --- A2: the same DP-SGD step under each Opacus grad-sample mode ------------------------------
+def part_modes(quick: bool) -> list[dict]:
+    """DP ms per step (wall, and CPU: steadier on a loaded machine) of each mode, interleaved,
+    best of ``repeats``; every mode computes the same clipped, noised step (tests/test_dp_modes.py)."""
+    repeats = 2 if quick else 4
+    spec = ClientSpec(epochs=1, batch_size=32, lr=0.05)
+    ds = fmnist(100)
+    sh, vocab = shakespeare(max_clients=40, max_train_samples_per_client=320)
+    sh_clients = [c for c in range(sh.num_clients) if sh.num_train(c) >= 320][:2]
+    models = {
+        "SmallCNN (batch 32)": (lambda: SmallCNN(), ds, [0, 1]),
+        "CharLSTM/DPLSTM (seq 80, batch 32)": (lambda: make_dp_compatible(CharLSTM(vocab)), sh, sh_clients),
+    }
+    rows = []
+    for name, (make, data, clients) in models.items():
+        best: dict[str, list[float]] = {}
+        for _ in range(repeats):
+            for mode in ("hooks", "functorch", "ew", "ghost"):
+                torch.manual_seed(0)
+                flat = FlatModel(make())
+                trainer = DPLocalTrainer(flat, F.cross_entropy, spec, SampleLevelSpec(grad_sample_mode=mode))
+                start, delta = flat.flat.clone(), torch.empty(flat.numel)
+                trainer.train(data, clients[0], start, 0, delta)  # warm-up
+                w0, c0, steps = time.perf_counter(), time.process_time(), 0
+                for i, c in enumerate(clients):
+                    steps += trainer.train(data, c, start, i + 1, delta).steps
+                wall, cpu = [(t * 1000 / max(steps, 1)) for t in (time.perf_counter() - w0, time.process_time() - c0)]
+                trainer.close()
+                b = best.setdefault(mode, [wall, cpu])
+                best[mode] = [min(b[0], wall), min(b[1], cpu)]
+        for mode, (wall, cpu) in best.items():
+            rows.append(
+                {
+                    "model": name,
+                    "mode": mode,
+                    "dp_ms_per_step": wall,
+                    "dp_cpu_ms_per_step": cpu,
+                    "cpu_vs_hooks": cpu / best["hooks"][1],
+                    "load": load(),
+                }
+            )
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=["timing", "overhead", "curve", "all"], default="all")
+    ap.add_argument("--part", choices=["timing", "modes", "overhead", "curve", "all"], default="all")
+    ap.add_argument(
+        "--grad-sample-mode",
+        default="auto",
+        choices=["auto", "hooks", "functorch", "ew", "ghost"],
+        help="for --part timing",
+    )
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     torch.set_num_threads(1)
     results = {"started_load": load(), "torch_threads": 1}
     t0 = time.perf_counter()
-    for part, fn in (("timing", part_timing), ("overhead", part_overhead), ("curve", part_curve)):
+    global GRAD_SAMPLE_MODE
+    GRAD_SAMPLE_MODE = args.grad_sample_mode
+    parts = (("timing", part_timing), ("modes", part_modes), ("overhead", part_overhead), ("curve", part_curve))
+    for part, fn in parts:
         if args.part in (part, "all"):
             print(f"## {part} (load {load()})", flush=True)
             results[part] = fn(args.quick)

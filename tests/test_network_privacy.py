@@ -201,6 +201,7 @@ def test_serve_config_privacy_defaults_to_no_amplification_and_refuses_what_it_c
         "delta": 1e-5,
         "accountant": "rdp",
         "secure_mode": False,
+        "grad_sample_mode": "auto",  # the device picks the same mode for the model as the server would
     }
     server.store.close()
     with pytest.raises(ConfigError, match="sampling: poisson needs the server to draw"):

@@ -6,7 +6,8 @@ drop-in replacement for it (``algorithm.trainer = DPLocalTrainer(...)``).  Every
 1. Poisson-samples a batch (each of the client's examples with probability ``q = 1/ceil(n/B)``,
    Opacus' ``UniformWithReplacementSampler``), so the expected batch is ~B and the schedule is
    exactly the one Opacus' ``make_private`` would build for that client's DataLoader;
-2. computes per-example gradients with Opacus' ``GradSampleModule`` hooks;
+2. computes per-example gradients (or, in ghost mode, only their norms) with one of Opacus'
+   grad-sample modes, ``privacy.sample_level.grad_sample_mode`` (see :func:`choose_mode`);
 3. clips each example's gradient to ``max_grad_norm``, sums, adds N(0, (sigma C)^2) and divides by
    the expected batch size: Opacus' ``DPOptimizer`` around a plain ``torch.optim.SGD``.
 
@@ -37,6 +38,17 @@ from flotilla.core.device import to_device
 from flotilla.core.flat import FlatModel
 from flotilla.privacy.accountant import PrivacyError, dpsgd_schedule, epsilon
 
+# Opacus' grad-sample modes.  All give the same clipped sum (per-example clipping at max_grad_norm)
+# and the same noise and accounting; they differ only in how the per-example gradients (or norms) are
+# computed: "hooks" (module hooks), "functorch" (torch.func vmap), "ew" (torch's expanded weights),
+# "ghost" (ghost clipping: per-example norms, then a second backward of the clip-weighted loss).
+GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch", "ew", "ghost")
+# Per model class, the mode "auto" picks (anything else: hooks).  Measured with
+# `benchmarks/dp_bench.py --part modes`: on this CPU no mode was clearly faster than hooks for
+# SmallCNN or CharLSTM (ew/ghost ~10% on SmallCNN within a loaded machine's noise; hooks the fastest
+# for DPLSTM), so hooks stays the default until a quiet-machine measurement says otherwise.
+AUTO_MODE: dict[str, str] = {}
+
 # Layers whose Opacus fixer is a weight-preserving drop-in replacement (nn.LSTM -> DPLSTM, ...).
 _RECURRENT = (nn.LSTM, nn.GRU, nn.RNN)
 
@@ -48,6 +60,7 @@ class SampleLevelSpec:
     delta: float = 1e-5  # delta at which each client's epsilon is reported
     accountant: str = "rdp"  # "rdp" or "prv"
     secure_mode: bool = False  # Opacus' floating-point-attack-resistant noise, seeded from os.urandom
+    grad_sample_mode: str = "auto"  # one of GRAD_SAMPLE_MODES; auto: per model (AUTO_MODE), else hooks
 
     def __post_init__(self):
         if not self.max_grad_norm > 0:
@@ -56,6 +69,27 @@ class SampleLevelSpec:
             raise PrivacyError(f"privacy.sample_level.noise_multiplier: must be >= 0, got {self.noise_multiplier}")
         if not 0 < self.delta < 1:
             raise PrivacyError(f"privacy.sample_level.delta: must be in (0, 1), got {self.delta}")
+        if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
+            raise PrivacyError(
+                f"privacy.sample_level.grad_sample_mode: must be one of {GRAD_SAMPLE_MODES}, got {self.grad_sample_mode!r}"
+            )
+
+
+def choose_mode(model: nn.Module, mode: str = "auto") -> str:
+    """The grad-sample mode used for ``model``: ``mode`` itself unless it is ``"auto"``."""
+    return AUTO_MODE.get(type(model).__name__, "hooks") if mode == "auto" else mode
+
+
+class _Criterion(nn.Module):
+    """``loss_fn`` as the criterion object ghost clipping needs (a ``reduction`` attribute it flips to
+    "none" to get per-example losses)."""
+
+    def __init__(self, loss_fn: LossFn, reduction: str = "mean"):
+        super().__init__()
+        self.loss_fn, self.reduction = loss_fn, reduction
+
+    def forward(self, out, y):
+        return self.loss_fn(out, y, reduction=self.reduction)
 
 
 @dataclass
@@ -93,13 +127,50 @@ def make_dp_compatible(model: nn.Module) -> nn.Module:
     return model
 
 
+def _make_private(flat: FlatModel, loss_fn: LossFn, spec: ClientSpec, dp: SampleLevelSpec, mode: str):
+    """(grad-sample module, DP optimizer, loss callable) for ``mode``; same clipping, noise and averaging in all."""
+    from opacus.grad_sample.utils import get_gsm_class
+    from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+
+    kw: dict = dict(batch_first=True, loss_reduction="mean")
+    if mode != "ew":
+        kw["strict"] = True
+    if mode == "functorch":
+        kw["force_functorch"] = True
+    if mode == "ghost":
+        import inspect
+
+        try:
+            takes_reduction = "reduction" in inspect.signature(loss_fn).parameters
+        except (TypeError, ValueError):
+            takes_reduction = False
+        if not takes_reduction:
+            raise PrivacyError(
+                "privacy.sample_level.grad_sample_mode: ghost needs a loss function with a reduction= argument "
+                f"(per-example losses); {getattr(loss_fn, '__name__', loss_fn)!r} has none"
+            )
+        kw.update(max_grad_norm=dp.max_grad_norm, use_ghost_clipping=True)
+    module = get_gsm_class(mode)(flat.model, **kw)
+    sgd = torch.optim.SGD(flat.params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
+    optimizer = (DPOptimizerFastGradientClipping if mode == "ghost" else DPOptimizer)(
+        sgd,
+        noise_multiplier=dp.noise_multiplier,
+        max_grad_norm=dp.max_grad_norm,
+        expected_batch_size=spec.batch_size,
+        loss_reduction="mean",
+        secure_mode=dp.secure_mode,
+    )
+    if mode == "ghost":
+        from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+
+        return module, optimizer, DPLossFastGradientClipping(module, optimizer, _Criterion(loss_fn), "mean")
+    return module, optimizer, loss_fn
+
+
 class DPLocalTrainer:
     """DP-SGD local training of ``flat``'s model for one client at a time (no per-client state)."""
 
     def __init__(self, flat: FlatModel, loss_fn: LossFn, spec: ClientSpec, dp: SampleLevelSpec):
-        from opacus import GradSampleModule
-        from opacus.optimizers import DPOptimizer
-
         bad = [n for n, m in flat.model.named_modules() if isinstance(m, _RECURRENT)]
         if bad:
             raise PrivacyError(
@@ -110,16 +181,9 @@ class DPLocalTrainer:
         self.spec = spec
         self.dp = dp
         # Made private once: hooks on the one model, one optimizer over its (flat-backed) parameters.
-        self.module = GradSampleModule(flat.model, batch_first=True, loss_reduction="mean", strict=True)
-        self._sgd = torch.optim.SGD(flat.params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
-        self.optimizer = DPOptimizer(
-            self._sgd,
-            noise_multiplier=dp.noise_multiplier,
-            max_grad_norm=dp.max_grad_norm,
-            expected_batch_size=spec.batch_size,
-            loss_reduction="mean",
-            secure_mode=dp.secure_mode,
-        )
+        self.mode = choose_mode(flat.model, dp.grad_sample_mode)
+        self.module, self.optimizer, self._loss = _make_private(flat, loss_fn, spec, dp, self.mode)
+        self._sgd = self.optimizer.original_optimizer
         self.results: list[DPClientResult] = []  # this round's results (read and cleared by the caller)
         # Opacus' full backward hooks on the first layer (whose input needs no grad) warn every step.
         warnings.filterwarnings(
@@ -158,9 +222,11 @@ class DPLocalTrainer:
                 self.optimizer.zero_grad(set_to_none=False)
                 if batch:
                     x, y = to_device(dataset.fetch(indices[torch.as_tensor(batch)]), flat.device)
-                    loss = self.loss_fn(self.module(x), y)
+                    loss = self._loss(self.module(x), y)
                     loss.backward()
-                    loss_sum += loss.detach() * len(batch)
+                    # ghost's loss is a DPTensorFastGradientClipping holding the per-example losses
+                    mean_loss = loss.loss_per_sample.detach().mean() if self.mode == "ghost" else loss.detach()
+                    loss_sum += mean_loss * len(batch)
                     seen += len(batch)
                 else:  # an empty Poisson batch still takes a (pure-noise) step, as Opacus does
                     for p in flat.params:
