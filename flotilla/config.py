@@ -66,14 +66,14 @@ class ClientConfig(Strict):
     lr: float = Field(0.1, gt=0, description="client SGD learning rate")
     momentum: float = Field(0.0, ge=0, lt=1, description="client SGD momentum")
     weight_decay: float = Field(0.0, ge=0, description="client SGD weight decay")
+    heterogeneous_epochs: HeterogeneousEpochs | None = Field(
+        None, description="system heterogeneity: a fraction of clients trains a random number of local epochs"
+    )
     vectorize: int = Field(
         1,
         ge=1,
         description="train K clients of a round at once on stacked weights (torch.func.vmap; in-process sync "
         "rounds, for GPUs; see docs/gpus.md); 1 = one after another",
-    )
-    heterogeneous_epochs: HeterogeneousEpochs | None = Field(
-        None, description="system heterogeneity: a fraction of clients trains a random number of local epochs"
     )
     algorithm: algorithm_config_union() | None = Field(  # type: ignore[valid-type]
         None,
@@ -315,11 +315,11 @@ class ExperimentConfig(Strict):
     secure_aggregation: SecureAggregationConfig | None = Field(
         None, description="secure aggregation: the server sees only sums of updates (see docs/security.md)"
     )
-    tiers: TiersConfig | None = Field(
-        None, description="device tiers low/mid/high coupled to the data, tier-aware optimisations (see docs/fairness.md)"
-    )
     init: InitConfig | None = Field(
         None, description="start from a checkpoint instead of a random model (see docs/pretraining.md)"
+    )
+    tiers: TiersConfig | None = Field(
+        None, description="device tiers low/mid/high coupled to the data, tier-aware optimisations (see docs/fairness.md)"
     )
     channels: ChannelsConfig | None = Field(
         None, description="compress uploads and downloads (fp16, quantize, topk, ...; see docs/channels.md)"
