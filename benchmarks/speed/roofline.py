@@ -1,6 +1,16 @@
-"""How fast can the Shakespeare workload possibly run here?  A compute floor from measured FLOP rates.
+"""How fast can a speed workload possibly run here?  A compute floor from measured FLOP rates.
 
     .venv/bin/python benchmarks/speed/roofline.py [--flower-wall 36.3] [--repeats 7]
+    .venv/bin/python benchmarks/speed/roofline.py --workload fmnist [--repeats 7]
+
+``--workload fmnist``: the SmallCNN SGD step at batch 10 (28x28 images), its FLOPs counted by
+torch's ``FlopCounterMode`` (forward + backward as executed: the first convolution computes no input
+gradient), its measured rate against the matrix-product peak, and the floor of one round (cohort
+50 x 5 steps = 250 steps, one core, as the harness runs every framework with 1 torch thread)
+beside Flotilla's and the bare loop's steady s/round in benchmarks/out/speed-fmnist.json (the
+median of their runs), so ``round / floor`` is the workload's distance from its compute floor.
+
+The default workload, Shakespeare:
 
 Measures, on one core (1 torch thread):
 
@@ -71,6 +81,78 @@ def lstm_step_flops(batch: int, seq_len: int, embed: int, hidden: int, vocab: in
     return 3.0 * (gates + head)
 
 
+def fmnist(args) -> None:
+    """The fmnist workload's floor: one SmallCNN step at batch 10, per round and per run."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.set_num_threads(1)
+    load_before = load_average()
+    m = dict(WORKLOADS["fmnist"], workload="fmnist")
+    batch = m["batch"]
+    steps_per_round = m["cohort"] * (m["per_user"] // batch) * m["epochs"]
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    peak = 2 * 1024**3 / best_seconds(lambda: torch.mm(a, b), args.repeats, 10)
+    model = make_model(m)
+    opt = torch.optim.SGD(model.parameters(), lr=m["lr"])
+    x, y = torch.randn(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=False)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    flops = float(counter.get_total_flops())
+    step_s = best_seconds(step, args.repeats, 100)
+    rate = flops / step_s
+    floor_round = steps_per_round * step_s  # one core, at the step's own measured rate
+    floor_round_peak = steps_per_round * flops / peak
+    out = {
+        "workload": "fmnist",
+        "load_average_before": load_before,
+        "repeats": args.repeats,
+        "statistic": "best of repeats",
+        "matmul_peak_gflops_1core": peak / 1e9,
+        "cnn_step_ms": step_s * 1e3,
+        "cnn_step_mflop": flops / 1e6,
+        "cnn_gflops_1core": rate / 1e9,
+        "cnn_share_of_peak": rate / peak,
+        "steps_per_round": steps_per_round,
+        "floor_round_s_at_step_rate": floor_round,
+        "floor_round_s_at_matmul_peak": floor_round_peak,
+    }
+    path = Path(__file__).resolve().parents[1] / "out" / "speed-fmnist.json"
+    measured = {}
+    if path.exists():
+        runs = json.loads(path.read_text())["runs"]
+        for name in ("flotilla", "raw"):
+            vals = [r["round_s_median"] for r in runs if r.get("framework") == name and r.get("round_s_median")]
+            if vals:
+                measured[name] = statistics.median(vals)
+    out["load_average_after"] = load_average()
+    print(
+        f"load average (1, 5, 15 min) before {load_before}, after {out['load_average_after']}; every figure is "
+        f"the best of {args.repeats} repeats"
+    )
+    print(
+        f"one core: matrix-product peak {peak / 1e9:.1f} GFLOP/s; SmallCNN SGD step (batch {batch}): "
+        f"{step_s * 1e3:.3f} ms for {flops / 1e6:.2f} MFLOP = {rate / 1e9:.1f} GFLOP/s ({rate / peak:.0%} of the peak)"
+    )
+    print(
+        f"one round ({steps_per_round} steps, one core): floor {floor_round:.3f} s at the step's rate, "
+        f"{floor_round_peak:.3f} s at the matrix-product peak"
+    )
+    for name, r in measured.items():
+        out[f"{name}_round_s"] = r
+        out[f"{name}_round_over_floor"] = r / floor_round
+        print(
+            f"{name}: steady {r:.3f} s/round (median in {path.name}) = {r / floor_round:.2f}x the floor at the step's "
+            f"rate (target <= 1.2x), {r / floor_round_peak:.2f}x the floor at the peak; the runs' own load is in the JSON"
+        )
+    print(json.dumps(out))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
@@ -82,7 +164,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7, help="timed repeats per figure; the best is reported")
     ap.add_argument("--cores", type=int, default=2)
     ap.add_argument("--import-repeats", type=int, default=3, help="fresh interpreters timed importing torch (best)")
+    ap.add_argument("--workload", choices=["shakespeare", "fmnist"], default="shakespeare")
     args = ap.parse_args()
+    if args.workload == "fmnist":
+        return fmnist(args)
     torch.set_num_threads(1)
     load_before = load_average()
     m = dict(WORKLOADS["shakespeare"], workload="shakespeare", vocab=81)
