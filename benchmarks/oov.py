@@ -99,6 +99,7 @@ def main() -> None:
     p.add_argument("--device-steps", type=int, default=40)
     p.add_argument("--adapter-lr", type=float, default=1e-2)
     p.add_argument("--finetune-lr", type=float, default=1e-3)
+    p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args()
     torch.set_num_threads(1)
     load_before = load()
@@ -187,10 +188,11 @@ def main() -> None:
         "load_before": load_before,
         "load_after": load(),
     }
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(out, indent=1))
+    out["args"] = {**vars(args), "out": str(args.out)}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=1))
     print(json.dumps(summary, indent=1))
-    print(f"load {load_before} -> {out['load_after']}; wrote {OUT}")
+    print(f"load {load_before} -> {out['load_after']}; wrote {args.out}")
 
 
 if __name__ == "__main__":
