@@ -24,8 +24,9 @@ def _images(n=24):
 
 def _text(n=24, vocab=12, seq=6):
     g = torch.Generator().manual_seed(2)
-    x, y = torch.randint(0, vocab, (n, seq), generator=g), torch.randint(0, vocab, (n,), generator=g)
-    return FederatedDataset("txt", lambda i: (x[i], y[i]), [torch.arange(n)], [torch.arange(n)])
+    codes = torch.randint(0, vocab, (n, seq + 1), generator=g)
+    # inputs sliced from the fetched windows: non-contiguous, as flotilla.data.shakespeare's are
+    return FederatedDataset("txt", lambda i: (codes[i][:, :-1], codes[i][:, -1]), [torch.arange(n)], [torch.arange(n)])
 
 
 def _cnn():

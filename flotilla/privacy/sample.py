@@ -222,6 +222,8 @@ class DPLocalTrainer:
                 self.optimizer.zero_grad(set_to_none=False)
                 if batch:
                     x, y = to_device(dataset.fetch(indices[torch.as_tensor(batch)]), flat.device)
+                    if self.mode == "ghost" and isinstance(x, torch.Tensor):
+                        x = x.contiguous()  # Opacus' embedding norm sampler .view()s its input ids
                     loss = self._loss(self.module(x), y)
                     loss.backward()
                     # ghost's loss is a DPTensorFastGradientClipping holding the per-example losses
