@@ -137,7 +137,8 @@ def run_task(task_name: str, seeds: list[int], rounds: int, out: Path, only: lis
                 if opt in results:
                     continue
                 cfg = dict(cfg0, tiers={**tiers, **keys})
-                name = f"{task_name}-{tiering}-{opt.replace('/', '-')}-s{seed}"
+                prefix = "" if out.name == "fairness" else f"{out.name}-"  # a variant's runs beside the main ones
+                name = f"{prefix}{task_name}-{tiering}-{opt.replace('/', '-')}-s{seed}"
                 r = run_one(task_name, cfg, base_task, out, name)
                 print(
                     f"{name}: {r['host_s']} s  "
@@ -233,6 +234,9 @@ def main() -> None:
         "--rounds", type=int, default=None, help="server rounds per run (default: fashion 40, movielens 20)"
     )
     ap.add_argument("--only", nargs="+", default=None, help="a subset of the optimisations")
+    ap.add_argument(
+        "--no-user-embedding", action="store_true", help="movielens: DLRM without the user-id embedding (as RF^2's)"
+    )
     ap.add_argument("--out", type=Path, default=Path("docs/fairness"))
     ap.add_argument("--summarize", type=Path, default=None, help="only rebuild the tables and plot from a folder")
     args = ap.parse_args()
@@ -243,6 +247,14 @@ def main() -> None:
     if args.task is None:
         ap.error("--task is required (or --summarize)")
     rounds = args.rounds or {"fashion": 40, "movielens": 20}[args.task]
+    if args.no_user_embedding:
+        TASKS["movielens"] = (
+            lambda seed, r: {
+                **movielens_config(seed, r),
+                "task": {**movielens_config(seed, r)["task"], "model": {"user_embedding": False}},
+            },
+            *TASKS["movielens"][1:],
+        )
     args.out.mkdir(parents=True, exist_ok=True)
     run_task(args.task, args.seeds, rounds, args.out, args.only)
     print(summarize(args.out))
