@@ -2,7 +2,7 @@
 centrally on the proxy plays, whose next-byte entropies decide where patches start.
 
 It is trained once and cached (``FLOTILLA_CACHE``/blt/entropy-<digest>.pt, named by its settings):
-the task loads it, or trains it on first use with a progress line (about a minute on one core at
+the task loads it, or trains it on first use with a progress line (one to two minutes on an idle core at
 the defaults); ``python benchmarks/blt.py entropy`` trains it explicitly.  The checkpoint also
 holds entropies of held-out proxy windows, so a threshold calibrated to a target mean patch size
 is the same number on the server and on every device (no text needed on a device that has the
