@@ -82,6 +82,14 @@ def test_one_federated_round_scores_every_test_byte(tiny_cache, capsys):
     assert not torch.equal(result.weights, before)
 
 
+def test_a_test_fraction_between_percentages_is_refused_naming_the_key(tmp_path):
+    from flotilla.config import ConfigError
+
+    with pytest.raises((ConfigError, ValueError), match="task.test_fraction") as e:
+        validate({"task": {**TINY, "test_fraction": 0.155}, "rounds": 1})
+    assert "whole percentage" in str(e.value)
+
+
 def test_heldout_roles_are_outside_the_population(tiny_cache):
     from flotilla.tasks.shakespeare_bytes import build_data, heldout_roles
 

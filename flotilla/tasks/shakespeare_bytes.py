@@ -20,7 +20,7 @@ from typing import Annotated, Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch.nn import functional as F
 
 from flotilla.core.dataset import FederatedDataset
@@ -73,11 +73,21 @@ class ShakespeareBytesTask(Section):
     name: Literal["shakespeare-bytes"] = Field(description="which task (decides the other task.* keys)")
     seq_len: int = Field(128, ge=2, description="bytes per window")
     min_bytes: int = Field(1000, ge=0, description="roles with fewer bytes are dropped")
-    test_fraction: float = Field(0.2, ge=0.01, le=0.99, description="last fraction of each role's characters held out")
+    test_fraction: float = Field(
+        0.2, ge=0.01, le=0.99, description="last fraction of each role's characters held out (whole percent)"
+    )
     heldout_every: int = Field(10, ge=2, description="every N-th eligible role is held out of the population")
     max_clients: int | None = Field(None, ge=1, description="keep a seeded random subset of N training roles")
     max_train_windows_per_client: int | None = Field(None, ge=1, description="subsample each role's train windows")
     model: Annotated[BLTConfig | ByteTransformerConfig, Field(discriminator="name")] = BLTConfig(name="blt")
+
+    @field_validator("test_fraction")
+    @classmethod
+    def _whole_percent(cls, v: float) -> float:
+        # the split is stored per whole percent of each role's characters (flotilla/blt/data.py)
+        if abs(v * 100 - round(v * 100)) > 1e-9:
+            raise ValueError(f"must be a whole percentage (0.01, 0.02, ..., 0.99), got {v}")
+        return v
 
 
 class ByteWindows(FederatedDataset):
