@@ -86,7 +86,7 @@ class ShakespeareBytesTask(Section):
     def _whole_percent(cls, v: float) -> float:
         # the split is stored per whole percent of each role's characters (flotilla/blt/data.py)
         if abs(v * 100 - round(v * 100)) > 1e-9:
-            raise ValueError(f"must be a whole percentage (0.01, 0.02, ..., 0.99), got {v}")
+            raise ValueError("must be a whole percentage (0.01, 0.02, ..., 0.99)")
         return v
 
 
