@@ -23,7 +23,8 @@ from flotilla.core.schema import Section
 from flotilla.core.server_opt import OPTIMIZERS
 from flotilla.core.staleness import AVERAGE_WITH_DP
 from flotilla.experiment.init import InitConfig
-from flotilla.fairness.config import TiersConfig, check_experiment as check_tiers
+from flotilla.fairness.config import TiersConfig
+from flotilla.fairness.config import check_experiment as check_tiers
 from flotilla.fleet.config import AsyncConfig, FleetConfig
 from flotilla.network.config import NetworkConfig
 from flotilla.sim.ray_config import RuntimeConfig, check_runtime
@@ -319,7 +320,8 @@ class ExperimentConfig(Strict):
         None, description="start from a checkpoint instead of a random model (see docs/pretraining.md)"
     )
     tiers: TiersConfig | None = Field(
-        None, description="device tiers low/mid/high coupled to the data, tier-aware optimisations (see docs/fairness.md)"
+        None,
+        description="device tiers low/mid/high coupled to the data, tier-aware optimisations (see docs/fairness.md)",
     )
     channels: ChannelsConfig | None = Field(
         None, description="compress uploads and downloads (fp16, quantize, topk, ...; see docs/channels.md)"
@@ -580,7 +582,9 @@ def _format(err: ValidationError) -> str:
             msg.split(":")[0]
             in ("cohort", "async", "async.concurrency", "fleet.over_selection", "workers", "weighting")
             + ("device", "client.vectorize")
-            or msg.startswith(("privacy", "tiers", "secure_aggregation", "client.algorithm", "eval.personalize", "runtime"))
+            or msg.startswith(
+                ("privacy", "tiers", "secure_aggregation", "client.algorithm", "eval.personalize", "runtime")
+            )
             or msg.startswith("server.embedding_rows")
         ) and key == "config":
             lines.append(f"  {msg}")

@@ -17,8 +17,8 @@ from flotilla.core.evaluate import eval_clients, evaluate
 from flotilla.experiment.compose import build_algorithm
 from flotilla.experiment.init import apply_init
 from flotilla.experiment.runtimes import runtime_for
-from flotilla.fairness.parts import tier_components, with_tier_metrics
 from flotilla.experiment.specs import client_spec
+from flotilla.fairness.parts import tier_components, with_tier_metrics
 from flotilla.runner import Runner
 from flotilla.runs.rundir import RunDir
 

@@ -13,6 +13,7 @@ synchronous round) and returns its metrics, including
     wasted_trips      trips whose work did not reach the model (dropped, late, too stale), cumulative
     wasted_device_s   device time spent on those trips, cumulative
     staleness_mean/max/p90   of the updates applied in this step (async)
+    staleness_counts         of those updates, how many had staleness 0, 1, 2, ... (async)
     concurrency       time-averaged number of trips in flight during this step
 
 Memory: clients in flight hold no model copy.  A client's local training is executed lazily at
@@ -334,6 +335,8 @@ class AsyncFleetSim(_FleetAlgorithm):
             "staleness_mean": sum(taus) / n if n else None,
             "staleness_p90": ordered[min(n - 1, int(0.9 * n))] if n else None,
             "staleness_max": ordered[-1] if n else None,
+            # updates of staleness 0, 1, 2, ... in this step (the dashboard's histogram sums them)
+            "staleness_counts": [ordered.count(k) for k in range(ordered[-1] + 1)] if n else [],
             "concurrency": (sched.area - area_begin) / dt if dt > 0 else float(sched.in_flight),
             "versions_in_memory": len(snapshots) + 1,
             **(
