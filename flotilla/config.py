@@ -7,6 +7,7 @@ before validation, so they are checked the same way.
 
 from __future__ import annotations
 
+import types
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -645,6 +646,18 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
     return validate(apply_overrides(raw, overrides or []))
 
 
+def _named_list_items(ann) -> list[type[BaseModel]]:
+    """The sections a ``list[A | B | ...]`` field holds, when each has a ``name`` (else [])."""
+    if typing.get_origin(ann) is not list:
+        return []
+    (item,) = typing.get_args(ann)
+    if typing.get_origin(item) is Annotated:
+        item = typing.get_args(item)[0]
+    options = typing.get_args(item) if typing.get_origin(item) in (Union, types.UnionType) else (item,)
+    models = [o for o in options if isinstance(o, type) and issubclass(o, BaseModel) and "name" in o.model_fields]
+    return models if len(models) == len(options) else []
+
+
 def describe_options(
     model: type[BaseModel] = ExperimentConfig, prefix: str = "", within: str | None = None
 ) -> list[str]:
@@ -680,6 +693,17 @@ def describe_options(
         if sub:
             for s in sub:
                 lines += describe_options(s, key + ".", inner)
+            continue
+        if variants := _named_list_items(ann):  # a list of sections told apart by name (channels.upload)
+            lines.append(
+                f"  {key}: list, default {field.get_default(call_default_factory=True)!r}. {field.description or ''}"
+            )
+            for s in variants:
+                about = (s.__doc__ or s.model_fields["name"].description or "").strip()
+                lines.append(f"{key}[] (name: {s.model_fields['name'].annotation.__args__[0]}): {about}")
+                lines += [
+                    line for line in describe_options(s, key + "[].", key) if not line.startswith(f"  {key}[].name:")
+                ]
             continue
         if field.is_required():
             default = "required" if within is None else f"required when {within} is given"
