@@ -191,6 +191,52 @@ def test_ctrl_c_on_serve_stops_cleanly(tmp_path):
     assert (tmp_path / "state" / "state.safetensors").exists() or (tmp_path / "state" / "config.yaml").exists()
 
 
+def test_serve_with_dashboard_and_metrics_ports(tmp_path):
+    """`serve --dashboard --metrics-port`: both answer while the server runs, Ctrl-C still stops it
+    cleanly; an exposed dashboard without a token is refused before any state is made."""
+    import urllib.request
+
+    pki = PKI(tmp_path / "pki", devices=1)
+    path = _serve_config(tmp_path, pki)
+    env = {k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+    base = [sys.executable, "-m", "flotilla.cli", "serve", str(path), "--port", "0", "--state-dir"]
+    refused = subprocess.run(
+        [*base, str(tmp_path / "nope"), "--dashboard", "--dashboard-host", "0.0.0.0"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert refused.returncode == 2 and "needs a token" in refused.stderr
+    assert not (tmp_path / "nope").exists()
+    cmd = [*base, str(tmp_path / "state"), "--dashboard", "--dashboard-port", "0", "--metrics-port", "0"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    urls = {}
+    try:
+        for line in p.stdout:
+            for kind in ("dashboard", "prometheus metrics"):
+                if line.startswith(kind + ": "):
+                    urls[kind] = line.split(": ", 1)[1].split()[0]
+            if line.startswith("listening on"):
+                break
+        else:
+            raise AssertionError(p.stderr.read())
+        time.sleep(1.5)  # the server's loop builds its first snapshot
+        text = urllib.request.urlopen(urls["prometheus metrics"], timeout=10).read().decode()
+        assert "flotilla_model_version 0.0" in text and "flotilla_training_done 0.0" in text
+        info = json.loads(urllib.request.urlopen(urls["dashboard"] + "api/info", timeout=10).read())
+        assert info == {"runs": True, "deployment": True}
+        snap = json.loads(urllib.request.urlopen(urls["dashboard"] + "api/deployment", timeout=10).read())
+        assert snap["status"]["version"] == 0 and snap["devices_seen"] == 0
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130 and "Traceback" not in err, err
+
+
 def test_status_shows_epsilon_without_json():
     """issue 11 item 28: the docs say `flotilla status` shows epsilon; only --json did."""
     s = {

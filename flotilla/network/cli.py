@@ -221,10 +221,10 @@ def _watchers(args):
     def start(server):
         if args.metrics_port is not None:
             try:
-                metrics.start_exporter(server, args.metrics_port, args.metrics_host)
+                httpd, _ = metrics.start_exporter(server, args.metrics_port, args.metrics_host)
             except OSError as e:
                 raise ValueError(f"--metrics-port {args.metrics_port}: cannot listen: {e.strerror}") from None
-            print(f"prometheus metrics: http://{args.metrics_host}:{args.metrics_port}/metrics", flush=True)
+            print(f"prometheus metrics: http://{args.metrics_host}:{httpd.server_port}/metrics", flush=True)
         if not args.dashboard:
             return None
         server.watched = True
