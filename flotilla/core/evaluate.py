@@ -102,8 +102,9 @@ def client_correct(
     for c in clients:
         parts = []
         for x, y in dataset.test_batches(c, batch_size):
+            x, y = to_device((x, y), flat.device)  # the model may be on a GPU (device: cuda)
             logits = model(x)
-            parts.append(logits.argmax(dim=-1) == y)
+            parts.append((logits.argmax(dim=-1) == y).cpu())
             if loss_fn is not None:
                 loss += float(loss_fn(logits, y)) * len(y)
         out.append(torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool))
