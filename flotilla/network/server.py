@@ -763,9 +763,9 @@ class FlotillaServer:
                 "bytes_out": o.bytes_out,
                 "step_latency_s": {
                     "count": o.step_latency_total,
-                    "last": lat and o.step_latency_s[-1],
-                    "p50": lat and lat[len(lat) // 2],
-                    "p90": lat and lat[int(len(lat) * 0.9)],
+                    "last": o.step_latency_s[-1] if lat else None,  # None before the first step
+                    "p50": lat[len(lat) // 2] if lat else None,
+                    "p90": lat[int(len(lat) * 0.9)] if lat else None,
                 },
                 "secagg": None
                 if r is None
