@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 
-COMMANDS = ("certs", "serve", "join", "status")
+COMMANDS = ("certs", "serve", "join", "status", "aggregator")
 
 
 def add_parsers(sub) -> None:
@@ -57,6 +57,10 @@ def add_parsers(sub) -> None:
     s.add_argument("--dashboard-token", help="require this token on the dashboard ('auto': a random one, printed)")
     s.add_argument("--metrics-port", type=port_number, help="serve Prometheus metrics on this port (off by default)")
     s.add_argument("--metrics-host", default="127.0.0.1", help="Prometheus metrics address (default 127.0.0.1)")
+    from flotilla.network.scaleout_cli import add_aggregator_parser, add_serve_args
+
+    add_serve_args(s)
+    add_aggregator_parser(sub)
 
     j = sub.add_parser("join", help="run a device: train on local data whenever the server assigns work")
     j.add_argument("--server", type=server_address, required=True, metavar="HOST:PORT")
@@ -102,6 +106,11 @@ def run(args) -> int:
     from flotilla.network.client import GaveUp, Refused
 
     try:
+        if args.command == "aggregator":
+            from flotilla.config import load_config
+            from flotilla.network.scaleout_cli import run_aggregator
+
+            return run_aggregator(args, load_config(args.config, args.overrides))
         return {"certs": _certs, "serve": _serve, "join": _join, "status": _status}[args.command](args)
     except (Refused, ConnectionError, GaveUp) as e:  # the server said no, could not be reached, or TLS failed
         print(f"flotilla: error: {e}", file=sys.stderr)
@@ -159,6 +168,8 @@ def check_server_files(net) -> None:
 def _serve(args) -> int:
     from flotilla.config import ConfigError, load_config
 
+    if getattr(args, "aggregators", None) is not None:  # scale-out: network.aggregators
+        args.overrides = [*args.overrides, f"network.aggregators={args.aggregators}"]
     cfg = load_config(args.config, args.overrides)
     if cfg.network is None:
         raise ConfigError(
@@ -177,9 +188,13 @@ def _serve(args) -> int:
     except BaseException:
         server.store.close()
         raise
+    from flotilla.network.scaleout_cli import Spawned
+
+    spawned = Spawned(args, server)  # serve --aggregators N: the aggregator processes, once the port is bound
     try:
-        stopped_by = _serve_until_done(server, host, args.port)
+        stopped_by = _serve_until_done(server, host, args.port, spawned.start)
     finally:
+        spawned.stop()
         if dashboard is not None:
             dashboard.stop()
     if stopped_by is not None:
@@ -235,7 +250,7 @@ def _watchers(args):
     return start
 
 
-def _serve_until_done(server, host: str, port: int) -> int | None:
+def _serve_until_done(server, host: str, port: int, on_bound=None) -> int | None:
     """Serve until training is done; None, or the signal (SIGINT, SIGTERM) that stopped it.
 
     A signal sets the server's stop event, so the loop shuts the gRPC server down and writes the
@@ -261,6 +276,8 @@ def _serve_until_done(server, host: str, port: int) -> int | None:
             loop.add_signal_handler(sig, on_signal, sig)
         bound = await server.start(host, port)
         print(f"listening on {host}:{bound}", flush=True)
+        if on_bound is not None:
+            on_bound(bound)
         await server.run_until_done(stop)
 
     try:

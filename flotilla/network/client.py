@@ -265,6 +265,7 @@ class Assignment:
     dp_sgd: Any = None  # sample-level DP (flotilla.privacy.SampleLevelSpec): train with DP-SGD
     algorithm: dict[str, Any] | None = None  # client.algorithm (fedprox: mu; scaffold); None: FedAvg's local SGD
     channels: dict[str, Any] | None = None  # compressed download/upload (flotilla.channels); None: float32
+    aggregator: str | None = None  # scale-out (serve --aggregators N): upload to this HOST:PORT, not the server
 
     @property
     def scaffold(self) -> bool:
@@ -377,6 +378,7 @@ class Connection:
             dp_sgd = spec.pop("dp_sgd", None)
             algorithm = spec.pop("algorithm", None)
             channels = spec.pop("channels", None)
+            aggregator = spec.pop("aggregator", None)
             if dp_sgd is not None:
                 from flotilla.privacy.sample import SampleLevelSpec
 
@@ -399,6 +401,7 @@ class Connection:
                 dp_sgd,
                 algorithm,
                 channels,
+                aggregator,
             )
         return CheckIn(action, a, r.retry_after_s, json.loads(r.task_json or "{}"), r.device_id, r.message)
 
@@ -785,6 +788,8 @@ class Device:
         self.conn = Connection(
             server, token, ca=ca, cert=cert, key=key, server_name=server_name, compression=compression
         )
+        self._conn_args = (token, dict(ca=ca, cert=cert, key=key, server_name=server_name, compression=compression))
+        self._aggregators: dict[str, Connection] = {}  # scale-out: a connection per aggregator address
         self.backoff = backoff or Backoff()
         self.max_tasks = max_tasks
         self.max_give_ups = max_give_ups
@@ -1044,6 +1049,8 @@ class Device:
                     return self._finished(report, f"training finished at version {version}")
         finally:
             self.conn.close()
+            for c in self._aggregators.values():
+                c.close()
             if hasattr(self._trainer, "close"):  # DP-SGD: Opacus' hooks come off the user's model
                 self._trainer.close()
                 self._trainer = None
@@ -1057,16 +1064,25 @@ class Device:
             self._channels = (a.channels, device_channels(a.channels, self.flat.shapes))
         return self._channels[1]
 
+    def uploader(self, a: Assignment) -> Connection:
+        """Where ``a``'s update goes: the server, or (scale-out) the aggregator the assignment names."""
+        if not a.aggregator:
+            return self.conn
+        if a.aggregator not in self._aggregators:
+            self._aggregators[a.aggregator] = Connection(a.aggregator, self._conn_args[0], **self._conn_args[1])
+        return self._aggregators[a.aggregator]
+
     def _upload_once(
         self, report: DeviceReport, a: Assignment, r, payload: torch.Tensor | bytes | None = None
     ) -> tuple[int, int]:
         retried = False
+        conn = self.uploader(a)
         while True:
             try:
                 if isinstance(payload, bytes):  # compressed by the assignment's channels
                     from flotilla.channels.wire import CHANNEL_DTYPE
 
-                    out = self.conn.upload_raw(
+                    out = conn.upload_raw(
                         a.ticket,
                         a.version,
                         CHANNEL_DTYPE,
@@ -1078,7 +1094,7 @@ class Device:
                         r.steps,
                     )
                 else:
-                    out = self.conn.upload(
+                    out = conn.upload(
                         a,
                         self.delta if payload is None else payload,
                         r.num_examples,

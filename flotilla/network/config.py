@@ -100,6 +100,12 @@ class NetworkConfig(_Strict):
     linger_s: float = Field(
         10.0, ge=0, description="after the last step, keep telling devices 'done' this long, then exit"
     )
+    aggregators: int = Field(
+        0,
+        ge=0,
+        description="async scale-out: the coordinator waits for this many aggregator processes that take the "
+        "uploads (serve --aggregators N starts them here; see docs/deployment.md, Scaling out); 0: one process",
+    )
 
     @model_validator(mode="after")
     def _chunk_fits(self):

@@ -284,6 +284,7 @@ class Coordinator:
         self.next_seq = 0
         self.examples_seen_total = 0
         self.last_step_s = 0.0
+        self.remote = None  # scale-out (flotilla.network.partials.Hub): partial sums held by aggregators
         self._recover()
         self._served = {self.version: self._serialize()}  # model bytes of versions still in flight
 
@@ -350,7 +351,10 @@ class Coordinator:
             self.store.drop(entries, "lost_on_restart", why, self.version)
             rec.dropped["lost_on_restart"] = rec.dropped.get("lost_on_restart", 0) + len(entries)
         for entry, payload in [] if self.sealed else rec.pending:
-            self._add(payload[: self.numel], entry, payload[self.numel :] if self.variates is not None else None)
+            if payload is None:  # scale-out: its vector is in an aggregator's partial sum
+                self._add(None, entry)
+            else:
+                self._add(payload[: self.numel], entry, payload[self.numel :] if self.variates is not None else None)
             self.buffer.append(entry)
             self.contributors.add(entry["device"])
         # ``accepted`` and ``dropped.*`` are authoritative in the ledger: recount them (a crash may
@@ -381,6 +385,8 @@ class Coordinator:
     async def start(self) -> None:
         """On the serving loop, before the first request: finish a step a crash interrupted (the
         buffer was full when the server stopped)."""
+        if self.remote is not None:
+            return  # scale-out: the serving loop takes it once the aggregators are back (they send partial sums)
         async with self.lock:
             if not self.done and self.buffer and self.aggregator.count >= self.settings.step_size:
                 await self._step()
@@ -811,6 +817,10 @@ class Coordinator:
     def _add(self, delta: torch.Tensor, entry: dict[str, Any], control: torch.Tensor | None = None) -> None:
         """Into the aggregator, exactly as the simulator adds (also used to rebuild the buffer on restart);
         SCAFFOLD: the accepted update's delta c_i into the running sum."""
+        if delta is None:  # scale-out: the vector is in an aggregator's partial sum (gathered at the step)
+            self.aggregator.total_weight += float(entry["weight"])
+            self.aggregator.count += 1
+            return
         if self.settings.mode == "sync":
             self.aggregator.add(delta, float(entry["weight"]), entry["device"])
         elif self.aggregator.add(delta, float(entry["weight"]), int(entry["staleness"]), entry["device"]) == 0.0:
@@ -860,6 +870,9 @@ class Coordinator:
     async def close_round_if_due(self) -> None:
         """Sync mode: apply a round whose deadline has passed, if it has ``min_updates``."""
         s = self.settings
+        if self.remote is not None:
+            await self.remote.step_if_due()
+            return
         if self.relay is not None and self.relay.round is not None and not self.done:
             async with self.lock:
                 await self.relay.advance()
@@ -899,6 +912,8 @@ class Coordinator:
             None if self.privacy is None else self.privacy.state(),
             None if self.variates is None else self.variates.c.clone(),
         )
+        if self.remote is not None:
+            await self.remote.gather(entries)  # scale-out: the aggregators' partial sums into the buffer
         self.algo.step()  # server_opt.step(weights, aggregator.result()); reset; version += 1
         if self.variates is not None:
             self.variates.release()  # SCAFFOLD: c += sum(accepted delta c_i) / N

@@ -164,6 +164,7 @@ class FlotillaServer:
         dp_sgd=None,
         client_algorithm=None,
         channels=None,
+        aggregators: int | None = None,
     ):
         if dp_sgd is not None:
             # sample-level DP runs on the devices (flotilla.client.Device); both sides make the model
@@ -207,7 +208,14 @@ class FlotillaServer:
         self.linger_s = linger_s
         self.observed = Observations()  # for the dashboard and the Prometheus exporter (network/observe.py)
         self.watched = False  # set by a watcher: only then does the loop build snapshots
-        self.store = StateStore(state_dir, fsync=fsync)
+        # scale-out (serve --aggregators N, network.aggregators): N aggregator processes take the uploads
+        self.aggregators = int(((config or {}).get("network") or {}).get("aggregators") or 0)
+        self.aggregators = self.aggregators if aggregators is None else aggregators
+        self.hub = None  # flotilla.network.partials.Hub when self.aggregators
+        store = StateStore
+        if self.aggregators:
+            from flotilla.network.partials import ScaleOutStore as store
+        self.store = store(state_dir, fsync=fsync)
         self.store.lock()
         try:
             self._build(
@@ -223,6 +231,10 @@ class FlotillaServer:
                 secure_masking,
                 limits,
             )
+            if self.aggregators:
+                from flotilla.network.partials import attach
+
+                attach(self, self.aggregators)
         except BaseException:
             self.store.close()  # let go of the state directory's lock at once, not at garbage collection
             raise
@@ -507,6 +519,8 @@ class FlotillaServer:
     async def check_in(self, request: pb.CheckInRequest, context) -> pb.CheckInReply:
         who = await self._identify(context)
         await self._decoded(request, context, who)
+        if self.hub is not None and not self.hub.ready() and not self.coord.done:  # aggregators not all up
+            return pb.CheckInReply(task_json=self.task_json, device_id=who.device, action=0, retry_after_s=0.5)
         result = self.coord.check_in(who.device)
         reply = pb.CheckInReply(task_json=self.task_json, device_id=who.device)
         if result is None:
@@ -524,6 +538,8 @@ class FlotillaServer:
                 result.round,
             )
             a.seed, a.client_json, a.numel = result.seed, self.client_json, self.coord.numel
+            if self.hub is not None:  # scale-out: the aggregator this device uploads to
+                a.client_json = self.hub.client_json(self.client_json, who.device)
             a.expires_in_s, a.model_bytes = (
                 max(0.0, result.expires - time.time()),
                 4 * self.coord.numel * self.coord.rows,
@@ -807,7 +823,7 @@ class FlotillaServer:
             options=[*wire.channel_options(self.limits.max_message_bytes), ("grpc.so_reuseport", 0)],
             compression=self.compression,
         )
-        self._server.add_generic_rpc_handlers((self._handler(),))
+        self._server.add_generic_rpc_handlers((self._handler(),) + (() if self.hub is None else (self.hub.handler(),)))
         try:
             self.port = self._server.add_secure_port(f"{host}:{port}", self._credentials)
         except RuntimeError:

@@ -1,0 +1,451 @@
+"""Scale-out, aggregator side: a process that receives, validates and sums uploads for a coordinator.
+
+    flotilla serve CONFIG --port P --aggregators 2          # coordinator + 2 aggregators on this machine
+    flotilla aggregator CONFIG --coordinator HOST:P --name a1 --key-file aggregator.key --port Q \\
+        --advertise this-host:Q                              # one more, on another machine
+
+An aggregator serves the device-facing ``Upload`` RPC (same TLS certificate, token table and limits
+as the coordinator's config) and talks to its coordinator over the control service of
+:mod:`flotilla.network.partials` (the coordinator's TLS port, authenticated by the aggregator key).
+Per upload: token, ticket signature and owner, dtype and shape are checked before the body is read;
+then the body is streamed (``upload_slots`` at once), validated (finite, ``max_update_norm``,
+``max_update_abs``: the coordinator's own ``check_delta``), staged to ``STATE/pending/`` and
+fsync'd, and *claimed* at the coordinator (ticket, live assignment, freshness, staleness, numbers;
+the ledger line).  Only when the claim is answered is ``alpha * delta`` added to the partial sum
+and the device acked.  At a step the coordinator asks for the partial sum of exactly the seqs it
+holds for this aggregator; their files are deleted once the coordinator's outstanding list no
+longer names them (committed, or dropped with a ledger line).  A restart (or a new coordinator
+boot) re-registers and rebuilds the partial sum from the files the coordinator still lists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import grpc
+import torch
+
+from flotilla.network import partials, wire
+from flotilla.network.auth import TokenTable
+from flotilla.network.coordinator import Coordinator, fingerprint
+from flotilla.network.refusals import Refused
+from flotilla.network.server import Limits, TLSFiles, _in_use
+from flotilla.network.store import StateStore
+from flotilla.network.tickets import Ticket
+from flotilla.network.wire import pb
+
+log = logging.getLogger("flotilla.network.aggregator")
+
+_CODES = {c.name: c for c in grpc.StatusCode}
+
+
+class AggregatorServer:
+    def __init__(
+        self,
+        *,
+        name: str,
+        coordinator: str,
+        key: bytes,
+        tls: TLSFiles,
+        tokens: TokenTable,
+        state_dir: str | Path,
+        ca: str | None = None,
+        cert: str | None = None,
+        client_key: str | None = None,
+        server_name: str | None = None,
+        advertise: str | None = None,
+        limits: Limits = Limits(),
+        fsync: bool = True,
+        linger_s: float = 2.0,
+    ):
+        if not partials._NAME.match(name):
+            raise ValueError(f"--name: {name!r} must be 1-64 letters, digits, '.', '_' or '-'")
+        self.name, self.coordinator, self.key = name, coordinator, key
+        self.tls, self.tokens, self.limits = tls, tokens, limits
+        self._credentials = tls.credentials()
+        self._control_creds = grpc.ssl_channel_credentials(
+            root_certificates=Path(ca).read_bytes() if ca else None,
+            private_key=Path(client_key).read_bytes() if client_key else None,
+            certificate_chain=Path(cert).read_bytes() if cert else None,
+        )
+        self.server_name = server_name
+        self.advertise = advertise
+        self.linger_s = linger_s
+        self.store = StateStore(state_dir, fsync=fsync)
+        self.store.lock()
+        self.boot = secrets.token_hex(8)
+        self.counters: Counter[str] = Counter()
+        self.numel = 0
+        self.sum: torch.Tensor | None = None  # the partial sum of the seqs in `held`
+        self.held: dict[int, str] = {}  # seq -> staged file, in the partial sum
+        self.sent: dict[str, Any] | None = None  # the partial sum handed over, until its step is committed
+        self.staging: set[str] = set()  # staged files whose claim is in flight
+        self.uploading: set[str] = set()  # ticket ids with an upload streaming
+        self.coord_boot: str | None = None
+        self.done = False
+        self.port: int | None = None
+
+    # -- the control channel ------------------------------------------------------------------
+    async def _call(self, method: str, body: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
+        md = ((partials.KEY_HEADER, self.key.decode()),)
+        return json.loads(await self._ctl.unary_unary(method)(json.dumps(body).encode(), metadata=md, timeout=timeout))
+
+    async def register(self) -> None:
+        """(Re)join the coordinator and rebuild the partial sum from exactly its outstanding list."""
+        r = await self._call(
+            partials.REGISTER, {"name": self.name, "address": self.address, "boot": self.boot}, timeout=10
+        )
+        async with self._mutex:
+            self.numel = int(r["numel"])
+            self.ticket_key = bytes.fromhex(r["ticket_key"])
+            self._checks = SimpleNamespace(
+                numel=self.numel,
+                settings=SimpleNamespace(max_update_norm=r["max_update_norm"], max_update_abs=r["max_update_abs"]),
+            )
+            total = torch.zeros(self.numel)
+            held = {}
+            loop = asyncio.get_running_loop()
+            for e in sorted(r["outstanding"], key=lambda e: e["seq"]):
+                f = self.store.pending_dir / e["file"]
+                if not f.exists():  # fsync'd before the claim: only a lost disk gets here
+                    raise RuntimeError(f"aggregator {self.name}: accepted update #{e['seq']} but {f} is missing")
+                data = await loop.run_in_executor(None, f.read_bytes)
+                total.add_(torch.frombuffer(bytearray(data), dtype=torch.float32), alpha=float(e["alpha"]))
+                held[int(e["seq"])] = e["file"]
+            keep = set(held.values()) | self.staging
+            for f in self.store.pending_dir.iterdir():
+                if f.name not in keep:
+                    f.unlink(missing_ok=True)
+            self.sum, self.held, self.sent = total, held, None
+            self.coord_boot = r["boot"]
+            self.version = int(r["version"])
+        log.info(
+            "aggregator %s registered with %s (coordinator boot %s): %d updates held",
+            self.name,
+            self.coordinator,
+            self.coord_boot,
+            len(held),
+        )
+
+    async def _watch(self) -> None:
+        need = False
+        while True:
+            try:
+                if need:
+                    await self.register()
+                    need = False
+                r = await self._call(partials.WATCH, {"name": self.name, "wait_s": 1.0}, timeout=10)
+            except grpc.aio.AioRpcError as e:
+                if e.code() == grpc.StatusCode.UNAUTHENTICATED:
+                    raise PermissionError(e.details()) from None
+                need = True
+                await asyncio.sleep(0.2)
+                continue
+            if r["boot"] != self.coord_boot or not r["registered"]:
+                need = True
+                continue
+            self.version = r["version"]
+            await self._settle(set(r["outstanding"]))
+            if r["want"]:
+                try:
+                    await self._send_partial(r["want"])
+                except (grpc.aio.AioRpcError, LookupError) as e:
+                    log.warning("aggregator %s: partial sum not delivered (%s); resyncing", self.name, e)
+                    need = True
+            if r["done"] and not self.done:
+                self.done = True
+                self._done.set()
+
+    async def _settle(self, outstanding: set[int]) -> None:
+        """Delete the files of a handed-over partial sum once its step is committed (or dropped)."""
+        if self.sent is not None and not (set(self.sent["seqs"]) & outstanding):
+            for f in self.sent["files"]:
+                self.store.discard(f)
+            self.sent = None
+
+    async def _send_partial(self, want: dict[str, Any]) -> None:
+        seqs = [int(s) for s in want["seqs"]]
+        if self.sent is None or self.sent["version"] != want["version"] or self.sent["seqs"] != seqs:
+            deadline = time.monotonic() + 3.0
+            async with self._added:  # wait for the claims answered just before the step began
+                while not set(seqs) <= set(self.held):
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise LookupError(f"updates {sorted(set(seqs) - set(self.held))} not in the partial sum")
+                    try:
+                        await asyncio.wait_for(self._added.wait(), left)
+                    except TimeoutError:
+                        pass
+            async with self._mutex:
+                if set(self.held) != set(seqs):
+                    raise LookupError(f"holds {sorted(self.held)}, asked for {seqs}")
+                files = list(self.held.values())
+                self.sent = {"version": want["version"], "seqs": seqs, "sum": self.sum, "files": files}
+                self.sum, self.held = torch.zeros(self.numel), {}
+        data = self.sent["sum"].numpy().tobytes()
+        header = json.dumps({"name": self.name, "version": want["version"], "seqs": seqs}).encode()
+
+        def parts():
+            yield header
+            yield from (bytes(p) for p in wire.chunks(data, self.limits.chunk_bytes))
+
+        md = ((partials.KEY_HEADER, self.key.decode()),)
+        await self._ctl.stream_unary(partials.PARTIAL)(parts(), metadata=md, timeout=30)
+
+    async def _add(self, seq: int, file: str, alpha: float, delta: torch.Tensor) -> None:
+        async with self._mutex:
+            if seq in self.held or (self.sent is not None and seq in self.sent["seqs"]):
+                return  # already there (a registration rebuilt it from disk meanwhile)
+            self.sum.add_(delta, alpha=alpha)
+            self.held[seq] = file
+        async with self._added:
+            self._added.notify_all()
+
+    # -- the device-facing Upload ------------------------------------------------------------
+    async def _identify(self, context) -> str:
+        token = None
+        for k, v in context.invocation_metadata() or ():
+            if k == wire.AUTH_HEADER and isinstance(v, str) and v.startswith("Bearer "):
+                token = v[7:]
+        who = self.tokens.identify(token)
+        if who is None or who.role != "device":
+            raise Refused("UNAUTHENTICATED", "auth", "unknown client: send a device token issued for this server")
+        return who.device
+
+    async def upload(self, request_iterator, context) -> pb.UploadReply:
+        ticket = None
+        try:
+            device = await self._identify(context)
+            if self.sum is None:
+                raise Refused("UNAVAILABLE", "starting", "aggregator not registered yet; retry", retry_after_s=1.0)
+            first = await anext(aiter(request_iterator), None)
+            if first is None or first.WhichOneof("part") != "header":
+                raise Refused("INVALID_ARGUMENT", "invalid", "upload refused: the first message must be the header")
+            h = first.header
+            ticket = Ticket.decode(h.ticket, self.ticket_key)
+            if ticket.device != device:
+                raise Refused(
+                    "PERMISSION_DENIED",
+                    "ticket",
+                    f"upload refused: assignment {ticket.id[:8]} belongs to another device",
+                )
+            if h.dtype != "float32" or list(h.shape) != [self.numel]:
+                raise Refused(
+                    "INVALID_ARGUMENT",
+                    "shape",
+                    f"upload refused: dtype {h.dtype!r} shape {tuple(h.shape)}, expected 'float32' ({self.numel},)",
+                )
+            if ticket.id in self.uploading:
+                raise Refused("RESOURCE_EXHAUSTED", "busy", "upload refused: already uploading", retry_after_s=1.0)
+            self.uploading.add(ticket.id)
+            try:
+                return await self._upload(request_iterator, h, ticket, device)
+            finally:
+                self.uploading.discard(ticket.id)
+        except Refused as e:
+            self.counters[f"rejected.{e.reason}"] += 1
+            await context.abort(_CODES[e.code], str(e), e.trailing_metadata())
+
+    async def _upload(self, request_iterator, h, ticket: Ticket, device: str) -> pb.UploadReply:
+        size = 4 * self.numel
+        try:
+            async with asyncio.timeout(self.limits.upload_timeout_s), self._slots:
+                buf, pos = bytearray(size), 0
+                async for part in request_iterator:
+                    n = len(part.data)
+                    if part.WhichOneof("part") != "data" or pos + n > size:
+                        raise Refused("INVALID_ARGUMENT", "shape", f"upload refused: more than {size} bytes")
+                    buf[pos : pos + n] = part.data
+                    pos += n
+        except TimeoutError:
+            raise Refused(
+                "DEADLINE_EXCEEDED", "stalled", "upload refused: stream too slow", retry_after_s=1.0
+            ) from None
+        if pos != size:
+            raise Refused("INVALID_ARGUMENT", "truncated", f"upload refused: {pos} of {size} bytes")
+        delta = torch.frombuffer(buf, dtype=torch.float32)
+        norm = Coordinator.check_delta(self._checks, delta, device)  # the coordinator's own value checks
+        loop = asyncio.get_running_loop()
+        name, digest = await loop.run_in_executor(None, lambda: (self.store.stage(buf), fingerprint(buf)))
+        self.staging.add(name)
+        claim = {
+            "name": self.name,
+            "device": device,
+            "ticket": h.ticket,
+            "base_version": h.base_version,
+            "shape": list(h.shape),
+            "num_examples": h.num_examples,
+            "train_loss": h.train_loss,
+            "examples_seen": h.examples_seen,
+            "norm": norm,
+            "digest": digest,
+            "file": name,
+        }
+        try:
+            r = await self._call(partials.CLAIM, claim, timeout=60)
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.UNAVAILABLE or e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                # outcome unknown: the file stays; the next registration keeps it if the ledger has it
+                self.staging.discard(name)
+                raise Refused(
+                    "UNAVAILABLE", "coordinator", "coordinator unreachable; retry", retry_after_s=1.0
+                ) from None
+            self.staging.discard(name)
+            self.store.discard(name)  # refused before any ledger line: never accepted
+            raise partials.refusal_of(e) from None
+        self.staging.discard(name)
+        if r.get("repeat"):  # a retry of an update already accepted: its first answer
+            self.store.discard(name)
+        else:
+            await self._add(int(r["seq"]), name, float(r["alpha"]), delta)
+        self.counters["accepted"] += 1
+        return pb.UploadReply(seq=int(r["seq"]), version=int(r["version"]))
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        self._mutex = asyncio.Lock()
+        self._added = asyncio.Condition()
+        self._slots = asyncio.Semaphore(self.limits.upload_slots)
+        self._done = asyncio.Event()
+        self._server = grpc.aio.server(
+            options=[*wire.channel_options(self.limits.max_message_bytes), ("grpc.so_reuseport", 0)]
+        )
+        self._server.add_generic_rpc_handlers(
+            (
+                grpc.method_handlers_generic_handler(
+                    wire.SERVICE,
+                    {
+                        "Upload": grpc.stream_unary_rpc_method_handler(
+                            self.upload, pb.UploadPart.FromString, pb.UploadReply.SerializeToString
+                        )
+                    },
+                ),
+            )
+        )
+        try:
+            self.port = self._server.add_secure_port(f"{host}:{port}", self._credentials)
+        except RuntimeError:
+            self.port = 0
+        if not self.port:
+            self.store.close()
+            raise ValueError(
+                f"aggregator {self.name}: cannot listen on {host}:{port}" + (" (in use)" if _in_use(host, port) else "")
+            )
+        self.address = self.advertise or f"{'localhost' if host in ('127.0.0.1', '0.0.0.0') else host}:{self.port}"
+        options = wire.channel_options(self.limits.max_message_bytes)
+        if self.server_name:
+            options.append(("grpc.ssl_target_name_override", self.server_name))
+        self._ctl = grpc.aio.secure_channel(self.coordinator, self._control_creds, options=options)
+        await self._server.start()
+        while True:  # first registration: wait for the coordinator; a wrong key is final
+            try:
+                await self.register()
+                break
+            except grpc.aio.AioRpcError as e:
+                if e.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.RESOURCE_EXHAUSTED):
+                    await self.stop()
+                    raise PermissionError(e.details()) from None
+                await asyncio.sleep(0.3)
+        self._watcher = asyncio.ensure_future(self._watch())
+        log.info(
+            "aggregator %s serving uploads on %s:%d (TLS), coordinator %s", self.name, host, self.port, self.coordinator
+        )
+        return self.port
+
+    async def run_until_done(self, stop: asyncio.Event | None = None) -> None:
+        stop = stop or asyncio.Event()
+        waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._done.wait()), self._watcher]
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        if self._done.is_set() and not stop.is_set():
+            await asyncio.sleep(self.linger_s)
+        for w in waits:
+            w.cancel()
+        if self._watcher.done() and not self._watcher.cancelled() and self._watcher.exception() is not None:
+            await self.stop()
+            raise self._watcher.exception()
+        await self.stop()
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            await self._server.stop(1.0)
+            self._server = None
+        await self._ctl.close() if getattr(self, "_ctl", None) is not None else None
+        self.store.close()
+
+
+def aggregator_from_config(cfg, *, name: str, coordinator: str, key: bytes, state_dir, **kw) -> AggregatorServer:
+    """An aggregator for the coordinator run from the same experiment config (its network section)."""
+    net = cfg.network
+    ca = kw.pop("ca", None) or net.tls.ca or _ca_beside(net.tls.cert)
+    return AggregatorServer(
+        name=name,
+        coordinator=coordinator,
+        key=key,
+        tls=TLSFiles(net.tls.cert, net.tls.key, net.tls.ca, net.tls.require_client_cert),
+        tokens=TokenTable.load(net.tokens),
+        state_dir=state_dir,
+        ca=ca,
+        limits=Limits(
+            int(net.max_message_mb * 2**20),
+            net.chunk_kb * 1024,
+            net.rate_limit,
+            net.rate_burst,
+            uploads_per_device=net.uploads_per_device,
+            upload_timeout_s=net.upload_timeout_s,
+        ),
+        fsync=net.fsync,
+        **kw,
+    )
+
+
+def _ca_beside(cert: str) -> str | None:
+    """``flotilla certs`` writes ca.pem beside server.pem: the CA the coordinator's certificate chains to."""
+    p = Path(cert).with_name("ca.pem")
+    return str(p) if p.exists() else None
+
+
+class AggregatorThread:
+    """An :class:`AggregatorServer` on its own event loop in a background thread (tests, benchmarks)."""
+
+    def __init__(self, agg: AggregatorServer, host: str = "127.0.0.1", port: int = 0):
+        import threading
+
+        self.agg = agg
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._loop = self._stop = None
+        self._thread = threading.Thread(
+            target=self._main, args=(host, port), daemon=True, name=f"aggregator-{agg.name}"
+        )
+        self._thread.start()
+        self._ready.wait(60)
+        if self._error is not None:
+            raise self._error
+        self.port = agg.port
+
+    def _main(self, host: str, port: int) -> None:
+        async def main():
+            self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+            try:
+                await self.agg.start(host, port)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+                self._error = e
+                self._ready.set()
+                return
+            self._ready.set()
+            await self.agg.run_until_done(self._stop)
+
+        asyncio.run(main())
+
+    def stop(self) -> None:
+        if self._loop is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(30)
