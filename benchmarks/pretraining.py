@@ -1,7 +1,9 @@
-"""Random vs pre-trained initialisation on Fashion-MNIST (after Nguyen et al., "Where to Begin?").
+"""Random vs pre-trained initialisation (after Nguyen et al., "Where to Begin?").
 
-    nice -n 10 .venv/bin/python benchmarks/pretraining.py [--rounds 15] [--seeds 0] [--out benchmarks/out/pretraining]
+    nice -n 10 .venv/bin/python benchmarks/pretraining.py [--task fmnist] [--rounds 15] [--seeds 0]
+    nice -n 10 .venv/bin/python benchmarks/pretraining.py --task shakespeare --rounds 20 --seeds 0 1
 
+Fashion-MNIST (``--task fmnist``, out: benchmarks/out/pretraining):
 1. ``flotilla pretrain``: SmallCNN trained centrally on MNIST 5k (the public proxy), a checkpoint.
 2. Federated Fashion-MNIST from a random and from the pre-trained start, across Dirichlet alpha
    (0.1, 0.5, IID), without and with system heterogeneity (30% of clients a uniform 1-5 local
@@ -9,8 +11,14 @@
 3. The top eigenvalue of the Hessian of the Fashion-MNIST training loss at each initialisation
    (power iteration on Hessian-vector products).
 
-Small enough for a shared CPU (100 clients x 30 images, 10 a round, few rounds): a sketch of the
-paper's setting (~1,000 rounds), not a reproduction.  Writes results.json and results.md.
+Shakespeare (``--task shakespeare``, out: benchmarks/out/pretraining-shakespeare): the CharLSTM
+pre-trained centrally on the 11 history plays (``plays: proxy``), then federated next-character
+prediction on the other 27 (``plays: target``): 100 sampled roles x 64 training windows, 10 a round, the
+natural per-role split vs IID (``partition: iid``), the same servers and heterogeneity; the Hessian
+on 256 target training windows.
+
+Small enough for a shared CPU (few rounds, small cohorts): a sketch of the paper's setting
+(~1,000 rounds), not a reproduction.  Writes results.json and results.md.
 """
 
 from __future__ import annotations
@@ -32,6 +40,29 @@ SERVERS = {
     "fedadam": {"optimizer": "fedadam", "lr": 0.01, "beta1": 0.9, "beta2": 0.99, "tau": 0.001},
 }
 HETERO = {"fraction": 0.3, "min": 1, "max": 5}
+
+
+# Shakespeare: roles (natural, non-IID) vs the roles' windows shuffled across clients (IID).
+PARTITIONS = {"natural": "natural", "iid": "iid"}
+SHAKESPEARE = {"name": "shakespeare", "seq_len": 80, "max_clients": 100, "max_train_samples_per_client": 64}
+SHAKESPEARE_PRETRAIN = {"epochs": 1, "batch_size": 32, "lr": 1.0, "momentum": 0.0, "max_examples": 60000}
+
+
+def shakespeare_base(partition: str, server: str, hetero: bool, rounds: int, seed: int, init: str | None) -> dict:
+    cfg = {
+        "seed": seed,
+        "threads": 1,
+        "task": {**SHAKESPEARE, "plays": "target", "partition": PARTITIONS[partition]},
+        "rounds": rounds,
+        "cohort": 10,
+        "client": {"batch_size": 16, "lr": 1.0, **({"heterogeneous_epochs": HETERO} if hetero else {})},
+        "server": SERVERS[server],
+        "eval": {"every": rounds, "max_clients": 10},
+        "output": {"progress": False, "plot": False, "checkpoint_every": rounds},
+    }
+    if init is not None:
+        cfg["init"] = {"checkpoint": init}
+    return cfg
 
 
 def base(alpha: str, server: str, hetero: bool, rounds: int, seed: int, init: str | None) -> dict:
@@ -59,7 +90,7 @@ def base(alpha: str, server: str, hetero: bool, rounds: int, seed: int, init: st
 
 
 def body_only(checkpoint: Path) -> Path:
-    """The checkpoint without the classifier head (head.*): loaded with init.partial, the head stays random."""
+    """The checkpoint without the output layer (head.*): loaded with init.partial, the head stays random."""
     from safetensors.torch import load_file, save_file
 
     out = checkpoint.with_name(checkpoint.stem + "-body.safetensors")
@@ -89,57 +120,92 @@ def hessian_top(checkpoint: str | None, seed: int, examples: int = 500) -> tuple
     return top_hessian_eigenvalue(model, F.cross_entropy, batches, iters=30, seed=seed, tol=1e-3), loss
 
 
+def shakespeare_hessian_top(checkpoint: str | None, seed: int, examples: int = 256) -> tuple[float, float]:
+    """(top Hessian eigenvalue, loss) of the target plays' training loss at the initial CharLSTM."""
+    from flotilla.config import validate
+    from flotilla.experiment.init import load_init
+    from flotilla.experiment.pretrain import top_hessian_eigenvalue
+    from flotilla.tasks import build_task
+
+    cfg = validate({"task": {**SHAKESPEARE, "plays": "target"}, "rounds": 1, "seed": seed})
+    task = build_task(cfg.task, 0)  # the same windows for every seed; the model is seeded below
+    pool = torch.cat(task.dataset.train_indices)
+    idx = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(1))[:examples]]
+    batches = [task.dataset.fetch(idx[i : i + 128]) for i in range(0, examples, 128)]
+    torch.manual_seed(seed)
+    model = build_task(cfg.task, seed).model
+    if checkpoint is not None:
+        print(load_init(model, checkpoint, partial=True).summary())
+    with torch.no_grad():
+        loss = sum(float(task.loss_fn(model(x), y)) * len(y) for x, y in batches) / examples
+    return top_hessian_eigenvalue(model, task.loss_fn, batches, iters=20, seed=seed, tol=1e-3), loss
+
+
+def pretrain_checkpoint(task: str, out: Path, epochs: int | None) -> tuple[Path, dict | None]:
+    """The proxy checkpoint (written once): MNIST 5k for fmnist, the history plays for shakespeare."""
+    from flotilla.experiment.pretrain import PretrainConfig, pretrain
+
+    if task == "fmnist":
+        ckpt = out / "mnist5k.safetensors"
+        raw = {"task": {"name": "mnist-5k", "num_clients": 10}, "epochs": epochs or 3, "lr": 0.05, "momentum": 0.9}
+    else:
+        ckpt = out / "proxy-plays.safetensors"
+        proxy = {k: v for k, v in SHAKESPEARE.items() if k != "max_clients"}  # every proxy role, all its windows
+        proxy.pop("max_train_samples_per_client")
+        raw = {"task": {**proxy, "plays": "proxy"}, **SHAKESPEARE_PRETRAIN, "max_test_examples": 20000}
+        raw["epochs"] = epochs or raw["epochs"]
+    if ckpt.exists():
+        return ckpt, None
+    t = time.time()
+    info = pretrain(PretrainConfig.model_validate({**raw, "threads": 1, "output": str(ckpt)}))
+    return ckpt, {**info, "wall_s": time.time() - t}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--task", choices=("fmnist", "shakespeare"), default="fmnist")
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
-    ap.add_argument("--pretrain-epochs", type=int, default=3)
-    ap.add_argument("--out", default="benchmarks/out/pretraining")
+    ap.add_argument("--pretrain-epochs", type=int, default=None, help="default: 3 (fmnist), 1 (shakespeare)")
+    ap.add_argument("--out", default=None, help="default: benchmarks/out/pretraining[-shakespeare]")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    out = Path(args.out)
+    shakespeare = args.task == "shakespeare"
+    out = Path(args.out or ("benchmarks/out/pretraining" + ("-shakespeare" if shakespeare else "")))
     out.mkdir(parents=True, exist_ok=True)
     results_file = out / "results.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {"runs": {}, "hessian": {}}
 
     from flotilla.config import validate
-    from flotilla.experiment.pretrain import PretrainConfig, pretrain
     from flotilla.experiment.run import run_experiment
 
-    ckpt = out / "mnist5k.safetensors"
-    if not ckpt.exists():
-        t = time.time()
-        info = pretrain(
-            PretrainConfig.model_validate(
-                {
-                    "task": {"name": "mnist-5k", "num_clients": 10},
-                    "epochs": args.pretrain_epochs,
-                    "lr": 0.05,
-                    "momentum": 0.9,
-                    "output": str(ckpt),
-                }
-            )
-        )
-        results["pretrain"] = {**info, "wall_s": time.time() - t}
+    ckpt, info = pretrain_checkpoint(args.task, out, args.pretrain_epochs)
+    if info is not None:
+        results["pretrain"] = info
+        results_file.write_text(json.dumps(results, indent=1))
+    splits, make, hessian = (
+        (PARTITIONS, shakespeare_base, shakespeare_hessian_top) if shakespeare else (ALPHAS, base, hessian_top)
+    )
+    label = "partition" if shakespeare else "alpha"
     for seed in args.seeds:
         inits = (("random", None), ("pretrained", str(ckpt)), ("pretrained-body", str(body_only(ckpt))))
         for name, path in inits:
             key = f"{name}/seed{seed}"
             if key not in results["hessian"]:
                 t = time.time()
-                top, loss = hessian_top(path, seed)
+                top, loss = hessian(path, seed)
                 results["hessian"][key] = {"top_eigenvalue": top, "initial_loss": loss, "wall_s": time.time() - t}
                 print(f"hessian {key}: top eigenvalue {top:.2f}, initial loss {loss:.3f}", flush=True)
                 results_file.write_text(json.dumps(results, indent=1))
         for init in ("random", "pretrained"):
             for hetero in (False, True):
                 for server in SERVERS:
-                    for alpha in ALPHAS:
-                        key = f"{init}/{'hetero' if hetero else 'homog'}/{server}/alpha={alpha}/seed{seed}"
+                    for split in splits:
+                        key = f"{init}/{'hetero' if hetero else 'homog'}/{server}/{label}={split}/seed{seed}"
                         if key in results["runs"]:
                             continue
-                        raw = base(
-                            alpha, server, hetero, args.rounds, seed, str(ckpt) if init == "pretrained" else None
+                        raw = make(
+                            split, server, hetero, args.rounds, seed, str(ckpt) if init == "pretrained" else None
                         )
                         t = time.time()
                         r = run_experiment(validate(raw), write_run_dir=False)
@@ -147,34 +213,40 @@ def main() -> None:
                         results["runs"][key] = {"accuracy": acc, "wall_s": time.time() - t}
                         print(f"{key}: accuracy {acc:.4f} ({time.time() - t:.0f} s)", flush=True)
                         results_file.write_text(json.dumps(results, indent=1))
-    (out / "results.md").write_text(summary(results, args.seeds))
-    print(summary(results, args.seeds))
+    text = summary(results, args.seeds, shakespeare)
+    (out / "results.md").write_text(text)
+    print(text)
 
 
-def summary(results: dict, seeds: list[int]) -> str:
+def summary(results: dict, seeds: list[int], shakespeare: bool = False) -> str:
     import numpy as np
 
-    def acc(init, het, server, alpha):
-        vals = [results["runs"].get(f"{init}/{het}/{server}/alpha={alpha}/seed{s}", {}).get("accuracy") for s in seeds]
+    label, splits = ("partition", list(PARTITIONS)) if shakespeare else ("alpha", list(ALPHAS))
+
+    def acc(init, het, server, split):
+        vals = [
+            results["runs"].get(f"{init}/{het}/{server}/{label}={split}/seed{s}", {}).get("accuracy") for s in seeds
+        ]
         vals = [v for v in vals if v is not None]
         return float(np.mean(vals)) if vals else float("nan")
 
-    lines = [
-        "| init | clients | server | acc alpha=0.1 | acc alpha=0.5 | acc IID | IID - alpha0.1 gap |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    if shakespeare:
+        head = "| init | clients | server | acc natural (roles) | acc IID | IID - natural gap |"
+    else:
+        head = "| init | clients | server | acc alpha=0.1 | acc alpha=0.5 | acc IID | IID - alpha0.1 gap |"
+    lines = [f"mean over seeds {seeds}", "", head, "|---" * (head.count("|") - 1) + "|"]
     for init in ("random", "pretrained"):
         for het in ("homog", "hetero"):
             for server in SERVERS:
-                a = [acc(init, het, server, al) for al in ALPHAS]
-                lines.append(
-                    f"| {init} | {het} | {server} | {a[0]:.3f} | {a[1]:.3f} | {a[2]:.3f} | {a[2] - a[0]:.3f} |"
-                )
+                a = [acc(init, het, server, s) for s in splits]
+                cells = " | ".join(f"{v:.3f}" for v in a)
+                lines.append(f"| {init} | {het} | {server} | {cells} | {a[-1] - a[0]:.3f} |")
     lines += ["", "| init | top Hessian eigenvalue | initial loss |", "|---|---|---|"]
     for key, h in sorted(results["hessian"].items()):
         lines.append(f"| {key} | {h['top_eigenvalue']:.2f} | {h['initial_loss']:.3f} |")
     if "pretrain" in results:
-        lines += ["", f"pre-training on MNIST 5k: test accuracy {results['pretrain']['test_accuracy']:.4f}"]
+        proxy = "the proxy plays" if shakespeare else "MNIST 5k"
+        lines += ["", f"pre-training on {proxy}: test accuracy {results['pretrain']['test_accuracy']:.4f}"]
     return "\n".join(lines) + "\n"
 
 

@@ -39,6 +39,9 @@ class PretrainConfig(Section):
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's choice)")
     max_examples: int | None = Field(None, ge=1, description="train on a seeded subset of this many examples")
+    max_test_examples: int | None = Field(
+        None, ge=1, description="report the test accuracy on a seeded subset of this many test examples"
+    )
     output: str = Field(..., description="checkpoint file to write (.safetensors)")
 
 
@@ -97,6 +100,10 @@ def pretrain(cfg: PretrainConfig, echo=print) -> dict[str, Any]:
             total += float(loss.detach()) * len(y)
         echo(f"epoch {epoch + 1}/{cfg.epochs}: train loss {total / max(len(order), 1):.4f}")
     test = _pooled(data.test_indices)
+    if cfg.max_test_examples is not None and cfg.max_test_examples < len(test):
+        test = test[
+            torch.randperm(len(test), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.max_test_examples]
+        ]
     acc = central_accuracy(model, data, test, data.fetch_test) if len(test) else None
     meta = {"task": json.dumps(cfg.task.model_dump(mode="json")), "epochs": str(cfg.epochs)}
     if acc is not None:

@@ -34,6 +34,11 @@ class ShakespeareTask(Section):
         "all",
         description="proxy: the 11 history plays only; target: the other 27 (a fixed split by play, docs/tuning.md)",
     )
+    partition: Literal["natural", "iid"] = Field(
+        "natural",
+        description="natural: a client is one role; iid: the roles' training windows shuffled across the clients "
+        "(each keeps its count; test windows stay by role, so the test set is the same)",
+    )
     model: CharLSTMConfig = CharLSTMConfig()
 
 
@@ -57,6 +62,8 @@ def build(cfg: ShakespeareTask, seed: int) -> Task:
     )
     if cfg.plays != "all":
         data = select_plays(data, cfg.plays == "proxy", cfg.max_clients, seed)
+    if cfg.partition == "iid":
+        data = shuffle_roles(data, seed)
     torch.manual_seed(seed)
     return Task(cfg.name, data, model(cfg), F.cross_entropy)
 
@@ -84,6 +91,19 @@ def select_plays(data, proxy: bool, max_clients: int | None, seed: int):
         [data.test_indices[i] for i in keep],
         [data.client_names[i] for i in keep],
     )
+
+
+def shuffle_roles(data, seed: int):
+    """IID clients: every client's training windows pooled, shuffled (seeded) and dealt back in the same sizes."""
+    import numpy as np
+
+    from flotilla.data.shakespeare import ShakespeareDataset
+
+    pooled = torch.cat(data.train_indices)
+    perm = torch.from_numpy(np.random.default_rng([seed, 0x11D]).permutation(len(pooled)))
+    parts = torch.split(pooled[perm], [len(i) for i in data.train_indices])
+    train = [p.sort().values for p in parts]
+    return ShakespeareDataset(data.text, data.seq_len, train, data.test_indices, data.client_names)
 
 
 TASK = register(TaskType("shakespeare", ShakespeareTask, build, model))
