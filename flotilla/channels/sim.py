@@ -31,12 +31,12 @@ def refusal(cfg: ChannelsConfig, runtime: str, *, secure: bool, privacy: dict | 
             "where the per-device residuals and byte accounting are not wired); use workers: 1 without "
             "runtime: ray, or remove channels"
         )
-    if secure and cfg.upload:
-        return (
-            "channels.upload: not with secure_aggregation: masked uploads are ring elements, so a per-device "
-            "scale (quantize), a sparse mask (topk, random) or fp16 cannot be summed under the masks; the ring's "
-            "fixed-point encoding is the quantisation there (channels.download may stay)"
-        )
+    if secure and cfg.upload:  # only quantize composes: into the ring (flotilla.channels.ring)
+        from flotilla.channels.ring import secure_refusal
+
+        why = secure_refusal(cfg, runtime)
+        if why:
+            return why
     user = (privacy or {}).get("user_level")
     if user is not None and user.get("adaptive_clipping") is not None and cfg.upload:
         return (
@@ -139,6 +139,10 @@ def compose(cfg, shape, components, *, privacy: dict | None, secure: bool):
     why = refusal(cfg, shape.name, secure=secure, privacy=privacy)
     if why:
         raise ValueError(why)
+    if secure and cfg.upload:  # the secure aggregator quantises into the ring (flotilla.channels.ring)
+        from flotilla.channels.ring import compose as ring_compose
+
+        return ring_compose(cfg, shape, components)
     if not cfg.upload and not cfg.download:
         return components, lambda algorithm: algorithm
     user = (privacy or {}).get("user_level")

@@ -21,10 +21,18 @@ CHANNEL_DTYPE = "channels"  # UploadHeader.dtype of a compressed upload
 _CACHED_VERSIONS = 8  # encoded downloads kept (versions in flight are few: FedBuff's staleness)
 
 
-def network_refusal(cfg: ChannelsConfig, *, secure: bool, scaffold: bool, adaptive: bool) -> str | None:
-    if secure and cfg.upload:
+def network_refusal(
+    cfg: ChannelsConfig, *, secure: bool, scaffold: bool, adaptive: bool, masked: bool = False
+) -> str | None:
+    if secure and cfg.upload and masked:  # sync masking: quantize runs in the ring (flotilla.channels.ring)
+        from flotilla.channels.ring import secure_refusal
+
+        why = secure_refusal(cfg)
+        if why:
+            return why
+    elif secure and cfg.upload:
         return (
-            "channels.upload: not with secure_aggregation: the server receives sealed or masked updates "
+            "channels.upload: not with secure_aggregation in async mode: the server receives sealed updates "
             "and could not decode a compressed one (channels.download may stay)"
         )
     if scaffold:
@@ -49,9 +57,11 @@ class ServerChannels:
 
     @classmethod
     def build(
-        cls, cfg, shapes, *, user_level=None, secure: bool = False, scaffold: bool = False
+        cls, cfg, shapes, *, user_level=None, secure: bool = False, scaffold: bool = False, masked=None
     ) -> ServerChannels | None:
-        """None when ``cfg`` compresses nothing; ValueError (naming the key) where it cannot run."""
+        """None when ``cfg`` compresses nothing; ValueError (naming the key) where it cannot run.
+        ``masked``: sync secure aggregation's SecAggParams; its ``quantize_bits`` quantise the upload
+        into the ring, so only the download is this server's to encode."""
         cfg = as_channels(cfg)
         if cfg is None or (not cfg.upload and not cfg.download):
             return None
@@ -61,9 +71,21 @@ class ServerChannels:
             secure=secure,
             scaffold=scaffold,
             adaptive=user_level is not None and get("adaptive_clipping") is not None,
+            masked=masked is not None,
         )
         if why:
             raise ValueError(why)
+        if masked is not None and cfg.upload:
+            from flotilla.channels.ring import download_only, ring_quantize
+
+            if ring_quantize(cfg) != (masked.quantize_bits, masked.stochastic):
+                raise ValueError(
+                    f"channels.upload: quantize {ring_quantize(cfg)} but secure aggregation quantises "
+                    f"{masked.quantize_bits} bits (flotilla serve sets both from the config)"
+                )
+            cfg = download_only(cfg)
+            if not cfg.download:
+                return None
         return cls(cfg, shapes, float(get("clip_norm")) if user_level is not None else None)
 
     @property

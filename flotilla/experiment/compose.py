@@ -58,7 +58,7 @@ def build_algorithm(
     if secure_aggregation is not None:
         from flotilla.secure.wiring import SecureParts
 
-        secure = SecureParts(secure_aggregation, shape, private)
+        secure = SecureParts(secure_aggregation, shape, private, channels=channels)
     components = algo.components if algo is not None else Components()
     if embedding_rows != "dense":  # sparse embedding uploads, per-row mean (flotilla/algorithms/rowwise.py)
         from flotilla.algorithms.rowwise import embedding_rows_components

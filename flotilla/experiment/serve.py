@@ -157,8 +157,10 @@ def _masking(cfg):
     sa = cfg.secure_aggregation
     if sa is None or cfg.mode != "sync":
         return None
+    from flotilla.channels.ring import ring_quantize
     from flotilla.network.secagg import SecAggParams
 
+    q = ring_quantize(cfg.channels)  # channels.upload quantize runs in the ring (flotilla/channels/ring.py)
     max_weight = 1.0 if cfg.weighting == "uniform" else float(sa.max_weight or cfg.network.max_examples)
     user = cfg.privacy.user_level if cfg.privacy is not None else None
     # the fixed-point range: with user-level DP a clipped delta's coordinates lie within clip_norm
@@ -170,4 +172,5 @@ def _masking(cfg):
         degree=None if sa.degree == "full" else sa.degree,
         threshold=sa.threshold,
         max_request_bytes=int(cfg.network.max_message_mb * 2**20) - 1024,
+        **({"quantize_bits": q[0], "stochastic": q[1]} if q else {}),
     )

@@ -556,12 +556,18 @@ class Connection:
             raise self._error(e) from None
         return r.seq, r.version
 
-    def secagg_call(self, request: dict[str, Any]) -> dict[str, Any]:
-        """One SecAggStep request (JSON both ways)."""
+    def secagg_call(self, request: dict[str, Any], data: bytes = b"") -> dict[str, Any]:
+        """One SecAggStep request: a SecAggBody, its JSON and raw bytes (flotilla.network.secagg)."""
+        from flotilla.network.secagg import encode_body
+
+        return self.secagg_send(encode_body(request, data))
+
+    def secagg_send(self, body: bytes) -> dict[str, Any]:
+        """One SecAggStep request already encoded (a SecAggBody); the reply's JSON as a dict."""
+        from flotilla.network.secagg import decode_reply
+
         try:
-            return json.loads(
-                self._secagg(json.dumps(request).encode(), metadata=self.metadata, timeout=self.timeout_s)
-            )
+            return decode_reply(self._secagg(body, metadata=self.metadata, timeout=self.timeout_s))
         except grpc.RpcError as e:
             raise self._error(e) from None
 
@@ -588,6 +594,7 @@ class Connection:
                 train_loss,
                 examples_seen,
                 stop_after=stop_after,
+                send_body=self.secagg_send,
             )
         except RoundAborted as e:
             raise Refused(grpc.StatusCode.ABORTED, str(e)) from None

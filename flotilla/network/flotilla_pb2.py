@@ -22,37 +22,46 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0eflotilla.proto\x12\x0bflotilla.v1";\n\x0eCheckInRequest\x12\x14\n\x0cnum_examples\x18\x01 \x01(\x03\x12\x13\n\x0bsdk_version\x18\x02 \x01(\t"\xb0\x02\n\nAssignment\x12\x15\n\rassignment_id\x18\x01 \x01(\t\x12\x0e\n\x06ticket\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\r\n\x05round\x18\x04 \x01(\x03\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x13\n\x0bclient_json\x18\x06 \x01(\t\x12\x14\n\x0cexpires_in_s\x18\x07 \x01(\x01\x12\r\n\x05numel\x18\x08 \x01(\x03\x12\x13\n\x0bmodel_bytes\x18\t \x01(\x03\x12\x1d\n\nbuffer_key\x18\n \x01(\x0cR\tbufferKey\x12!\n\x0cbuffer_nonce\x18\x0b \x01(\x0cR\x0bbufferNonce\x12\x1f\n\x0bseal_weight\x18\x0c \x01(\x01R\nsealWeight\x12\x1b\n\tclip_norm\x18\r \x01(\x01R\x08clipNorm"\xe4\x01\n\x0cCheckInReply\x120\n\x06action\x18\x01 \x01(\x0e2 .flotilla.v1.CheckInReply.Action\x12\x15\n\rretry_after_s\x18\x02 \x01(\x01\x12+\n\nassignment\x18\x03 \x01(\x0b2\x17.flotilla.v1.Assignment\x12\x11\n\ttask_json\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x11\n\tdevice_id\x18\x06 \x01(\t"\'\n\x06Action\x12\x08\n\x04WAIT\x10\x00\x12\t\n\x05TRAIN\x10\x01\x12\x08\n\x04DONE\x10\x02""\n\x0fDownloadRequest\x12\x0f\n\x07version\x18\x01 \x01(\x03"P\n\nModelChunk\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x03\x12\x0c\n\x04data\x18\x04 \x01(\x0c"\xc5\x01\n\x0cUploadHeader\x12\x0e\n\x06ticket\x18\x01 \x01(\t\x12\x14\n\x0cbase_version\x18\x02 \x01(\x03\x12\r\n\x05dtype\x18\x03 \x01(\t\x12\r\n\x05shape\x18\x04 \x03(\x03\x12\x14\n\x0cnum_examples\x18\x05 \x01(\x03\x12\x12\n\ntrain_loss\x18\x06 \x01(\x01\x12\x15\n\rexamples_seen\x18\x07 \x01(\x03\x12\r\n\x05steps\x18\x08 \x01(\x03\x12!\n\x0cephemeral_pk\x18\t \x01(\x0cR\x0bephemeralPk"Q\n\nUploadPart\x12+\n\x06header\x18\x01 \x01(\x0b2\x19.flotilla.v1.UploadHeaderH\x00\x12\x0e\n\x04data\x18\x02 \x01(\x0cH\x00B\x06\n\x04part"+\n\x0bUploadReply\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12\x0f\n\x07version\x18\x02 \x01(\x03"\x0f\n\rStatusRequest"\x1b\n\x0bStatusReply\x12\x0c\n\x04json\x18\x01 \x01(\t2\x91\x02\n\x08Flotilla\x12A\n\x07CheckIn\x12\x1b.flotilla.v1.CheckInRequest\x1a\x19.flotilla.v1.CheckInReply\x12C\n\x08Download\x12\x1c.flotilla.v1.DownloadRequest\x1a\x17.flotilla.v1.ModelChunk0\x01\x12=\n\x06Upload\x12\x17.flotilla.v1.UploadPart\x1a\x18.flotilla.v1.UploadReply(\x01\x12>\n\x06Status\x12\x1a.flotilla.v1.StatusRequest\x1a\x18.flotilla.v1.StatusReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0e\x66lotilla.proto\x12\x0b\x66lotilla.v1\x1a\x1cgoogle/protobuf/struct.proto\";\n\x0e\x43heckInRequest\x12\x14\n\x0cnum_examples\x18\x01 \x01(\x03\x12\x13\n\x0bsdk_version\x18\x02 \x01(\t\"\x82\x02\n\nAssignment\x12\x15\n\rassignment_id\x18\x01 \x01(\t\x12\x0e\n\x06ticket\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\r\n\x05round\x18\x04 \x01(\x03\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x13\n\x0b\x63lient_json\x18\x06 \x01(\t\x12\x14\n\x0c\x65xpires_in_s\x18\x07 \x01(\x01\x12\r\n\x05numel\x18\x08 \x01(\x03\x12\x13\n\x0bmodel_bytes\x18\t \x01(\x03\x12\x12\n\nbuffer_key\x18\n \x01(\x0c\x12\x14\n\x0c\x62uffer_nonce\x18\x0b \x01(\x0c\x12\x13\n\x0bseal_weight\x18\x0c \x01(\x01\x12\x11\n\tclip_norm\x18\r \x01(\x01\"\xe4\x01\n\x0c\x43heckInReply\x12\x30\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32 .flotilla.v1.CheckInReply.Action\x12\x15\n\rretry_after_s\x18\x02 \x01(\x01\x12+\n\nassignment\x18\x03 \x01(\x0b\x32\x17.flotilla.v1.Assignment\x12\x11\n\ttask_json\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x11\n\tdevice_id\x18\x06 \x01(\t\"\'\n\x06\x41\x63tion\x12\x08\n\x04WAIT\x10\x00\x12\t\n\x05TRAIN\x10\x01\x12\x08\n\x04\x44ONE\x10\x02\"\"\n\x0f\x44ownloadRequest\x12\x0f\n\x07version\x18\x01 \x01(\x03\"P\n\nModelChunk\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\xb8\x01\n\x0cUploadHeader\x12\x0e\n\x06ticket\x18\x01 \x01(\t\x12\x14\n\x0c\x62\x61se_version\x18\x02 \x01(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\r\n\x05shape\x18\x04 \x03(\x03\x12\x14\n\x0cnum_examples\x18\x05 \x01(\x03\x12\x12\n\ntrain_loss\x18\x06 \x01(\x01\x12\x15\n\rexamples_seen\x18\x07 \x01(\x03\x12\r\n\x05steps\x18\x08 \x01(\x03\x12\x14\n\x0c\x65phemeral_pk\x18\t \x01(\x0c\"Q\n\nUploadPart\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.flotilla.v1.UploadHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"+\n\x0bUploadReply\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12\x0f\n\x07version\x18\x02 \x01(\x03\"\x0f\n\rStatusRequest\"\x1b\n\x0bStatusReply\x12\x0c\n\x04json\x18\x01 \x01(\t\"(\n\nSecAggBody\x12\x0c\n\x04json\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\xcc\x01\n\rSecAggRequest\x12\n\n\x02op\x18\x01 \x01(\t\x12\x0e\n\x06ticket\x18\x02 \x01(\t\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x03\x12\x12\n\ntrain_loss\x18\x04 \x01(\x01\x12\x15\n\rexamples_seen\x18\x05 \x01(\x03\x12$\n\x03msg\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0c\n\x04want\x18\x07 \x01(\t\x12\r\n\x05index\x18\x08 \x01(\x03\x12\r\n\x05\x63ount\x18\t \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\n \x01(\t\"\xc6\x01\n\x0bSecAggReply\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x15\n\rretry_after_s\x18\x03 \x01(\x01\x12\n\n\x02id\x18\x04 \x01(\x03\x12.\n\x06\x63onfig\x18\x05 \x01(\x0b\x32\x1e.flotilla.v1.SecAggRoundConfig\x12$\n\x03msg\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0f\n\x07version\x18\x07 \x01(\x03\x12\x0c\n\x04part\x18\x08 \x01(\x03\"\xff\x01\n\x11SecAggRoundConfig\x12\x0e\n\x06length\x18\x01 \x01(\x03\x12\x0e\n\x06\x63ohort\x18\x02 \x01(\x03\x12\x0c\n\x04\x62its\x18\x03 \x01(\x03\x12\x0e\n\x06\x64\x65gree\x18\x04 \x01(\x03\x12\x11\n\tthreshold\x18\x05 \x01(\x03\x12\x0f\n\x07session\x18\x06 \x01(\x0c\x12\x0c\n\x04\x63lip\x18\x07 \x01(\x01\x12\x12\n\nmax_weight\x18\x08 \x01(\x01\x12\x19\n\x11max_request_bytes\x18\t \x01(\x03\x12\x0f\n\x07\x64p_clip\x18\n \x01(\x01\x12\x0f\n\x07uniform\x18\x0b \x01(\x08\x12\x15\n\rquantize_bits\x18\x0c \x01(\x03\x12\x12\n\nstochastic\x18\r \x01(\x08\x32\xd1\x02\n\x08\x46lotilla\x12\x41\n\x07\x43heckIn\x12\x1b.flotilla.v1.CheckInRequest\x1a\x19.flotilla.v1.CheckInReply\x12\x43\n\x08\x44ownload\x12\x1c.flotilla.v1.DownloadRequest\x1a\x17.flotilla.v1.ModelChunk0\x01\x12=\n\x06Upload\x12\x17.flotilla.v1.UploadPart\x1a\x18.flotilla.v1.UploadReply(\x01\x12>\n\x06Status\x12\x1a.flotilla.v1.StatusRequest\x1a\x18.flotilla.v1.StatusReply\x12>\n\nSecAggStep\x12\x17.flotilla.v1.SecAggBody\x1a\x17.flotilla.v1.SecAggBodyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'flotilla_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CHECKINREQUEST']._serialized_start=31
-  _globals['_CHECKINREQUEST']._serialized_end=90
-  _globals['_ASSIGNMENT']._serialized_start=93
-  _globals['_ASSIGNMENT']._serialized_end=397
-  _globals['_CHECKINREPLY']._serialized_start=400
-  _globals['_CHECKINREPLY']._serialized_end=628
-  _globals['_CHECKINREPLY_ACTION']._serialized_start=589
-  _globals['_CHECKINREPLY_ACTION']._serialized_end=628
-  _globals['_DOWNLOADREQUEST']._serialized_start=630
-  _globals['_DOWNLOADREQUEST']._serialized_end=664
-  _globals['_MODELCHUNK']._serialized_start=666
-  _globals['_MODELCHUNK']._serialized_end=746
-  _globals['_UPLOADHEADER']._serialized_start=749
-  _globals['_UPLOADHEADER']._serialized_end=946
-  _globals['_UPLOADPART']._serialized_start=948
-  _globals['_UPLOADPART']._serialized_end=1029
-  _globals['_UPLOADREPLY']._serialized_start=1031
-  _globals['_UPLOADREPLY']._serialized_end=1074
-  _globals['_STATUSREQUEST']._serialized_start=1076
-  _globals['_STATUSREQUEST']._serialized_end=1091
-  _globals['_STATUSREPLY']._serialized_start=1093
-  _globals['_STATUSREPLY']._serialized_end=1120
-  _globals['_FLOTILLA']._serialized_start=1123
-  _globals['_FLOTILLA']._serialized_end=1396
+  _globals['_CHECKINREQUEST']._serialized_start=61
+  _globals['_CHECKINREQUEST']._serialized_end=120
+  _globals['_ASSIGNMENT']._serialized_start=123
+  _globals['_ASSIGNMENT']._serialized_end=381
+  _globals['_CHECKINREPLY']._serialized_start=384
+  _globals['_CHECKINREPLY']._serialized_end=612
+  _globals['_CHECKINREPLY_ACTION']._serialized_start=573
+  _globals['_CHECKINREPLY_ACTION']._serialized_end=612
+  _globals['_DOWNLOADREQUEST']._serialized_start=614
+  _globals['_DOWNLOADREQUEST']._serialized_end=648
+  _globals['_MODELCHUNK']._serialized_start=650
+  _globals['_MODELCHUNK']._serialized_end=730
+  _globals['_UPLOADHEADER']._serialized_start=733
+  _globals['_UPLOADHEADER']._serialized_end=917
+  _globals['_UPLOADPART']._serialized_start=919
+  _globals['_UPLOADPART']._serialized_end=1000
+  _globals['_UPLOADREPLY']._serialized_start=1002
+  _globals['_UPLOADREPLY']._serialized_end=1045
+  _globals['_STATUSREQUEST']._serialized_start=1047
+  _globals['_STATUSREQUEST']._serialized_end=1062
+  _globals['_STATUSREPLY']._serialized_start=1064
+  _globals['_STATUSREPLY']._serialized_end=1091
+  _globals['_SECAGGBODY']._serialized_start=1093
+  _globals['_SECAGGBODY']._serialized_end=1133
+  _globals['_SECAGGREQUEST']._serialized_start=1136
+  _globals['_SECAGGREQUEST']._serialized_end=1340
+  _globals['_SECAGGREPLY']._serialized_start=1343
+  _globals['_SECAGGREPLY']._serialized_end=1541
+  _globals['_SECAGGROUNDCONFIG']._serialized_start=1544
+  _globals['_SECAGGROUNDCONFIG']._serialized_end=1799
+  _globals['_FLOTILLA']._serialized_start=1802
+  _globals['_FLOTILLA']._serialized_end=2139
 # @@protoc_insertion_point(module_scope)

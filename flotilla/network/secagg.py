@@ -1,8 +1,13 @@
 """Synchronous secure aggregation over the network: the 4-round protocol of flotilla.secure.protocol
 between devices, relayed by the server, for ``mode: sync`` with ``secure_aggregation``.
 
-Transport: one unary RPC ``SecAggStep`` whose request and reply are JSON (UTF-8 bytes); protocol
-messages inside are encoded by :mod:`flotilla.secure.serialize` (strict, no pickle).  A device that
+Transport: one unary RPC ``SecAggStep`` whose request and reply are a ``SecAggBody`` protobuf
+(flotilla.proto): its ``json`` field is the request or reply as JSON, protocol messages inside
+encoded by :mod:`flotilla.secure.serialize` (strict, no pickle), and its ``data`` field carries the
+masked input's vector as raw little-endian bytes, ``bits`` bits per element packed.
+Earlier SDKs sent the bare JSON with the vector as base64 inside it (1.33x the bytes, and text for
+the server to scan and decode): the server still accepts that body, told apart by its first byte
+``{``, and answers it in kind (:func:`decode_body`, :func:`encode_reply`).  A device that
 holds a sync assignment (its check-in reply says ``secagg``) trains, then, instead of uploading its
 delta:
 
@@ -13,10 +18,11 @@ delta:
     masked    MaskedInput;     get request   -> UnmaskRequest
     unmask    UnmaskResponse;  get result    -> the new model version
 
-A request larger than the server's ``max_request_bytes`` (the masked input of a large model: about
-5.3 bytes per parameter) travels as ``part`` requests ``{ticket, index, count, data}`` whose
-``data`` are consecutive slices of the request's JSON text; the server reassembles them
-(:class:`RequestParts`) and answers the last part as it would the whole request.
+A request larger than the server's ``max_request_bytes`` (the masked input of a large model: 4
+bytes per parameter in a 32-bit ring) travels as ``part`` requests ``{ticket, index, count}`` whose
+``data`` are consecutive slices of the request's serialized SecAggBody (earlier SDKs: of its JSON
+text, in the JSON's ``data``); the server reassembles them (:class:`RequestParts`) and answers the
+last part as it would the whole request.
 
 ``get`` answers ``wait`` until the server closes the stage: when every device still in the protocol
 has answered, or ``secagg_stage_s`` after the stage opened (those that did not answer dropped out
@@ -25,7 +31,9 @@ first join).  Fewer than the threshold at any stage aborts the round
 (``abort``): no step, the model is unchanged, and a new selection starts for the same round.
 
 The device encodes ``(w / max_weight) * clip(delta)`` and the weight itself in Z_{2^bits}
-(:class:`~flotilla.secure.encoding.FixedPointEncoder`, as :class:`~flotilla.secure.aggregator.SecureAggregator`);
+(:class:`~flotilla.secure.encoding.FixedPointEncoder`, as :class:`~flotilla.secure.aggregator.SecureAggregator`;
+with ``channels.upload: quantize``, ``quantize_bits`` on the clip's grid into the narrow ring of
+:class:`~flotilla.secure.encoding.QuantizedEncoder`, flotilla/channels/ring.py);
 the server only ever holds the running sum of masked vectors, and after unmasking the weighted
 mean, which it applies with the ServerOptimizer as a plaintext round would.
 
@@ -48,10 +56,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from google.protobuf.message import DecodeError
 
+from flotilla.network import flotilla_pb2 as pb
 from flotilla.network.refusals import Refused
 from flotilla.network.tickets import Answer, Ticket
-from flotilla.secure.encoding import FixedPointEncoder
+from flotilla.secure.aggregator import encode_input
+from flotilla.secure.encoding import FixedPointEncoder, QuantizedEncoder
 from flotilla.secure.errors import ProtocolError, ReplayedMessage, SecAggAborted, TamperedMessage
 from flotilla.secure.messages import (
     AdvertiseKeys,
@@ -63,7 +74,7 @@ from flotilla.secure.messages import (
     UnmaskResponse,
 )
 from flotilla.secure.protocol import SecAggClient, SecAggConfig, SecAggServer
-from flotilla.secure.serialize import dumps, loads
+from flotilla.secure.serialize import dumps, dumps_raw, loads
 
 SECAGG_FLAG = "secagg"  # CheckInReply.message of a TRAIN reply: run the masking protocol, do not upload
 
@@ -78,6 +89,8 @@ class SecAggParams:
     degree: int | str | None = "auto"  # None: complete graph; "auto": SecAgg+ ~4 log2 n; or k
     threshold: int | None = None
     max_request_bytes: int = 4 * 2**20 - 1024  # larger requests travel in parts (below the gRPC message limit)
+    quantize_bits: int | None = None  # channels.upload quantize: b bits on the clip's grid, in the narrow ring
+    stochastic: bool = True  # with quantize_bits: stochastic rounding
 
     def __post_init__(self):
         if not (math.isfinite(self.clip) and self.clip > 0):
@@ -86,6 +99,14 @@ class SecAggParams:
             raise ValueError(f"secure_aggregation.max_weight: must be positive, got {self.max_weight}")
         if self.max_request_bytes < 1:
             raise ValueError(f"network.max_message_mb: leaves no room for a request ({self.max_request_bytes} B)")
+        if self.quantize_bits is not None:
+            QuantizedEncoder(self.clip, 1, self.quantize_bits)  # checks the bits
+
+    def encoder(self, slots: int) -> FixedPointEncoder | QuantizedEncoder:
+        """The round's encoding for ``slots`` protocol slots (the most summands)."""
+        if self.quantize_bits is None:
+            return FixedPointEncoder(self.clip, slots, self.bits)
+        return QuantizedEncoder(self.clip, slots, self.quantize_bits, self.stochastic)
 
 
 def _config_json(cfg: SecAggConfig, p: SecAggParams, dp_clip: float | None = None) -> dict[str, Any]:
@@ -100,23 +121,59 @@ def _config_json(cfg: SecAggConfig, p: SecAggParams, dp_clip: float | None = Non
         "max_weight": p.max_weight,
         "max_request_bytes": p.max_request_bytes,
         "dp_clip": dp_clip,
+        **({"quantize_bits": p.quantize_bits, "stochastic": p.stochastic} if p.quantize_bits is not None else {}),
     }
+
+
+# -- the body of a SecAggStep call ------------------------------------------------------------------
+def encode_body(req: dict[str, Any], data: bytes | memoryview = b"") -> bytes:
+    """A request (or reply) as it travels: a SecAggBody with the JSON and the raw bytes."""
+    return pb.SecAggBody(json=json.dumps(req), data=bytes(data)).SerializeToString()
+
+
+def decode_body(body: bytes) -> tuple[dict[str, Any] | None, bool]:
+    """``(request, legacy)`` of a SecAggStep body: a SecAggBody (its ``data``, if any, becomes the
+    request's ``"data"``; its JSON then has none of its own), or the bare JSON of SDKs before
+    SecAggBody (``legacy``); request None if it is neither."""
+    legacy = body[:1] == b"{"
+    try:
+        if legacy:
+            return json.loads(body), True
+        msg = pb.SecAggBody.FromString(body)
+        req = json.loads(msg.json)
+    except (ValueError, UnicodeDecodeError, DecodeError):
+        return None, legacy
+    if not isinstance(req, dict) or (msg.data and "data" in req):
+        return None, False
+    if msg.data:
+        req["data"] = msg.data
+    return req, False
+
+
+def encode_reply(reply: dict[str, Any], legacy: bool) -> bytes:
+    return json.dumps(reply).encode() if legacy else encode_body(reply)
+
+
+def decode_reply(body: bytes) -> dict[str, Any]:
+    return json.loads(pb.SecAggBody.FromString(body).json)
 
 
 class RequestParts:
     """Reassembles the requests devices split into ``part`` requests, one pending request per device.
 
-    Bounded: a request may hold at most ``max_chars`` characters (the largest message the round can
-    need), and a device has one request pending at a time (index 0 starts it anew).  A malformed
-    part is refused with a ValueError and ends the device's pending request (it starts over with
-    part 0, which the server's rate limit counts); nothing else changes."""
+    Bounded: a request may hold at most ``max_chars`` characters or bytes (the largest message the
+    round can need), and a device has one request pending at a time (index 0 starts it anew).  The
+    parts of one request are all bytes (slices of a SecAggBody) or all text (earlier SDKs' bare JSON).
+    A malformed part is refused with a ValueError and ends the device's pending request (it starts
+    over with part 0, which the server's rate limit counts); nothing else changes."""
 
     def __init__(self, max_chars: int):
         self.max_chars = max_chars
-        self.pending: dict[str, tuple[str, int, list[str], int]] = {}  # device -> (ticket id, count, parts, chars)
+        self.pending: dict[str, tuple[str, int, list, int]] = {}  # device -> (ticket id, count, parts, size)
 
-    def add(self, device: str, ticket_id: str, req: dict[str, Any]) -> str | None:
-        """Take one part; returns the whole request's JSON text once its last part arrived, else None."""
+    def add(self, device: str, ticket_id: str, req: dict[str, Any]) -> str | bytes | None:
+        """Take one part; returns the whole request (its SecAggBody bytes, or earlier SDKs' JSON
+        text) once its last part arrived, else None."""
         try:
             return self._add(device, ticket_id, req)
         except ValueError:
@@ -130,11 +187,11 @@ class RequestParts:
             or isinstance(index, bool)
             or not isinstance(count, int)
             or isinstance(count, bool)
-            or not isinstance(data, str)
+            or not isinstance(data, str | bytes)
             or not 0 <= index < count
             or not 2 <= count <= self.max_chars
         ):
-            raise ValueError("part: expected {index: 0..count-1, count: >= 2, data: a string}")
+            raise ValueError("part: expected {index: 0..count-1, count: >= 2, data: bytes or a string}")
         if index == 0:
             ticket, parts, chars = ticket_id, [], 0
         else:
@@ -145,6 +202,8 @@ class RequestParts:
                 raise ValueError(
                     f"part {index} of {count}: expected part {len(parts)} of {expect} of the same assignment"
                 )
+            if type(data) is not type(parts[0]):
+                raise ValueError(f"part {index} of {count}: parts of one request are all bytes or all text")
         if chars + len(data) > self.max_chars:
             raise ValueError(
                 f"part {index} of {count}: the request is larger than the {self.max_chars} characters this round needs"
@@ -154,10 +213,29 @@ class RequestParts:
             self.pending[device] = (ticket, count, parts, chars + len(data))
             return None
         self.pending.pop(device, None)
-        return "".join(parts)
+        return parts[0][:0].join(parts)
+
+
+def split_body(req: dict[str, Any], data: bytes | memoryview, max_bytes: int) -> list[bytes]:
+    """``req`` (with raw ``data``) as it travels: one SecAggBody if it fits in ``max_bytes``, else
+    ``part`` bodies carrying consecutive slices of that body."""
+    body = encode_body(req, data)
+    if len(body) <= max_bytes:
+        return [body]
+    frame = len(encode_body({"op": "part", "ticket": req["ticket"], "index": 10**9, "count": 10**9}, b"x" * 2**21))
+    budget = max_bytes - (frame - 2**21)
+    if budget < 64:
+        raise ValueError(f"secure aggregation: max_request_bytes={max_bytes} leaves no room for a part")
+    view = memoryview(body)
+    slices = [view[i : i + budget] for i in range(0, len(body), budget)]
+    return [
+        encode_body({"op": "part", "ticket": req["ticket"], "index": k, "count": len(slices)}, d)
+        for k, d in enumerate(slices)
+    ]
 
 
 def split_request(req: dict[str, Any], max_bytes: int) -> list[dict[str, Any]]:
+    """Earlier SDKs: ``req`` as bare JSON, itself if it fits in ``max_bytes``, else ``part`` requests."""
     """``req`` as it travels: itself if its JSON fits in ``max_bytes``, else ``part`` requests that do."""
     text = json.dumps(req)
     if len(text.encode()) <= max_bytes:
@@ -191,11 +269,11 @@ class SecAggRound:
         self.params = params
         self.dp_clip = dp_clip  # user-level DP: devices clip their delta to this L2 norm
         self.version = version
+        self.encoder = params.encoder(slots)
         self.config = SecAggConfig(
-            length=numel + 1, cohort=slots, bits=params.bits, degree=degree, threshold=params.threshold
+            length=numel + 1, cohort=slots, bits=self.encoder.bits, degree=degree, threshold=params.threshold
         )
         self.server = SecAggServer(self.config)
-        self.encoder = FixedPointEncoder(params.clip, slots, params.bits)
         self.ids: dict[str, int] = {}  # device -> protocol id (1..slots)
         self.meta: dict[int, dict[str, Any]] = {}  # id -> num_examples, train_loss, examples_seen, ticket
         self.opened = now  # when the current stage opened (advertise: first join)
@@ -203,7 +281,8 @@ class SecAggRound:
         self.bundles: dict[int, ShareBundle] | None = None
         self.request: UnmaskRequest | None = None
         self.aborted: str | None = None
-        # the largest request of the round is the masked input: base64 of length x itemsize bytes
+        # the largest request of the round is the masked input: at most (earlier SDKs) base64 of
+        # length x itemsize bytes; its raw bytes are fewer
         itemsize = np.dtype(self.encoder.dtype).itemsize
         self.parts = RequestParts(4 * -(-self.config.length * itemsize // 3) + 65536)
 
@@ -213,6 +292,11 @@ class SecAggRound:
 
     def config_json(self) -> dict[str, Any]:
         return _config_json(self.config, self.params, self.dp_clip)
+
+    @property
+    def masked_input_bytes(self) -> int:
+        """Bytes of one masked input's vector on the wire: ``length`` ring elements of ``bits`` bits."""
+        return -(-self.config.length * self.config.bits // 8)
 
     def advance(self, now: float, stage_s: float, cohort: int) -> bool:
         """Close the current stage if it is due.  Returns True when the round is ready to finish.
@@ -241,8 +325,9 @@ class SecAggRound:
         """(weighted mean of the survivors' clipped deltas, sum of their weights).  With user-level
         DP (``noise_fn``, weights 1): the noised sum divided by ``denominator``, the expected cohort
         (DP-FedAvg's release, as flotilla.secure.SecureAggregator does in the simulator)."""
+        n = len(self.server.u3)
         total = self.server.finish()
-        dec = self.encoder.decode(total)
+        dec = self.encoder.decode_sum(total, n)
         weight_sum = float(dec[-1]) / self.encoder.clip
         if not weight_sum > 0:
             raise SecAggAborted("secure aggregation: the unmasked weight sum is not positive")
@@ -269,11 +354,14 @@ def run_device(
     *,
     poll_s: float = 0.05,
     stop_after: str | None = None,
+    send_body: Callable[[bytes], dict[str, Any]] | None = None,
 ) -> int:
     """Run this device's part of a secure round; returns the server's model version afterwards.
 
-    ``call`` sends one SecAggStep request (a dict) and returns the reply dict.  ``stop_after``
-    (tests) names the op after which the device vanishes, e.g. ``"masked"``."""
+    ``call(request, data)`` sends one SecAggStep request (a dict, and the raw bytes of a masked
+    input) and returns the reply dict; ``send_body(body)``, if given, sends a body already encoded
+    (the requests of a masked input, whole or in parts), else they go through ``call`` too.
+    ``stop_after`` (tests) names the op after which the device vanishes, e.g. ``"masked"``."""
 
     def get(want: str) -> dict[str, Any]:
         while True:
@@ -285,8 +373,15 @@ def run_device(
             time.sleep(min(float(r.get("retry_after_s", poll_s)), 1.0))
 
     def send(op: str, msg) -> bool:
-        for req in split_request({"op": op, "ticket": ticket, "msg": dumps(msg)}, max_request):
-            r = call(req)
+        obj, data = dumps_raw(msg, cfg.bits) if op == "masked" else (dumps(msg), b"")
+        req = {"op": op, "ticket": ticket, "msg": obj}
+        bodies = split_body(req, data, max_request)
+        for body in bodies:
+            if send_body is not None:
+                r = send_body(body)
+            else:
+                whole, _ = decode_body(body)
+                r = call({k: v for k, v in whole.items() if k != "data"}, whole.get("data", b""))
             if r["status"] == "abort":
                 break
         if r["status"] == "abort":
@@ -319,7 +414,15 @@ def run_device(
             f"secure aggregation: the server expects {cfg.length - 1} weights, this delta has {delta.numel()}"
         )
     client = SecAggClient(int(r["id"]), cfg)
-    enc = FixedPointEncoder(float(c["clip"]), cfg.cohort, cfg.bits)
+    qbits = c.get("quantize_bits")
+    if qbits is None:
+        enc = FixedPointEncoder(float(c["clip"]), cfg.cohort, cfg.bits)
+    else:  # channels.upload quantize: onto the clip's grid, into the narrow ring (flotilla/channels/ring.py)
+        enc = QuantizedEncoder(float(c["clip"]), cfg.cohort, int(qbits), bool(c.get("stochastic", True)))
+        if enc.bits != cfg.bits:
+            raise ValueError(
+                f"secure aggregation: {qbits}-bit values need a {enc.bits}-bit ring, the server says {cfg.bits}"
+            )
     weight = 1.0 if c.get("uniform") else float(weight)
     if c.get("dp_clip"):  # user-level DP: this device's contribution to the sum has L2 norm <= S
         delta = delta * min(1.0, float(c["dp_clip"]) / max(float(delta.norm()), 1e-12))
@@ -331,8 +434,12 @@ def run_device(
         return -1
     bundle = loads(get("bundle")["msg"], ShareBundle)
     ring = np.empty(cfg.length, enc.dtype)
-    ring[:-1] = enc.encode(delta.detach().numpy(), factor)
-    ring[-1] = enc.encode([enc.clip], factor)[0]  # the weight travels masked too
+    if qbits is None:
+        ring[:-1] = enc.encode(delta.detach().numpy(), factor)
+        ring[-1] = enc.encode([enc.clip], factor)[0]  # the weight travels masked too
+    else:  # stochastic rounding from fresh entropy; under DP what it encodes stays within dp_clip
+        dp_clip = float(c["dp_clip"]) if c.get("dp_clip") else None
+        encode_input(enc, delta.detach(), factor, dp_clip, ring, np.random.default_rng())
     if send("masked", client.masked_input(bundle, ring)):
         return -1
     request = loads(get("request")["msg"], UnmaskRequest)
@@ -460,10 +567,12 @@ class SecAggRelay:
                     return {"status": "ok", "part": req["index"]}
                 outer = req["ticket"]
                 try:
-                    req = json.loads(text)
+                    req = json.loads(text) if isinstance(text, str) else decode_body(text)[0]
                 except ValueError:
+                    req = None
+                if req is None:
                     raise Refused(
-                        "INVALID_ARGUMENT", "invalid", "SecAggStep: the reassembled parts are not JSON"
+                        "INVALID_ARGUMENT", "invalid", "SecAggStep: the reassembled parts are not a request"
                     ) from None
                 if not isinstance(req, dict) or req.get("ticket") != outer or req.get("op") not in MESSAGES:
                     raise Refused(
@@ -498,7 +607,10 @@ class SecAggRelay:
                 return {"status": "ok", "msg": dumps(msg)}
             cls = MESSAGES[op]
             try:
-                msg = loads(req.get("msg"), cls, length=r.config.length)
+                data = req.get("data") if op == "masked" else None  # the vector's raw bytes
+                if data is not None and not isinstance(data, bytes):
+                    raise ProtocolError("MaskedInput: its vector travels as raw bytes in SecAggBody.data")
+                msg = loads(req.get("msg"), cls, length=r.config.length, raw=data, bits=r.config.bits)
                 if msg.sender != me:
                     raise Refused(
                         "PERMISSION_DENIED",

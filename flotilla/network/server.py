@@ -200,6 +200,7 @@ class FlotillaServer:
             user_level=privacy,
             secure=secure_buffer or secure_masking is not None,
             scaffold=self.scaffold,
+            masked=secure_masking,  # sync masking: an upload quantize runs in the ring (flotilla/channels/ring.py)
         )
         if self.channels is not None:
             self.client_json = json.dumps({**json.loads(self.client_json), "channels": self.channels.assignment})
@@ -561,13 +562,13 @@ class FlotillaServer:
         return reply
 
     async def secagg_step(self, request: bytes, context) -> bytes:
-        """Sync secure aggregation: one protocol step (JSON in, JSON out; see flotilla.network.secagg)."""
+        """Sync secure aggregation: one protocol step (a SecAggBody, or older SDKs' JSON; flotilla.network.secagg)."""
+        from flotilla.network.secagg import decode_body, encode_reply
+
         who = await self._identify(context, rate_limited=False)
+        legacy = True
         try:
-            try:
-                req = json.loads(request)
-            except (ValueError, UnicodeDecodeError):
-                req = None
+            req, legacy = decode_body(request)
             # a request sent in parts counts once against the rate limit (its first part); the parts
             # that follow are bounded by the round's largest message, and a refused one ends the request
             # (flotilla.network.secagg.RequestParts), so only the next part 0 can start another
@@ -579,11 +580,11 @@ class FlotillaServer:
             ):
                 await self._rate_limit(context, who)
             if req is None:
-                raise Refused("INVALID_ARGUMENT", "invalid", "SecAggStep: the request is not JSON")
+                raise Refused("INVALID_ARGUMENT", "invalid", "SecAggStep: the request is not a SecAggBody or JSON")
             reply = await asyncio.shield(self.coord.secagg_step(who.device, req))
         except Refused as e:
             await self._refuse(context, e, who.device)
-        return json.dumps(reply).encode()
+        return encode_reply(reply, legacy)
 
     async def download(self, request: pb.DownloadRequest, context):
         who = await self._identify(context)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from flotilla.core.aggregate import Aggregator, UpdateRejected, check_update
-from flotilla.secure.encoding import FixedPointEncoder
+from flotilla.secure.encoding import FixedPointEncoder, QuantizedEncoder
 from flotilla.secure.errors import SecAggAborted
 from flotilla.secure.graph import default_degree
 from flotilla.secure.prg import PRG
@@ -66,11 +66,19 @@ class DropoutSim:
 
 
 def encode_input(
-    encoder: FixedPointEncoder, delta: torch.Tensor, factor: float, l2_clip: float | None, out: np.ndarray
-) -> tuple[int, int]:
+    encoder: FixedPointEncoder | QuantizedEncoder,
+    delta: torch.Tensor,
+    factor: float,
+    l2_clip: float | None,
+    out: np.ndarray,
+    rng: np.random.Generator | None = None,
+) -> tuple[int, int, int]:
     """A client's protocol input into ``out`` (``numel + 1`` ring elements): ``factor * delta`` encoded
     (first scaled to L2 norm <= ``l2_clip`` if set), then ``factor`` itself (the weight travels masked
-    too).  Returns (coordinates outside [-clip, clip], 1 if the delta was L2-clipped else 0)."""
+    too).  Returns (coordinates outside [-clip, clip], 1 if the delta was L2-clipped else 0, 1 if a
+    quantised encoding fell back to rounding toward zero to stay within ``l2_clip`` else 0).
+    A :class:`QuantizedEncoder` rounds stochastically with ``rng``; with ``l2_clip`` what it encodes
+    keeps L2 norm <= l2_clip (:meth:`QuantizedEncoder.encode_bounded`), so DP's sensitivity is unchanged."""
     d = delta.detach().cpu().numpy()
     l2_clipped = 0
     if l2_clip is not None:  # client side: bound the update's L2 norm first
@@ -79,9 +87,25 @@ def encode_input(
             d = d * np.float32(l2_clip / norm)
             l2_clipped = 1
     clipped = int(np.count_nonzero(np.abs(d) > encoder.clip))
+    if isinstance(encoder, QuantizedEncoder):
+        fell_back = False
+        if l2_clip is not None:
+            out[:-1], fell_back = encoder.encode_bounded(d, l2_clip, factor, rng)
+        else:
+            out[:-1] = encoder.encode(d, factor, rng)
+        out[-1] = encoder.encode([encoder.clip], factor, rng)[0]
+        return clipped, l2_clipped, int(fell_back)
     out[:-1] = encoder.encode(d, factor)
     out[-1] = encoder.encode([encoder.clip], factor)[0]
-    return clipped, l2_clipped
+    return clipped, l2_clipped, 0
+
+
+def rounding_rng(session_seed: int | None, round_: int, slot: int) -> np.random.Generator:
+    """A client's stochastic rounding into a quantised ring: replayable from (session_seed, round, slot)
+    in the simulator (any runtime draws the same), fresh entropy when session_seed is None."""
+    if session_seed is None:
+        return np.random.default_rng()
+    return np.random.default_rng([int(session_seed) & (2**63 - 1), 0x51A6, round_, slot])
 
 
 class SecureAggregator(Aggregator):
@@ -104,7 +128,12 @@ class SecureAggregator(Aggregator):
     session_seed: simulation only: derive each round's session id from (session_seed, round) instead
                 of os.urandom, so the SecAgg+ graph, and with dropouts whether a round aborts, replays
                 exactly.  Keys and masks stay random (they never change the sum).  A deployment keeps
-                the fresh random session.
+                the fresh random session.  With ``quantize_bits`` it also seeds each client's stochastic
+                rounding (session_seed, round, slot).
+    quantize_bits: ``channels.upload: quantize`` under secure aggregation: clients quantise to this many
+                bits on the grid the clip sets (shared by all), into Z_{2^(bits + ceil(log2 cohort))}
+                (:class:`~flotilla.secure.encoding.QuantizedEncoder`); ``bits`` is then that ring's width.
+    stochastic: with quantize_bits: stochastic rounding (unbiased); False rounds to nearest.
     """
 
     def __init__(
@@ -123,6 +152,8 @@ class SecureAggregator(Aggregator):
         l2_clip: float | None = None,
         denominator: float | None = None,
         session_seed: int | None = None,
+        quantize_bits: int | None = None,
+        stochastic: bool = True,
     ):
         if not (math.isfinite(max_weight) and max_weight > 0):
             raise ValueError(f"max_weight: must be a positive finite number, got {max_weight}")
@@ -135,8 +166,11 @@ class SecureAggregator(Aggregator):
         self.max_weight = float(max_weight)
         self.degree = default_degree(cohort) if degree == "auto" else degree
         self.threshold = threshold
-        self.bits = bits
-        self.encoder = FixedPointEncoder(clip, cohort, bits)
+        if quantize_bits is None:
+            self.encoder = FixedPointEncoder(clip, cohort, bits)
+        else:
+            self.encoder = QuantizedEncoder(clip, cohort, quantize_bits, stochastic)
+        self.bits = self.encoder.bits
         self.dropout = dropout or DropoutSim()
         self.noise_fn = noise_fn
         self.validate = validate
@@ -162,6 +196,7 @@ class SecureAggregator(Aggregator):
         self.dropped: dict = {}  # client id -> stage it dropped at
         self.clipped = 0
         self.l2_clipped = 0  # updates scaled down to l2_clip this round
+        self.fallbacks = 0  # quantised updates rounded toward zero to stay within l2_clip
         self._timing0 = dict(self.timing)
 
     @property
@@ -220,9 +255,12 @@ class SecureAggregator(Aggregator):
         if slot is None:
             return
         t0 = time.perf_counter()
-        clipped, l2_clipped = encode_input(self.encoder, delta, weight / self.max_weight, self.l2_clip, self._ring)
+        clipped, l2_clipped, fell_back = encode_input(
+            self.encoder, delta, weight / self.max_weight, self.l2_clip, self._ring, self.rounding(slot)
+        )
         self.clipped += clipped
         self.l2_clipped += l2_clipped
+        self.fallbacks += fell_back
         msg = self._clients[slot].masked_input(self._bundles[slot], self._ring)
         self.timing["client_s"] += time.perf_counter() - t0
         self._timed("server_s", self._server.receive_masked_input, msg)
@@ -276,13 +314,27 @@ class SecureAggregator(Aggregator):
         """An admitted client whose input never came (its training failed): a dropout before sending."""
         self.dropped[self._slots[slot]] = stage
 
-    def receive_masked_sum(self, slots: list[int], total: np.ndarray, clipped: int = 0, l2_clipped: int = 0) -> None:
+    def receive_masked_sum(
+        self, slots: list[int], total: np.ndarray, clipped: int = 0, l2_clipped: int = 0, fallbacks: int = 0
+    ) -> None:
         """The sum mod 2^bits of the masked inputs of the admitted ``slots``, with the clients' clip counts."""
         self._timed("server_s", self._server.receive_masked_sum, self._server.config.session, slots, total)
         for slot in sorted(slots):
             self._include(slot)
         self.clipped += clipped
         self.l2_clipped += l2_clipped
+        self.fallbacks += fallbacks
+
+    def rounding(self, slot: int) -> np.random.Generator | None:
+        """The stochastic rounding of the client in ``slot`` this round (quantised rings only)."""
+        if not isinstance(self.encoder, QuantizedEncoder) or not self.encoder.stochastic:
+            return None
+        return rounding_rng(self.session_seed, self.rounds, slot)
+
+    @property
+    def upload_bytes(self) -> int:
+        """Bytes of one masked input on the wire: numel + 1 ring elements of ``bits`` bits, packed."""
+        return -(-(self.numel + 1) * self.bits // 8)
 
     def result(self) -> torch.Tensor:
         if self._done:
@@ -303,8 +355,12 @@ class SecureAggregator(Aggregator):
             self._aborted = e  # every later call reports the same abort
             self._clients, self._bundles = {}, {}
             raise
-        dec = self.encoder.decode(total)
+        dec = self.encoder.decode_sum(total, self.count)
         weight_sum = dec[-1] / self.encoder.clip  # sum_i w_i / max_weight
+        if self.denominator is None and not weight_sum > 0:  # (quantised weights far below max_weight)
+            raise SecAggAborted(
+                "secure aggregation: the unmasked weight sum is not positive (raise the weights' share of max_weight)"
+            )
         s = torch.from_numpy(dec[:-1]).to(torch.float32)
         if self.noise_fn is not None:
             s = self.noise_fn(s)
@@ -341,6 +397,11 @@ class SecureAggregator(Aggregator):
         }
         if self.l2_clip is not None:
             out["secagg_l2_clipped"] = self.l2_clipped
+        if isinstance(self.encoder, QuantizedEncoder):  # channels.upload: quantize, in the ring
+            out["secagg_ring_bits"] = self.bits
+            out["secagg_upload_bytes"] = self.upload_bytes  # one masked input, packed
+            if self.l2_clip is not None:
+                out["secagg_ring_fallbacks"] = self.fallbacks
         return out
 
     def state_dict(self) -> dict[str, torch.Tensor]:

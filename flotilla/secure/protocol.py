@@ -24,6 +24,7 @@ import numpy as np
 
 from flotilla.secure import keys as K
 from flotilla.secure import shamir
+from flotilla.secure.encoding import container
 from flotilla.secure.errors import ProtocolError, ReplayedMessage, SecAggAborted, TamperedMessage
 from flotilla.secure.graph import neighbours
 from flotilla.secure.messages import (
@@ -47,7 +48,9 @@ class SecAggConfig:
 
     length:    ring elements per input vector.
     cohort:    clients invited (n); sets the default threshold and bounds the participants.
-    bits:      the ring is Z_{2^bits} (32 or 64).
+    bits:      the ring is Z_{2^bits}: 32 or 64 (fixed point), or any width 2..64 (a quantised ring,
+               flotilla.secure.encoding.QuantizedEncoder), held in the narrowest unsigned numpy type;
+               every party reduces its vectors mod 2^bits (a masked input never has higher bits set).
     degree:    None: every pair of clients masks (Bonawitz). k: SecAgg+, each client masks with and
                shares its secrets among k graph neighbours (rounded up to even; >= n-1 means all).
     threshold: shares needed to reconstruct a secret (t). Default: a strict majority of a client's
@@ -67,8 +70,8 @@ class SecAggConfig:
             raise ValueError(f"length: must be >= 1, got {self.length}")
         if self.cohort < 2:
             raise ValueError(f"cohort: secure aggregation needs >= 2 clients, got {self.cohort}")
-        if self.bits not in (32, 64):
-            raise ValueError(f"bits: must be 32 or 64, got {self.bits}")
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 64:
+            raise ValueError(f"bits: must be an int in 2..64, got {self.bits!r}")
         if self.degree is not None and self.degree < 1:
             raise ValueError(f"degree: must be >= 1 or None, got {self.degree}")
         if not 1 <= self.t <= self.neighbourhood:
@@ -78,7 +81,18 @@ class SecAggConfig:
 
     @property
     def dtype(self) -> np.dtype:
-        return np.dtype(np.uint32 if self.bits == 32 else np.uint64)
+        return np.dtype(container(self.bits))
+
+    @property
+    def narrow(self) -> bool:
+        """True when the ring is narrower than its numpy type (vectors need reducing mod 2^bits)."""
+        return self.bits < 8 * self.dtype.itemsize
+
+    def reduce(self, v: np.ndarray) -> np.ndarray:
+        """``v`` mod 2^bits, in place (a ring as wide as its type wraps by itself)."""
+        if self.narrow:
+            np.bitwise_and(v, self.dtype.type((1 << self.bits) - 1), out=v)
+        return v
 
     @property
     def sparse(self) -> bool:
@@ -198,9 +212,11 @@ class SecAggClient:
         senders = self._check_bundle(bundle)
         if not isinstance(x, np.ndarray) or x.dtype != cfg.dtype or x.shape != (cfg.length,):
             raise ProtocolError(f"{self._who}: input must be a ({cfg.length},) {cfg.dtype} ring vector")
+        if cfg.narrow and int(x.max(initial=0)) >> cfg.bits:
+            raise ProtocolError(f"{self._who}: input has values outside Z_2^{cfg.bits}")
         y = x.copy()
         add_masks(y, self._open(bundle, senders), self._prg or PRG(cfg.length, cfg.dtype))
-        return MaskedInput(cfg.session, self.id, y)
+        return MaskedInput(cfg.session, self.id, cfg.reduce(y))
 
     def mask_seeds(self, bundle: ShareBundle) -> list[tuple[bytes, int]]:
         """Round 2 without the input: the seeds of this client's masks, ``[(b_u, +1), (s_uv, +1 if v > u
@@ -377,6 +393,8 @@ class SecAggServer:
         y = msg.y
         if not isinstance(y, np.ndarray) or y.dtype != cfg.dtype or y.shape != (cfg.length,):
             raise ProtocolError(f"server: masked input from client {u} is not a ({cfg.length},) {cfg.dtype} vector")
+        if cfg.narrow and int(y.max(initial=0)) >> cfg.bits:
+            raise ProtocolError(f"server: masked input from client {u} has values outside Z_2^{cfg.bits}")
         np.add(self._sum, y, out=self._sum)  # only the running sum is kept
         self._masked.add(u)
 
@@ -476,4 +494,4 @@ class SecAggServer:
                 prg.add_into(total, seed, -1 if u > v else +1)  # undo v's term for the dropped u
         self.stage = "done"
         self._sum = None
-        return total
+        return cfg.reduce(total)

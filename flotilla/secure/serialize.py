@@ -1,7 +1,9 @@
 """An explicit, strict JSON encoding of the protocol messages (flotilla.secure.messages) for untrusted
 transports: no pickle, no classes named by the input.  Bytes travel as base64 strings, ``dict[int, ...]``
 keys as decimal strings, pairs as 2-lists, sets as sorted lists, ring vectors as
-``{"dtype": "uint32"|"uint64", "b64": ...}`` (little-endian).
+``{"dtype": "uint32"|"uint64", "b64": ...}`` (little-endian), or with ``raw`` (:func:`dumps_raw`) as
+``{"dtype": ..., "bits": r}`` with the vector's bytes beside the JSON, ``r`` bits per element packed
+(:mod:`flotilla.secure.packing`): no base64 (1.33x the bytes) and no text to scan.
 
 ``loads(obj, cls)`` checks every field's type and rejects extra or missing keys with
 :class:`~flotilla.secure.errors.ProtocolError`; semantic checks stay with the state machines.
@@ -16,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from flotilla.secure import packing
 from flotilla.secure.errors import ProtocolError
 from flotilla.secure.messages import (
     AdvertiseKeys,
@@ -73,6 +76,18 @@ def dumps(msg) -> dict[str, Any]:
     return out
 
 
+def dumps_raw(msg, bits: int) -> tuple[dict[str, Any], bytes | memoryview]:
+    """``(JSON-able dict, raw bytes)`` of a message with a ring vector (MaskedInput): the vector as
+    ``bits``-bit packed little-endian bytes outside the JSON."""
+    vec = [name for name, kind in _KINDS.get(type(msg), {}).items() if kind == "V"]
+    if len(vec) != 1:
+        raise TypeError(f"not a secure-aggregation message with a ring vector: {type(msg).__name__}")
+    v = getattr(msg, vec[0])
+    out = dumps(type(msg)(**{**{f.name: getattr(msg, f.name) for f in fields(msg)}, vec[0]: v[:0]}))
+    out[vec[0]] = {"dtype": str(v.dtype), "bits": int(bits)}
+    return out, packing.pack(v, bits)
+
+
 def _err(cls, name: str, why: str) -> ProtocolError:
     return ProtocolError(f"{cls.__name__}.{name}: {why}")
 
@@ -98,9 +113,19 @@ def _key(cls, name, k) -> int:
     return _id(cls, name, int(k))
 
 
-def loads(obj: Any, cls: type, *, max_bytes: int = 1 << 16, length: int | None = None):
+def loads(
+    obj: Any,
+    cls: type,
+    *,
+    max_bytes: int = 1 << 16,
+    length: int | None = None,
+    raw: bytes | None = None,
+    bits: int | None = None,
+):
     """The message of type ``cls`` encoded in ``obj`` (from json.loads of untrusted input).
-    ``max_bytes`` bounds each bytes field; ``length`` is the ring vector length MaskedInput must have."""
+    ``max_bytes`` bounds each bytes field; ``length`` is the ring vector length MaskedInput must have.
+    ``raw``: the bytes of a ring vector sent beside the JSON (:func:`dumps_raw`), which must be
+    ``length`` elements of exactly ``bits`` bits (the round's ring)."""
     kinds = _KINDS.get(cls)
     if kinds is None:
         raise TypeError(f"not a secure-aggregation message class: {cls!r}")
@@ -130,6 +155,16 @@ def loads(obj: Any, cls: type, *, max_bytes: int = 1 << 16, length: int | None =
             if not isinstance(v, list):
                 raise _err(cls, name, "expected a list of client ids")
             vals[name] = frozenset(_id(cls, name, x) for x in v)
+        elif raw is not None:  # V, its bytes beside the JSON
+            dt = np.dtype(packing.container(bits)) if bits is not None else None
+            if not isinstance(v, dict) or set(v) != {"dtype", "bits"} or dt is None or v["dtype"] != str(dt):
+                raise _err(cls, name, f"expected {{dtype: {dt}, bits: {bits}}} with the vector's raw bytes")
+            if v["bits"] != bits or length is None:
+                raise _err(cls, name, f"this round's ring has {bits} bits per element, got {v['bits']!r}")
+            try:
+                vals[name] = packing.unpack(raw, length, bits)
+            except ValueError as e:
+                raise _err(cls, name, str(e)) from None
         else:  # V
             if not isinstance(v, dict) or set(v) != {"dtype", "b64"} or v["dtype"] not in ("uint32", "uint64"):
                 raise _err(cls, name, "expected {dtype: uint32|uint64, b64}")

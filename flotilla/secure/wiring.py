@@ -119,6 +119,14 @@ class SecureDPMechanism:
         return self._metrics()
 
 
+def _ring_quantize(channels):
+    if channels is None:
+        return None
+    from flotilla.channels.ring import ring_quantize
+
+    return ring_quantize(channels)
+
+
 def _noise(user, plan, seed: int):
     from flotilla.privacy import GaussianSumNoise
 
@@ -137,8 +145,10 @@ class SecureParts:
     secure component installs the DP mechanism the privacy wrapper meters (``privacy.mechanism``).
     """
 
-    def __init__(self, spec: SecureAggregationSpec | Mapping[str, Any], shape: Shape, privacy=None):
+    def __init__(self, spec: SecureAggregationSpec | Mapping[str, Any], shape: Shape, privacy=None, channels=None):
         self.spec = spec = SecureAggregationSpec.from_dict(spec, seed=shape.seed)
+        # channels.upload: quantize runs in the ring (flotilla.channels.ring; it refuses the rest)
+        self.quantize = _ring_quantize(channels) if shape.aggregation == "round" else None
         self.shape, self.privacy = shape, privacy
         self.user = privacy.spec.user_level if privacy is not None and privacy.plan is not None else None
         if self.user is not None and self.user.adaptive_clipping is not None:
@@ -182,6 +192,8 @@ class SecureParts:
             dropout=spec.dropout,
             session_seed=shape.seed,
         )  # the simulator replays rounds exactly (see SecureAggregator)
+        if self.quantize is not None:
+            common.update(quantize_bits=self.quantize[0], stochastic=self.quantize[1])
         if user is not None:
             if user.sampling == "poisson":
                 raise ValueError(

@@ -10,7 +10,9 @@ training and sending moves to the actor that trains it:
   (``SecureAggregator.admit``: the self-mask seed and its pairwise seeds, what that client alone
   holds; never another client's secrets or the shares).
 * :class:`ActorMasking` (actor): each trained client's delta is encoded into the ring (clipped to
-  L2 norm S first under user-level DP, with the same :func:`~flotilla.secure.aggregator.encode_input`),
+  L2 norm S first under user-level DP, with the same :func:`~flotilla.secure.aggregator.encode_input`;
+  with ``quantize_bits``, the quantised narrow ring and the same stochastic rounding draws, from
+  the same (session seed, round, slot)),
   masked with its seeds (:func:`~flotilla.secure.protocol.add_masks`) and added mod 2^bits into
   the actor's one partial sum; the actor returns that sum and the slots in it.
 * The driver adds the partial sums into the protocol server (``receive_masked_sum``) and calls
@@ -30,8 +32,8 @@ import numpy as np
 import torch
 
 from flotilla.core.aggregate import RoundAborted
-from flotilla.secure.aggregator import SecureAggregator, encode_input
-from flotilla.secure.encoding import FixedPointEncoder
+from flotilla.secure.aggregator import SecureAggregator, encode_input, rounding_rng
+from flotilla.secure.encoding import FixedPointEncoder, QuantizedEncoder
 from flotilla.secure.prg import PRG
 from flotilla.secure.protocol import add_masks
 
@@ -45,10 +47,32 @@ class MaskingSpec:
     bits: int
     max_weight: float
     l2_clip: float | None
+    quantize_bits: int | None = None  # channels.upload quantize: the narrow ring (QuantizedEncoder)
+    stochastic: bool = True
+    session_seed: int | None = None  # with quantize_bits: seeds each client's rounding, as in-process
+    round: int = 0
 
     @classmethod
     def of(cls, agg: SecureAggregator) -> MaskingSpec:
-        return cls(agg.encoder.clip, agg.cohort, agg.bits, agg.max_weight, agg.l2_clip)
+        e = agg.encoder
+        if isinstance(e, QuantizedEncoder):
+            return cls(
+                e.clip,
+                agg.cohort,
+                agg.bits,
+                agg.max_weight,
+                agg.l2_clip,
+                e.value_bits,
+                e.stochastic,
+                agg.session_seed,
+                agg.rounds,
+            )
+        return cls(e.clip, agg.cohort, agg.bits, agg.max_weight, agg.l2_clip)
+
+    def encoder(self) -> FixedPointEncoder | QuantizedEncoder:
+        if self.quantize_bits is None:
+            return FixedPointEncoder(self.clip, self.cohort, self.bits)
+        return QuantizedEncoder(self.clip, self.cohort, self.quantize_bits, self.stochastic)
 
 
 def admit_cohort(agg: SecureAggregator, clients: list[int], weight_of) -> tuple[dict, list[int], RoundAborted | None]:
@@ -77,7 +101,7 @@ class ActorMasking:
 
     def __init__(self, spec: MaskingSpec, numel: int):
         self.spec = spec
-        self.encoder = FixedPointEncoder(spec.clip, spec.cohort, spec.bits)
+        self.encoder = spec.encoder()
         self.prg = PRG(numel + 1, self.encoder.dtype)
         self.ring = np.empty(numel + 1, self.encoder.dtype)
         self.sum = np.zeros(numel + 1, self.encoder.dtype)
@@ -86,18 +110,23 @@ class ActorMasking:
     def reset(self) -> None:
         self.sum.fill(0)
         self.slots: list[int] = []
-        self.clipped = self.l2_clipped = 0
+        self.clipped = self.l2_clipped = self.fallbacks = 0
         self.seconds = 0.0
 
     def add(self, delta: torch.Tensor, weight: float, slot: int, seeds) -> None:
         """One client: encode ``weight / max_weight * delta``, add it and its masks into the sum."""
         t0 = time.perf_counter()
-        clipped, l2 = encode_input(self.encoder, delta, weight / self.spec.max_weight, self.spec.l2_clip, self.ring)
+        spec = self.spec
+        rng = rounding_rng(spec.session_seed, spec.round, slot) if spec.quantize_bits and spec.stochastic else None
+        clipped, l2, fell_back = encode_input(
+            self.encoder, delta, weight / spec.max_weight, spec.l2_clip, self.ring, rng
+        )
         np.add(self.sum, self.ring, out=self.sum)
         add_masks(self.sum, seeds, self.prg)
         self.slots.append(slot)
         self.clipped += clipped
         self.l2_clipped += l2
+        self.fallbacks += fell_back
         self.seconds += time.perf_counter() - t0
 
     def reply(self) -> dict:
@@ -105,6 +134,7 @@ class ActorMasking:
             "slots": list(self.slots),
             "clipped": self.clipped,
             "l2_clipped": self.l2_clipped,
+            "fallbacks": self.fallbacks,
             "seconds": self.seconds,
         }
 
@@ -115,5 +145,5 @@ def receive(agg: SecureAggregator, total: np.ndarray, info: dict, failed_slots: 
     for slot in failed_slots:
         agg.drop(slot)
     if info["slots"]:
-        agg.receive_masked_sum(info["slots"], total, info["clipped"], info["l2_clipped"])
+        agg.receive_masked_sum(info["slots"], total, info["clipped"], info["l2_clipped"], info.get("fallbacks", 0))
     agg.timing["client_s"] += info["seconds"]
