@@ -16,6 +16,12 @@ Modes (the config key ``server.embedding_rows``):
   clients that touched it (weights: the round's client weights, i.e. examples); rows nobody
   touched get 0; the dense part is the plain weighted mean over all clients.
 
+With a ``channels`` section (flotilla.channels.rows) the device does the row-sparse encoding instead:
+the values go through the upload chain (fp16, quantize, topk, ...), the bytes are the channels'
+``bytes_up`` (row ids or a bitmap, whichever is smaller, and a row count per table), ``sparse`` then
+needs no aggregator of its own (the weighted mean of the decoded updates) and ``rowwise`` keeps
+:class:`SparseRowMean` without its fp32 byte metrics.
+
 The task tells which rows a client touches: its dataset has ``tables`` (parameter names of the
 embedding tables) and ``embedding_rows(client) -> {name: row ids}`` (flotilla.tasks.movielens).
 """
@@ -132,8 +138,14 @@ class SparseRowMean(Aggregator):
     RF^2's per-row mean over the clients that touched each row (``per_row=True``)."""
 
     def __init__(
-        self, numel: int, tables: list[Table], rows_of: Callable[[int], dict[str, torch.Tensor]], per_row: bool
+        self,
+        numel: int,
+        tables: list[Table],
+        rows_of: Callable[[int], dict[str, torch.Tensor]],
+        per_row: bool,
+        report_bytes: bool = True,
     ):
+        self.report_bytes = report_bytes  # False when channels count the (compressed) bytes
         self.codec = SparseCodec(numel, tables)
         self.rows_of = rows_of
         self.per_row = per_row
@@ -181,7 +193,7 @@ class SparseRowMean(Aggregator):
 
     def round_metrics(self) -> dict[str, float]:
         sizes = np.array(list(self.upload_bytes.values()), dtype=np.float64)
-        if not len(sizes):
+        if not len(sizes) or not self.report_bytes:
             return {}
         return {
             "upload_bytes_mean": float(sizes.mean()),
@@ -201,7 +213,10 @@ def refusal(
     network: bool = False,
     channels: bool = False,
 ) -> str | None:
-    """Why ``server.embedding_rows: mode`` cannot run in this setting (one line naming the key), or None."""
+    """Why ``server.embedding_rows: mode`` cannot run in this setting (one line naming the key), or None.
+
+    ``channels`` composes (row-sparse uploads through the chain, flotilla.channels.rows); the runtimes
+    it cannot run on are refused when it is built (flotilla.channels.sim.rows_refusal)."""
     if mode == "dense":
         return None
     if mode not in MODES:
@@ -214,8 +229,6 @@ def refusal(
             "mode: async sums any K arrivals in FedBuff's buffer with staleness weights; sparse per-row "
             "aggregation is written for the round aggregator (sync rounds)"
         )
-    elif channels:
-        why = "the channels section compresses the whole upload; a sparse upload is its own encoding (use one)"
     elif ray:
         why = "Ray actors return dense partial sums of their clients' deltas; use the in-process runtime"
     elif not setting.composable:
@@ -240,7 +253,8 @@ def refusal(
 
 
 def embedding_rows_components(mode: str, shape: Shape, model: nn.Module, channels: bool = False) -> Components:
-    """The aggregator component for ``mode`` (``sparse`` or ``rowwise``) on the algorithm of ``shape``."""
+    """The aggregator component for ``mode`` (``sparse`` or ``rowwise``) on the algorithm of ``shape``; with
+    ``channels`` the device encodes the rows (flotilla.channels.sim), so ``sparse`` needs no aggregator."""
     why = refusal(mode, Setting(shape.aggregation, shape.composable, shape.why_not_composable), channels=channels)
     if why:
         raise ValueError(why)
@@ -252,4 +266,10 @@ def embedding_rows_components(mode: str, shape: Shape, model: nn.Module, channel
             f"(movielens); {getattr(dataset, 'name', 'this task')} does not"
         )
     tables = layout(model, dataset.tables)
-    return Components(aggregator=lambda numel: SparseRowMean(numel, tables, rows_of, per_row=mode == "rowwise"))
+    if channels and mode == "sparse":
+        return Components()
+    return Components(
+        aggregator=lambda numel: SparseRowMean(
+            numel, tables, rows_of, per_row=mode == "rowwise", report_bytes=not channels
+        )
+    )

@@ -141,6 +141,8 @@ class Codec:
         """Byte sizes of one tensor's parts, in wire order: index, scale, zero, values."""
         nnz = self._nnz(shape)
         out = {"index": 0, "scale": 0, "zero": 0, "values": 4 * nnz}
+        if math.prod(shape) == 0:  # an empty tensor (a row-sparse table with no rows sent) sends nothing
+            return out
         if self.sparsifier is not None:
             n = math.prod(shape)
             out["index"] = math.ceil(n / 8) if self._use_bitmap(shape) else nnz * len(shape) * 8
@@ -159,6 +161,8 @@ class Codec:
         """(wire bytes, reconstructed float32 tensor of this shape)."""
         x = x.reshape(shape)
         n = x.numel()
+        if n == 0:
+            return b"", x.float()
         idx = None
         if self.sparsify_first:
             idx = self._mask(x, generator)
@@ -214,6 +218,8 @@ class Codec:
 
     def _decode_tensor(self, r: _Reader, shape, parts: dict[str, int]) -> Tensor:
         n, nnz = math.prod(shape), self._nnz(shape)
+        if n == 0:
+            return torch.zeros(0)
         idx = None
         if self.sparsifier is not None:
             raw = r.take(parts["index"])

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from flotilla.channels.codec import Codec
 from flotilla.channels.config import ChannelsConfig
+from flotilla.channels.rows import RowsCodec
 
 
 def channel_seed(seed: int) -> int:
@@ -23,14 +24,18 @@ def channel_seed(seed: int) -> int:
 
 
 class DeviceChannels:
-    """The upload and download codecs of one model, and the device-side steps around them."""
+    """The upload and download codecs of one model, and the device-side steps around them.
 
-    def __init__(self, cfg: ChannelsConfig, shapes: list[tuple[int, ...]], clip_norm: float | None = None):
+    With ``tables`` (embedding tables, flotilla.algorithms.rowwise.Table) uploads are row-sparse
+    (flotilla.channels.rows): the touched rows and the dense rest, through the upload chain."""
+
+    def __init__(self, cfg: ChannelsConfig, shapes: list[tuple[int, ...]], clip_norm: float | None = None, tables=None):
         if clip_norm is not None and not (math.isfinite(clip_norm) and clip_norm > 0):
             raise ValueError(f"channels: clip norm must be a positive finite number, got {clip_norm}")
         self.cfg = cfg
         self.up = Codec(cfg.steps("upload"), shapes)
         self.down = Codec(cfg.steps("download"), shapes)
+        self.rows = RowsCodec(cfg.steps("upload"), shapes, tables) if tables else None
         self.error_feedback = cfg.error_feedback
         self.clip_norm = clip_norm
 
@@ -42,8 +47,11 @@ class DeviceChannels:
     def download_bytes(self) -> int:
         return self.down.message_bytes
 
-    def upload(self, delta: Tensor, seed: int, residual: Tensor | None) -> tuple[bytes, Tensor, Tensor | None]:
-        """``(payload, what the server reconstructs, the new residual or None)``.
+    def upload(
+        self, delta: Tensor, seed: int, residual: Tensor | None, rows: dict[str, Tensor] | None = None
+    ) -> tuple[bytes, Tensor, Tensor | None]:
+        """``(payload, what the server reconstructs, the new residual or None)``; ``rows`` (table name ->
+        the device's touched row ids) for row-sparse uploads.
 
         With user-level DP the update is clipped to the clip norm *before* compression (the server's
         DP aggregator clips what it receives again, so the sensitivity bound and the accountant are
@@ -57,7 +65,12 @@ class DeviceChannels:
         if self.error_feedback and residual is not None:
             x = x + residual
         g = torch.Generator().manual_seed(channel_seed(seed)) if self.up.stochastic else None
-        data, sent = self.up.encode(x, g)
+        if self.rows is not None:
+            if rows is None:
+                raise ValueError("channels: a row-sparse upload needs the rows the device's data touches")
+            data, sent = self.rows.encode(x, rows, g)
+        else:
+            data, sent = self.up.encode(x, g)
         return data, sent, (x - sent) if self.error_feedback else None
 
 

@@ -46,6 +46,17 @@ def refusal(cfg: ChannelsConfig, runtime: str, *, secure: bool, privacy: dict | 
     return None
 
 
+def rows_refusal(mode: str, runtime: str) -> str | None:
+    """Why row-sparse uploads with channels cannot run on ``runtime`` (one line naming the key), or None."""
+    if runtime != "SyncFedAvg":
+        return (
+            f"server.embedding_rows: {mode} with channels: not on the {runtime} runtime: the fleet simulator times "
+            "every trip with one upload size, and row-sparse uploads differ per device (use sync rounds without "
+            "a fleet section, or server.embedding_rows: dense)"
+        )
+    return None
+
+
 class ChannelClientUpdate:
     """Train from the decoded download; hand the aggregator what the server decodes from the upload."""
 
@@ -54,6 +65,7 @@ class ChannelClientUpdate:
         self.channels = channels
         self.store = store
         self.downloads = self.uploads = 0
+        self.bytes_up = 0  # exact: row-sparse uploads differ in size per device
         self._start = torch.empty(numel) if not channels.down.lossless else None
 
     def __getattr__(self, name):  # results, close(), ... of the wrapped update
@@ -69,20 +81,25 @@ class ChannelClientUpdate:
         self.downloads += 1
         r = self.inner.train(dataset, client, start, seed, out)
         if r.num_examples > 0:  # a client without data sends nothing (the runtimes skip it too)
-            if not self.channels.up.lossless:  # (an fp32 upload arrives as it is)
-                _, sent, residual = self.channels.upload(out, seed, self.store.get(client))
+            if self.channels.rows is not None or not self.channels.up.lossless:  # (fp32 arrives as it is)
+                rows = dataset.embedding_rows(client) if self.channels.rows is not None else None
+                data, sent, residual = self.channels.upload(out, seed, self.store.get(client), rows)
                 if residual is not None:
-                    self.store.put(client, residual)
+                    self.store.put(client, residual)  # the device's memory: never part of the message
                 out.copy_(sent)
+                self.bytes_up += len(data)
+            else:
+                self.bytes_up += self.channels.upload_bytes
             self.uploads += 1
         return r
 
 
-def client_update_factory(make_inner, cfg: ChannelsConfig, store: ResidualStore, clip_norm: float | None):
-    """A ``Components.client_update`` factory wrapping ``make_inner``'s update."""
+def client_update_factory(make_inner, cfg: ChannelsConfig, store: ResidualStore, clip_norm: float | None, tables=None):
+    """A ``Components.client_update`` factory wrapping ``make_inner``'s update (``tables``: row-sparse
+    uploads of those embedding tables, flotilla.channels.rows)."""
 
     def make(flat, loss_fn, spec):
-        channels = DeviceChannels(cfg, flat.shapes, clip_norm)
+        channels = DeviceChannels(cfg, flat.shapes, clip_norm, tables)
         return ChannelClientUpdate(make_inner(flat, loss_fn, spec), channels, store, flat.numel)
 
     return make
@@ -102,7 +119,7 @@ class ChannelsAlgorithm(AlgorithmWrapper):
     def step(self):
         record = self.inner.step()
         if self.count_bytes:
-            record["bytes_up"] = self.update.uploads * self.channels.upload_bytes
+            record["bytes_up"] = self.update.bytes_up
             record["bytes_down"] = self.update.downloads * self.channels.download_bytes
         if self.channels.error_feedback:
             record["residual_clients"] = len(self.store)
@@ -110,7 +127,7 @@ class ChannelsAlgorithm(AlgorithmWrapper):
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = self.inner.state_dict()
-        state["channels.messages"] = torch.tensor([self.update.downloads, self.update.uploads])
+        state["channels.messages"] = torch.tensor([self.update.downloads, self.update.uploads, self.update.bytes_up])
         for c, r in self.store.residuals.items():
             state[f"channels.residual.{c}"] = r.clone()
         return state
@@ -119,7 +136,10 @@ class ChannelsAlgorithm(AlgorithmWrapper):
         mine = {k: v for k, v in state.items() if k.startswith("channels.")}
         self.inner.load_state_dict({k: v for k, v in state.items() if not k.startswith("channels.")})
         if "channels.messages" in mine:
-            self.update.downloads, self.update.uploads = (int(v) for v in mine["channels.messages"].tolist())
+            counts = [int(v) for v in mine["channels.messages"].tolist()]
+            self.update.downloads, self.update.uploads = counts[:2]
+            # (a checkpoint from before row-sparse uploads holds two counts: every upload was one size)
+            self.update.bytes_up = counts[2] if len(counts) > 2 else counts[1] * self.channels.upload_bytes
         self.store.residuals = {
             int(k.removeprefix("channels.residual.")): v.clone()
             for k, v in mine.items()
@@ -127,9 +147,11 @@ class ChannelsAlgorithm(AlgorithmWrapper):
         }
 
 
-def compose(cfg, shape, components, *, privacy: dict | None, secure: bool):
+def compose(cfg, shape, components, *, privacy: dict | None, secure: bool, embedding_rows: str = "dense", model=None):
     """``(components with the client update wrapped, wrap(algorithm))`` for the experiment layer; raises
-    ValueError with the reason where channels cannot run (:func:`refusal`)."""
+    ValueError with the reason where channels cannot run (:func:`refusal`).  With ``embedding_rows``
+    sparse or rowwise (``model`` given) uploads are row-sparse (flotilla.channels.rows), the values
+    through the upload chain."""
     from dataclasses import replace
 
     from flotilla.channels.config import as_channels
@@ -143,12 +165,21 @@ def compose(cfg, shape, components, *, privacy: dict | None, secure: bool):
         from flotilla.channels.ring import compose as ring_compose
 
         return ring_compose(cfg, shape, components)
-    if not cfg.upload and not cfg.download:
+    rows = embedding_rows != "dense"
+    if not cfg.upload and not cfg.download and not rows:
         return components, lambda algorithm: algorithm
+    tables = None
+    if rows:
+        why = rows_refusal(embedding_rows, shape.name)
+        if why:
+            raise ValueError(why)
+        from flotilla.algorithms.rowwise import layout
+
+        tables = layout(model, shape.dataset.tables)
     user = (privacy or {}).get("user_level")
     clip_norm = float(user["clip_norm"]) if user is not None and cfg.upload else None
     store = ResidualStore()
-    make = client_update_factory(components.client_update or LocalTrainer, cfg, store, clip_norm)
+    make = client_update_factory(components.client_update or LocalTrainer, cfg, store, clip_norm, tables)
     count_bytes = shape.name == "SyncFedAvg"  # the fleet simulators count transfers themselves
     return replace(components, client_update=make), lambda algorithm: ChannelsAlgorithm(algorithm, store, count_bytes)
 

@@ -81,7 +81,13 @@ def build_algorithm(
         from flotilla.channels.sim import compose as channel_parts
 
         components, wrap_channels = channel_parts(
-            channels, shape, components, privacy=privacy, secure=secure is not None
+            channels,
+            shape,
+            components,
+            privacy=privacy,
+            secure=secure is not None,
+            embedding_rows=embedding_rows,  # row-sparse uploads through the chain (flotilla/channels/rows.py)
+            model=kwargs["model"],
         )
     if tiers is not None:  # tier-aware selection, compression, HeteroFL (flotilla/fairness/parts.py)
         clash = [k for k in tiers.given() if k in components.given()]
