@@ -45,6 +45,7 @@ from flotilla.network.wire import pb
 log = logging.getLogger("flotilla.network.aggregator")
 
 _CODES = {c.name: c for c in grpc.StatusCode}
+CLAIM_TIMEOUT_S = 60.0
 
 
 class AggregatorServer:
@@ -87,7 +88,8 @@ class AggregatorServer:
         self.sum: torch.Tensor | None = None  # the partial sum of the seqs in `held`
         self.held: dict[int, str] = {}  # seq -> staged file, in the partial sum
         self.sent: dict[str, Any] | None = None  # the partial sum handed over, until its step is committed
-        self.staging: set[str] = set()  # staged files whose claim is in flight
+        self.staging: set[str] = set()  # staged files whose claim is in flight (or just answered, not yet added)
+        self.uncertain: dict[str, tuple[str, float]] = {}  # staged, claim outcome unknown -> (coordinator boot, when)
         self.uploading: set[str] = set()  # ticket ids with an upload streaming
         self.coord_boot: str | None = None
         self.done = False
@@ -120,7 +122,14 @@ class AggregatorServer:
                 data = await loop.run_in_executor(None, f.read_bytes)
                 total.add_(torch.frombuffer(bytearray(data), dtype=torch.float32), alpha=float(e["alpha"]))
                 held[int(e["seq"])] = e["file"]
-            keep = set(held.values()) | self.staging
+            # a claim whose answer was lost may still be booked after this registration by the same
+            # coordinator process (it shields claims): its file stays until well past the claim's timeout.
+            # A coordinator that has restarted since books nothing more: its outstanding list decides.
+            now = time.monotonic()
+            self.uncertain = {
+                f: (b, t) for f, (b, t) in self.uncertain.items() if b == r["boot"] and now - t < 2 * CLAIM_TIMEOUT_S
+            }
+            keep = set(held.values()) | self.staging | set(self.uncertain)
             for f in self.store.pending_dir.iterdir():
                 if f.name not in keep:
                     f.unlink(missing_ok=True)
@@ -278,6 +287,7 @@ class AggregatorServer:
         self.staging.add(name)
         claim = {
             "name": self.name,
+            "boot": self.boot,
             "device": device,
             "ticket": h.ticket,
             "base_version": h.base_version,
@@ -290,10 +300,11 @@ class AggregatorServer:
             "file": name,
         }
         try:
-            r = await self._call(partials.CLAIM, claim, timeout=60)
+            r = await self._call(partials.CLAIM, claim, timeout=CLAIM_TIMEOUT_S)
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.UNAVAILABLE or e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                # outcome unknown: the file stays; the next registration keeps it if the ledger has it
+                # outcome unknown: the file stays; a registration adds it if the ledger has it
+                self.uncertain[name] = (self.coord_boot, time.monotonic())
                 self.staging.discard(name)
                 raise Refused(
                     "UNAVAILABLE", "coordinator", "coordinator unreachable; retry", retry_after_s=1.0
@@ -301,11 +312,11 @@ class AggregatorServer:
             self.staging.discard(name)
             self.store.discard(name)  # refused before any ledger line: never accepted
             raise partials.refusal_of(e) from None
-        self.staging.discard(name)
         if r.get("repeat"):  # a retry of an update already accepted: its first answer
             self.store.discard(name)
-        else:
+        else:  # in `staging` until it is in `held`, so a registration meanwhile cannot delete its file
             await self._add(int(r["seq"]), name, float(r["alpha"]), delta)
+        self.staging.discard(name)
         self.counters["accepted"] += 1
         return pb.UploadReply(seq=int(r["seq"]), version=int(r["version"]))
 
@@ -318,6 +329,9 @@ class AggregatorServer:
         self._server = grpc.aio.server(
             options=[*wire.channel_options(self.limits.max_message_bytes), ("grpc.so_reuseport", 0)]
         )
+        port_file = self.store.path / "port"  # a restart listens where devices were told to upload
+        if port == 0 and port_file.exists() and not _in_use(host, int(port_file.read_text() or 0)):
+            port = int(port_file.read_text())
         self._server.add_generic_rpc_handlers(
             (
                 grpc.method_handlers_generic_handler(
@@ -339,6 +353,7 @@ class AggregatorServer:
             raise ValueError(
                 f"aggregator {self.name}: cannot listen on {host}:{port}" + (" (in use)" if _in_use(host, port) else "")
             )
+        port_file.write_text(str(self.port))
         self.address = self.advertise or f"{'localhost' if host in ('127.0.0.1', '0.0.0.0') else host}:{self.port}"
         options = wire.channel_options(self.limits.max_message_bytes)
         if self.server_name:

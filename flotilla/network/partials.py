@@ -95,7 +95,12 @@ class ScaleOutStore(StateStore):
 
     def recover(self, numel: int, sealed: bool = False) -> Recovered:
         records = self.read_ledger()
-        remote = {int(r["seq"]) for r in records if r.get("event") == "accepted" and r.get("aggregator")}
+        settled = {s for r in records if r.get("event") in ("step", "dropped") for s in r["seqs"]}
+        remote = {
+            int(r["seq"])
+            for r in records
+            if r.get("event") == "accepted" and r.get("aggregator") and int(r["seq"]) not in settled
+        }
         if not remote:
             return super().recover(numel, sealed)
         # the base recovery, with placeholders for remote files (it checks they exist, then reads them)
@@ -135,6 +140,7 @@ class Hub:
         self.aggregators: dict[str, Aggregator] = {}
         self.wants: dict[str, dict[str, Any]] = {}  # aggregator -> {"version", "seqs"} while gathering
         self.partials: dict[str, torch.Tensor] = {}
+        self.booking: list[dict[str, Any]] = []  # claims whose ledger line is being written (count as held)
         self._changed: asyncio.Condition | None = None  # made on the serving loop
         self._stepping: asyncio.Future | None = None
 
@@ -161,7 +167,7 @@ class Hub:
     def outstanding(self, name: str) -> list[dict[str, Any]]:
         return [
             {"seq": e["seq"], "file": e["file"], "alpha": e["alpha"]}
-            for e in self.coord.buffer
+            for e in [*self.coord.buffer, *self.booking]
             if e.get("aggregator") == name
         ]
 
@@ -352,6 +358,8 @@ class Hub:
                 return repeat(a)
             c._check_fresh(ticket)
             c.table.check_live(ticket)
+            if self.aggregators[name].boot != req.get("boot"):  # a claim of an aggregator that has restarted since
+                raise Refused("UNAVAILABLE", "aggregator", "upload refused: the aggregator restarted; retry", 1.0)
             weight = float(req["num_examples"]) if s.weighting == "examples" else 1.0
             staleness = c.version - ticket.version
             closes = c.aggregator.count + 1 >= s.step_size
@@ -374,7 +382,13 @@ class Hub:
                 "aggregator": name,
                 "alpha": c.aggregator.staleness(staleness) * weight,  # as FedBuff.add weighs it
             }
-            await asyncio.get_running_loop().run_in_executor(None, c.store.accept, entry)
+            # From the boot check to here nothing awaits, so a registration sees this claim either as
+            # refused (another boot) or in `booking` (its file must be kept and added)
+            self.booking.append(entry)
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, c.store.accept, entry)
+            finally:
+                self.booking.remove(entry)
             c.next_seq += 1
             c._add(None, entry)
             c.buffer.append(entry)
