@@ -168,6 +168,10 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--pretrain-epochs", type=int, default=None, help="default: 3 (fmnist), 1 (shakespeare)")
     ap.add_argument("--out", default=None, help="default: benchmarks/out/pretraining[-shakespeare]")
+    ap.add_argument("--checkpoint", default=None, help="start from this proxy checkpoint instead of pre-training one")
+    ap.add_argument("--servers", nargs="+", choices=list(SERVERS), default=list(SERVERS))
+    ap.add_argument("--clients", choices=("homog", "hetero", "both"), default="both", help="system heterogeneity")
+    ap.add_argument("--no-hessian", action="store_true", help="skip the Hessian eigenvalues")
     args = ap.parse_args()
     torch.set_num_threads(1)
     shakespeare = args.task == "shakespeare"
@@ -179,7 +183,9 @@ def main() -> None:
     from flotilla.config import validate
     from flotilla.experiment.run import run_experiment
 
-    ckpt, info = pretrain_checkpoint(args.task, out, args.pretrain_epochs)
+    ckpt, info = (
+        (Path(args.checkpoint), None) if args.checkpoint else pretrain_checkpoint(args.task, out, args.pretrain_epochs)
+    )
     if info is not None:
         results["pretrain"] = info
         results_file.write_text(json.dumps(results, indent=1))
@@ -189,7 +195,7 @@ def main() -> None:
     label = "partition" if shakespeare else "alpha"
     for seed in args.seeds:
         inits = (("random", None), ("pretrained", str(ckpt)), ("pretrained-body", str(body_only(ckpt))))
-        for name, path in inits:
+        for name, path in () if args.no_hessian else inits:
             key = f"{name}/seed{seed}"
             if key not in results["hessian"]:
                 t = time.time()
@@ -198,14 +204,19 @@ def main() -> None:
                 print(f"hessian {key}: top eigenvalue {top:.2f}, initial loss {loss:.3f}", flush=True)
                 results_file.write_text(json.dumps(results, indent=1))
         for init in ("random", "pretrained"):
-            for hetero in (False, True):
-                for server in SERVERS:
+            for het in ("homog", "hetero") if args.clients == "both" else (args.clients,):
+                for server in args.servers:
                     for split in splits:
-                        key = f"{init}/{'hetero' if hetero else 'homog'}/{server}/{label}={split}/seed{seed}"
+                        key = f"{init}/{het}/{server}/{label}={split}/seed{seed}"
                         if key in results["runs"]:
                             continue
                         raw = make(
-                            split, server, hetero, args.rounds, seed, str(ckpt) if init == "pretrained" else None
+                            split,
+                            server,
+                            het == "hetero",
+                            args.rounds,
+                            seed,
+                            str(ckpt) if init == "pretrained" else None,
                         )
                         t = time.time()
                         r = run_experiment(validate(raw), write_run_dir=False)
@@ -223,12 +234,17 @@ def summary(results: dict, seeds: list[int], shakespeare: bool = False) -> str:
 
     label, splits = ("partition", list(PARTITIONS)) if shakespeare else ("alpha", list(ALPHAS))
 
-    def acc(init, het, server, split):
+    def acc(init, het, server, split) -> list[float]:
         vals = [
             results["runs"].get(f"{init}/{het}/{server}/{label}={split}/seed{s}", {}).get("accuracy") for s in seeds
         ]
-        vals = [v for v in vals if v is not None]
-        return float(np.mean(vals)) if vals else float("nan")
+        return [v for v in vals if v is not None]
+
+    def cell(vals: list[float]) -> str:  # mean, and half the range over seeds
+        if not vals:
+            return "-"
+        spread = f" ±{(max(vals) - min(vals)) / 2:.3f}" if len(vals) > 1 else ""
+        return f"{np.mean(vals):.3f}{spread}"
 
     if shakespeare:
         head = "| init | clients | server | acc natural (roles) | acc IID | IID - natural gap |"
@@ -239,8 +255,11 @@ def summary(results: dict, seeds: list[int], shakespeare: bool = False) -> str:
         for het in ("homog", "hetero"):
             for server in SERVERS:
                 a = [acc(init, het, server, s) for s in splits]
-                cells = " | ".join(f"{v:.3f}" for v in a)
-                lines.append(f"| {init} | {het} | {server} | {cells} | {a[-1] - a[0]:.3f} |")
+                if not any(a):
+                    continue
+                # the gap per seed (IID minus the most non-IID split), then its mean and spread
+                gaps = [i - n for i, n in zip(a[-1], a[0], strict=False)] if len(a[-1]) == len(a[0]) else []
+                lines.append(f"| {init} | {het} | {server} | {' | '.join(cell(v) for v in a)} | {cell(gaps)} |")
     lines += ["", "| init | top Hessian eigenvalue | initial loss |", "|---|---|---|"]
     for key, h in sorted(results["hessian"].items()):
         lines.append(f"| {key} | {h['top_eigenvalue']:.2f} | {h['initial_loss']:.3f} |")
