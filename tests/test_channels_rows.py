@@ -253,6 +253,15 @@ def test_row_uploads_with_channels_are_refused_where_they_cannot_work():
         build_algorithm(
             SyncFleetSim, kwargs, rounds=1, channels={"upload": [{"name": "fp16"}]}, embedding_rows="sparse"
         )
+    kwargs.pop("fleet")
+    q8 = {"upload": [{"name": "quantize", "bits": 8}]}  # (quantize alone goes into the ring: rows would not)
+    with pytest.raises(ValueError, match=r"rowwise cannot run with secure_aggregation: the server sees only"):
+        build_algorithm(SyncFedAvg, kwargs, rounds=1, channels=q8, embedding_rows="rowwise", secure_aggregation={})
+    from flotilla.channels.sim import rows_refusal  # (building DP imports Opacus: the function alone)
+
+    dp = {"user_level": {"clip_norm": 1.0, "noise_multiplier": 1.0, "delta": 1e-3}}
+    assert "sparse cannot run with privacy: DP noise" in rows_refusal("sparse", "SyncFedAvg", privacy=dp)
+    assert rows_refusal("sparse", "SyncFedAvg") is None
 
 
 def test_config_accepts_rows_with_channels_and_serve_refuses_them_with_the_reason():

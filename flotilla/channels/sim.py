@@ -46,8 +46,16 @@ def refusal(cfg: ChannelsConfig, runtime: str, *, secure: bool, privacy: dict | 
     return None
 
 
-def rows_refusal(mode: str, runtime: str) -> str | None:
-    """Why row-sparse uploads with channels cannot run on ``runtime`` (one line naming the key), or None."""
+def rows_refusal(mode: str, runtime: str, *, secure: bool = False, privacy: dict | None = None) -> str | None:
+    """Why row-sparse uploads with channels cannot run here (one line naming the key), or None.  (The config
+    refuses these too, flotilla.algorithms.rowwise.refusal; this guards the Python API.)"""
+    if secure:
+        return (
+            f"server.embedding_rows: {mode} cannot run with secure_aggregation: the server sees only the masked sum, "
+            "so devices cannot send their own row ids (and masks cover every coordinate)"
+        )
+    if privacy:
+        return f"server.embedding_rows: {mode} cannot run with privacy: DP noise moves every embedding row"
     if runtime != "SyncFedAvg":
         return (
             f"server.embedding_rows: {mode} with channels: not on the {runtime} runtime: the fleet simulator times "
@@ -161,18 +169,18 @@ def compose(cfg, shape, components, *, privacy: dict | None, secure: bool, embed
     why = refusal(cfg, shape.name, secure=secure, privacy=privacy)
     if why:
         raise ValueError(why)
+    rows = embedding_rows != "dense"
+    why = rows_refusal(embedding_rows, shape.name, secure=secure, privacy=privacy) if rows else None
+    if why:
+        raise ValueError(why)
     if secure and cfg.upload:  # the secure aggregator quantises into the ring (flotilla.channels.ring)
         from flotilla.channels.ring import compose as ring_compose
 
         return ring_compose(cfg, shape, components)
-    rows = embedding_rows != "dense"
     if not cfg.upload and not cfg.download and not rows:
         return components, lambda algorithm: algorithm
     tables = None
     if rows:
-        why = rows_refusal(embedding_rows, shape.name)
-        if why:
-            raise ValueError(why)
         from flotilla.algorithms.rowwise import layout
 
         tables = layout(model, shape.dataset.tables)
