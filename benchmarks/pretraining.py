@@ -141,6 +141,20 @@ def shakespeare_hessian_top(checkpoint: str | None, seed: int, examples: int = 2
     return top_hessian_eigenvalue(model, task.loss_fn, batches, iters=20, seed=seed, tol=1e-3), loss
 
 
+def shakespeare_floor(seed: int) -> float:
+    """Test accuracy on a run's evaluation roles of always predicting the most frequent next character
+    of the target training windows (a space): what a model stuck at the unigram plateau scores."""
+    from flotilla.config import validate
+    from flotilla.core.evaluate import eval_clients
+    from flotilla.tasks import build_task
+
+    cfg = validate(shakespeare_base("natural", "fedavg", False, 1, seed, None))
+    data = build_task(cfg.task, seed).dataset
+    mode = torch.bincount(data.targets(torch.cat(data.train_indices))).argmax()
+    test = torch.cat([data.test_indices[c] for c in eval_clients(data, cfg.eval.max_clients, seed)])
+    return float((data.targets(test) == mode).double().mean())
+
+
 def pretrain_checkpoint(task: str, out: Path, epochs: int | None) -> tuple[Path, dict | None]:
     """The proxy checkpoint (written once): MNIST 5k for fmnist, the history plays for shakespeare."""
     from flotilla.experiment.pretrain import PretrainConfig, pretrain
@@ -194,6 +208,8 @@ def main() -> None:
     )
     label = "partition" if shakespeare else "alpha"
     for seed in args.seeds:
+        if shakespeare and f"seed{seed}" not in results.setdefault("floor", {}):
+            results["floor"][f"seed{seed}"] = shakespeare_floor(seed)
         inits = (("random", None), ("pretrained", str(ckpt)), ("pretrained-body", str(body_only(ckpt))))
         for name, path in () if args.no_hessian else inits:
             key = f"{name}/seed{seed}"
@@ -263,6 +279,9 @@ def summary(results: dict, seeds: list[int], shakespeare: bool = False) -> str:
     lines += ["", "| init | top Hessian eigenvalue | initial loss |", "|---|---|---|"]
     for key, h in sorted(results["hessian"].items()):
         lines.append(f"| {key} | {h['top_eigenvalue']:.2f} | {h['initial_loss']:.3f} |")
+    if results.get("floor"):
+        floor = ", ".join(f"{k} {v:.3f}" for k, v in sorted(results["floor"].items()))
+        lines += ["", f"always predicting the most frequent character (a space) on the evaluation roles: {floor}"]
     if "pretrain" in results:
         proxy = "the proxy plays" if shakespeare else "MNIST 5k"
         lines += ["", f"pre-training on {proxy}: test accuracy {results['pretrain']['test_accuracy']:.4f}"]
