@@ -3,14 +3,17 @@ real gRPC devices, relayed by one server process.
 
     .venv/bin/python benchmarks/network_secagg_load.py                      # cohort 20, 100k params, 3 rounds
     .venv/bin/python benchmarks/network_secagg_load.py --cohort 50 --params 1000000 --degree auto
+    .venv/bin/python benchmarks/network_secagg_load.py --cohort 50 --params 1000000 --quantize-bits 8
 
 One server process (``FlotillaServer``, ``mode: sync`` with masking, TLS, token auth, ledger with
 fsync, as in production) and ``--procs`` device processes running ``--cohort`` devices as threads,
 each with its own TLS channel and token.  A device does no training: it checks in, downloads the
 model and runs its part of the protocol (``Connection.secagg_round``) with a fixed random delta,
 then checks in for the next round.  Reported per round (after the first, which includes
-start-up): wall time from the previous round's step to this one's, the server's CPU seconds, the
-devices' CPU seconds (all device processes together), and the bytes each device sent.
+start-up): wall time from the previous round's step to this one's, the server's CPU seconds (and
+per device per million parameters), the devices' CPU seconds (all device processes together), and
+the bytes each device sent (its SecAggStep request bodies).  ``--quantize-bits b``: the round
+quantises into the narrow ring of ``channels.upload: quantize`` (b + ceil(log2 cohort) bits).
 
 Every process runs on this machine, so the devices' protocol work (key agreement, PRG masks for
 each neighbour, Shamir shares) competes with the server for the same cores: the round time is an
@@ -20,7 +23,7 @@ upper bound for a server with remote devices, the server CPU per round is what i
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import multiprocessing as mp
 import os
 import statistics
@@ -69,7 +72,7 @@ def serve(args, pki_dir: str, state_dir: str, ready, stop) -> None:
         limits=Limits(rate=1000.0, burst=1000),
         fsync=True,
         linger_s=5.0,
-        secure_masking=SecAggParams(clip=1.0, max_weight=1.0, degree=degree),
+        secure_masking=SecAggParams(clip=1.0, max_weight=1.0, degree=degree, quantize_bits=args.quantize_bits),
     )
     steps: list[tuple[float, float]] = []  # (time, server CPU seconds) at each step
     on_step = server.coord.on_step
@@ -99,13 +102,13 @@ def devices(pki_dir: str, port: int, numel: int, tokens: list[str], out) -> None
         delta = torch.randn(numel, generator=torch.Generator().manual_seed(seed)) * 1e-3
         model = torch.empty(numel)
         with Connection(f"localhost:{port}", token, ca=ca, timeout_s=1200.0) as conn:
-            calls = conn.secagg_call
+            send = conn.secagg_send  # every SecAggStep request goes through it
 
-            def counted(req):
-                sent.append(len(json.dumps(req)))
-                return calls(req)
+            def counted(body):
+                sent.append(len(body))
+                return send(body)
 
-            conn.secagg_call = counted
+            conn.secagg_send = counted
             while True:
                 ci = conn.check_in(10)
                 if ci.action == "done":
@@ -127,6 +130,61 @@ def devices(pki_dir: str, port: int, numel: int, tokens: list[str], out) -> None
     out.put((time.process_time(), sum(sent)))
 
 
+def masked_bytes(numel: int, args) -> int:
+    """Bytes of one masked input's vector: numel + 1 ring elements (32 bits, or the quantised ring's)."""
+    if args.quantize_bits is None:
+        return 4 * (numel + 1)
+    from flotilla.channels.ring import masked_upload_bytes
+
+    return masked_upload_bytes(numel, args.quantize_bits, args.cohort)
+
+
+def codec_only(args) -> dict:
+    """The server's CPU for one device's masked input, as it arrives (``--codec-only``): the body parsed
+    (a SecAggBody with raw bytes, or older SDKs' bare JSON with base64), the message checked and
+    decoded, the vector added to the running sum.  In-process, best of ``--repeats``: the part of
+    the per-device cost the transport decides, without TLS, gRPC or the other stages."""
+    import json
+
+    import numpy as np
+
+    from flotilla.network.secagg import decode_body, encode_body
+    from flotilla.secure.messages import MaskedInput
+    from flotilla.secure.serialize import dumps, dumps_raw, loads
+
+    bits = 32 if args.quantize_bits is None else args.quantize_bits + (args.cohort - 1).bit_length()
+    length = args.params + 1
+    dt = np.uint16 if bits <= 16 else np.uint32
+    y = np.random.default_rng(0).integers(0, 2**bits, length).astype(dt)
+    msg = MaskedInput(b"s" * 16, 7, y)
+    ticket = "t" * 200
+    obj, raw = dumps_raw(msg, bits)
+    new = encode_body({"op": "masked", "ticket": ticket, "msg": obj}, raw)
+    old = json.dumps({"op": "masked", "ticket": ticket, "msg": dumps(msg)}).encode() if bits == 32 else None
+    total = np.zeros(length, dt)
+
+    def server(body):
+        req, legacy = decode_body(body)
+        data = None if legacy else req["data"]
+        m = loads(req["msg"], MaskedInput, length=length, raw=data, bits=bits)
+        np.add(total, m.y, out=total)
+
+    out = {"params": args.params, "ring_bits": bits}
+    for name, body in (("raw_bytes", new), ("base64_json", old)):
+        if body is None:
+            continue
+        best = math.inf
+        for _ in range(args.repeats):
+            t0 = time.process_time()
+            server(body)
+            best = min(best, time.process_time() - t0)
+        out[f"{name}_body_bytes"] = len(body)
+        out[f"{name}_server_ms"] = round(1e3 * best, 2)
+        out[f"{name}_server_ms_per_mparam"] = round(1e3 * best / (args.params / 1e6), 2)
+    out["load_avg"] = os.getloadavg()
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cohort", type=int, default=20)
@@ -134,8 +192,14 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--degree", default="auto", help="auto (SecAgg+), full (every pair), or k neighbours")
     ap.add_argument("--procs", type=int, default=2, help="device processes (the cohort's devices split among them)")
+    ap.add_argument("--quantize-bits", type=int, default=None, help="channels.upload quantize: bits per value")
     ap.add_argument("--json", help="also write the results to this file")
+    ap.add_argument("--codec-only", action="store_true", help="only time the server's decoding of one masked input")
+    ap.add_argument("--repeats", type=int, default=20, help="--codec-only: best of this many")
     args = ap.parse_args()
+    if args.codec_only:
+        report(codec_only(args), args.json)
+        return 0
 
     from flotilla.network.certs import make_deployment, read_tokens_txt
 
@@ -173,9 +237,16 @@ def main() -> int:
         "round_wall_s": [round(w, 2) for w in walls[1:]],
         "round_wall_median_s": round(statistics.median(walls[1:]), 2) if len(walls) > 1 else None,
         "server_cpu_s_per_round": [round(c, 2) for c in server_cpu],
+        # the issue-14 figure: server CPU per device per million parameters (median round)
+        "server_cpu_ms_per_device_per_mparam": round(
+            1e3 * statistics.median(server_cpu) / args.cohort / (numel / 1e6), 1
+        )
+        if server_cpu
+        else None,
+        "quantize_bits": args.quantize_bits,
         "devices_cpu_s_total": round(sum(c for c, _ in results), 1),
         "device_bytes_sent_per_round": round(sum(b for _, b in results) / max(len(steps), 1) / args.cohort),
-        "masked_input_bytes_raw": 4 * (numel + 1),
+        "masked_input_bytes_raw": masked_bytes(numel, args),
         "load_avg": os.getloadavg(),
         "cpus": os.cpu_count(),
     }

@@ -30,13 +30,16 @@ def test_ring_width_is_bits_plus_log2_of_the_summands():
     assert int(worst.max()) < 2**enc.ring_bits  # the largest possible sum never wraps
 
 
-@pytest.mark.parametrize("bits", [3, 8, 15, 16, 20, 32, 64])
+@pytest.mark.parametrize("bits", [3, 8, 15, 16, 20, 25, 32, 33, 60, 64])
 def test_packing_round_trips_exactly_in_the_ring_width(bits):
     rng = np.random.default_rng(bits)
     dt = packing.container(bits)
     v = (rng.integers(0, 2**63, 1001, dtype=np.uint64) & np.uint64(2**bits - 1 if bits < 64 else 2**64 - 1)).astype(dt)
     data = bytes(packing.pack(v, bits))
     assert len(data) == packing.packed_bytes(1001, bits) == -(-1001 * bits // 8)
+    if bits < 64:  # the documented layout: element i in bits [i*bits, (i+1)*bits), least significant first
+        planes = np.unpackbits(v.astype("<u8").view(np.uint8).reshape(-1, 8), axis=1, count=bits, bitorder="little")
+        assert data == np.packbits(planes.reshape(-1), bitorder="little").tobytes()
     assert np.array_equal(packing.unpack(data, 1001, bits), v)
     with pytest.raises(ValueError, match="expected"):
         packing.unpack(data + b"\0", 1001, bits)

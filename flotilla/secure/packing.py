@@ -17,11 +17,10 @@ def packed_bytes(length: int, bits: int) -> int:
     return -(-length * bits // 8)
 
 
-def _layout(length: int, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Each element's 64-bit word, its shift in that word, and whether it spills into the next word."""
-    o = np.arange(length, dtype=np.uint64) * np.uint64(bits)
-    word, shift = o >> np.uint64(6), o & np.uint64(63)
-    return word, shift, shift + np.uint64(bits) > 64
+def _columns(bits: int):
+    """For each element position j in a group of 8 (8 elements fill ``bits`` bytes exactly): its first
+    byte in the group, its bit shift there, and how many bytes it touches."""
+    return [((j * bits) // 8, (j * bits) % 8, -(-((j * bits) % 8 + bits) // 8)) for j in range(8)]
 
 
 def pack(v: np.ndarray, bits: int) -> bytes | memoryview:
@@ -30,14 +29,21 @@ def pack(v: np.ndarray, bits: int) -> bytes | memoryview:
     if bits == 8 * v.dtype.itemsize:
         return memoryview(v).cast("B")
     n = len(v)
-    word, shift, spill = _layout(n, bits)
-    x = v.astype(np.uint64)
-    words = np.zeros(-(-n * bits // 64) + 1, np.dtype("<u8"))
-    starts = np.flatnonzero(np.diff(word, prepend=np.uint64(1 << 63)))  # word is non-decreasing
-    if n:  # the bits of different elements never overlap, so OR-ing a word's parts assembles it
-        words[word[starts]] = np.bitwise_or.reduceat(x << shift, starts)
-        words[word[spill] + np.uint64(1)] |= x[spill] >> (np.uint64(64) - shift[spill])
-    return words.view(np.uint8)[: packed_bytes(n, bits)].tobytes()
+    if bits > 56:  # (no quantised ring is this wide) an element and its shift overflow 64 bits: bit by bit
+        planes = np.unpackbits(v.view(np.uint8).reshape(n, 8), axis=1, count=bits, bitorder="little")
+        return np.packbits(planes.reshape(-1), bitorder="little").tobytes()
+    groups = -(-n // 8)
+    wide = np.uint64 if bits > 24 else np.uint32  # an element shifted by up to 7 bits fits this type
+    x = np.zeros(groups * 8, wide)
+    x[:n] = v
+    out = np.zeros(groups * bits + 8, np.uint8)
+    # column by column (strided views, no per-bit work): the bits of different elements never
+    # overlap, so OR-ing each element's bytes into place assembles the stream
+    for j, (first, shift, touched) in enumerate(_columns(bits)):
+        col = x[j::8] << wide(shift)
+        for b in range(touched):
+            out[first + b :: bits][:groups] |= (col >> wide(8 * b)).astype(np.uint8)
+    return out[: packed_bytes(n, bits)].tobytes()
 
 
 def unpack(data: bytes | bytearray | memoryview, length: int, bits: int) -> np.ndarray:
@@ -52,11 +58,22 @@ def unpack(data: bytes | bytearray | memoryview, length: int, bits: int) -> np.n
         return raw.view(dt.newbyteorder("<")).astype(dt, copy=True)
     if (length * bits) % 8 and raw[-1] >> ((length * bits) % 8):
         raise ValueError("the padding bits after the last element are not zero")
-    padded = np.zeros((-(-want // 8) + 1) * 8, np.uint8)
+    if bits > 56:
+        planes = np.unpackbits(raw, count=length * bits, bitorder="little").reshape(length, bits)
+        full = np.zeros((length, 64), np.uint8)
+        full[:, :bits] = planes
+        return np.packbits(full, axis=1, bitorder="little").view("<u8").reshape(length).astype(dt)
+    groups = -(-length // 8)
+    padded = np.zeros(groups * bits + 8, np.uint8)
     padded[:want] = raw
-    words = padded.view(np.dtype("<u8"))
-    word, shift, spill = _layout(length, bits)
-    x = words[word] >> shift
-    x[spill] |= words[word[spill] + np.uint64(1)] << (np.uint64(64) - shift[spill])
-    x &= np.uint64((1 << bits) - 1)
-    return x.astype(dt)
+    wide = np.uint64 if bits > 24 else np.uint32  # an element's bytes, shifted, fit this type
+    out = np.empty(groups * 8, dt)
+    mask = wide((1 << bits) - 1)
+    for j, (first, shift, touched) in enumerate(_columns(bits)):
+        col = padded[first::bits][:groups].astype(wide)
+        for b in range(1, touched):
+            col |= padded[first + b :: bits][:groups].astype(wide) << wide(8 * b)
+        col >>= wide(shift)
+        col &= mask
+        out[j::8] = col
+    return out[:length]
