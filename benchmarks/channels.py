@@ -3,6 +3,11 @@ FedBuff with each channel, on the fleet simulator (docs/channels.md quotes its t
 
     nice -n 10 .venv/bin/python benchmarks/channels.py --task fashion --out docs/channels
     nice -n 10 .venv/bin/python benchmarks/channels.py --task shakespeare --out docs/channels
+    nice -n 10 .venv/bin/python benchmarks/channels.py --movielens-rows --rows-rounds 10 --out docs/channels
+
+``--movielens-rows``: sparse embedding rows composed with each upload chain (flotilla/channels/rows.py)
+on examples/movielens.yaml (RF^2's setup): every user's exact message size, then, with
+``--rows-rounds N``, N rounds of that config per chain (cumulative bytes_up, test AUC after round N).
 
 The setting is benchmarks/fleet_papaya.py's (same small models, data, heavy-tailed device speeds,
 FedBuff K=10 with 1/sqrt(1+tau), FedAvgM with over-selection 1.3): only the channels change.  Trip
@@ -14,11 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.nn import functional as F
 
@@ -176,9 +183,83 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+ROW_CHAINS = {  # name -> channels section (upload only: downloads stay fp32 here)
+    "rows fp32": {},
+    "rows fp16": {"upload": [{"name": "fp16"}]},
+    "rows q8 per row": {"upload": [Q8]},
+    "rows q4 per row": {"upload": [{"name": "quantize", "bits": 4, "per_channel": True}]},
+    "rows q8 per tensor": {"upload": [{"name": "quantize", "bits": 8}]},
+    "rows top10%+EF": {"upload": [{"name": "topk", "keep": 0.1}], "error_feedback": True},
+    "rows top10%+q8+EF": {"upload": [{"name": "topk", "keep": 0.1}, Q8], "error_feedback": True},
+}
+
+
+def movielens_rows(args) -> None:
+    """Per-user message sizes of row-sparse uploads through each chain, and optionally short training runs."""
+    from flotilla.algorithms.rowwise import layout
+    from flotilla.channels.config import as_channels
+    from flotilla.channels.rows import RowsCodec
+    from flotilla.config import apply_overrides, load_config, read_yaml, validate
+    from flotilla.experiment.run import run_experiment
+    from flotilla.tasks import build_task
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "movielens.yaml"
+    cfg = load_config(example)
+    task = build_task(cfg.task, cfg.seed)
+    model, data = task.model, task.dataset
+    shapes = [tuple(p.shape) for p in model.parameters() if p.requires_grad]
+    numel = sum(math.prod(s) for s in shapes)
+    tables = layout(model, data.tables)
+    users = [data.embedding_rows(c) for c in range(data.num_clients)]
+    lines = [
+        f"MovieLens DLRM ({numel:,} parameters; tables {', '.join(f'{t.name} {t.rows}x{t.dim}' for t in tables)}); "
+        f"{len(users)} users; dense fp32 upload {4 * numel:,} bytes",
+        "",
+        "| upload | mean bytes | max bytes | dense fp32 / mean | rows fp32 / mean |",
+        "|---|---|---|---|---|",
+    ]
+    base = None
+    for name, channels in ROW_CHAINS.items():
+        codec = RowsCodec(as_channels(channels).steps("upload"), shapes, tables)
+        sizes = np.array([codec.message_bytes(r) for r in users], dtype=np.float64)
+        base = base if base is not None else sizes.mean()
+        lines.append(
+            f"| {name} | {sizes.mean():,.0f} | {sizes.max():,.0f} | {4 * numel / sizes.mean():.1f}x | "
+            f"{base / sizes.mean():.2f}x |"
+        )
+    print("\n".join(lines), flush=True)
+    if args.rows_rounds:
+        lines += [
+            "",
+            f"{args.rows_rounds} rounds of examples/movielens.yaml (cohort {cfg.cohort}, seed {cfg.seed}) per chain:",
+            "",
+            "| upload | MB up | AUC | AP | test loss | host s |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, channels in ROW_CHAINS.items():
+            over = [f"rounds={args.rows_rounds}", f"eval.every={args.rows_rounds}", "output.progress=false"]
+            raw = apply_overrides(read_yaml(example), over)
+            run_cfg = validate({**raw, "channels": channels})  # the schema checks rows + channels compose
+            t0 = time.perf_counter()
+            last = run_experiment(run_cfg, write_run_dir=False).history[-1]
+            row = (
+                f"| {name} | {last['bytes_up'] / 1e6:.2f} | {last['auc']:.3f} | {last['ap']:.3f} | "
+                f"{last['loss']:.3f} | {time.perf_counter() - t0:.0f} |"
+            )
+            print(row, flush=True)
+            lines.append(row)
+    load = os.getloadavg()
+    lines.append(f"\nload average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} on {os.cpu_count()} CPUs")
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "movielens_rows_table.md").write_text("\n".join(lines) + "\n")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", choices=sorted(TASKS), required=True)
+    p.add_argument("--task", choices=sorted(TASKS))
+    p.add_argument("--movielens-rows", action="store_true", help="row-sparse uploads x channels on MovieLens")
+    p.add_argument("--rows-rounds", type=int, default=0, help="with --movielens-rows: train N rounds per chain")
     p.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     p.add_argument("--concurrency", type=int, nargs="+", default=[100, 1000])
     p.add_argument("--target", type=float, help="target test accuracy (default: fashion 0.75, shakespeare 0.30)")
@@ -197,6 +278,11 @@ def main():
         help="only write the table from the JSON lines this script printed (a run cut short keeps its finished runs)",
     )
     args = p.parse_args()
+    if args.movielens_rows:
+        movielens_rows(args)
+        return
+    if args.task is None:
+        p.error("--task is required (or --movielens-rows)")
     if args.from_log:
         lines = [json.loads(x) for x in Path(args.from_log).read_text().splitlines() if x.startswith("{")]
         results = [r for r in lines if r["task"] == args.task]
