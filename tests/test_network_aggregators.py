@@ -1,5 +1,6 @@
-"""Scale-out (issue 14, the server): ``serve --aggregators N`` takes the same step as one process,
-and an aggregator without the coordinator's key is refused with one line."""
+"""Scale-out (issue 14, the server): ``serve --aggregators N`` takes the same steps as one process
+(aggregators serve the model and take the uploads), and an aggregator without the coordinator's key
+is refused with one line."""
 
 from __future__ import annotations
 
@@ -63,6 +64,8 @@ def feed(pki, st, devices=DEVICES) -> list[tuple[str, int, str | None]]:
                 if not a.aggregator
                 else conns.setdefault(a.aggregator, {}).setdefault(d, Connection(a.aggregator, pki.token(d), ca=pki.ca))
             )
+            if a.aggregator:  # the aggregator serves the version's weights, as fetched from the coordinator
+                assert torch.equal(up.download(a.version), c.download(a.version))
             seq, _ = up.upload(a, delta(step, d), 10, train_loss=1.0, examples_seen=10)
             acked.append((a.id, seq, a.aggregator))
             c.close()

@@ -4,7 +4,7 @@
     flotilla aggregator CONFIG --coordinator HOST:P --name a1 --key-file aggregator.key --port Q \\
         --advertise this-host:Q                              # one more, on another machine
 
-An aggregator serves the device-facing ``Upload`` RPC (same TLS certificate, token table and limits
+An aggregator serves the device-facing ``Upload`` and ``Download`` RPCs (same TLS certificate, token table and limits
 as the coordinator's config) and talks to its coordinator over the control service of
 :mod:`flotilla.network.partials` (the coordinator's TLS port, authenticated by the aggregator key).
 Per upload: token, ticket signature and owner, dtype and shape are checked before the body is read;
@@ -16,6 +16,8 @@ and the device acked.  At a step the coordinator asks for the partial sum of exa
 holds for this aggregator; their files are deleted once the coordinator's outstanding list no
 longer names them (committed, or dropped with a ledger line).  A restart (or a new coordinator
 boot) re-registers and rebuilds the partial sum from the files the coordinator still lists.
+Downloads: each version's weights are fetched from the coordinator once and served from memory
+(the newest four versions; an older one is fetched again, or refused as the coordinator refuses it).
 """
 
 from __future__ import annotations
@@ -92,6 +94,7 @@ class AggregatorServer:
         self.uncertain: dict[str, tuple[str, float]] = {}  # staged, claim outcome unknown -> (coordinator boot, when)
         self.uploading: set[str] = set()  # ticket ids with an upload streaming
         self.coord_boot: str | None = None
+        self.models: dict[int, asyncio.Future] = {}  # version -> its weights' bytes (the newest few)
         self.done = False
         self.port: int | None = None
 
@@ -229,6 +232,36 @@ class AggregatorServer:
             raise Refused("UNAUTHENTICATED", "auth", "unknown client: send a device token issued for this server")
         return who.device
 
+    async def _model(self, version: int) -> bytes:
+        """The weights of ``version``, fetched from the coordinator once (concurrent asks share it)."""
+        fut = self.models.get(version)
+        if fut is None or (fut.done() and fut.exception() is not None):
+            fut = self.models[version] = asyncio.ensure_future(self._fetch(version))
+            for v in sorted(self.models)[:-4]:  # keep the newest four versions
+                self.models.pop(v)
+        return await asyncio.shield(fut)
+
+    async def _fetch(self, version: int) -> bytes:
+        md = ((partials.KEY_HEADER, self.key.decode()),)
+        call = self._ctl.unary_stream(partials.MODEL)(
+            json.dumps({"name": self.name, "version": version}).encode(), metadata=md, timeout=60
+        )
+        return b"".join([part async for part in call])
+
+    async def download(self, request, context):
+        try:
+            await self._identify(context)
+            try:
+                data = await self._model(int(request.version))
+            except grpc.aio.AioRpcError as e:
+                raise partials.refusal_of(e) from None
+        except Refused as e:
+            self.counters[f"rejected.{e.reason}"] += 1
+            await context.abort(_CODES[e.code], str(e), e.trailing_metadata())
+        total, chunk = len(data), self.limits.chunk_bytes
+        for off in range(0, total, chunk):
+            yield pb.ModelChunk(version=request.version, offset=off, total_bytes=total, data=data[off : off + chunk])
+
     async def upload(self, request_iterator, context) -> pb.UploadReply:
         ticket = None
         try:
@@ -337,9 +370,12 @@ class AggregatorServer:
                 grpc.method_handlers_generic_handler(
                     wire.SERVICE,
                     {
+                        "Download": grpc.unary_stream_rpc_method_handler(
+                            self.download, pb.DownloadRequest.FromString, pb.ModelChunk.SerializeToString
+                        ),
                         "Upload": grpc.stream_unary_rpc_method_handler(
                             self.upload, pb.UploadPart.FromString, pb.UploadReply.SerializeToString
-                        )
+                        ),
                     },
                 ),
             )

@@ -1002,7 +1002,7 @@ class Device:
                 try:
                     self._retry(
                         report,
-                        self.conn.download,
+                        self.uploader(a).download,
                         a.version,
                         self._download_buf if a.scaffold else self.start,
                         self._codecs(a).down if a.channels else None,
@@ -1072,7 +1072,8 @@ class Device:
         return self._channels[1]
 
     def uploader(self, a: Assignment) -> Connection:
-        """Where ``a``'s update goes: the server, or (scale-out) the aggregator the assignment names."""
+        """Where ``a``'s model comes from and its update goes: the server, or (scale-out) the
+        aggregator the assignment names."""
         if not a.aggregator:
             return self.conn
         if a.aggregator not in self._aggregators:

@@ -23,6 +23,9 @@ aggregator key (``STATE/aggregator.key``, 0600, compared in constant time; metad
 ``Watch``     long poll: the coordinator's boot id, version, the aggregator's outstanding seqs, and
               -- while a step is being gathered -- the seqs whose partial sum it wants.
 ``Partial``   the partial sum of exactly those seqs (a JSON header, then float32 bytes).
+``Model``     the weights of a version (chunks), fetched once per version by each aggregator, which
+              serves the devices' downloads (so the coordinator sends 4 bytes x numel per step and
+              aggregator, not per trip).
 
 Exactly-once across a kill -9 of any one process: the ledger (coordinator) says which seqs each
 aggregator holds; an acked update is durable twice over before its ack (the aggregator's fsync'd
@@ -61,6 +64,7 @@ REGISTER = f"/{SERVICE}/Register"
 CLAIM = f"/{SERVICE}/Claim"
 WATCH = f"/{SERVICE}/Watch"
 PARTIAL = f"/{SERVICE}/Partial"
+MODEL = f"/{SERVICE}/Model"
 KEY_HEADER = "x-flotilla-aggregator"
 KEY_FILE = "aggregator.key"
 _FILE = re.compile(r"^[0-9a-f]{24}\.bin$")  # StateStore.stage's names: nothing else is accepted
@@ -283,6 +287,17 @@ class Hub:
             }
         ).encode()
 
+    async def model(self, request: bytes, context):
+        """The weights of a version, for an aggregator that serves the devices' downloads."""
+        req = await self._json(request, context)
+        try:
+            data = self.coord.model_bytes(int(req.get("version", -1)))
+        except Refused as e:
+            await context.abort(_CODES[e.code], str(e), e.trailing_metadata())
+        chunk = self.server.limits.chunk_bytes
+        for off in range(0, len(data), chunk):
+            yield data[off : off + chunk]
+
     async def partial(self, request_iterator, context) -> bytes:
         await self._auth(context)
         header = None
@@ -412,6 +427,7 @@ class Hub:
                 "Claim": grpc.unary_unary_rpc_method_handler(self.claim, None, None),
                 "Watch": grpc.unary_unary_rpc_method_handler(self.watch, None, None),
                 "Partial": grpc.stream_unary_rpc_method_handler(self.partial, None, None),
+                "Model": grpc.unary_stream_rpc_method_handler(self.model, None, None),
             },
         )
 
