@@ -12,7 +12,11 @@ def add_parsers(sub) -> None:
     )
     t.add_argument("space", metavar="SPACE.yaml", help="tuning file: base config, space, method, noise")
     t.add_argument("--resume", action="store_true", help="continue the study in the output folder (or join it)")
-    t.add_argument("--workers", type=int, default=1, help="processes working on the study at once (default 1)")
+    t.add_argument("--workers", type=int, default=1,
+                   help="processes working on the study at once (default 1); with --ray: trials at once")  # fmt: skip
+    t.add_argument("--ray", action="store_true", help="run each trial as a Ray task (a private local Ray by default)")
+    t.add_argument("--ray-address", metavar="ADDR", default=None,
+                   help="with --ray: the Ray cluster (auto, host:port or ray://host:10001); implies --ray")  # fmt: skip
     t.add_argument("--out", metavar="DIR", help="study folder (default: the file's output, else tune/<name>)")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of the tuning file, e.g. --set trials=8")  # fmt: skip
@@ -24,9 +28,17 @@ def add_parsers(sub) -> None:
 
 def run(args) -> int:
     if args.command == "tune":
-        from flotilla.tune.study import tune
+        from flotilla.tune.tuning import tune
 
-        tune(args.space, resume=args.resume, workers=args.workers, out=args.out, overrides=args.overrides)
+        tune(
+            args.space,
+            resume=args.resume,
+            workers=args.workers,
+            out=args.out,
+            overrides=args.overrides,
+            ray=args.ray,
+            ray_address=args.ray_address,
+        )
         return 0
     from flotilla.experiment.pretrain import load_pretrain_config, pretrain
 

@@ -28,8 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flotilla.config import ConfigError
-from flotilla.tune.space import Space, load_space
+from flotilla.tune.space import Space
 from flotilla.tune.trial import run_trial
 
 DB = "study.db"
@@ -165,30 +164,37 @@ def releases(space: Space) -> int:
     return space.cfg.trials * max(1, -(-space.rounds // every))
 
 
+def _next_trial(study, space: Space, folder: Path):
+    """``(trial, heartbeat, running)``: the next trial, its parameters sampled, its heartbeat started;
+    ``(None, None, running)`` when finished + running trials make the study's count."""
+    states = _optuna().trial.TrialState
+    cfg = space.cfg
+    with _locked(folder):
+        _requeue_dead(study)
+        trials = study.get_trials(deepcopy=False)
+        finished = sum(t.state in (states.COMPLETE, states.PRUNED) for t in trials)
+        running = sum(t.state == states.RUNNING for t in trials)
+        if finished + running >= cfg.trials:
+            return None, None, running
+        # seeded by the count of sampled (not re-queued) trials: a resumed study draws as an
+        # uninterrupted one would, whatever was queued again in between
+        drawn = sum("retry_of" not in t.user_attrs for t in trials)
+        study.sampler = make_sampler(cfg.method, cfg.seed * 100_003 + drawn, cfg.startup_trials)
+        trial = study.ask()
+        beat = _Heartbeat(study, trial)
+        _suggest(trial, space)  # sampled here, with this seeded sampler (a Ray task reads them back)
+        return trial, beat, running
+
+
 def work(study, space: Space, folder: Path, echo=print) -> int:
     """Run trials until the study has ``trials`` finished ones; returns how many this process ran."""
-    optuna = _optuna()
-    states = optuna.trial.TrialState
-    cfg = space.cfg
     ran = 0
     while True:
-        with _locked(folder):
-            _requeue_dead(study)
-            trials = study.get_trials(deepcopy=False)
-            finished = sum(t.state in (states.COMPLETE, states.PRUNED) for t in trials)
-            running = sum(t.state == states.RUNNING for t in trials)
-            trial = None
-            if finished + running < cfg.trials:
-                # seeded by the count of sampled (not re-queued) trials: a resumed study draws as an
-                # uninterrupted one would, whatever was queued again in between
-                drawn = sum("retry_of" not in t.user_attrs for t in trials)
-                study.sampler = make_sampler(cfg.method, cfg.seed * 100_003 + drawn, cfg.startup_trials)
-                trial = study.ask()
-                beat = _Heartbeat(study, trial)
+        trial, beat, running = _next_trial(study, space, folder)
         if trial is None:
             if running == 0:
                 return ran
-            time.sleep(min(1.0, cfg.heartbeat_s))  # others' trials may finish or die
+            time.sleep(min(1.0, space.cfg.heartbeat_s))  # others' trials may finish or die
             continue
         try:
             _run_one(study, trial, space, folder, echo)
@@ -235,40 +241,3 @@ def _spawn(path: Path, folder: Path, overrides: list[str], n: int) -> list[subpr
     for item in overrides:
         cmd += ["--set", item]
     return [subprocess.Popen(cmd) for _ in range(n)]
-
-
-def tune(
-    path: str | Path,
-    *,
-    resume: bool = False,
-    workers: int = 1,
-    out: str | Path | None = None,
-    overrides: list[str] | None = None,
-    echo=print,
-) -> dict[str, Any]:
-    """Run (or continue) the study a tuning file describes; write its table, plot and best config."""
-    from flotilla.tune.report import finish
-
-    path = Path(path)
-    space = load_space(path, overrides)
-    if workers < 1:
-        raise ConfigError(f"--workers: {workers} (need >= 1)")
-    folder = Path(out or space.cfg.output or Path("tune") / path.stem)
-    db = folder / DB
-    if not resume and db.exists():
-        raise FileExistsError(f"{db} already holds a study; continue it with --resume, or choose another --out")
-    if resume and not db.exists():
-        raise FileNotFoundError(f"nothing to resume: {db} does not exist")
-    folder.mkdir(parents=True, exist_ok=True)
-    study = open_study(db, space, create=not resume)
-    children = _spawn(path, folder, overrides or [], workers - 1) if workers > 1 else []
-    try:
-        work(study, space, folder, echo)
-    finally:
-        for child in children:
-            child.wait()
-    bad = [c.returncode for c in children if c.returncode]
-    if bad:
-        raise RuntimeError(f"{len(bad)} worker process(es) failed (exit {bad[0]}); continue with --resume")
-    with _locked(folder):
-        return finish(study, space, folder, echo)

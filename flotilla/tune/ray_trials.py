@@ -1,0 +1,157 @@
+"""Trials as Ray tasks (``flotilla tune SPACE --ray [--ray-address ADDR]``).
+
+The driver (this process) runs the same loop as a worker process (:func:`flotilla.tune.study.work`):
+under the study lock it asks Optuna for the next trial and samples its parameters with the seeded
+sampler, keeps the trial's heartbeat, and hands the trial to a Ray task, up to ``--workers`` at once.
+The task opens the same study (the SQLite file, by path), trains the run in its own run directory
+``trials/trial-NNNN``, reports every evaluation to the study and asks the pruner itself (Hyperband
+and BOHB prune inside the task), and tells Optuna the result.  A task whose worker died (or was
+cancelled) leaves its trial failed without an error, so it is queued again like a killed process's.
+
+Ray is started as the Ray runtime starts it (flotilla/sim/ray_runtime.py, ``RayActors._start``):
+without an address a private local Ray sized for the trials, workers at niceness 0; otherwise
+the cluster at the address.  The study folder must be at the same path on every node (shared
+file system); see docs/tuning.md.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from flotilla.sim.ray_config import RAY_EXTRA, RuntimeConfig
+
+
+def check_address(address: str | None) -> None:
+    """The address's form, as ``runtime.address`` takes it; one line naming ``--ray-address``."""
+    from pydantic import ValidationError
+
+    try:
+        RuntimeConfig(name="ray", address=address)
+    except ValidationError as e:
+        msg = e.errors()[0]["msg"].removeprefix("Value error, ")
+        raise ValueError(f"--ray-address: {address!r}: {msg}") from None
+
+
+def _reachable(address: str, timeout: float = 5.0) -> None:
+    """A host:port must answer a TCP connect first: Ray's own connect to a dead address waits
+    for minutes (measured: over 10 min for 127.0.0.1:1)."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise ValueError(
+            f"--ray-address: no Ray cluster at {address!r} ({e.strerror or type(e).__name__}); "
+            "start one with `ray start --head`, or leave out --ray-address for a private local Ray"
+        ) from None
+
+
+def start_ray(address: str | None, cpus: int):
+    """``(ray, started)``: Ray initialised for the trials; ``started`` if this call started it.
+
+    Not installed: one ImportError line; a malformed or dead address: one ValueError line."""
+    check_address(address)
+    try:
+        import ray
+    except ImportError:
+        raise ImportError(f"flotilla tune --ray needs Ray, which is not installed here: {RAY_EXTRA}") from None
+    if address not in (None, "auto"):
+        _reachable(address)
+    if ray.is_initialized():  # e.g. a caller's Ray: use it, leave it running
+        return ray, False
+    if address is None:  # the same private local Ray as the Ray runtime's, sized for the trials
+        ray.init(
+            address="local",
+            num_cpus=max(1, cpus),
+            include_dashboard=False,
+            log_to_driver=False,
+            # Ray runs workers at nice +15; here the tasks are the work and the driver waits
+            _system_config={"worker_niceness": 0},
+        )
+        return ray, True
+    try:
+        ray.init(address=address, log_to_driver=False)
+    except ConnectionError as e:
+        raise ValueError(
+            f"--ray-address: no Ray cluster at {address!r} ({str(e).splitlines()[0]}); start one with `ray start --head`"
+        ) from None
+    return ray, True
+
+
+def _trial_task(db: str, space, trial_id: int, folder: str, paths: list[str]) -> list[str]:
+    """One trial, on a Ray worker: open the study, train, report, prune, tell.  Returns the echo lines."""
+    for p in reversed(paths):  # the driver's import path: a task factory such as tests.x:task
+        if p not in sys.path:
+            sys.path.insert(0, p)
+    from flotilla.tune.study import _optuna, _run_one, open_study
+
+    optuna = _optuna()
+    study = open_study(Path(db), space, create=False)
+    trial = optuna.trial.Trial(study, trial_id)
+    lines: list[str] = []
+    _run_one(study, trial, space, Path(folder), lines.append)
+    return lines
+
+
+def work_on_ray(study, space, folder: Path, concurrency: int, ray, echo=print) -> int:
+    """Run trials as Ray tasks until the study has ``trials`` finished ones; returns how many ran here."""
+    from flotilla.tune.study import DB, _next_trial, _optuna
+
+    states = _optuna().trial.TrialState
+    folder = folder.resolve()
+    cpus = space.cfg.threads or 1
+    task = ray.remote(_trial_task).options(num_cpus=cpus, max_retries=0)  # a retry would re-run a told trial
+    paths = [os.getcwd()] + [p for p in sys.path if p]
+    flying: dict[Any, tuple[Any, Any]] = {}  # object ref -> (trial, heartbeat)
+    ran = 0
+
+    def settle(ref, died: BaseException | None = None, error: str | None = None) -> None:
+        trial, beat = flying.pop(ref)
+        beat.stop()
+        if study._storage.get_trial(trial._trial_id).state != states.RUNNING:
+            return  # the task told the study (complete, pruned, or failed with its error)
+        if error is not None:  # raised before the trial ran (e.g. the study could not be opened there)
+            study._storage.set_trial_user_attr(trial._trial_id, "error", error)
+        # the task died (or was cancelled) before telling: failed, so queued again on the next ask
+        study.tell(trial, state=states.FAIL, skip_if_finished=True)  # it may have told just now
+        if died is not None:
+            echo(f"trial {trial.number}: its Ray task died ({type(died).__name__}); queued again")
+
+    try:
+        while True:
+            running = 0
+            while len(flying) < concurrency:
+                trial, beat, running = _next_trial(study, space, folder)
+                if trial is None:
+                    break
+                ref = task.remote(str(folder / DB), space, trial._trial_id, str(folder), paths)
+                flying[ref] = (trial, beat)
+            if not flying:
+                if running == 0:
+                    return ran
+                time.sleep(min(1.0, space.cfg.heartbeat_s))  # other processes' trials may finish or die
+                continue
+            done, _ = ray.wait(list(flying), num_returns=1, timeout=1.0)
+            for ref in done:
+                try:
+                    lines = ray.get(ref)
+                except ray.exceptions.RayTaskError as e:  # the trial raised: stop, like a worker process
+                    cause = e.cause if getattr(e, "cause", None) is not None else e
+                    what = f"{type(cause).__name__}: {str(cause).strip().splitlines()[0] if str(cause) else ''}"
+                    settle(ref, error=what)
+                    raise RuntimeError(f"a trial failed on Ray: {what}") from None
+                except ray.exceptions.RayError as e:  # the worker died, the task was cancelled
+                    settle(ref, died=e)
+                    continue
+                settle(ref)
+                ran += 1
+                for line in lines:
+                    echo(line)
+    finally:  # an error or Ctrl-C: stop the other tasks; their trials are failed and queued again on --resume
+        for ref in list(flying):
+            ray.cancel(ref, force=True)
+            settle(ref)
