@@ -145,7 +145,7 @@ class SampleLevelPrivacy(Strict):
     max_grad_norm: float = Field(1.0, gt=0, description="C: per-example gradient L2 clip")
     delta: float = Field(1e-5, gt=0, lt=1, description="delta at which each client's epsilon is reported")
     secure_mode: bool = Field(False, description="Opacus' floating-point-attack-resistant noise (slower)")
-    grad_sample_mode: Literal["auto", "hooks", "functorch", "ew", "ghost"] = Field(
+    grad_sample_mode: Literal["auto", "hooks", "functorch", "ew", "ghost", "direct"] = Field(
         "auto", description="Opacus per-example gradient mode (same clipping, noise, epsilon); auto: per model"
     )
 

@@ -42,12 +42,14 @@ from flotilla.privacy.accountant import PrivacyError, dpsgd_schedule, epsilon
 # and the same noise and accounting; they differ only in how the per-example gradients (or norms) are
 # computed: "hooks" (module hooks), "functorch" (torch.func vmap), "ew" (torch's expanded weights),
 # "ghost" (ghost clipping: per-example norms, then a second backward of the clip-weighted loss).
-GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch", "ew", "ghost")
-# Per model class, the mode "auto" picks (anything else: hooks).  Measured with
-# `benchmarks/dp_bench.py --part modes`: on this CPU no mode was clearly faster than hooks for
-# SmallCNN or CharLSTM (ew/ghost ~10% on SmallCNN within a loaded machine's noise; hooks the fastest
-# for DPLSTM), so hooks stays the default until a quiet-machine measurement says otherwise.
-AUTO_MODE: dict[str, str] = {}
+# "direct" is Flotilla's own (flotilla/privacy/fast_grad.py): one backward that records each layer's
+# input and output gradient, per-example norms and the clipped sum from those, Opacus' noise and step.
+GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch", "ew", "ghost", "direct")
+# Per model class, the mode "auto" picks (anything else: hooks); docs/privacy.md has the timings.
+# CharLSTM: direct (its own LSTM recurrence instead of DPLSTM's hooked per-step modules; ~10x faster).
+# SmallCNN stays on hooks although direct is faster: the fingerprinted dp-sgd run trains a SmallCNN, and
+# direct's sums differ from Opacus' in the last float bits (equal within 1e-5, tests/test_privacy_fast.py).
+AUTO_MODE: dict[str, str] = {"CharLSTM": "direct"}
 
 # Layers whose Opacus fixer is a weight-preserving drop-in replacement (nn.LSTM -> DPLSTM, ...).
 _RECURRENT = (nn.LSTM, nn.GRU, nn.RNN)
@@ -76,8 +78,17 @@ class SampleLevelSpec:
 
 
 def choose_mode(model: nn.Module, mode: str = "auto") -> str:
-    """The grad-sample mode used for ``model``: ``mode`` itself unless it is ``"auto"``."""
-    return AUTO_MODE.get(type(model).__name__, "hooks") if mode == "auto" else mode
+    """The grad-sample mode used for ``model``: ``mode`` itself unless it is ``"auto"``; auto's ``direct``
+    falls back to hooks for a model with a layer the direct mode cannot handle."""
+    if mode != "auto":
+        return mode
+    chosen = AUTO_MODE.get(type(model).__name__, "hooks")
+    if chosen == "direct":
+        from flotilla.privacy.fast_grad import unsupported
+
+        if unsupported(model):
+            return "hooks"
+    return chosen
 
 
 class _Criterion(nn.Module):
@@ -132,6 +143,25 @@ def _make_private(flat: FlatModel, loss_fn: LossFn, spec: ClientSpec, dp: Sample
     from opacus.grad_sample.utils import get_gsm_class
     from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 
+    if mode == "direct":
+        from flotilla.privacy.fast_grad import DirectClipper, DirectOptimizer
+
+        try:
+            clipper = DirectClipper(flat.model)
+        except ValueError as e:
+            raise PrivacyError(f"privacy.sample_level.grad_sample_mode: direct: {e}") from None
+        sgd = torch.optim.SGD(flat.params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
+        # The clipped sum is written into p.grad by the clipper; this optimizer adds the noise, divides by the
+        # expected batch size and steps, with the same code (and generator use) as DPOptimizer.
+        optimizer = DirectOptimizer(
+            sgd,
+            noise_multiplier=dp.noise_multiplier,
+            max_grad_norm=dp.max_grad_norm,
+            expected_batch_size=spec.batch_size,
+            loss_reduction="mean",
+            secure_mode=dp.secure_mode,
+        )
+        return clipper, optimizer, loss_fn
     kw: dict = dict(batch_first=True, loss_reduction="mean")
     if mode != "ew":
         kw["strict"] = True
@@ -183,6 +213,9 @@ class DPLocalTrainer:
         # Made private once: hooks on the one model, one optimizer over its (flat-backed) parameters.
         self.mode = choose_mode(flat.model, dp.grad_sample_mode)
         self.module, self.optimizer, self._loss = _make_private(flat, loss_fn, spec, dp, self.mode)
+        self._direct = None
+        if self.mode == "direct":  # the model itself runs; the clipper turns each backward into p.grad
+            self._direct, self.module = self.module, flat.model
         self._sgd = self.optimizer.original_optimizer
         self.results: list[DPClientResult] = []  # this round's results (read and cleared by the caller)
         # Opacus' full backward hooks on the first layer (whose input needs no grad) warn every step.
@@ -226,6 +259,8 @@ class DPLocalTrainer:
                         x = x.contiguous()  # Opacus' embedding norm sampler .view()s its input ids
                     loss = self._loss(self.module(x), y)
                     loss.backward()
+                    if self._direct is not None:
+                        self._direct.clip_into_grads(len(batch), dp.max_grad_norm)
                     # ghost's loss is a DPTensorFastGradientClipping holding the per-example losses
                     mean_loss = loss.loss_per_sample.detach().mean() if self.mode == "ghost" else loss.detach()
                     loss_sum += mean_loss * len(batch)
@@ -235,6 +270,8 @@ class DPLocalTrainer:
                         p.grad_sample = torch.zeros((0, *p.shape), device=flat.device)
                 self.optimizer.step()
         finally:
+            if self._direct is not None:
+                self._direct.discard()
             self.optimizer.zero_grad(set_to_none=False)
             self._rebind_grads()
         flat.delta_into(start, delta_out)
@@ -253,5 +290,9 @@ class DPLocalTrainer:
             offset += k
 
     def close(self) -> None:
-        """Remove Opacus' hooks from the model (the user's module is left as a plain module)."""
-        self.module.to_standard_module()
+        """Remove Opacus' hooks (or the direct mode's patched forwards) from the model (the user's module is
+        left as a plain module)."""
+        if self._direct is not None:
+            self._direct.close()
+        else:
+            self.module.to_standard_module()
