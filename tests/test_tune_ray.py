@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from flotilla.config import validate
@@ -141,4 +142,19 @@ def test_bad_ray_address_is_one_line_and_writes_nothing(tmp_path, capsys, addres
     assert main(["tune", str(space(tmp_path, tmp_path / "pids")), "--ray-address", address, "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"flotilla: error: {expected}") and "\n" not in err
+    assert not out.exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="device: cuda is refused earlier without a GPU")
+def test_cuda_trials_without_a_gpu_share_are_refused_before_ray_starts(tmp_path, capsys):
+    from flotilla.cli import main
+
+    path = space(tmp_path, tmp_path / "pids")
+    raw = yaml.safe_load(path.read_text())
+    raw["base"]["device"] = "cuda"
+    path.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "study"
+    assert main(["tune", str(path), "--ray", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("flotilla: error: --ray-gpus-per-trial: the trials train on device: cuda") and "\n" not in err
     assert not out.exists()

@@ -17,6 +17,8 @@ def add_parsers(sub) -> None:
     t.add_argument("--ray", action="store_true", help="run each trial as a Ray task (a private local Ray by default)")
     t.add_argument("--ray-address", metavar="ADDR", default=None,
                    help="with --ray: the Ray cluster (auto, host:port or ray://host:10001); implies --ray")  # fmt: skip
+    t.add_argument("--ray-gpus-per-trial", dest="ray_gpus", type=float, default=None, metavar="G",
+                   help="with --ray: GPUs each trial's task reserves, may be a fraction (default 0); implies --ray")  # fmt: skip
     t.add_argument("--out", metavar="DIR", help="study folder (default: the file's output, else tune/<name>)")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of the tuning file, e.g. --set trials=8")  # fmt: skip
@@ -38,6 +40,7 @@ def run(args) -> int:
             overrides=args.overrides,
             ray=args.ray,
             ray_address=args.ray_address,
+            ray_gpus=args.ray_gpus,
         )
         return 0
     from flotilla.experiment.pretrain import load_pretrain_config, pretrain

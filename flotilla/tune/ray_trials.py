@@ -82,6 +82,32 @@ def start_ray(address: str | None, cpus: int):
     return ray, True
 
 
+def check_resources(space, gpus: float, ray=None) -> None:
+    """A trial's CPUs (``threads``) and GPUs against the device and (with ``ray``) the cluster: a task
+    that asks for more than the cluster has would wait for ever."""
+    from flotilla.config import validate
+
+    if not (gpus >= 0):
+        raise ValueError(f"--ray-gpus-per-trial: must be >= 0, got {gpus}")
+    if validate(space.tuning_base).device == "cuda" and not gpus:
+        raise ValueError(
+            "--ray-gpus-per-trial: the trials train on device: cuda, and a Ray task sees no GPU unless it reserves "
+            "a share; give one (e.g. 0.5: two trials per GPU), or device: cpu"
+        )
+    if ray is None:
+        return
+    have = ray.cluster_resources()
+    cpus = space.cfg.threads or 1
+    if cpus > have.get("CPU", 0.0):
+        raise ValueError(
+            f"threads: a trial reserves {cpus} CPUs (the tuning file's threads), the Ray cluster has {have.get('CPU', 0.0):g}"
+        )
+    if gpus > have.get("GPU", 0.0):
+        raise ValueError(
+            f"--ray-gpus-per-trial: a trial reserves {gpus:g} GPUs, the Ray cluster has {have.get('GPU', 0.0):g}"
+        )
+
+
 def _trial_task(db: str, space, trial_id: int, folder: str, paths: list[str]) -> list[str]:
     """One trial, on a Ray worker: open the study, train, report, prune, tell.  Returns the echo lines."""
     for p in reversed(paths):  # the driver's import path: a task factory such as tests.x:task
@@ -97,14 +123,15 @@ def _trial_task(db: str, space, trial_id: int, folder: str, paths: list[str]) ->
     return lines
 
 
-def work_on_ray(study, space, folder: Path, concurrency: int, ray, echo=print) -> int:
+def work_on_ray(study, space, folder: Path, concurrency: int, ray, gpus: float = 0.0, echo=print) -> int:
     """Run trials as Ray tasks until the study has ``trials`` finished ones; returns how many ran here."""
     from flotilla.tune.study import DB, _next_trial, _optuna
 
     states = _optuna().trial.TrialState
     folder = folder.resolve()
     cpus = space.cfg.threads or 1
-    task = ray.remote(_trial_task).options(num_cpus=cpus, max_retries=0)  # a retry would re-run a told trial
+    # no retries: a retried task would re-run a trial that may have told the study already
+    task = ray.remote(_trial_task).options(num_cpus=cpus, num_gpus=gpus, max_retries=0)
     paths = [os.getcwd()] + [p for p in sys.path if p]
     flying: dict[Any, tuple[Any, Any]] = {}  # object ref -> (trial, heartbeat)
     ran = 0
