@@ -75,8 +75,16 @@ def coordinator(args, n: int, pki: str, state: str, ready, stop) -> None:
         aggregators=n,
     )
     st = ServerThread(server)
+    if args.profile:  # the coordinator's event loop, whole run (Python 3.11: per thread)
+        import cProfile
+
+        prof = cProfile.Profile()
+        st.call(prof.enable)
     ready.put(("coordinator", st.port, server.flat.numel, os.getpid()))
     stop.wait()
+    if args.profile:
+        st.call(prof.disable)
+        prof.dump_stats(f"{args.profile}.{n}")
     st.stop()
 
 
@@ -276,6 +284,7 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1_000, 10_000, 100_000])
     ap.add_argument("--cores", type=int, default=16, help="projection: cores per aggregator machine")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--profile", help="cProfile the coordinator's event loop into PATH.<aggregators>")
     args = ap.parse_args()
 
     from flotilla.network.certs import make_deployment, read_tokens_txt

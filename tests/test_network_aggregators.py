@@ -140,3 +140,50 @@ def test_an_aggregator_without_the_coordinators_key_is_refused_with_one_line(pki
         c.close()
     finally:
         st.stop()
+
+
+def test_a_second_aggregator_beyond_the_expected_count_is_refused(pki, tmp_path):
+    state = tmp_path / "state"
+    st = start_server(pki, state, mode="async", concurrency=2, buffer_size=2, total_steps=1, server={"aggregators": 1})
+    first = None
+    try:
+        first = AggregatorThread(aggregator(pki, state, "agg-0", port=st.port))
+        with pytest.raises(
+            PermissionError, match="would be aggregator 2 of a coordinator started with --aggregators 1"
+        ):
+            AggregatorThread(aggregator(pki, state, "agg-9", port=st.port))
+    finally:
+        if first is not None:
+            first.stop()
+        st.stop()
+
+
+@pytest.mark.parametrize(
+    "settings, why",
+    [
+        ({"mode": "sync"}, "scale-out runs async FedBuff"),
+        (
+            {"mode": "async", "server": {"aggregators": 2, "secure_buffer": True}},
+            "secure aggregation run in one process",
+        ),
+    ],
+)
+def test_what_the_aggregators_do_not_run_is_refused_with_one_line(pki, tmp_path, settings, why):
+    from flotilla.network.coordinator import CoordinatorSettings
+    from flotilla.network.server import FlotillaServer
+    from tests.network_helpers import tiny_model
+
+    server = settings.pop("server", {"aggregators": 2})
+    with pytest.raises(ValueError, match=why):
+        FlotillaServer(
+            tiny_model(),
+            tls=pki.tls(),
+            tokens=TokenTable.load(pki.paths["tokens_json"]),
+            state_dir=tmp_path / "s",
+            settings=CoordinatorSettings(**settings),
+            fsync=False,
+            **server,
+        )
+    FlotillaServer(  # the state directory was let go (and nothing half-built holds it)
+        tiny_model(), tls=pki.tls(), tokens=TokenTable.load(pki.paths["tokens_json"]), state_dir=tmp_path / "s"
+    ).store.close()
