@@ -127,7 +127,7 @@ def devices(pki_dir: str, port: int, numel: int, tokens: list[str], out) -> None
         t.start()
     for t in threads:
         t.join()
-    out.put((time.process_time(), sum(sent)))
+    out.put((time.process_time(), sum(sent), len(sent)))
 
 
 def masked_bytes(numel: int, args) -> int:
@@ -244,8 +244,10 @@ def main() -> int:
         if server_cpu
         else None,
         "quantize_bits": args.quantize_bits,
-        "devices_cpu_s_total": round(sum(c for c, _ in results), 1),
-        "device_bytes_sent_per_round": round(sum(b for _, b in results) / max(len(steps), 1) / args.cohort),
+        "devices_cpu_s_total": round(sum(r[0] for r in results), 1),
+        "device_bytes_sent_per_round": round(sum(r[1] for r in results) / max(len(steps), 1) / args.cohort),
+        # SecAggStep calls per device-round, the polls of `get` while a stage is open included
+        "device_requests_per_round": round(sum(r[2] for r in results) / max(len(steps), 1) / args.cohort, 1),
         "masked_input_bytes_raw": masked_bytes(numel, args),
         "load_avg": os.getloadavg(),
         "cpus": os.cpu_count(),
