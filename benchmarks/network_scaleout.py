@@ -13,10 +13,11 @@ window after ``--warmup``: accepted updates/s, and CPU seconds of every server p
 fetch per version and aggregator) and each aggregator's (download, upload stream, validation, fsync,
 partial sum).  N = 0 is today's single process.
 
-The last lines project, from the measured per-process costs, how many aggregators a fleet needs:
-trips/s = concurrency / mean trip seconds (Little's law), aggregator cores = trips/s x aggregator
-ms/trip, coordinator cores = trips/s x coordinator ms/trip.  Prints one JSON line per run and the
-projection; ``--json`` writes them to a file.
+The last lines project, from each scale-out run's per-process costs, how many aggregators a fleet
+needs: trips/s = concurrency / mean trip seconds (Little's law; ``--trip-s``, an assumption),
+aggregator cores = trips/s x aggregator ms/trip (one process is one event loop, about one core),
+coordinator cores = trips/s x coordinator ms/trip.  Prints one JSON line per run and the
+projection; ``--json`` writes them to a file, ``--from FILE`` projects again from one.
 """
 
 from __future__ import annotations
@@ -252,21 +253,24 @@ def run(args, n: int, pki: str, tokens: list[str]) -> dict:
     return res
 
 
-def project(res: dict, devices: float, concurrencies: list[int], trip_s: float, cores: int) -> list[dict]:
-    """Cores and aggregators a fleet needs at each concurrency, from one run's per-process costs."""
+def project(res: dict, concurrencies: list[int], trip_s: float, cores: int) -> list[dict]:
+    """What a fleet needs at each concurrency, from one run's per-process costs.  An aggregator or
+    coordinator process is one event loop: it saturates near one core, so processes = cores."""
     agg_ms = sum(v for k, v in res["ms_per_trip"].items() if k != "coordinator")
     coord_ms = res["ms_per_trip"]["coordinator"]
     out = []
     for c in concurrencies:
         rate = c / trip_s  # Little's law: trips/s = concurrency / mean trip duration
+        agg_cores = rate * agg_ms / 1000
         out.append(
             {
-                "devices": devices,
                 "concurrency": c,
                 "trips_per_s": round(rate, 1),
-                "aggregator_cores": round(rate * agg_ms / 1000, 1),
-                "aggregators": math.ceil(rate * agg_ms / 1000 / cores),
+                "aggregator_cores": round(agg_cores, 1),
+                "aggregator_processes": math.ceil(agg_cores),
+                f"machines_of_{cores}_cores": math.ceil(agg_cores / cores),
                 "coordinator_cores": round(rate * coord_ms / 1000, 2),
+                "from_run": {"aggregators": res["aggregators"], "aggregator_ms": agg_ms, "coordinator_ms": coord_ms},
             }
         )
     return out
@@ -285,7 +289,13 @@ def main() -> int:
     ap.add_argument("--cores", type=int, default=16, help="projection: cores per aggregator machine")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--profile", help="cProfile the coordinator's event loop into PATH.<aggregators>")
+    ap.add_argument("--from", dest="saved", help="no runs: project from the runs saved by an earlier --json")
     args = ap.parse_args()
+    if args.saved:
+        for r in json.loads(Path(args.saved).read_text())["runs"]:
+            for p in project(r, args.concurrency, args.trip_s, args.cores) if r["aggregators"] > 0 else []:
+                print(json.dumps({"projection": p}), flush=True)
+        return 0
 
     from flotilla.network.certs import make_deployment, read_tokens_txt
 
@@ -295,7 +305,7 @@ def main() -> int:
     tokens = [t for name, t in read_tokens_txt(paths["tokens_txt"]).items() if name.startswith("device-")]
     results = [run(args, n, pki, tokens) for n in args.aggregators]
     scaled = [r for r in results if r["aggregators"] > 0]
-    proj = project(scaled[-1], 1e8, args.concurrency, args.trip_s, args.cores) if scaled else []
+    proj = [p for r in scaled for p in project(r, args.concurrency, args.trip_s, args.cores)]
     for p in proj:
         print(json.dumps({"projection": p}), flush=True)
     if args.json:

@@ -36,7 +36,7 @@ import grpc
 import torch
 
 from flotilla.network import partials, wire
-from flotilla.network.auth import TokenTable
+from flotilla.network.auth import RateLimiter, TokenTable
 from flotilla.network.coordinator import Coordinator, fingerprint
 from flotilla.network.refusals import Refused
 from flotilla.network.server import Limits, TLSFiles, _in_use
@@ -86,6 +86,7 @@ class AggregatorServer:
         self.store.lock()
         self.boot = secrets.token_hex(8)
         self.counters: Counter[str] = Counter()
+        self.limiter = RateLimiter(limits.rate, limits.burst)  # per device, as the coordinator's
         self.numel = 0
         self.sum: torch.Tensor | None = None  # the partial sum of the seqs in `held`
         self.held: dict[int, str] = {}  # seq -> staged file, in the partial sum
@@ -230,6 +231,13 @@ class AggregatorServer:
         who = self.tokens.identify(token)
         if who is None or who.role != "device":
             raise Refused("UNAUTHENTICATED", "auth", "unknown client: send a device token issued for this server")
+        if not self.limiter.allow(who.device):
+            raise Refused(
+                "RESOURCE_EXHAUSTED",
+                "rate",
+                f"rate limit: more than {self.limits.rate:g} requests/s from {who.device}; slow down",
+                retry_after_s=max(1.0 / self.limits.rate, 0.05),
+            )
         return who.device
 
     async def _model(self, version: int) -> bytes:
