@@ -3,6 +3,7 @@ SecAgg+) and async (secure buffer), against the plaintext weighted mean.
 
     .venv/bin/python benchmarks/secagg_bench.py                       # 100 and 1,000 clients, 1M parameters
     .venv/bin/python benchmarks/secagg_bench.py --clients 20 --numel 100000   # quick look
+    .venv/bin/python benchmarks/secagg_bench.py --ring-accuracy --rounds 10   # channels.upload quantize in the ring
 
 All parties run in this process, one after another, so "client s" is the sum over all clients of
 their protocol compute (encode, key agreement, Shamir, masking, unmasking) and "server s" is the
@@ -73,6 +74,64 @@ def buffer(numel: int, n: int, ds) -> dict:
     return dict(client=client, server=server, wall=client + server, k=None, t=None)
 
 
+RING_VARIANTS = [  # (name, secure_aggregation, channels)
+    ("plaintext fp32", None, None),
+    ("SecAgg+ fixed point, 32-bit ring", {"clip": 1.0}, None),
+    ("SecAgg+ quantize 8 bits, clip 1.0", {"clip": 1.0}, {"upload": [{"name": "quantize", "bits": 8}]}),
+    ("SecAgg+ quantize 8 bits, clip 0.1", {"clip": 0.1}, {"upload": [{"name": "quantize", "bits": 8}]}),
+    ("SecAgg+ quantize 4 bits, clip 0.1", {"clip": 0.1}, {"upload": [{"name": "quantize", "bits": 4}]}),
+    ("SecAgg+ quantize 4 bits, clip 0.02", {"clip": 0.02}, {"upload": [{"name": "quantize", "bits": 4}]}),
+]
+
+
+def ring_accuracy(rounds: int, seed: int) -> None:
+    """Fashion-MNIST (examples/fashion_secagg.yaml without dropouts, 200 examples a client, FedAvgM,
+    cohort 20), ``rounds`` rounds per variant: final accuracy, bytes per upload, coordinates clipped
+    by the ring's range."""
+    from flotilla.api import run_experiment
+    from flotilla.config import validate
+
+    base = {
+        "seed": seed,
+        "task": {
+            "name": "fashion-mnist",
+            "partition": "dirichlet",
+            "num_clients": 100,
+            "alpha": 0.5,
+            "examples_per_client": 200,  # (a few minutes per variant on a shared machine)
+        },
+        "rounds": rounds,
+        "cohort": 20,
+        "threads": 1,
+        "client": {"epochs": 1, "batch_size": 20, "lr": 0.05},
+        "server": {"optimizer": "fedavgm", "lr": 1.0, "momentum": 0.9},
+        "eval": {"every": rounds},
+        "output": {"progress": False},
+    }
+    print("| upload | accuracy | bytes per upload | vs fp32 | ring bits | coordinates clipped / round | wall s |")
+    print("|---|---|---|---|---|---|---|")
+    fp32 = None
+    for name, secure, channels in RING_VARIANTS:
+        cfg = {
+            **base,
+            **({"secure_aggregation": secure} if secure else {}),
+            **({"channels": channels} if channels else {}),
+        }
+        t0 = time.perf_counter()
+        r = run_experiment(validate(cfg), write_run_dir=False)
+        wall = time.perf_counter() - t0
+        last = r.history[-1]
+        numel = r.weights.numel()
+        up = last.get("secagg_upload_bytes", 4 * (numel + 1) if secure else 4 * numel)
+        fp32 = fp32 or 4 * numel
+        clipped = sum(h.get("secagg_clipped", 0) for h in r.history) / len(r.history)
+        print(
+            f"| {name} | {last['accuracy']:.3f} | {up:,} | {fp32 / up:.1f}x | {last.get('secagg_ring_bits', 32 if secure else '-')} "
+            f"| {clipped:,.0f} | {wall:.0f} |",
+            flush=True,
+        )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--numel", type=int, default=1_000_000)
@@ -91,8 +150,14 @@ def main() -> None:
         default=100,
         help="run the complete graph only up to this many clients (its cost grows as n^2)",
     )
+    p.add_argument("--ring-accuracy", action="store_true", help="accuracy and bytes of quantising into the ring")
+    p.add_argument("--rounds", type=int, default=10, help="--ring-accuracy: rounds per variant")
+    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.ring_accuracy:
+        ring_accuracy(args.rounds, args.seed)
+        return
     ds = deltas(args.numel)
     rows = []
     for n in args.clients:

@@ -101,11 +101,11 @@ class RingChannels(DeviceChannels):
         return self._upload_bytes
 
 
-def compose(cfg: ChannelsConfig, shape, components):
+def compose(cfg: ChannelsConfig, shape, components, update_cls, algorithm_cls):
     """flotilla.channels.sim.compose's answer under secure aggregation: the download channel around the
-    client update, bytes_up counted as masked uploads (the quantising happens in the SecureAggregator,
-    which flotilla.secure.wiring.SecureParts built with the same bits)."""
-    from flotilla.channels.sim import ChannelClientUpdate, ChannelsAlgorithm
+    client update (``update_cls``, sim's ChannelClientUpdate), bytes_up counted as masked uploads by
+    ``algorithm_cls`` (sim's ChannelsAlgorithm); the quantising happens in the SecureAggregator,
+    which flotilla.secure.wiring.SecureParts built with the same bits."""
     from flotilla.core.client import LocalTrainer
 
     bits, _ = ring_quantize(cfg)
@@ -114,6 +114,6 @@ def compose(cfg: ChannelsConfig, shape, components):
 
     def make(flat, loss_fn, spec):
         channels = RingChannels(cfg, flat.shapes, masked_upload_bytes(flat.numel, bits, shape.cohort))
-        return ChannelClientUpdate(inner(flat, loss_fn, spec), channels, store, flat.numel)
+        return update_cls(inner(flat, loss_fn, spec), channels, store, flat.numel)
 
-    return replace(components, client_update=make), lambda algorithm: ChannelsAlgorithm(algorithm, store, True)
+    return replace(components, client_update=make), lambda algorithm: algorithm_cls(algorithm, store, True)

@@ -176,7 +176,7 @@ def compose(cfg, shape, components, *, privacy: dict | None, secure: bool, embed
     if secure and cfg.upload:  # the secure aggregator quantises into the ring (flotilla.channels.ring)
         from flotilla.channels.ring import compose as ring_compose
 
-        return ring_compose(cfg, shape, components)
+        return ring_compose(cfg, shape, components, ChannelClientUpdate, ChannelsAlgorithm)
     if not cfg.upload and not cfg.download and not rows:
         return components, lambda algorithm: algorithm
     tables = None
