@@ -204,6 +204,15 @@ def test_other_upload_channels_are_refused_under_secure_aggregation(upload, matc
         build_algorithm(SyncFedAvg, _kw(), rounds=1, secure_aggregation={}, channels={"upload": upload})
 
 
+def test_a_fixed_point_ring_width_with_quantize_is_refused():
+    from flotilla.network.secagg import SecAggParams
+
+    with pytest.raises(ValueError, match="secure_aggregation.bits: sets the fixed-point ring"):
+        build_algorithm(SyncFedAvg, _kw(), rounds=1, secure_aggregation={"bits": 64}, channels=Q8)
+    with pytest.raises(ValueError, match="secure_aggregation.bits: sets the fixed-point ring"):
+        SecAggParams(bits=64, quantize_bits=8)
+
+
 def test_error_feedback_and_other_runtimes_are_refused():
     from flotilla.channels.config import as_channels
     from flotilla.channels.sim import refusal

@@ -101,6 +101,11 @@ class SecAggParams:
             raise ValueError(f"network.max_message_mb: leaves no room for a request ({self.max_request_bytes} B)")
         if self.quantize_bits is not None:
             QuantizedEncoder(self.clip, 1, self.quantize_bits)  # checks the bits
+            if self.bits != 32:
+                raise ValueError(
+                    "secure_aggregation.bits: sets the fixed-point ring; with channels.upload quantize the "
+                    "ring is bits + ceil(log2 slots) wide; leave it unset"
+                )
 
     def encoder(self, slots: int) -> FixedPointEncoder | QuantizedEncoder:
         """The round's encoding for ``slots`` protocol slots (the most summands)."""

@@ -119,6 +119,12 @@ class SecureDPMechanism:
         return self._metrics()
 
 
+_RING_BITS_REFUSED = (
+    "secure_aggregation.bits: sets the fixed-point ring; with channels.upload quantize the ring is "
+    "bits + ceil(log2 cohort) wide (flotilla/channels/ring.py); leave it unset"
+)
+
+
 def _ring_quantize(channels):
     if channels is None:
         return None
@@ -193,6 +199,8 @@ class SecureParts:
             session_seed=shape.seed,
         )  # the simulator replays rounds exactly (see SecureAggregator)
         if self.quantize is not None:
+            if spec.bits != 32:
+                raise ValueError(_RING_BITS_REFUSED)
             common.update(quantize_bits=self.quantize[0], stochastic=self.quantize[1])
         if user is not None:
             if user.sampling == "poisson":
