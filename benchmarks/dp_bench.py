@@ -1,11 +1,11 @@
 """Differential privacy benchmark (on demand; ~10-15 min on a loaded 2-core machine).
 
     .venv/bin/python benchmarks/dp_bench.py                  # everything
-    .venv/bin/python benchmarks/dp_bench.py --part timing    # DP-SGD vs plain local training
+    .venv/bin/python benchmarks/dp_bench.py --part timing    # DP-SGD vs plain local training (alternating repeats)
     .venv/bin/python benchmarks/dp_bench.py --part overhead  # user-level DP cost of one round
     .venv/bin/python benchmarks/dp_bench.py --part curve     # accuracy vs epsilon, FMNIST + Shakespeare
     .venv/bin/python benchmarks/dp_bench.py --quick          # smaller everything (smoke test)
-    .venv/bin/python benchmarks/dp_bench.py --part modes --quick   # DP-SGD ms/step per Opacus grad_sample_mode
+    .venv/bin/python benchmarks/dp_bench.py --part modes --quick   # DP-SGD ms/step per grad_sample_mode
     .venv/bin/python benchmarks/dp_bench.py --part timing --grad-sample-mode ew   # timing with one mode
 
 Prints markdown tables and writes benchmarks/out/dp_bench.json.  One torch thread throughout, so
@@ -34,6 +34,7 @@ from flotilla.core.aggregate import WeightedMean  # noqa: E402
 from flotilla.core.client import ClientSpec, LocalTrainer  # noqa: E402
 from flotilla.core.flat import FlatModel  # noqa: E402
 from flotilla.privacy import DPFedAvg, DPLocalTrainer, SampleLevelSpec, make_dp_compatible, make_private  # noqa: E402
+from flotilla.privacy.sample import choose_mode  # noqa: E402
 from flotilla.sim.sync import SyncFedAvg  # noqa: E402
 from flotilla.tasks.models import CharLSTM, SmallCNN  # noqa: E402
 
@@ -57,70 +58,154 @@ def shakespeare(**kw):
     return shakespeare_federated(seed=0, **kw), VOCAB_SIZE
 
 
-def time_client(trainer, dataset, clients, start):
-    """Median ms per local step over ``clients`` (one warm-up client first)."""
+def run_clients(trainer, dataset, clients, start, seed) -> tuple[float, float]:
+    """(wall, CPU) ms per local step over ``clients``."""
     delta = torch.empty_like(start)
-    trainer.train(dataset, clients[0], start, 0, delta)
-    per_step = []
+    w0, c0, steps = time.perf_counter(), time.process_time(), 0
     for i, c in enumerate(clients):
-        t0 = time.perf_counter()
-        r = trainer.train(dataset, c, start, i + 1, delta)
-        per_step.append((time.perf_counter() - t0) * 1000 / max(r.steps, 1))
-    return statistics.median(per_step)
+        steps += trainer.train(dataset, c, start, seed + i, delta).steps
+    return tuple((t * 1000 / max(steps, 1)) for t in (time.perf_counter() - w0, time.process_time() - c0))
 
 
 # --- A: DP-SGD client training vs non-private -------------------------------------------------
-def part_timing(quick: bool) -> list[dict]:
-    rows = []
+TARGET = {"SmallCNN": 1.6, "CharLSTM": 3.0}  # issue 14: DP step at most this many plain steps
+
+
+def cnn_floor_extra_ms(batch: int = 32, reps: int = 20) -> tuple[float, float]:
+    """(wall, CPU) ms that per-example clipping of the SmallCNN must add to a plain step whatever the method:
+    the two convolutions' per-example weight gradients (one grouped convolution backward each, the cheapest
+    way found here; ghost norms over 784 / 196 positions cost more) minus the summed weight gradients the
+    plain backward computes instead, plus drawing the Gaussian noise for every parameter."""
+    from opacus.optimizers.optimizer import _generate_noise
+
+    model = SmallCNN()
+    convs = [(m, hw) for m, hw in zip([model.features[0], model.features[3]], (28, 14))]
+    g = torch.Generator().manual_seed(0)
+    data = [
+        (
+            m,
+            torch.randn(batch, m.in_channels, hw, hw, generator=g),
+            torch.randn(batch, m.out_channels, hw, hw, generator=g),
+        )
+        for m, hw in convs
+    ]
+
+    def conv_grads(per_example: bool):
+        for m, x, gy in data:
+            groups = batch if per_example else 1
+            w = m.weight.new_zeros(batch * m.out_channels, *m.weight.shape[1:]) if per_example else m.weight
+            torch.ops.aten.convolution_backward(
+                gy.reshape(1, -1, *gy.shape[2:]) if per_example else gy,
+                x.reshape(1, -1, *x.shape[2:]) if per_example else x,
+                w,
+                None,
+                m.stride,
+                m.padding,
+                m.dilation,
+                False,
+                [0, 0],
+                groups,
+                [False, True, False],
+            )
+
+    def noise():
+        for p in model.parameters():
+            _generate_noise(1.0, p, generator=g)
+
+    def timed(fn):
+        walls, cpus = [], []
+        for _ in range(reps):
+            w0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            walls.append(time.perf_counter() - w0)
+            cpus.append(time.process_time() - c0)
+        return statistics.median(walls) * 1000, statistics.median(cpus) * 1000
+
+    with torch.no_grad():
+        timed(lambda: conv_grads(True))  # warm-up
+        per, summed, nz = timed(lambda: conv_grads(True)), timed(lambda: conv_grads(False)), timed(noise)
+    return tuple(per[i] - summed[i] + nz[i] for i in (0, 1))
+
+
+def part_timing(quick: bool, repeats: int) -> list[dict]:
+    """Plain and DP-SGD local steps, alternated ``repeats`` times over the same clients (so load drifts hit
+    all alike); median and min of the per-repeat ms/step.  DP runs the --grad-sample-mode mode and, where
+    that is not it, the direct mode too."""
     n_clients = 3 if quick else 6
     spec = ClientSpec(epochs=1, batch_size=32, lr=0.05)
-    dp = SampleLevelSpec(noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=GRAD_SAMPLE_MODE)
-
     ds = fmnist(100)  # 600 images per client: ~19 steps of 32
-    clients = list(range(n_clients))
-    torch.manual_seed(0)
-    plain_flat = FlatModel(SmallCNN())
-    plain = time_client(LocalTrainer(plain_flat, F.cross_entropy, spec), ds, clients, plain_flat.flat.clone())
-    torch.manual_seed(0)
-    flat = FlatModel(SmallCNN())
-    t0 = time.perf_counter()
-    trainer = DPLocalTrainer(flat, F.cross_entropy, spec, dp)
-    wrap_ms = (time.perf_counter() - t0) * 1000
-    private = time_client(trainer, ds, clients, flat.flat.clone())
-    rows.append(
-        {
-            "model": "SmallCNN (FMNIST, batch 32)",
-            "plain_ms_per_step": plain,
-            "dp_ms_per_step": private,
-            "slowdown": private / plain,
-            "wrap_once_ms": wrap_ms,
-            "load": load(),
-        }
-    )
-
     sh, vocab = shakespeare(max_clients=40, max_train_samples_per_client=320)
-    clients = [c for c in range(sh.num_clients) if sh.num_train(c) >= 320][:n_clients]
-    torch.manual_seed(0)
-    lstm_flat = FlatModel(CharLSTM(vocab))  # nn.LSTM (fused kernel)
-    plain = time_client(LocalTrainer(lstm_flat, F.cross_entropy, spec), sh, clients, lstm_flat.flat.clone())
-    torch.manual_seed(0)
-    dpl_flat = FlatModel(make_dp_compatible(CharLSTM(vocab)))  # Opacus DPLSTM, trained without DP
-    dplstm_plain = time_client(LocalTrainer(dpl_flat, F.cross_entropy, spec), sh, clients, dpl_flat.flat.clone())
-    t0 = time.perf_counter()
-    trainer = DPLocalTrainer(dpl_flat, F.cross_entropy, spec, dp)
-    wrap_ms = (time.perf_counter() - t0) * 1000
-    private = time_client(trainer, sh, clients, dpl_flat.flat.clone())
-    rows.append(
-        {
-            "model": "CharLSTM 128 (Shakespeare, seq 80, batch 32)",
-            "plain_ms_per_step": plain,
-            "plain_dplstm_ms_per_step": dplstm_plain,
-            "dp_ms_per_step": private,
-            "slowdown": private / plain,
-            "wrap_once_ms": wrap_ms,
-            "load": load(),
-        }
-    )
+    sh_clients = [c for c in range(sh.num_clients) if sh.num_train(c) >= 320][:n_clients]
+    setups = {
+        "SmallCNN": ("SmallCNN (FMNIST, batch 32)", SmallCNN, ds, list(range(n_clients))),
+        "CharLSTM": ("CharLSTM 128 (Shakespeare, seq 80, batch 32)", lambda: CharLSTM(vocab), sh, sh_clients),
+    }
+    rows = []
+    for key, (name, make, data, clients) in setups.items():
+        auto = choose_mode(make_dp_compatible(make()))
+        runs = {}  # label -> (trainer, start)
+        torch.manual_seed(0)
+        flat = FlatModel(make())  # nn.LSTM (fused kernel) for the CharLSTM
+        runs["plain"] = (LocalTrainer(flat, F.cross_entropy, spec), flat.flat.clone())
+        if key == "CharLSTM":
+            torch.manual_seed(0)
+            flat = FlatModel(make_dp_compatible(make()))  # Opacus DPLSTM, trained without DP
+            runs["plain DPLSTM"] = (LocalTrainer(flat, F.cross_entropy, spec), flat.flat.clone())
+        wrap_ms = {}
+        for mode in dict.fromkeys([GRAD_SAMPLE_MODE, "direct"]):
+            torch.manual_seed(0)
+            flat = FlatModel(make_dp_compatible(make()))
+            t0 = time.perf_counter()
+            trainer = DPLocalTrainer(flat, F.cross_entropy, spec, SampleLevelSpec(grad_sample_mode=mode))
+            if f"dp {trainer.mode}" in runs:
+                trainer.close()
+                continue
+            wrap_ms[f"dp {trainer.mode}"] = (time.perf_counter() - t0) * 1000
+            runs[f"dp {trainer.mode}"] = (trainer, flat.flat.clone())
+        for trainer, start in runs.values():  # warm-up
+            run_clients(trainer, data, clients[:1], start, 0)
+        times: dict[str, list] = {k: [] for k in runs}
+        for r in range(repeats):
+            for label, (trainer, start) in runs.items():
+                times[label].append(run_clients(trainer, data, clients, start, 100 * r))
+        med = {k: [statistics.median(t[i] for t in v) for i in (0, 1)] for k, v in times.items()}
+        low = {k: [min(t[i] for t in v) for i in (0, 1)] for k, v in times.items()}
+        for label in runs:
+            if label == "plain":
+                continue
+            rows.append(
+                {
+                    "model": name,
+                    "run": label,
+                    "auto_mode": auto,
+                    "plain_ms_median": med["plain"][0],
+                    "plain_ms_min": low["plain"][0],
+                    "ms_median": med[label][0],
+                    "ms_min": low[label][0],
+                    "slowdown_median": med[label][0] / med["plain"][0],
+                    "slowdown_min": low[label][0] / low["plain"][0],
+                    "cpu_slowdown_median": med[label][1] / med["plain"][1],
+                    "target": TARGET[key] if label.startswith("dp") else None,
+                    "wrap_once_ms": wrap_ms.get(label),
+                    "load": load(),
+                }
+            )
+        if key == "SmallCNN":
+            extra = cnn_floor_extra_ms()
+            rows.append(
+                {
+                    "model": name,
+                    "run": "floor: plain + per-example conv grads - summed + noise",
+                    "plain_ms_median": med["plain"][0],
+                    "ms_median": med["plain"][0] + extra[0],
+                    "slowdown_median": 1 + extra[0] / med["plain"][0],
+                    "cpu_slowdown_median": 1 + extra[1] / med["plain"][1],
+                    "load": load(),
+                }
+            )
+        for label, (trainer, _) in runs.items():
+            if label.startswith("dp"):
+                trainer.close()
     return rows
 
 
@@ -294,7 +379,7 @@ def part_modes(quick: bool) -> list[dict]:
     for name, (make, data, clients) in models.items():
         best: dict[str, list[float]] = {}
         for _ in range(repeats):
-            for mode in ("hooks", "functorch", "ew", "ghost"):
+            for mode in ("hooks", "functorch", "ew", "ghost", "direct"):
                 torch.manual_seed(0)
                 flat = FlatModel(make())
                 trainer = DPLocalTrainer(flat, F.cross_entropy, spec, SampleLevelSpec(grad_sample_mode=mode))
@@ -327,9 +412,10 @@ def main() -> None:
     ap.add_argument(
         "--grad-sample-mode",
         default="auto",
-        choices=["auto", "hooks", "functorch", "ew", "ghost"],
+        choices=["auto", "hooks", "functorch", "ew", "ghost", "direct"],
         help="for --part timing",
     )
+    ap.add_argument("--repeats", type=int, default=None, help="alternating repeats for --part timing (5; quick 3)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
@@ -342,7 +428,9 @@ def main() -> None:
     for part, fn in parts:
         if args.part in (part, "all"):
             print(f"## {part} (load {load()})", flush=True)
-            results[part] = fn(args.quick)
+            results[part] = (
+                fn(args.quick, args.repeats or (3 if args.quick else 5)) if part == "timing" else fn(args.quick)
+            )
             print(table(results[part]), flush=True)
     results["total_s"] = time.perf_counter() - t0
     results["ended_load"] = load()

@@ -137,8 +137,9 @@ def _put(p: torch.Tensor, value: torch.Tensor) -> None:
         p.grad.copy_(value.reshape(p.shape))
 
 
-def _cat(records, i):
-    return records[0][i] if len(records) == 1 else torch.cat([r[i] for r in records], dim=1)
+def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Several calls of one layer in a forward: their positions side by side (the gradient sums over them)."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=1)
 
 
 # --- layers ---------------------------------------------------------------------------------------
@@ -164,8 +165,8 @@ class LinearSite(Site):
     def terms(self):
         m = self.module
         B = self.records[0][0].shape[0]
-        a = _cat([(x.reshape(B, -1, x.shape[-1]),) for x, _ in self.records], 0)
-        g = _cat([(g.reshape(B, -1, g.shape[-1]),) for _, g in self.records], 0)
+        a = _cat([x.reshape(B, -1, x.shape[-1]) for x, _ in self.records])
+        g = _cat([g.reshape(B, -1, g.shape[-1]) for _, g in self.records])
         out = [_Weight(m.weight, a, g)] if m.weight.requires_grad else []
         if m.bias is not None and m.bias.requires_grad:
             out.append(_Bias(m.bias, g.sum(1)))
@@ -202,25 +203,26 @@ class ConvSite(Site):
         if m.weight.requires_grad:
             # Per-example weight gradients in one grouped convolution backward (the batch as groups): the
             # same kernel as the plain weight gradient, without im2col.
-            G = 0
-            for x, g in self.records:
-                B = x.shape[0]
-                G = G + torch.ops.aten.convolution_backward(
+            G = [
+                torch.ops.aten.convolution_backward(
                     g.reshape(1, -1, *g.shape[2:]),
                     x.reshape(1, -1, *x.shape[2:]),
-                    m.weight.repeat(B, 1, 1, 1),
+                    m.weight.new_zeros((x.shape[0] * m.weight.shape[0], *m.weight.shape[1:])),  # only its shape counts
                     None,
                     m.stride,
                     m.padding,
                     m.dilation,
                     False,
                     [0, 0],
-                    B,
+                    x.shape[0],
                     [False, True, False],
-                )[1].view(B, -1)
-            out.append(_Materialised(m.weight, G))
+                )[1].view(x.shape[0], -1)
+                for x, g in self.records
+            ]
+            out.append(_Materialised(m.weight, G[0] if len(G) == 1 else torch.stack(G).sum(0)))
         if m.bias is not None and m.bias.requires_grad:
-            out.append(_Bias(m.bias, sum(g.sum((2, 3)) for _, g in self.records)))
+            gb = [g.sum((2, 3)) for _, g in self.records]
+            out.append(_Bias(m.bias, gb[0] if len(gb) == 1 else torch.stack(gb).sum(0)))
         return out
 
 
@@ -247,8 +249,8 @@ class EmbeddingSite(Site):
         if not m.weight.requires_grad:
             return []
         B = self.records[0][0].shape[0]
-        ids = torch.cat([i.reshape(B, -1) for i, _ in self.records], dim=1)
-        g = torch.cat([g.reshape(B, -1, g.shape[-1]) for _, g in self.records], dim=1)
+        ids = _cat([i.reshape(B, -1) for i, _ in self.records])
+        g = _cat([g.reshape(B, -1, g.shape[-1]) for _, g in self.records])
         if m.padding_idx is not None:  # the padding row gets no gradient
             g = g * (ids != m.padding_idx).unsqueeze(-1).to(g.dtype)
         return [_Rows(m.weight, ids, g)]
@@ -307,7 +309,7 @@ class _LSTMLayerSite(Site):
 
     def terms(self):
         ih, hh = self.cell.ih, self.cell.hh
-        x, h_prev, dg = (_cat(self.records, i) for i in range(3))
+        x, h_prev, dg = (_cat([r[i] for r in self.records]) for i in range(3))
         out = []
         if ih.weight.requires_grad:
             out.append(_Weight(ih.weight, x, dg))
