@@ -173,3 +173,18 @@ def test_auto_mode_choice_and_refusals():
         assert choose_mode(nn.Sequential(nn.Linear(3, 4))) == "direct"
     finally:
         del AUTO_MODE["Sequential"]
+
+
+def test_outside_dp_steps_the_model_trains_as_usual_and_a_second_patch_is_refused():
+    model, ref = _lstm(), _lstm()
+    flat = FlatModel(model)
+    t = DPLocalTrainer(flat, F.cross_entropy, ClientSpec(), SampleLevelSpec(grad_sample_mode="direct"))
+    x, y = torch.randint(0, 12, (4, 6)), torch.randint(0, 12, (4,))
+    for m in (model, ref):  # e.g. another trainer on the same module: ordinary parameter gradients
+        m.zero_grad()
+        F.cross_entropy(m(x), y).backward()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
+    with pytest.raises(PrivacyError, match="already have a patched forward"):
+        DPLocalTrainer(flat, F.cross_entropy, ClientSpec(), SampleLevelSpec(grad_sample_mode="direct"))
+    t.close()

@@ -6,18 +6,20 @@ One forward, one backward, no per-parameter hooks and no second backward:
   ``DPLSTM``) has its ``forward`` replaced, on the instance, by an autograd function that computes
   the same output and whose backward returns the input gradient only, recording the layer's input
   ``a`` and output gradient ``g`` instead of a parameter gradient (the weight gradient of the
-  plain backward is never computed: the clipped sum below replaces it);
+  plain backward is never computed: the clipped sum below replaces it); the DPLSTM runs torch's
+  fused LSTM forward and the backward of :mod:`flotilla.privacy.fast_lstm`;
 - after the backward, every example's gradient norm comes from these: for a weight used at
   ``T`` positions (time steps, pixels) the example's gradient is ``G_b = sum_t g_bt a_bt^T``; with
   ``T = 1`` its norm is ``|g_b| |a_b|`` (nothing materialised), otherwise ``G_b`` is formed by one
   batched matmul (the same FLOPs as the weight gradient the plain backward would have computed), or,
   where the ``B`` matrices would not fit ``MATERIALISE_BYTES``, its squared norm is
-  ``sum_{t,s} (g_t.g_s)(a_t.a_s)`` (ghost norm); embeddings use the same Gram form with a
-  same-token mask;
+  ``sum_{t,s} (g_t.g_s)(a_t.a_s)`` (ghost norm); a convolution's ``G_b`` come from one grouped
+  convolution backward (the batch as groups; cheaper here than im2col or ghost norms over 196-784
+  pixels); embeddings use the Gram form with a same-token mask;
 - each example's clip factor ``min(1, C / (|grad_b| + 1e-6))`` is Opacus' formula, and the clipped
   sum ``sum_b factor_b grad_b`` is written into ``p.grad``; Opacus' ``DPOptimizerFastGradientClipping``
-  then adds the same seeded ``N(0, (sigma C)^2)`` noise, divides by the expected batch size and
-  steps, exactly as on the hooks path.
+  (:class:`DirectOptimizer`) then adds the same seeded ``N(0, (sigma C)^2)`` noise, divides by the
+  expected batch size and steps, exactly as on the hooks path.
 
 Loss reduction is "mean" over the batch, as in :mod:`flotilla.privacy.sample`: the recorded output
 gradients carry a ``1/B`` that is multiplied back (an example's gradient is that of its own loss).
@@ -367,13 +369,22 @@ class DirectOptimizer(DPOptimizerFastGradientClipping):
 
 
 class DirectClipper:
-    """Patches ``model``'s layers (see the module docstring); :meth:`clip_into_grads` after each backward."""
+    """Patches ``model``'s layers (see the module docstring); :meth:`clip_into_grads` after each backward.
 
-    def __init__(self, model: nn.Module):
+    While ``armed`` is False a patched layer runs its own forward when gradients are on (anything else
+    training the model gets ordinary parameter gradients); without gradients (evaluation) it always runs
+    the fast forward, which records nothing.
+    """
+
+    def __init__(self, model: nn.Module, armed: bool = True):
         bad = unsupported(model)
         if bad:
             raise ValueError(f"layers the direct mode cannot handle: {', '.join(bad)}")
+        patched = [n for n, m in model.named_modules() if "forward" in vars(m)]
+        if patched:
+            raise ValueError(f"layers {patched} already have a patched forward (another private trainer?)")
         self.model = model
+        self.armed = armed
         self.sites: list[Site] = []
         skip: set[str] = set()
         for name, m in model.named_modules():
@@ -385,13 +396,23 @@ class DirectClipper:
             if kind is LSTMSite:
                 skip.add(name)
             site = kind(m)
-            m.forward = site.forward  # instance attribute: nn.Module.__call__ finds it first
+            m.forward = self._switch(m, site.forward)  # instance attribute: nn.Module.__call__ finds it first
             self.sites.append(site)
         covered = {id(p) for s in self.sites for p in s.module.parameters()}
         stray = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in covered]
         if stray:
             self.close()
             raise ValueError(f"parameters outside supported layers: {stray}")
+
+    def _switch(self, module: nn.Module, fast):
+        own = type(module).forward
+
+        def forward(*args, **kwargs):
+            if self.armed or not torch.is_grad_enabled():
+                return fast(*args, **kwargs)
+            return own(module, *args, **kwargs)
+
+        return forward
 
     @torch.no_grad()
     def clip_into_grads(self, batch_size: int, max_grad_norm: float) -> torch.Tensor:

@@ -7,7 +7,8 @@ drop-in replacement for it (``algorithm.trainer = DPLocalTrainer(...)``).  Every
    Opacus' ``UniformWithReplacementSampler``), so the expected batch is ~B and the schedule is
    exactly the one Opacus' ``make_private`` would build for that client's DataLoader;
 2. computes per-example gradients (or, in ghost mode, only their norms) with one of Opacus'
-   grad-sample modes, ``privacy.sample_level.grad_sample_mode`` (see :func:`choose_mode`);
+   grad-sample modes or Flotilla's own ``direct`` mode (:mod:`flotilla.privacy.fast_grad`),
+   ``privacy.sample_level.grad_sample_mode`` (see :func:`choose_mode`);
 3. clips each example's gradient to ``max_grad_norm``, sums, adds N(0, (sigma C)^2) and divides by
    the expected batch size: Opacus' ``DPOptimizer`` around a plain ``torch.optim.SGD``.
 
@@ -17,7 +18,9 @@ views into ``FlatModel.flat`` (the SGD update is in place), so the delta is stil
 
 Recurrent layers: ``nn.LSTM`` computes its gradient in one fused kernel that per-sample hooks
 cannot see; :func:`make_dp_compatible` swaps it, in place and keeping the weights, for Opacus'
-``DPLSTM`` (same parameter names) BEFORE the FlatModel binds the parameters.
+``DPLSTM`` (same parameter names) BEFORE the FlatModel binds the parameters.  The ``direct`` mode
+keeps that layer (and so the flat layout every runtime agrees on) but runs it through torch's fused
+LSTM with a hand-written backward (:mod:`flotilla.privacy.fast_lstm`).
 
 Each result carries the client's epsilon for that participation: Opacus' accountant over that
 client's ``(sigma, q, local steps)``.
@@ -216,6 +219,7 @@ class DPLocalTrainer:
         self._direct = None
         if self.mode == "direct":  # the model itself runs; the clipper turns each backward into p.grad
             self._direct, self.module = self.module, flat.model
+            self._direct.armed = False  # armed only inside train(): elsewhere the layers train as usual
         self._sgd = self.optimizer.original_optimizer
         self.results: list[DPClientResult] = []  # this round's results (read and cleared by the caller)
         # Opacus' full backward hooks on the first layer (whose input needs no grad) warn every step.
@@ -250,6 +254,8 @@ class DPLocalTrainer:
         sampler = UniformWithReplacementSampler(num_samples=n, sample_rate=q, generator=generator, steps=steps)
         seen = 0
         loss_sum = torch.zeros((), device=flat.device)
+        if self._direct is not None:
+            self._direct.armed = True
         try:
             for batch in sampler:
                 self.optimizer.zero_grad(set_to_none=False)
@@ -272,6 +278,7 @@ class DPLocalTrainer:
         finally:
             if self._direct is not None:
                 self._direct.discard()
+                self._direct.armed = False
             self.optimizer.zero_grad(set_to_none=False)
             self._rebind_grads()
         flat.delta_into(start, delta_out)
