@@ -123,12 +123,22 @@ def main() -> None:
     ap.add_argument("--task", choices=sorted(TASKS), default="fmnist")
     ap.add_argument("--out", default=None, help="default: benchmarks/out/tuning (fmnist), tuning-shakespeare")
     ap.add_argument("--only", nargs="+", default=None, metavar="METHOD/NOISE", help="run only these studies")
-    ap.add_argument("--merge", nargs="+", default=None, metavar="DIR", help="summarise the results of these outs")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="DIR",
+                    help="summarise the results of these outs (and write them to --out if given)")  # fmt: skip
+    ap.add_argument("--signal", nargs="+", default=None, metavar="DIR",
+                    help="how well what the tuner saw ranks random search's configurations, per noise")  # fmt: skip
     args = ap.parse_args()
+    if args.signal:
+        print(signal(args.signal))
+        return
     if args.merge:  # e.g. seeds run as separate processes with their own --out
         merged = {}
         for d in args.merge:
             merged.update(json.loads((Path(d) / "results.json").read_text()))
+        if args.out:  # keep the merged results beside the per-seed ones
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / "results.json").write_text(json.dumps(merged, indent=1))
+            (Path(args.out) / "results.md").write_text(summary(merged, args.seeds))
         print(summary(merged, args.seeds))
         return
     import torch
@@ -166,6 +176,36 @@ def main() -> None:
             results_file.write_text(json.dumps(results, indent=1))
     (out / "results.md").write_text(summary(results, args.seeds))
     print(summary(results, args.seeds))
+
+
+def signal(outs: list[str]) -> str:
+    """Per noise, over the random-search studies (the same 8 configurations for a seed, all trained to
+    R): the spread of their true errors, the tuner's error minus the truth (its std), the rank
+    correlation of the two, and the regret (true error of the tuner's choice - the best of the 8)."""
+    import csv
+
+    import numpy as np
+
+    def ranks(x):
+        return np.argsort(np.argsort(x))
+
+    lines = [
+        "| noise | studies | std of true error over configs | std of tuner - true | rank corr. (Spearman) | regret |",
+        "|---|---|---|---|---|---|",
+    ]
+    for noise in NOISE:
+        stats = []
+        for d in outs:
+            for f in sorted(Path(d).glob(f"studies/random-{noise}-seed*/study/trials.csv")):
+                rows = [r for r in csv.DictReader(f.open()) if r["state"] != "pruned"]
+                tuner = np.array([float(r["tuner_error"]) for r in rows])
+                true = np.array([float(r["true_error"]) for r in rows])
+                corr = np.corrcoef(ranks(tuner), ranks(true))[0, 1]
+                stats.append((true.std(), (tuner - true).std(), corr, true[tuner.argmin()] - true.min()))
+        if stats:
+            m = np.mean(stats, axis=0)
+            lines.append(f"| {noise} | {len(stats)} | {m[0]:.3f} | {m[1]:.3f} | {m[2]:.2f} | {m[3]:.3f} |")
+    return "\n".join(lines) + "\n"
 
 
 def summary(results: dict, seeds: list[int]) -> str:
