@@ -188,3 +188,22 @@ def test_outside_dp_steps_the_model_trains_as_usual_and_a_second_patch_is_refuse
     with pytest.raises(PrivacyError, match="already have a patched forward"):
         DPLocalTrainer(flat, F.cross_entropy, ClientSpec(), SampleLevelSpec(grad_sample_mode="direct"))
     t.close()
+
+
+def test_a_client_with_empty_poisson_batches_gets_the_same_noisy_update():
+    full = _images()
+    ds = FederatedDataset("img3", full.fetch, [torch.arange(3)])
+    spec = ClientSpec(epochs=2, batch_size=1, lr=1.0)  # q = 1/3, 6 steps
+    sampler = UniformWithReplacementSampler(
+        num_samples=3, sample_rate=1 / 3, generator=torch.Generator().manual_seed(SEED), steps=6
+    )
+    assert [] in list(sampler)  # this seed draws at least one empty batch (a pure-noise step)
+    deltas = []
+    for mode in ("hooks", "direct"):
+        flat = FlatModel(_cnn())
+        t = DPLocalTrainer(flat, F.cross_entropy, spec, SampleLevelSpec(noise_multiplier=1.0, grad_sample_mode=mode))
+        d = torch.empty(flat.numel)
+        t.train(ds, 0, flat.flat.clone(), SEED, d)
+        t.close()
+        deltas.append(d)
+    torch.testing.assert_close(deltas[1], deltas[0], rtol=0, atol=1e-5)
