@@ -141,18 +141,24 @@ def shakespeare_hessian_top(checkpoint: str | None, seed: int, examples: int = 2
     return top_hessian_eigenvalue(model, task.loss_fn, batches, iters=20, seed=seed, tol=1e-3), loss
 
 
-def shakespeare_floor(seed: int) -> float:
-    """Test accuracy on a run's evaluation roles of always predicting the most frequent next character
-    of the target training windows (a space): what a model stuck at the unigram plateau scores."""
+def shakespeare_start(seed: int, checkpoint: str) -> dict[str, float]:
+    """Round-0 test accuracy on a run's evaluation roles: ``floor``, always predicting the most
+    frequent next character of the target training windows (a space: what a model stuck at the
+    unigram plateau scores), and ``pretrained``, the proxy checkpoint before any federated round."""
     from flotilla.config import validate
     from flotilla.core.evaluate import eval_clients
+    from flotilla.experiment.init import load_init
+    from flotilla.experiment.pretrain import central_accuracy
     from flotilla.tasks import build_task
 
     cfg = validate(shakespeare_base("natural", "fedavg", False, 1, seed, None))
-    data = build_task(cfg.task, seed).dataset
+    task = build_task(cfg.task, seed)
+    data = task.dataset
     mode = torch.bincount(data.targets(torch.cat(data.train_indices))).argmax()
     test = torch.cat([data.test_indices[c] for c in eval_clients(data, cfg.eval.max_clients, seed)])
-    return float((data.targets(test) == mode).double().mean())
+    load_init(task.model, checkpoint)
+    pretrained = central_accuracy(task.model, data, test, data.fetch_test)
+    return {"floor": float((data.targets(test) == mode).double().mean()), "pretrained": pretrained}
 
 
 def pretrain_checkpoint(task: str, out: Path, epochs: int | None) -> tuple[Path, dict | None]:
@@ -208,8 +214,8 @@ def main() -> None:
     )
     label = "partition" if shakespeare else "alpha"
     for seed in args.seeds:
-        if shakespeare and f"seed{seed}" not in results.setdefault("floor", {}):
-            results["floor"][f"seed{seed}"] = shakespeare_floor(seed)
+        if shakespeare and f"seed{seed}" not in results.setdefault("start", {}):
+            results["start"][f"seed{seed}"] = shakespeare_start(seed, str(ckpt))
         inits = (("random", None), ("pretrained", str(ckpt)), ("pretrained-body", str(body_only(ckpt))))
         for name, path in () if args.no_hessian else inits:
             key = f"{name}/seed{seed}"
@@ -279,9 +285,16 @@ def summary(results: dict, seeds: list[int], shakespeare: bool = False) -> str:
     lines += ["", "| init | top Hessian eigenvalue | initial loss |", "|---|---|---|"]
     for key, h in sorted(results["hessian"].items()):
         lines.append(f"| {key} | {h['top_eigenvalue']:.2f} | {h['initial_loss']:.3f} |")
-    if results.get("floor"):
-        floor = ", ".join(f"{k} {v:.3f}" for k, v in sorted(results["floor"].items()))
-        lines += ["", f"always predicting the most frequent character (a space) on the evaluation roles: {floor}"]
+    if results.get("start"):
+        lines += ["", "| round-0 accuracy on the evaluation roles | " + " | ".join(sorted(results["start"])) + " |"]
+        lines.append("|---" * (len(results["start"]) + 1) + "|")
+        for what, name in (
+            ("floor", "always the most frequent character (a space)"),
+            ("pretrained", "the proxy checkpoint"),
+        ):
+            lines.append(
+                f"| {name} | " + " | ".join(f"{v[what]:.3f}" for _, v in sorted(results["start"].items())) + " |"
+            )
     if "pretrain" in results:
         proxy = "the proxy plays" if shakespeare else "MNIST 5k"
         lines += ["", f"pre-training on {proxy}: test accuracy {results['pretrain']['test_accuracy']:.4f}"]
