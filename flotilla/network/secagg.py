@@ -240,8 +240,8 @@ def split_body(req: dict[str, Any], data: bytes | memoryview, max_bytes: int) ->
 
 
 def split_request(req: dict[str, Any], max_bytes: int) -> list[dict[str, Any]]:
-    """Earlier SDKs: ``req`` as bare JSON, itself if it fits in ``max_bytes``, else ``part`` requests."""
-    """``req`` as it travels: itself if its JSON fits in ``max_bytes``, else ``part`` requests that do."""
+    """``req`` as earlier SDKs sent it, bare JSON: itself if its JSON fits in ``max_bytes``, else ``part``
+    requests that do (kept for tests and other clients of the old body; the server still reads it)."""
     text = json.dumps(req)
     if len(text.encode()) <= max_bytes:
         return [req]
