@@ -349,7 +349,7 @@ class RoundAborted(Exception):
 
 
 def run_device(
-    call: Callable[[dict[str, Any]], dict[str, Any]],
+    call: Callable[..., dict[str, Any]],
     ticket: str,
     delta: torch.Tensor,
     weight: float,
@@ -364,8 +364,8 @@ def run_device(
     """Run this device's part of a secure round; returns the server's model version afterwards.
 
     ``call(request, data)`` sends one SecAggStep request (a dict, and the raw bytes of a masked
-    input) and returns the reply dict; ``send_body(body)``, if given, sends a body already encoded
-    (the requests of a masked input, whole or in parts), else they go through ``call`` too.
+    input) and returns the reply dict; ``send_body(body)``, if given, sends the protocol messages'
+    bodies as :func:`split_body` encoded them (whole, or in parts), else they go through ``call`` too.
     ``stop_after`` (tests) names the op after which the device vanishes, e.g. ``"masked"``."""
 
     def get(want: str) -> dict[str, Any]:
