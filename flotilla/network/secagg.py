@@ -148,10 +148,11 @@ def decode_body(body: bytes) -> tuple[dict[str, Any] | None, bool]:
         req = json.loads(msg.json)
     except (ValueError, UnicodeDecodeError, DecodeError):
         return None, legacy
-    if not isinstance(req, dict) or (msg.data and "data" in req):
+    data = msg.data  # (read once: each read of a bytes field is a copy)
+    if not isinstance(req, dict) or (data and "data" in req):
         return None, False
-    if msg.data:
-        req["data"] = msg.data
+    if data:
+        req["data"] = data
     return req, False
 
 
