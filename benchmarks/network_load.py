@@ -9,7 +9,17 @@ that run ``--clients`` devices as asyncio coroutines, each with its own TLS chan
 A device does no training: check in, download the model (4 MB, chunked), upload a fixed small
 delta (4 MB, chunked), repeat.  Reported over the measurement window (after ``--warmup``):
 accepted updates per second, upload latency p50/p99 (call start to the server's ack), download
-latency, server CPU, and the server's own accepted/rejected counts.
+latency, server CPU (cores, and milliseconds per accepted trip: the load processes share the
+cores, so CPU per trip is the steadier figure), where the server's CPU went by thread (gRPC's
+C-core pollers do TLS and HTTP/2; the event loop runs the handlers; the default executor stages
+and fsyncs), and the server's own accepted/rejected counts.
+
+``--profile PATH`` writes a cProfile (pstats) of the server's event-loop thread over the window.
+
+``--floor`` runs no server: it times, alone and on one core, the parts of a trip no server can
+skip (TLS both ways, the kernel's socket copies, the norm and the weighted sum, the checksum that
+tells a retry from a replay, the fsync'd staging and ledger writes, a server step every K
+uploads) and the copies gRPC's Python binding makes, and prints their sum per trip.
 """
 
 from __future__ import annotations
@@ -36,7 +46,7 @@ def mlp(params: int):
     return nn.Sequential(nn.Linear(784, hidden), nn.ReLU(), nn.Linear(hidden, 200))
 
 
-def serve(args, pki_dir: str, state_dir: str, ready, stop) -> None:
+def serve(args, pki_dir: str, state_dir: str, ready, stop, profiling, profiled) -> None:
     import logging
 
     import torch
@@ -62,15 +72,41 @@ def serve(args, pki_dir: str, state_dir: str, ready, stop) -> None:
             assignment_timeout_s=600,
             max_update_norm=100.0,
         ),
-        limits=Limits(rate=1000.0, burst=1000),
+        limits=Limits(rate=1000.0, burst=1000, chunk_bytes=args.chunk_kb * 1024),
         fsync=not args.no_fsync,
         compression=args.compression,
         linger_s=0,
     )
     st = ServerThread(server)
+    st.call(name_threads)
     ready.put((st.port, server.flat.numel, os.getpid()))
+    if args.profile:
+        import cProfile
+
+        prof = cProfile.Profile()  # Python 3.11: profiles the thread that enables it, so the loop's
+        profiling.wait()
+        st.call(prof.enable)
+        profiled.wait()
+        st.call(prof.disable)
+        prof.dump_stats(args.profile)
     stop.wait()
     st.stop()
+
+
+def _name_thread(name: str) -> None:
+    """Name the calling OS thread (what /proc/PID/task/*/comm shows), for the CPU-by-thread figures."""
+    import ctypes
+
+    ctypes.CDLL(None).prctl(15, name.encode(), 0, 0, 0)  # PR_SET_NAME
+
+
+def name_threads() -> None:
+    """On the server's loop: name the loop's thread "loop" and the default executor's threads (disk
+    writes, fsyncs) "io"; gRPC's own threads keep their names ("event_engine"), the rest are "python"."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    _name_thread("loop")
+    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(initializer=_name_thread, initargs=("io",)))
 
 
 async def device(
@@ -130,7 +166,7 @@ def load(args, pki_dir: str, port: int, numel: int, devices: list[tuple[str, str
 
     torch.manual_seed(1)
     data = (torch.randn(numel) * 1e-3).numpy().tobytes()
-    delta_parts = [pb.UploadPart(data=bytes(c)) for c in chunks(data, 1 << 20)]
+    delta_parts = [pb.UploadPart(data=bytes(c)) for c in chunks(data, args.chunk_kb * 1024)]
     ca = (Path(pki_dir) / "ca.pem").read_bytes()
     records: list = []
 
@@ -146,12 +182,120 @@ def load(args, pki_dir: str, port: int, numel: int, devices: list[tuple[str, str
     out.put(records)
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def _cpu(stat: str) -> float:
+    fields = stat.rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def floor(args) -> dict:
+    """CPU milliseconds of each irreducible part of one trip (the median of ``--floor-repeats``)."""
+    import socket
+    import threading
+    import zlib
+
+    import torch
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    from flotilla.network.store import StateStore
+
+    torch.set_num_threads(1)
+    numel = sum(p.numel() for p in mlp(args.params).parameters())
+    nbytes = 4 * numel
+    torch.manual_seed(1)
+    delta = torch.randn(numel) * 1e-3
+    data = delta.numpy().tobytes()
+    acc = torch.zeros(numel)
+    record = 16384  # a TLS record's payload
+    # grpc's BoringSSL negotiates an AES-GCM suite (AES-128 with AES hardware, AES-256 with OpenSSL
+    # clients); AES-256 is the dearer of the two
+    key, nonce = AESGCM(AESGCM.generate_key(256)), os.urandom(12)
+    sealed = [key.encrypt(nonce, data[i : i + record], None) for i in range(0, nbytes, record)]
+    tmp = Path(tempfile.mkdtemp(prefix="flotilla-floor-"))
+    store = StateStore(tmp, fsync=True)
+    entry = {"seq": 0, "assignment": "a" * 32, "device": "device-000", "norm": 0.1, "digest": "crc32:0:0"}
+    weights = torch.zeros(numel)
+
+    def tls():
+        for c in sealed:  # upload: decrypt
+            key.decrypt(nonce, c, None)
+        for i in range(0, nbytes, record):  # download: encrypt
+            key.encrypt(nonce, data[i : i + record], None)
+
+    a, b = socket.socket(), socket.socket()
+    srv = socket.create_server(("127.0.0.1", 0))
+    a.connect(srv.getsockname())
+    b, _ = srv.accept()
+    sink = bytearray(nbytes)
+
+    def socket_copies():  # one send and one receive of 3.8 MB: the server's side of both transfers
+        t = threading.Thread(target=a.sendall, args=(data,))
+        t.start()
+        view, got = memoryview(sink), 0
+        while got < nbytes:
+            got += b.recv_into(view[got:])
+        t.join()
+
+    def sum_and_norm():
+        float(torch.linalg.vector_norm(delta))
+        acc.add_(delta, alpha=0.5)
+
+    def write_and_fsync():  # stage (file + folder fsync'd), the ledger line (fsync'd), the file's removal
+        name = store.stage(data)
+        store.accept(entry)
+        store.discard(name)
+
+    def step_share():  # a snapshot of the weights (temp + fsync + rename) every K uploads
+        store.step(1, [], {"weights": weights}, {})
+
+    def grpc_copies():  # gRPC's Python binding: bytes -> slice on send, slices -> bytes -> join on receive
+        bytes(bytearray(data))
+        b"".join([data[i : i + record] for i in range(0, nbytes, record)])
+
+    parts = {
+        "tls_aes_gcm_7.6MB": (tls, 1),
+        "socket_send_recv_3.8MB_each": (socket_copies, 1),
+        "sum_and_norm": (sum_and_norm, 1),
+        "crc32_fingerprint": (lambda: zlib.crc32(data), 1),
+        "stage_ledger_fsync": (write_and_fsync, 1),
+        f"snapshot_fsync_per_{args.buffer}": (step_share, 1 / args.buffer),
+    }
+    out = {}
+    for name, (fn, share) in {**parts, "grpc_python_copies_3x3.8MB": (grpc_copies, 1)}.items():
+        fn()  # warm
+        times = []
+        for _ in range(args.floor_repeats):
+            t0 = time.process_time()
+            fn()
+            times.append(time.process_time() - t0)
+        out[name] = round(1000 * share * statistics.median(times), 3)
+    a.close(), b.close(), srv.close()
+    store.close()
+    out["floor_ms_per_trip"] = round(sum(out[k] for k in parts), 2)
+    out["floor_with_grpc_copies_ms"] = round(out["floor_ms_per_trip"] + out["grpc_python_copies_3x3.8MB"], 2)
+    out["load_avg"] = os.getloadavg()
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    return _cpu(Path(f"/proc/{pid}/stat").read_text())
+
+
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds of each live thread of ``pid``, summed by thread name (grpc pollers, the loop...)."""
+    out: dict[str, float] = {}
+    for t in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (t / "stat").read_text()
+        except OSError:  # the thread ended meanwhile
+            continue
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        out[name] = out.get(name, 0.0) + _cpu(stat)
+    return out
+
+
 def main() -> int:
+    from flotilla.network import wire
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clients", type=int, default=200)
     ap.add_argument("--procs", type=int, default=2, help="load-generator processes (clients split among them)")
@@ -161,8 +305,20 @@ def main() -> int:
     ap.add_argument("--warmup", type=float, default=10.0)
     ap.add_argument("--no-fsync", action="store_true")
     ap.add_argument("--compression", default="none", choices=["none", "gzip"])
+    ap.add_argument(
+        "--chunk-kb",
+        type=int,
+        default=wire.DEFAULT_CHUNK_BYTES // 1024,
+        help="chunk size of downloads and uploads (default: the client's, wire.DEFAULT_CHUNK_BYTES)",
+    )
     ap.add_argument("--json", help="also write the results to this file")
+    ap.add_argument("--floor", action="store_true", help="time the irreducible parts of a trip alone; no server")
+    ap.add_argument("--floor-repeats", type=int, default=21)
+    ap.add_argument("--profile", help="write a cProfile of the server's event loop over the window to this file")
     args = ap.parse_args()
+    if args.floor:
+        report(floor(args), args.json)
+        return 0
 
     from flotilla.network.certs import make_deployment, read_tokens_txt
 
@@ -171,9 +327,13 @@ def main() -> int:
     tokens = [(k, v) for k, v in read_tokens_txt(paths["tokens_txt"]).items() if k != "admin"]
     ctx = mp.get_context("spawn")
     ready, stop, out = ctx.Queue(), ctx.Event(), ctx.Queue()
-    server = ctx.Process(target=serve, args=(args, str(tmp / "pki"), str(tmp / "state"), ready, stop))
+    profiling, profiled = ctx.Event(), ctx.Event()
+    server = ctx.Process(
+        target=serve, args=(args, str(tmp / "pki"), str(tmp / "state"), ready, stop, profiling, profiled)
+    )
     server.start()
     port, numel, server_pid = ready.get(timeout=120)
+    print(f"server pid {server_pid} (e.g. perf record -g -p {server_pid})", file=sys.stderr, flush=True)
     start = time.time()
     deadline = start + args.warmup + args.duration
     shares = [tokens[i :: args.procs] for i in range(args.procs)]
@@ -181,10 +341,12 @@ def main() -> int:
     for w in workers:
         w.start()
     time.sleep(max(0.0, start + args.warmup - time.time()))
-    cpu0, t0 = cpu_seconds(server_pid), time.time()
+    profiling.set()
+    cpu0, threads0, t0 = cpu_seconds(server_pid), thread_cpu(server_pid), time.time()
+    time.sleep(max(0.0, deadline - time.time()))
+    cpu1, threads1, t1 = cpu_seconds(server_pid), thread_cpu(server_pid), time.time()
+    profiled.set()
     records = [r for _ in workers for r in out.get(timeout=args.warmup + args.duration + 300)]
-    t1 = min(time.time(), deadline)
-    cpu1 = cpu_seconds(server_pid)
     for w in workers:
         w.join()
     from flotilla.network.client import Connection
@@ -209,6 +371,7 @@ def main() -> int:
         "buffer_k": args.buffer,
         "fsync": not args.no_fsync,
         "compression": args.compression,
+        "chunk_kb": args.chunk_kb,
         "window_s": round(args.duration, 1),
         "accepted_per_s": round(len(ok) / args.duration, 1),
         "upload_p50_s": round(pct(up, 0.5), 3),
@@ -218,6 +381,13 @@ def main() -> int:
         "download_p99_s": round(pct(down, 0.99), 3),
         "failed_calls_in_window": len(window) - len(ok),
         "server_cpu_cores": round((cpu1 - cpu0) / max(t1 - t0, 1e-9), 2),
+        # CPU seconds over the window / trips accepted in it (the server's figure, not the devices')
+        "server_cpu_ms_per_trip": round(1000 * (cpu1 - cpu0) / max(len(ok), 1), 2),
+        "server_cpu_ms_per_trip_by_thread": {
+            k: round(1000 * (v - threads0.get(k, 0.0)) / max(len(ok), 1), 2)
+            for k, v in sorted(threads1.items(), key=lambda kv: -(kv[1] - threads0.get(kv[0], 0.0)))
+            if v - threads0.get(k, 0.0) > 0
+        },
         "server_version": status["version"],
         "server_accepted": status["accepted"],
         "server_rejected": status["rejected"],

@@ -162,7 +162,7 @@ class Upload:
     norm: float
     ephemeral_pk: bytes = b""  # sealed upload: the client's ephemeral X25519 key
     ciphertext: bytes = b""  # sealed upload: what the secure buffer opens
-    digest: str | None = None  # fingerprint() of the uploaded bytes (answers retries; commit computes it)
+    digest: str | None = None  # fingerprint() of the uploaded bytes (answers retries; commit computes it if None)
     control: torch.Tensor | None = None  # SCAFFOLD: the device's delta c_i (uploaded after the delta)
 
 
@@ -755,7 +755,7 @@ class Coordinator:
         loop = asyncio.get_running_loop()
         # Stage the bytes (the slow, fsync'd part) outside the lock, so uploads stage in parallel;
         # their digest (to tell a retry from a replay) in the same trip to the worker thread.
-        name, up.digest = await loop.run_in_executor(None, self._stage, raw)
+        name, up.digest = await loop.run_in_executor(None, self._stage, raw, up.digest)
         attempted = False  # once the ledger write starts the file must stay (recovery decides)
         try:
             async with self.lock:
@@ -811,8 +811,8 @@ class Coordinator:
             if not attempted:
                 self.store.discard(name)
 
-    def _stage(self, raw) -> tuple[str, str]:
-        return self.store.stage(raw), fingerprint(raw)
+    def _stage(self, raw, digest: str | None = None) -> tuple[str, str]:
+        return self.store.stage(raw), digest or fingerprint(raw)
 
     def _add(self, delta: torch.Tensor, entry: dict[str, Any], control: torch.Tensor | None = None) -> None:
         """Into the aggregator, exactly as the simulator adds (also used to rebuild the buffer on restart);

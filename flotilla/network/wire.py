@@ -59,6 +59,51 @@ def chunks(data: bytes | memoryview, chunk_bytes: int) -> Iterator[memoryview]:
         yield view[start : start + chunk_bytes]
 
 
+def model_chunks(version: int, data: bytes | memoryview, chunk_bytes: int) -> list[bytes]:
+    """The serialised ``ModelChunk`` messages of a model download, in order.  The server builds them
+    once per served version and hands the same bytes to every device (a raw response serialiser)."""
+    view = memoryview(data).cast("B")
+    total = len(view)
+    return [
+        pb.ModelChunk(version=version, offset=off, total_bytes=total, data=bytes(part)).SerializeToString()
+        for off, part in zip(range(0, total, chunk_bytes), chunks(view, chunk_bytes))
+    ]
+
+
+_DATA_TAG = 0x12  # UploadPart.data: field 2, wire type 2 (length-delimited)
+
+
+class DataPart:
+    """An ``UploadPart`` whose one field is ``data``; ``data`` is a view into the received message."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: memoryview):
+        self.data = data
+
+    def WhichOneof(self, name: str) -> str | None:  # as the protobuf message answers
+        return "data" if name == "part" else None
+
+
+def parse_upload_part(raw: bytes) -> DataPart | pb.UploadPart:
+    """``pb.UploadPart.FromString(raw)``, without protobuf's two copies of the delta's bytes for the
+    message nearly every part is: exactly one ``data`` field (its tag, a varint length, then that
+    many bytes to the end).  Protobuf parses a message of that form to the same ``data``; anything
+    else (a header, other fields, a length that does not match) is parsed by protobuf itself and
+    raises as it does."""
+    if len(raw) > 1 and raw[0] == _DATA_TAG:
+        n = shift = 0
+        for i in range(1, min(len(raw), 11)):  # a varint has at most 10 bytes
+            b = raw[i]
+            n |= (b & 0x7F) << shift
+            if b < 0x80:
+                if i + 1 + n == len(raw):
+                    return DataPart(memoryview(raw)[i + 1 :])
+                break
+            shift += 7
+    return pb.UploadPart.FromString(raw)
+
+
 def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
     return [
         ("grpc.max_send_message_length", max_message_bytes),
@@ -78,6 +123,9 @@ __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
     "SDK_VERSION",
     "chunks",
+    "model_chunks",
+    "DataPart",
+    "parse_upload_part",
     "channel_options",
     "compression",
 ]
