@@ -43,9 +43,9 @@ def delta(step: int, device: int) -> torch.Tensor:
     return (torch.arange(NUMEL, dtype=torch.float32) - 7 + 3 * device - 5 * step) * 2.0**-10
 
 
-def feed(pki, st, devices=DEVICES) -> list[tuple[str, int, str | None]]:
+def feed(pki, st, direct: int = -1) -> list[tuple[str, int, str | None]]:
     """K updates per step from devices 0..K-1 (one ticket each, staleness 0); returns (assignment,
-    seq, aggregator address) acked."""
+    seq, aggregator address) acked.  Update number ``direct`` goes to the server itself."""
     from flotilla.client import Connection
 
     acked = []
@@ -59,6 +59,8 @@ def feed(pki, st, devices=DEVICES) -> list[tuple[str, int, str | None]]:
                 ci = c.check_in(10)
             assert ci.action == "train", ci
             a = ci.assignment
+            if len(acked) == direct:  # an SDK that ignores the aggregator: the coordinator still takes it
+                a.aggregator = None
             up = (
                 c
                 if not a.aggregator
@@ -85,7 +87,14 @@ def ledger(state) -> list[dict]:
 
 def test_two_aggregators_take_the_same_steps_as_one_process(pki, tmp_path):
     one = start_server(
-        pki, tmp_path / "one", mode="async", concurrency=DEVICES, buffer_size=K, total_steps=STEPS, retry_after_s=0.05
+        pki,
+        tmp_path / "one",
+        mode="async",
+        concurrency=DEVICES,
+        buffer_size=K,
+        total_steps=STEPS,
+        retry_after_s=0.05,
+        linger_s=2.0,
     )
     try:
         feed(pki, one)
@@ -101,29 +110,34 @@ def test_two_aggregators_take_the_same_steps_as_one_process(pki, tmp_path):
         buffer_size=K,
         total_steps=STEPS,
         retry_after_s=0.05,
+        linger_s=2.0,  # the aggregators learn that the last step is committed, and delete its files
         server={"aggregators": 2},
     )
     aggs = []
     try:
         aggs = [AggregatorThread(aggregator(pki, state, f"agg-{i}", port=st.port)) for i in range(2)]
-        acked = feed(pki, st)
+        acked = feed(pki, st, direct=K * STEPS - 1)
         got = status(st)
+        deadline = time.time() + 5  # each aggregator deletes the files of committed updates (next Watch)
+        while any((state / "aggregators").glob("*/pending/*.bin")) and time.time() < deadline:
+            time.sleep(0.05)
+        left = list((state / "aggregators").glob("*/pending/*.bin"))
     finally:
         for a in aggs:
             a.stop()
         st.stop()
     assert got["version"] == want["version"] == STEPS
     assert got["weights_sha256"] == want["weights_sha256"]  # the same model, bit for bit
-    # every update went through an aggregator, both took some, and the ledger books each under it
-    assert {a for _, _, a in acked} == {f"localhost:{x.port}" for x in aggs}
+    # every update but the direct one went through an aggregator, both took some, the ledger books each
+    assert {a for _, _, a in acked} == {f"localhost:{x.port}" for x in aggs} | {None}
     records = ledger(state)
     accepted = {r["seq"]: r for r in records if r["event"] == "accepted"}
     assert sorted(accepted) == list(range(K * STEPS))
-    assert {r["aggregator"] for r in accepted.values()} == {"agg-0", "agg-1"}
+    assert [r.get("aggregator") for r in accepted.values()].count(None) == 1
+    assert {r.get("aggregator") for r in accepted.values()} == {"agg-0", "agg-1", None}
     assert [s for r in records if r["event"] == "step" for s in r["seqs"]] == list(range(K * STEPS))
     assert {(r["assignment"], s) for s, r in accepted.items()} == {(i, s) for i, s, _ in acked}
-    # each aggregator deleted the files of its committed updates
-    assert not any((state / "aggregators").glob("*/pending/*.bin"))
+    assert not left  # each aggregator deleted the files of its committed updates
 
 
 def test_an_aggregator_without_the_coordinators_key_is_refused_with_one_line(pki, tmp_path):

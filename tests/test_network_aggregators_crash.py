@@ -21,7 +21,7 @@ import torch
 from flotilla.network.partials import aggregator_key
 from tests.network_helpers import PKI
 
-STEPS, DEVICES = 14, 4
+STEPS, DEVICES = 10, 4
 
 
 def _log(path: str) -> None:

@@ -173,9 +173,11 @@ class AggregatorServer:
                 except (grpc.aio.AioRpcError, LookupError) as e:
                     log.warning("aggregator %s: partial sum not delivered (%s); resyncing", self.name, e)
                     need = True
-            if r["done"] and not self.done:
-                self.done = True
-                self._done.set()
+            if r["done"]:  # Watch answers at once from now on: no busy loop while lingering
+                if not self.done:
+                    self.done = True
+                    self._done.set()
+                await asyncio.sleep(0.5)
 
     async def _settle(self, outstanding: set[int]) -> None:
         """Delete the files of a handed-over partial sum once its step is committed (or dropped)."""

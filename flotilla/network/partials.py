@@ -281,7 +281,9 @@ class Hub:
             {
                 "boot": self.coord.table.boot,
                 "version": self.coord.version,
-                "done": self.coord.done,
+                # done once the last step is committed (its updates no longer outstanding): the
+                # aggregator then deletes their files and may exit
+                "done": self.coord.done and not self.outstanding(name),
                 "registered": name in self.aggregators,
                 "want": self.wants.get(name) if name not in self.partials else None,
                 "outstanding": [e["seq"] for e in self.outstanding(name)],
@@ -417,6 +419,7 @@ class Hub:
             )
         if closes:  # the step gathers this update too: after this reply has gone back
             self._stepping = asyncio.ensure_future(self.step_if_due())
+            self.server._pending_records.append(self._stepping)  # the server awaits it before it stops
         return {"seq": entry["seq"], "version": entry["reply_version"], "alpha": entry["alpha"]}
 
     def handler(self) -> grpc.GenericRpcHandler:
