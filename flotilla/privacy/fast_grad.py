@@ -101,7 +101,10 @@ class _Materialised(_Term):
         return torch.linalg.vector_norm(self.G, dim=1).square()
 
     def write(self, w):
-        _put(self.p, w @ self.G)
+        if self.p.grad is not None and self.p.grad.is_contiguous():
+            torch.mv(self.G.t(), w, out=self.p.grad.view(-1))  # straight into the (flat-bound) grad
+        else:
+            _put(self.p, w @ self.G)
 
 
 class _Bias(_Term):
@@ -195,6 +198,16 @@ class _ConvFn(Function):
 
 
 class ConvSite(Site):
+    _zeros: torch.Tensor | None = None
+
+    def _placeholder(self, batch: int) -> torch.Tensor:
+        """The grouped weight argument: only its shape matters for a weight gradient (kept between steps)."""
+        w = self.module.weight
+        shape = (batch * w.shape[0], *w.shape[1:])
+        if self._zeros is None or self._zeros.shape != shape or self._zeros.device != w.device:
+            self._zeros = w.new_zeros(shape)
+        return self._zeros
+
     def forward(self, x):
         m = self.module
         return _ConvFn.apply(x, m.weight, m.bias, self)
@@ -209,7 +222,7 @@ class ConvSite(Site):
                 torch.ops.aten.convolution_backward(
                     g.reshape(1, -1, *g.shape[2:]),
                     x.reshape(1, -1, *x.shape[2:]),
-                    m.weight.new_zeros((x.shape[0] * m.weight.shape[0], *m.weight.shape[1:])),  # only its shape counts
+                    self._placeholder(x.shape[0]),
                     None,
                     m.stride,
                     m.padding,
