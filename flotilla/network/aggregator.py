@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import secrets
 import time
 from collections import Counter
@@ -306,6 +307,21 @@ class AggregatorServer:
             self.counters[f"rejected.{e.reason}"] += 1
             await context.abort(_CODES[e.code], str(e), e.trailing_metadata())
 
+    def _stage(self, name: str, buf: bytearray) -> str:
+        """As StateStore.stage, under a name chosen by the caller: the file and its folder fsync'd."""
+        with open(self.store.pending_dir / name, "wb") as f:
+            f.write(buf)
+            if self.store.fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        if self.store.fsync:
+            fd = os.open(self.store.pending_dir, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        return fingerprint(buf)
+
     async def _upload(self, request_iterator, h, ticket: Ticket, device: str) -> pb.UploadReply:
         size = 4 * self.numel
         try:
@@ -326,8 +342,16 @@ class AggregatorServer:
         delta = torch.frombuffer(buf, dtype=torch.float32)
         norm = Coordinator.check_delta(self._checks, delta, device)  # the coordinator's own value checks
         loop = asyncio.get_running_loop()
-        name, digest = await loop.run_in_executor(None, lambda: (self.store.stage(buf), fingerprint(buf)))
+        # the name is taken (in `staging`) before the file exists, so a registration that cleans up
+        # unknown files meanwhile cannot delete it
+        name = secrets.token_hex(12) + ".bin"
         self.staging.add(name)
+        try:
+            digest = await loop.run_in_executor(None, self._stage, name, buf)
+        except BaseException:
+            self.staging.discard(name)
+            self.store.discard(name)
+            raise
         claim = {
             "name": self.name,
             "boot": self.boot,
