@@ -154,7 +154,7 @@ class Hub:
         return len(self.aggregators) >= self.expected
 
     def client_json(self, base: str, device: str) -> str:
-        """The assignment's settings plus ``aggregator``: the address the device uploads to."""
+        """The assignment's settings plus ``aggregator``: where the device downloads and uploads."""
         return json.dumps({**json.loads(base), "aggregator": self.route(device)})
 
     def route(self, device: str) -> str:
@@ -163,12 +163,6 @@ class Hub:
         return self.aggregators[names[self.coord.device_index(device) % len(names)]].address
 
     # -- the coordinator's buffer ----------------------------------------------------------------
-    def add(self, entry: dict[str, Any]) -> None:
-        """Count a remote update in the coordinator's FedBuff (its vector is in a partial sum)."""
-        agg = self.coord.aggregator
-        agg.total_weight += float(entry["weight"])
-        agg.count += 1
-
     def outstanding(self, name: str) -> list[dict[str, Any]]:
         return [
             {"seq": e["seq"], "file": e["file"], "alpha": e["alpha"]}
