@@ -33,6 +33,7 @@ def space(folder: Path, pids: Path, **extra) -> Path:
     raw = yaml.safe_load(path.read_text())
     raw["base"]["task"] = {"name": "python", "factory": "tests.test_tune_ray:pid_task", "options": {"pids": str(pids)}}
     raw["base"]["rounds"] = 4
+    raw["heartbeat_s"] = 10  # the default: nothing is killed here, and a loaded machine may delay a beat
     path.write_text(yaml.safe_dump(raw))
     return path
 
