@@ -29,6 +29,7 @@ import asyncio
 import json
 import multiprocessing as mp
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -275,6 +276,7 @@ def floor(args) -> dict:
         out[name] = round(1000 * share * statistics.median(times), 3)
     a.close(), b.close(), srv.close()
     store.close()
+    shutil.rmtree(tmp, ignore_errors=True)
     out["floor_ms_per_trip"] = round(sum(out[k] for k in parts), 2)
     out["floor_with_grpc_copies_ms"] = round(
         out["floor_ms_per_trip"] + out["grpc_python_copies_3x3.8MB_in_1MiB_messages"], 2
