@@ -6,7 +6,8 @@
     .venv/bin/python benchmarks/dp_bench.py --part curve     # accuracy vs epsilon, FMNIST + Shakespeare
     .venv/bin/python benchmarks/dp_bench.py --quick          # smaller everything (smoke test)
     .venv/bin/python benchmarks/dp_bench.py --part modes --quick   # DP-SGD ms/step per grad_sample_mode
-    .venv/bin/python benchmarks/dp_bench.py --part timing --grad-sample-mode ew   # timing with one mode
+    .venv/bin/python benchmarks/dp_bench.py --part timing --grad-sample-mode ew   # timing with one mode (+ direct)
+    .venv/bin/python benchmarks/dp_bench.py --part timing --quick --repeats 7      # more alternating repeats
 
 Prints markdown tables and writes benchmarks/out/dp_bench.json.  One torch thread throughout, so
 timings compare like with like on a shared machine; the load average is recorded with them.
