@@ -1,6 +1,8 @@
 """grad_sample_mode "direct" (flotilla/privacy/fast_grad.py, fast_lstm.py): the same clipped, noised DP-SGD
 step as Opacus' hooks path, per-example norms equal to per-example backward passes, layers restored."""
 
+import copy
+
 import pytest
 import torch
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
@@ -187,6 +189,10 @@ def test_outside_dp_steps_the_model_trains_as_usual_and_a_second_patch_is_refuse
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
     with pytest.raises(PrivacyError, match="already have a patched forward"):
         DPLocalTrainer(flat, F.cross_entropy, ClientSpec(), SampleLevelSpec(grad_sample_mode="direct"))
+    twin = copy.deepcopy(model)  # a copy of the patched model computes with its own weights
+    with torch.no_grad():
+        twin.head.bias.add_(1.0)
+        torch.testing.assert_close(twin(x), model(x) + 1.0, rtol=1e-5, atol=1e-5)
     t.close()
 
 

@@ -27,6 +27,8 @@ gradients carry a ``1/B`` that is multiplied back (an example's gradient is that
 
 from __future__ import annotations
 
+import types
+
 import torch
 from opacus.layers import DPLSTM
 from opacus.optimizers import DPOptimizerFastGradientClipping
@@ -372,6 +374,14 @@ def unsupported(model: nn.Module) -> list[str]:
     return bad
 
 
+def _patched_forward(module: nn.Module, *args, **kwargs):
+    """A patched layer's forward: the recording one inside DP steps and for evaluation, its own otherwise."""
+    site = module.__dict__["_direct_site"]
+    if site.clipper.armed or not torch.is_grad_enabled():
+        return site.forward(*args, **kwargs)
+    return type(module).forward(module, *args, **kwargs)
+
+
 class DirectOptimizer(DPOptimizerFastGradientClipping):
     """Opacus' optimizer for already-clipped sums (same noise, scaling and step), without its deep copy of
     every gradient: ``p.grad`` was written by :class:`DirectClipper` for this step."""
@@ -409,23 +419,17 @@ class DirectClipper:
             if kind is LSTMSite:
                 skip.add(name)
             site = kind(m)
-            m.forward = self._switch(m, site.forward)  # instance attribute: nn.Module.__call__ finds it first
+            site.clipper = self
+            # Instance attributes (nn.Module.__call__ finds them first); a method bound to the module itself,
+            # so that a deep copy of the model gets a forward bound to the copy (and a copy of the site).
+            m._direct_site = site
+            m.forward = types.MethodType(_patched_forward, m)
             self.sites.append(site)
         covered = {id(p) for s in self.sites for p in s.module.parameters()}
         stray = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in covered]
         if stray:
             self.close()
             raise ValueError(f"parameters outside supported layers: {stray}")
-
-    def _switch(self, module: nn.Module, fast):
-        own = type(module).forward
-
-        def forward(*args, **kwargs):
-            if self.armed or not torch.is_grad_enabled():
-                return fast(*args, **kwargs)
-            return own(module, *args, **kwargs)
-
-        return forward
 
     @torch.no_grad()
     def clip_into_grads(self, batch_size: int, max_grad_norm: float) -> torch.Tensor:
@@ -462,4 +466,5 @@ class DirectClipper:
         """Give every patched layer its own forward back."""
         for site in self.sites:
             site.module.__dict__.pop("forward", None)
+            site.module.__dict__.pop("_direct_site", None)
         self.sites = []
