@@ -205,10 +205,10 @@ class ConvSite(Site):
     def _placeholder(self, batch: int) -> torch.Tensor:
         """The grouped weight argument: only its shape matters for a weight gradient (kept between steps)."""
         w = self.module.weight
-        shape = (batch * w.shape[0], *w.shape[1:])
-        if self._zeros is None or self._zeros.shape != shape or self._zeros.device != w.device:
-            self._zeros = w.new_zeros(shape)
-        return self._zeros
+        rows = batch * w.shape[0]
+        if self._zeros is None or len(self._zeros) < rows or self._zeros.device != w.device:
+            self._zeros = w.new_zeros((rows, *w.shape[1:]))  # Poisson batches vary: keep the largest, use a prefix
+        return self._zeros[:rows]
 
     def forward(self, x):
         m = self.module
