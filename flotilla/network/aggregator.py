@@ -478,14 +478,7 @@ def aggregator_from_config(cfg, *, name: str, coordinator: str, key: bytes, stat
         tokens=TokenTable.load(net.tokens),
         state_dir=state_dir,
         ca=ca,
-        limits=Limits(
-            int(net.max_message_mb * 2**20),
-            net.chunk_kb * 1024,
-            net.rate_limit,
-            net.rate_burst,
-            uploads_per_device=net.uploads_per_device,
-            upload_timeout_s=net.upload_timeout_s,
-        ),
+        limits=Limits.of(net),
         fsync=net.fsync,
         **kw,
     )

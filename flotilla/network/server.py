@@ -108,6 +108,18 @@ class Limits:
                 f"{self.uploads_per_device} and {self.upload_timeout_s}"
             )
 
+    @classmethod
+    def of(cls, net) -> Limits:
+        """The limits a config's ``network:`` section sets (serve and its aggregators use the same)."""
+        return cls(
+            int(net.max_message_mb * 2**20),
+            net.chunk_kb * 1024,
+            net.rate_limit,
+            net.rate_burst,
+            uploads_per_device=net.uploads_per_device,
+            upload_timeout_s=net.upload_timeout_s,
+        )
+
 
 def finite_or_none(record: dict[str, Any]) -> dict[str, Any]:
     """``record`` with every non-finite float replaced by None (JSON has no NaN or Infinity)."""
