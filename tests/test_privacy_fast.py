@@ -162,7 +162,8 @@ def test_patched_lstm_forward_is_the_dplstm_function_and_close_restores_it():
 
 def test_auto_mode_choice_and_refusals():
     assert choose_mode(make_dp_compatible(CharLSTM(12, 4, 8))) == "direct"
-    assert choose_mode(SmallCNN()) == "hooks"  # the fingerprinted dp-sgd run keeps the hooks path
+    assert choose_mode(SmallCNN()) == "direct"
+    assert choose_mode(SmallCNN(), "hooks") == "hooks"  # an explicit mode is kept
     cfg = {"task": {"name": "fashion-mnist"}, "rounds": 1, "privacy": {"sample_level": {"grad_sample_mode": "direct"}}}
     assert validate(cfg).privacy.sample_level.grad_sample_mode == "direct"
     odd = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4))
