@@ -201,6 +201,24 @@ def test_address_auto_without_a_cluster_is_one_line(monkeypatch):
     assert not ray.is_initialized()
 
 
+@needs_ray
+def test_a_dead_address_is_one_line_within_seconds():
+    import time
+
+    import ray
+
+    if ray.is_initialized():
+        pytest.skip("Ray is already initialised in this process")
+    cfg = config()
+    task = build_task(cfg.task, cfg.seed)
+    algorithm = RayFedAvg(task.model, task.dataset, task.loss_fn, cohort=5, address="127.0.0.1:1")
+    start = time.monotonic()
+    with pytest.raises(ValueError, match=r"^runtime.address: no Ray cluster at '127.0.0.1:1' \(Connection refused\)"):
+        algorithm.step()  # Ray's own connect waited for minutes here
+    assert time.monotonic() - start < 30
+    assert not ray.is_initialized()
+
+
 # -- on a local Ray ---------------------------------------------------------------------------
 
 

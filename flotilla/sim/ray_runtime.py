@@ -62,6 +62,7 @@ from flotilla.core.protocols import Components, Shape
 from flotilla.core.server_opt import ServerOptimizerSpec
 from flotilla.sim.parallel import split_cohort
 from flotilla.sim.ray_config import RAY_EXTRA
+from flotilla.sim.ray_start import init_ray
 from flotilla.sim.sync import SyncFedAvg
 
 NOT_ON_RAY = (
@@ -293,24 +294,8 @@ class RayActors:
     def _start(self) -> None:
         ray = self._ray
         if not ray.is_initialized():
-            if self.address is None:  # a private local Ray sized for the actors, even if a cluster runs here
-                ray.init(
-                    address="local",
-                    num_cpus=max(1, math.ceil(self.actors * self.cpus_per_actor - 1e-9)),
-                    include_dashboard=False,
-                    log_to_driver=False,
-                    # Ray runs workers at nice +15 so that drivers stay responsive; here the actors ARE the
-                    # work (the driver waits), and at +15 they lost to every other process on a busy machine
-                    _system_config={"worker_niceness": 0},
-                )
-            else:
-                try:
-                    ray.init(address=self.address, log_to_driver=False)
-                except ConnectionError as e:
-                    raise ValueError(
-                        f"runtime.address: no Ray cluster at {self.address!r} "
-                        f"({str(e).splitlines()[0]}); start one with `ray start --head`"
-                    ) from None
+            cpus = math.ceil(self.actors * self.cpus_per_actor - 1e-9)
+            init_ray(ray, self.address, cpus, "runtime.address")  # private local Ray, or the cluster
             self._started_ray = True
         resources = ray.cluster_resources()
         need, have = self.actors * self.cpus_per_actor, resources.get("CPU", 0.0)

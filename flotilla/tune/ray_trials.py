@@ -8,7 +8,7 @@ The task opens the same study (the SQLite file, by path), trains the run in its 
 and BOHB prune inside the task), and tells Optuna the result.  A task whose worker died (or was
 cancelled) leaves its trial failed without an error, so it is queued again like a killed process's.
 
-Ray is started as the Ray runtime starts it (flotilla/sim/ray_runtime.py, ``RayActors._start``):
+Ray is started as the Ray runtime starts it (:func:`flotilla.sim.ray_start.init_ray`):
 without an address a private local Ray sized for the trials, workers at niceness 0; otherwise
 the cluster at the address.  The study folder must be at the same path on every node (shared
 file system); see docs/tuning.md.
@@ -17,13 +17,13 @@ file system); see docs/tuning.md.
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from flotilla.sim.ray_config import RAY_EXTRA, RuntimeConfig
+from flotilla.sim.ray_start import check_reachable, init_ray
 
 
 def check_address(address: str | None) -> None:
@@ -37,19 +37,6 @@ def check_address(address: str | None) -> None:
         raise ValueError(f"--ray-address: {address!r}: {msg}") from None
 
 
-def _reachable(address: str, timeout: float = 5.0) -> None:
-    """A host:port must answer a TCP connect first: Ray's own connect to a dead address waits
-    for minutes (measured: over 10 min for 127.0.0.1:1)."""
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
-    except OSError as e:
-        raise ValueError(
-            f"--ray-address: no Ray cluster at {address!r} ({e.strerror or type(e).__name__}); "
-            "start one with `ray start --head`, or leave out --ray-address for a private local Ray"
-        ) from None
-
-
 def start_ray(address: str | None, cpus: int):
     """``(ray, started)``: Ray initialised for the trials; ``started`` if this call started it.
 
@@ -59,26 +46,11 @@ def start_ray(address: str | None, cpus: int):
         import ray
     except ImportError:
         raise ImportError(f"flotilla tune --ray needs Ray, which is not installed here: {RAY_EXTRA}") from None
-    if address not in (None, "auto"):
-        _reachable(address)
     if ray.is_initialized():  # e.g. a caller's Ray: use it, leave it running
+        if address not in (None, "auto"):
+            check_reachable(address, "--ray-address")
         return ray, False
-    if address is None:  # the same private local Ray as the Ray runtime's, sized for the trials
-        ray.init(
-            address="local",
-            num_cpus=max(1, cpus),
-            include_dashboard=False,
-            log_to_driver=False,
-            # Ray runs workers at nice +15; here the tasks are the work and the driver waits
-            _system_config={"worker_niceness": 0},
-        )
-        return ray, True
-    try:
-        ray.init(address=address, log_to_driver=False)
-    except ConnectionError as e:
-        raise ValueError(
-            f"--ray-address: no Ray cluster at {address!r} ({str(e).splitlines()[0]}); start one with `ray start --head`"
-        ) from None
+    init_ray(ray, address, cpus, "--ray-address")  # the same private local Ray as the Ray runtime's
     return ray, True
 
 
