@@ -95,6 +95,19 @@ def choose_mode(model: nn.Module, mode: str = "auto") -> str:
     return chosen
 
 
+def _dp_optimizer(cls, flat, spec, dp):
+    """Opacus' DP optimizer ``cls`` around plain SGD on the flat parameters: clipping bound, noise, mean loss."""
+    sgd = torch.optim.SGD(flat.params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
+    return cls(
+        sgd,
+        noise_multiplier=dp.noise_multiplier,
+        max_grad_norm=dp.max_grad_norm,
+        expected_batch_size=spec.batch_size,
+        loss_reduction="mean",
+        secure_mode=dp.secure_mode,
+    )
+
+
 class _Criterion(nn.Module):
     """``loss_fn`` as the criterion object ghost clipping needs (a ``reduction`` attribute it flips to
     "none" to get per-example losses)."""
@@ -154,18 +167,9 @@ def _make_private(flat: FlatModel, loss_fn: LossFn, spec: ClientSpec, dp: Sample
             clipper = DirectClipper(flat.model)
         except ValueError as e:
             raise PrivacyError(f"privacy.sample_level.grad_sample_mode: direct: {e}") from None
-        sgd = torch.optim.SGD(flat.params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
         # The clipped sum is written into p.grad by the clipper; this optimizer adds the noise, divides by the
         # expected batch size and steps, with the same code (and generator use) as DPOptimizer.
-        optimizer = DirectOptimizer(
-            sgd,
-            noise_multiplier=dp.noise_multiplier,
-            max_grad_norm=dp.max_grad_norm,
-            expected_batch_size=spec.batch_size,
-            loss_reduction="mean",
-            secure_mode=dp.secure_mode,
-        )
-        return clipper, optimizer, loss_fn
+        return clipper, _dp_optimizer(DirectOptimizer, flat, spec, dp), loss_fn
     kw: dict = dict(batch_first=True, loss_reduction="mean")
     if mode != "ew":
         kw["strict"] = True
@@ -185,15 +189,7 @@ def _make_private(flat: FlatModel, loss_fn: LossFn, spec: ClientSpec, dp: Sample
             )
         kw.update(max_grad_norm=dp.max_grad_norm, use_ghost_clipping=True)
     module = get_gsm_class(mode)(flat.model, **kw)
-    sgd = torch.optim.SGD(flat.params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
-    optimizer = (DPOptimizerFastGradientClipping if mode == "ghost" else DPOptimizer)(
-        sgd,
-        noise_multiplier=dp.noise_multiplier,
-        max_grad_norm=dp.max_grad_norm,
-        expected_batch_size=spec.batch_size,
-        loss_reduction="mean",
-        secure_mode=dp.secure_mode,
-    )
+    optimizer = _dp_optimizer(DPOptimizerFastGradientClipping if mode == "ghost" else DPOptimizer, flat, spec, dp)
     if mode == "ghost":
         from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 
