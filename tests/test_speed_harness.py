@@ -66,3 +66,25 @@ def test_summary_reports_spread_and_verdict():
     assert "0.710 [0.700-0.720]" in text  # flotilla's steady s/round: median [min-max]
     assert "beyond noise" in text.split("flotilla / raw")[1].splitlines()[0]
     assert med["flotilla"]["verdicts"]["raw"]["round_s"]["beyond_noise"]
+
+
+def test_median_interval_matches_the_sign_test_order_statistics():
+    import random
+
+    assert noise.median_ci([1, 2, 3, 4, 5]) is None  # 5 values: even min..max has 2/32 > 5% chance
+    assert noise.median_ci([6, 1, 5, 2, 4, 3]) == (1.0, 6.0)  # 6: min..max covers with 1 - 2/64
+    vals = list(range(40))
+    random.Random(0).shuffle(vals)
+    assert noise.median_ci(vals) == (13.0, 26.0)  # the textbook 14th..27th of 40
+
+
+def test_paired_verdict_needs_the_whole_interval_under_the_limit():
+    tight = [0.97 + 0.001 * (i % 7) for i in range(40)]
+    wide = [0.80 + 0.02 * (i % 20) for i in range(40)]  # median ~1.0 but spans 0.80-1.18
+    slow = [1.10 + 0.001 * (i % 5) for i in range(40)]
+    assert noise.paired_verdict(tight, 1.03)["at_most_limit"]
+    w = noise.paired_verdict(wide, 1.03)
+    assert not w["at_most_limit"] and not w["above_limit"] and "not resolved" in w["text"]
+    s = noise.paired_verdict(slow, 1.03)
+    assert s["above_limit"] and not s["at_most_limit"]
+    assert not noise.paired_verdict([1.0, 1.0], 1.03)["at_most_limit"]  # too few pairs to say anything

@@ -30,24 +30,27 @@ def client_seed(seed: int, round_: int, client: int) -> int:
     return int(np.random.SeedSequence([seed, round_, client]).generate_state(1, np.uint64)[0] >> 1)
 
 
-def main() -> None:
-    args = base_args(__doc__).parse_args()
-    wl = load(args)
-    m = wl.meta
-    model = make_model(m)
-    params = list(model.parameters())
-    global_w = [p.detach().clone() for p in params]
-    delta_sum = [torch.zeros_like(p) for p in params]
-    opt = torch.optim.SGD(params, lr=m["lr"])
-    model.train()
-    stamps = [time.perf_counter()]
-    for r in range(m["rounds"]):
-        for d in delta_sum:
+class BareLoop:
+    """The loop's state (one model, the global weights, the delta sum, ``torch.optim.SGD``) and one
+    round of it; ``main`` runs it end to end, ``round_ab.py`` alternates its rounds with Flotilla's."""
+
+    def __init__(self, wl):
+        self.wl, self.m = wl, wl.meta
+        self.model = make_model(self.m)
+        self.params = list(self.model.parameters())
+        self.global_w = [p.detach().clone() for p in self.params]
+        self.delta_sum = [torch.zeros_like(p) for p in self.params]
+        self.opt = torch.optim.SGD(self.params, lr=self.m["lr"])
+        self.model.train()
+
+    def round(self, r: int) -> None:
+        m, wl, model, params, opt = self.m, self.wl, self.model, self.params, self.opt
+        for d in self.delta_sum:
             d.zero_()
         total = 0.0
         for c in sample_cohort(m["seed"], r, wl.num_users, m["cohort"]).tolist():
             with torch.no_grad():
-                for p, g in zip(params, global_w):
+                for p, g in zip(params, self.global_w):
                     p.copy_(g)
             x, y = wl.user_data(c)
             s = client_seed(m["seed"], r, c)
@@ -61,12 +64,23 @@ def main() -> None:
                     F.cross_entropy(model(x[idx]), y[idx]).backward()
                     opt.step()
             with torch.no_grad():
-                for d, p, g in zip(delta_sum, params, global_w):
+                for d, p, g in zip(self.delta_sum, params, self.global_w):
                     d.add_(p - g, alpha=float(n))
             total += n
         with torch.no_grad():
-            for g, d in zip(global_w, delta_sum):
+            for g, d in zip(self.global_w, self.delta_sum):
                 g.add_(d / total)
+
+
+def main() -> None:
+    args = base_args(__doc__).parse_args()
+    wl = load(args)
+    m = wl.meta
+    loop = BareLoop(wl)
+    model, params, global_w = loop.model, loop.params, loop.global_w
+    stamps = [time.perf_counter()]
+    for r in range(m["rounds"]):
+        loop.round(r)
         stamps.append(time.perf_counter())
     with torch.no_grad():
         for p, g in zip(params, global_w):

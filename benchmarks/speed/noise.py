@@ -10,6 +10,7 @@ really equal (any of the 20 interleavings of 6 exchangeable values, 2 of them se
 
 from __future__ import annotations
 
+import math
 import statistics
 
 
@@ -44,4 +45,61 @@ def verdict(a: list[float], b: list[float]) -> dict:
         "hi": hi,
         "beyond_noise": beyond,
         "text": f"{ratio:.2f}x [{lo:.2f}-{hi:.2f}], {why}",
+    }
+
+
+def median_ci(values: list[float], confidence: float = 0.95) -> tuple[float, float] | None:
+    """A distribution-free confidence interval of the median: order statistics chosen by the
+    binomial (sign-test) rule, so it assumes nothing about the shape of the noise.  ``None`` when
+    there are too few values for any interval at that confidence (fewer than 6 at 95%)."""
+    vals = sorted(float(v) for v in values)
+    n = len(vals)
+    alpha = 1.0 - confidence
+    # k = the largest count with P(Binomial(n, 1/2) < k) <= alpha / 2; the interval is the k-th
+    # smallest to the k-th largest value.
+    k, cdf = 0, 0.0
+    for j in range(n + 1):
+        p = math.comb(n, j) / 2.0**n
+        if cdf + p > alpha / 2:
+            break
+        cdf += p
+        k = j + 1
+    if k < 1:
+        return None
+    return vals[k - 1], vals[n - k]
+
+
+def paired_verdict(ratios: list[float], limit: float, confidence: float = 0.95) -> dict:
+    """Per-pair ratios A/B (A and B timed back to back, many times) against a ``limit``.
+
+    ``at_most_limit`` is True only when the whole confidence interval of the median ratio lies at
+    or under ``limit``; ``above_limit`` only when it lies wholly above; otherwise the data cannot
+    tell, and the text says so."""
+    ci = median_ci(ratios, confidence)
+    med = statistics.median(ratios) if ratios else None
+    if ci is None:
+        return {
+            "median": med,
+            "lo": None,
+            "hi": None,
+            "at_most_limit": False,
+            "above_limit": False,
+            "text": f"too few pairs ({len(ratios)}) for a {confidence:.0%} interval",
+        }
+    lo, hi = ci
+    at_most, above = hi <= limit, lo > limit
+    why = (
+        f"at most {limit:g}x shown"
+        if at_most
+        else f"above {limit:g}x shown"
+        if above
+        else f"not resolved against {limit:g}x"
+    )
+    return {
+        "median": med,
+        "lo": lo,
+        "hi": hi,
+        "at_most_limit": at_most,
+        "above_limit": above,
+        "text": f"{med:.3f}x, {confidence:.0%} CI [{lo:.3f}-{hi:.3f}] over {len(ratios)} pairs: {why}",
     }

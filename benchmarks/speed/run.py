@@ -301,6 +301,20 @@ def ensure_peers(names: list[str]) -> None:
         subprocess.run(["bash", str(HERE / "install_peers.sh"), *need], check=True)
 
 
+def paired_rounds(workload: str, data_dir: Path, pairs: int, threads: int, out: Path) -> str:
+    """round_ab.py's verdict: steady rounds timed back to back in one process, immune to the load
+    drifting between the repeats above (which is what keeps their ratio "within noise")."""
+    res = out / f"round_ab-{workload}.json"
+    cmd = [sys.executable, str(HERE / "round_ab.py"), "--data", str(data_dir), "--pairs", str(pairs)]
+    subprocess.run([*cmd, "--threads", str(threads), "--json", str(res)], check=True, stdout=subprocess.DEVNULL)
+    r = json.loads(res.read_text())
+    return (
+        f"Paired steady rounds (round_ab.py, {pairs} pairs in one process, load {r['load_avg_before'][0]:.2f}): "
+        f"Flotilla / bare loop, wall {r['wall_ratio']['text']}; CPU {r['cpu_ratio']['text']}; "
+        f"identical weights: {r['identical_weights']}"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workload", choices=sorted(WORKLOADS), required=True)
@@ -314,6 +328,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip", default="", help="framework@users pairs to skip, e.g. flower@1000000")
     p.add_argument("--out", default=str(OUT))
     p.add_argument("--data", default=None, help="prepared data folder (default: <out>/data)")
+    p.add_argument(
+        "--ab-pairs",
+        type=int,
+        default=0,
+        help="after the repeats, also time N steady rounds of Flotilla and the bare loop back to back in one "
+        "process (round_ab.py) and report the paired ratio with its 95%% interval (fmnist, shakespeare)",
+    )
     a = p.parse_args(argv)
     names = [n.strip() for n in a.frameworks.split(",") if n.strip()]
     unknown = [n for n in names if n not in FRAMEWORKS]
@@ -364,6 +385,9 @@ def main(argv: list[str] | None = None) -> int:
         report.append(head + "\n\n" + table)
         all_runs += runs
         print("\n" + report[-1] + "\n", flush=True)
+    if a.ab_pairs and a.workload != "scale":
+        report.append(paired_rounds(a.workload, data_dir, a.ab_pairs, a.threads, out))
+        print(report[-1] + "\n", flush=True)
     path = out / f"speed-{a.workload}.json"
     loads = {"before": load_start, "after": os.getloadavg()}
     path.write_text(
