@@ -1,0 +1,154 @@
+"""``flotilla serve --aggregators 2`` as a user runs it: the coordinator spawns its two aggregator
+processes, ``flotilla join`` devices train FedBuff through them, and when training ends nothing is
+left running.  (test_network_aggregators*.py drive the same classes in-process and under kill -9;
+this is the command line's spawn path.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flotilla.client import export_clients
+from flotilla.config import validate
+from flotilla.data.cache import DatasetMissingError
+from flotilla.network.store import StateStore
+from flotilla.tasks.registry import build_task
+from tests.network_helpers import PKI
+
+pytestmark = pytest.mark.slow
+
+DEVICES, STEPS, K = 6, 4, 3
+LAUNCHER = Path(__file__).with_name("network_devices.py")
+CONFIG = {
+    "seed": 0,
+    "mode": "async",
+    "rounds": STEPS,
+    "task": {"name": "fashion-mnist", "partition": "iid", "num_clients": DEVICES, "examples_per_client": 40},
+    "client": {"epochs": 1, "batch_size": 10, "lr": 0.1},
+    "async": {"concurrency": 4, "buffer_size": K, "max_staleness": 8},
+    "eval": {"max_clients": 2, "every": STEPS},
+    "output": {"progress": False},
+}
+
+
+def _env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _children(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (from /proc: no psutil here)."""
+    kids: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+            kids.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        for k in kids.get(todo.pop(), []):
+            out.append(k)
+            todo.append(k)
+    return out
+
+
+def test_serve_with_two_spawned_aggregators_trains_through_them_and_leaves_nothing_running(tmp_path):
+    pki = PKI(tmp_path / "pki", devices=DEVICES)
+    try:
+        task = build_task(validate(CONFIG).task, CONFIG["seed"])
+    except DatasetMissingError as e:
+        pytest.skip(str(e))
+    data = export_clients(task.dataset, tmp_path / "data")
+    config = {
+        **CONFIG,
+        "network": {
+            "tls": {"cert": str(pki.paths["server_pem"]), "key": str(pki.paths["server_key"])},
+            "tokens": str(pki.paths["tokens_json"]),
+            "linger_s": 2.0,
+            "fsync": True,
+            "retry_after_s": 0.3,
+            "assignment_timeout_s": 60.0,
+        },
+    }
+    (tmp_path / "serve.yaml").write_text(yaml.safe_dump(config))
+    state = tmp_path / "state"
+    log = tmp_path / "server.log"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "flotilla.cli", "serve", str(tmp_path / "serve.yaml"), "--port", "0"]
+        + ["--state-dir", str(state), "--aggregators", "2"],
+        stdout=subprocess.PIPE,
+        stderr=open(log, "w"),
+        text=True,
+        env=_env(),
+    )
+    fleet = None
+    try:
+        port = None
+        for line in server.stdout:
+            if line.startswith("listening on"):
+                port = int(line.rsplit(":", 1)[1])
+                break
+        assert port, f"server did not start:\n{log.read_text()[-3000:]}"
+        threading.Thread(target=server.stdout.read, daemon=True).start()  # drain
+        deadline = time.time() + 60
+        while len(_children(server.pid)) < 2 and time.time() < deadline:
+            time.sleep(0.2)
+        spawned = _children(server.pid)
+        assert len(spawned) >= 2, f"no aggregator processes were spawned:\n{log.read_text()[-3000:]}"
+        pairs = [f"{pki.token(i)}={data[i]}" for i in range(DEVICES)]
+        fleet = subprocess.Popen(
+            [sys.executable, str(LAUNCHER), str(tmp_path), f"127.0.0.1:{port}", pki.ca, *pairs],
+            stdout=subprocess.PIPE,
+            stderr=open(tmp_path / "devices.err", "w"),
+            text=True,
+            env=_env(),
+            start_new_session=True,
+        )
+        assert server.wait(240) == 0, log.read_text()[-3000:]
+        out, _ = fleet.communicate(timeout=60)
+        codes = json.loads(out.strip().splitlines()[-1])
+        bad = {i: (tmp_path / f"device{i}.err").read_text()[-1500:] for i, rc in codes.items() if rc}
+        assert len(codes) == DEVICES and not bad, bad
+    finally:
+        for p in (server, fleet):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+    # the aggregators died with the coordinator: none of the spawned processes is left
+    time.sleep(0.5)
+    alive = [pid for pid in spawned if _alive(pid)]
+    assert not alive, f"aggregator processes left running: {alive}"
+    ledger = StateStore(state).read_ledger()
+    accepted = [r for r in ledger if r["event"] == "accepted"]
+    steps = [r for r in ledger if r["event"] == "step"]
+    assert [s["version"] for s in steps] == list(range(1, STEPS + 1))
+    assert [r["seq"] for r in accepted] == list(range(len(accepted)))
+    assert len({r["assignment"] for r in accepted}) == len(accepted), "an assignment was accepted twice"
+    applied = [q for s in steps for q in s["seqs"]]
+    assert len(applied) == len(set(applied)) and all(len(s["seqs"]) == K for s in steps)
+    # the uploads went through the spawned aggregators (both of them), not the coordinator
+    holders = {r.get("aggregator") for r in accepted if r["seq"] in set(applied)}
+    assert holders == {"agg-0", "agg-1"}, holders
+    metrics = [json.loads(x) for x in (state / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["round"] == STEPS and metrics[-1].get("accuracy") is not None
+
+
+def _alive(pid: int) -> bool:
+    """Running (not gone, not a zombie waiting to be reaped)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
