@@ -1,6 +1,7 @@
 """``flotilla serve --aggregators 2`` as a user runs it: the coordinator spawns its two aggregator
-processes, ``flotilla join`` devices train FedBuff through them, and when training ends nothing is
-left running.  (test_network_aggregators*.py drive the same classes in-process and under kill -9;
+processes, ``flotilla join`` devices train FedBuff through them; a kill -9 of the coordinator takes
+its aggregators with it, the same command resumes, every update counts exactly once, and when
+training ends nothing is left running.  (test_network_aggregators*.py drive the same classes in-process and under kill -9;
 this is the command line's spawn path.)"""
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def test_serve_with_two_spawned_aggregators_trains_through_them_and_leaves_nothing_running(tmp_path):
+def test_serve_with_two_spawned_aggregators_survives_a_kill_9_and_leaves_nothing_running(tmp_path):
     pki = PKI(tmp_path / "pki", devices=DEVICES)
     try:
         task = build_task(validate(CONFIG).task, CONFIG["seed"])
@@ -76,7 +77,7 @@ def test_serve_with_two_spawned_aggregators_trains_through_them_and_leaves_nothi
         "network": {
             "tls": {"cert": str(pki.paths["server_pem"]), "key": str(pki.paths["server_key"])},
             "tokens": str(pki.paths["tokens_json"]),
-            "linger_s": 2.0,
+            "linger_s": 6.0,  # above the SDK's 5 s backoff cap, as the 10 s default is
             "fsync": True,
             "retry_after_s": 0.3,
             "assignment_timeout_s": 60.0,
@@ -84,29 +85,35 @@ def test_serve_with_two_spawned_aggregators_trains_through_them_and_leaves_nothi
     }
     (tmp_path / "serve.yaml").write_text(yaml.safe_dump(config))
     state = tmp_path / "state"
-    log = tmp_path / "server.log"
-    server = subprocess.Popen(
-        [sys.executable, "-m", "flotilla.cli", "serve", str(tmp_path / "serve.yaml"), "--port", "0"]
-        + ["--state-dir", str(state), "--aggregators", "2"],
-        stdout=subprocess.PIPE,
-        stderr=open(log, "w"),
-        text=True,
-        env=_env(),
-    )
-    fleet = None
-    try:
-        port = None
-        for line in server.stdout:
+    logs: list[Path] = []
+
+    def serve(port: int) -> tuple[subprocess.Popen, int, list[int]]:
+        logs.append(tmp_path / f"server{len(logs)}.log")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "flotilla.cli", "serve", str(tmp_path / "serve.yaml"), "--port", str(port)]
+            + ["--state-dir", str(state), "--aggregators", "2"],
+            stdout=subprocess.PIPE,
+            stderr=open(logs[-1], "w"),
+            text=True,
+            env=_env(),
+        )
+        for line in proc.stdout:
             if line.startswith("listening on"):
                 port = int(line.rsplit(":", 1)[1])
                 break
-        assert port, f"server did not start:\n{log.read_text()[-3000:]}"
-        threading.Thread(target=server.stdout.read, daemon=True).start()  # drain
+        else:
+            raise AssertionError(f"server did not start:\n{logs[-1].read_text()[-3000:]}")
+        threading.Thread(target=proc.stdout.read, daemon=True).start()  # drain
         deadline = time.time() + 60
-        while len(_children(server.pid)) < 2 and time.time() < deadline:
+        while len(_children(proc.pid)) < 2 and time.time() < deadline:
             time.sleep(0.2)
-        spawned = _children(server.pid)
-        assert len(spawned) >= 2, f"no aggregator processes were spawned:\n{log.read_text()[-3000:]}"
+        kids = _children(proc.pid)
+        assert len(kids) >= 2, f"no aggregator processes were spawned:\n{logs[-1].read_text()[-3000:]}"
+        return proc, port, kids
+
+    server, port, spawned = serve(0)
+    fleet = None
+    try:
         pairs = [f"{pki.token(i)}={data[i]}" for i in range(DEVICES)]
         fleet = subprocess.Popen(
             [sys.executable, str(LAUNCHER), str(tmp_path), f"127.0.0.1:{port}", pki.ca, *pairs],
@@ -116,7 +123,23 @@ def test_serve_with_two_spawned_aggregators_trains_through_them_and_leaves_nothi
             env=_env(),
             start_new_session=True,
         )
-        assert server.wait(240) == 0, log.read_text()[-3000:]
+        # kill -9 the coordinator once the aggregators hold updates no step has applied
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            ledger = _ledger(state)
+            done = {q for r in ledger if r["event"] == "step" for q in r["seqs"]}
+            if any(r["event"] == "accepted" and r["seq"] not in done for r in ledger) and len(done) >= K:
+                break
+            time.sleep(0.02)
+        else:
+            raise AssertionError(f"no step with updates held after it:\n{logs[-1].read_text()[-3000:]}")
+        server.kill()
+        server.wait()
+        time.sleep(1.0)
+        left = [pid for pid in spawned if _alive(pid)]
+        assert not left, f"aggregators outlived a kill -9 of the coordinator: {left}"
+        server, port, spawned = serve(port)  # the same command resumes the whole deployment
+        assert server.wait(240) == 0, logs[-1].read_text()[-3000:]
         out, _ = fleet.communicate(timeout=60)
         codes = json.loads(out.strip().splitlines()[-1])
         bad = {i: (tmp_path / f"device{i}.err").read_text()[-1500:] for i, rc in codes.items() if rc}
@@ -130,7 +153,7 @@ def test_serve_with_two_spawned_aggregators_trains_through_them_and_leaves_nothi
     time.sleep(0.5)
     alive = [pid for pid in spawned if _alive(pid)]
     assert not alive, f"aggregator processes left running: {alive}"
-    ledger = StateStore(state).read_ledger()
+    ledger = _ledger(state)
     accepted = [r for r in ledger if r["event"] == "accepted"]
     steps = [r for r in ledger if r["event"] == "step"]
     assert [s["version"] for s in steps] == list(range(1, STEPS + 1))
@@ -143,6 +166,10 @@ def test_serve_with_two_spawned_aggregators_trains_through_them_and_leaves_nothi
     assert holders == {"agg-0", "agg-1"}, holders
     metrics = [json.loads(x) for x in (state / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["round"] == STEPS and metrics[-1].get("accuracy") is not None
+
+
+def _ledger(state: Path) -> list[dict]:
+    return StateStore(state).read_ledger() if (state / "ledger.jsonl").exists() else []
 
 
 def _alive(pid: int) -> bool:

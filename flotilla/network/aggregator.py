@@ -480,6 +480,9 @@ def aggregator_from_config(cfg, *, name: str, coordinator: str, key: bytes, stat
         ca=ca,
         limits=Limits.of(net),
         fsync=net.fsync,
+        # as long as the coordinator: a device in back-off when training ends must still find its
+        # aggregator up to be told DONE (it was 2 s, shorter than the SDK's 5 s back-off cap)
+        linger_s=net.linger_s,
         **kw,
     )
 

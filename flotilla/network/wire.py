@@ -104,10 +104,20 @@ def parse_upload_part(raw: bytes) -> DataPart | pb.UploadPart:
     return pb.UploadPart.FromString(raw)
 
 
+# gRPC's own reconnect backoff (1 s growing to 120 s by default) runs under the SDK's Backoff: a
+# channel that saw a server go away fails every call fast until *its* timer fires, so after an
+# outage of a minute a device could not reach the server for another minute or two, and miss the
+# `linger_s` window in which a finished server says DONE.  Capped at the SDK's Backoff.max_s.
+RECONNECT_INITIAL_MS, RECONNECT_MAX_MS = 200, 5000
+
+
 def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
     return [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.initial_reconnect_backoff_ms", RECONNECT_INITIAL_MS),
+        ("grpc.min_reconnect_backoff_ms", RECONNECT_INITIAL_MS),
+        ("grpc.max_reconnect_backoff_ms", RECONNECT_MAX_MS),
     ]
 
 
