@@ -142,6 +142,7 @@ def _build_server(task, net, cfg, state_dir, settings, user, sample, evaluate_fn
         secure_max_norm=cfg.secure_aggregation.max_norm if cfg.secure_aggregation is not None else None,
         client_algorithm=cfg.client.algorithm,
         channels=cfg.channels,
+        data_port=net.data_port,
     )
 
 

@@ -40,6 +40,12 @@ def add_parsers(sub) -> None:
     s.add_argument(
         "--port", type=port_number, required=True, help="TCP port to listen on (0: any free port, printed at start)"
     )
+    s.add_argument(
+        "--data-port",
+        type=_data_port,
+        help="the data plane's port (downloads and uploads without gRPC): a number, auto (any free port) or "
+        "off (default: network.data_port, auto)",
+    )
     s.add_argument("--host", help="address to listen on (default: network.host)")
     s.add_argument(
         "--state-dir",
@@ -181,6 +187,8 @@ def _serve(args) -> int:
 
     watchers = _watchers(args)  # checked (extras installed, token for an exposed host) before the state directory
     server = server_from_config(cfg, state_dir=args.state_dir)
+    if args.data_port is not None:
+        server.data_port = args.data_port
     host = args.host or cfg.network.host
     print(f"state directory: {server.store.path}", flush=True)
     try:
@@ -250,6 +258,17 @@ def _watchers(args):
     return start
 
 
+def _data_port(text: str) -> int | str:
+    """--data-port: auto, off, or a port number."""
+    import argparse
+
+    if text in ("auto", "off"):
+        return text
+    if text.isdigit() and int(text) <= 65535:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"must be a port number (0-65535), auto or off, got {text!r}")
+
+
 def _serve_until_done(server, host: str, port: int, on_bound=None) -> int | None:
     """Serve until training is done; None, or the signal (SIGINT, SIGTERM) that stopped it.
 
@@ -276,6 +295,8 @@ def _serve_until_done(server, host: str, port: int, on_bound=None) -> int | None
             loop.add_signal_handler(sig, on_signal, sig)
         bound = await server.start(host, port)
         print(f"listening on {host}:{bound}", flush=True)
+        if server.data_bound:
+            print(f"data plane on {host}:{server.data_bound}", flush=True)
         if on_bound is not None:
             on_bound(bound)
         await server.run_until_done(stop)

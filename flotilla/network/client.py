@@ -292,7 +292,10 @@ def _read(path: str | Path | None, what: str) -> bytes | None:
 
 
 class Connection:
-    """One TLS channel to a server, authenticated with a device token; one method per RPC."""
+    """One TLS channel to a server, authenticated with a device token; one method per RPC.
+
+    Downloads and uploads go through the server's data plane (flotilla.network.dataplane) when its
+    last check-in named one (``data_port``; ``data_plane=False``: never), else through gRPC."""
 
     def __init__(
         self,
@@ -307,6 +310,7 @@ class Connection:
         chunk_bytes: int = wire.DEFAULT_CHUNK_BYTES,
         max_message_bytes: int = wire.DEFAULT_MAX_MESSAGE_BYTES,
         timeout_s: float = 120.0,
+        data_plane: bool = True,
     ):
         self._ca = _read(ca, "ca")
         self._cert, self._key, self._server_name = cert, key, server_name
@@ -328,9 +332,71 @@ class Connection:
         self._upload = self.channel.stream_unary(wire.UPLOAD, ser, pb.UploadReply.FromString)
         self._status = self.channel.unary_unary(wire.STATUS, ser, pb.StatusReply.FromString)
         self._secagg = self.channel.unary_unary(wire.SECAGG_STEP, None, None)
+        self._token = token
+        self.data_plane = data_plane
+        self.data_port = 0  # the data port the last check-in named (0: none)
+        self._data = None  # its DataClient, made on first use
+        self._data_off_until = 0.0  # unreachable lately: gRPC until then
 
     def close(self) -> None:
+        if self._data is not None:
+            self._data.close()
         self.channel.close()
+
+    # -- the data plane ----------------------------------------------------------------------------
+    def _data_client(self):
+        """The data plane's client, or None to use gRPC (none advertised, or unreachable lately)."""
+        if not (self.data_plane and self.data_port) or time.monotonic() < self._data_off_until:
+            return None
+        if self._data is None or self._data.port != self.data_port:
+            from flotilla.network.dataplane_client import DataClient
+
+            if self._data is not None:
+                self._data.close()
+            host = self.server.rpartition(":")[0].removeprefix("dns:").lstrip("/").strip("[]")
+            self._data = DataClient(
+                host,
+                self.data_port,
+                self._token,
+                ca=self._ca,
+                cert=self._cert,
+                key=self._key,
+                server_name=self._server_name,
+                timeout_s=self.timeout_s,
+            )
+        return self._data
+
+    _GRPC = object()  # a data-plane call's answer when gRPC must carry it instead
+
+    def _via_data(self, fn):
+        """``fn(data_client)``, with the data plane's failures as this SDK's exceptions; ``_GRPC``
+        when the data port cannot be reached (then gRPC for a minute)."""
+        from flotilla.network.dataplane_client import DataRefusal, TLSFailure, Unreachable
+
+        client = self._data_client()
+        if client is None:
+            return self._GRPC
+        try:
+            return fn(client)
+        except Unreachable as e:
+            log.warning("%s; using gRPC for downloads and uploads for a minute", e)
+            self._data_off_until = time.monotonic() + 60.0
+            return self._GRPC
+        except TLSFailure as e:
+            why = str(e)
+            raise TLSError(
+                f"TLS handshake with {client.host}:{client.port} (data plane) failed: "
+                f"{_explain(why, has_ca=self._ca is not None, has_cert=self._cert is not None)} [{why}]"
+            ) from None
+        except DataRefusal as e:
+            r = e.reply
+            code = getattr(grpc.StatusCode, r.code, grpc.StatusCode.UNKNOWN)
+            after = r.retry_after_s if math.isfinite(r.retry_after_s) and r.retry_after_s >= 0 else None
+            raise Refused(
+                code, r.message, retry=r.retry or None, reason=r.reason or None, retry_after_s=after
+            ) from None
+        except OSError as e:  # the connection broke mid-way: worth sending again
+            raise Refused(grpc.StatusCode.UNAVAILABLE, f"data plane: {e}") from None
 
     def __enter__(self) -> Connection:
         return self
@@ -370,6 +436,7 @@ class Connection:
         except grpc.RpcError as e:
             raise self._error(e) from None
         self._reached = True
+        self.data_port = r.data_port
         action = {pb.CheckInReply.WAIT: "wait", pb.CheckInReply.TRAIN: "train", pb.CheckInReply.DONE: "done"}[r.action]
         a = None
         if action == "train":
@@ -410,6 +477,9 @@ class Connection:
         assignment's download channel (flotilla.channels), whose encoding the chunks carry."""
         if codec is not None and not codec.lossless:
             return self._download_encoded(version, out, codec)
+        got = self._via_data(lambda d: self._data_download(d, version, out))
+        if got is not self._GRPC:
+            return got
         view = None
         received = 0
         try:
@@ -438,8 +508,39 @@ class Connection:
             raise Refused(grpc.StatusCode.DATA_LOSS, f"model download ended after {received} bytes")
         return out
 
+    @staticmethod
+    def _data_download(d, version: int, out: torch.Tensor | None) -> torch.Tensor:
+        def into(total: int) -> memoryview:
+            nonlocal out
+            if total % 4:
+                raise Refused(grpc.StatusCode.DATA_LOSS, f"model of {total} bytes is not float32")
+            if out is None:
+                out = torch.empty(total // 4, dtype=torch.float32)
+            if out.numel() * 4 != total:
+                raise Refused(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"the server's model has {total // 4} parameters, this device's has {out.numel()}",
+                )
+            return memoryview(out.numpy()).cast("B")
+
+        d.download(version, into)
+        return out
+
     def _download_encoded(self, version: int, out: torch.Tensor | None, codec) -> torch.Tensor:
-        buf, received = bytearray(codec.message_bytes), 0
+        buf = bytearray(codec.message_bytes)
+
+        def into(total: int) -> memoryview:
+            if total != len(buf):
+                raise Refused(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"the server's model is {total} bytes, this device's channel decodes {len(buf)}",
+                )
+            return memoryview(buf)
+
+        if self._via_data(lambda d: d.download(version, into)) is not self._GRPC:
+            weights = codec.decode(buf)
+            return weights if out is None else out.copy_(weights)
+        received = 0
         try:
             for chunk in self._download(
                 pb.DownloadRequest(version=version), metadata=self.metadata, timeout=self.timeout_s
@@ -532,7 +633,8 @@ class Connection:
         chunk_bytes: int | None = None,
         ephemeral_pk: bytes = b"",
     ) -> tuple[int, int]:
-        """Send any header and bytes (the protocol as is, for tests and other SDKs)."""
+        """Send any header and bytes (the protocol as is, for tests and other SDKs): through the data
+        plane if the server named one, unless ``chunk_bytes`` asks for gRPC's chunked stream."""
         header = pb.UploadHeader(
             ticket=ticket,
             base_version=base_version,
@@ -544,6 +646,10 @@ class Connection:
             steps=steps,
             ephemeral_pk=ephemeral_pk,
         )
+        if chunk_bytes is None:  # gRPC's own chunking asked for: the gRPC stream
+            got = self._via_data(lambda d: d.upload(header, data))
+            if got is not self._GRPC:
+                return got
 
         def parts():
             yield pb.UploadPart(header=header)

@@ -41,6 +41,11 @@ class NetworkConfig(_Strict):
         ..., description="device token table (`flotilla certs DIR` writes DIR/tokens.json); unknown tokens are refused"
     )
     host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0: all interfaces)")
+    data_port: int | Literal["auto", "off"] = Field(
+        "auto",
+        description="the data plane's TCP port (downloads and uploads without gRPC, same host, TLS and tokens; "
+        'devices learn it at check-in): auto (any free port), a number, or "off" (quoted: gRPC carries them)',
+    )
     state_dir: str | None = Field(None, description="server state and run directory (default: output.dir/output.name)")
     # sync rounds
     over_selection: float = Field(
@@ -106,6 +111,12 @@ class NetworkConfig(_Strict):
         description="async scale-out: the coordinator waits for this many aggregator processes that take the "
         "uploads (serve --aggregators N starts them here; see docs/deployment.md, Scaling out); 0: one process",
     )
+
+    @model_validator(mode="after")
+    def _data_port_range(self):
+        if isinstance(self.data_port, int) and not 0 <= self.data_port <= 65535:
+            raise ValueError(f"data_port: must be between 0 and 65535, auto or off, got {self.data_port}")
+        return self
 
     @model_validator(mode="after")
     def _chunk_fits(self):

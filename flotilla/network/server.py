@@ -86,6 +86,12 @@ class TLSFiles:
             return grpc.ssl_server_credentials(pair, root_certificates=read(self.ca, "ca"), require_client_auth=True)
         return grpc.ssl_server_credentials(pair)
 
+    def ssl_context(self):
+        """The same certificate, key and client-certificate rule for the data plane (stdlib ssl)."""
+        from flotilla.network.dataplane import server_context
+
+        return server_context(self.cert, self.key, self.ca, self.require_client_cert)
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -96,6 +102,9 @@ class Limits:
     upload_slots: int = 64  # uploads whose bytes are received at once; others wait (flow control)
     uploads_per_device: int = 2  # upload streams one device may have open at once (one per assignment)
     upload_timeout_s: float = 300.0  # an upload stream (header and body) must finish within this
+    data_connections: int = 128  # data plane: connections served at once (more are closed at once)
+    data_header_timeout_s: float = 10.0  # data plane: TLS handshake, then each request's header, within this
+    data_idle_timeout_s: float = 10.0  # data plane: a connection with no request for this long is closed
 
     def __post_init__(self):
         if self.chunk_bytes + 1024 > self.max_message_bytes:
@@ -182,6 +191,7 @@ class FlotillaServer:
         client_algorithm=None,
         channels=None,
         aggregators: int | None = None,
+        data_port: int | str | None = "auto",
     ):
         if dp_sgd is not None:
             # sample-level DP runs on the devices (flotilla.client.Device); both sides make the model
@@ -191,6 +201,8 @@ class FlotillaServer:
             make_dp_compatible(model)
         self.flat = FlatModel(model)
         self.tls = tls
+        # the data plane's port (flotilla.network.dataplane): "auto" (any free one), a number, or "off"
+        self.data_port: int | str | None = data_port
         self._credentials = tls.credentials()  # read the certificate before touching the state directory
         self.tokens = tokens
         self.limits = limits
@@ -407,6 +419,8 @@ class FlotillaServer:
         self._upload_slots: asyncio.Semaphore | None = None  # made on the serving loop
         self._downloads: dict[int, tuple[bytes, list[bytes]]] = {}  # version -> (its bytes, ModelChunks)
         self.port: int | None = None
+        self.dataplane = None  # flotilla.network.dataplane.DataPlane while serving one
+        self.data_bound: int = 0  # its port (0: none; devices use gRPC's Download and Upload)
 
     # -- metrics (on the evaluation thread, in version order) --------------------------------
     def _restore_metrics(self, history: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -489,36 +503,47 @@ class FlotillaServer:
         for key, value in context.invocation_metadata() or ():
             if key == wire.AUTH_HEADER and isinstance(value, str) and value.startswith("Bearer "):
                 token = value[7:]
+        try:
+            return self._who(token, context.peer(), roles, rate_limited)
+        except Refused as err:
+            await context.abort(_CODES[err.code], str(err), err.trailing_metadata())
+
+    def _who(self, token: str | None, peer: str, roles=("device",), rate_limited: bool = True) -> Identity:
+        """Who sends ``token`` (gRPC's bearer token or the data plane's), refused (and counted) if
+        unknown, not allowed this call, or over its rate limit."""
         who = self.tokens.identify(token)
         if who is None:
             self.coord.counters["rejected.auth"] += 1
-            log.warning("refused an unauthenticated call from %s", context.peer())
-            err = Refused(
+            log.warning("refused an unauthenticated call from %s", peer)
+            raise Refused(
                 "UNAUTHENTICATED",
                 "auth",
                 "unknown client: send a device token issued for this server (authorization: Bearer <token>)",
             )
-            await context.abort(_CODES[err.code], str(err), err.trailing_metadata())
         if who.role not in roles:
             self.coord.counters["rejected.auth"] += 1
-            err = Refused("PERMISSION_DENIED", "auth", f"{who.device} ({who.role}) may not call this method")
-            await context.abort(_CODES[err.code], str(err), err.trailing_metadata())
+            raise Refused("PERMISSION_DENIED", "auth", f"{who.device} ({who.role}) may not call this method")
         if rate_limited:
-            await self._rate_limit(context, who)
+            self._check_rate(who)
         if who.role == "device":
             self.observed.devices_seen.add(who.device)
         return who
 
-    async def _rate_limit(self, context: grpc.aio.ServicerContext, who: Identity) -> None:
+    def _check_rate(self, who: Identity) -> None:
         if not self.limiter.allow(who.device):
             self.coord.counters["rejected.rate"] += 1
             log.warning("rate limit: refused a call from %s", who.device)
-            err = Refused(
+            raise Refused(
                 "RESOURCE_EXHAUSTED",
                 "rate",
                 f"rate limit: more than {self.limits.rate:g} requests/s from {who.device}; slow down",
                 retry_after_s=max(1.0 / self.limits.rate, 0.05),
             )
+
+    async def _rate_limit(self, context: grpc.aio.ServicerContext, who: Identity) -> None:
+        try:
+            self._check_rate(who)
+        except Refused as err:
             await context.abort(_CODES[err.code], str(err), err.trailing_metadata())
 
     async def _refuse(self, context, err: Refused, device: str, ticket: Ticket | None = None):
@@ -570,6 +595,8 @@ class FlotillaServer:
                 a.seal_weight = 1.0 if self.coord.settings.weighting == "uniform" else 0.0  # 0: num_examples
                 if self.coord.privacy is not None:
                     a.clip_norm = self.coord.privacy.user.clip_norm  # the buffer refuses larger norms
+            if self.data_bound and self.hub is None:
+                reply.data_port = self.data_bound  # download and upload through the data plane
             if self.coord.masked is not None:
                 from flotilla.network.secagg import SECAGG_FLAG
 
@@ -615,14 +642,17 @@ class FlotillaServer:
         for m in messages:  # serialised ModelChunk messages (the Download handler sends bytes as they are)
             yield m
 
+    def _download_bytes(self, version: int) -> bytes:
+        """What a download of ``version`` carries: its float32 weights, or their channel encoding."""
+        data = self.coord.model_bytes(version)
+        return data if self.channels is None else self.channels.download(version, data)
+
     def _download_chunks(self, version: int) -> tuple[int, list[bytes]]:
         """The bytes of ``version``'s download and its ModelChunk messages, serialised on the first
         download of each version and shared by every device after it (no copy per device).  An entry
         is used only while the coordinator (or the channels) still serve that very bytes object, so a
         version's bytes replaced for any reason are serialised again; versions no longer served go."""
-        data = self.coord.model_bytes(version)
-        if self.channels is not None:
-            data = self.channels.download(version, data)
+        data = self._download_bytes(version)
         hit = self._downloads.get(version)
         if hit is not None and hit[0] is data:
             return len(data), hit[1]
@@ -636,6 +666,35 @@ class FlotillaServer:
 
     async def upload(self, request_iterator, context) -> pb.UploadReply:
         who = await self._identify(context)
+
+        async def header() -> pb.UploadHeader:
+            try:
+                first = await anext(aiter(request_iterator))
+            except StopAsyncIteration:
+                raise Refused(
+                    "INVALID_ARGUMENT", "invalid", "upload refused: empty stream (send the header first)"
+                ) from None
+            if isinstance(first, _Undecodable):
+                raise Refused(
+                    "INVALID_ARGUMENT", "invalid", "upload refused: the first message is not a valid UploadPart"
+                )
+            if first.WhichOneof("part") != "header":
+                raise Refused("INVALID_ARGUMENT", "invalid", "upload refused: the first message must be the header")
+            return first.header
+
+        async def receive(size: int, what: str) -> tuple[memoryview, str]:
+            return await self._receive_body(request_iterator, size, what)
+
+        try:
+            seq, version = await self.accept_upload(who, header, receive)
+        except Refused as e:  # counted by accept_upload
+            await context.abort(_CODES[e.code], str(e), e.trailing_metadata())
+        return pb.UploadReply(seq=seq, version=version)
+
+    async def accept_upload(self, who: Identity, header, receive) -> tuple[int, int]:
+        """One upload, whatever carried it (gRPC's Upload stream or the data plane): ``header()``
+        gives its UploadHeader, ``receive(size, what)`` its ``size`` body bytes and their fingerprint.
+        Returns ``(seq, version)``; a refusal is counted (coordinator.refuse) and raised."""
         c = self.coord
         ticket = None
         began = False
@@ -644,21 +703,7 @@ class FlotillaServer:
                 # The whole stream, header included, within upload_timeout_s: a stalled stream is cut
                 # and frees its slot (one device cannot hold the others' uploads hostage).
                 async with asyncio.timeout(self.limits.upload_timeout_s):
-                    try:
-                        first = await anext(aiter(request_iterator))
-                    except StopAsyncIteration:
-                        raise Refused(
-                            "INVALID_ARGUMENT", "invalid", "upload refused: empty stream (send the header first)"
-                        ) from None
-                    if isinstance(first, _Undecodable):
-                        raise Refused(
-                            "INVALID_ARGUMENT", "invalid", "upload refused: the first message is not a valid UploadPart"
-                        )
-                    if first.WhichOneof("part") != "header":
-                        raise Refused(
-                            "INVALID_ARGUMENT", "invalid", "upload refused: the first message must be the header"
-                        )
-                    h = first.header
+                    h = await header()
                     dtype = h.dtype
                     if self.channels is not None:  # compressed: checked as the float32 delta it decodes to
                         from flotilla.channels.wire import CHANNEL_DTYPE
@@ -689,15 +734,13 @@ class FlotillaServer:
                         )
                     c.table.begin_upload(ticket)  # one stream per assignment, a few per device
                     began = True
+                    # sealed: AES-GCM nonce (12) + weight (8) + float32 delta + tag (16); channels: the encoding's
+                    numel = c.numel * c.rows
+                    size = self.channels.upload_bytes if self.channels is not None else 4 * numel + 36 * c.sealed
                     # At most `upload_slots` deltas are held in memory at once, whatever the concurrency;
-                    # the other streams wait here, throttled by HTTP/2 flow control.
+                    # the other streams wait here (gRPC: throttled by HTTP/2 flow control).
                     async with self._upload_slots:
-                        buf, digest = await self._receive_body(
-                            request_iterator,
-                            c.numel * c.rows,
-                            c.sealed,
-                            self.channels.upload_bytes if self.channels is not None else None,
-                        )
+                        buf, digest = await receive(size, f"shape ({numel},) float32")
                         self.observed.bytes_in += len(buf)
             except TimeoutError:
                 raise Refused(
@@ -709,7 +752,7 @@ class FlotillaServer:
                 ) from None
             if answer is not None:  # a retry of an assignment already in the ledger
                 if answer.digest is not None and answer.digest == digest:
-                    return pb.UploadReply(seq=answer.seq, version=answer.version)
+                    return answer.seq, answer.version
                 raise Refused(
                     "ALREADY_EXISTS",
                     "replay",
@@ -756,36 +799,30 @@ class FlotillaServer:
             commit = asyncio.ensure_future(c.commit(up, buf))
             commit.add_done_callback(lambda _: c.table.end_upload(ticket))
             began = False
-            seq, version = await asyncio.shield(commit)
+            return await asyncio.shield(commit)
         except Refused as e:
-            await self._refuse(context, e, who.device, ticket)
+            c.refuse(e, who.device, ticket)
+            raise
         finally:
             if began:
                 c.table.end_upload(ticket)
-        return pb.UploadReply(seq=seq, version=version)
 
-    async def _receive_body(
-        self, request_iterator, numel: int, sealed: bool, size: int | None = None
-    ) -> tuple[memoryview, str]:
-        """The upload's bytes, and their fingerprint (coordinator.fingerprint), computed block by block
-        as each block is copied in, while it is in the cache (a pass over the whole body later costs
-        about twice as much CPU on a busy machine)."""
-        # sealed: AES-GCM nonce (12) + weight (8) + float32 delta + tag (16); size: a compressed upload's
-        size = 4 * numel + (36 if sealed else 0) if size is None else size
+    async def _receive_body(self, request_iterator, size: int, what: str) -> tuple[memoryview, str]:
+        """The upload's ``size`` bytes, and their fingerprint (coordinator.fingerprint), computed block
+        by block as each block is copied in, while it is in the cache (a pass over the whole body
+        later costs about twice as much CPU on a busy machine)."""
         buf = memoryview(np.empty(size, np.uint8))  # not zeroed: every byte is written below, or it is refused
         pos = crc = 0
         async for part in request_iterator:
             kind = part.WhichOneof("part")
             if kind != "data":
-                what = "not a valid UploadPart" if isinstance(part, _Undecodable) else "a second header in the stream"
-                raise Refused("INVALID_ARGUMENT", "invalid", f"upload refused: {what}")
+                what_part = (
+                    "not a valid UploadPart" if isinstance(part, _Undecodable) else "a second header in the stream"
+                )
+                raise Refused("INVALID_ARGUMENT", "invalid", f"upload refused: {what_part}")
             n = len(part.data)
             if pos + n > size:
-                raise Refused(
-                    "INVALID_ARGUMENT",
-                    "shape",
-                    f"upload refused: more than the {size} bytes of shape ({numel},) float32",
-                )
+                raise Refused("INVALID_ARGUMENT", "shape", f"upload refused: more than the {size} bytes of {what}")
             data = memoryview(part.data)
             for off in range(0, n, _CRC_BLOCK):
                 block = data[off : off + _CRC_BLOCK]
@@ -798,9 +835,31 @@ class FlotillaServer:
             raise Refused(
                 "INVALID_ARGUMENT",
                 "truncated",
-                f"upload refused: the stream ended after {pos} of the {size} bytes that shape ({numel},) float32 needs",
+                f"upload refused: the stream ended after {pos} of the {size} bytes that {what} needs",
             )
         return buf, f"crc32:{crc:08x}:{size}"  # == fingerprint(buf) (tests/test_network_cpu.py holds it)
+
+    # -- the data plane (flotilla.network.dataplane): its handlers, run on this loop ---------------
+    async def data_download(self, token: str, peer: str, request: pb.DownloadRequest) -> tuple[bytes, int]:
+        who = self._who(token, peer)
+        try:
+            data = self._download_bytes(request.version)
+        except Refused as e:
+            raise self.coord.refuse(e, who.device) from None
+        self.observed.bytes_out += len(data)
+        return data, request.version
+
+    async def data_upload(self, token: str, peer: str, header: pb.UploadHeader, receive) -> tuple[int, int]:
+        who = self._who(token, peer)
+
+        async def given() -> pb.UploadHeader:
+            return header
+
+        return await self.accept_upload(who, given, receive)
+
+    def data_refused(self, err: Refused, peer: str) -> None:
+        """A data-plane request refused before it named anyone (too long, not a DataRequest): counted."""
+        self.coord.refuse(err, peer)
 
     async def status(self, request: pb.StatusRequest, context) -> pb.StatusReply:
         who = await self._identify(context, roles=("device", "admin"))
@@ -893,19 +952,58 @@ class FlotillaServer:
                 f"cannot listen on {host}:{port}: check the address, and that network.tls.key is the "
                 "private key of network.tls.cert"
             ) from None
+        try:
+            self._start_dataplane(host)
+        except BaseException:
+            self._server = None
+            self.store.close()
+            raise
         await self.coord.start()
         await self._server.start()
         self._last_step_t = time.perf_counter()
         log.info(
-            "serving on %s:%d (TLS%s), %s mode, version %d of %d",
+            "serving on %s:%d (TLS%s%s), %s mode, version %d of %d",
             host,
             self.port,
+            f"; data plane on port {self.data_bound}" if self.data_bound else "",
             ", client certificates required" if self.tls.require_client_cert else "",
             self.coord.settings.mode,
             self.coord.version,
             self.coord.settings.total_steps,
         )
         return self.port
+
+    def _start_dataplane(self, host: str) -> None:
+        """Listen for downloads and uploads on the data port too (not with scale-out aggregators,
+        which take the uploads themselves)."""
+        setting = self.data_port
+        if setting in (None, "off") or self.aggregators:
+            return
+        port = 0 if setting == "auto" else int(setting)
+        if not 0 <= port <= 65535:
+            raise ValueError(f"--data-port: must be between 0 and 65535, 'auto' or 'off', got {setting}")
+        from flotilla.network.dataplane import DataPlane
+
+        lim = self.limits
+        plane = DataPlane(
+            self.tls.ssl_context(),
+            self,
+            asyncio.get_running_loop(),
+            max_connections=lim.data_connections,
+            header_timeout_s=lim.data_header_timeout_s,
+            idle_timeout_s=lim.data_idle_timeout_s,
+            transfer_timeout_s=lim.upload_timeout_s + 1.0,  # the handler's own timeout answers first
+        )
+        try:
+            self.data_bound = plane.start(host, port)
+        except OSError as e:
+            if _in_use(host, port):
+                raise InUse(
+                    f"cannot listen on {host}:{port} (the data plane): the port is in use; choose another "
+                    "--data-port (or network.data_port: auto)"
+                ) from None
+            raise ValueError(f"cannot listen on {host}:{port} (the data plane): {e.strerror or e}") from None
+        self.dataplane = plane
 
     async def run_until_done(self, stop: asyncio.Event | None = None) -> None:
         """Serve until training is finished (then ``linger_s`` more, telling devices DONE) or ``stop``."""
@@ -930,6 +1028,9 @@ class FlotillaServer:
         await self.stop()
 
     async def stop(self, grace: float = 1.0) -> None:
+        if self.dataplane is not None:  # off the loop: its threads may be waiting on handlers here
+            plane, self.dataplane, self.data_bound = self.dataplane, None, 0
+            await asyncio.to_thread(plane.stop)
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None

@@ -1,0 +1,399 @@
+"""The data plane: a second TLS port that carries only model downloads and update uploads.
+
+gRPC's Python binding costs about 11 ms of server CPU per 1M-parameter trip above the floor
+(copies of bytes objects, wake-ups between the asyncio loop and gRPC's threads, per-message
+Python work; benchmarks/network_load.py).  Here the bulk bytes take the shortest path instead:
+blocking ``ssl`` sockets in a bounded pool of threads (the GIL is released while the kernel copies
+and OpenSSL decrypts), ``recv_into`` straight into the upload's buffer with its fingerprint
+computed block by block, and ``sendall`` of the cached download bytes.  Everything that decides
+(authentication, rate limits, tickets, validation, commit) stays on the server's asyncio loop: a
+:class:`DataPlane` hands each request to the ``handlers`` (coroutines run with
+``asyncio.run_coroutine_threadsafe``) and only moves bytes itself.
+
+Framing (flotilla.proto, DataRequest / DataReply): every frame is a 4-byte big-endian length and a
+protobuf message; a request longer than ``MAX_REQUEST_BYTES`` or not a DataRequest ends the
+connection with an ``invalid`` refusal.  An upload is answered "send ``body_bytes`` now" before
+its body travels, so a refused header costs no body bytes and the connection stays usable.
+
+A hostile client cannot hold the threads: at most ``max_connections`` connections are served at
+once (beyond that a connection is closed at once, before the TLS handshake; the SDK then uses
+gRPC); a watchdog shuts every connection that passes its deadline (TLS handshake and request
+header ``header_timeout_s``, between requests ``idle_timeout_s``, an upload body or download
+``transfer_timeout_s``), and the handler's own ``upload_timeout_s`` frees the upload slot.
+
+The handlers object (the server's, or any process that mounts a data plane, e.g. an aggregator)::
+
+    async data_download(token, peer, request: pb.DownloadRequest) -> (bytes-like, version)
+    async data_upload(token, peer, header: pb.UploadHeader, receive) -> (seq, version)
+        # await receive(size, what) -> (memoryview, digest): the body (what: "shape (n,) float32")
+    data_refused(err: Refused, peer)       # a framing-level refusal (to count; called on the loop)
+
+Each raises :class:`~flotilla.network.refusals.Refused`, which travels back as a DataReply
+carrying the same code, reason, retry and retry_after_s as a gRPC refusal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import socket
+import ssl
+import struct
+import threading
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from flotilla.network.refusals import Refused
+from flotilla.network.wire import pb
+
+log = logging.getLogger("flotilla.network")
+
+MAX_REQUEST_BYTES = 64 << 10  # a DataRequest is a token and a header: far below this
+_LEN = struct.Struct(">I")
+_CRC_BLOCK = 256 << 10  # the fingerprint is computed block by block, while each block is in the cache
+_SOCKET_BUFFER = 4 << 20  # measured: 4 MiB kernel buffers cut the per-trip CPU of the threads by ~15%
+
+
+def refusal_reply(err: Refused) -> pb.DataReply:
+    return pb.DataReply(
+        code=err.code,
+        reason=err.reason,
+        retry=err.retry,
+        message=str(err),
+        retry_after_s=-1.0 if err.retry_after_s is None else float(err.retry_after_s),
+    )
+
+
+def frame(message) -> bytes:
+    data = message.SerializeToString()
+    return _LEN.pack(len(data)) + data
+
+
+class _Gone(Exception):
+    """The peer hung up (or the watchdog cut the connection) mid-frame; ``got`` bytes had arrived."""
+
+    def __init__(self, got: int = 0):
+        super().__init__(got)
+        self.got = got
+
+
+def read_exact(sock, view: memoryview) -> None:
+    got = 0
+    while got < len(view):
+        n = sock.recv_into(view[got:])
+        if not n:
+            raise _Gone(got)
+        got += n
+
+
+class _TooLong(Exception):
+    def __init__(self, size: int, limit: int):
+        super().__init__(f"a frame of {size} bytes, over the limit of {limit}")
+
+
+def _shut(sock, how=socket.SHUT_RDWR) -> None:
+    """Shut the socket's file descriptor down from any thread (a blocked recv returns at once).
+    socket.socket's own method: SSLSocket.shutdown would drop the TLS object under the reader."""
+    try:
+        socket.socket.shutdown(sock, how)
+    except OSError:
+        pass
+
+
+class _Conn:
+    __slots__ = ("sock", "peer", "deadline", "receiving")
+
+    def __init__(self, sock, peer: str, deadline: float):
+        self.sock = sock
+        self.peer = peer
+        self.deadline = deadline
+        self.receiving = False  # an upload body is being read (a finished handler cuts it)
+
+
+class DataPlane:
+    """A TLS listener whose connections are served by at most ``max_connections`` threads."""
+
+    def __init__(
+        self,
+        context: ssl.SSLContext,
+        handlers,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        max_connections: int = 128,
+        header_timeout_s: float = 10.0,
+        idle_timeout_s: float = 10.0,
+        transfer_timeout_s: float = 300.0,
+    ):
+        if max_connections < 1:
+            raise ValueError(f"data plane: max_connections must be >= 1, got {max_connections}")
+        self.context = context
+        self.handlers = handlers
+        self.loop = loop
+        self.max_connections = max_connections
+        self.header_timeout_s = header_timeout_s
+        self.idle_timeout_s = idle_timeout_s
+        self.transfer_timeout_s = transfer_timeout_s
+        self.port: int | None = None
+        self.refused_busy = 0  # connections closed at once because every thread was busy
+        self._free = threading.BoundedSemaphore(max_connections)
+        self._conns: set[_Conn] = set()
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._listener: socket.socket | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._threads: list[threading.Thread] = []
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def start(self, host: str, port: int) -> int:
+        """Bind ``host:port`` (exclusively; 0: any free port) and start serving; returns the port."""
+        family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is not "in use"; no REUSEPORT
+            for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):  # accepted sockets inherit them
+                sock.setsockopt(socket.SOL_SOCKET, opt, _SOCKET_BUFFER)
+            sock.bind((host.strip("[]"), port))
+            sock.listen(256)
+        except OSError:
+            sock.close()
+            raise
+        self._listener = sock
+        self.port = sock.getsockname()[1]
+        self._pool = ThreadPoolExecutor(self.max_connections, thread_name_prefix="flotilla-data")
+        for target, name in ((self._accept_loop, "flotilla-data-accept"), (self._watchdog, "flotilla-data-watch")):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+        return self.port
+
+    def stop(self) -> None:
+        """Stop accepting, cut every connection, and wait for the threads (call off the loop, or
+        with the loop still running: a thread may be waiting on a handler)."""
+        self._stopping.set()
+        if self._listener is not None:
+            _shut(self._listener)
+            self._listener.close()
+        with self._lock:
+            for c in self._conns:
+                _shut(c.sock)
+        for t in self._threads:
+            t.join(5)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+    @property
+    def connections(self) -> int:
+        return len(self._conns)
+
+    def _accept_loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                raw, addr = self._listener.accept()
+            except OSError:
+                if self._stopping.is_set():
+                    return
+                time.sleep(0.01)  # EMFILE and friends: do not spin
+                continue
+            if not self._free.acquire(blocking=False):
+                # every thread busy: refuse fast (the device falls back to gRPC or retries)
+                self.refused_busy += 1
+                raw.close()
+                continue
+            conn = _Conn(raw, f"{addr[0]}:{addr[1]}", time.monotonic() + self.header_timeout_s)
+            with self._lock:
+                self._conns.add(conn)
+            try:
+                self._pool.submit(self._serve, conn)
+            except RuntimeError:  # shutting down
+                self._release(conn)
+
+    def _watchdog(self) -> None:
+        """Cut connections past their deadline (a stalled handshake, header, body, or idle)."""
+        while not self._stopping.wait(0.25):
+            now = time.monotonic()
+            with self._lock:
+                late = [c for c in self._conns if c.deadline <= now]
+            for c in late:
+                _shut(c.sock)
+
+    def _release(self, conn: _Conn) -> None:
+        with self._lock:
+            self._conns.discard(conn)
+        try:
+            conn.sock.close()
+        finally:
+            self._free.release()
+
+    # -- one connection --------------------------------------------------------------------------
+    def _serve(self, conn: _Conn) -> None:
+        try:
+            conn.sock.settimeout(self.transfer_timeout_s)  # a backstop: the watchdog keeps the deadlines
+            conn.sock = self.context.wrap_socket(conn.sock, server_side=True)
+            while not self._stopping.is_set():
+                conn.deadline = time.monotonic() + self.idle_timeout_s
+                try:
+                    head = bytearray(1)
+                    if conn.sock.recv_into(head) == 0:
+                        return  # the device closed the connection between requests
+                    conn.deadline = time.monotonic() + self.header_timeout_s
+                    raw = _rest_of_frame(conn.sock, head[0])
+                    request = pb.DataRequest.FromString(raw)
+                    kind = request.WhichOneof("op")
+                    if kind is None:
+                        raise ValueError("neither a download nor an upload")
+                except _TooLong as e:
+                    self._framing(conn, f"data plane: {e}")
+                    return
+                except (_Gone, OSError):
+                    return
+                except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and friends
+                    self._framing(conn, f"data plane: the request is not a valid DataRequest ({type(e).__name__})")
+                    return
+                keep = self._download(conn, request) if kind == "download" else self._upload(conn, request)
+                if not keep:
+                    return
+        except (OSError, _Gone, ValueError):  # TLS handshake failed or cut, peer gone, socket closed
+            return
+        except Exception:  # noqa: BLE001 - never let a thread die silently
+            log.exception("data plane: connection from %s failed", conn.peer)
+        finally:
+            self._release(conn)
+
+    def _framing(self, conn: _Conn, message: str) -> None:
+        err = Refused("INVALID_ARGUMENT", "invalid", message)
+        self.loop.call_soon_threadsafe(self.handlers.data_refused, err, conn.peer)
+        self._reply(conn, refusal_reply(err))
+
+    def _reply(self, conn: _Conn, reply) -> bool:
+        try:
+            conn.sock.sendall(frame(reply))
+            return True
+        except OSError:
+            return False
+
+    def _run(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def _download(self, conn: _Conn, request) -> bool:
+        try:
+            data, version = self._run(self.handlers.data_download(request.token, conn.peer, request.download)).result()
+        except Refused as e:
+            return self._reply(conn, refusal_reply(e))
+        conn.deadline = time.monotonic() + self.transfer_timeout_s
+        conn.sock.sendall(frame(pb.DataReply(total_bytes=len(data), version=version)))
+        conn.sock.sendall(data)
+        return True
+
+    def _upload(self, conn: _Conn, request) -> bool:
+        started = time.monotonic()
+        handoff: queue.SimpleQueue = queue.SimpleQueue()
+        loop = self.loop
+
+        async def receive(size: int, what: str):
+            got = loop.create_future()
+            handoff.put((size, what, got))
+            return await got
+
+        def finished(_):
+            handoff.put(None)
+            if conn.receiving:  # the handler gave up (upload_timeout_s) while the body streams: cut it
+                _shut(conn.sock, socket.SHUT_RD)
+
+        done = self._run(self.handlers.data_upload(request.token, conn.peer, request.upload, receive))
+        done.add_done_callback(finished)
+        item = handoff.get()
+        whole = True  # the stream is at a frame boundary (no body bytes left unread)
+        if item is not None:
+            size, what, got = item
+            result: tuple | BaseException
+            if request.body_bytes != size:
+                more = request.body_bytes > size
+                result = Refused(
+                    "INVALID_ARGUMENT",
+                    "shape" if more else "truncated",
+                    f"upload refused: more than the {size} bytes of {what}"
+                    if more
+                    else f"upload refused: the stream ended after {request.body_bytes} of the {size} bytes that {what} needs",
+                )
+            else:
+                conn.deadline = started + self.transfer_timeout_s
+                result, whole = self._receive_body(conn, size, what)
+            loop.call_soon_threadsafe(_settle, got, result)
+            if handoff.get() is not None:  # pragma: no cover - one receive per upload
+                raise RuntimeError("data plane: the handler asked for the body twice")
+        try:
+            seq, version = done.result()
+            reply = pb.DataReply(upload=pb.UploadReply(seq=seq, version=version))
+        except Refused as e:
+            reply = refusal_reply(e)
+        return self._reply(conn, reply) and whole
+
+    def _receive_body(self, conn: _Conn, size: int, what: str) -> tuple[tuple | BaseException, bool]:
+        """Read exactly ``size`` body bytes into a fresh buffer, the fingerprint block by block
+        (== coordinator.fingerprint of the bytes).  Returns ((buffer, digest) or the refusal, whole)."""
+        if not self._reply(conn, pb.DataReply(body_bytes=size)):
+            return Refused("INVALID_ARGUMENT", "truncated", "upload refused: the device hung up"), False
+        buf = memoryview(np.empty(size, np.uint8))  # not zeroed: every byte is written below, or refused
+        pos = crc = 0
+        sock = conn.sock
+        conn.receiving = True
+        try:
+            while pos < size:
+                end = min(pos + _CRC_BLOCK, size)
+                start = pos
+                while pos < end:
+                    n = sock.recv_into(buf[pos:end])
+                    if not n:
+                        raise _Gone(pos)
+                    pos += n
+                crc = zlib.crc32(buf[start:end], crc)
+        except (OSError, _Gone):
+            return (
+                Refused(
+                    "INVALID_ARGUMENT",
+                    "truncated",
+                    f"upload refused: the stream ended after {pos} of the {size} bytes that {what} needs",
+                ),
+                False,
+            )
+        finally:
+            conn.receiving = False
+        return (buf, f"crc32:{crc:08x}:{size}"), True
+
+
+def _rest_of_frame(sock, first: int) -> bytes:
+    """The payload of a frame whose first length byte was ``first`` (already read)."""
+    head = bytearray(4)
+    head[0] = first
+    read_exact(sock, memoryview(head)[1:])
+    (size,) = _LEN.unpack(head)
+    if size > MAX_REQUEST_BYTES:
+        raise _TooLong(size, MAX_REQUEST_BYTES)
+    body = bytearray(size)
+    read_exact(sock, memoryview(body))
+    return bytes(body)
+
+
+def _settle(fut: asyncio.Future, result) -> None:
+    if fut.done():  # the handler was cancelled (upload_timeout_s) meanwhile
+        return
+    if isinstance(result, BaseException):
+        fut.set_exception(result)
+    else:
+        fut.set_result(result)
+
+
+def server_context(cert: str, key: str, ca: str | None = None, require_client_cert: bool = False) -> ssl.SSLContext:
+    """The data plane's TLS settings: the gRPC port's certificate and key, TLS 1.2+, and with
+    ``require_client_cert`` the client certificate checked against ``ca`` (mutual TLS)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    if require_client_cert:
+        ctx.load_verify_locations(cafile=ca)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
