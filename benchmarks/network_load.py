@@ -2,17 +2,21 @@
 
     .venv/bin/python benchmarks/network_load.py                       # 200 clients, 30 s, fsync on
     .venv/bin/python benchmarks/network_load.py --clients 400 --procs 4 --no-fsync
+    .venv/bin/python benchmarks/network_load.py --clients 100 --procs 1 --transport grpc
 
 One server process (``FlotillaServer``, async FedBuff mode, TLS, token auth, every upload
 validated, written to the ledger and fsync'd, as in production) and ``--procs`` load processes
 that run ``--clients`` devices as asyncio coroutines, each with its own TLS channel and token.
-A device does no training: check in, download the model (4 MB, chunked), upload a fixed small
-delta (4 MB, chunked), repeat.  Reported over the measurement window (after ``--warmup``):
+A device does no training: check in, download the model (4 MB), upload a fixed small delta
+(4 MB), repeat.  ``--transport data`` (the default) downloads and uploads through the server's
+data plane (flotilla/network/dataplane.py, one kept TLS connection per device, asyncio streams);
+``--transport grpc`` turns the data plane off and streams them in gRPC chunks.  Reported over the measurement window (after ``--warmup``):
 accepted updates per second, upload latency p50/p99 (call start to the server's ack), download
 latency, server CPU (cores, and milliseconds per accepted trip: the load processes share the
 cores, so CPU per trip is the steadier figure), where the server's CPU went by thread (gRPC's
 C-core pollers do TLS and HTTP/2; the event loop runs the handlers; the default executor stages
-and fsyncs), and the server's own accepted/rejected counts.
+and fsyncs; "data" the data plane's threads: TLS, socket copies and the fingerprint), and the
+server's own accepted/rejected counts.
 
 ``--profile PATH`` writes a cProfile (pstats) of the server's event-loop thread over the window.
 
@@ -77,9 +81,12 @@ def serve(args, pki_dir: str, state_dir: str, ready, stop, profiling, profiled) 
         fsync=not args.no_fsync,
         compression=args.compression,
         linger_s=0,
+        data_port="auto" if args.transport == "data" else "off",
     )
     st = ServerThread(server)
     st.call(name_threads)
+    if server.dataplane is not None:  # its pool's threads start on demand: name them "data" as they do
+        server.dataplane._pool._initializer, server.dataplane._pool._initargs = _name_thread, ("data",)
     ready.put((st.port, server.flat.numel, os.getpid()))
     if args.profile:
         import cProfile
@@ -110,8 +117,67 @@ def name_threads() -> None:
     asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(initializer=_name_thread, initargs=("io",)))
 
 
+class DataStream:
+    """A load device's data-plane connection (asyncio streams over TLS; flotilla.proto DataRequest)."""
+
+    def __init__(self, port: int, ca: bytes, token: str):
+        import ssl
+
+        self.port, self.token = port, token
+        self.ctx = ssl.create_default_context(cadata=ca.decode())
+        self.reader = self.writer = None
+
+    async def _frame(self, request) -> object:
+
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(
+                "localhost", self.port, ssl=self.ctx, server_hostname="localhost"
+            )
+        data = request.SerializeToString()
+        self.writer.write(len(data).to_bytes(4, "big") + data)
+        return await self.reply()
+
+    async def reply(self):
+        from flotilla.network.wire import pb
+
+        size = int.from_bytes(await self.reader.readexactly(4), "big")
+        r = pb.DataReply.FromString(await self.reader.readexactly(size))
+        if r.code:
+            raise RuntimeError(f"{r.code}: {r.message}")
+        return r
+
+    async def download(self, version: int) -> int:
+        from flotilla.network.wire import pb
+
+        r = await self._frame(pb.DataRequest(token=self.token, download=pb.DownloadRequest(version=version)))
+        got = 0
+        while got < r.total_bytes:
+            got += len(await self.reader.read(min(1 << 20, r.total_bytes - got)))
+        return got
+
+    async def upload(self, header, body: bytes):
+        from flotilla.network.wire import pb
+
+        await self._frame(pb.DataRequest(token=self.token, upload=header, body_bytes=len(body)))
+        self.writer.write(body)
+        return (await self.reply()).upload
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
+
+
 async def device(
-    i: int, token: str, port: int, ca: bytes, deadline: float, delta_parts, records: list, compression: str
+    i: int,
+    token: str,
+    port: int,
+    ca: bytes,
+    deadline: float,
+    delta_parts,
+    records: list,
+    compression: str,
+    body: bytes = b"",
 ):
     import grpc
 
@@ -128,6 +194,7 @@ async def device(
         check_in = ch.unary_unary(wire.CHECK_IN, ser, pb.CheckInReply.FromString)
         download = ch.unary_stream(wire.DOWNLOAD, ser, pb.ModelChunk.FromString)
         upload = ch.stream_unary(wire.UPLOAD, ser, pb.UploadReply.FromString)
+        stream = None
         while time.time() < deadline:
             try:
                 r = await check_in(pb.CheckInRequest(num_examples=10), metadata=meta)
@@ -136,15 +203,22 @@ async def device(
                     continue
                 a = r.assignment
                 t0 = time.time()
+                h = pb.UploadHeader(
+                    ticket=a.ticket, base_version=a.version, dtype="float32", shape=[a.numel], num_examples=10
+                )
+                if r.data_port:  # the data plane
+                    stream = stream or DataStream(r.data_port, ca, token)
+                    await stream.download(a.version)
+                    t1 = time.time()
+                    await stream.upload(h, body)
+                    t2 = time.time()
+                    records.append((t2, t2 - t1, t1 - t0, True))
+                    continue
                 n = 0
                 async for chunk in download(pb.DownloadRequest(version=a.version), metadata=meta):
                     n += len(chunk.data)
                 t1 = time.time()
-                header = pb.UploadPart(
-                    header=pb.UploadHeader(
-                        ticket=a.ticket, base_version=a.version, dtype="float32", shape=[a.numel], num_examples=10
-                    )
-                )
+                header = pb.UploadPart(header=h)
 
                 async def parts():
                     yield header
@@ -158,6 +232,14 @@ async def device(
                 records.append((time.time(), 0.0, 0.0, False))
                 if e.code() not in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ALREADY_EXISTS):
                     await asyncio.sleep(0.5)
+            except (RuntimeError, OSError, asyncio.IncompleteReadError):  # the data plane refused or broke
+                records.append((time.time(), 0.0, 0.0, False))
+                if stream is not None:
+                    stream.close()
+                    stream = None
+                await asyncio.sleep(0.5)
+        if stream is not None:
+            stream.close()
 
 
 def load(args, pki_dir: str, port: int, numel: int, devices: list[tuple[str, str]], deadline: float, out) -> None:
@@ -174,7 +256,7 @@ def load(args, pki_dir: str, port: int, numel: int, devices: list[tuple[str, str
     async def main():
         await asyncio.gather(
             *(
-                device(i, tok, port, ca, deadline, delta_parts, records, args.compression)
+                device(i, tok, port, ca, deadline, delta_parts, records, args.compression, data)
                 for i, (name, tok) in enumerate(devices)
             )
         )
@@ -315,6 +397,12 @@ def main() -> int:
     ap.add_argument("--no-fsync", action="store_true")
     ap.add_argument("--compression", default="none", choices=["none", "gzip"])
     ap.add_argument(
+        "--transport",
+        default="data",
+        choices=["data", "grpc"],
+        help="downloads and uploads through the data plane (default) or gRPC's chunked streams",
+    )
+    ap.add_argument(
         "--chunk-kb",
         type=int,
         default=wire.DEFAULT_CHUNK_BYTES // 1024,
@@ -380,6 +468,7 @@ def main() -> int:
         "buffer_k": args.buffer,
         "fsync": not args.no_fsync,
         "compression": args.compression,
+        "transport": args.transport,
         "chunk_kb": args.chunk_kb,
         "window_s": round(args.duration, 1),
         "accepted_per_s": round(len(ok) / args.duration, 1),

@@ -55,6 +55,7 @@ log = logging.getLogger("flotilla.network")
 MAX_REQUEST_BYTES = 64 << 10  # a DataRequest is a token and a header: far below this
 _LEN = struct.Struct(">I")
 _CRC_BLOCK = 256 << 10  # the fingerprint is computed block by block, while each block is in the cache
+_POLL_S = 0.25  # a stalled upload body is looked at this often
 _SOCKET_BUFFER = 4 << 20  # measured: 4 MiB kernel buffers cut the per-trip CPU of the threads by ~15%
 
 
@@ -105,13 +106,12 @@ def _shut(sock, how=socket.SHUT_RDWR) -> None:
 
 
 class _Conn:
-    __slots__ = ("sock", "peer", "deadline", "receiving")
+    __slots__ = ("sock", "peer", "deadline")
 
     def __init__(self, sock, peer: str, deadline: float):
         self.sock = sock
         self.peer = peer
         self.deadline = deadline
-        self.receiving = False  # an upload body is being read (a finished handler cuts it)
 
 
 class DataPlane:
@@ -139,6 +139,7 @@ class DataPlane:
         self.transfer_timeout_s = transfer_timeout_s
         self.port: int | None = None
         self.refused_busy = 0  # connections closed at once because every thread was busy
+        self.served = {"download": 0, "upload": 0}  # requests handed to the handlers
         self._free = threading.BoundedSemaphore(max_connections)
         self._conns: set[_Conn] = set()
         self._lock = threading.Lock()
@@ -232,7 +233,9 @@ class DataPlane:
     def _serve(self, conn: _Conn) -> None:
         try:
             conn.sock.settimeout(self.transfer_timeout_s)  # a backstop: the watchdog keeps the deadlines
-            conn.sock = self.context.wrap_socket(conn.sock, server_side=True)
+            # the TLS socket first, then the handshake: the watchdog can cut a stalled handshake
+            conn.sock = self.context.wrap_socket(conn.sock, server_side=True, do_handshake_on_connect=False)
+            conn.sock.do_handshake()
             while not self._stopping.is_set():
                 conn.deadline = time.monotonic() + self.idle_timeout_s
                 try:
@@ -253,6 +256,8 @@ class DataPlane:
                 except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and friends
                     self._framing(conn, f"data plane: the request is not a valid DataRequest ({type(e).__name__})")
                     return
+                with self._lock:
+                    self.served[kind] += 1
                 keep = self._download(conn, request) if kind == "download" else self._upload(conn, request)
                 if not keep:
                     return
@@ -298,13 +303,8 @@ class DataPlane:
             handoff.put((size, what, got))
             return await got
 
-        def finished(_):
-            handoff.put(None)
-            if conn.receiving:  # the handler gave up (upload_timeout_s) while the body streams: cut it
-                _shut(conn.sock, socket.SHUT_RD)
-
         done = self._run(self.handlers.data_upload(request.token, conn.peer, request.upload, receive))
-        done.add_done_callback(finished)
+        done.add_done_callback(lambda _: handoff.put(None))
         item = handoff.get()
         whole = True  # the stream is at a frame boundary (no body bytes left unread)
         if item is not None:
@@ -321,7 +321,7 @@ class DataPlane:
                 )
             else:
                 conn.deadline = started + self.transfer_timeout_s
-                result, whole = self._receive_body(conn, size, what)
+                result, whole = self._receive_body(conn, size, what, done.done)
             loop.call_soon_threadsafe(_settle, got, result)
             if handoff.get() is not None:  # pragma: no cover - one receive per upload
                 raise RuntimeError("data plane: the handler asked for the body twice")
@@ -332,21 +332,29 @@ class DataPlane:
             reply = refusal_reply(e)
         return self._reply(conn, reply) and whole
 
-    def _receive_body(self, conn: _Conn, size: int, what: str) -> tuple[tuple | BaseException, bool]:
+    def _receive_body(self, conn: _Conn, size: int, what: str, gave_up) -> tuple[tuple | BaseException, bool]:
         """Read exactly ``size`` body bytes into a fresh buffer, the fingerprint block by block
-        (== coordinator.fingerprint of the bytes).  Returns ((buffer, digest) or the refusal, whole)."""
+        (== coordinator.fingerprint of the bytes).  Returns ((buffer, digest) or the refusal, whole).
+        A stream that stalls is given up when the handler has (``gave_up()``: its upload_timeout_s)."""
         if not self._reply(conn, pb.DataReply(body_bytes=size)):
             return Refused("INVALID_ARGUMENT", "truncated", "upload refused: the device hung up"), False
         buf = memoryview(np.empty(size, np.uint8))  # not zeroed: every byte is written below, or refused
         pos = crc = 0
         sock = conn.sock
-        conn.receiving = True
+        # waits for data wake up every _POLL_S to look whether the handler gave up (a shutdown of the
+        # socket instead would put the TLS session in error, and the refusal could not be sent)
+        sock.settimeout(_POLL_S)
         try:
             while pos < size:
                 end = min(pos + _CRC_BLOCK, size)
                 start = pos
                 while pos < end:
-                    n = sock.recv_into(buf[pos:end])
+                    try:
+                        n = sock.recv_into(buf[pos:end])
+                    except TimeoutError:
+                        if gave_up() or time.monotonic() >= conn.deadline:
+                            raise _Gone(pos) from None
+                        continue
                     if not n:
                         raise _Gone(pos)
                     pos += n
@@ -361,7 +369,7 @@ class DataPlane:
                 False,
             )
         finally:
-            conn.receiving = False
+            sock.settimeout(self.transfer_timeout_s)
         return (buf, f"crc32:{crc:08x}:{size}"), True
 
 
