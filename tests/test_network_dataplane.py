@@ -334,3 +334,22 @@ def test_mutual_tls_on_the_data_plane(pki, tmp_path):
             c.download(a.version)
             assert c.upload(a, torch.full((NUMEL,), 0.01), 10) == (0, 0)
         assert st.server.dataplane.served == {"download": 1, "upload": 1}
+
+
+def test_data_port_off_and_its_settings(pki, tmp_path):
+    from flotilla.network.cli import _data_port
+    from flotilla.network.config import NetworkConfig
+
+    with start_server(pki, tmp_path / "s", mode="async", buffer_size=3, server={"data_port": "off"}) as st:
+        assert st.server.dataplane is None
+        with connect(pki, st) as c:
+            a = train_assignment(c)
+            assert c.data_port == 0  # not advertised: gRPC carries the bytes
+            assert c.upload(a, torch.full((NUMEL,), 0.01), 10) == (0, 0)
+    base = dict(tls=dict(cert="c", key="k"), tokens="t")
+    assert [NetworkConfig(**base, data_port=v).data_port for v in ("auto", "off", 5000)] == ["auto", "off", 5000]
+    with pytest.raises(ValueError, match="data_port"):
+        NetworkConfig(**base, data_port=70000)
+    assert [_data_port(v) for v in ("auto", "off", "0", "5001")] == ["auto", "off", 0, 5001]
+    with pytest.raises(Exception, match="port number"):
+        _data_port("65536")

@@ -395,6 +395,8 @@ class Connection:
             raise Refused(
                 code, r.message, retry=r.retry or None, reason=r.reason or None, retry_after_s=after
             ) from None
+        except TimeoutError as e:  # this call's own timeout_s, as gRPC's deadline
+            raise Refused(grpc.StatusCode.DEADLINE_EXCEEDED, f"data plane: {e}") from None
         except OSError as e:  # the connection broke mid-way: worth sending again
             raise Refused(grpc.StatusCode.UNAVAILABLE, f"data plane: {e}") from None
 

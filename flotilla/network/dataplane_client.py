@@ -143,6 +143,9 @@ class DataClient:
                 return self._read_reply()
             except DataRefusal:
                 raise
+            except TimeoutError:  # the server is there but slow (timeout_s): not a stale connection
+                self.close()
+                raise
             except ssl.SSLError as e:
                 self.close()
                 if e.reason and "ALERT" in e.reason.upper():  # the server refused our certificate (TLS 1.3)
@@ -157,9 +160,10 @@ class DataClient:
                     raise
         raise ConnectionError("unreachable")  # pragma: no cover
 
-    def _broken(self, e: Exception) -> ConnectionError:
+    def _broken(self, e: Exception) -> OSError:
         self.close()
-        return ConnectionError(f"data plane {self.host}:{self.port}: {e}")
+        kind = TimeoutError if isinstance(e, TimeoutError) else ConnectionError
+        return kind(f"data plane {self.host}:{self.port}: {e}")
 
     def download(self, version: int, into) -> int:
         """Download ``version`` into ``into(total_bytes) -> writable memoryview`` (called once the
