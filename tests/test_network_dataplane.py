@@ -299,35 +299,42 @@ def test_a_stalled_or_cut_upload_frees_its_slot(pki, tmp_path):
 
 
 def test_silent_connections_are_cut_and_extra_ones_refused_at_once(pki, tmp_path):
-    limits = Limits(data_connections=2, data_header_timeout_s=0.4, data_idle_timeout_s=0.4)
-    with start_server(pki, tmp_path / "s", limits=limits, mode="async", concurrency=4, buffer_size=3) as st:
-        plane = st.server.dataplane
+    limits = Limits(data_header_timeout_s=0.4, data_idle_timeout_s=0.4)
+    with start_server(pki, tmp_path / "a", limits=limits, mode="async", buffer_size=3) as st:
         t0 = time.time()
         silent = Raw(pki, st, tls=False, timeout=5)  # no TLS handshake at all
         assert silent.closed() and time.time() - t0 < 3
         t0 = time.time()
         idle = Raw(pki, st, timeout=5)  # a handshake, then no request
         assert idle.closed() and time.time() - t0 < 3
-        held = [Raw(pki, st, tls=False) for _ in range(2)]  # both threads busy (handshakes pending)
         deadline = time.time() + 2
+        while st.server.dataplane.connections and time.time() < deadline:  # its thread lets go just after
+            time.sleep(0.01)
+        assert st.server.dataplane.connections == 0
+    with start_server(pki, tmp_path / "b", limits=Limits(data_connections=2), mode="async", buffer_size=3) as st:
+        plane = st.server.dataplane
+        held = [Raw(pki, st, tls=False) for _ in range(2)]  # both threads busy (handshakes pending, 10 s)
+        deadline = time.time() + 5
         while plane.connections < 2 and time.time() < deadline:
             time.sleep(0.01)
         extra = Raw(pki, st, tls=False)
-        t0 = time.time()
-        assert extra.closed() and time.time() - t0 < 0.3  # closed at once, not queued
-        assert plane.refused_busy >= 1
+        assert extra.closed()
+        assert plane.refused_busy == 1  # closed at once by the acceptor, not queued for a thread
         with connect(pki, st) as c:  # meanwhile the SDK falls back to gRPC
             a = train_assignment(c)
             assert c.upload(a, torch.full((NUMEL,), 0.01), 10) == (0, 0)
+        assert plane.refused_busy == 2 and plane.served["upload"] == 0
         for h in held:
             h.close()
-        assert plane.served["upload"] == 0
 
 
 def test_mutual_tls_on_the_data_plane(pki, tmp_path):
     with start_server(pki, tmp_path / "s", require_client_cert=True, mode="async", buffer_size=3) as st:
-        r = Raw(pki, st)  # no client certificate: the server ends the connection
-        r.send(pb.DataRequest(token=pki.token(0), download=pb.DownloadRequest(version=0)))
+        r = Raw(pki, st)  # no client certificate: the server ends the connection (TLS 1.3: after the
+        try:  # client's side of the handshake, so the request may or may not be written first)
+            r.send(pb.DataRequest(token=pki.token(0), download=pb.DownloadRequest(version=0)))
+        except (ssl.SSLError, OSError):
+            pass
         assert r.reply() is None
         with connect(pki, st, cert=pki.paths["client_pem"], key=pki.paths["client_key"]) as c:
             a = train_assignment(c)
