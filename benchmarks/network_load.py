@@ -77,7 +77,11 @@ def serve(args, pki_dir: str, state_dir: str, ready, stop, profiling, profiled) 
             assignment_timeout_s=600,
             max_update_norm=100.0,
         ),
-        limits=Limits(rate=1000.0, burst=1000, chunk_bytes=args.chunk_kb * 1024),
+        # a data-plane thread for every device (past the default 128 the SDK would use gRPC, which
+        # the load devices do not: they would only retry)
+        limits=Limits(
+            rate=1000.0, burst=1000, chunk_bytes=args.chunk_kb * 1024, data_connections=max(128, args.clients + 16)
+        ),
         fsync=not args.no_fsync,
         compression=args.compression,
         linger_s=0,

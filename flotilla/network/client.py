@@ -438,7 +438,8 @@ class Connection:
         except grpc.RpcError as e:
             raise self._error(e) from None
         self._reached = True
-        self.data_port = r.data_port
+        if r.data_port != self.data_port:  # a new port (a restarted server): worth trying at once
+            self.data_port, self._data_off_until = r.data_port, 0.0
         action = {pb.CheckInReply.WAIT: "wait", pb.CheckInReply.TRAIN: "train", pb.CheckInReply.DONE: "done"}[r.action]
         a = None
         if action == "train":

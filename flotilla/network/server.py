@@ -869,6 +869,7 @@ class FlotillaServer:
             uptime_s=round(time.time() - self.started, 1),
             metrics=finite_or_none(self.latest_metrics),
             limits=asdict(self.limits),
+            data_port=self.data_bound,  # 0: no data plane (downloads and uploads over gRPC)
             state_dir=str(self.store.path),
             task=json.loads(self.task_json),
         )  # devices check their data against it before checking in
