@@ -360,3 +360,23 @@ def test_data_port_off_and_its_settings(pki, tmp_path):
     assert [_data_port(v) for v in ("auto", "off", "0", "5001")] == ["auto", "off", 0, 5001]
     with pytest.raises(Exception, match="port number"):
         _data_port("65536")
+
+
+def test_stopping_the_server_ends_uploads_waiting_for_a_slot(pki, tmp_path):
+    st = start_server(pki, tmp_path / "s", limits=Limits(upload_slots=1), mode="async", concurrency=4, buffer_size=3)
+    a = []
+    for i in range(2):
+        with connect(pki, st, i) as c:
+            a.append(train_assignment(c))
+    holder = Raw(pki, st)  # holds the one upload slot: half a body, then silence
+    holder.send(upload_request(pki, a[0]))
+    assert holder.reply().body_bytes == 4 * NUMEL
+    holder.sock.sendall(bytes(2 * NUMEL))
+    waiter = Raw(pki, st)  # waits for the slot (its handler would wait up to upload_timeout_s, 300 s)
+    waiter.send(upload_request(pki, a[1], i=1))
+    time.sleep(0.3)
+    t0 = time.time()
+    st.stop()
+    assert not st._thread.is_alive() and time.time() - t0 < 10
+    assert waiter.reply() is None and holder.reply() is None
+    assert not st.server.coord.table.in_flight

@@ -43,7 +43,7 @@ import struct
 import threading
 import time
 import zlib
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 
 import numpy as np
 
@@ -142,6 +142,7 @@ class DataPlane:
         self.served = {"download": 0, "upload": 0}  # requests handed to the handlers
         self._free = threading.BoundedSemaphore(max_connections)
         self._conns: set[_Conn] = set()
+        self._pending: set[Future] = set()  # handler calls in flight (cancelled at stop)
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._listener: socket.socket | None = None
@@ -181,6 +182,9 @@ class DataPlane:
         with self._lock:
             for c in self._conns:
                 _shut(c.sock)
+            pending = list(self._pending)
+        for f in pending:  # e.g. an upload waiting for a slot (outside the lock: cancel runs _settled)
+            f.cancel()
         for t in self._threads:
             t.join(5)
         if self._pool is not None:
@@ -256,6 +260,9 @@ class DataPlane:
                 except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and friends
                     self._framing(conn, f"data plane: the request is not a valid DataRequest ({type(e).__name__})")
                     return
+                # from here the handler's own limits apply (an upload may wait for a slot up to
+                # upload_timeout_s); the watchdog only backs them up
+                conn.deadline = time.monotonic() + self.transfer_timeout_s
                 with self._lock:
                     self.served[kind] += 1
                 keep = self._download(conn, request) if kind == "download" else self._upload(conn, request)
@@ -280,15 +287,25 @@ class DataPlane:
         except OSError:
             return False
 
-    def _run(self, coro):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+    def _run(self, coro) -> Future:
+        done = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        with self._lock:
+            self._pending.add(done)
+        done.add_done_callback(self._settled)
+        return done
+
+    def _settled(self, done: Future) -> None:
+        with self._lock:
+            self._pending.discard(done)
 
     def _download(self, conn: _Conn, request) -> bool:
         try:
             data, version = self._run(self.handlers.data_download(request.token, conn.peer, request.download)).result()
         except Refused as e:
             return self._reply(conn, refusal_reply(e))
-        conn.deadline = time.monotonic() + self.transfer_timeout_s
+        except CancelledError:  # stopping
+            return False
+        conn.deadline = time.monotonic() + self.transfer_timeout_s  # the send, from now
         conn.sock.sendall(frame(pb.DataReply(total_bytes=len(data), version=version)))
         conn.sock.sendall(data)
         return True
@@ -330,6 +347,8 @@ class DataPlane:
             reply = pb.DataReply(upload=pb.UploadReply(seq=seq, version=version))
         except Refused as e:
             reply = refusal_reply(e)
+        except CancelledError:  # stopping
+            return False
         return self._reply(conn, reply) and whole
 
     def _receive_body(self, conn: _Conn, size: int, what: str, gave_up) -> tuple[tuple | BaseException, bool]:
