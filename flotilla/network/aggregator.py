@@ -39,6 +39,7 @@ import torch
 from flotilla.network import partials, wire
 from flotilla.network.auth import RateLimiter, TokenTable
 from flotilla.network.coordinator import Coordinator, fingerprint
+from flotilla.network.durable import write_durable
 from flotilla.network.refusals import Refused
 from flotilla.network.server import Limits, TLSFiles, _in_use
 from flotilla.network.store import StateStore
@@ -309,11 +310,7 @@ class AggregatorServer:
 
     def _stage(self, name: str, buf: bytearray) -> str:
         """As StateStore.stage, under a name chosen by the caller: the file and its folder fsync'd."""
-        with open(self.store.pending_dir / name, "wb") as f:
-            f.write(buf)
-            if self.store.fsync:
-                f.flush()
-                os.fsync(f.fileno())
+        write_durable(self.store.pending_dir / name, buf, self.store.fsync)
         if self.store.fsync:
             fd = os.open(self.store.pending_dir, os.O_RDONLY)
             try:

@@ -50,6 +50,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from flotilla.network.durable import write_durable
 from flotilla.network.refusals import InUse
 from flotilla.runs.rundir import RunDir
 
@@ -158,11 +159,7 @@ class StateStore:
         """Write an upload's delta durably under a fresh name; it counts only once :meth:`accept`
         names it.  Returns the file name."""
         name = secrets.token_hex(12) + ".bin"
-        with open(self.pending_dir / name, "wb") as f:
-            f.write(delta)
-            if self.fsync:
-                f.flush()
-                os.fsync(f.fileno())
+        write_durable(self.pending_dir / name, delta, self.fsync)  # O_DIRECT where it can (durable.py)
         if self.fsync:
             _fsync_dir(self.pending_dir)
         return name

@@ -1,0 +1,43 @@
+"""Staged uploads are written with O_DIRECT where the file system allows it (flotilla/network/durable.py):
+the file holds exactly the bytes, whatever their length, and a file system that refuses O_DIRECT
+gets the buffered write instead."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from flotilla.network import durable
+
+
+@pytest.mark.parametrize("n", [4_000_000, 4_000_036, 1 << 20, 100])
+def test_the_file_holds_exactly_the_bytes(tmp_path, n):
+    data = np.random.default_rng(n).bytes(n)
+    path = tmp_path / f"{n}.bin"
+    durable.write_durable(path, memoryview(data))
+    assert path.read_bytes() == data
+    durable.write_durable(path, data)  # over an existing file: replaced, not appended to
+    assert path.stat().st_size == n
+
+
+@pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="O_DIRECT is Linux only")
+def test_a_file_system_without_o_direct_gets_the_buffered_write(tmp_path, monkeypatch):
+    real_open = os.open
+    tried = []
+
+    def no_direct(path, flags, *a):
+        if flags & os.O_DIRECT:
+            tried.append(path)
+            raise OSError(22, "Invalid argument")
+        return real_open(path, flags, *a)
+
+    monkeypatch.setattr(os, "open", no_direct)
+    data = np.random.default_rng(0).bytes(3_000_001)
+    for i in range(2):
+        durable.write_durable(tmp_path / f"{i}.bin", data)
+        assert (tmp_path / f"{i}.bin").read_bytes() == data
+    assert len(tried) == 1, "the folder is remembered: O_DIRECT is not tried again"
+    assert str(tmp_path) in durable._refused
+    durable._refused.discard(str(tmp_path))
