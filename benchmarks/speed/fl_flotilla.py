@@ -86,6 +86,23 @@ def federated(wl) -> FederatedDataset:
     return FederatedDataset("shakespeare", wl.windows, train, test)
 
 
+def sync_fedavg(wl):
+    """Flotilla's in-process algorithm on a workload, as ``flotilla.train`` builds it (for the
+    in-process tools: round_ab.py, profile_round.py)."""
+    from flotilla.core.client import ClientSpec
+    from flotilla.sim.sync import SyncFedAvg
+
+    m = wl.meta
+    return SyncFedAvg(
+        make_model(m),
+        federated(wl),
+        F.cross_entropy,
+        cohort=m["cohort"],
+        seed=m["seed"],
+        client=ClientSpec(epochs=m["epochs"], batch_size=m["batch"], lr=m["lr"]),
+    )
+
+
 def main() -> None:
     p = base_args(__doc__)
     p.add_argument("--workers", type=int, default=1)

@@ -20,12 +20,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import base_args, load, make_model  # noqa: E402
-from fl_flotilla import federated  # noqa: E402
-from torch.nn import functional as F  # noqa: E402
-
-from flotilla.core.client import ClientSpec  # noqa: E402
-from flotilla.sim.sync import SyncFedAvg  # noqa: E402
+from common import base_args, load  # noqa: E402
+from fl_flotilla import sync_fedavg  # noqa: E402
 
 
 def main() -> None:
@@ -35,15 +31,7 @@ def main() -> None:
     rounds = args.rounds or 2
     args.rounds = None
     wl = load(args)
-    m = wl.meta
-    alg = SyncFedAvg(
-        make_model(m),
-        federated(wl),
-        F.cross_entropy,
-        cohort=m["cohort"],
-        seed=m["seed"],
-        client=ClientSpec(epochs=m["epochs"], batch_size=m["batch"], lr=m["lr"]),
-    )
+    alg = sync_fedavg(wl)
     alg.step()  # warm-up
     prof = cProfile.Profile()
     t0 = time.perf_counter()

@@ -29,15 +29,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import torch  # noqa: E402
-from common import base_args, load, make_model  # noqa: E402
-from fl_flotilla import federated  # noqa: E402
+from common import base_args, load  # noqa: E402
+from fl_flotilla import sync_fedavg  # noqa: E402
 from fl_raw import BareLoop  # noqa: E402
 from noise import paired_verdict  # noqa: E402
-from torch.nn import functional as F  # noqa: E402
 
-from flotilla.core.client import ClientSpec  # noqa: E402
 from flotilla.runner import Runner  # noqa: E402
-from flotilla.sim.sync import SyncFedAvg  # noqa: E402
 
 
 def timed(fn) -> tuple[float, float]:
@@ -63,15 +60,7 @@ def main() -> None:
         a.data = str(HERE.parents[0] / "out" / "data" / (a.workload or "fmnist"))
     a.rounds = None
     wl = load(a)
-    m = wl.meta
-    alg = SyncFedAvg(
-        make_model(m),
-        federated(wl),
-        F.cross_entropy,
-        cohort=m["cohort"],
-        seed=m["seed"],
-        client=ClientSpec(epochs=m["epochs"], batch_size=m["batch"], lr=m["lr"]),
-    )
+    alg = sync_fedavg(wl)
     runner = Runner(alg, None, rounds=0, progress=False, plot=False)
     bare = BareLoop(wl)
 

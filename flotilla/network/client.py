@@ -215,14 +215,10 @@ def probe_tls(
     host = host.removeprefix("dns:").lstrip("/").strip("[]")
     if not host or not port.isdigit():
         return None
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    from flotilla.network.dataplane_client import client_context
+
     try:
-        if ca:
-            ctx.load_verify_locations(cadata=ca.decode())
-        else:
-            ctx.load_default_certs()
-        if cert and key:
-            ctx.load_cert_chain(str(cert), str(key))
+        ctx = client_context(ca, cert, key)
     except (ssl.SSLError, ValueError, OSError):
         return None  # gRPC reads the same files and says what is wrong with them
     ctx.set_alpn_protocols(["h2"])

@@ -51,6 +51,20 @@ def _read_exact(sock, view: memoryview) -> None:
         got += n
 
 
+def client_context(ca: bytes | None, cert=None, key=None) -> ssl.SSLContext:
+    """A device's TLS settings: the server checked against ``ca`` (PEM bytes; else the system's
+    roots), TLS 1.2 or later, and the client certificate when one is given (mutual TLS)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if ca:
+        ctx.load_verify_locations(cadata=ca.decode())
+    else:
+        ctx.load_default_certs()
+    if cert and key:
+        ctx.load_cert_chain(str(cert), str(key))
+    return ctx
+
+
 class DataClient:
     def __init__(
         self,
@@ -67,15 +81,7 @@ class DataClient:
         self.host, self.port, self.token = host, port, token or ""
         self.server_name = server_name or host
         self.timeout_s = timeout_s
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        if ca:
-            ctx.load_verify_locations(cadata=ca.decode())
-        else:
-            ctx.load_default_certs()
-        if cert and key:
-            ctx.load_cert_chain(str(cert), str(key))
-        self.context = ctx
+        self.context = client_context(ca, cert, key)
         self.sock: ssl.SSLSocket | None = None
 
     def close(self) -> None:
