@@ -79,3 +79,25 @@ def train_assignment(conn):
     ci = conn.check_in(10)
     assert ci.action == "train", ci
     return ci.assignment
+
+
+def run_devices(st, pki: PKI, data, n: int, model=lambda: nn.Linear(5, 3)) -> dict:
+    """``n`` SDK devices (clients 0..n-1 of ``data``), each in a thread, until the server says done;
+    returns ``{i: DeviceReport}``.  Fails if a device is still running after 60 s."""
+    import threading
+
+    from flotilla.network.client import Device
+
+    reports = {}
+
+    def device(i):
+        torch.manual_seed(i)
+        reports[i] = Device(f"localhost:{st.port}", pki.token(i), model(), data, client=i, ca=pki.ca).run()
+
+    threads = [threading.Thread(target=device, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads), "a device was never told done"
+    return reports

@@ -7,7 +7,6 @@ ledger exactly as they were.  Multi-process training runs are in test_network_e2
 from __future__ import annotations
 
 import json
-import threading
 import time
 
 import grpc
@@ -15,10 +14,10 @@ import pytest
 import torch
 from torch import nn
 
-from flotilla.client import Connection, Device, Refused
+from flotilla.client import Connection, Refused
 from flotilla.network.server import Limits
 from tests.helpers import synthetic_dataset
-from tests.network_helpers import PKI, start_server, status
+from tests.network_helpers import PKI, run_devices, start_server, status
 
 NUMEL = 18  # nn.Linear(5, 3)
 
@@ -266,18 +265,7 @@ def test_devices_train_with_the_simulators_local_trainer(pki, tmp_path):
     acknowledged upload in the ledger exactly once, and the loss goes down."""
     data = synthetic_dataset(num_clients=4, per_client=20)
     with start_server(pki, tmp_path / "s", cohort=2, total_steps=4, linger_s=2.0) as st:
-        reports = {}
-
-        def device(i):
-            torch.manual_seed(i)
-            reports[i] = Device(f"localhost:{st.port}", pki.token(i), nn.Linear(5, 3), data, client=i, ca=pki.ca).run()
-
-        threads = [threading.Thread(target=device, args=(i,)) for i in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-        assert not any(t.is_alive() for t in threads)  # every device was told "done"
+        reports = run_devices(st, pki, data, 4)
     assert st.server.coord.version == 4
     ledger = [json.loads(x) for x in (tmp_path / "s" / "ledger.jsonl").read_text().splitlines()]
     accepted = [r["assignment"] for r in ledger if r["event"] == "accepted"]

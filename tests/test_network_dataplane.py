@@ -11,19 +11,17 @@ from __future__ import annotations
 import json
 import socket
 import ssl
-import threading
 import time
 
 import grpc
 import pytest
 import torch
-from torch import nn
 
-from flotilla.client import Connection, Device, Refused
+from flotilla.client import Connection, Refused
 from flotilla.network.server import Limits
 from flotilla.network.wire import pb
 from tests.helpers import synthetic_dataset
-from tests.network_helpers import PKI, start_server, status
+from tests.network_helpers import PKI, run_devices, start_server, status
 
 NUMEL = 18  # nn.Linear(5, 3)
 
@@ -159,18 +157,7 @@ def test_a_retry_gets_the_same_seq_and_a_replay_with_other_bytes_is_refused(pki,
 def test_devices_train_through_the_data_plane(pki, tmp_path):
     data = synthetic_dataset(num_clients=2, per_client=20)
     with start_server(pki, tmp_path / "s", cohort=2, total_steps=2, linger_s=2.0) as st:
-        reports = {}
-
-        def device(i):
-            torch.manual_seed(i)
-            reports[i] = Device(f"localhost:{st.port}", pki.token(i), nn.Linear(5, 3), data, client=i, ca=pki.ca).run()
-
-        threads = [threading.Thread(target=device, args=(i,)) for i in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-        assert not any(t.is_alive() for t in threads)
+        reports = run_devices(st, pki, data, 2)
         served = dict(st.server.dataplane.served)
     assert st.server.coord.version == 2
     assert served == {"download": 4, "upload": 4}
