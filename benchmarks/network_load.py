@@ -137,14 +137,15 @@ class DataStream:
             self.reader, self.writer = await asyncio.open_connection(
                 "localhost", self.port, ssl=self.ctx, server_hostname="localhost"
             )
-        data = request.SerializeToString()
-        self.writer.write(len(data).to_bytes(4, "big") + data)
+        from flotilla.network.wire import frame
+
+        self.writer.write(frame(request))
         return await self.reply()
 
     async def reply(self):
-        from flotilla.network.wire import pb
+        from flotilla.network.wire import FRAME_LEN, pb
 
-        size = int.from_bytes(await self.reader.readexactly(4), "big")
+        (size,) = FRAME_LEN.unpack(await self.reader.readexactly(4))
         r = pb.DataReply.FromString(await self.reader.readexactly(size))
         if r.code:
             raise RuntimeError(f"{r.code}: {r.message}")

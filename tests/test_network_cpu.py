@@ -136,7 +136,7 @@ def test_downloads_are_serialised_once_per_version_and_anew_after_every_server_s
 
 
 def test_an_upload_in_odd_chunks_is_fingerprinted_as_the_coordinator_does(pki, tmp_path, monkeypatch):
-    monkeypatch.setattr(server_module, "_CRC_BLOCK", 1000)  # blocks that cut floats and chunks in odd places
+    monkeypatch.setattr(server_module, "FINGERPRINT_BLOCK", 1000)  # blocks that cut floats and chunks in odd places
     with start_server(pki, tmp_path / "s", model(), limits=SMALL, mode="async", buffer_size=2) as st:
         c = connect(pki, st, 0)
         a = c.check_in(10).assignment

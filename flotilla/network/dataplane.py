@@ -11,7 +11,7 @@ computed block by block, and ``sendall`` of the cached download bytes.  Everythi
 ``asyncio.run_coroutine_threadsafe``) and only moves bytes itself.
 
 Framing (flotilla.proto, DataRequest / DataReply): every frame is a 4-byte big-endian length and a
-protobuf message; a request longer than ``MAX_REQUEST_BYTES`` or not a DataRequest ends the
+protobuf message (wire.frame / wire.read_frame); a request longer than ``wire.MAX_FRAME_BYTES`` or not a DataRequest ends the
 connection with an ``invalid`` refusal.  An upload is answered "send ``body_bytes`` now" before
 its body travels, so a refused header costs no body bytes and the connection stays usable.
 
@@ -39,7 +39,6 @@ import logging
 import queue
 import socket
 import ssl
-import struct
 import threading
 import time
 import zlib
@@ -47,16 +46,13 @@ from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 
 import numpy as np
 
+from flotilla.network.coordinator import FINGERPRINT_BLOCK, fingerprint_text
 from flotilla.network.refusals import Refused
-from flotilla.network.wire import pb
+from flotilla.network.wire import DATA_SOCKET_BUFFER, FrameTooLong, frame, pb, read_frame
 
 log = logging.getLogger("flotilla.network")
 
-MAX_REQUEST_BYTES = 64 << 10  # a DataRequest is a token and a header: far below this
-_LEN = struct.Struct(">I")
-_CRC_BLOCK = 256 << 10  # the fingerprint is computed block by block, while each block is in the cache
 _POLL_S = 0.25  # a stalled upload body is looked at this often
-_SOCKET_BUFFER = 4 << 20  # measured: 4 MiB kernel buffers cut the per-trip CPU of the threads by ~15%
 
 
 def refusal_reply(err: Refused) -> pb.DataReply:
@@ -69,31 +65,12 @@ def refusal_reply(err: Refused) -> pb.DataReply:
     )
 
 
-def frame(message) -> bytes:
-    data = message.SerializeToString()
-    return _LEN.pack(len(data)) + data
-
-
 class _Gone(Exception):
     """The peer hung up (or the watchdog cut the connection) mid-frame; ``got`` bytes had arrived."""
 
     def __init__(self, got: int = 0):
         super().__init__(got)
         self.got = got
-
-
-def read_exact(sock, view: memoryview) -> None:
-    got = 0
-    while got < len(view):
-        n = sock.recv_into(view[got:])
-        if not n:
-            raise _Gone(got)
-        got += n
-
-
-class _TooLong(Exception):
-    def __init__(self, size: int, limit: int):
-        super().__init__(f"a frame of {size} bytes, over the limit of {limit}")
 
 
 def _shut(sock, how=socket.SHUT_RDWR) -> None:
@@ -157,7 +134,7 @@ class DataPlane:
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is not "in use"; no REUSEPORT
             for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):  # accepted sockets inherit them
-                sock.setsockopt(socket.SOL_SOCKET, opt, _SOCKET_BUFFER)
+                sock.setsockopt(socket.SOL_SOCKET, opt, DATA_SOCKET_BUFFER)
             sock.bind((host.strip("[]"), port))
             sock.listen(256)
         except OSError:
@@ -247,12 +224,12 @@ class DataPlane:
                     if conn.sock.recv_into(head) == 0:
                         return  # the device closed the connection between requests
                     conn.deadline = time.monotonic() + self.header_timeout_s
-                    raw = _rest_of_frame(conn.sock, head[0])
+                    raw = read_frame(conn.sock, head[0])
                     request = pb.DataRequest.FromString(raw)
                     kind = request.WhichOneof("op")
                     if kind is None:
                         raise ValueError("neither a download nor an upload")
-                except _TooLong as e:
+                except FrameTooLong as e:
                     self._framing(conn, f"data plane: {e}")
                     return
                 except (_Gone, OSError):
@@ -365,7 +342,7 @@ class DataPlane:
         sock.settimeout(_POLL_S)
         try:
             while pos < size:
-                end = min(pos + _CRC_BLOCK, size)
+                end = min(pos + FINGERPRINT_BLOCK, size)
                 start = pos
                 while pos < end:
                     try:
@@ -389,20 +366,7 @@ class DataPlane:
             )
         finally:
             sock.settimeout(self.transfer_timeout_s)
-        return (buf, f"crc32:{crc:08x}:{size}"), True
-
-
-def _rest_of_frame(sock, first: int) -> bytes:
-    """The payload of a frame whose first length byte was ``first`` (already read)."""
-    head = bytearray(4)
-    head[0] = first
-    read_exact(sock, memoryview(head)[1:])
-    (size,) = _LEN.unpack(head)
-    if size > MAX_REQUEST_BYTES:
-        raise _TooLong(size, MAX_REQUEST_BYTES)
-    body = bytearray(size)
-    read_exact(sock, memoryview(body))
-    return bytes(body)
+        return (buf, fingerprint_text(crc, size)), True
 
 
 def _settle(fut: asyncio.Future, result) -> None:

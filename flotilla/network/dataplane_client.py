@@ -12,13 +12,8 @@ from __future__ import annotations
 import select
 import socket
 import ssl
-import struct
 
-from flotilla.network.wire import pb
-
-_LEN = struct.Struct(">I")
-MAX_REPLY_BYTES = 64 << 10
-_SOCKET_BUFFER = 4 << 20
+from flotilla.network.wire import DATA_SOCKET_BUFFER, frame, pb, read_exact, read_frame
 
 
 class Unreachable(ConnectionError):
@@ -36,19 +31,6 @@ class DataRefusal(Exception):
     def __init__(self, reply):
         super().__init__(reply.message)
         self.reply = reply
-
-
-class _Closed(ConnectionError):
-    pass
-
-
-def _read_exact(sock, view: memoryview) -> None:
-    got = 0
-    while got < len(view):
-        n = sock.recv_into(view[got:])
-        if not n:
-            raise _Closed(f"the server closed the connection after {got} of {len(view)} bytes")
-        got += n
 
 
 def client_context(ca: bytes | None, cert=None, key=None) -> ssl.SSLContext:
@@ -98,7 +80,7 @@ class DataClient:
             raise Unreachable(f"cannot connect to the data port {self.host}:{self.port}: {e}") from None
         try:
             for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-                raw.setsockopt(socket.SOL_SOCKET, opt, _SOCKET_BUFFER)
+                raw.setsockopt(socket.SOL_SOCKET, opt, DATA_SOCKET_BUFFER)
             self.sock = self.context.wrap_socket(raw, server_hostname=self.server_name)
         except ssl.SSLCertVerificationError as e:
             raw.close()
@@ -120,14 +102,7 @@ class DataClient:
         return bool(readable)
 
     def _read_reply(self):
-        head = bytearray(4)
-        _read_exact(self.sock, memoryview(head))
-        (size,) = _LEN.unpack(head)
-        if size > MAX_REPLY_BYTES:
-            raise _Closed(f"a reply of {size} bytes, over the limit of {MAX_REPLY_BYTES}")
-        body = bytearray(size)
-        _read_exact(self.sock, memoryview(body))
-        reply = pb.DataReply.FromString(bytes(body))
+        reply = pb.DataReply.FromString(read_frame(self.sock))
         if reply.code:
             raise DataRefusal(reply)
         return reply
@@ -135,8 +110,7 @@ class DataClient:
     def _request(self, request):
         """Send ``request`` and read the first reply.  A kept connection that turns out closed is
         replaced once; a fresh one that fails is :class:`Unreachable` (nothing was answered)."""
-        data = request.SerializeToString()
-        message = _LEN.pack(len(data)) + data
+        message = frame(request)
         for attempt in range(2):
             fresh = self.sock is None
             if not fresh and self._stale():
@@ -181,7 +155,7 @@ class DataClient:
             self.close()  # the bytes are on their way: the connection is not reusable
             raise
         try:
-            _read_exact(self.sock, view)
+            read_exact(self.sock, view)
         except OSError as e:
             raise self._broken(e) from None
         return reply.total_bytes

@@ -51,7 +51,14 @@ from flotilla.core.flat import FlatModel
 from flotilla.core.server_opt import ServerOptimizer, ServerOptimizerSpec
 from flotilla.network import wire
 from flotilla.network.auth import Identity, RateLimiter, TokenTable
-from flotilla.network.coordinator import Coordinator, CoordinatorSettings, Upload, step_record
+from flotilla.network.coordinator import (
+    FINGERPRINT_BLOCK,
+    Coordinator,
+    CoordinatorSettings,
+    Upload,
+    fingerprint_text,
+    step_record,
+)
 from flotilla.network.observe import Observations, ledger_tail
 from flotilla.network.refusals import InUse, Refused
 from flotilla.network.store import StateStore
@@ -159,7 +166,6 @@ def _parser(cls, parse_fn=None):
 
 
 _CODES = {c.name: c for c in grpc.StatusCode}
-_CRC_BLOCK = 256 << 10  # upload bytes are copied and checksummed in blocks of this size (they stay in cache)
 
 
 class FlotillaServer:
@@ -824,8 +830,8 @@ class FlotillaServer:
             if pos + n > size:
                 raise Refused("INVALID_ARGUMENT", "shape", f"upload refused: more than the {size} bytes of {what}")
             data = memoryview(part.data)
-            for off in range(0, n, _CRC_BLOCK):
-                block = data[off : off + _CRC_BLOCK]
+            for off in range(0, n, FINGERPRINT_BLOCK):
+                block = data[off : off + FINGERPRINT_BLOCK]
                 buf[pos + off : pos + off + len(block)] = block
                 crc = zlib.crc32(block, crc)
             pos += n
@@ -837,7 +843,7 @@ class FlotillaServer:
                 "truncated",
                 f"upload refused: the stream ended after {pos} of the {size} bytes that {what} needs",
             )
-        return buf, f"crc32:{crc:08x}:{size}"  # == fingerprint(buf) (tests/test_network_cpu.py holds it)
+        return buf, fingerprint_text(crc, size)  # == fingerprint(buf) (tests/test_network_cpu.py holds it)
 
     # -- the data plane (flotilla.network.dataplane): its handlers, run on this loop ---------------
     async def data_download(self, token: str, peer: str, request: pb.DownloadRequest) -> tuple[bytes, int]:
