@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import secrets
 import time
 from collections import Counter
@@ -39,7 +38,6 @@ import torch
 from flotilla.network import partials, wire
 from flotilla.network.auth import RateLimiter, TokenTable
 from flotilla.network.coordinator import Coordinator, fingerprint
-from flotilla.network.durable import write_durable
 from flotilla.network.refusals import Refused
 from flotilla.network.server import Limits, TLSFiles, _in_use
 from flotilla.network.store import StateStore
@@ -309,14 +307,8 @@ class AggregatorServer:
             await context.abort(_CODES[e.code], str(e), e.trailing_metadata())
 
     def _stage(self, name: str, buf: bytearray) -> str:
-        """As StateStore.stage, under a name chosen by the caller: the file and its folder fsync'd."""
-        write_durable(self.store.pending_dir / name, buf, self.store.fsync)
-        if self.store.fsync:
-            fd = os.open(self.store.pending_dir, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        """StateStore.stage under a name chosen by the caller; returns the bytes' fingerprint."""
+        self.store.stage(buf, name)
         return fingerprint(buf)
 
     async def _upload(self, request_iterator, h, ticket: Ticket, device: str) -> pb.UploadReply:

@@ -155,10 +155,10 @@ class StateStore:
         return f.read_bytes()
 
     # -- the durable transitions ------------------------------------------------------------
-    def stage(self, delta: bytes | memoryview) -> str:
-        """Write an upload's delta durably under a fresh name; it counts only once :meth:`accept`
-        names it.  Returns the file name."""
-        name = secrets.token_hex(12) + ".bin"
+    def stage(self, delta: bytes | memoryview, name: str | None = None) -> str:
+        """Write an upload's delta durably under ``name`` (default: a fresh random one); it counts
+        only once :meth:`accept` names it.  Returns the file name."""
+        name = name or secrets.token_hex(12) + ".bin"
         write_durable(self.pending_dir / name, delta, self.fsync)  # O_DIRECT where it can (durable.py)
         if self.fsync:
             _fsync_dir(self.pending_dir)
