@@ -476,39 +476,7 @@ class Connection:
         assignment's download channel (flotilla.channels), whose encoding the chunks carry."""
         if codec is not None and not codec.lossless:
             return self._download_encoded(version, out, codec)
-        got = self._via_data(lambda d: self._data_download(d, version, out))
-        if got is not self._GRPC:
-            return got
-        view = None
-        received = 0
-        try:
-            for chunk in self._download(
-                pb.DownloadRequest(version=version), metadata=self.metadata, timeout=self.timeout_s
-            ):
-                if view is None:
-                    if chunk.total_bytes % 4:
-                        raise Refused(grpc.StatusCode.DATA_LOSS, f"model of {chunk.total_bytes} bytes is not float32")
-                    if out is None:
-                        out = torch.empty(chunk.total_bytes // 4, dtype=torch.float32)
-                    if out.numel() * 4 != chunk.total_bytes:
-                        raise Refused(
-                            grpc.StatusCode.FAILED_PRECONDITION,
-                            f"the server's model has {chunk.total_bytes // 4} parameters, this device's has {out.numel()}",
-                        )
-                    view = memoryview(out.numpy()).cast("B")
-                n = len(chunk.data)
-                if chunk.offset != received or received + n > len(view):
-                    raise Refused(grpc.StatusCode.DATA_LOSS, f"model chunk at offset {chunk.offset} out of order")
-                view[received : received + n] = chunk.data
-                received += n
-        except grpc.RpcError as e:
-            raise self._error(e) from None
-        if view is None or received != len(view):
-            raise Refused(grpc.StatusCode.DATA_LOSS, f"model download ended after {received} bytes")
-        return out
 
-    @staticmethod
-    def _data_download(d, version: int, out: torch.Tensor | None) -> torch.Tensor:
         def into(total: int) -> memoryview:
             nonlocal out
             if total % 4:
@@ -522,7 +490,7 @@ class Connection:
                 )
             return memoryview(out.numpy()).cast("B")
 
-        d.download(version, into)
+        self._fetch(version, into)
         return out
 
     def _download_encoded(self, version: int, out: torch.Tensor | None, codec) -> torch.Tensor:
@@ -536,30 +504,32 @@ class Connection:
                 )
             return memoryview(buf)
 
+        self._fetch(version, into)
+        weights = codec.decode(buf)
+        return weights if out is None else out.copy_(weights)
+
+    def _fetch(self, version: int, into) -> None:
+        """``version``'s download bytes into ``into(total_bytes) -> writable memoryview`` (called once
+        the size is known; it may refuse the size): through the data plane when the server named
+        one, else gRPC's chunk stream, checked chunk by chunk."""
         if self._via_data(lambda d: d.download(version, into)) is not self._GRPC:
-            weights = codec.decode(buf)
-            return weights if out is None else out.copy_(weights)
-        received = 0
+            return
+        view, received = None, 0
         try:
             for chunk in self._download(
                 pb.DownloadRequest(version=version), metadata=self.metadata, timeout=self.timeout_s
             ):
+                if view is None:
+                    view = into(chunk.total_bytes)
                 n = len(chunk.data)
-                if chunk.total_bytes != len(buf):
-                    raise Refused(
-                        grpc.StatusCode.FAILED_PRECONDITION,
-                        f"the server's model is {chunk.total_bytes} bytes, this device's channel decodes {len(buf)}",
-                    )
-                if chunk.offset != received or received + n > len(buf):
+                if chunk.offset != received or received + n > len(view):
                     raise Refused(grpc.StatusCode.DATA_LOSS, f"model chunk at offset {chunk.offset} out of order")
-                buf[received : received + n] = chunk.data
+                view[received : received + n] = chunk.data
                 received += n
         except grpc.RpcError as e:
             raise self._error(e) from None
-        if received != len(buf):
+        if view is None or received != len(view):
             raise Refused(grpc.StatusCode.DATA_LOSS, f"model download ended after {received} bytes")
-        weights = codec.decode(buf)
-        return weights if out is None else out.copy_(weights)
 
     def upload(
         self,
