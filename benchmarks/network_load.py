@@ -8,7 +8,7 @@ One server process (``FlotillaServer``, async FedBuff mode, TLS, token auth, eve
 validated, written to the ledger and fsync'd, as in production) and ``--procs`` load processes
 that run ``--clients`` devices as asyncio coroutines, each with its own TLS channel and token.
 A device does no training: check in, download the model (4 MB), upload a fixed small delta
-(4 MB), repeat.  ``--transport data`` (the default) downloads and uploads through the server's
+(4 MB), repeat.  ``--transport data`` (the default) checks in (after the first check-in), downloads and uploads through the server's
 data plane (flotilla/network/dataplane.py, one kept TLS connection per device, asyncio streams);
 ``--transport grpc`` turns the data plane off and streams them in gRPC chunks.  Reported over the measurement window (after ``--warmup``):
 accepted updates per second, upload latency p50/p99 (call start to the server's ack), download
@@ -151,6 +151,12 @@ class DataStream:
             raise RuntimeError(f"{r.code}: {r.message}")
         return r
 
+    async def check_in(self, num_examples: int):
+        from flotilla.network.wire import pb
+
+        r = await self._frame(pb.DataRequest(token=self.token, check_in=pb.CheckInRequest(num_examples=num_examples)))
+        return r.check_in
+
     async def download(self, version: int) -> int:
         from flotilla.network.wire import pb
 
@@ -202,7 +208,10 @@ async def device(
         stream = None
         while time.time() < deadline:
             try:
-                r = await check_in(pb.CheckInRequest(num_examples=10), metadata=meta)
+                if stream is not None:  # the data plane named by an earlier check-in (as the SDK does)
+                    r = await stream.check_in(10)
+                else:
+                    r = await check_in(pb.CheckInRequest(num_examples=10), metadata=meta)
                 if r.action != pb.CheckInReply.TRAIN:
                     await asyncio.sleep(r.retry_after_s or 0.1)
                     continue

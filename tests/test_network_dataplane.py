@@ -129,10 +129,12 @@ def test_uploads_through_the_data_plane_give_the_ledger_and_model_of_grpc(pki, t
     kw = dict(mode="async", concurrency=4, buffer_size=2, total_steps=5, retry_after_s=0.01)
     with start_server(pki, tmp_path / "grpc", **kw) as st:
         via_grpc = _four_uploads(pki, st, data_plane=False)
-        assert st.server.dataplane.served == {"download": 0, "upload": 0}
+        assert st.server.dataplane.served == {"check_in": 0, "download": 0, "upload": 0}
     with start_server(pki, tmp_path / "data", **kw) as st:
         via_data = _four_uploads(pki, st, data_plane=True)
-        assert st.server.dataplane.served == {"download": 4, "upload": 4}
+        served = st.server.dataplane.served
+        assert (served["download"], served["upload"]) == (4, 4)
+        assert served["check_in"] >= 2  # each connection's first check-in is gRPC's (it learns the port)
         assert status(st)["version"] == 2
     assert torch.equal(via_data[0], via_grpc[0])
     assert via_data[1] == via_grpc[1] and len(via_data[1]) == 4
@@ -160,9 +162,43 @@ def test_devices_train_through_the_data_plane(pki, tmp_path):
         reports = run_devices(st, pki, data, 2)
         served = dict(st.server.dataplane.served)
     assert st.server.coord.version == 2
-    assert served == {"download": 4, "upload": 4}
+    assert (served["download"], served["upload"]) == (4, 4)
+    assert served["check_in"] >= 2  # every check-in after a device's first (DONE included)
     accepted = [e["assignment"] for e in ledger(tmp_path / "s") if e["event"] == "accepted"]
     assert sorted(x["assignment"] for r in reports.values() for x in r.accepted) == sorted(accepted)
+
+
+def test_check_ins_after_the_first_go_through_the_data_plane_and_are_refused_as_over_grpc(pki, tmp_path):
+    with start_server(pki, tmp_path / "s", mode="async", concurrency=4, buffer_size=3, retry_after_s=0.01) as st:
+        plane = st.server.dataplane
+        with connect(pki, st) as c:
+            first = c.check_in(10)  # gRPC: it names the data port
+            assert first.action == "train" and c.data_port == plane.port and plane.served["check_in"] == 0
+            again = c.check_in(10)  # the data plane: a new ticket, the first one revoked (async)
+            assert plane.served["check_in"] == 1
+            assert again.action == "train" and again.assignment.id != first.assignment.id
+            assert c.upload(again.assignment, torch.full((NUMEL,), 0.01), 10) == (0, 0)
+            with pytest.raises(Refused) as e:
+                c.upload(first.assignment, torch.full((NUMEL,), 0.01), 10)
+            assert (e.value.code, e.value.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "revoked")
+        before = status(st)
+        r = Raw(pki, st)
+        r.send(pb.DataRequest(token="not-a-token", check_in=pb.CheckInRequest(num_examples=10)))
+        reply = r.reply()
+        assert (reply.code, reply.reason, reply.retry) == ("UNAUTHENTICATED", "auth", "never")
+        r.send(pb.DataRequest(token=pki.token(1), check_in=pb.CheckInRequest(num_examples=10)))
+        reply = r.reply()  # the same connection, now a device's check-in: what the CheckIn RPC answers
+        assert reply.code == "" and reply.check_in.action == pb.CheckInReply.TRAIN
+        assert reply.check_in.device_id == "device-001" and reply.check_in.data_port == plane.port
+        assert reply.check_in.assignment.numel == NUMEL
+        r.close()
+        assert status(st)["rejected_by_reason"]["auth"] == before["rejected_by_reason"].get("auth", 0) + 1
+        plane.stop()  # the data port gone: check-ins (and the bytes) fall back to gRPC
+        with connect(pki, st) as c:
+            c.check_in(10)
+            a = train_assignment(c)
+            assert c.upload(a, torch.full((NUMEL,), 0.01), 10) == (1, 0)
+        assert plane.served["check_in"] == 3  # the SDK's second, and the two sent by hand
 
 
 def test_sealed_uploads_through_the_data_plane_match_grpc(pki, tmp_path):
@@ -327,7 +363,7 @@ def test_mutual_tls_on_the_data_plane(pki, tmp_path):
             a = train_assignment(c)
             c.download(a.version)
             assert c.upload(a, torch.full((NUMEL,), 0.01), 10) == (0, 0)
-        assert st.server.dataplane.served == {"download": 1, "upload": 1}
+        assert st.server.dataplane.served == {"check_in": 0, "download": 1, "upload": 1}
 
 
 def test_data_port_off_and_its_settings(pki, tmp_path):

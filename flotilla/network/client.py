@@ -290,8 +290,8 @@ def _read(path: str | Path | None, what: str) -> bytes | None:
 class Connection:
     """One TLS channel to a server, authenticated with a device token; one method per RPC.
 
-    Downloads and uploads go through the server's data plane (flotilla.network.dataplane) when its
-    last check-in named one (``data_port``; ``data_plane=False``: never), else through gRPC."""
+    Check-ins, downloads and uploads go through the server's data plane (flotilla.network.dataplane)
+    once a check-in named one (``data_port``; ``data_plane=False``: never), else through gRPC."""
 
     def __init__(
         self,
@@ -375,7 +375,7 @@ class Connection:
         try:
             return fn(client)
         except Unreachable as e:
-            log.warning("%s; using gRPC for downloads and uploads for a minute", e)
+            log.warning("%s; using gRPC for check-ins, downloads and uploads for a minute", e)
             self._data_off_until = time.monotonic() + 60.0
             return self._GRPC
         except TLSFailure as e:
@@ -425,14 +425,13 @@ class Connection:
         )
 
     def check_in(self, num_examples: int = 0) -> CheckIn:
-        try:
-            r = self._check_in(
-                pb.CheckInRequest(num_examples=num_examples, sdk_version=wire.SDK_VERSION),
-                metadata=self.metadata,
-                timeout=self.timeout_s,
-            )
-        except grpc.RpcError as e:
-            raise self._error(e) from None
+        request = pb.CheckInRequest(num_examples=num_examples, sdk_version=wire.SDK_VERSION)
+        r = self._via_data(lambda d: d.check_in(request))  # the first one (no port known yet) is gRPC's
+        if r is self._GRPC:
+            try:
+                r = self._check_in(request, metadata=self.metadata, timeout=self.timeout_s)
+            except grpc.RpcError as e:
+                raise self._error(e) from None
         self._reached = True
         if r.data_port != self.data_port:  # a new port (a restarted server): worth trying at once
             self.data_port, self._data_off_until = r.data_port, 0.0

@@ -1,4 +1,4 @@
-"""The data plane: a second TLS port that carries only model downloads and update uploads.
+"""The data plane: a second TLS port that carries the trip's check-ins, model downloads and uploads.
 
 gRPC's Python binding costs about 11 ms of server CPU per 1M-parameter trip above the floor
 (copies of bytes objects, wake-ups between the asyncio loop and gRPC's threads, per-message
@@ -26,6 +26,8 @@ The handlers object (the server's, or any process that mounts a data plane, e.g.
     async data_download(token, peer, request: pb.DownloadRequest) -> (bytes-like, version)
     async data_upload(token, peer, header: pb.UploadHeader, receive) -> (seq, version)
         # await receive(size, what) -> (memoryview, digest): the body (what: "shape (n,) float32")
+    async data_check_in(token, peer, request: pb.CheckInRequest) -> pb.CheckInReply
+        # optional (an aggregator has none: devices check in with the coordinator)
     data_refused(err: Refused, peer)       # a framing-level refusal (to count; called on the loop)
 
 Each raises :class:`~flotilla.network.refusals.Refused`, which travels back as a DataReply
@@ -116,7 +118,7 @@ class DataPlane:
         self.transfer_timeout_s = transfer_timeout_s
         self.port: int | None = None
         self.refused_busy = 0  # connections closed at once because every thread was busy
-        self.served = {"download": 0, "upload": 0}  # requests handed to the handlers
+        self.served = {"check_in": 0, "download": 0, "upload": 0}  # requests handed to the handlers
         self._free = threading.BoundedSemaphore(max_connections)
         self._conns: set[_Conn] = set()
         self._pending: set[Future] = set()  # handler calls in flight (cancelled at stop)
@@ -242,7 +244,8 @@ class DataPlane:
                 conn.deadline = time.monotonic() + self.transfer_timeout_s
                 with self._lock:
                     self.served[kind] += 1
-                keep = self._download(conn, request) if kind == "download" else self._upload(conn, request)
+                serve = {"download": self._download, "upload": self._upload, "check_in": self._check_in}[kind]
+                keep = serve(conn, request)
                 if not keep:
                     return
         except (OSError, _Gone, ValueError):  # TLS handshake failed or cut, peer gone, socket closed
@@ -274,6 +277,20 @@ class DataPlane:
     def _settled(self, done: Future) -> None:
         with self._lock:
             self._pending.discard(done)
+
+    def _check_in(self, conn: _Conn, request) -> bool:
+        handler = getattr(self.handlers, "data_check_in", None)
+        if handler is None:  # e.g. an aggregator: devices check in with the coordinator
+            return self._reply(
+                conn, refusal_reply(Refused("UNIMPLEMENTED", "invalid", "check in with the coordinator"))
+            )
+        try:
+            reply = self._run(handler(request.token, conn.peer, request.check_in)).result()
+        except Refused as e:
+            return self._reply(conn, refusal_reply(e))
+        except CancelledError:  # stopping
+            return False
+        return self._reply(conn, pb.DataReply(check_in=reply))
 
     def _download(self, conn: _Conn, request) -> bool:
         try:

@@ -1,7 +1,7 @@
 """The device side of the data plane (flotilla.network.dataplane): blocking TLS, one request at a time.
 
-:class:`flotilla.network.client.Connection` uses a :class:`DataClient` for downloads and uploads
-when the server's check-in names a data port, and gRPC otherwise.  The connection is kept between
+:class:`flotilla.network.client.Connection` uses a :class:`DataClient` for check-ins, downloads
+and uploads once the server's check-in names a data port, and gRPC otherwise.  The connection is kept between
 requests; one the server closed meanwhile (it closes idle ones) is reopened once, before any body
 byte is sent, so nothing is sent twice by accident (an upload sent again is a retry in any case:
 the server answers it with the first one's seq).
@@ -144,6 +144,10 @@ class DataClient:
         self.close()
         kind = TimeoutError if isinstance(e, TimeoutError) else ConnectionError
         return kind(f"data plane {self.host}:{self.port}: {e}")
+
+    def check_in(self, request) -> object:
+        """A CheckInRequest answered by the server's CheckInReply."""
+        return self._request(pb.DataRequest(token=self.token, check_in=request)).check_in
 
     def download(self, version: int, into) -> int:
         """Download ``version`` into ``into(total_bytes) -> writable memoryview`` (called once the

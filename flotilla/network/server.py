@@ -569,10 +569,16 @@ class FlotillaServer:
     async def check_in(self, request: pb.CheckInRequest, context) -> pb.CheckInReply:
         who = await self._identify(context)
         await self._decoded(request, context, who)
+        return self._check_in(who)
+
+    def _check_in(self, who: Identity) -> pb.CheckInReply:
+        """What a check-in answers, whichever transport carried it (gRPC's CheckIn, the data plane)."""
         if self.hub is not None and not self.hub.ready() and not self.coord.done:  # aggregators not all up
             return pb.CheckInReply(task_json=self.task_json, device_id=who.device, action=0, retry_after_s=0.5)
         result = self.coord.check_in(who.device)
         reply = pb.CheckInReply(task_json=self.task_json, device_id=who.device)
+        if self.data_bound and self.hub is None:
+            reply.data_port = self.data_bound  # check in, download and upload through the data plane
         if result is None:
             reply.action = pb.CheckInReply.DONE
             reply.message = f"training finished at version {self.coord.version}"
@@ -601,8 +607,6 @@ class FlotillaServer:
                 a.seal_weight = 1.0 if self.coord.settings.weighting == "uniform" else 0.0  # 0: num_examples
                 if self.coord.privacy is not None:
                     a.clip_norm = self.coord.privacy.user.clip_norm  # the buffer refuses larger norms
-            if self.data_bound and self.hub is None:
-                reply.data_port = self.data_bound  # download and upload through the data plane
             if self.coord.masked is not None:
                 from flotilla.network.secagg import SECAGG_FLAG
 
@@ -854,6 +858,9 @@ class FlotillaServer:
             raise self.coord.refuse(e, who.device) from None
         self.observed.bytes_out += len(data)
         return data, request.version
+
+    async def data_check_in(self, token: str, peer: str, request: pb.CheckInRequest) -> pb.CheckInReply:
+        return self._check_in(self._who(token, peer))
 
     async def data_upload(self, token: str, peer: str, header: pb.UploadHeader, receive) -> tuple[int, int]:
         who = self._who(token, peer)
