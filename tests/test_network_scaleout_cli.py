@@ -1,7 +1,8 @@
 """``flotilla serve --aggregators 2`` as a user runs it: the coordinator spawns its two aggregator
 processes, ``flotilla join`` devices train FedBuff through them; a kill -9 of the coordinator takes
-its aggregators with it, the same command resumes, every update counts exactly once, and when
-training ends nothing is left running.  (test_network_aggregators*.py drive the same classes in-process and under kill -9;
+its aggregators with it, the same command resumes, a kill -9 of one aggregator then is started
+again by the coordinator, every update counts exactly once, and when training ends nothing is left
+running.  (test_network_aggregators*.py drive the same classes in-process and under kill -9;
 this is the command line's spawn path.)"""
 
 from __future__ import annotations
@@ -139,7 +140,20 @@ def test_serve_with_two_spawned_aggregators_survives_a_kill_9_and_leaves_nothing
         left = [pid for pid in spawned if _alive(pid)]
         assert not left, f"aggregators outlived a kill -9 of the coordinator: {left}"
         server, port, spawned = serve(port)  # the same command resumes the whole deployment
+        # kill -9 one aggregator once it took an update after the resume: the coordinator starts it again
+        seen = len(_ledger(state))
+        deadline = time.time() + 120
+        while not any(r.get("aggregator") == "agg-1" for r in _ledger(state)[seen:]) and time.time() < deadline:
+            time.sleep(0.02)
+        victim = next(pid for pid in spawned if "agg-1" in Path(f"/proc/{pid}/cmdline").read_text())
+        os.kill(victim, 9)
+        deadline = time.time() + 30
+        while time.time() < deadline and not (again := [k for k in _children(server.pid) if k not in spawned]):
+            time.sleep(0.1)
+        assert again, f"the killed aggregator was not started again:\n{logs[-1].read_text()[-3000:]}"
+        spawned += again
         assert server.wait(240) == 0, logs[-1].read_text()[-3000:]
+        assert "agg-1 (pid" in logs[-1].read_text() and "starting it again" in logs[-1].read_text()
         out, _ = fleet.communicate(timeout=60)
         codes = json.loads(out.strip().splitlines()[-1])
         bad = {i: (tmp_path / f"device{i}.err").read_text()[-1500:] for i, rc in codes.items() if rc}

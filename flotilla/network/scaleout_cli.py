@@ -7,14 +7,18 @@
 
 Spawned aggregators get ``--name agg-<i>``, ``--state-dir STATE/aggregators/agg-<i>``, the key
 ``STATE/aggregator.key`` and any port; they die with the coordinator (``PR_SET_PDEATHSIG``), so
-running the same ``serve`` command again after a crash starts them again on the same directories.
+running the same ``serve`` command again after a crash starts them again on the same directories;
+one that dies while the coordinator runs is started again by it (:class:`Spawned`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 
@@ -60,39 +64,97 @@ def _die_with_parent() -> None:
 
 
 class Spawned:
-    """The aggregator processes of ``serve --aggregators N`` (none with --no-spawn or N = 0)."""
+    """The aggregator processes of ``serve --aggregators N`` (none with --no-spawn or N = 0).
+
+    One that exits while the coordinator runs (killed, crashed) is started again on the same
+    directories, where it finds the updates it held (the ledger says which it must keep).  One that
+    keeps dying within ``QUICK_S`` of its start ``GIVE_UP`` times in a row stops the coordinator
+    with the reason, instead of leaving devices waiting for it forever."""
+
+    CHECK_S = 1.0  # how often the processes are looked at
+    QUICK_S = 10.0  # an exit sooner than this after a start counts towards giving up
+    GIVE_UP = 5
 
     def __init__(self, args, server):
         self.n = 0 if getattr(args, "no_spawn", False) else server.aggregators
         self.args, self.server = args, server
         self.procs: list[subprocess.Popen] = []
+        self.started: list[float] = []
+        self.quick: list[int] = []  # exits in a row soon after a start, per aggregator
+        self.restarts = 0
+        self._port = 0
+        self._stopping = False
+        self._timer = None
+
+    def command(self, i: int) -> list[str]:
+        state = self.server.store.path
+        name = f"agg-{i}"
+        cmd = [
+            sys.executable,
+            "-m",
+            "flotilla.cli",
+            "aggregator",
+            self.args.config,
+            "--coordinator",
+            f"localhost:{self._port}",
+            "--name",
+            name,
+            "--key-file",
+            str(state / "aggregator.key"),
+            "--state-dir",
+            str(state / "aggregators" / name),
+        ]
+        for o in self.args.overrides:
+            cmd += ["--set", o]
+        return cmd
+
+    def _spawn(self, i: int) -> subprocess.Popen:
+        # from the loop's thread, which lives as long as the coordinator: PR_SET_PDEATHSIG fires when
+        # the thread that started the child ends, not only the process
+        return subprocess.Popen(self.command(i), preexec_fn=_die_with_parent)  # noqa: PLW1509
 
     def start(self, port: int) -> None:
-        state = self.server.store.path
+        """Start the N processes (on the coordinator's asyncio loop, once its port is bound)."""
+        self._port = port
         for i in range(self.n):
-            name = f"agg-{i}"
-            cmd = [
-                sys.executable,
-                "-m",
-                "flotilla.cli",
-                "aggregator",
-                self.args.config,
-                "--coordinator",
-                f"localhost:{port}",
-                "--name",
-                name,
-                "--key-file",
-                str(state / "aggregator.key"),
-                "--state-dir",
-                str(state / "aggregators" / name),
-            ]
-            for o in self.args.overrides:
-                cmd += ["--set", o]
-            self.procs.append(subprocess.Popen(cmd, preexec_fn=_die_with_parent))  # noqa: PLW1509
+            self.procs.append(self._spawn(i))
+            self.started.append(time.monotonic())
+            self.quick.append(0)
         if self.n:
             print(f"started {self.n} aggregators (pids {' '.join(str(p.pid) for p in self.procs)})", flush=True)
+            self._timer = asyncio.get_running_loop().call_later(self.CHECK_S, self._check)
+
+    def _check(self) -> None:
+        if self._stopping or self.server.coord.done:  # training over: the aggregators end by themselves
+            return
+        for i, p in enumerate(self.procs):
+            code = p.poll()
+            if code is None:
+                continue
+            how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+            quick = time.monotonic() - self.started[i] < self.QUICK_S
+            self.quick[i] = self.quick[i] + 1 if quick else 0
+            if self.quick[i] >= self.GIVE_UP:
+                self._stopping = True
+                self.give_up(
+                    f"aggregator agg-{i} {how}, {self.quick[i]} times within {self.QUICK_S:g} s of its start "
+                    "(its output is above); stopping the coordinator"
+                )
+                return
+            print(f"aggregator agg-{i} (pid {p.pid}) {how}; starting it again", file=sys.stderr, flush=True)
+            self.procs[i] = self._spawn(i)
+            self.started[i] = time.monotonic()
+            self.restarts += 1
+        self._timer = asyncio.get_running_loop().call_later(self.CHECK_S, self._check)
+
+    def give_up(self, why: str) -> None:
+        print(f"flotilla: error: {why}", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)  # the coordinator's own clean stop (state saved)
 
     def stop(self) -> None:
+        self._stopping = True
+        if self._timer is not None:
+            self._timer.cancel()
         for p in self.procs:
             if p.poll() is None:
                 p.terminate()
