@@ -5,8 +5,12 @@
         --advertise this-host:Q                              # one more, on another machine
 
 An aggregator serves the device-facing ``Upload`` and ``Download`` RPCs (same TLS certificate, token table and limits
-as the coordinator's config) and talks to its coordinator over the control service of
-:mod:`flotilla.network.partials` (the coordinator's TLS port, authenticated by the aggregator key).
+as the coordinator's config) and the same two on its own data plane (:mod:`flotilla.network.dataplane`,
+``network.data_port``: auto / N / off; the port is reported at registration and handed to devices in
+their assignment; no check-ins there: devices check in with the coordinator), and talks to its
+coordinator over the control service of :mod:`flotilla.network.partials` (the coordinator's TLS
+port, authenticated by the aggregator key).  Both transports go through one upload function
+(:meth:`AggregatorServer.accept_upload`) and one download function.
 Per upload: token, ticket signature and owner, dtype and shape are checked before the body is read;
 then the body is streamed (``upload_slots`` at once), validated (finite, ``max_update_norm``,
 ``max_update_abs``: the coordinator's own ``check_delta``), staged to ``STATE/pending/`` and
@@ -27,6 +31,7 @@ import json
 import logging
 import secrets
 import time
+import zlib
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -37,7 +42,7 @@ import torch
 
 from flotilla.network import partials, wire
 from flotilla.network.auth import RateLimiter, TokenTable
-from flotilla.network.coordinator import Coordinator, fingerprint
+from flotilla.network.coordinator import Coordinator, fingerprint_text
 from flotilla.network.refusals import Refused
 from flotilla.network.server import Limits, TLSFiles, _in_use
 from flotilla.network.store import StateStore
@@ -68,9 +73,12 @@ class AggregatorServer:
         limits: Limits = Limits(),
         fsync: bool = True,
         linger_s: float = 2.0,
+        data_port: int | str | None = "auto",
     ):
         if not partials._NAME.match(name):
             raise ValueError(f"--name: {name!r} must be 1-64 letters, digits, '.', '_' or '-'")
+        if data_port not in (None, "auto", "off") and not (isinstance(data_port, int) and 0 <= data_port <= 65535):
+            raise ValueError(f"network.data_port: must be between 0 and 65535, 'auto' or 'off', got {data_port!r}")
         self.name, self.coordinator, self.key = name, coordinator, key
         self.tls, self.tokens, self.limits = tls, tokens, limits
         self._credentials = tls.credentials()
@@ -98,6 +106,9 @@ class AggregatorServer:
         self.models: dict[int, asyncio.Future] = {}  # version -> its weights' bytes (the newest few)
         self.done = False
         self.port: int | None = None
+        self.data_port = data_port  # the setting: "auto" (any free port, the last one after a restart), N, "off"
+        self.dataplane = None  # flotilla.network.dataplane.DataPlane while serving one
+        self.data_bound = 0  # its port (0: none; devices use gRPC)
 
     # -- the control channel ------------------------------------------------------------------
     async def _call(self, method: str, body: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
@@ -107,7 +118,9 @@ class AggregatorServer:
     async def register(self) -> None:
         """(Re)join the coordinator and rebuild the partial sum from exactly its outstanding list."""
         r = await self._call(
-            partials.REGISTER, {"name": self.name, "address": self.address, "boot": self.boot}, timeout=10
+            partials.REGISTER,
+            {"name": self.name, "address": self.address, "boot": self.boot, "data_port": self.data_bound},
+            timeout=10,
         )
         async with self._mutex:
             self.numel = int(r["numel"])
@@ -224,12 +237,9 @@ class AggregatorServer:
         async with self._added:
             self._added.notify_all()
 
-    # -- the device-facing Upload ------------------------------------------------------------
-    async def _identify(self, context) -> str:
-        token = None
-        for k, v in context.invocation_metadata() or ():
-            if k == wire.AUTH_HEADER and isinstance(v, str) and v.startswith("Bearer "):
-                token = v[7:]
+    # -- the device-facing Download and Upload: gRPC and the data plane -----------------------------
+    def _who(self, token: str | None) -> str:
+        """The device that sends ``token``, refused if unknown or over its rate limit."""
         who = self.tokens.identify(token)
         if who is None or who.role != "device":
             raise Refused("UNAUTHENTICATED", "auth", "unknown client: send a device token issued for this server")
@@ -241,6 +251,17 @@ class AggregatorServer:
                 retry_after_s=max(1.0 / self.limits.rate, 0.05),
             )
         return who.device
+
+    @staticmethod
+    def _bearer(context) -> str | None:
+        for k, v in context.invocation_metadata() or ():
+            if k == wire.AUTH_HEADER and isinstance(v, str) and v.startswith("Bearer "):
+                return v[7:]
+        return None
+
+    def _refused(self, e: Refused) -> Refused:
+        self.counters[f"rejected.{e.reason}"] += 1
+        return e
 
     async def _model(self, version: int) -> bytes:
         """The weights of ``version``, fetched from the coordinator once (concurrent asks share it)."""
@@ -258,30 +279,61 @@ class AggregatorServer:
         )
         return b"".join([part async for part in call])
 
-    async def download(self, request, context):
+    async def model_for(self, token: str | None, version: int) -> bytes:
+        """One download, whatever carries it: the token checked, then the version's weights (refusals counted)."""
         try:
-            await self._identify(context)
+            self._who(token)
             try:
-                data = await self._model(int(request.version))
+                return await self._model(int(version))
             except grpc.aio.AioRpcError as e:
                 raise partials.refusal_of(e) from None
         except Refused as e:
-            self.counters[f"rejected.{e.reason}"] += 1
+            raise self._refused(e) from None
+
+    async def download(self, request, context):
+        try:
+            data = await self.model_for(self._bearer(context), request.version)
+        except Refused as e:
             await context.abort(_CODES[e.code], str(e), e.trailing_metadata())
         total, chunk = len(data), self.limits.chunk_bytes
         for off in range(0, total, chunk):
             yield pb.ModelChunk(version=request.version, offset=off, total_bytes=total, data=data[off : off + chunk])
 
     async def upload(self, request_iterator, context) -> pb.UploadReply:
-        ticket = None
-        try:
-            device = await self._identify(context)
-            if self.sum is None:
-                raise Refused("UNAVAILABLE", "starting", "aggregator not registered yet; retry", retry_after_s=1.0)
+        async def header() -> pb.UploadHeader:
             first = await anext(aiter(request_iterator), None)
             if first is None or first.WhichOneof("part") != "header":
                 raise Refused("INVALID_ARGUMENT", "invalid", "upload refused: the first message must be the header")
-            h = first.header
+            return first.header
+
+        async def receive(size: int, what: str) -> tuple[bytearray, str]:
+            buf, pos, crc = bytearray(size), 0, 0
+            async for part in request_iterator:
+                n = len(part.data)
+                if part.WhichOneof("part") != "data" or pos + n > size:
+                    raise Refused("INVALID_ARGUMENT", "shape", f"upload refused: more than {size} bytes")
+                buf[pos : pos + n] = part.data
+                crc = zlib.crc32(part.data, crc)  # the fingerprint, while the chunk is in the cache
+                pos += n
+            if pos != size:
+                raise Refused("INVALID_ARGUMENT", "truncated", f"upload refused: {pos} of {size} bytes")
+            return buf, fingerprint_text(crc, size)
+
+        try:
+            seq, version = await self.accept_upload(self._bearer(context), header, receive)
+        except Refused as e:  # counted by accept_upload
+            await context.abort(_CODES[e.code], str(e), e.trailing_metadata())
+        return pb.UploadReply(seq=seq, version=version)
+
+    async def accept_upload(self, token: str | None, header, receive) -> tuple[int, int]:
+        """One upload, whatever carries it (gRPC's Upload stream or the data plane): ``header()``
+        gives its UploadHeader, ``receive(size, what)`` its ``size`` body bytes and their fingerprint.
+        Returns ``(seq, version)``; a refusal is counted and raised."""
+        try:
+            device = self._who(token)
+            if self.sum is None:
+                raise Refused("UNAVAILABLE", "starting", "aggregator not registered yet; retry", retry_after_s=1.0)
+            h = await header()
             ticket = Ticket.decode(h.ticket, self.ticket_key)
             if ticket.device != device:
                 raise Refused(
@@ -299,35 +351,21 @@ class AggregatorServer:
                 raise Refused("RESOURCE_EXHAUSTED", "busy", "upload refused: already uploading", retry_after_s=1.0)
             self.uploading.add(ticket.id)
             try:
-                return await self._upload(request_iterator, h, ticket, device)
+                return await self._upload(receive, h, device)
             finally:
                 self.uploading.discard(ticket.id)
         except Refused as e:
-            self.counters[f"rejected.{e.reason}"] += 1
-            await context.abort(_CODES[e.code], str(e), e.trailing_metadata())
+            raise self._refused(e) from None
 
-    def _stage(self, name: str, buf: bytearray) -> str:
-        """StateStore.stage under a name chosen by the caller; returns the bytes' fingerprint."""
-        self.store.stage(buf, name)
-        return fingerprint(buf)
-
-    async def _upload(self, request_iterator, h, ticket: Ticket, device: str) -> pb.UploadReply:
+    async def _upload(self, receive, h, device: str) -> tuple[int, int]:
         size = 4 * self.numel
         try:
             async with asyncio.timeout(self.limits.upload_timeout_s), self._slots:
-                buf, pos = bytearray(size), 0
-                async for part in request_iterator:
-                    n = len(part.data)
-                    if part.WhichOneof("part") != "data" or pos + n > size:
-                        raise Refused("INVALID_ARGUMENT", "shape", f"upload refused: more than {size} bytes")
-                    buf[pos : pos + n] = part.data
-                    pos += n
+                buf, digest = await receive(size, f"shape ({self.numel},) float32")
         except TimeoutError:
             raise Refused(
                 "DEADLINE_EXCEEDED", "stalled", "upload refused: stream too slow", retry_after_s=1.0
             ) from None
-        if pos != size:
-            raise Refused("INVALID_ARGUMENT", "truncated", f"upload refused: {pos} of {size} bytes")
         delta = torch.frombuffer(buf, dtype=torch.float32)
         norm = Coordinator.check_delta(self._checks, delta, device)  # the coordinator's own value checks
         loop = asyncio.get_running_loop()
@@ -336,7 +374,7 @@ class AggregatorServer:
         name = secrets.token_hex(12) + ".bin"
         self.staging.add(name)
         try:
-            digest = await loop.run_in_executor(None, self._stage, name, buf)
+            await loop.run_in_executor(None, self.store.stage, buf, name)
         except BaseException:
             self.staging.discard(name)
             self.store.discard(name)
@@ -374,7 +412,22 @@ class AggregatorServer:
             await self._add(int(r["seq"]), name, float(r["alpha"]), delta)
         self.staging.discard(name)
         self.counters["accepted"] += 1
-        return pb.UploadReply(seq=int(r["seq"]), version=int(r["version"]))
+        return int(r["seq"]), int(r["version"])
+
+    # -- the data plane's handlers (flotilla.network.dataplane; run on this loop; no data_check_in) --
+    async def data_download(self, token: str, peer: str, request: pb.DownloadRequest) -> tuple[bytes, int]:
+        return await self.model_for(token, request.version), request.version
+
+    async def data_upload(self, token: str, peer: str, header: pb.UploadHeader, receive) -> tuple[int, int]:
+        async def given() -> pb.UploadHeader:
+            return header
+
+        return await self.accept_upload(token, given, receive)
+
+    def data_refused(self, err: Refused, peer: str) -> None:
+        """A data-plane request refused before it named anyone (too long, not a DataRequest): counted."""
+        self._refused(err)
+        log.warning("aggregator %s: data plane refused a request from %s: %s", self.name, peer, err)
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
@@ -413,6 +466,7 @@ class AggregatorServer:
                 f"aggregator {self.name}: cannot listen on {host}:{port}" + (" (in use)" if _in_use(host, port) else "")
             )
         port_file.write_text(str(self.port))
+        self._start_dataplane(host)
         self.address = self.advertise or f"{'localhost' if host in ('127.0.0.1', '0.0.0.0') else host}:{self.port}"
         options = wire.channel_options(self.limits.max_message_bytes)
         if self.server_name:
@@ -430,9 +484,55 @@ class AggregatorServer:
                 await asyncio.sleep(0.3)
         self._watcher = asyncio.ensure_future(self._watch())
         log.info(
-            "aggregator %s serving uploads on %s:%d (TLS), coordinator %s", self.name, host, self.port, self.coordinator
+            "aggregator %s serving uploads on %s:%d (TLS%s), coordinator %s",
+            self.name,
+            host,
+            self.port,
+            f"; data plane on port {self.data_bound}" if self.data_bound else "",
+            self.coordinator,
         )
         return self.port
+
+    def _start_dataplane(self, host: str) -> None:
+        """Listen for downloads and uploads on the data port too (``network.data_port``), with the
+        gRPC port's TLS files and the limits the coordinator's server gives its own data plane.
+        "auto" takes the port of the last run when it is free (devices may still be told it)."""
+        setting = self.data_port
+        if setting in (None, "off"):
+            return
+        from flotilla.network.dataplane import DataPlane
+
+        port_file = self.store.path / "data_port"
+        port = 0 if setting == "auto" else int(setting)
+        if setting == "auto" and port_file.exists():
+            last = int(port_file.read_text() or 0)
+            port = last if 0 < last <= 65535 and not _in_use(host, last) else 0
+        lim = self.limits
+        plane = DataPlane(
+            self.tls.ssl_context(),
+            self,
+            asyncio.get_running_loop(),
+            max_connections=lim.data_connections,
+            header_timeout_s=lim.data_header_timeout_s,
+            idle_timeout_s=lim.data_idle_timeout_s,
+            transfer_timeout_s=lim.upload_timeout_s + 1.0,  # the handler's own timeout answers first
+        )
+        try:
+            try:
+                self.data_bound = plane.start(host, port)
+            except OSError:
+                if setting != "auto" or port == 0:
+                    raise
+                self.data_bound = plane.start(host, 0)  # the last run's port was taken meanwhile
+        except OSError as e:
+            self._server = None
+            self.store.close()
+            why = " (in use; set network.data_port to another port, or auto)" if _in_use(host, port) else ""
+            raise ValueError(
+                f"aggregator {self.name}: cannot listen on {host}:{port} (the data plane){why}: {e.strerror or e}"
+            ) from None
+        port_file.write_text(str(self.data_bound))
+        self.dataplane = plane
 
     async def run_until_done(self, stop: asyncio.Event | None = None) -> None:
         stop = stop or asyncio.Event()
@@ -448,6 +548,9 @@ class AggregatorServer:
         await self.stop()
 
     async def stop(self) -> None:
+        if self.dataplane is not None:  # off the loop: its threads may be waiting on handlers here
+            plane, self.dataplane, self.data_bound = self.dataplane, None, 0
+            await asyncio.to_thread(plane.stop)
         if self._server is not None:
             await self._server.stop(1.0)
             self._server = None
@@ -472,7 +575,7 @@ def aggregator_from_config(cfg, *, name: str, coordinator: str, key: bytes, stat
         # as long as the coordinator: a device in back-off when training ends must still find its
         # aggregator up to be told DONE (it was 2 s, shorter than the SDK's 5 s back-off cap)
         linger_s=net.linger_s,
-        **kw,
+        **{"data_port": net.data_port, **kw},
     )
 
 

@@ -262,6 +262,7 @@ class Assignment:
     algorithm: dict[str, Any] | None = None  # client.algorithm (fedprox: mu; scaffold); None: FedAvg's local SGD
     channels: dict[str, Any] | None = None  # compressed download/upload (flotilla.channels); None: float32
     aggregator: str | None = None  # scale-out (serve --aggregators N): upload to this HOST:PORT, not the server
+    aggregator_data_port: int = 0  # ... through its data plane on this port of the same host (0: gRPC)
 
     @property
     def scaffold(self) -> bool:
@@ -444,6 +445,7 @@ class Connection:
             algorithm = spec.pop("algorithm", None)
             channels = spec.pop("channels", None)
             aggregator = spec.pop("aggregator", None)
+            aggregator_data_port = int(spec.pop("aggregator_data_port", 0) or 0)
             if dp_sgd is not None:
                 from flotilla.privacy.sample import SampleLevelSpec
 
@@ -467,6 +469,7 @@ class Connection:
                 algorithm,
                 channels,
                 aggregator,
+                aggregator_data_port,
             )
         return CheckIn(action, a, r.retry_after_s, json.loads(r.task_json or "{}"), r.device_id, r.message)
 
@@ -1152,7 +1155,11 @@ class Device:
             return self.conn
         if a.aggregator not in self._aggregators:
             self._aggregators[a.aggregator] = Connection(a.aggregator, self._conn_args[0], **self._conn_args[1])
-        return self._aggregators[a.aggregator]
+        conn = self._aggregators[a.aggregator]
+        if conn.data_port != a.aggregator_data_port:  # its data plane (the assignment names it; 0: gRPC)
+            # a new port (a restarted aggregator): worth trying at once, as Connection.check_in does
+            conn.data_port, conn._data_off_until = a.aggregator_data_port, 0.0
+        return conn
 
     def _upload_once(
         self, report: DeviceReport, a: Assignment, r, payload: torch.Tensor | bytes | None = None

@@ -11,7 +11,8 @@ port, gRPC generic handlers: no .proto) has four methods, every call authenticat
 aggregator key (``STATE/aggregator.key``, 0600, compared in constant time; metadata
 ``x-flotilla-aggregator``):
 
-``Register``  an aggregator (re)joins: it gets the ticket key, the validation settings and the
+``Register``  an aggregator (re)joins with its device-facing address and data port (0 or absent:
+              none, gRPC only; a restart reports its possibly new one): it gets the ticket key, the validation settings and the
               list of its accepted updates not yet in a step (seq, file, alpha); it rebuilds its
               partial sum from exactly those files and deletes every other staged file.
 ``Claim``     after an aggregator has received, validated and fsync'd an upload: the
@@ -130,6 +131,7 @@ class Aggregator:
     name: str
     address: str
     boot: str
+    data_port: int = 0  # its data plane (flotilla.network.dataplane) on the address's host; 0: gRPC only
     seen: float = field(default_factory=time.monotonic)
 
 
@@ -154,13 +156,16 @@ class Hub:
         return len(self.aggregators) >= self.expected
 
     def client_json(self, base: str, device: str) -> str:
-        """The assignment's settings plus ``aggregator``: where the device downloads and uploads."""
-        return json.dumps({**json.loads(base), "aggregator": self.route(device)})
+        """The assignment's settings plus ``aggregator``: where the device downloads and uploads, and
+        ``aggregator_data_port`` when that aggregator has a data plane (absent: gRPC)."""
+        a = self.route(device)
+        extra = {"aggregator_data_port": a.data_port} if a.data_port else {}
+        return json.dumps({**json.loads(base), "aggregator": a.address, **extra})
 
-    def route(self, device: str) -> str:
+    def route(self, device: str) -> Aggregator:
         """The aggregator a device uploads to (a stable spread over the registered ones)."""
         names = sorted(self.aggregators)
-        return self.aggregators[names[self.coord.device_index(device) % len(names)]].address
+        return self.aggregators[names[self.coord.device_index(device) % len(names)]]
 
     # -- the coordinator's buffer ----------------------------------------------------------------
     def outstanding(self, name: str) -> list[dict[str, Any]]:
@@ -243,8 +248,18 @@ class Hub:
                 f"aggregator refused: {name!r} would be aggregator {len(self.aggregators) + 1} of a coordinator "
                 f"started with --aggregators {self.expected} ({', '.join(sorted(self.aggregators))} registered)",
             )
-        self.aggregators[name] = Aggregator(name, str(req.get("address", "")), str(req.get("boot", "")))
-        log.info("aggregator %s registered at %s", name, req.get("address"))
+        data_port = req.get("data_port") or 0  # absent (an older aggregator): gRPC only
+        if not (isinstance(data_port, int) and 0 <= data_port <= 65535):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"aggregator refused: data_port {data_port!r} is not a port number"
+            )
+        self.aggregators[name] = Aggregator(name, str(req.get("address", "")), str(req.get("boot", "")), data_port)
+        log.info(
+            "aggregator %s registered at %s%s",
+            name,
+            req.get("address"),
+            f" (data plane on port {data_port})" if data_port else "",
+        )
         s = c.settings
         return json.dumps(
             {
