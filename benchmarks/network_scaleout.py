@@ -2,12 +2,19 @@
 
     nice -n 10 .venv/bin/python benchmarks/network_scaleout.py                         # 0, 1, 2 aggregators
     nice -n 10 .venv/bin/python benchmarks/network_scaleout.py --aggregators 2 --clients 100 --duration 30
+    nice -n 10 .venv/bin/python benchmarks/network_scaleout.py --transport grpc        # no data planes
 
 For each ``--aggregators`` value: a coordinator process (``FlotillaServer``, async FedBuff, TLS,
 tokens, fsync on, as ``flotilla serve``; with N > 0, ``aggregators=N``), N aggregator processes
 (:class:`flotilla.network.aggregator.AggregatorServer`, fsync on) and one load process running
 ``--clients`` devices as asyncio coroutines (no training: check in at the coordinator, download the
-model and upload a fixed ~1M-parameter delta where the assignment says, repeat).  Over the
+model and upload a fixed ~1M-parameter delta where the assignment says, repeat).  ``--transport
+data`` (the default): downloads and uploads go through the data plane (flotilla/network/dataplane.py,
+``DataStream`` of benchmarks/network_load.py, one kept TLS connection per device and server) of the
+aggregator the assignment names (``aggregator_data_port``), or with N = 0 of the single server,
+which also takes the check-ins after the first there; with N > 0 check-ins stay gRPC calls to the
+coordinator (it opens no data port then).  ``--transport grpc``: every data port off, everything
+over gRPC.  Over the
 window after ``--warmup``: accepted updates/s, and CPU seconds of every server process (read from
 /proc), as milliseconds per accepted trip: the coordinator's (check-in, claim, step, one model
 fetch per version and aggregator) and each aggregator's (download, upload stream, validation, fsync,
@@ -34,6 +41,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # network_load's DataStream
 
 
 def mlp(params: int):
@@ -74,6 +82,7 @@ def coordinator(args, n: int, pki: str, state: str, ready, stop) -> None:
         fsync=True,
         linger_s=0,
         aggregators=n,
+        data_port="auto" if args.transport == "data" else "off",
     )
     st = ServerThread(server)
     if args.profile:  # the coordinator's event loop, whole run (Python 3.11: per thread)
@@ -111,6 +120,7 @@ def aggregator(args, name: str, port: int, pki: str, state: str, ready, stop) ->
         ca=str(p / "ca.pem"),
         limits=Limits(rate=1000.0, burst=1000),
         fsync=True,
+        data_port="auto" if args.transport == "data" else "off",
     )
     t = AggregatorThread(agg)
     ready.put((name, t.port, 0, os.getpid()))
@@ -118,8 +128,9 @@ def aggregator(args, name: str, port: int, pki: str, state: str, ready, stop) ->
     t.stop()
 
 
-async def device(token: str, port: int, ca: bytes, deadline: float, parts, records: list) -> None:
+async def device(token: str, port: int, ca: bytes, deadline: float, parts, body: bytes, records: list) -> None:
     import grpc
+    from network_load import DataStream
 
     from flotilla.network import wire
     from flotilla.network.wire import pb
@@ -129,6 +140,12 @@ async def device(token: str, port: int, ca: bytes, deadline: float, parts, recor
     meta = ((wire.AUTH_HEADER, f"Bearer {token}"),)
     ser = lambda m: m.SerializeToString()  # noqa: E731
     channels = {}
+    streams: dict[int, DataStream] = {}  # data port -> this device's kept data-plane connection
+
+    def stream_to(data_port: int) -> DataStream:
+        if data_port not in streams:
+            streams[data_port] = DataStream(data_port, ca, token)
+        return streams[data_port]
 
     def uploader(address: str):
         if address not in channels:
@@ -146,22 +163,35 @@ async def device(token: str, port: int, ca: bytes, deadline: float, parts, recor
             ch.unary_stream(wire.DOWNLOAD, ser, pb.ModelChunk.FromString),
             ch.stream_unary(wire.UPLOAD, ser, pb.UploadReply.FromString),
         )
+        own = 0  # the server's data port, once a check-in named it (then check-ins go there, as the SDK's)
         while time.time() < deadline:
             try:
-                r = await check_in(pb.CheckInRequest(num_examples=10), metadata=meta)
+                if own:
+                    r = await stream_to(own).check_in(10)
+                else:
+                    r = await check_in(pb.CheckInRequest(num_examples=10), metadata=meta)
+                own = r.data_port
                 if r.action != pb.CheckInReply.TRAIN:
                     await asyncio.sleep(r.retry_after_s or 0.1)
                     continue
                 a = r.assignment
-                to = json.loads(a.client_json).get("aggregator")
+                spec = json.loads(a.client_json)
+                to = spec.get("aggregator")
+                data_port = spec.get("aggregator_data_port", 0) if to else r.data_port
+                h = pb.UploadHeader(
+                    ticket=a.ticket, base_version=a.version, dtype="float32", shape=[a.numel], num_examples=10
+                )
+                if data_port:  # the data plane of the aggregator (or of the server itself)
+                    stream = stream_to(data_port)
+                    await stream.download(a.version)
+                    t0 = time.time()
+                    await stream.upload(h, body)
+                    records.append((time.time(), time.time() - t0, True))
+                    continue
                 download, upload = uploader(to) if to else direct
                 async for _ in download(pb.DownloadRequest(version=a.version), metadata=meta):
                     pass
-                header = pb.UploadPart(
-                    header=pb.UploadHeader(
-                        ticket=a.ticket, base_version=a.version, dtype="float32", shape=[a.numel], num_examples=10
-                    )
-                )
+                header = pb.UploadPart(header=h)
 
                 async def stream():
                     yield header
@@ -175,6 +205,14 @@ async def device(token: str, port: int, ca: bytes, deadline: float, parts, recor
                 records.append((time.time(), 0.0, False))
                 if e.code() not in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ALREADY_EXISTS):
                     await asyncio.sleep(0.5)
+            except (RuntimeError, OSError, asyncio.IncompleteReadError):  # a data plane refused or broke
+                records.append((time.time(), 0.0, False))
+                for x in streams.values():
+                    x.close()
+                streams.clear()
+                await asyncio.sleep(0.5)
+    for x in streams.values():
+        x.close()
     for c, *_ in channels.values():
         await c.close()
 
@@ -191,7 +229,7 @@ def load(port: int, numel: int, pki: str, tokens: list[str], deadline: float, ou
     records: list = []
 
     async def main():
-        await asyncio.gather(*(device(t, port, ca, deadline, parts, records) for t in tokens))
+        await asyncio.gather(*(device(t, port, ca, deadline, parts, data, records) for t in tokens))
 
     asyncio.run(main())
     out.put(records)
@@ -238,6 +276,7 @@ def run(args, n: int, pki: str, tokens: list[str]) -> dict:
     lat = sorted(r[1] for r in ok)
     res = {
         "aggregators": n,
+        "transport": args.transport,
         "clients": args.clients,
         "params": numel,
         "window_s": round(window, 1),
@@ -282,6 +321,13 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=60)
     ap.add_argument("--params", type=int, default=1_000_000)
     ap.add_argument("--buffer", type=int, default=10, help="FedBuff K")
+    ap.add_argument(
+        "--transport",
+        choices=("data", "grpc"),
+        default="data",
+        help="data: downloads and uploads through the data planes (aggregators', or the single server's); "
+        "grpc: every data port off",
+    )
     ap.add_argument("--duration", type=float, default=20.0)
     ap.add_argument("--warmup", type=float, default=10.0)
     ap.add_argument("--trip-s", type=float, default=60.0, help="projection: mean device trip (train + transfer), s")
