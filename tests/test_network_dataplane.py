@@ -316,8 +316,17 @@ def test_a_stalled_or_cut_upload_frees_its_slot(pki, tmp_path):
         while status(st)["rejected_by_reason"].get("truncated", 0) < 1 and time.time() < deadline:
             time.sleep(0.02)
         untouched(st, before)
+        # the two cut receives' buffers never go back to the pool (a data-plane thread may still
+        # have been writing into them when the handler gave up: network/bodies.py)
+        bodies = st.server.bodies
+        assert (bodies.made, bodies.free) == (2, 0)
         with connect(pki, st) as c:  # the assignment's slot is free again: the real upload lands
             assert c.upload(a, torch.full((NUMEL,), 0.01), 10) == (0, 0)
+            assert (bodies.made, bodies.free) == (3, 1)  # a received and committed body goes back
+            for i in range(3):  # and is the next upload's (other devices: no rest, no rate limit)
+                with connect(pki, st, 1 + i) as other:
+                    other.upload(train_assignment(other), torch.full((NUMEL,), 0.02), 10)
+            assert (bodies.made, bodies.free) == (3, 1)
         assert status(st)["rejected_by_reason"]["stalled"] == 1
 
 

@@ -41,3 +41,41 @@ def test_a_file_system_without_o_direct_gets_the_buffered_write(tmp_path, monkey
     assert len(tried) == 1, "the folder is remembered: O_DIRECT is not tried again"
     assert str(tmp_path) in durable._refused
     durable._refused.discard(str(tmp_path))
+
+
+def test_an_upload_buffer_is_written_where_it_lies_and_reused(tmp_path):
+    import threading
+
+    from flotilla.network.bodies import UploadBodies
+
+    bodies = UploadBodies(keep=1)
+    n = 4_000_036  # not a multiple of the alignment: the buffer has room up to it
+    view = bodies.take(n)
+    data = np.random.default_rng(1).bytes(n)
+    view[:] = data
+    assert np.frombuffer(view, np.uint8).ctypes.data % durable.ALIGN == 0
+    assert durable._room(view, -(-n // durable.ALIGN) * durable.ALIGN) is not None
+    assert durable._room(view[4096:], 4096) is None  # a slice further in is not the buffer's start
+    assert durable._room(memoryview(bytearray(n)), n) is None
+    used_scratch = []
+
+    def write():  # in a fresh thread: no scratch buffer of its own yet
+        durable.write_durable(tmp_path / "a.bin", view)
+        used_scratch.append(getattr(durable._scratch, "buf", None) is not None)
+
+    t = threading.Thread(target=write)
+    t.start()
+    t.join()
+    assert (tmp_path / "a.bin").read_bytes() == data  # exactly n bytes, the padding cut off
+    if str(tmp_path) not in durable._refused:  # O_DIRECT allowed here: no copy was made first
+        assert used_scratch == [False]
+    bodies.give(view)
+    again = bodies.take(n)
+    assert again.obj is view.obj and bodies.made == 1  # reused, not made again
+    other = bodies.take(n)  # both in use: a second one is made
+    assert other.obj is not again.obj and bodies.made == 2
+    bodies.give(again)
+    bodies.give(other)  # over keep=1: dropped, not kept
+    assert bodies.free == 1
+    bodies.give(memoryview(bytearray(8)))  # not one of ours: ignored
+    assert bodies.free == 1

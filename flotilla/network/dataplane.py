@@ -25,7 +25,8 @@ The handlers object (the server's, or any process that mounts a data plane, e.g.
 
     async data_download(token, peer, request: pb.DownloadRequest) -> (bytes-like, version)
     async data_upload(token, peer, header: pb.UploadHeader, receive) -> (seq, version)
-        # await receive(size, what) -> (memoryview, digest): the body (what: "shape (n,) float32")
+        # await receive(size, what, into=None) -> (memoryview, digest): the body (what: "shape (n,)
+        # float32"), read into ``into`` (``size`` writable bytes) when given
     async data_check_in(token, peer, request: pb.CheckInRequest) -> pb.CheckInReply
         # optional (an aggregator has none: devices check in with the coordinator)
     data_refused(err: Refused, peer)       # a framing-level refusal (to count; called on the loop)
@@ -309,9 +310,9 @@ class DataPlane:
         handoff: queue.SimpleQueue = queue.SimpleQueue()
         loop = self.loop
 
-        async def receive(size: int, what: str):
+        async def receive(size: int, what: str, into: memoryview | None = None):
             got = loop.create_future()
-            handoff.put((size, what, got))
+            handoff.put((size, what, into, got))
             return await got
 
         done = self._run(self.handlers.data_upload(request.token, conn.peer, request.upload, receive))
@@ -319,7 +320,7 @@ class DataPlane:
         item = handoff.get()
         whole = True  # the stream is at a frame boundary (no body bytes left unread)
         if item is not None:
-            size, what, got = item
+            size, what, into, got = item
             result: tuple | BaseException
             if request.body_bytes != size:
                 more = request.body_bytes > size
@@ -332,7 +333,7 @@ class DataPlane:
                 )
             else:
                 conn.deadline = started + self.transfer_timeout_s
-                result, whole = self._receive_body(conn, size, what, done.done)
+                result, whole = self._receive_body(conn, size, what, done.done, into)
             loop.call_soon_threadsafe(_settle, got, result)
             if handoff.get() is not None:  # pragma: no cover - one receive per upload
                 raise RuntimeError("data plane: the handler asked for the body twice")
@@ -345,13 +346,16 @@ class DataPlane:
             return False
         return self._reply(conn, reply) and whole
 
-    def _receive_body(self, conn: _Conn, size: int, what: str, gave_up) -> tuple[tuple | BaseException, bool]:
-        """Read exactly ``size`` body bytes into a fresh buffer, the fingerprint block by block
+    def _receive_body(
+        self, conn: _Conn, size: int, what: str, gave_up, into: memoryview | None = None
+    ) -> tuple[tuple | BaseException, bool]:
+        """Read exactly ``size`` body bytes into ``into`` (else a fresh buffer), the fingerprint block by block
         (== coordinator.fingerprint of the bytes).  Returns ((buffer, digest) or the refusal, whole).
         A stream that stalls is given up when the handler has (``gave_up()``: its upload_timeout_s)."""
         if not self._reply(conn, pb.DataReply(body_bytes=size)):
             return Refused("INVALID_ARGUMENT", "truncated", "upload refused: the device hung up"), False
-        buf = memoryview(np.empty(size, np.uint8))  # not zeroed: every byte is written below, or refused
+        # not zeroed: every byte is written below, or the upload is refused
+        buf = memoryview(np.empty(size, np.uint8)) if into is None else into
         pos = crc = 0
         sock = conn.sock
         # waits for data wake up every _POLL_S to look whether the handler gave up (a shutdown of the

@@ -51,6 +51,7 @@ from flotilla.core.flat import FlatModel
 from flotilla.core.server_opt import ServerOptimizer, ServerOptimizerSpec
 from flotilla.network import wire
 from flotilla.network.auth import Identity, RateLimiter, TokenTable
+from flotilla.network.bodies import UploadBodies
 from flotilla.network.coordinator import (
     FINGERPRINT_BLOCK,
     Coordinator,
@@ -423,6 +424,7 @@ class FlotillaServer:
         self._pending_records: list[asyncio.Future] = []
         self._server: grpc.aio.Server | None = None
         self._upload_slots: asyncio.Semaphore | None = None  # made on the serving loop
+        self.bodies = UploadBodies(keep=16)  # upload receive buffers, reused (network/bodies.py)
         self._downloads: dict[int, tuple[bytes, list[bytes]]] = {}  # version -> (its bytes, ModelChunks)
         self.port: int | None = None
         self.dataplane = None  # flotilla.network.dataplane.DataPlane while serving one
@@ -692,8 +694,8 @@ class FlotillaServer:
                 raise Refused("INVALID_ARGUMENT", "invalid", "upload refused: the first message must be the header")
             return first.header
 
-        async def receive(size: int, what: str) -> tuple[memoryview, str]:
-            return await self._receive_body(request_iterator, size, what)
+        async def receive(size: int, what: str, into: memoryview | None = None) -> tuple[memoryview, str]:
+            return await self._receive_body(request_iterator, size, what, into)
 
         try:
             seq, version = await self.accept_upload(who, header, receive)
@@ -703,11 +705,13 @@ class FlotillaServer:
 
     async def accept_upload(self, who: Identity, header, receive) -> tuple[int, int]:
         """One upload, whatever carried it (gRPC's Upload stream or the data plane): ``header()``
-        gives its UploadHeader, ``receive(size, what)`` its ``size`` body bytes and their fingerprint.
+        gives its UploadHeader, ``receive(size, what, into)`` its ``size`` body bytes (in ``into``, a
+        buffer from ``self.bodies``) and their fingerprint.
         Returns ``(seq, version)``; a refusal is counted (coordinator.refuse) and raised."""
         c = self.coord
         ticket = None
         began = False
+        body = None  # the upload's buffer once its receive returned (network/bodies.py: when it may go back)
         try:
             try:
                 # The whole stream, header included, within upload_timeout_s: a stalled stream is cut
@@ -750,7 +754,8 @@ class FlotillaServer:
                     # At most `upload_slots` deltas are held in memory at once, whatever the concurrency;
                     # the other streams wait here (gRPC: throttled by HTTP/2 flow control).
                     async with self._upload_slots:
-                        buf, digest = await receive(size, f"shape ({numel},) float32")
+                        buf, digest = await receive(size, f"shape ({numel},) float32", self.bodies.take(size))
+                        body = buf
                         self.observed.bytes_in += len(buf)
             except TimeoutError:
                 raise Refused(
@@ -807,8 +812,15 @@ class FlotillaServer:
             # assignment's upload slot is held until the commit ends, so a retry sent meanwhile is
             # told "busy" and then gets the commit's answer, not a replay refusal.
             commit = asyncio.ensure_future(c.commit(up, buf))
-            commit.add_done_callback(lambda _: c.table.end_upload(ticket))
+
+            def committed(_, bodies=self.bodies, body=body) -> None:
+                c.table.end_upload(ticket)
+                up.delta = up.control = None  # views of the body: the sum has their values now, or never will
+                bodies.give(body)
+
+            commit.add_done_callback(committed)
             began = False
+            body = None  # the commit gives it back
             return await asyncio.shield(commit)
         except Refused as e:
             c.refuse(e, who.device, ticket)
@@ -816,12 +828,17 @@ class FlotillaServer:
         finally:
             if began:
                 c.table.end_upload(ticket)
+            if body is not None:
+                self.bodies.give(body)
 
-    async def _receive_body(self, request_iterator, size: int, what: str) -> tuple[memoryview, str]:
-        """The upload's ``size`` bytes, and their fingerprint (coordinator.fingerprint), computed block
-        by block as each block is copied in, while it is in the cache (a pass over the whole body
-        later costs about twice as much CPU on a busy machine)."""
-        buf = memoryview(np.empty(size, np.uint8))  # not zeroed: every byte is written below, or it is refused
+    async def _receive_body(
+        self, request_iterator, size: int, what: str, into: memoryview | None = None
+    ) -> tuple[memoryview, str]:
+        """The upload's ``size`` bytes (in ``into`` when given), and their fingerprint
+        (coordinator.fingerprint), computed block by block as each block is copied in, while it is
+        in the cache (a pass over the whole body later costs about twice as much CPU on a busy machine)."""
+        # not zeroed: every byte is written below, or it is refused
+        buf = memoryview(np.empty(size, np.uint8)) if into is None else into
         pos = crc = 0
         async for part in request_iterator:
             kind = part.WhichOneof("part")

@@ -1,0 +1,54 @@
+"""Upload bodies: page-aligned receive buffers, reused from one upload to the next.
+
+A fresh 4 MB buffer per upload costs its ~1,000 page faults (the kernel zeroes each page before
+the socket copy fills it), and a buffer at an arbitrary address must be copied into an aligned
+one before ``O_DIRECT`` can write it (network/durable.py).  A buffer taken from here is an
+anonymous ``mmap`` (page-aligned) whose length is rounded up to :data:`durable.ALIGN`, so after its
+first use it neither faults nor needs that copy: ``write_durable`` writes it where it lies.
+
+The rule that makes reuse safe: a buffer goes back (:meth:`UploadBodies.give`) only once nothing
+can write or read it any more, i.e. after its transport's receive returned *and* the commit that
+adds it (or the refusal that drops it) finished.  A receive that was cancelled half-way (a timeout,
+a hang-up) may still have a data-plane thread writing into its buffer: that buffer is never given
+back, just dropped, and freed when the last reference goes.
+"""
+
+from __future__ import annotations
+
+import mmap
+
+from flotilla.network.durable import ALIGN
+
+
+class UploadBodies:
+    """A free list of page-aligned buffers; at most ``keep`` are kept between uploads (more are
+    made when more uploads are in flight, and dropped when they come back to a full list)."""
+
+    def __init__(self, keep: int = 16):
+        self.keep = keep
+        self._free: dict[int, list[mmap.mmap]] = {}  # by capacity (the size rounded up to ALIGN)
+        self.made = 0  # buffers allocated so far (the rest of the takes were reuses)
+
+    def take(self, size: int) -> memoryview:
+        """A writable view of ``size`` bytes at the start of a page-aligned buffer (contents undefined)."""
+        capacity = max(ALIGN, -(-size // ALIGN) * ALIGN)
+        free = self._free.get(capacity)
+        if free:
+            buf = free.pop()
+        else:
+            buf = mmap.mmap(-1, capacity)
+            self.made += 1
+        return memoryview(buf)[:size]
+
+    def give(self, view: memoryview) -> None:
+        """Take back a view :meth:`take` returned (only when nothing uses its bytes any more)."""
+        buf = view.obj
+        if not isinstance(buf, mmap.mmap):
+            return
+        free = self._free.setdefault(len(buf), [])
+        if len(free) < self.keep:
+            free.append(buf)
+
+    @property
+    def free(self) -> int:
+        return sum(len(v) for v in self._free.values())
