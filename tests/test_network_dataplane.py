@@ -201,6 +201,29 @@ def test_check_ins_after_the_first_go_through_the_data_plane_and_are_refused_as_
         assert plane.served["check_in"] == 3  # the SDK's second, and the two sent by hand
 
 
+def test_a_data_plane_without_check_ins_gets_them_over_grpc(pki, tmp_path, monkeypatch):
+    """An SDK newer than its server: the server's data plane (before check-ins) refuses the frame as
+    "not a valid DataRequest" and closes the connection; the SDK checks in over gRPC from then on,
+    and still downloads and uploads on the data plane."""
+    from flotilla.network.dataplane import DataPlane
+
+    def older(self, conn, request):  # what a data plane that knows only download and upload answers
+        self._framing(conn, "data plane: the request is not a valid DataRequest (ValueError)")
+        return False
+
+    monkeypatch.setattr(DataPlane, "_check_in", older)
+    with start_server(pki, tmp_path / "s", mode="async", concurrency=4, buffer_size=3, retry_after_s=0.01) as st:
+        with connect(pki, st) as c:
+            for _ in range(3):
+                a = train_assignment(c)
+                c.download(a.version)
+                c.upload(a, torch.full((NUMEL,), 0.01), 10)
+        served = st.server.dataplane.served
+        assert served["check_in"] == 1  # tried once, then gRPC's
+        assert (served["download"], served["upload"]) == (3, 3)
+        assert status(st)["accepted"] == 3
+
+
 def test_sealed_uploads_through_the_data_plane_match_grpc(pki, tmp_path):
     kw = dict(mode="async", concurrency=4, buffer_size=2, total_steps=5, retry_after_s=0.01)
     out = {}

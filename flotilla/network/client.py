@@ -334,6 +334,7 @@ class Connection:
         self.data_port = 0  # the data port the last check-in named (0: none)
         self._data = None  # its DataClient, made on first use
         self._data_off_until = 0.0  # unreachable lately: gRPC until then
+        self._data_check_ins = True  # False: this server's data plane predates check-ins (gRPC's)
 
     def close(self) -> None:
         if self._data is not None:
@@ -427,7 +428,20 @@ class Connection:
 
     def check_in(self, num_examples: int = 0) -> CheckIn:
         request = pb.CheckInRequest(num_examples=num_examples, sdk_version=wire.SDK_VERSION)
-        r = self._via_data(lambda d: d.check_in(request))  # the first one (no port known yet) is gRPC's
+        r = self._GRPC  # the first check-in (no data port known yet) is gRPC's
+        if self._data_check_ins:
+            try:
+                r = self._via_data(lambda d: d.check_in(request))
+            except Refused as e:
+                # a data plane that does not know check-ins (a server older than this SDK) answers
+                # "not a valid DataRequest": check in over gRPC from now on (the bytes still go there)
+                if e.reason != "invalid" or e.code not in (
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    grpc.StatusCode.UNIMPLEMENTED,
+                ):
+                    raise
+                log.info("the data plane does not take check-ins (%s); checking in over gRPC", e.details)
+                self._data_check_ins = False
         if r is self._GRPC:
             try:
                 r = self._check_in(request, metadata=self.metadata, timeout=self.timeout_s)
