@@ -191,6 +191,13 @@ def test_check_ins_after_the_first_go_through_the_data_plane_and_are_refused_as_
         assert reply.code == "" and reply.check_in.action == pb.CheckInReply.TRAIN
         assert reply.check_in.device_id == "device-001" and reply.check_in.data_port == plane.port
         assert reply.check_in.assignment.numel == NUMEL
+        replies = []  # a device checking in in a tight loop: the rate limit holds here as over gRPC
+        for _ in range(Limits().burst + 30):
+            r.send(pb.DataRequest(token=pki.token(2), check_in=pb.CheckInRequest(num_examples=10)))
+            replies.append(r.reply())
+        refused = [x for x in replies if x.code]
+        assert refused and {(x.code, x.reason, x.retry) for x in refused} == {("RESOURCE_EXHAUSTED", "rate", "request")}
+        assert all(x.retry_after_s > 0 for x in refused)
         r.close()
         assert status(st)["rejected_by_reason"]["auth"] == before["rejected_by_reason"].get("auth", 0) + 1
         plane.stop()  # the data port gone: check-ins (and the bytes) fall back to gRPC
@@ -198,7 +205,7 @@ def test_check_ins_after_the_first_go_through_the_data_plane_and_are_refused_as_
             c.check_in(10)
             a = train_assignment(c)
             assert c.upload(a, torch.full((NUMEL,), 0.01), 10) == (1, 0)
-        assert plane.served["check_in"] == 3  # the SDK's second, and the two sent by hand
+        assert plane.served["check_in"] == 3 + len(replies)  # the SDK's second, and those sent by hand
 
 
 def test_a_data_plane_without_check_ins_gets_them_over_grpc(pki, tmp_path, monkeypatch):

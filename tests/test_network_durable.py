@@ -79,3 +79,8 @@ def test_an_upload_buffer_is_written_where_it_lies_and_reused(tmp_path):
     assert bodies.free == 1
     bodies.give(memoryview(bytearray(8)))  # not one of ours: ignored
     assert bodies.free == 1
+    big = UploadBodies(keep=16, keep_bytes=10 << 20)  # a byte budget: a large model keeps few
+    views = [big.take(4_000_000) for _ in range(4)]
+    for v in views:
+        big.give(v)
+    assert big.free == 2 and big.free_bytes <= 10 << 20

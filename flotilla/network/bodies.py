@@ -21,11 +21,13 @@ from flotilla.network.durable import ALIGN
 
 
 class UploadBodies:
-    """A free list of page-aligned buffers; at most ``keep`` are kept between uploads (more are
-    made when more uploads are in flight, and dropped when they come back to a full list)."""
+    """A free list of page-aligned buffers; at most ``keep`` of a size, and at most ``keep_bytes``
+    in all, are kept between uploads (more are made when more uploads are in flight, and dropped
+    when they come back to a full list): a large model keeps few, so idle memory stays bounded."""
 
-    def __init__(self, keep: int = 16):
+    def __init__(self, keep: int = 16, keep_bytes: int = 256 << 20):
         self.keep = keep
+        self.keep_bytes = keep_bytes
         self._free: dict[int, list[mmap.mmap]] = {}  # by capacity (the size rounded up to ALIGN)
         self.made = 0  # buffers allocated so far (the rest of the takes were reuses)
 
@@ -46,9 +48,13 @@ class UploadBodies:
         if not isinstance(buf, mmap.mmap):
             return
         free = self._free.setdefault(len(buf), [])
-        if len(free) < self.keep:
+        if len(free) < self.keep and self.free_bytes + len(buf) <= self.keep_bytes:
             free.append(buf)
 
     @property
     def free(self) -> int:
         return sum(len(v) for v in self._free.values())
+
+    @property
+    def free_bytes(self) -> int:
+        return sum(len(b) for v in self._free.values() for b in v)
