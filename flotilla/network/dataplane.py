@@ -361,13 +361,16 @@ class DataPlane:
         # waits for data wake up every _POLL_S to look whether the handler gave up (a shutdown of the
         # socket instead would put the TLS session in error, and the refusal could not be sent)
         sock.settimeout(_POLL_S)
+        # the C object's read, not SSLSocket.recv_into's three Python frames around it: it runs once
+        # per 16 KiB record (256 times per 4 MB; ~0.4 ms of server CPU per trip, 3 alternating runs)
+        read = getattr(getattr(sock, "_sslobj", None), "read", None)
         try:
             while pos < size:
                 end = min(pos + FINGERPRINT_BLOCK, size)
                 start = pos
                 while pos < end:
                     try:
-                        n = sock.recv_into(buf[pos:end])
+                        n = read(end - pos, buf[pos:end]) if read else sock.recv_into(buf[pos:end])
                     except TimeoutError:
                         if gave_up() or time.monotonic() >= conn.deadline:
                             raise _Gone(pos) from None
