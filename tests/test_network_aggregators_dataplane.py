@@ -8,6 +8,7 @@ restart of an aggregator, which registers again with its data port."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -18,6 +19,7 @@ import torch
 from flotilla.client import Connection, Refused
 from flotilla.network.aggregator import AggregatorThread
 from flotilla.network.dataplane_client import DataClient, DataRefusal
+from flotilla.network.partials import KEY_HEADER
 from flotilla.network.wire import pb
 from tests.helpers import synthetic_dataset
 from tests.network_helpers import PKI, run_devices, start_server, status
@@ -205,3 +207,45 @@ def test_exactly_once_across_a_restart_of_an_aggregator_serving_its_data_plane(p
     told = sorted(x["assignment"] for r in reports.values() for x in r.accepted)
     assert told == sorted(r["assignment"] for r in accepted.values())  # every ack booked, every booking acked
     assert not list(state.glob("aggregators/*/pending/*.bin"))  # nothing left behind
+
+
+class Aborted(Exception):
+    pass
+
+
+class Context:
+    """What the control service's handlers read of a gRPC call: the aggregator key, the peer, abort."""
+
+    def __init__(self, key: bytes):
+        self.md = ((KEY_HEADER, key.decode()),)
+
+    def invocation_metadata(self):
+        return self.md
+
+    def peer(self) -> str:
+        return "test"
+
+    async def abort(self, code, details, *_):
+        raise Aborted(code, details)
+
+
+def test_a_registration_without_a_data_port_is_served_over_grpc_and_a_bad_port_is_refused(pki, tmp_path):
+    st = start_server(pki, tmp_path / "s", mode="async", concurrency=2, buffer_size=2, server={"aggregators": 1})
+    hub = st.server.hub
+    ctx = Context(hub.key)
+    try:
+        with pytest.raises(Aborted) as e:
+            st.call(
+                hub.register, json.dumps({"name": "agg-0", "address": "localhost:1", "data_port": 70000}).encode(), ctx
+            )
+        assert e.value.args[0] == grpc.StatusCode.INVALID_ARGUMENT and "data_port 70000" in e.value.args[1]
+        assert not hub.aggregators  # nothing registered
+        # an aggregator from before data planes: no data_port in its payload
+        st.call(hub.register, json.dumps({"name": "agg-0", "address": "localhost:1", "boot": "b"}).encode(), ctx)
+        with Connection(f"localhost:{st.port}", pki.token(0), ca=pki.ca) as c:
+            ci = c.check_in(10)
+            spec = json.loads(st.call(lambda: hub.client_json(st.server.client_json, ci.device_id)))
+    finally:
+        st.stop()
+    assert ci.action == "train" and ci.assignment.aggregator == "localhost:1"
+    assert ci.assignment.aggregator_data_port == 0 and "aggregator_data_port" not in spec  # gRPC only
