@@ -443,6 +443,18 @@ def main() -> int:
         target=serve, args=(args, str(tmp / "pki"), str(tmp / "state"), ready, stop, profiling, profiled)
     )
     server.start()
+    try:
+        return _run(args, tmp, paths, tokens, ctx, server, ready, stop, out, profiling, profiled)
+    finally:  # whatever failed, no server process is left running (it waits for `stop` otherwise)
+        stop.set()
+        server.join(60)
+        if server.is_alive():
+            server.kill()
+
+
+def _run(args, tmp, paths, tokens, ctx, server, ready, stop, out, profiling, profiled) -> int:
+    from flotilla.network.certs import read_tokens_txt
+
     port, numel, server_pid = ready.get(timeout=120)
     print(f"server pid {server_pid} (e.g. perf record -g -p {server_pid})", file=sys.stderr, flush=True)
     start = time.time()
@@ -450,6 +462,7 @@ def main() -> int:
     shares = [tokens[i :: args.procs] for i in range(args.procs)]
     workers = [ctx.Process(target=load, args=(args, str(tmp / "pki"), port, numel, s, deadline, out)) for s in shares]
     for w in workers:
+        w.daemon = True  # ended with this process if it fails
         w.start()
     time.sleep(max(0.0, start + args.warmup - time.time()))
     profiling.set()
