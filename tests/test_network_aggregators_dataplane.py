@@ -249,3 +249,29 @@ def test_a_registration_without_a_data_port_is_served_over_grpc_and_a_bad_port_i
         st.stop()
     assert ci.action == "train" and ci.assignment.aggregator == "localhost:1"
     assert ci.assignment.aggregator_data_port == 0 and "aggregator_data_port" not in spec  # gRPC only
+
+
+def test_an_sdk_older_than_aggregator_data_ports_is_not_sent_the_key(pki, tmp_path, caplog):
+    """An SDK before wire.SDK_VERSION 2 built ClientSpec from every assignment key, so the key is
+    withheld from it (it uploads over gRPC, as it always did); and this SDK ignores, with a
+    warning, keys a newer server may add."""
+    from flotilla.network.client import _client_spec
+
+    st, aggs = scaled(pki, tmp_path / "s", 1)
+    address, data_port = f"localhost:{aggs[0].port}", aggs[0].agg.data_bound
+    try:
+        specs = {}
+        for i, version in enumerate(("1", "", "2")):
+            with Connection(f"localhost:{st.port}", pki.token(i), ca=pki.ca) as c:
+                r = c._check_in(pb.CheckInRequest(num_examples=10, sdk_version=version), metadata=c.metadata)
+                assert r.action == pb.CheckInReply.TRAIN
+                specs[version] = json.loads(r.assignment.client_json)
+    finally:
+        stop(st, aggs)
+    assert "aggregator_data_port" not in specs["1"] and "aggregator_data_port" not in specs[""]
+    assert specs["2"]["aggregator_data_port"] == data_port > 0
+    assert all(s["aggregator"] == address for s in specs.values())
+    spec = {k: v for k, v in specs["2"].items() if k not in ("aggregator", "aggregator_data_port")}
+    with caplog.at_level("WARNING", logger="flotilla.client"):
+        got = _client_spec({**spec, "some_future_setting": 3})
+    assert got == _client_spec(spec) and "some_future_setting" in caplog.text

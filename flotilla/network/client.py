@@ -19,6 +19,7 @@ assignment up, says why, never retrains it, and stops after ``max_give_ups`` in 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -279,6 +280,23 @@ class CheckIn:
     message: str = ""
 
 
+def _client_spec(spec: dict[str, Any]) -> ClientSpec:
+    """The assignment's local-training settings; keys this SDK does not know (a newer server's) are
+    left out, not fatal, so an older device keeps training with what it understands."""
+    known = {f.name for f in dataclasses.fields(ClientSpec)}
+    unknown = tuple(sorted(set(spec) - known))
+    if unknown and unknown not in _UNKNOWN_SEEN:
+        _UNKNOWN_SEEN.add(unknown)
+        log.warning(
+            "the server's assignments carry settings this SDK does not know (ignored; update the SDK): %s",
+            ", ".join(unknown),
+        )
+    return ClientSpec(**{k: v for k, v in spec.items() if k in known})
+
+
+_UNKNOWN_SEEN: set[tuple[str, ...]] = set()  # warned once per set of unknown keys
+
+
 def _read(path: str | Path | None, what: str) -> bytes | None:
     if path is None:
         return None
@@ -470,7 +488,7 @@ class Connection:
                 x.version,
                 x.round,
                 x.seed,
-                ClientSpec(**spec),
+                _client_spec(spec),
                 x.numel,
                 x.expires_in_s,
                 r.device_id,

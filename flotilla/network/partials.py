@@ -155,11 +155,12 @@ class Hub:
     def ready(self) -> bool:
         return len(self.aggregators) >= self.expected
 
-    def client_json(self, base: str, device: str) -> str:
+    def client_json(self, base: str, device: str, data_plane: bool = True) -> str:
         """The assignment's settings plus ``aggregator``: where the device downloads and uploads, and
-        ``aggregator_data_port`` when that aggregator has a data plane (absent: gRPC)."""
+        ``aggregator_data_port`` when that aggregator has a data plane (absent: gRPC) and the device's
+        SDK knows the key (``data_plane``)."""
         a = self.route(device)
-        extra = {"aggregator_data_port": a.data_port} if a.data_port else {}
+        extra = {"aggregator_data_port": a.data_port} if a.data_port and data_plane else {}
         return json.dumps({**json.loads(base), "aggregator": a.address, **extra})
 
     def route(self, device: str) -> Aggregator:

@@ -64,7 +64,7 @@ from flotilla.network.observe import Observations, ledger_tail
 from flotilla.network.refusals import InUse, Refused
 from flotilla.network.store import StateStore
 from flotilla.network.tickets import Ticket
-from flotilla.network.wire import pb
+from flotilla.network.wire import AGGREGATOR_DATA_PORT_SDK, pb
 
 log = logging.getLogger("flotilla.network")
 
@@ -136,6 +136,14 @@ class Limits:
             uploads_per_device=net.uploads_per_device,
             upload_timeout_s=net.upload_timeout_s,
         )
+
+
+def _sdk(request: pb.CheckInRequest) -> int:
+    """The device SDK's version (wire.SDK_VERSION; 0 when it sent none or garbage)."""
+    try:
+        return int(request.sdk_version)
+    except ValueError:
+        return 0
 
 
 def finite_or_none(record: dict[str, Any]) -> dict[str, Any]:
@@ -571,9 +579,9 @@ class FlotillaServer:
     async def check_in(self, request: pb.CheckInRequest, context) -> pb.CheckInReply:
         who = await self._identify(context)
         await self._decoded(request, context, who)
-        return self._check_in(who)
+        return self._check_in(who, request)
 
-    def _check_in(self, who: Identity) -> pb.CheckInReply:
+    def _check_in(self, who: Identity, request: pb.CheckInRequest) -> pb.CheckInReply:
         """What a check-in answers, whichever transport carried it (gRPC's CheckIn, the data plane)."""
         if self.hub is not None and not self.hub.ready() and not self.coord.done:  # aggregators not all up
             return pb.CheckInReply(task_json=self.task_json, device_id=who.device, action=0, retry_after_s=0.5)
@@ -597,7 +605,9 @@ class FlotillaServer:
             )
             a.seed, a.client_json, a.numel = result.seed, self.client_json, self.coord.numel
             if self.hub is not None:  # scale-out: the aggregator this device uploads to
-                a.client_json = self.hub.client_json(self.client_json, who.device)
+                a.client_json = self.hub.client_json(
+                    self.client_json, who.device, _sdk(request) >= AGGREGATOR_DATA_PORT_SDK
+                )
             a.expires_in_s, a.model_bytes = (
                 max(0.0, result.expires - time.time()),
                 4 * self.coord.numel * self.coord.rows,
@@ -877,7 +887,7 @@ class FlotillaServer:
         return data, request.version
 
     async def data_check_in(self, token: str, peer: str, request: pb.CheckInRequest) -> pb.CheckInReply:
-        return self._check_in(self._who(token, peer))
+        return self._check_in(self._who(token, peer), request)
 
     async def data_upload(self, token: str, peer: str, header: pb.UploadHeader, receive) -> tuple[int, int]:
         who = self._who(token, peer)

@@ -35,7 +35,11 @@ SECAGG_STEP = f"/{SERVICE}/SecAggStep"  # sync secure aggregation: JSON bytes bo
 AUTH_HEADER = "authorization"  # metadata: "Bearer <token>"
 DEFAULT_CHUNK_BYTES = 1 << 20  # 1 MiB per chunk
 DEFAULT_MAX_MESSAGE_BYTES = 4 << 20  # per gRPC message (gRPC's own default)
-SDK_VERSION = "1"
+# what a device's SDK understands, sent with every check-in: "2" adds the assignment's
+# aggregator_data_port (scale-out aggregators' data planes), withheld from older SDKs, whose
+# ClientSpec would refuse the unknown key; data-plane check-ins need no version (the port is the sign)
+SDK_VERSION = "2"
+AGGREGATOR_DATA_PORT_SDK = 2
 
 COMPRESSION = {
     "none": grpc.Compression.NoCompression,
@@ -183,6 +187,7 @@ __all__ = [
     "DEFAULT_CHUNK_BYTES",
     "DEFAULT_MAX_MESSAGE_BYTES",
     "SDK_VERSION",
+    "AGGREGATOR_DATA_PORT_SDK",
     "chunks",
     "model_chunks",
     "DataPart",
