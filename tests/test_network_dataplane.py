@@ -16,6 +16,7 @@ import time
 import grpc
 import pytest
 import torch
+import yaml
 
 from flotilla.client import Connection, Refused
 from flotilla.network.server import Limits
@@ -419,6 +420,10 @@ def test_data_port_off_and_its_settings(pki, tmp_path):
     assert [NetworkConfig(**base, data_port=v).data_port for v in ("auto", "off", 5000)] == ["auto", "off", 5000]
     with pytest.raises(ValueError, match="data_port"):
         NetworkConfig(**base, data_port=70000)
+    # YAML reads an unquoted off as false: refused, never taken as port 0 (any free port)
+    with pytest.raises(ValueError, match="data_port") as e:
+        NetworkConfig(**base, data_port=yaml.safe_load("data_port: off")["data_port"])
+    assert "not true/false" in str(e.value)
     assert [_data_port(v) for v in ("auto", "off", "0", "5001")] == ["auto", "off", 0, 5001]
     with pytest.raises(Exception, match="port number"):
         _data_port("65536")

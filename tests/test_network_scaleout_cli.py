@@ -82,6 +82,7 @@ def test_serve_with_two_spawned_aggregators_survives_a_kill_9_and_leaves_nothing
             "fsync": True,
             "retry_after_s": 0.3,
             "assignment_timeout_s": 60.0,
+            "data_port": 61999,  # fixed: two aggregators on one machine must each take any free one instead
         },
     }
     (tmp_path / "serve.yaml").write_text(yaml.safe_dump(config))

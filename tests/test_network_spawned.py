@@ -84,3 +84,20 @@ def test_no_spawn_starts_nothing():
     assert s.n == 0
     s.start(1234)  # nothing to start, no timer (no running loop needed)
     s.stop()
+
+
+def test_spawned_aggregators_take_any_free_data_port_unless_it_is_off(tmp_path):
+    """N aggregators on one machine cannot share a fixed network.data_port: each gets any free one."""
+
+    def command(data_port):
+        server = SimpleNamespace(aggregators=2, data_port=data_port, store=SimpleNamespace(path=tmp_path))
+        args = SimpleNamespace(no_spawn=False, config="serve.yaml", overrides=["network.data_port=5000"])
+        return Spawned(args, server).command(1)
+
+    from flotilla.config import apply_overrides
+
+    for setting, want in ((5000, "auto"), ("auto", "auto"), ("off", "off"), (None, "off")):
+        cmd = command(setting)
+        sets = [cmd[i + 1] for i, x in enumerate(cmd) if x == "--set"]
+        assert apply_overrides({"network": {}}, sets)["network"]["data_port"] == want  # the last one wins
+        assert cmd[cmd.index("--name") + 1] == "agg-1"

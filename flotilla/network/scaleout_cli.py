@@ -6,7 +6,7 @@
         --state-dir agg-a1 --port Q --advertise HOST2:Q
 
 Spawned aggregators get ``--name agg-<i>``, ``--state-dir STATE/aggregators/agg-<i>``, the key
-``STATE/aggregator.key`` and any port; they die with the coordinator (``PR_SET_PDEATHSIG``), so
+``STATE/aggregator.key`` and any port (gRPC and data plane; ``network.data_port: "off"`` stays off); they die with the coordinator (``PR_SET_PDEATHSIG``), so
 running the same ``serve`` command again after a crash starts them again on the same directories;
 one that dies while the coordinator runs is started again by it (:class:`Spawned`).
 """
@@ -106,7 +106,10 @@ class Spawned:
         ]
         for o in self.args.overrides:
             cmd += ["--set", o]
-        return cmd
+        # any free data port, as for gRPC: N processes on one machine cannot share a fixed one
+        off = getattr(self.server, "data_port", "auto") in (None, "off")
+        port = '"off"' if off else "auto"  # quoted: YAML reads a bare off as false
+        return cmd + ["--set", f"network.data_port={port}"]
 
     def _spawn(self, i: int) -> subprocess.Popen:
         # from the loop's thread, which lives as long as the coordinator: PR_SET_PDEATHSIG fires when
