@@ -95,6 +95,9 @@ def test_uploads_through_the_aggregators_data_planes_give_the_ledger_and_model_o
             acked = feed(pki, st, aggs, data_plane=via == "data")
             served = [dict(a.agg.dataplane.served) for a in aggs]
             accepted = [a.agg.counters["accepted"] for a in aggs]
+            # the aggregators' receive buffers are reused (network/bodies.py), and all given back
+            made = [a.agg.bodies.made for a in aggs]
+            assert sum(made) < sum(accepted) and [a.agg.bodies.free for a in aggs] == made
             runs[via] = (
                 status(st)["weights_sha256"],
                 [tuple(e[k] for k in keys) for e in ledger(tmp_path / via) if e["event"] == "accepted"],

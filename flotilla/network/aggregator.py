@@ -42,6 +42,7 @@ import torch
 
 from flotilla.network import partials, wire
 from flotilla.network.auth import RateLimiter, TokenTable
+from flotilla.network.bodies import UploadBodies
 from flotilla.network.coordinator import Coordinator, fingerprint_text
 from flotilla.network.refusals import Refused
 from flotilla.network.server import Limits, TLSFiles, _in_use
@@ -306,8 +307,8 @@ class AggregatorServer:
                 raise Refused("INVALID_ARGUMENT", "invalid", "upload refused: the first message must be the header")
             return first.header
 
-        async def receive(size: int, what: str) -> tuple[bytearray, str]:
-            buf, pos, crc = bytearray(size), 0, 0
+        async def receive(size: int, what: str, into: memoryview | None = None) -> tuple[memoryview, str]:
+            buf, pos, crc = (memoryview(bytearray(size)) if into is None else into), 0, 0
             async for part in request_iterator:
                 n = len(part.data)
                 if part.WhichOneof("part") != "data" or pos + n > size:
@@ -361,11 +362,22 @@ class AggregatorServer:
         size = 4 * self.numel
         try:
             async with asyncio.timeout(self.limits.upload_timeout_s), self._slots:
-                buf, digest = await receive(size, f"shape ({self.numel},) float32")
+                buf, digest = await receive(size, f"shape ({self.numel},) float32", self.bodies.take(size))
         except TimeoutError:
             raise Refused(
                 "DEADLINE_EXCEEDED", "stalled", "upload refused: stream too slow", retry_after_s=1.0
             ) from None
+        # received: the buffer goes back once the upload is summed or refused (network/bodies.py); a
+        # cancellation drops it instead (an executor thread may still be staging from it)
+        try:
+            result = await self._received(buf, digest, h, device)
+        except Refused:
+            self.bodies.give(buf)
+            raise
+        self.bodies.give(buf)
+        return result
+
+    async def _received(self, buf: memoryview, digest: str, h, device: str) -> tuple[int, int]:
         delta = torch.frombuffer(buf, dtype=torch.float32)
         norm = Coordinator.check_delta(self._checks, delta, device)  # the coordinator's own value checks
         loop = asyncio.get_running_loop()
@@ -434,6 +446,7 @@ class AggregatorServer:
         self._mutex = asyncio.Lock()
         self._added = asyncio.Condition()
         self._slots = asyncio.Semaphore(self.limits.upload_slots)
+        self.bodies = UploadBodies(keep=16)  # receive buffers, reused (network/bodies.py)
         self._done = asyncio.Event()
         self._server = grpc.aio.server(
             options=[*wire.channel_options(self.limits.max_message_bytes), ("grpc.so_reuseport", 0)]
