@@ -152,9 +152,13 @@ class DataStream:
         return r
 
     async def check_in(self, num_examples: int):
-        from flotilla.network.wire import pb
+        from flotilla.network.wire import SDK_VERSION, pb
 
-        r = await self._frame(pb.DataRequest(token=self.token, check_in=pb.CheckInRequest(num_examples=num_examples)))
+        r = await self._frame(
+            pb.DataRequest(
+                token=self.token, check_in=pb.CheckInRequest(num_examples=num_examples, sdk_version=SDK_VERSION)
+            )
+        )
         return r.check_in
 
     async def download(self, version: int) -> int:
@@ -211,7 +215,7 @@ async def device(
                 if stream is not None:  # the data plane named by an earlier check-in (as the SDK does)
                     r = await stream.check_in(10)
                 else:
-                    r = await check_in(pb.CheckInRequest(num_examples=10), metadata=meta)
+                    r = await check_in(pb.CheckInRequest(num_examples=10, sdk_version=wire.SDK_VERSION), metadata=meta)
                 if r.action != pb.CheckInReply.TRAIN:
                     await asyncio.sleep(r.retry_after_s or 0.1)
                     continue

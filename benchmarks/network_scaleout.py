@@ -169,7 +169,7 @@ async def device(token: str, port: int, ca: bytes, deadline: float, parts, body:
                 if own:
                     r = await stream_to(own).check_in(10)
                 else:
-                    r = await check_in(pb.CheckInRequest(num_examples=10), metadata=meta)
+                    r = await check_in(pb.CheckInRequest(num_examples=10, sdk_version=wire.SDK_VERSION), metadata=meta)
                 own = r.data_port
                 if r.action != pb.CheckInReply.TRAIN:
                     await asyncio.sleep(r.retry_after_s or 0.1)
