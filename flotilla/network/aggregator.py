@@ -45,7 +45,7 @@ from flotilla.network.auth import RateLimiter, TokenTable
 from flotilla.network.bodies import UploadBodies
 from flotilla.network.coordinator import Coordinator, fingerprint_text
 from flotilla.network.refusals import Refused
-from flotilla.network.server import Limits, TLSFiles, _in_use
+from flotilla.network.server import Limits, TLSFiles, _in_use, data_plane
 from flotilla.network.store import StateStore
 from flotilla.network.tickets import Ticket
 from flotilla.network.wire import pb
@@ -513,23 +513,12 @@ class AggregatorServer:
         setting = self.data_port
         if setting in (None, "off"):
             return
-        from flotilla.network.dataplane import DataPlane
-
         port_file = self.store.path / "data_port"
         port = 0 if setting == "auto" else int(setting)
         if setting == "auto" and port_file.exists():
             last = int(port_file.read_text() or 0)
             port = last if 0 < last <= 65535 and not _in_use(host, last) else 0
-        lim = self.limits
-        plane = DataPlane(
-            self.tls.ssl_context(),
-            self,
-            asyncio.get_running_loop(),
-            max_connections=lim.data_connections,
-            header_timeout_s=lim.data_header_timeout_s,
-            idle_timeout_s=lim.data_idle_timeout_s,
-            transfer_timeout_s=lim.upload_timeout_s + 1.0,  # the handler's own timeout answers first
-        )
+        plane = data_plane(self, self.tls, self.limits)
         try:
             try:
                 self.data_bound = plane.start(host, port)

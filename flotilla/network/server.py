@@ -1023,18 +1023,7 @@ class FlotillaServer:
         port = 0 if setting == "auto" else int(setting)
         if not 0 <= port <= 65535:
             raise ValueError(f"--data-port: must be between 0 and 65535, 'auto' or 'off', got {setting}")
-        from flotilla.network.dataplane import DataPlane
-
-        lim = self.limits
-        plane = DataPlane(
-            self.tls.ssl_context(),
-            self,
-            asyncio.get_running_loop(),
-            max_connections=lim.data_connections,
-            header_timeout_s=lim.data_header_timeout_s,
-            idle_timeout_s=lim.data_idle_timeout_s,
-            transfer_timeout_s=lim.upload_timeout_s + 1.0,  # the handler's own timeout answers first
-        )
+        plane = data_plane(self, self.tls, self.limits)
         try:
             self.data_bound = plane.start(host, port)
         except OSError as e:
@@ -1086,6 +1075,22 @@ class FlotillaServer:
             await self.run_until_done()
 
         asyncio.run(main())
+
+
+def data_plane(handlers, tls: TLSFiles, limits: Limits):
+    """A data plane (flotilla.network.dataplane) for ``handlers`` on the running loop: the gRPC
+    port's TLS files, the limits' connection cap and deadlines (the server's and the aggregators')."""
+    from flotilla.network.dataplane import DataPlane
+
+    return DataPlane(
+        tls.ssl_context(),
+        handlers,
+        asyncio.get_running_loop(),
+        max_connections=limits.data_connections,
+        header_timeout_s=limits.data_header_timeout_s,
+        idle_timeout_s=limits.data_idle_timeout_s,
+        transfer_timeout_s=limits.upload_timeout_s + 1.0,  # the handler's own timeout answers first
+    )
 
 
 def _in_use(host: str, port: int) -> bool:
