@@ -4,7 +4,8 @@ The assignment names the aggregator's data port (``aggregator_data_port``); uplo
 the ledger and model of gRPC uploads (one upload function for both transports); a check-in there is
 refused UNIMPLEMENTED (devices check in with the coordinator) and an unknown token is refused; a
 device that cannot reach the port falls back to gRPC and still trains; exactly-once holds across a
-restart of an aggregator, which registers again with its data port."""
+restart of an aggregator, which registers again with its data port; the coordinator's own data
+plane takes the devices' check-ins."""
 
 from __future__ import annotations
 
@@ -190,6 +191,7 @@ def test_exactly_once_across_a_restart_of_an_aggregator_serving_its_data_plane(p
         new_port = new.data_bound
         registered = st.call(lambda: (hub.aggregators["agg-0"].boot, hub.aggregators["agg-0"].data_port))
         runner.join(60)
+        coordinator = dict(st.server.dataplane.served)
         deadline = time.time() + 5  # the aggregator deletes the files of committed updates (next Watch)
         while list(state.glob("aggregators/*/pending/*.bin")) and time.time() < deadline:
             time.sleep(0.05)
@@ -198,6 +200,8 @@ def test_exactly_once_across_a_restart_of_an_aggregator_serving_its_data_plane(p
     assert not runner.is_alive() and len(reports) == devices
     assert old.dataplane is None and old.data_bound == 0  # stopped with its aggregator
     assert before["upload"] >= 2  # the devices uploaded through the data plane before the restart
+    # the coordinator's own data plane took the devices' check-ins after their first, not the bytes
+    assert coordinator["check_in"] >= devices and (coordinator["download"], coordinator["upload"]) == (0, 0)
     # the restarted aggregator registered again, with its data port (the last run's, free again)
     assert registered == (new.boot, new_port) and new.boot != old.boot and new_port == old_port > 0
     rs = ledger(state)

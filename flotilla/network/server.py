@@ -587,8 +587,8 @@ class FlotillaServer:
             return pb.CheckInReply(task_json=self.task_json, device_id=who.device, action=0, retry_after_s=0.5)
         result = self.coord.check_in(who.device)
         reply = pb.CheckInReply(task_json=self.task_json, device_id=who.device)
-        if self.data_bound and self.hub is None:
-            reply.data_port = self.data_bound  # check in, download and upload through the data plane
+        if self.data_bound:
+            reply.data_port = self.data_bound  # check in (download and upload) through the data plane
         if result is None:
             reply.action = pb.CheckInReply.DONE
             reply.message = f"training finished at version {self.coord.version}"
@@ -1015,10 +1015,10 @@ class FlotillaServer:
         return self.port
 
     def _start_dataplane(self, host: str) -> None:
-        """Listen for downloads and uploads on the data port too (not with scale-out aggregators,
-        which take the uploads themselves)."""
+        """Listen for check-ins, downloads and uploads on the data port too (with scale-out
+        aggregators, which take the downloads and uploads, it carries the devices' check-ins)."""
         setting = self.data_port
-        if setting in (None, "off") or self.aggregators:
+        if setting in (None, "off"):
             return
         port = 0 if setting == "auto" else int(setting)
         if not 0 <= port <= 65535:
