@@ -16,7 +16,8 @@ latency, server CPU (cores, and milliseconds per accepted trip: the load process
 cores, so CPU per trip is the steadier figure), where the server's CPU went by thread (gRPC's
 C-core pollers do TLS and HTTP/2; the event loop runs the handlers; the default executor stages
 and fsyncs; "data" the data plane's threads: TLS, socket copies and the fingerprint), and the
-server's own accepted/rejected counts.
+server's own accepted/rejected counts, and the server's context switches per trip by thread
+(each hand-off of the GIL or of work between threads costs one or two).
 
 ``--profile PATH`` writes a cProfile (pstats) of the server's event-loop thread over the window.
 
@@ -402,6 +403,21 @@ def thread_cpu(pid: int) -> dict[str, float]:
     return out
 
 
+def thread_switches(pid: int) -> dict[str, int]:
+    """Context switches (voluntary + involuntary) of each live thread of ``pid``, summed by name:
+    every hand-off of the GIL or of work between threads is one or two of them."""
+    out: dict[str, int] = {}
+    for t in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (t / "comm").read_text().strip()
+            status = (t / "status").read_text().splitlines()
+        except OSError:  # the thread ended meanwhile
+            continue
+        n = sum(int(line.split()[1]) for line in status if "ctxt_switches:" in line)
+        out[name] = out.get(name, 0) + n
+    return out
+
+
 def main() -> int:
     from flotilla.network import wire
 
@@ -471,8 +487,10 @@ def _run(args, tmp, paths, tokens, ctx, server, ready, stop, out, profiling, pro
     time.sleep(max(0.0, start + args.warmup - time.time()))
     profiling.set()
     cpu0, threads0, t0 = cpu_seconds(server_pid), thread_cpu(server_pid), time.time()
+    switches0 = thread_switches(server_pid)
     time.sleep(max(0.0, deadline - time.time()))
     cpu1, threads1, t1 = cpu_seconds(server_pid), thread_cpu(server_pid), time.time()
+    switches1 = thread_switches(server_pid)
     profiled.set()
     records = [r for _ in workers for r in out.get(timeout=args.warmup + args.duration + 300)]
     for w in workers:
@@ -516,6 +534,12 @@ def _run(args, tmp, paths, tokens, ctx, server, ready, stop, out, profiling, pro
             k: round(1000 * (v - threads0.get(k, 0.0)) / max(len(ok), 1), 2)
             for k, v in sorted(threads1.items(), key=lambda kv: -(kv[1] - threads0.get(kv[0], 0.0)))
             if v - threads0.get(k, 0.0) > 0
+        },
+        # context switches per accepted trip, by thread (threads that ended in the window are missed)
+        "server_switches_per_trip_by_thread": {
+            k: round((v - switches0.get(k, 0)) / max(len(ok), 1), 1)
+            for k, v in sorted(switches1.items(), key=lambda kv: -(kv[1] - switches0.get(kv[0], 0)))
+            if v - switches0.get(k, 0) > 0
         },
         "server_version": status["version"],
         "server_accepted": status["accepted"],
