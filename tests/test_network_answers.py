@@ -1,6 +1,6 @@
 """The acceptance answers a server keeps in memory (flotilla/network/tickets.py AssignmentTable):
 pruned oldest first, stopping at the first one still kept (so a prune costs what it drops, not what
-the table holds: a long run at 75 trips/s with a 600 s window holds about 45,000)."""
+the table holds: at 75 trips/s with a 600 s assignment timeout, plus as much grace, ~90,000)."""
 
 from __future__ import annotations
 

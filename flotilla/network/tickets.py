@@ -191,7 +191,7 @@ class AssignmentTable:
         Answers come roughly in ``keep_until`` order (a ticket's expiry + grace), so one kept
         behind a later one stays a little longer, which changes nothing: past ``keep_until`` the
         ledger gives the same answer.  O(dropped) per call: rebuilding the whole table 10 times a
-        second grew with the answers held (75 trips/s x a 600 s window: 45,000)."""
+        second grew with the answers held (75 trips/s, a 600 s timeout + 600 s grace: ~90,000)."""
         answers = self.answers
         while answers:
             first = next(iter(answers))
