@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -82,7 +83,8 @@ def test_serve_with_two_spawned_aggregators_survives_a_kill_9_and_leaves_nothing
             "fsync": True,
             "retry_after_s": 0.3,
             "assignment_timeout_s": 60.0,
-            "data_port": 61999,  # fixed: two aggregators on one machine must each take any free one instead
+            # fixed (the coordinator's, for check-ins): its two aggregators must each take any free one
+            "data_port": _free_port(),
         },
     }
     (tmp_path / "serve.yaml").write_text(yaml.safe_dump(config))
@@ -181,6 +183,12 @@ def test_serve_with_two_spawned_aggregators_survives_a_kill_9_and_leaves_nothing
     assert holders == {"agg-0", "agg-1"}, holders
     metrics = [json.loads(x) for x in (state / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["round"] == STEPS and metrics[-1].get("accuracy") is not None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _ledger(state: Path) -> list[dict]:

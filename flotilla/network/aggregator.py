@@ -622,5 +622,8 @@ class AggregatorThread:
 
     def stop(self) -> None:
         if self._loop is not None and self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._stop.set)
+            try:
+                self._loop.call_soon_threadsafe(self._stop.set)
+            except RuntimeError:  # its loop closed meanwhile: it had finished by itself (training done)
+                pass
         self._thread.join(30)

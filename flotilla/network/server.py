@@ -1153,7 +1153,10 @@ class ServerThread:
 
     def stop(self) -> None:
         if self._loop is not None and self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._stop.set)
+            try:
+                self._loop.call_soon_threadsafe(self._stop.set)
+            except RuntimeError:  # its loop closed meanwhile: it had finished by itself (training done)
+                pass
         self._thread.join(30)
 
     def __enter__(self) -> ServerThread:
