@@ -1,7 +1,7 @@
 """``flotilla serve --aggregators 2`` as a user runs it: the coordinator spawns its two aggregator
 processes, ``flotilla join`` devices train FedBuff through them; a kill -9 of the coordinator takes
-its aggregators with it, the same command resumes, a kill -9 of one aggregator then is started
-again by the coordinator, every update counts exactly once, and when training ends nothing is left
+its aggregators with it, the same command resumes, a kill -9 of one aggregator before that is
+started again by the coordinator, every update counts exactly once, and when training ends nothing is left
 running.  (test_network_aggregators*.py drive the same classes in-process and under kill -9;
 this is the command line's spawn path.)"""
 
@@ -127,7 +127,20 @@ def test_serve_with_two_spawned_aggregators_survives_a_kill_9_and_leaves_nothing
             env=_env(),
             start_new_session=True,
         )
-        # kill -9 the coordinator once the aggregators hold updates no step has applied
+        # kill -9 one aggregator as soon as it holds an update (early: training is far from over), and
+        # the coordinator starts it again; it finds the update it held
+        deadline = time.time() + 120
+        while not any(r.get("aggregator") == "agg-1" for r in _ledger(state)) and time.time() < deadline:
+            time.sleep(0.02)
+        assert not any(r["event"] == "step" and r["version"] == STEPS for r in _ledger(state)), "training ended"
+        victim = next(pid for pid in _children(server.pid) if "agg-1" in _cmdline(pid))
+        os.kill(victim, 9)
+        deadline = time.time() + 30
+        while time.time() < deadline and not (again := [k for k in _children(server.pid) if k not in spawned]):
+            time.sleep(0.1)
+        assert again, f"the killed aggregator was not started again:\n{logs[-1].read_text()[-3000:]}"
+        spawned += again
+        # then kill -9 the coordinator once the aggregators hold updates no step has applied
         deadline = time.time() + 120
         while time.time() < deadline:
             ledger = _ledger(state)
@@ -139,24 +152,12 @@ def test_serve_with_two_spawned_aggregators_survives_a_kill_9_and_leaves_nothing
             raise AssertionError(f"no step with updates held after it:\n{logs[-1].read_text()[-3000:]}")
         server.kill()
         server.wait()
+        assert "agg-1 (pid" in logs[-1].read_text() and "starting it again" in logs[-1].read_text()
         time.sleep(1.0)
         left = [pid for pid in spawned if _alive(pid)]
-        assert not left, f"aggregators outlived a kill -9 of the coordinator: {left}"
+        assert not left, f"aggregators outlived a kill -9 of the coordinator (the restarted one too): {left}"
         server, port, spawned = serve(port)  # the same command resumes the whole deployment
-        # kill -9 one aggregator once it took an update after the resume: the coordinator starts it again
-        seen = len(_ledger(state))
-        deadline = time.time() + 120
-        while not any(r.get("aggregator") == "agg-1" for r in _ledger(state)[seen:]) and time.time() < deadline:
-            time.sleep(0.02)
-        victim = next(pid for pid in spawned if "agg-1" in Path(f"/proc/{pid}/cmdline").read_text())
-        os.kill(victim, 9)
-        deadline = time.time() + 30
-        while time.time() < deadline and not (again := [k for k in _children(server.pid) if k not in spawned]):
-            time.sleep(0.1)
-        assert again, f"the killed aggregator was not started again:\n{logs[-1].read_text()[-3000:]}"
-        spawned += again
         assert server.wait(240) == 0, logs[-1].read_text()[-3000:]
-        assert "agg-1 (pid" in logs[-1].read_text() and "starting it again" in logs[-1].read_text()
         out, _ = fleet.communicate(timeout=60)
         codes = json.loads(out.strip().splitlines()[-1])
         bad = {i: (tmp_path / f"device{i}.err").read_text()[-1500:] for i, rc in codes.items() if rc}
@@ -183,6 +184,13 @@ def test_serve_with_two_spawned_aggregators_survives_a_kill_9_and_leaves_nothing
     assert holders == {"agg-0", "agg-1"}, holders
     metrics = [json.loads(x) for x in (state / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["round"] == STEPS and metrics[-1].get("accuracy") is not None
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text()
+    except OSError:  # gone meanwhile
+        return ""
 
 
 def _free_port() -> int:
