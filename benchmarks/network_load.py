@@ -8,9 +8,10 @@ One server process (``FlotillaServer``, async FedBuff mode, TLS, token auth, eve
 validated, written to the ledger and fsync'd, as in production) and ``--procs`` load processes
 that run ``--clients`` devices as asyncio coroutines, each with its own TLS channel and token.
 A device does no training: check in, download the model (4 MB), upload a fixed small delta
-(4 MB), repeat.  ``--transport data`` (the default) checks in (after the first check-in), downloads and uploads through the server's
-data plane (flotilla/network/dataplane.py, one kept TLS connection per device, asyncio streams);
-``--transport grpc`` turns the data plane off and streams them in gRPC chunks.  Reported over the measurement window (after ``--warmup``):
+(4 MB), repeat.  ``--transport data`` (the default) checks in (after the first check-in),
+downloads and uploads through the server's data plane (flotilla/network/dataplane.py, one kept
+TLS connection per device, asyncio streams); ``--transport grpc`` turns the data plane off and
+streams them in gRPC chunks.  Reported over the measurement window (after ``--warmup``):
 accepted updates per second, upload latency p50/p99 (call start to the server's ack), download
 latency, server CPU (cores, and milliseconds per accepted trip: the load processes share the
 cores, so CPU per trip is the steadier figure), where the server's CPU went by thread (gRPC's

@@ -6,8 +6,9 @@
         --state-dir agg-a1 --port Q --advertise HOST2:Q
 
 Spawned aggregators get ``--name agg-<i>``, ``--state-dir STATE/aggregators/agg-<i>``, the key
-``STATE/aggregator.key`` and any port (gRPC and data plane; ``network.data_port: "off"`` stays off); they die with the coordinator (``PR_SET_PDEATHSIG``), so
-running the same ``serve`` command again after a crash starts them again on the same directories;
+``STATE/aggregator.key`` and any port (gRPC and data plane; ``network.data_port: "off"`` stays
+off); they die with the coordinator (``PR_SET_PDEATHSIG``), so running the same ``serve`` command
+again after a crash starts them again on the same directories;
 one that dies while the coordinator runs is started again by it (:class:`Spawned`).
 """
 
