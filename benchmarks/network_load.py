@@ -294,11 +294,11 @@ def floor(args) -> dict:
     """CPU milliseconds of each irreducible part of one trip (the median of ``--floor-repeats``)."""
     import socket
     import threading
-    import zlib
 
     import torch
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+    from flotilla.network.coordinator import crc32
     from flotilla.network.store import StateStore
 
     torch.set_num_threads(1)
@@ -363,7 +363,7 @@ def floor(args) -> dict:
         "tls_aes_gcm_7.6MB": (tls, 1),
         "socket_send_recv_3.8MB_each": (socket_copies, 1),
         "sum_and_norm": (sum_and_norm, 1),
-        "crc32_fingerprint": (lambda: zlib.crc32(data), 1),
+        "crc32_fingerprint": (lambda: crc32(data), 1),
         "stage_ledger_fsync": (write_and_fsync, 1),
         f"snapshot_fsync_per_{args.buffer}": (step_share, 1 / args.buffer),
     }
@@ -545,6 +545,7 @@ def _run(args, tmp, paths, tokens, ctx, server, ready, stop, out, profiling, pro
         "server_version": status["version"],
         "server_accepted": status["accepted"],
         "server_rejected": status["rejected"],
+        "server_upload_buffers_made": status.get("upload_buffers", {}).get("made"),
         "load_avg": os.getloadavg(),
         "cpus": os.cpu_count(),
     }

@@ -196,3 +196,18 @@ def test_short_long_and_malformed_chunked_uploads_are_refused_with_the_same_mess
         assert not (tmp_path / "s" / "ledger.jsonl").exists()
         assert list((tmp_path / "s" / "pending").iterdir()) == []
         c.close()
+
+
+def test_the_fingerprint_is_zlibs_crc32_so_older_ledgers_still_answer_retries():
+    # the ledger keeps digests across restarts and upgrades: the faster CRC (isal) must give the
+    # very values zlib gave, whole and block by block, at odd lengths and offsets
+    import zlib
+
+    from flotilla.network.coordinator import crc32
+
+    rng = random.Random(3)
+    for size in (0, 1, 7, 4093, 65536, 1_000_003):
+        data = rng.randbytes(size)
+        assert fingerprint(data) == f"crc32:{zlib.crc32(data):08x}:{size}"
+        cut = rng.randint(0, size)
+        assert crc32(data[cut:], crc32(data[:cut])) == zlib.crc32(data)

@@ -31,7 +31,6 @@ import json
 import logging
 import secrets
 import time
-import zlib
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -43,7 +42,7 @@ import torch
 from flotilla.network import partials, wire
 from flotilla.network.auth import RateLimiter, TokenTable
 from flotilla.network.bodies import UploadBodies
-from flotilla.network.coordinator import Coordinator, fingerprint_text
+from flotilla.network.coordinator import Coordinator, crc32, fingerprint_text
 from flotilla.network.refusals import Refused
 from flotilla.network.server import Limits, TLSFiles, _in_use, data_plane
 from flotilla.network.store import StateStore
@@ -314,7 +313,7 @@ class AggregatorServer:
                 if part.WhichOneof("part") != "data" or pos + n > size:
                     raise Refused("INVALID_ARGUMENT", "shape", f"upload refused: more than {size} bytes")
                 buf[pos : pos + n] = part.data
-                crc = zlib.crc32(part.data, crc)  # the fingerprint, while the chunk is in the cache
+                crc = crc32(part.data, crc)  # the fingerprint, while the chunk is in the cache
                 pos += n
             if pos != size:
                 raise Refused("INVALID_ARGUMENT", "truncated", f"upload refused: {pos} of {size} bytes")
@@ -446,7 +445,7 @@ class AggregatorServer:
         self._mutex = asyncio.Lock()
         self._added = asyncio.Condition()
         self._slots = asyncio.Semaphore(self.limits.upload_slots)
-        self.bodies = UploadBodies(keep=16)  # receive buffers, reused (network/bodies.py)
+        self.bodies = UploadBodies()  # receive buffers, reused (network/bodies.py)
         self._done = asyncio.Event()
         self._server = grpc.aio.server(
             options=[*wire.channel_options(self.limits.max_message_bytes), ("grpc.so_reuseport", 0)]

@@ -2,9 +2,13 @@
 
 A fresh 4 MB buffer per upload costs its ~1,000 page faults (the kernel zeroes each page before
 the socket copy fills it), and a buffer at an arbitrary address must be copied into an aligned
-one before ``O_DIRECT`` can write it (network/durable.py).  A buffer taken from here is an
+one before ``O_DIRECT`` can write it (network/durable.py).  A buffer taken from here is a private
 anonymous ``mmap`` (page-aligned) whose length is rounded up to :data:`durable.ALIGN`, so after its
-first use it neither faults nor needs that copy: ``write_durable`` writes it where it lies.
+first use it neither faults nor needs that copy: ``write_durable`` writes it where it lies.  It
+asks for huge pages (``MADV_HUGEPAGE``: two faults per 4 MB instead of a thousand, where the
+kernel allows them), and enough buffers are kept for the uploads in flight at once (at 100 devices
+about 40 are between their receive and their commit; with 16 kept, perf put ~0.7 ms of server CPU
+per trip in page faults on fresh buffers; with 64, a 20 s run made 62-79 buffers in all).
 
 The rule that makes reuse safe: a buffer goes back (:meth:`UploadBodies.give`) only once nothing
 can write or read it any more, i.e. after its transport's receive returned *and* the commit that
@@ -25,7 +29,7 @@ class UploadBodies:
     in all, are kept between uploads (more are made when more uploads are in flight, and dropped
     when they come back to a full list): a large model keeps few, so idle memory stays bounded."""
 
-    def __init__(self, keep: int = 16, keep_bytes: int = 256 << 20):
+    def __init__(self, keep: int = 64, keep_bytes: int = 256 << 20):
         self.keep = keep
         self.keep_bytes = keep_bytes
         self._free: dict[int, list[mmap.mmap]] = {}  # by capacity (the size rounded up to ALIGN)
@@ -38,7 +42,9 @@ class UploadBodies:
         if free:
             buf = free.pop()
         else:
-            buf = mmap.mmap(-1, capacity)
+            buf = mmap.mmap(-1, capacity, flags=mmap.MAP_PRIVATE)  # private: not shmem-backed
+            if hasattr(mmap, "MADV_HUGEPAGE"):  # Linux
+                buf.madvise(mmap.MADV_HUGEPAGE)
             self.made += 1
         return memoryview(buf)[:size]
 

@@ -65,13 +65,16 @@ import logging
 import math
 import secrets
 import time
-import zlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+# zlib's CRC-32, computed ~6x faster (ISA-L, carry-less multiply): 0.13 vs 0.82 ms per 4 MB, the
+# same values; it holds the GIL (~20 us per 256 KiB block), which spares a GIL hand-off per block
+from isal.isal_zlib import crc32
 
 from flotilla.core.aggregate import UpdateRejected, WeightedMean, check_update
 from flotilla.core.client import client_seed
@@ -171,7 +174,7 @@ def fingerprint(data) -> str:
     under an accepted ticket).  Not cryptographic on purpose: a match only makes the server repeat
     the answer it gave; it never changes state, so a forged match gains nothing."""
     view = memoryview(data)
-    return fingerprint_text(zlib.crc32(view), view.nbytes)
+    return fingerprint_text(crc32(view), view.nbytes)
 
 
 # The receivers (gRPC's Upload and the data plane) compute the same fingerprint block by block as
@@ -181,7 +184,7 @@ FINGERPRINT_BLOCK = 256 << 10
 
 
 def fingerprint_text(crc: int, size: int) -> str:
-    """:func:`fingerprint` of ``size`` bytes whose running ``zlib.crc32`` is ``crc``."""
+    """:func:`fingerprint` of ``size`` bytes whose running :func:`crc32` is ``crc``."""
     return f"crc32:{crc:08x}:{size}"
 
 

@@ -44,12 +44,11 @@ import socket
 import ssl
 import threading
 import time
-import zlib
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 
 import numpy as np
 
-from flotilla.network.coordinator import FINGERPRINT_BLOCK, fingerprint_text
+from flotilla.network.coordinator import FINGERPRINT_BLOCK, crc32, fingerprint_text
 from flotilla.network.refusals import Refused
 from flotilla.network.wire import DATA_SOCKET_BUFFER, FrameTooLong, frame, pb, read_frame
 
@@ -378,7 +377,7 @@ class DataPlane:
                     if not n:
                         raise _Gone(pos)
                     pos += n
-                crc = zlib.crc32(buf[start:end], crc)
+                crc = crc32(buf[start:end], crc)
         except (OSError, _Gone):
             return (
                 Refused(

@@ -33,7 +33,6 @@ import math
 import socket
 import threading
 import time
-import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -57,6 +56,7 @@ from flotilla.network.coordinator import (
     Coordinator,
     CoordinatorSettings,
     Upload,
+    crc32,
     fingerprint_text,
     step_record,
 )
@@ -432,7 +432,7 @@ class FlotillaServer:
         self._pending_records: list[asyncio.Future] = []
         self._server: grpc.aio.Server | None = None
         self._upload_slots: asyncio.Semaphore | None = None  # made on the serving loop
-        self.bodies = UploadBodies(keep=16)  # upload receive buffers, reused (network/bodies.py)
+        self.bodies = UploadBodies()  # upload receive buffers, reused (network/bodies.py)
         self._downloads: dict[int, tuple[bytes, list[bytes]]] = {}  # version -> (its bytes, ModelChunks)
         self.port: int | None = None
         self.dataplane = None  # flotilla.network.dataplane.DataPlane while serving one
@@ -864,7 +864,7 @@ class FlotillaServer:
             for off in range(0, n, FINGERPRINT_BLOCK):
                 block = data[off : off + FINGERPRINT_BLOCK]
                 buf[pos + off : pos + off + len(block)] = block
-                crc = zlib.crc32(block, crc)
+                crc = crc32(block, crc)
             pos += n
         if pos != size:
             # Also where a message over max_message_bytes ends up: gRPC drops it (the client
@@ -910,6 +910,8 @@ class FlotillaServer:
             metrics=finite_or_none(self.latest_metrics),
             limits=asdict(self.limits),
             data_port=self.data_bound,  # 0: no data plane (downloads and uploads over gRPC)
+            # receive buffers allocated so far, and kept free now (memory; network/bodies.py)
+            upload_buffers={"made": self.bodies.made, "free_bytes": self.bodies.free_bytes},
             state_dir=str(self.store.path),
             task=json.loads(self.task_json),
         )  # devices check their data against it before checking in
