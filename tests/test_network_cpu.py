@@ -211,3 +211,19 @@ def test_the_fingerprint_is_zlibs_crc32_so_older_ledgers_still_answer_retries():
         assert fingerprint(data) == f"crc32:{zlib.crc32(data):08x}:{size}"
         cut = rng.randint(0, size)
         assert crc32(data[cut:], crc32(data[:cut])) == zlib.crc32(data)
+
+
+def test_all_finite_is_exact_even_where_the_float32_sum_overflows():
+    from flotilla.network.coordinator import all_finite
+
+    w = torch.randn(10_000)
+    assert all_finite(w)
+    big = torch.full((10,), 3e38)  # every value finite, their float32 sum is inf
+    assert not torch.isfinite(big.sum()) and all_finite(big)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        v = w.clone()
+        v[1234] = bad
+        assert not all_finite(v)
+    v = big.clone()
+    v[3] = float("nan")
+    assert not all_finite(v)

@@ -33,6 +33,7 @@ class UploadBodies:
         self.keep = keep
         self.keep_bytes = keep_bytes
         self._free: dict[int, list[mmap.mmap]] = {}  # by capacity (the size rounded up to ALIGN)
+        self.free_bytes = 0  # bytes kept in the free lists
         self.made = 0  # buffers allocated so far (the rest of the takes were reuses)
 
     def take(self, size: int) -> memoryview:
@@ -41,6 +42,7 @@ class UploadBodies:
         free = self._free.get(capacity)
         if free:
             buf = free.pop()
+            self.free_bytes -= capacity
         else:
             buf = mmap.mmap(-1, capacity, flags=mmap.MAP_PRIVATE)  # private: not shmem-backed
             if hasattr(mmap, "MADV_HUGEPAGE"):  # Linux
@@ -56,11 +58,8 @@ class UploadBodies:
         free = self._free.setdefault(len(buf), [])
         if len(free) < self.keep and self.free_bytes + len(buf) <= self.keep_bytes:
             free.append(buf)
+            self.free_bytes += len(buf)
 
     @property
     def free(self) -> int:
         return sum(len(v) for v in self._free.values())
-
-    @property
-    def free_bytes(self) -> int:
-        return sum(len(b) for v in self._free.values() for b in v)

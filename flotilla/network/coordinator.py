@@ -169,6 +169,13 @@ class Upload:
     control: torch.Tensor | None = None  # SCAFFOLD: the device's delta c_i (uploaded after the delta)
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every value is finite: a NaN or inf anywhere makes the float32 sum non-finite, so a
+    finite sum settles it in one cheap pass (a float64 sum took 1.7 ms per 1M weights, 12x); only a
+    non-finite sum (which finite values can also give, by overflow) needs the element-wise check."""
+    return math.isfinite(float(t.sum())) or bool(torch.isfinite(t).all())
+
+
 def fingerprint(data) -> str:
     """A checksum of an upload's bytes, to tell a retry (the same bytes) from a replay (other bytes
     under an accepted ticket).  Not cryptographic on purpose: a match only makes the server repeat
@@ -301,6 +308,7 @@ class Coordinator:
         self.remote = None  # scale-out (flotilla.network.partials.Hub): partial sums held by aggregators
         self._recover()
         self._served = {self.version: self._serialize()}  # model bytes of versions still in flight
+        self._backup: torch.Tensor | None = None  # the weights before a step (its roll-back), reused
 
     # -- the model, through core's server ----------------------------------------------------
     @property
@@ -920,8 +928,10 @@ class Coordinator:
         """Core's server step on the aggregate; rolled back if it makes the model non-finite."""
         started = time.perf_counter()
         entries = self.buffer
+        if self._backup is None:  # one preallocated copy (a fresh 4 MB clone each step costs its page faults)
+            self._backup = torch.empty_like(self.weights)
         saved = (
-            self.weights.clone(),
+            self._backup.copy_(self.weights),
             self.server_opt.state_dict(),
             None if self.privacy is None else self.privacy.state(),
             None if self.variates is None else self.variates.c.clone(),
@@ -931,10 +941,7 @@ class Coordinator:
         self.algo.step()  # server_opt.step(weights, aggregator.result()); reset; version += 1
         if self.variates is not None:
             self.variates.release()  # SCAFFOLD: c += sum(accepted delta c_i) / N
-        # a float64 sum of float32 values cannot overflow, so it is finite iff every weight is
-        if not math.isfinite(float(self.weights.sum(dtype=torch.float64))) or (
-            self.variates is not None and not math.isfinite(float(self.variates.c.sum(dtype=torch.float64)))
-        ):
+        if not all_finite(self.weights) or (self.variates is not None and not all_finite(self.variates.c)):
             await self._roll_back(entries, saved)
             return
         meta_seen = sum(int(e["examples_seen"]) for e in entries)

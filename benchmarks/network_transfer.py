@@ -1,0 +1,238 @@
+"""What moving a trip's bytes costs the server in CPython, before the server does anything else.
+
+    .venv/bin/python benchmarks/network_transfer.py                    # 100 devices, 3 alternating repeats
+    .venv/bin/python benchmarks/network_transfer.py --modes bare --clients 10
+
+``network_load.py --floor`` times the irreducible parts of a trip single-threaded, with no sockets
+between processes.  This measures the next layer up, between two processes over loopback TLS
+(the load devices run in a second process, asyncio streams, one kept connection each): server CPU
+milliseconds per trip (one upload of the model's bytes, then one download of as many), in two modes.
+
+* ``bare``: the smallest server of this design: a thread per connection, blocking ``ssl``
+  sockets, the body read record by record into a reused buffer with the fingerprint computed block
+  by block (the data plane's own read loop), the download sent with one ``sendall``.  No framing
+  beyond a 4-byte length, no event loop, no handlers: the cost of TLS, the kernel's copies and the
+  thread hand-offs alone.
+* ``dataplane``: flotilla/network/dataplane.py itself (frames, protobuf headers, the hops to an
+  asyncio loop and back) with handlers that only hand over the bytes: no authentication, tickets,
+  validation, ledger or fsync.
+
+The full server's figure (``network_load.py``) minus ``dataplane`` is what the server's own work
+costs; ``dataplane`` minus ``bare`` is the data plane's mechanics; ``bare`` is the transfer floor of
+blocking sockets in threads.  Modes alternate, ``--repeats`` times, so load drifts hit both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import socket
+import ssl
+import statistics
+import struct
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from network_load import DataStream, cpu_seconds  # noqa: E402
+
+
+def server_context(pki: Path) -> ssl.SSLContext:
+    from flotilla.network.dataplane import server_context as data_context
+
+    return data_context(str(pki / "server.pem"), str(pki / "server.key"))
+
+
+def serve_bare(pki: Path, size: int, ready) -> None:
+    """One thread per connection: read a 4-byte length and that many body bytes, send ``size`` back."""
+    from flotilla.network.bodies import UploadBodies
+    from flotilla.network.coordinator import FINGERPRINT_BLOCK, crc32
+    from flotilla.network.wire import DATA_SOCKET_BUFFER
+
+    ctx = server_context(pki)
+    model = os.urandom(size)
+    bodies, lock = UploadBodies(), threading.Lock()
+    listener = socket.create_server(("127.0.0.1", 0), backlog=512)
+    for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        listener.setsockopt(socket.SOL_SOCKET, opt, DATA_SOCKET_BUFFER)
+    ready.put((listener.getsockname()[1], os.getpid()))
+
+    def exactly(sock, view) -> bool:
+        got = 0
+        while got < len(view):
+            n = sock.recv_into(view[got:])
+            if not n:
+                return False
+            got += n
+        return True
+
+    def connection(raw) -> None:
+        sock = ctx.wrap_socket(raw, server_side=True)
+        read = sock._sslobj.read  # as dataplane._receive_body does
+        head = bytearray(4)
+        while exactly(sock, memoryview(head)):
+            (n,) = struct.unpack(">I", head)
+            with lock:
+                buf = bodies.take(n)
+            pos = crc = 0
+            while pos < n:
+                end = min(pos + FINGERPRINT_BLOCK, n)
+                start = pos
+                while pos < end:
+                    pos += read(end - pos, buf[pos:end])
+                crc = crc32(buf[start:end], crc)
+            with lock:
+                bodies.give(buf)
+            sock.sendall(model)
+
+    while True:
+        raw, _ = listener.accept()
+        threading.Thread(target=connection, args=(raw,), daemon=True).start()
+
+
+class PassThrough:
+    """Data-plane handlers that only hand the bytes over (no auth, tickets, checks or ledger)."""
+
+    def __init__(self, size: int):
+        from flotilla.network.bodies import UploadBodies
+
+        self.model = os.urandom(size)
+        self.bodies = UploadBodies()
+
+    async def data_download(self, token, peer, request):
+        return self.model, 0
+
+    async def data_upload(self, token, peer, header, receive):
+        size = len(self.model)
+        view, _ = await receive(size, f"{size} bytes", self.bodies.take(size))
+        self.bodies.give(view)
+        return 0, 0
+
+    def data_refused(self, err, peer) -> None:
+        pass
+
+
+def serve_dataplane(pki: Path, size: int, clients: int, ready) -> None:
+    from flotilla.network.dataplane import DataPlane
+
+    async def main():
+        plane = DataPlane(
+            server_context(pki), PassThrough(size), asyncio.get_running_loop(), max_connections=clients + 16
+        )
+        ready.put((plane.start("127.0.0.1", 0), os.getpid()))
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
+async def load(port: int, mode: str, clients: int, size: int, ca: bytes, trips) -> None:
+    from flotilla.network.wire import pb
+
+    body = os.urandom(size)
+    header = pb.UploadHeader(ticket="t", base_version=0, dtype="float32", shape=[size // 4], num_examples=1)
+
+    async def bare_device():
+        ctx = ssl.create_default_context(cadata=ca.decode())
+        reader, writer = await asyncio.open_connection("localhost", port, ssl=ctx, server_hostname="localhost")
+        while True:
+            writer.write(struct.pack(">I", size))
+            writer.write(body)
+            await reader.readexactly(size)
+            trips.value += 1
+
+    async def dataplane_device():
+        stream = DataStream(port, ca, "token")
+        while True:
+            await stream.upload(header, body)
+            await stream.download(0)
+            trips.value += 1
+
+    device = bare_device if mode == "bare" else dataplane_device
+    await asyncio.gather(*(device() for _ in range(clients)))
+
+
+def run_load(port, mode, clients, size, ca, trips) -> None:
+    asyncio.run(load(port, mode, clients, size, ca, trips))
+
+
+def measure(mode: str, args, pki: Path) -> dict:
+    ctx = mp.get_context("spawn")
+    ready = ctx.Queue()
+    size = 4 * args.params
+    target, targs = (
+        (serve_bare, (pki, size, ready)) if mode == "bare" else (serve_dataplane, (pki, size, args.clients, ready))
+    )
+    server = ctx.Process(target=target, args=targs, daemon=True)
+    server.start()
+    port, pid = ready.get(timeout=60)
+    trips = ctx.Value("q", 0, lock=False)
+    loader = ctx.Process(
+        target=run_load, args=(port, mode, args.clients, size, (pki / "ca.pem").read_bytes(), trips), daemon=True
+    )
+    loader.start()
+    try:
+        time.sleep(args.warmup)
+        c0, t0, k0 = cpu_seconds(pid), time.monotonic(), trips.value
+        time.sleep(args.duration)
+        c1, t1, k1 = cpu_seconds(pid), time.monotonic(), trips.value
+    finally:
+        loader.kill()
+        server.kill()
+        loader.join()
+        server.join()
+    done = k1 - k0
+    return {
+        "mode": mode,
+        "trips_per_s": round(done / (t1 - t0), 1),
+        "server_cpu_cores": round((c1 - c0) / (t1 - t0), 2),
+        "server_cpu_ms_per_trip": round(1000 * (c1 - c0) / max(done, 1), 2),
+        "load_avg": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clients", type=int, default=100)
+    ap.add_argument("--params", type=int, default=1_000_000, help="float32 parameters: 4x this many bytes each way")
+    ap.add_argument("--modes", default="bare,dataplane")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--duration", type=float, default=10.0)
+    ap.add_argument("--warmup", type=float, default=4.0)
+    ap.add_argument("--json", help="also write the results to this file")
+    args = ap.parse_args()
+    from flotilla.network.certs import make_deployment
+
+    pki = Path(tempfile.mkdtemp(prefix="flotilla-transfer-")) / "pki"
+    make_deployment(pki, devices=0)
+    modes = args.modes.split(",")
+    runs = []
+    for _ in range(args.repeats):
+        for mode in modes:
+            runs.append(measure(mode, args, pki))
+            print(json.dumps(runs[-1]), flush=True)
+    res = {
+        "clients": args.clients,
+        "params": args.params,
+        "tls": ssl.OPENSSL_VERSION,
+        "median_server_cpu_ms_per_trip": {
+            m: statistics.median(x["server_cpu_ms_per_trip"] for x in runs if x["mode"] == m) for m in modes
+        },
+        "runs": runs,
+        "cpus": os.cpu_count(),
+    }
+    print(json.dumps(res, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
