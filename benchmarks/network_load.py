@@ -78,6 +78,7 @@ def serve(args, pki_dir: str, state_dir: str, ready, stop, profiling, profiled) 
             buffer_size=args.buffer,
             assignment_timeout_s=600,
             max_update_norm=100.0,
+            retry_after_s=args.retry_after_s,
         ),
         # a data-plane thread for every device (past the default 128 the SDK would use gRPC, which
         # the load devices do not: they would only retry)
@@ -430,6 +431,13 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=30.0, help="seconds of load after the warm-up")
     ap.add_argument("--warmup", type=float, default=10.0)
     ap.add_argument("--no-fsync", action="store_true")
+    ap.add_argument(
+        "--retry-after-s",
+        type=float,
+        default=0.5,
+        help="the server's retry_after_s (0.5, its default: a device that just uploaded is told WAIT once "
+        "before its next assignment; 0: one check-in per trip)",
+    )
     ap.add_argument("--compression", default="none", choices=["none", "gzip"])
     ap.add_argument(
         "--transport",

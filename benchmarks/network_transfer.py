@@ -98,6 +98,65 @@ def serve_bare(pki: Path, size: int, ready) -> None:
         threading.Thread(target=connection, args=(raw,), daemon=True).start()
 
 
+SEAL_CHUNK = 1 << 20  # sealed mode: AES-GCM chunks of 1 MiB plaintext (+16 bytes of tag each)
+
+
+def _nonce(i: int) -> bytes:
+    return i.to_bytes(12, "big")
+
+
+def serve_sealed(size: int, key: bytes, ready) -> None:
+    """``bare`` without TLS: plain TCP carrying AES-GCM-sealed 1 MiB chunks (the key is assumed
+    handed over on a TLS channel beforehand); the download is sealed once and sent as it is."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    from flotilla.network.bodies import UploadBodies
+    from flotilla.network.coordinator import crc32
+    from flotilla.network.wire import DATA_SOCKET_BUFFER
+
+    aead = AESGCM(key)
+    model = os.urandom(size)
+    sealed_model = b"".join(
+        aead.encrypt(_nonce(i), model[o : o + SEAL_CHUNK], None) for i, o in enumerate(range(0, size, SEAL_CHUNK))
+    )
+    bodies, lock = UploadBodies(), threading.Lock()
+    listener = socket.create_server(("127.0.0.1", 0), backlog=512)
+    for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        listener.setsockopt(socket.SOL_SOCKET, opt, DATA_SOCKET_BUFFER)
+    ready.put((listener.getsockname()[1], os.getpid()))
+
+    def exactly(sock, view) -> bool:
+        got = 0
+        while got < len(view):
+            n = sock.recv_into(view[got:])
+            if not n:
+                return False
+            got += n
+        return True
+
+    def connection(sock) -> None:
+        head = bytearray(4)
+        chunk = memoryview(bytearray(SEAL_CHUNK + 16))
+        while exactly(sock, memoryview(head)):
+            (n,) = struct.unpack(">I", head)
+            with lock:
+                buf = bodies.take(n)
+            crc = 0
+            for i, o in enumerate(range(0, n, SEAL_CHUNK)):
+                m = min(SEAL_CHUNK, n - o)
+                if not exactly(sock, chunk[: m + 16]):
+                    return
+                aead.decrypt_into(_nonce(i), chunk[: m + 16], None, buf[o : o + m])
+                crc = crc32(buf[o : o + m], crc)
+            with lock:
+                bodies.give(buf)
+            sock.sendall(sealed_model)
+
+    while True:
+        raw, _ = listener.accept()
+        threading.Thread(target=connection, args=(raw,), daemon=True).start()
+
+
 class PassThrough:
     """Data-plane handlers that only hand the bytes over (no auth, tickets, checks or ledger)."""
 
@@ -133,7 +192,7 @@ def serve_dataplane(pki: Path, size: int, clients: int, ready) -> None:
     asyncio.run(main())
 
 
-async def load(port: int, mode: str, clients: int, size: int, ca: bytes, trips) -> None:
+async def load(port: int, mode: str, clients: int, size: int, ca: bytes, trips, key: bytes) -> None:
     from flotilla.network.wire import pb
 
     body = os.urandom(size)
@@ -155,27 +214,44 @@ async def load(port: int, mode: str, clients: int, size: int, ca: bytes, trips) 
             await stream.download(0)
             trips.value += 1
 
-    device = bare_device if mode == "bare" else dataplane_device
+    async def sealed_device():
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+        aead = AESGCM(key)
+        sealed = b"".join(
+            aead.encrypt(_nonce(i), body[o : o + SEAL_CHUNK], None) for i, o in enumerate(range(0, size, SEAL_CHUNK))
+        )
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        while True:
+            writer.write(struct.pack(">I", size))
+            writer.write(sealed)
+            await reader.readexactly(len(sealed))
+            trips.value += 1
+
+    device = {"bare": bare_device, "dataplane": dataplane_device, "sealed": sealed_device}[mode]
     await asyncio.gather(*(device() for _ in range(clients)))
 
 
-def run_load(port, mode, clients, size, ca, trips) -> None:
-    asyncio.run(load(port, mode, clients, size, ca, trips))
+def run_load(port, mode, clients, size, ca, trips, key) -> None:
+    asyncio.run(load(port, mode, clients, size, ca, trips, key))
 
 
 def measure(mode: str, args, pki: Path) -> dict:
     ctx = mp.get_context("spawn")
     ready = ctx.Queue()
     size = 4 * args.params
-    target, targs = (
-        (serve_bare, (pki, size, ready)) if mode == "bare" else (serve_dataplane, (pki, size, args.clients, ready))
-    )
+    key = os.urandom(16)
+    target, targs = {
+        "bare": (serve_bare, (pki, size, ready)),
+        "dataplane": (serve_dataplane, (pki, size, args.clients, ready)),
+        "sealed": (serve_sealed, (size, key, ready)),
+    }[mode]
     server = ctx.Process(target=target, args=targs, daemon=True)
     server.start()
     port, pid = ready.get(timeout=60)
     trips = ctx.Value("q", 0, lock=False)
     loader = ctx.Process(
-        target=run_load, args=(port, mode, args.clients, size, (pki / "ca.pem").read_bytes(), trips), daemon=True
+        target=run_load, args=(port, mode, args.clients, size, (pki / "ca.pem").read_bytes(), trips, key), daemon=True
     )
     loader.start()
     try:
@@ -223,7 +299,7 @@ def main() -> int:
         "params": args.params,
         "tls": ssl.OPENSSL_VERSION,
         "median_server_cpu_ms_per_trip": {
-            m: statistics.median(x["server_cpu_ms_per_trip"] for x in runs if x["mode"] == m) for m in modes
+            m: round(statistics.median(x["server_cpu_ms_per_trip"] for x in runs if x["mode"] == m), 2) for m in modes
         },
         "runs": runs,
         "cpus": os.cpu_count(),
