@@ -186,6 +186,15 @@ class DataStream:
         self.reader = self.writer = None
 
 
+async def rest(reply) -> None:
+    """As the SDK (Device.run): an accepted upload's reply may say how long the server gives this
+    device no work (UploadReply.rest_s); checking in sooner would only be told WAIT."""
+    import random
+
+    if reply.rest_s > 0:
+        await asyncio.sleep(reply.rest_s * random.uniform(1.0, 1.2))
+
+
 async def device(
     i: int,
     token: str,
@@ -231,9 +240,10 @@ async def device(
                     stream = stream or DataStream(r.data_port, ca, token)
                     await stream.download(a.version)
                     t1 = time.time()
-                    await stream.upload(h, body)
+                    up = await stream.upload(h, body)
                     t2 = time.time()
                     records.append((t2, t2 - t1, t1 - t0, True))
+                    await rest(up)
                     continue
                 n = 0
                 async for chunk in download(pb.DownloadRequest(version=a.version), metadata=meta):
@@ -246,9 +256,10 @@ async def device(
                     for p in delta_parts:
                         yield p
 
-                await upload(parts(), metadata=meta)
+                up = await upload(parts(), metadata=meta)
                 t2 = time.time()
                 records.append((t2, t2 - t1, t1 - t0, True))
+                await rest(up)
             except grpc.aio.AioRpcError as e:
                 records.append((time.time(), 0.0, 0.0, False))
                 if e.code() not in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ALREADY_EXISTS):
@@ -554,6 +565,10 @@ def _run(args, tmp, paths, tokens, ctx, server, ready, stop, out, profiling, pro
         "server_accepted": status["accepted"],
         "server_rejected": status["rejected"],
         "server_upload_buffers_made": status.get("upload_buffers", {}).get("made"),
+        # check-ins per accepted update over the whole run (the first of each device went over gRPC)
+        "data_plane_check_ins_per_accepted": round(
+            (status.get("data_plane_served") or {}).get("check_in", 0) / max(status["accepted"], 1), 2
+        ),
         "load_avg": os.getloadavg(),
         "cpus": os.cpu_count(),
     }

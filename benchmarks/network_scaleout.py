@@ -130,7 +130,7 @@ def aggregator(args, name: str, port: int, pki: str, state: str, ready, stop) ->
 
 async def device(token: str, port: int, ca: bytes, deadline: float, parts, body: bytes, records: list) -> None:
     import grpc
-    from network_load import DataStream
+    from network_load import DataStream, rest
 
     from flotilla.network import wire
     from flotilla.network.wire import pb
@@ -185,8 +185,9 @@ async def device(token: str, port: int, ca: bytes, deadline: float, parts, body:
                     stream = stream_to(data_port)
                     await stream.download(a.version)
                     t0 = time.time()
-                    await stream.upload(h, body)
+                    up = await stream.upload(h, body)
                     records.append((time.time(), time.time() - t0, True))
+                    await rest(up)  # as the SDK: the server (not an aggregator) may name a rest
                     continue
                 download, upload = uploader(to) if to else direct
                 async for _ in download(pb.DownloadRequest(version=a.version), metadata=meta):
@@ -199,8 +200,9 @@ async def device(token: str, port: int, ca: bytes, deadline: float, parts, body:
                         yield x
 
                 t0 = time.time()
-                await upload(stream(), metadata=meta)
+                up = await upload(stream(), metadata=meta)
                 records.append((time.time(), time.time() - t0, True))
+                await rest(up)
             except grpc.aio.AioRpcError as e:
                 records.append((time.time(), 0.0, False))
                 if e.code() not in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ALREADY_EXISTS):

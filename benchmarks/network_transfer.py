@@ -173,7 +173,9 @@ class PassThrough:
         size = len(self.model)
         view, _ = await receive(size, f"{size} bytes", self.bodies.take(size))
         self.bodies.give(view)
-        return 0, 0
+        from flotilla.network.wire import pb
+
+        return pb.UploadReply()
 
     def data_refused(self, err, peer) -> None:
         pass

@@ -301,3 +301,37 @@ def test_sync_round_closes_at_its_deadline_with_min_updates(pki, tmp_path):
         assert "late" in str(e.value)
         for c in conns:
             c.close()
+
+
+@pytest.mark.parametrize("transport", ["data", "grpc"])
+def test_an_async_upload_reply_names_the_rest_and_the_device_skips_the_wait_check_in(pki, tmp_path, transport):
+    """Async: the device that just uploaded gets no work for retry_after_s; the reply says so
+    (UploadReply.rest_s) and the SDK waits it out instead of checking in to be told WAIT."""
+    from flotilla.client import Device
+
+    with start_server(
+        pki, tmp_path / "s", mode="async", buffer_size=2, concurrency=1, retry_after_s=0.4, total_steps=100
+    ) as st:
+        if transport == "grpc":
+            st.server.data_bound = 0  # check-in replies name no data port: everything over gRPC
+        answers = []
+        check_in = st.server.coord.check_in
+
+        def counted(device):
+            got = check_in(device)
+            answers.append("train" if hasattr(got, "id") else "wait" if isinstance(got, float) else "done")
+            return got
+
+        st.server.coord.check_in = counted
+        c = connect(pki, st, data_plane=transport == "data")
+        a = assignment(c)
+        assert c.upload(a, torch.zeros(NUMEL), 10) == (0, 0)
+        assert 0.3 < c.rest_s <= 0.4  # what is left of its 0.4 s rest
+        assert c.check_in(10).action == "wait"  # as the reply said
+        c.close()
+        x, y = torch.randn(40, 5), torch.randint(0, 3, (40,))
+        device = Device(f"localhost:{st.port}", pki.token(1), nn.Linear(5, 3), (x, y), ca=pki.ca, max_tasks=3)
+        answers.clear()
+        report = device.run()
+        assert report.tasks == 3 and len(report.accepted) == 3
+        assert answers == ["train"] * 3  # no WAIT between its tasks: it rested as told

@@ -144,7 +144,8 @@ def test_a_check_in_or_an_unknown_token_on_an_aggregators_data_plane_is_refused(
         served = dict(agg.dataplane.served)
         assert agg.counters["rejected.auth"] == 3 and agg.counters["accepted"] == 0
         assert status(st)["accepted"] == 0  # nothing booked
-        assert good.upload(h, body) == (0, 0)  # the device's own token: accepted, as update #0
+        r = good.upload(h, body)  # the device's own token: accepted, as update #0
+        assert (r.seq, r.version, r.rest_s) == (0, 0, 0.0)  # an aggregator names no rest (the coordinator selects)
     finally:
         for x in (good, bad, sdk):
             x.close()

@@ -429,11 +429,12 @@ class AggregatorServer:
     async def data_download(self, token: str, peer: str, request: pb.DownloadRequest) -> tuple[bytes, int]:
         return await self.model_for(token, request.version), request.version
 
-    async def data_upload(self, token: str, peer: str, header: pb.UploadHeader, receive) -> tuple[int, int]:
+    async def data_upload(self, token: str, peer: str, header: pb.UploadHeader, receive) -> pb.UploadReply:
         async def given() -> pb.UploadHeader:
             return header
 
-        return await self.accept_upload(token, given, receive)
+        seq, version = await self.accept_upload(token, given, receive)
+        return pb.UploadReply(seq=seq, version=version)  # no rest_s: the coordinator selects
 
     def data_refused(self, err: Refused, peer: str) -> None:
         """A data-plane request refused before it named anyone (too long, not a DataRequest): counted."""

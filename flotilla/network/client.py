@@ -152,6 +152,7 @@ def _refused(err: grpc.RpcError) -> Refused:
 
 # A certificate failure in gRPC's error text (C-core, BoringSSL): a failed handshake whose reason
 # is about a certificate.  A handshake cut short (the server stopping) is not one: it is retried.
+MAX_REST_S = 300.0  # the longest rest an upload's reply may ask of a device (UploadReply.rest_s)
 _CERTIFICATE_WORDS = ("certificate", "signature", "issuer", "peer name", "hostname", "unknown_ca")
 
 
@@ -353,6 +354,9 @@ class Connection:
         self._data = None  # its DataClient, made on first use
         self._data_off_until = 0.0  # unreachable lately: gRPC until then
         self._data_check_ins = True  # False: this server's data plane predates check-ins (gRPC's)
+        # what the last accepted upload's reply asked: no work for this device for that many seconds
+        # (async mode), so checking in sooner would only be told WAIT; 0: check in when ready
+        self.rest_s = 0.0
 
     def close(self) -> None:
         if self._data is not None:
@@ -581,6 +585,7 @@ class Connection:
         ``secagg`` (sync secure aggregation), the delta enters the masking protocol
         (:func:`flotilla.network.secagg.run_device`) and only a masked vector leaves the device;
         returns ``(-1, version after the round)``."""
+        self.rest_s = 0.0
         if assignment.secagg:
             return -1, self.secagg_round(assignment, delta, num_examples, train_loss, examples_seen)
         if assignment.buffer_key:
@@ -649,20 +654,20 @@ class Connection:
             steps=steps,
             ephemeral_pk=ephemeral_pk,
         )
-        if chunk_bytes is None:  # gRPC's own chunking asked for: the gRPC stream
-            got = self._via_data(lambda d: d.upload(header, data))
-            if got is not self._GRPC:
-                return got
+        r = self._GRPC if chunk_bytes is not None else self._via_data(lambda d: d.upload(header, data))
+        if r is self._GRPC:  # no data plane, or gRPC's own chunking asked for: the gRPC stream
 
-        def parts():
-            yield pb.UploadPart(header=header)
-            for part in wire.chunks(data, chunk_bytes or self.chunk_bytes):
-                yield pb.UploadPart(data=bytes(part))
+            def parts():
+                yield pb.UploadPart(header=header)
+                for part in wire.chunks(data, chunk_bytes or self.chunk_bytes):
+                    yield pb.UploadPart(data=bytes(part))
 
-        try:
-            r = self._upload(parts(), metadata=self.metadata, timeout=self.timeout_s)
-        except grpc.RpcError as e:
-            raise self._error(e) from None
+            try:
+                r = self._upload(parts(), metadata=self.metadata, timeout=self.timeout_s)
+            except grpc.RpcError as e:
+                raise self._error(e) from None
+        # a server's hint, bounded: a NaN, a negative or an hour-long rest would stall the device
+        self.rest_s = min(r.rest_s, MAX_REST_S) if r.rest_s > 0 else 0.0
         return r.seq, r.version
 
     def secagg_call(self, request: dict[str, Any], data: bytes = b"") -> dict[str, Any]:
@@ -1163,6 +1168,10 @@ class Device:
                     # this update made the last step: nothing more to do, even if the server
                     # stops before this device could check in again
                     return self._finished(report, f"training finished at version {version}")
+                rest = self.uploader(a).rest_s
+                if rest > 0 and (self.max_tasks is None or report.tasks < self.max_tasks):
+                    # no work for this device before then: a check-in sooner would only be told WAIT
+                    time.sleep(rest * random.uniform(1.0, 1.2))
         finally:
             self.conn.close()
             for c in self._aggregators.values():

@@ -24,7 +24,7 @@ header ``header_timeout_s``, between requests ``idle_timeout_s``, an upload body
 The handlers object (the server's, or any process that mounts a data plane, e.g. an aggregator)::
 
     async data_download(token, peer, request: pb.DownloadRequest) -> (bytes-like, version)
-    async data_upload(token, peer, header: pb.UploadHeader, receive) -> (seq, version)
+    async data_upload(token, peer, header: pb.UploadHeader, receive) -> pb.UploadReply
         # await receive(size, what, into=None) -> (memoryview, digest): the body (what: "shape (n,)
         # float32"), read into ``into`` (``size`` writable bytes) when given
     async data_check_in(token, peer, request: pb.CheckInRequest) -> pb.CheckInReply
@@ -337,8 +337,7 @@ class DataPlane:
             if handoff.get() is not None:  # pragma: no cover - one receive per upload
                 raise RuntimeError("data plane: the handler asked for the body twice")
         try:
-            seq, version = done.result()
-            reply = pb.DataReply(upload=pb.UploadReply(seq=seq, version=version))
+            reply = pb.DataReply(upload=done.result())
         except Refused as e:
             reply = refusal_reply(e)
         except CancelledError:  # stopping

@@ -164,7 +164,7 @@ class DataClient:
             raise self._broken(e) from None
         return reply.total_bytes
 
-    def upload(self, header, data) -> tuple[int, int]:
+    def upload(self, header, data) -> pb.UploadReply:
         view = memoryview(data).cast("B")
         reply = self._request(pb.DataRequest(token=self.token, upload=header, body_bytes=len(view)))
         if reply.body_bytes != len(view):
@@ -176,4 +176,4 @@ class DataClient:
             raise
         except OSError as e:
             raise self._broken(e) from None
-        return reply.upload.seq, reply.upload.version
+        return reply.upload

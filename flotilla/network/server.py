@@ -711,7 +711,14 @@ class FlotillaServer:
             seq, version = await self.accept_upload(who, header, receive)
         except Refused as e:  # counted by accept_upload
             await context.abort(_CODES[e.code], str(e), e.trailing_metadata())
-        return pb.UploadReply(seq=seq, version=version)
+        return self._upload_reply(who, seq, version)
+
+    def _upload_reply(self, who: Identity, seq: int, version: int) -> pb.UploadReply:
+        """The answer to an accepted upload, with how long the device rests before its next work:
+        it saves the device a round trip (a check-in that would only be told WAIT) and the server a
+        request per trip (its CPU per trip did not change measurably: network_load.py, 3 pairs)."""
+        rest = self.coord.selection.resting(who.device, self.coord.clock())
+        return pb.UploadReply(seq=seq, version=version, rest_s=max(0.0, rest))
 
     async def accept_upload(self, who: Identity, header, receive) -> tuple[int, int]:
         """One upload, whatever carried it (gRPC's Upload stream or the data plane): ``header()``
@@ -889,13 +896,13 @@ class FlotillaServer:
     async def data_check_in(self, token: str, peer: str, request: pb.CheckInRequest) -> pb.CheckInReply:
         return self._check_in(self._who(token, peer), request)
 
-    async def data_upload(self, token: str, peer: str, header: pb.UploadHeader, receive) -> tuple[int, int]:
+    async def data_upload(self, token: str, peer: str, header: pb.UploadHeader, receive) -> pb.UploadReply:
         who = self._who(token, peer)
 
         async def given() -> pb.UploadHeader:
             return header
 
-        return await self.accept_upload(who, given, receive)
+        return self._upload_reply(who, *await self.accept_upload(who, given, receive))
 
     def data_refused(self, err: Refused, peer: str) -> None:
         """A data-plane request refused before it named anyone (too long, not a DataRequest): counted."""
@@ -912,6 +919,8 @@ class FlotillaServer:
             data_port=self.data_bound,  # 0: no data plane (downloads and uploads over gRPC)
             # receive buffers allocated so far, and kept free now (memory; network/bodies.py)
             upload_buffers={"made": self.bodies.made, "free_bytes": self.bodies.free_bytes},
+            # requests the data plane handed to the handlers, by kind (None: no data plane)
+            data_plane_served=None if self.dataplane is None else dict(self.dataplane.served),
             state_dir=str(self.store.path),
             task=json.loads(self.task_json),
         )  # devices check their data against it before checking in
