@@ -51,34 +51,49 @@ def server_context(pki: Path) -> ssl.SSLContext:
     return data_context(str(pki / "server.pem"), str(pki / "server.key"))
 
 
-def serve_bare(pki: Path, size: int, ready) -> None:
-    """One thread per connection: read a 4-byte length and that many body bytes, send ``size`` back."""
-    from flotilla.network.bodies import UploadBodies
-    from flotilla.network.coordinator import FINGERPRINT_BLOCK, crc32
+def _listen(ready) -> socket.socket:
+    """A loopback listener with the data plane's socket buffers; tells ``ready`` its port and our pid."""
     from flotilla.network.wire import DATA_SOCKET_BUFFER
 
-    ctx = server_context(pki)
-    model = os.urandom(size)
-    bodies, lock = UploadBodies(), threading.Lock()
     listener = socket.create_server(("127.0.0.1", 0), backlog=512)
     for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
         listener.setsockopt(socket.SOL_SOCKET, opt, DATA_SOCKET_BUFFER)
     ready.put((listener.getsockname()[1], os.getpid()))
+    return listener
 
-    def exactly(sock, view) -> bool:
-        got = 0
-        while got < len(view):
-            n = sock.recv_into(view[got:])
-            if not n:
-                return False
-            got += n
-        return True
+
+def _serve_forever(listener: socket.socket, connection) -> None:
+    while True:
+        raw, _ = listener.accept()
+        threading.Thread(target=connection, args=(raw,), daemon=True).start()
+
+
+def _exactly(sock, view) -> bool:
+    """Fill ``view`` from ``sock``; False if the peer hung up first."""
+    got = 0
+    while got < len(view):
+        n = sock.recv_into(view[got:])
+        if not n:
+            return False
+        got += n
+    return True
+
+
+def serve_bare(pki: Path, size: int, ready) -> None:
+    """One thread per connection: read a 4-byte length and that many body bytes, send ``size`` back."""
+    from flotilla.network.bodies import UploadBodies
+    from flotilla.network.coordinator import FINGERPRINT_BLOCK, crc32
+
+    ctx = server_context(pki)
+    model = os.urandom(size)
+    bodies, lock = UploadBodies(), threading.Lock()
+    listener = _listen(ready)
 
     def connection(raw) -> None:
         sock = ctx.wrap_socket(raw, server_side=True)
         read = sock._sslobj.read  # as dataplane._receive_body does
         head = bytearray(4)
-        while exactly(sock, memoryview(head)):
+        while _exactly(sock, memoryview(head)):
             (n,) = struct.unpack(">I", head)
             with lock:
                 buf = bodies.take(n)
@@ -93,9 +108,7 @@ def serve_bare(pki: Path, size: int, ready) -> None:
                 bodies.give(buf)
             sock.sendall(model)
 
-    while True:
-        raw, _ = listener.accept()
-        threading.Thread(target=connection, args=(raw,), daemon=True).start()
+    _serve_forever(listener, connection)
 
 
 SEAL_CHUNK = 1 << 20  # sealed mode: AES-GCM chunks of 1 MiB plaintext (+16 bytes of tag each)
@@ -105,6 +118,13 @@ def _nonce(i: int) -> bytes:
     return i.to_bytes(12, "big")
 
 
+def _seal(aead, data: bytes) -> bytes:
+    """``data`` as AES-GCM-sealed chunks of SEAL_CHUNK bytes (each +16 bytes of tag), nonce = chunk index."""
+    return b"".join(
+        aead.encrypt(_nonce(i), data[o : o + SEAL_CHUNK], None) for i, o in enumerate(range(0, len(data), SEAL_CHUNK))
+    )
+
+
 def serve_sealed(size: int, key: bytes, ready) -> None:
     """``bare`` without TLS: plain TCP carrying AES-GCM-sealed 1 MiB chunks (the key is assumed
     handed over on a TLS channel beforehand); the download is sealed once and sent as it is."""
@@ -112,39 +132,24 @@ def serve_sealed(size: int, key: bytes, ready) -> None:
 
     from flotilla.network.bodies import UploadBodies
     from flotilla.network.coordinator import crc32
-    from flotilla.network.wire import DATA_SOCKET_BUFFER
 
     aead = AESGCM(key)
     model = os.urandom(size)
-    sealed_model = b"".join(
-        aead.encrypt(_nonce(i), model[o : o + SEAL_CHUNK], None) for i, o in enumerate(range(0, size, SEAL_CHUNK))
-    )
+    sealed_model = _seal(aead, model)
     bodies, lock = UploadBodies(), threading.Lock()
-    listener = socket.create_server(("127.0.0.1", 0), backlog=512)
-    for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-        listener.setsockopt(socket.SOL_SOCKET, opt, DATA_SOCKET_BUFFER)
-    ready.put((listener.getsockname()[1], os.getpid()))
-
-    def exactly(sock, view) -> bool:
-        got = 0
-        while got < len(view):
-            n = sock.recv_into(view[got:])
-            if not n:
-                return False
-            got += n
-        return True
+    listener = _listen(ready)
 
     def connection(sock) -> None:
         head = bytearray(4)
         chunk = memoryview(bytearray(SEAL_CHUNK + 16))
-        while exactly(sock, memoryview(head)):
+        while _exactly(sock, memoryview(head)):
             (n,) = struct.unpack(">I", head)
             with lock:
                 buf = bodies.take(n)
             crc = 0
             for i, o in enumerate(range(0, n, SEAL_CHUNK)):
                 m = min(SEAL_CHUNK, n - o)
-                if not exactly(sock, chunk[: m + 16]):
+                if not _exactly(sock, chunk[: m + 16]):
                     return
                 aead.decrypt_into(_nonce(i), chunk[: m + 16], None, buf[o : o + m])
                 crc = crc32(buf[o : o + m], crc)
@@ -152,9 +157,7 @@ def serve_sealed(size: int, key: bytes, ready) -> None:
                 bodies.give(buf)
             sock.sendall(sealed_model)
 
-    while True:
-        raw, _ = listener.accept()
-        threading.Thread(target=connection, args=(raw,), daemon=True).start()
+    _serve_forever(listener, connection)
 
 
 class PassThrough:
@@ -220,9 +223,7 @@ async def load(port: int, mode: str, clients: int, size: int, ca: bytes, trips, 
         from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
         aead = AESGCM(key)
-        sealed = b"".join(
-            aead.encrypt(_nonce(i), body[o : o + SEAL_CHUNK], None) for i, o in enumerate(range(0, size, SEAL_CHUNK))
-        )
+        sealed = _seal(aead, body)
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         while True:
             writer.write(struct.pack(">I", size))
