@@ -1,12 +1,12 @@
 """What moving a trip's bytes costs the server in CPython, before the server does anything else.
 
-    .venv/bin/python benchmarks/network_transfer.py                    # 100 devices, 3 alternating repeats
+    .venv/bin/python benchmarks/network_transfer.py                    # 100 devices, 3 modes, 3 alternating repeats
     .venv/bin/python benchmarks/network_transfer.py --modes bare --clients 10
 
 ``network_load.py --floor`` times the irreducible parts of a trip single-threaded, with no sockets
 between processes.  This measures the next layer up, between two processes over loopback TLS
 (the load devices run in a second process, asyncio streams, one kept connection each): server CPU
-milliseconds per trip (one upload of the model's bytes, then one download of as many), in two modes.
+milliseconds per trip (one upload of the model's bytes, then one download of as many), in three modes.
 
 * ``bare``: the smallest server of this design: a thread per connection, blocking ``ssl``
   sockets, the body read record by record into a reused buffer with the fingerprint computed block
@@ -16,6 +16,9 @@ milliseconds per trip (one upload of the model's bytes, then one download of as 
 * ``dataplane``: flotilla/network/dataplane.py itself (frames, protobuf headers, the hops to an
   asyncio loop and back) with handlers that only hand over the bytes: no authentication, tickets,
   validation, ledger or fsync.
+* ``sealed``: ``bare`` without TLS records: plain TCP carrying AES-GCM-sealed 1 MiB chunks
+  (``cryptography``'s ``decrypt_into``), the key assumed handed over on a TLS channel beforehand,
+  the download sealed once and sent as it is.  Not a transport Flotilla has: what one would cost.
 
 The full server's figure (``network_load.py``) minus ``dataplane`` is what the server's own work
 costs; ``dataplane`` minus ``bare`` is the data plane's mechanics; ``bare`` is the transfer floor of
@@ -281,7 +284,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clients", type=int, default=100)
     ap.add_argument("--params", type=int, default=1_000_000, help="float32 parameters: 4x this many bytes each way")
-    ap.add_argument("--modes", default="bare,dataplane")
+    ap.add_argument("--modes", default="bare,dataplane,sealed")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--duration", type=float, default=10.0)
     ap.add_argument("--warmup", type=float, default=4.0)
