@@ -150,9 +150,10 @@ def _refused(err: grpc.RpcError) -> Refused:
     )
 
 
+MAX_REST_S = 300.0  # the longest rest an upload's reply may ask of a device (UploadReply.rest_s)
+
 # A certificate failure in gRPC's error text (C-core, BoringSSL): a failed handshake whose reason
 # is about a certificate.  A handshake cut short (the server stopping) is not one: it is retried.
-MAX_REST_S = 300.0  # the longest rest an upload's reply may ask of a device (UploadReply.rest_s)
 _CERTIFICATE_WORDS = ("certificate", "signature", "issuer", "peer name", "hostname", "unknown_ca")
 
 
