@@ -21,7 +21,10 @@ import torch
 from flotilla.network.partials import aggregator_key
 from tests.network_helpers import PKI
 
-STEPS, DEVICES = 10, 4
+# 20 steps: room for both kills.  Finding agg-1 holding an update took until step 7 once (it is
+# looked for every 10 ms, and holds one only between some steps); with 10 steps training then ended
+# before the coordinator's kill could find its buffer non-empty (a fresh-clone CI run, c3ef1c3).
+STEPS, DEVICES = 20, 4
 
 
 def _log(path: str) -> None:
