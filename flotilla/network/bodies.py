@@ -8,7 +8,7 @@ first use it neither faults nor needs that copy: ``write_durable`` writes it whe
 asks for huge pages (``MADV_HUGEPAGE``: two faults per 4 MB instead of a thousand, where the
 kernel allows them), and enough buffers are kept for the uploads in flight at once (at 100 devices
 about 40 are between their receive and their commit; with 16 kept, perf put ~0.7 ms of server CPU
-per trip in page faults on fresh buffers; with 64, a 20 s run made 62-79 buffers in all).
+per trip in page faults on fresh buffers; with 64, a 20 s run makes 50-85 buffers in all).
 
 The rule that makes reuse safe: a buffer goes back (:meth:`UploadBodies.give`) only once nothing
 can write or read it any more, i.e. after its transport's receive returned *and* the commit that
