@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import secrets
 import time
 from collections import Counter
@@ -320,15 +321,15 @@ class AggregatorServer:
             return buf, fingerprint_text(crc, size)
 
         try:
-            seq, version = await self.accept_upload(self._bearer(context), header, receive)
+            return await self.accept_upload(self._bearer(context), header, receive)
         except Refused as e:  # counted by accept_upload
             await context.abort(_CODES[e.code], str(e), e.trailing_metadata())
-        return pb.UploadReply(seq=seq, version=version)
 
-    async def accept_upload(self, token: str | None, header, receive) -> tuple[int, int]:
+    async def accept_upload(self, token: str | None, header, receive) -> pb.UploadReply:
         """One upload, whatever carries it (gRPC's Upload stream or the data plane): ``header()``
         gives its UploadHeader, ``receive(size, what)`` its ``size`` body bytes and their fingerprint.
-        Returns ``(seq, version)``; a refusal is counted and raised."""
+        Returns the UploadReply (seq, version, and the device's rest as the coordinator's claim
+        answer names it); a refusal is counted and raised."""
         try:
             device = self._who(token)
             if self.sum is None:
@@ -423,7 +424,8 @@ class AggregatorServer:
             await self._add(int(r["seq"]), name, float(r["alpha"]), delta)
         self.staging.discard(name)
         self.counters["accepted"] += 1
-        return int(r["seq"]), int(r["version"])
+        rest = float(r.get("rest_s", 0.0))  # a coordinator before rest_s names none
+        return pb.UploadReply(seq=int(r["seq"]), version=int(r["version"]), rest_s=rest if math.isfinite(rest) else 0.0)
 
     # -- the data plane's handlers (flotilla.network.dataplane; run on this loop; no data_check_in) --
     async def data_download(self, token: str, peer: str, request: pb.DownloadRequest) -> tuple[bytes, int]:
@@ -433,8 +435,7 @@ class AggregatorServer:
         async def given() -> pb.UploadHeader:
             return header
 
-        seq, version = await self.accept_upload(token, given, receive)
-        return pb.UploadReply(seq=seq, version=version)  # no rest_s: the coordinator selects
+        return await self.accept_upload(token, given, receive)
 
     def data_refused(self, err: Refused, peer: str) -> None:
         """A data-plane request refused before it named anyone (too long, not a DataRequest): counted."""

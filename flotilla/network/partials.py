@@ -346,6 +346,8 @@ class Hub:
         except Refused as e:
             self.coord.refuse(e, str(req.get("device")))
             await context.abort(_CODES[e.code], str(e), e.trailing_metadata())
+        # how long this device gets no new work, for the aggregator's UploadReply.rest_s
+        reply["rest_s"] = max(0.0, self.coord.selection.resting(str(req["device"]), self.coord.clock()))
         return json.dumps(reply).encode()
 
     async def _claim(self, req: dict[str, Any]) -> dict[str, Any]:
