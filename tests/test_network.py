@@ -335,3 +335,18 @@ def test_an_async_upload_reply_names_the_rest_and_the_device_skips_the_wait_chec
         report = device.run()
         assert report.tasks == 3 and len(report.accepted) == 3
         assert answers == ["train"] * 3  # no WAIT between its tasks: it rested as told
+
+
+@pytest.mark.parametrize(
+    "sent, kept", [(0.5, 0.5), (0.0, 0.0), (-1.0, 0.0), (float("nan"), 0.0), (float("inf"), 300.0), (1e9, 300.0)]
+)
+def test_a_servers_rest_hint_is_bounded(pki, sent, kept):
+    """A buggy or hostile server cannot stall a device with its rest hint: NaN and negatives mean
+    none, and no rest exceeds client.MAX_REST_S."""
+    from flotilla.network.wire import pb
+
+    c = Connection("localhost:1", pki.token(0), ca=pki.ca)  # never dialled: the reply is stood in
+    c._via_data = lambda send: pb.UploadReply(seq=1, version=2, rest_s=sent)
+    assert c.upload_raw("t", 0, "float32", [NUMEL], torch.zeros(NUMEL).numpy(), 10) == (1, 2)
+    assert c.rest_s == kept
+    c.close()
