@@ -16,6 +16,9 @@ milliseconds per trip (one upload of the model's bytes, then one download of as 
 * ``dataplane``: flotilla/network/dataplane.py itself (frames, protobuf headers, the hops to an
   asyncio loop and back) with handlers that only hand over the bytes: no authentication, tickets,
   validation, ledger or fsync.
+* ``bare-aes128``: ``bare`` with the server preferring TLS 1.3's AES-128-GCM over AES-256-GCM
+  (an OpenSSL configuration file in ``OPENSSL_CONF`` for the benchmark's processes: Python 3.11's
+  ``ssl`` cannot choose TLS 1.3 suites, so Flotilla does not).
 * ``sealed``: ``bare`` without TLS records: plain TCP carrying AES-GCM-sealed 1 MiB chunks
   (``cryptography``'s ``decrypt_into``), the key assumed handed over on a TLS channel beforehand,
   the download sealed once and sent as it is.  Not a transport Flotilla has: what one would cost.
@@ -234,7 +237,9 @@ async def load(port: int, mode: str, clients: int, size: int, ca: bytes, trips, 
             await reader.readexactly(len(sealed))
             trips.value += 1
 
-    device = {"bare": bare_device, "dataplane": dataplane_device, "sealed": sealed_device}[mode]
+    device = {"bare": bare_device, "bare-aes128": bare_device, "dataplane": dataplane_device, "sealed": sealed_device}[
+        mode
+    ]
     await asyncio.gather(*(device() for _ in range(clients)))
 
 
@@ -242,24 +247,48 @@ def run_load(port, mode, clients, size, ca, trips, key) -> None:
     asyncio.run(load(port, mode, clients, size, ca, trips, key))
 
 
+AES128_FIRST = """openssl_conf = default_conf
+[default_conf]
+ssl_conf = ssl_sect
+[ssl_sect]
+system_default = system_default_sect
+[system_default_sect]
+Ciphersuites = TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256
+"""
+
+
+def negotiated(port: int, pki: Path) -> str:
+    """The TLS suite the server picks for a default client (one probe connection, then closed)."""
+    ctx = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+    with socket.create_connection(("127.0.0.1", port)) as raw, ctx.wrap_socket(raw, server_hostname="localhost") as s:
+        return s.cipher()[0]
+
+
 def measure(mode: str, args, pki: Path) -> dict:
     ctx = mp.get_context("spawn")
     ready = ctx.Queue()
     size = 4 * args.params
     key = os.urandom(16)
+    if mode == "bare-aes128":  # read by OpenSSL when each spawned process starts
+        conf = pki.parent / "aes128.cnf"
+        conf.write_text(AES128_FIRST)
+        os.environ["OPENSSL_CONF"] = str(conf)
     target, targs = {
         "bare": (serve_bare, (pki, size, ready)),
+        "bare-aes128": (serve_bare, (pki, size, ready)),
         "dataplane": (serve_dataplane, (pki, size, args.clients, ready)),
         "sealed": (serve_sealed, (size, key, ready)),
     }[mode]
     server = ctx.Process(target=target, args=targs, daemon=True)
     server.start()
     port, pid = ready.get(timeout=60)
+    cipher = None if mode == "sealed" else negotiated(port, pki)
     trips = ctx.Value("q", 0, lock=False)
     loader = ctx.Process(
         target=run_load, args=(port, mode, args.clients, size, (pki / "ca.pem").read_bytes(), trips, key), daemon=True
     )
     loader.start()
+    os.environ.pop("OPENSSL_CONF", None)
     try:
         time.sleep(args.warmup)
         c0, t0, k0 = cpu_seconds(pid), time.monotonic(), trips.value
@@ -273,6 +302,7 @@ def measure(mode: str, args, pki: Path) -> dict:
     done = k1 - k0
     return {
         "mode": mode,
+        "cipher": cipher,
         "trips_per_s": round(done / (t1 - t0), 1),
         "server_cpu_cores": round((c1 - c0) / (t1 - t0), 2),
         "server_cpu_ms_per_trip": round(1000 * (c1 - c0) / max(done, 1), 2),
