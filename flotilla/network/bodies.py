@@ -44,7 +44,10 @@ class UploadBodies:
             buf = free.pop()
             self.free_bytes -= capacity
         else:
-            buf = mmap.mmap(-1, capacity, flags=mmap.MAP_PRIVATE)  # private: not shmem-backed
+            if hasattr(mmap, "MAP_PRIVATE"):  # Unix: private, not shmem-backed
+                buf = mmap.mmap(-1, capacity, flags=mmap.MAP_PRIVATE)
+            else:  # Windows' mmap takes no flags
+                buf = mmap.mmap(-1, capacity)
             if hasattr(mmap, "MADV_HUGEPAGE"):  # Linux
                 buf.madvise(mmap.MADV_HUGEPAGE)
             self.made += 1
