@@ -84,3 +84,32 @@ def test_an_upload_buffer_is_written_where_it_lies_and_reused(tmp_path):
     for v in views:
         big.give(v)
     assert big.free == 2 and big.free_bytes <= 10 << 20
+
+
+def test_upload_buffers_unused_for_a_whole_period_are_released():
+    """The free list follows the load: at the end of each idle_s period (looked at on each take and
+    give), the buffers no take of that period needed are released; what the takes needed stays."""
+    from flotilla.network.bodies import UploadBodies
+
+    now = [0.0]
+    bodies = UploadBodies(idle_s=10.0, clock=lambda: now[0])
+    burst = [bodies.take(1 << 20) for _ in range(8)]  # a burst: 8 uploads in flight at once
+    for v in burst:
+        bodies.give(v)
+    assert (bodies.free, bodies.made) == (8, 8)
+    for t in range(10):  # then a lighter load for a whole period: 3 in flight at a time
+        now[0] = 10.0 + t
+        views = [bodies.take(1 << 20) for _ in range(3)]
+        for v in views:
+            bodies.give(v)
+    assert bodies.made == 8 and bodies.released == 0  # reused throughout
+    now[0] = 20.0  # that period ends: the 5 it never needed go, the 3 it did stay
+    bodies.give(bodies.take(1 << 20))
+    assert (bodies.free, bodies.released, bodies.made) == (3, 5, 8)
+    assert bodies.free_bytes == 3 * (1 << 20)
+    now[0] = 30.0  # one upload at a time in [20, 30): two more go
+    bodies.give(bodies.take(1 << 20))
+    assert (bodies.free, bodies.released, bodies.made) == (1, 7, 8)
+    now[0] = 40.0
+    bodies.give(bodies.take(1 << 20))  # the one still needed is reused, not made again
+    assert (bodies.free, bodies.made) == (1, 8)

@@ -918,7 +918,11 @@ class FlotillaServer:
             limits=asdict(self.limits),
             data_port=self.data_bound,  # 0: no data plane (downloads and uploads over gRPC)
             # receive buffers allocated so far, and kept free now (memory; network/bodies.py)
-            upload_buffers={"made": self.bodies.made, "free_bytes": self.bodies.free_bytes},
+            upload_buffers={
+                "made": self.bodies.made,
+                "released": self.bodies.released,
+                "free_bytes": self.bodies.free_bytes,
+            },
             # requests the data plane handed to the handlers, by kind (None: no data plane)
             data_plane_served=None if self.dataplane is None else dict(self.dataplane.served),
             state_dir=str(self.store.path),
