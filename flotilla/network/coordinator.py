@@ -466,6 +466,11 @@ class Coordinator:
         for v in [v for v in self._served if v not in needed]:
             del self._served[v]
 
+    def rest_s(self, device: str) -> float:
+        """Seconds before ``device`` may be given new work (async: its retry_after_s after an
+        upload), for the upload's reply (UploadReply.rest_s); 0 when it may check in at once."""
+        return max(0.0, self.selection.resting(device, self.clock()))
+
     def check_in(self, device: str) -> Ticket | float | None:
         """A ticket to train, seconds to wait, or ``None`` when training is finished."""
         if self.done:

@@ -347,7 +347,7 @@ class Hub:
             self.coord.refuse(e, str(req.get("device")))
             await context.abort(_CODES[e.code], str(e), e.trailing_metadata())
         # how long this device gets no new work, for the aggregator's UploadReply.rest_s
-        reply["rest_s"] = max(0.0, self.coord.selection.resting(str(req["device"]), self.coord.clock()))
+        reply["rest_s"] = self.coord.rest_s(str(req["device"]))
         return json.dumps(reply).encode()
 
     async def _claim(self, req: dict[str, Any]) -> dict[str, Any]:

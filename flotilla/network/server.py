@@ -717,8 +717,7 @@ class FlotillaServer:
         """The answer to an accepted upload, with how long the device rests before its next work:
         it saves the device a round trip (a check-in that would only be told WAIT) and the server a
         request per trip (its CPU per trip did not change measurably: network_load.py, 3 pairs)."""
-        rest = self.coord.selection.resting(who.device, self.coord.clock())
-        return pb.UploadReply(seq=seq, version=version, rest_s=max(0.0, rest))
+        return pb.UploadReply(seq=seq, version=version, rest_s=self.coord.rest_s(who.device))
 
     async def accept_upload(self, who: Identity, header, receive) -> tuple[int, int]:
         """One upload, whatever carried it (gRPC's Upload stream or the data plane): ``header()``
