@@ -228,14 +228,16 @@ def test_sync_twenty_devices_with_a_server_kill(tmp_path):
 
 def test_async_fedbuff_twenty_devices(tmp_path):
     """FedBuff over the network against the fleet simulator's FedBuff with the same settings.
-    Timing (hence staleness and who trains when) differs, so the runs are compared after 200
-    client trips, near the plateau: mean accuracy of the last two evaluations.  (Early in
-    training the accuracy swings by +-0.07 between runs of either runtime.)"""
+    Timing (hence staleness and who trains when) differs, so the runs are compared near the
+    plateau: mean accuracy of the last four evaluations (steps 25-40, on 4 clients' test data).
+    A single evaluation swings by +-0.04 between runs, more on a loaded machine: a fresh-clone CI
+    run once missed by 0.0015 when two evaluations were averaged.  Averaging four, 10 runs (5 with
+    three busy-loop processes beside them) were all within 0.01 of the simulator."""
     config = {
         **BASE,
         "mode": "async",
         "rounds": 40,
-        "eval": {**BASE["eval"], "every": 10},
+        "eval": {**BASE["eval"], "every": 5, "max_clients": 4},
         "async": {"concurrency": 10, "buffer_size": 5, "max_staleness": 8},
     }
     dep = Deployment(tmp_path, config)
@@ -246,7 +248,7 @@ def test_async_fedbuff_twenty_devices(tmp_path):
     ledger = check_ledger(dep, steps=40, per_step=5)
     staleness = [r["staleness"] for r in ledger if r["event"] == "accepted"]
     assert max(staleness) > 0, "async training saw no staleness at all"
-    net = sum(dep.accuracies()[-2:]) / 2
-    ref = sum(h["accuracy"] for h in sim.history if h["round"] in (30, 40)) / 2
+    net = sum(dep.accuracies()[-4:]) / 4
+    ref = sum(h["accuracy"] for h in sim.history if h["round"] in (25, 30, 35, 40)) / 4
     assert net > 0.65
     assert abs(net - ref) <= 0.05, (net, ref)
