@@ -89,11 +89,14 @@ def serve(args, pki_dir: str, state_dir: str, ready, stop, profiling, profiled) 
         compression=args.compression,
         linger_s=0,
         data_port="auto" if args.transport == "data" else "off",
+        sealed_download_port="auto" if args.sealed_downloads else "off",
     )
     st = ServerThread(server)
     st.call(name_threads)
     if server.dataplane is not None:  # its pool's threads start on demand: name them "data" as they do
         server.dataplane._pool._initializer, server.dataplane._pool._initargs = _name_thread, ("data",)
+    if server.sealed_port is not None:
+        server.sealed_port._pool._initializer, server.sealed_port._pool._initargs = _name_thread, ("sealed",)
     ready.put((st.port, server.flat.numel, os.getpid()))
     if args.profile:
         import cProfile
@@ -186,6 +189,24 @@ class DataStream:
         self.reader = self.writer = None
 
 
+async def sealed_download(offer, version: int) -> int:
+    """As the SDK: fetch a sealed download over plain TCP, then check every tag and the digest."""
+    from flotilla.network import sealed_downloads as sd
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", offer.port)
+    try:
+        writer.write(sd.MAGIC + offer.ticket)
+        size = int.from_bytes(await reader.readexactly(8), "big")
+        if size == 0:
+            raise RuntimeError("sealed download refused")
+        sealed = await reader.readexactly(size)
+    finally:
+        writer.close()
+    out = bytearray(offer.total_bytes)
+    sd.unseal(offer, version, sealed, memoryview(out))
+    return len(out)
+
+
 async def rest(reply) -> None:
     """As the SDK (Device.run): an accepted upload's reply may say how long the server gives this
     device no work (UploadReply.rest_s); checking in sooner would only be told WAIT."""
@@ -238,7 +259,10 @@ async def device(
                 )
                 if r.data_port:  # the data plane
                     stream = stream or DataStream(r.data_port, ca, token)
-                    await stream.download(a.version)
+                    if a.HasField("sealed_download"):
+                        await sealed_download(a.sealed_download, a.version)
+                    else:
+                        await stream.download(a.version)
                     t1 = time.time()
                     up = await stream.upload(h, body)
                     t2 = time.time()
@@ -451,6 +475,12 @@ def main() -> int:
     )
     ap.add_argument("--compression", default="none", choices=["none", "gzip"])
     ap.add_argument(
+        "--sealed-downloads",
+        action="store_true",
+        help="the server offers sealed downloads (network.sealed_download_port: auto): the model over plain "
+        "TCP, sealed once per version; the devices check tags and digest as the SDK does",
+    )
+    ap.add_argument(
         "--transport",
         default="data",
         choices=["data", "grpc"],
@@ -565,6 +595,8 @@ def _run(args, tmp, paths, tokens, ctx, server, ready, stop, out, profiling, pro
         "server_accepted": status["accepted"],
         "server_rejected": status["rejected"],
         "server_upload_buffers_made": status.get("upload_buffers", {}).get("made"),
+        # --sealed-downloads: offers made, fetches sent and refused, versions sealed (None: off)
+        "sealed_downloads": status.get("sealed_downloads"),
         # check-ins per accepted update over the whole run (the first of each device went over gRPC)
         "data_plane_check_ins_per_accepted": round(
             (status.get("data_plane_served") or {}).get("check_in", 0) / max(status["accepted"], 1), 2

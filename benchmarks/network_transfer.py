@@ -85,15 +85,26 @@ def _exactly(sock, view) -> bool:
     return True
 
 
-def serve_bare(pki: Path, size: int, ready) -> None:
-    """One thread per connection: read a 4-byte length and that many body bytes, send ``size`` back."""
+def serve_bare(pki: Path, size: int, ready, sealed_download: bytes | None = None) -> None:
+    """One thread per connection: read a 4-byte length and that many body bytes, send ``size`` back.
+    With ``sealed_download``: answer the upload with one byte, and serve ``sealed_download`` on a
+    second, plain TCP listener to each byte received there (mode ``tls-up-sealed-down``)."""
     from flotilla.network.bodies import UploadBodies
     from flotilla.network.coordinator import FINGERPRINT_BLOCK, crc32
 
     ctx = server_context(pki)
-    model = os.urandom(size)
+    model = os.urandom(size) if sealed_download is None else b"k"
     bodies, lock = UploadBodies(), threading.Lock()
     listener = _listen(ready)
+    if sealed_download is not None:
+        plain = _listen(ready)
+
+        def download(sock) -> None:
+            one = bytearray(1)
+            while _exactly(sock, memoryview(one)):
+                sock.sendall(sealed_download)
+
+        threading.Thread(target=_serve_forever, args=(plain, download), daemon=True).start()
 
     def connection(raw) -> None:
         sock = ctx.wrap_socket(raw, server_side=True)
@@ -129,6 +140,12 @@ def _seal(aead, data: bytes) -> bytes:
     return b"".join(
         aead.encrypt(_nonce(i), data[o : o + SEAL_CHUNK], None) for i, o in enumerate(range(0, len(data), SEAL_CHUNK))
     )
+
+
+def sealed_model(size: int, key: bytes) -> bytes:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    return _seal(AESGCM(key), os.urandom(size))
 
 
 def serve_sealed(size: int, key: bytes, ready) -> None:
@@ -203,7 +220,7 @@ def serve_dataplane(pki: Path, size: int, clients: int, ready) -> None:
     asyncio.run(main())
 
 
-async def load(port: int, mode: str, clients: int, size: int, ca: bytes, trips, key: bytes) -> None:
+async def load(port: int, mode: str, clients: int, size: int, ca: bytes, trips, key: bytes, plain_port: int) -> None:
     from flotilla.network.wire import pb
 
     body = os.urandom(size)
@@ -237,14 +254,31 @@ async def load(port: int, mode: str, clients: int, size: int, ca: bytes, trips, 
             await reader.readexactly(len(sealed))
             trips.value += 1
 
-    device = {"bare": bare_device, "bare-aes128": bare_device, "dataplane": dataplane_device, "sealed": sealed_device}[
-        mode
-    ]
+    async def tls_up_sealed_down_device():
+        ctx = ssl.create_default_context(cadata=ca.decode())
+        reader, writer = await asyncio.open_connection("localhost", port, ssl=ctx, server_hostname="localhost")
+        plain_reader, plain_writer = await asyncio.open_connection("127.0.0.1", plain_port)
+        sealed_size = size + 16 * -(-size // SEAL_CHUNK)
+        while True:
+            writer.write(struct.pack(">I", size))
+            writer.write(body)
+            await reader.readexactly(1)
+            plain_writer.write(b"d")
+            await plain_reader.readexactly(sealed_size)
+            trips.value += 1
+
+    device = {
+        "tls-up-sealed-down": tls_up_sealed_down_device,
+        "bare": bare_device,
+        "bare-aes128": bare_device,
+        "dataplane": dataplane_device,
+        "sealed": sealed_device,
+    }[mode]
     await asyncio.gather(*(device() for _ in range(clients)))
 
 
-def run_load(port, mode, clients, size, ca, trips, key) -> None:
-    asyncio.run(load(port, mode, clients, size, ca, trips, key))
+def run_load(port, mode, clients, size, ca, trips, key, plain_port) -> None:
+    asyncio.run(load(port, mode, clients, size, ca, trips, key, plain_port))
 
 
 AES128_FIRST = """openssl_conf = default_conf
@@ -278,14 +312,18 @@ def measure(mode: str, args, pki: Path) -> dict:
         "bare-aes128": (serve_bare, (pki, size, ready)),
         "dataplane": (serve_dataplane, (pki, size, args.clients, ready)),
         "sealed": (serve_sealed, (size, key, ready)),
+        "tls-up-sealed-down": (serve_bare, (pki, size, ready, sealed_model(size, key))),
     }[mode]
     server = ctx.Process(target=target, args=targs, daemon=True)
     server.start()
     port, pid = ready.get(timeout=60)
+    plain_port = ready.get(timeout=60)[0] if mode == "tls-up-sealed-down" else 0
     cipher = None if mode == "sealed" else negotiated(port, pki)
     trips = ctx.Value("q", 0, lock=False)
     loader = ctx.Process(
-        target=run_load, args=(port, mode, args.clients, size, (pki / "ca.pem").read_bytes(), trips, key), daemon=True
+        target=run_load,
+        args=(port, mode, args.clients, size, (pki / "ca.pem").read_bytes(), trips, key, plain_port),
+        daemon=True,
     )
     loader.start()
     os.environ.pop("OPENSSL_CONF", None)

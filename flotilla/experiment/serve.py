@@ -143,6 +143,7 @@ def _build_server(task, net, cfg, state_dir, settings, user, sample, evaluate_fn
         client_algorithm=cfg.client.algorithm,
         channels=cfg.channels,
         data_port=net.data_port,
+        sealed_download_port=net.sealed_download_port,
     )
 
 

@@ -355,6 +355,11 @@ class Connection:
         self._data = None  # its DataClient, made on first use
         self._data_off_until = 0.0  # unreachable lately: gRPC until then
         self._data_check_ins = True  # False: this server's data plane predates check-ins (gRPC's)
+        # sealed downloads (flotilla.network.sealed_downloads): the last TRAIN check-in's offer, by
+        # version; the port unreachable lately: TLS until then; fetches that worked and that failed
+        self._sealed_offers: dict[int, Any] = {}
+        self._sealed_off_until = 0.0
+        self.sealed_downloads = {"fetched": 0, "failed": 0}
         # what the last accepted upload's reply asked: no work for this device for that many seconds
         # (async mode), so checking in sooner would only be told WAIT; 0: check in when ready
         self.rest_s = 0.0
@@ -374,9 +379,8 @@ class Connection:
 
             if self._data is not None:
                 self._data.close()
-            host = self.server.rpartition(":")[0].removeprefix("dns:").lstrip("/").strip("[]")
             self._data = DataClient(
-                host,
+                self.host,
                 self.data_port,
                 self._token,
                 ca=self._ca,
@@ -386,6 +390,11 @@ class Connection:
                 timeout_s=self.timeout_s,
             )
         return self._data
+
+    @property
+    def host(self) -> str:
+        """The server's host name or address, as the data ports are reached."""
+        return self.server.rpartition(":")[0].removeprefix("dns:").lstrip("/").strip("[]")
 
     _GRPC = object()  # a data-plane call's answer when gRPC must carry it instead
 
@@ -477,6 +486,12 @@ class Connection:
         a = None
         if action == "train":
             x = r.assignment
+            self._sealed_offers.clear()
+            if x.HasField("sealed_download"):
+                from flotilla.network.sealed_downloads import usable
+
+                if usable(x.sealed_download):
+                    self._sealed_offers[x.version] = x.sealed_download
             spec = json.loads(x.client_json)
             dp_sgd = spec.pop("dp_sgd", None)
             algorithm = spec.pop("algorithm", None)
@@ -547,10 +562,41 @@ class Connection:
         weights = codec.decode(buf)
         return weights if out is None else out.copy_(weights)
 
+    def _fetch_sealed(self, offer, version: int, into) -> bool:
+        """Whether ``offer`` (a pb.SealedDownload) delivered ``version`` into ``into``, tags and
+        digest checked; a port that cannot be reached is not tried again for a minute."""
+        from flotilla.network.sealed_downloads import SealedDownloadError, receive
+
+        try:
+            sock = socket.create_connection((self.host, offer.port), timeout=min(self.timeout_s, 10.0))
+        except OSError as e:
+            log.warning("sealed downloads: port %d unreachable (%s); downloading over TLS for a minute", offer.port, e)
+            self._sealed_off_until = time.monotonic() + 60.0
+            self.sealed_downloads["failed"] += 1
+            return False
+        try:
+            with sock:
+                sock.settimeout(self.timeout_s)
+                receive(sock, offer, version, into)
+        except (OSError, SealedDownloadError) as e:
+            log.warning("sealed download of version %d failed (%s); downloading over TLS", version, e)
+            self.sealed_downloads["failed"] += 1
+            return False
+        self.sealed_downloads["fetched"] += 1
+        return True
+
     def _fetch(self, version: int, into) -> None:
         """``version``'s download bytes into ``into(total_bytes) -> writable memoryview`` (called once
         the size is known; it may refuse the size): through the data plane when the server named
-        one, else gRPC's chunk stream, checked chunk by chunk."""
+        one, else gRPC's chunk stream, checked chunk by chunk.  A sealed-download offer for
+        ``version`` (from the last check-in) is tried first, once; on any failure the TLS paths."""
+        offer = self._sealed_offers.pop(version, None)
+        if (
+            offer is not None
+            and time.monotonic() >= self._sealed_off_until
+            and self._fetch_sealed(offer, version, into)
+        ):
+            return
         if self._via_data(lambda d: d.download(version, into)) is not self._GRPC:
             return
         view, received = None, 0

@@ -46,6 +46,13 @@ class NetworkConfig(_Strict):
         description="the data plane's TCP port (downloads and uploads without gRPC, same host, TLS and tokens; "
         'devices learn it at check-in): auto (any free port), a number, or "off" (quoted: gRPC carries them)',
     )
+    sealed_download_port: int | Literal["auto", "off"] = Field(
+        "off",
+        description="sealed downloads (docs/deployment.md): the model over plain TCP on this port, AES-256-GCM-sealed "
+        "once per version, its key, digest and a one-fetch ticket given in the TLS check-in reply (the server "
+        "encrypts a version once, not once per device; uploads stay on TLS): auto (any free port), a number, "
+        "or off",
+    )
     state_dir: str | None = Field(None, description="server state and run directory (default: output.dir/output.name)")
     # sync rounds
     over_selection: float = Field(
@@ -114,8 +121,19 @@ class NetworkConfig(_Strict):
 
     @model_validator(mode="after")
     def _data_port_range(self):
-        if isinstance(self.data_port, int) and not 0 <= self.data_port <= 65535:
-            raise ValueError(f"data_port: must be between 0 and 65535, auto or off, got {self.data_port}")
+        for name in ("data_port", "sealed_download_port"):
+            value = getattr(self, name)
+            if isinstance(value, int) and not 0 <= value <= 65535:
+                raise ValueError(f"{name}: must be between 0 and 65535, auto or off, got {value}")
+        return self
+
+    @model_validator(mode="after")
+    def _sealed_downloads_here(self):
+        if self.sealed_download_port != "off" and self.aggregators:
+            raise ValueError(
+                "sealed_download_port: not with aggregators (the aggregators serve the downloads, over TLS); "
+                "set it to off"
+            )
         return self
 
     @model_validator(mode="after")

@@ -207,6 +207,7 @@ class FlotillaServer:
         channels=None,
         aggregators: int | None = None,
         data_port: int | str | None = "auto",
+        sealed_download_port: int | str | None = "off",
     ):
         if dp_sgd is not None:
             # sample-level DP runs on the devices (flotilla.client.Device); both sides make the model
@@ -218,6 +219,8 @@ class FlotillaServer:
         self.tls = tls
         # the data plane's port (flotilla.network.dataplane): "auto" (any free one), a number, or "off"
         self.data_port: int | str | None = data_port
+        # sealed downloads (flotilla.network.sealed_downloads): "auto", a number, or "off"
+        self.sealed_download_port: int | str | None = sealed_download_port
         self._credentials = tls.credentials()  # read the certificate before touching the state directory
         self.tokens = tokens
         self.limits = limits
@@ -437,6 +440,7 @@ class FlotillaServer:
         self.port: int | None = None
         self.dataplane = None  # flotilla.network.dataplane.DataPlane while serving one
         self.data_bound: int = 0  # its port (0: none; devices use gRPC's Download and Upload)
+        self.sealed_port = None  # flotilla.network.sealed_downloads.SealedDownloadPort while serving one
 
     # -- metrics (on the evaluation thread, in version order) --------------------------------
     def _restore_metrics(self, history: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -614,6 +618,12 @@ class FlotillaServer:
             )
             if self.channels is not None:
                 a.model_bytes = self.channels.download_bytes
+            if self.sealed_port is not None:
+                a.sealed_download.CopyFrom(
+                    self.sealed_port.offer(
+                        who.device, result.version, self._download_bytes(result.version), a.expires_in_s
+                    )
+                )
             if self.coord.sealed:
                 a.buffer_key, a.buffer_nonce = self.coord.seal_info(result)
                 a.seal_weight = 1.0 if self.coord.settings.weighting == "uniform" else 0.0  # 0: num_examples
@@ -924,6 +934,8 @@ class FlotillaServer:
             },
             # requests the data plane handed to the handlers, by kind (None: no data plane)
             data_plane_served=None if self.dataplane is None else dict(self.dataplane.served),
+            # sealed downloads: offers made, fetches sent and refused, versions sealed (None: off)
+            sealed_downloads=None if self.sealed_port is None else dict(self.sealed_port.counts),
             state_dir=str(self.store.path),
             task=json.loads(self.task_json),
         )  # devices check their data against it before checking in
@@ -1009,7 +1021,11 @@ class FlotillaServer:
             ) from None
         try:
             self._start_dataplane(host)
+            self._start_sealed_downloads(host)
         except BaseException:
+            if self.dataplane is not None:
+                self.dataplane.stop()
+                self.dataplane, self.data_bound = None, 0
             self._server = None
             self.store.close()
             raise
@@ -1017,10 +1033,11 @@ class FlotillaServer:
         await self._server.start()
         self._last_step_t = time.perf_counter()
         log.info(
-            "serving on %s:%d (TLS%s%s), %s mode, version %d of %d",
+            "serving on %s:%d (TLS%s%s%s), %s mode, version %d of %d",
             host,
             self.port,
             f"; data plane on port {self.data_bound}" if self.data_bound else "",
+            f"; sealed downloads on port {self.sealed_port.port}" if self.sealed_port is not None else "",
             ", client certificates required" if self.tls.require_client_cert else "",
             self.coord.settings.mode,
             self.coord.version,
@@ -1049,6 +1066,38 @@ class FlotillaServer:
             raise ValueError(f"cannot listen on {host}:{port} (the data plane): {e.strerror or e}") from None
         self.dataplane = plane
 
+    def _start_sealed_downloads(self, host: str) -> None:
+        """Serve sealed downloads (flotilla.network.sealed_downloads) when configured."""
+        setting = self.sealed_download_port
+        if setting in (None, "off"):
+            return
+        if self.hub is not None:
+            raise ValueError(
+                "sealed_download_port: not with aggregators (the aggregators serve the downloads, over TLS); "
+                "set it to off"
+            )
+        port = 0 if setting == "auto" else int(setting)
+        if not 0 <= port <= 65535:
+            raise ValueError(f"sealed_download_port: must be between 0 and 65535, 'auto' or 'off', got {setting}")
+        from flotilla.network.sealed_downloads import SealedDownloadPort
+
+        sealed = SealedDownloadPort(
+            max_connections=self.limits.data_connections,
+            header_timeout_s=self.limits.data_header_timeout_s,
+            idle_timeout_s=self.limits.data_idle_timeout_s,
+            transfer_timeout_s=self.limits.upload_timeout_s + 1.0,
+        )
+        try:
+            sealed.start(host, port)
+        except OSError as e:
+            if _in_use(host, port):
+                raise InUse(
+                    f"cannot listen on {host}:{port} (sealed downloads): the port is in use; choose another "
+                    "network.sealed_download_port (or auto)"
+                ) from None
+            raise ValueError(f"cannot listen on {host}:{port} (sealed downloads): {e.strerror or e}") from None
+        self.sealed_port = sealed
+
     async def run_until_done(self, stop: asyncio.Event | None = None) -> None:
         """Serve until training is finished (then ``linger_s`` more, telling devices DONE) or ``stop``."""
         stop = stop or asyncio.Event()
@@ -1075,6 +1124,9 @@ class FlotillaServer:
         if self.dataplane is not None:  # off the loop: its threads may be waiting on handlers here
             plane, self.dataplane, self.data_bound = self.dataplane, None, 0
             await asyncio.to_thread(plane.stop)
+        if self.sealed_port is not None:
+            sealed, self.sealed_port = self.sealed_port, None
+            await asyncio.to_thread(sealed.stop)
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
