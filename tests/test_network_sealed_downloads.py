@@ -33,7 +33,8 @@ def pki(tmp_path_factory):
 
 
 def offer_for(version: int, data: bytes, *, key=None, sha=None) -> tuple[pb.SealedDownload, bytes]:
-    k, sealed, digest = sd.seal(version, data)
+    k, parts, digest = sd.seal(version, data)
+    sealed = b"".join(parts)
     return pb.SealedDownload(
         port=1, ticket=b"t" * 16, key=key or k, sha256=sha or digest, total_bytes=len(data)
     ), sealed
@@ -258,9 +259,9 @@ def test_a_tampered_or_unreachable_port_falls_back_to_tls(pki, tmp_path):
         with Connection(f"localhost:{st.port}", pki.token(0), ca=pki.ca) as c:
             a = train(c)
             entry = st.call(lambda: sealed._versions[a.version])
-            bad = bytearray(entry.sealed)
+            bad = bytearray(entry.sealed[0])
             bad[3] ^= 1
-            entry.sealed = bytes(bad)  # what an attacker on the path would deliver
+            entry.sealed = [bytes(bad)]  # what an attacker on the path would deliver
             assert torch.equal(c.download(a.version), st.server.coord.weights)
             assert c.sealed_downloads == {"fetched": 0, "failed": 1}
             assert st.server.dataplane.served["download"] == 1

@@ -70,13 +70,14 @@ def _aad(version: int, i: int, last: bool) -> bytes:
     return _AAD.pack(b"flotilla", version, i, last)
 
 
-def seal(version: int, data) -> tuple[bytes, bytes, bytes]:
-    """``(key, sealed bytes, sha256 of data)`` for ``version``'s download bytes ``data``."""
+def seal(version: int, data) -> tuple[bytes, list[bytes], bytes]:
+    """``(key, sealed chunks, sha256 of data)`` for ``version``'s download bytes ``data`` (the
+    chunks are sent one after another, never joined: a 4 MB join cost ~2 ms on a busy server)."""
     key = AESGCM.generate_key(bit_length=8 * KEY_BYTES)
     aead, view, n = AESGCM(key), memoryview(data).cast("B"), chunks(len(data))
-    sealed = b"".join(
+    sealed = [
         aead.encrypt(_nonce(i), view[i * CHUNK : (i + 1) * CHUNK], _aad(version, i, i == n - 1)) for i in range(n)
-    )
+    ]
     return key, sealed, hashlib.sha256(view).digest()
 
 
@@ -169,7 +170,7 @@ class _Sealed:
     version: int
     data: object  # the bytes object sealed (an entry counts only while the server serves that very object)
     key: bytes
-    sealed: bytes
+    sealed: list[bytes]  # the chunks, in order
     sha256: bytes
 
 
@@ -234,8 +235,8 @@ class SealedDownloadPort(ThreadedListener):
         for v in [v for v in self._versions if v not in wanted]:
             del self._versions[v]
 
-    def _redeem(self, ticket: bytes) -> bytes | None:
-        """The sealed bytes a ticket buys (once), or None."""
+    def _redeem(self, ticket: bytes) -> list[bytes] | None:
+        """The sealed chunks a ticket buys (once), or None."""
         with self._lock:
             entry, expires = self._tickets.pop(ticket, (None, 0.0))
             if entry is None or expires <= self.clock():
@@ -269,8 +270,9 @@ class SealedDownloadPort(ThreadedListener):
                     sock.sendall(_LENGTH.pack(0))
                     return
                 conn.deadline = time.monotonic() + self.transfer_timeout_s
-                sock.sendall(_LENGTH.pack(len(sealed)))
-                sock.sendall(sealed)
+                sock.sendall(_LENGTH.pack(sum(map(len, sealed))))
+                for chunk in sealed:
+                    sock.sendall(chunk)
         except (OSError, _Gone):
             return
         except Exception:  # noqa: BLE001 - never let a thread die silently
