@@ -8,13 +8,15 @@ A server in a thread (TLS on loopback, tiny model) trains with honest devices wh
 each holding a valid token, send random mixes of: garbage messages to every method, mutated upload
 headers (signature, version, dtype, shape, numbers), hostile values (NaN, inf, 3e38, over-long and
 short bodies), replays of accepted uploads with other bytes, six check-ins in a row, stalled and
-duplicate upload streams, and random SecAggStep JSON.  At the end it checks what must hold:
+duplicate upload streams, and random SecAggStep JSON; with ``--sealed-downloads``, also junk,
+random tickets, cut requests and second fetches of their own ticket on the sealed-download port.
+At the end it checks what must hold:
 
 * no answer was UNKNOWN or INTERNAL, and every refusal carried ``flotilla-retry``;
 * the ledger is dense and strict JSON; no assignment was accepted twice; every accepted update
   is applied in exactly one step or dropped with a reason; the model is finite;
 * honest devices kept training (their uploads were accepted; the run reached its step count or
-  kept stepping).
+  kept stepping); with ``--sealed-downloads``, every honest download came sealed and checked out.
 
 Prints one JSON summary line; exits 1 if an invariant failed.
 """
@@ -41,6 +43,7 @@ def main() -> int:
     p.add_argument("--honest", type=int, default=3)
     p.add_argument("--mode", choices=["sync", "async"], default="sync")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sealed-downloads", action="store_true", help="the server offers sealed downloads too")
     args = p.parse_args()
 
     import logging
@@ -74,7 +77,49 @@ def main() -> int:
     honest_ok = Counter()
     deadline = time.time() + args.seconds
 
-    with start_server(pki, tmp / "state", limits=limits, retry_after_s=0.05, round_deadline_s=5.0, **kw) as st:
+    server = {"sealed_download_port": "auto"} if args.sealed_downloads else None
+    sealed_failed: Counter[str] = Counter()
+
+    def sealed_attacks(offer, rng) -> None:
+        """Hostile requests to the sealed-download port: junk, random tickets, a cut request, and a
+        second fetch of the device's own ticket; only the first fetch of a real ticket gets bytes."""
+        import errno
+        import socket
+
+        from flotilla.network import sealed_downloads as sd
+
+        def ask(payload: bytes) -> int:
+            """The length the port answers (0: refused), or -1 when it closed the connection (a
+            reset too: closing with junk unread resets it).  Not reaching the port is a failure."""
+            with socket.create_connection(("localhost", offer.port), timeout=10) as c:
+                try:
+                    c.sendall(payload)
+                    c.shutdown(socket.SHUT_WR)
+                    head = c.recv(8, socket.MSG_WAITALL)
+                except (ConnectionResetError, BrokenPipeError):
+                    return -1
+                except OSError as e:
+                    if e.errno == errno.ENOTCONN:  # closed before our shutdown
+                        return -1
+                    raise
+                return int.from_bytes(head, "big") if len(head) == 8 else -1
+
+        own = sd.MAGIC + bytes(offer.ticket)
+        for payload, expect in (
+            (bytes(rng.getrandbits(8) for _ in range(rng.randrange(0, 40))), -1),
+            (sd.MAGIC + rng.randbytes(16), 0),
+            (own[: rng.randrange(0, len(own))], -1),
+            (own, sd.sealed_size(offer.total_bytes)),
+            (own, 0),
+        ):
+            got = ask(payload)
+            answers[f"sealed:{'sent' if got > 0 else 'refused' if got == 0 else 'closed'}"] += 1
+            if got != expect and not (expect == -1 and got == 0 and payload[:4] == sd.MAGIC):
+                bad.append(f"sealed port answered {got} to {payload[:24]!r}..., expected {expect}")
+
+    with start_server(
+        pki, tmp / "state", limits=limits, retry_after_s=0.05, round_deadline_s=5.0, server=server, **kw
+    ) as st:
 
         def hostile(i: int) -> None:
             rng = random.Random(args.seed * 1000 + i)
@@ -90,6 +135,12 @@ def main() -> int:
                     time.sleep(min(ci.retry_after_s, 0.2))
                     continue
                 a = ci.assignment
+                offer = conn._sealed_offers.get(a.version)
+                if offer is not None and rng.random() < 0.5:
+                    try:
+                        sealed_attacks(offer, rng)
+                    except OSError as e:
+                        bad.append(f"sealed port: {e}")
                 attacks = list(_mutations(a, rng))
                 rng.shuffle(attacks)
                 for parts, why in attacks[: rng.randrange(1, 12)]:
@@ -158,6 +209,9 @@ def main() -> int:
                 except Refused as e:
                     honest_ok[e.code.name] += 1
                     time.sleep(0.05)
+            sealed_failed[i] = conn.sealed_downloads["failed"]
+            if args.sealed_downloads and conn.sealed_downloads["fetched"] == 0:
+                bad.append(f"honest device {i} fetched nothing sealed")
             conn.close()
 
         threads = [threading.Thread(target=hostile, args=(i,)) for i in range(args.hostile)]
@@ -185,6 +239,8 @@ def main() -> int:
         bad.append("a step names an unknown update")
     if not finite:
         bad.append("the model is not finite")
+    if sum(sealed_failed.values()):
+        bad.append(f"honest sealed downloads failed: {dict(sealed_failed)}")
     if honest_ok["accepted"] == 0 or s["version"] == 0:
         bad.append("honest devices made no progress")
     summary = {

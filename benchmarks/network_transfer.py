@@ -6,7 +6,7 @@
 ``network_load.py --floor`` times the irreducible parts of a trip single-threaded, with no sockets
 between processes.  This measures the next layer up, between two processes over loopback TLS
 (the load devices run in a second process, asyncio streams, one kept connection each): server CPU
-milliseconds per trip (one upload of the model's bytes, then one download of as many), in three modes.
+milliseconds per trip (one upload of the model's bytes, then one download of as many), in these modes.
 
 * ``bare``: the smallest server of this design: a thread per connection, blocking ``ssl``
   sockets, the body read record by record into a reused buffer with the fingerprint computed block
@@ -22,6 +22,9 @@ milliseconds per trip (one upload of the model's bytes, then one download of as 
 * ``sealed``: ``bare`` without TLS records: plain TCP carrying AES-GCM-sealed 1 MiB chunks
   (``cryptography``'s ``decrypt_into``), the key assumed handed over on a TLS channel beforehand,
   the download sealed once and sent as it is.  Not a transport Flotilla has: what one would cost.
+* ``tls-up-sealed-down``: ``bare``'s TLS upload (answered with one byte), and the download sealed
+  once and sent on a second, plain TCP port: what ``network.sealed_download_port`` changes
+  (docs/deployment.md, "Sealed downloads").
 
 The full server's figure (``network_load.py``) minus ``dataplane`` is what the server's own work
 costs; ``dataplane`` minus ``bare`` is the data plane's mechanics; ``bare`` is the transfer floor of

@@ -238,9 +238,10 @@ def test_the_sdk_downloads_sealed_and_the_model_is_the_servers(pki, tmp_path):
                 assert torch.equal(c.download(a.version), st.server.coord.weights)
                 c.upload(a, torch.full((300_500,), 0.01), 10)
             assert c.sealed_downloads == {"fetched": 2, "failed": 0}
+            sealed = c.status()["sealed_downloads"]  # what the Status RPC reports
         assert st.server.dataplane.served["download"] == 0  # nothing over TLS
-        s = status(st) | st.call(lambda: {"sealed": dict(st.server.sealed_port.counts)})
-        assert s["sealed"]["sent"] == 2 and s["sealed"]["refused"] == 0
+        assert (sealed["offered"], sealed["sent"], sealed["refused"]) == (2, 2, 0)
+        assert sealed["sealed_versions"] == 1 and status(st)["version"] == 1  # both from version 0 (K = 2)
 
 
 def test_devices_train_with_sealed_downloads(pki, tmp_path):
