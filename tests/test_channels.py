@@ -328,8 +328,10 @@ def pki(tmp_path_factory):
     return PKI(tmp_path_factory.mktemp("pki"), devices=2)
 
 
-@pytest.mark.parametrize("mode", ["sync", "async"])
-def test_network_wire_is_the_compressed_format_with_the_simulators_byte_counts(pki, tmp_path, mode):
+@pytest.mark.parametrize("mode, sealed", [("sync", False), ("async", False), ("async", True)])
+def test_network_wire_is_the_compressed_format_with_the_simulators_byte_counts(pki, tmp_path, mode, sealed):
+    """sealed: the downloads come from the sealed-download port (network.sealed_download_port), the
+    same encoded bytes, counted once each when the port sends them."""
     from flotilla.network.client import Device
 
     channels = {**TOPK_Q, "error_feedback": True}
@@ -345,7 +347,7 @@ def test_network_wire_is_the_compressed_format_with_the_simulators_byte_counts(p
         buffer_size=2,
         total_steps=2,
         linger_s=2.0,
-        server={"channels": channels},
+        server={"channels": channels, "sealed_download_port": "auto" if sealed else "off"},
     ) as st:
         reports = {}
 
@@ -361,6 +363,10 @@ def test_network_wire_is_the_compressed_format_with_the_simulators_byte_counts(p
             t.join(60)
         assert not any(t.is_alive() for t in threads)
         served = st.server.channels
+        sent = None if st.server.sealed_port is None else st.server.sealed_port.counts["sent"]
+        bytes_out = st.server.observed.bytes_out
+    assert sent == (4 if sealed else None)
+    assert bytes_out == served.bytes_down
     assert st.server.coord.version == 2
     uploads = sum(len(r.accepted) for r, _ in reports.values())
     assert uploads == 4  # FedBuff (async): two buffers of two compressed updates each

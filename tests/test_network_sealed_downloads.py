@@ -240,6 +240,7 @@ def test_the_sdk_downloads_sealed_and_the_model_is_the_servers(pki, tmp_path):
             assert c.sealed_downloads == {"fetched": 2, "failed": 0}
             sealed = c.status()["sealed_downloads"]  # what the Status RPC reports
         assert st.server.dataplane.served["download"] == 0  # nothing over TLS
+        assert st.call(lambda: st.server.observed.bytes_out) == 2 * 4 * 300_500  # counted as a TLS download is
         assert (sealed["offered"], sealed["sent"], sealed["refused"]) == (2, 2, 0)
         assert sealed["sealed_versions"] == 1 and status(st)["version"] == 1  # both from version 0 (K = 2)
 
@@ -286,6 +287,15 @@ def test_an_offer_is_only_in_train_replies_and_off_by_default(pki, tmp_path):
             assert c._sealed_offers == {}
             assert torch.equal(c.download(a.version), st.server.coord.weights)
         assert st.server.sealed_port is None
+
+
+def test_a_sealed_port_in_use_is_refused_at_start_with_its_name(pki, tmp_path):
+    from flotilla.network.server import InUse
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        with pytest.raises(InUse, match="sealed downloads.*in use.*sealed_download_port"):
+            with start_server(pki, tmp_path / "s", server={"sealed_download_port": taken.getsockname()[1]}):
+                pass
 
 
 BASE = {

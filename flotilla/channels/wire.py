@@ -97,17 +97,22 @@ class ServerChannels:
         return self.codecs.download_bytes
 
     def download(self, version: int, model: bytes) -> bytes:
-        """The encoded model of ``version`` (``model``: its float32 bytes), encoded once per version."""
-        if self.codecs.down.lossless:
-            out = model
-        else:
-            out = self._downloads.get(version)
-            if out is None:
-                out, _ = self.codecs.down.encode(torch.frombuffer(bytearray(model), dtype=torch.float32))
-                self._downloads[version] = out
-                while len(self._downloads) > _CACHED_VERSIONS:
-                    del self._downloads[min(self._downloads)]
+        """The encoded model of ``version`` (``model``: its float32 bytes), counted as served."""
+        out = self.encoded(version, model)
         self.bytes_down += len(out)
+        return out
+
+    def encoded(self, version: int, model: bytes) -> bytes:
+        """The encoded model of ``version``, encoded once per version (not counted: a sealed download
+        is counted when the port sends it)."""
+        if self.codecs.down.lossless:
+            return model
+        out = self._downloads.get(version)
+        if out is None:
+            out, _ = self.codecs.down.encode(torch.frombuffer(bytearray(model), dtype=torch.float32))
+            self._downloads[version] = out
+            while len(self._downloads) > _CACHED_VERSIONS:
+                del self._downloads[min(self._downloads)]
         return out
 
     def decode_upload(self, body: bytes | bytearray) -> torch.Tensor:

@@ -181,6 +181,7 @@ class SealedDownloadPort(ThreadedListener):
     def __init__(
         self,
         *,
+        on_sent=None,
         max_connections: int = 128,
         header_timeout_s: float = 10.0,
         idle_timeout_s: float = 10.0,
@@ -195,6 +196,7 @@ class SealedDownloadPort(ThreadedListener):
             name="sealed downloads",
         )
         self.clock = clock
+        self.on_sent = on_sent  # called with the plaintext bytes of each fetch sent (from the port's thread)
         self.counts = {"offered": 0, "sent": 0, "refused": 0, "sealed_versions": 0}
         self._versions: dict[int, _Sealed] = {}
         self._tickets: dict[bytes, tuple[_Sealed, float]] = {}  # ticket -> (what it buys, expires at)
@@ -235,15 +237,15 @@ class SealedDownloadPort(ThreadedListener):
         for v in [v for v in self._versions if v not in wanted]:
             del self._versions[v]
 
-    def _redeem(self, ticket: bytes) -> list[bytes] | None:
-        """The sealed chunks a ticket buys (once), or None."""
+    def _redeem(self, ticket: bytes) -> _Sealed | None:
+        """What a ticket buys (once), or None."""
         with self._lock:
             entry, expires = self._tickets.pop(ticket, (None, 0.0))
             if entry is None or expires <= self.clock():
                 self.counts["refused"] += 1
                 return None
             self.counts["sent"] += 1
-            return entry.sealed
+            return entry
 
     @property
     def tickets(self) -> int:
@@ -265,14 +267,16 @@ class SealedDownloadPort(ThreadedListener):
                     conn.deadline = time.monotonic() + self.header_timeout_s
                 if request[: len(MAGIC)] != MAGIC:
                     return  # not this protocol: close without a word
-                sealed = self._redeem(bytes(request[len(MAGIC) :]))
-                if sealed is None:
+                entry = self._redeem(bytes(request[len(MAGIC) :]))
+                if entry is None:
                     sock.sendall(_LENGTH.pack(0))
                     return
                 conn.deadline = time.monotonic() + self.transfer_timeout_s
-                sock.sendall(_LENGTH.pack(sum(map(len, sealed))))
-                for chunk in sealed:
+                sock.sendall(_LENGTH.pack(sum(map(len, entry.sealed))))
+                for chunk in entry.sealed:
                     sock.sendall(chunk)
+                if self.on_sent is not None:
+                    self.on_sent(len(entry.data))
         except (OSError, _Gone):
             return
         except Exception:  # noqa: BLE001 - never let a thread die silently

@@ -621,7 +621,7 @@ class FlotillaServer:
             if self.sealed_port is not None:
                 a.sealed_download.CopyFrom(
                     self.sealed_port.offer(
-                        who.device, result.version, self._download_bytes(result.version), a.expires_in_s
+                        who.device, result.version, self._download_bytes(result.version, count=False), a.expires_in_s
                     )
                 )
             if self.coord.sealed:
@@ -674,10 +674,19 @@ class FlotillaServer:
         for m in messages:  # serialised ModelChunk messages (the Download handler sends bytes as they are)
             yield m
 
-    def _download_bytes(self, version: int) -> bytes:
-        """What a download of ``version`` carries: its float32 weights, or their channel encoding."""
+    def _download_bytes(self, version: int, count: bool = True) -> bytes:
+        """What a download of ``version`` carries: its float32 weights, or their channel encoding
+        (``count``: as served to the channels' byte count; a sealed offer is counted when sent)."""
         data = self.coord.model_bytes(version)
-        return data if self.channels is None else self.channels.download(version, data)
+        if self.channels is None:
+            return data
+        return self.channels.download(version, data) if count else self.channels.encoded(version, data)
+
+    def _sealed_sent(self, nbytes: int) -> None:
+        """A sealed download left the port (called on the loop): count it as a TLS download is."""
+        self.observed.bytes_out += nbytes
+        if self.channels is not None:
+            self.channels.bytes_down += nbytes
 
     def _download_chunks(self, version: int) -> tuple[int, list[bytes]]:
         """The bytes of ``version``'s download and its ModelChunk messages, serialised on the first
@@ -1081,7 +1090,9 @@ class FlotillaServer:
             raise ValueError(f"sealed_download_port: must be between 0 and 65535, 'auto' or 'off', got {setting}")
         from flotilla.network.sealed_downloads import SealedDownloadPort
 
+        loop = asyncio.get_running_loop()
         sealed = SealedDownloadPort(
+            on_sent=lambda nbytes: loop.call_soon_threadsafe(self._sealed_sent, nbytes),
             max_connections=self.limits.data_connections,
             header_timeout_s=self.limits.data_header_timeout_s,
             idle_timeout_s=self.limits.data_idle_timeout_s,
