@@ -356,9 +356,10 @@ class Connection:
         self._data_off_until = 0.0  # unreachable lately: gRPC until then
         self._data_check_ins = True  # False: this server's data plane predates check-ins (gRPC's)
         # sealed downloads (flotilla.network.sealed_downloads): the last TRAIN check-in's offer, by
-        # version; the port unreachable lately: TLS until then; fetches that worked and that failed
+        # version; a port unreachable lately and until when it is not tried (another port, e.g. a
+        # restarted server's, is tried at once); fetches that worked and that failed
         self._sealed_offers: dict[int, Any] = {}
-        self._sealed_off_until = 0.0
+        self._sealed_off: tuple[int, float] = (0, 0.0)
         self.sealed_downloads = {"fetched": 0, "failed": 0}
         # what the last accepted upload's reply asked: no work for this device for that many seconds
         # (async mode), so checking in sooner would only be told WAIT; 0: check in when ready
@@ -571,7 +572,7 @@ class Connection:
             sock = socket.create_connection((self.host, offer.port), timeout=min(self.timeout_s, 10.0))
         except OSError as e:
             log.warning("sealed downloads: port %d unreachable (%s); downloading over TLS for a minute", offer.port, e)
-            self._sealed_off_until = time.monotonic() + 60.0
+            self._sealed_off = (offer.port, time.monotonic() + 60.0)
             self.sealed_downloads["failed"] += 1
             return False
         try:
@@ -591,9 +592,10 @@ class Connection:
         one, else gRPC's chunk stream, checked chunk by chunk.  A sealed-download offer for
         ``version`` (from the last check-in) is tried first, once; on any failure the TLS paths."""
         offer = self._sealed_offers.pop(version, None)
+        off_port, off_until = self._sealed_off
         if (
             offer is not None
-            and time.monotonic() >= self._sealed_off_until
+            and (offer.port != off_port or time.monotonic() >= off_until)
             and self._fetch_sealed(offer, version, into)
         ):
             return
