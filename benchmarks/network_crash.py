@@ -14,7 +14,11 @@ end, what must hold after every crash:
 * every upload a device was told was accepted is in the ledger with the seq it was told
   (retries across a crash get the original answer, issue 11 item 5);
 * metrics.jsonl has one record per committed step, in order (issue 11 item 6);
-* the model is finite, and training reached ``--steps``.
+* the model is finite, and training reached ``--steps``;
+* with ``--sealed-downloads`` (the devices then download each assignment's model before they
+  upload): every download passed the SDK's checks (sealed: every tag and the digest) and is
+  finite; an offer a crash made stale falls back to TLS, and the restarted server's new port is
+  used (the summary counts sealed fetches that worked and failed).
 
 Prints one JSON line; exits 1 if anything failed.
 """
@@ -43,12 +47,14 @@ from flotilla.network.auth import TokenTable
 from flotilla.network.coordinator import CoordinatorSettings
 from flotilla.network.server import FlotillaServer, TLSFiles
 pki, state, port, mode, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
+sealed = sys.argv[6]
 torch.manual_seed(0)
 kw = dict(cohort=3, over_selection=1.0) if mode == "sync" else dict(mode="async", concurrency=4, buffer_size=3)
 server = FlotillaServer(nn.Linear(5, 3), tls=TLSFiles(pki + "/server.pem", pki + "/server.key"),
                         tokens=TokenTable.load(pki + "/tokens.json"), state_dir=state, fsync=True, linger_s=2.0,
                         settings=CoordinatorSettings(total_steps=steps, selection_window_s=0.0, retry_after_s=0.05,
-                                                     assignment_timeout_s=30.0, **kw))
+                                                     assignment_timeout_s=30.0, **kw),
+                        sealed_download_port=sealed)
 print("ready", flush=True)
 server.serve(port=port)
 """
@@ -61,6 +67,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--devices", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sealed-downloads", action="store_true", help="network.sealed_download_port: auto")
     args = p.parse_args()
 
     import grpc
@@ -84,7 +91,17 @@ def main() -> int:
 
     def start():
         proc = subprocess.Popen(
-            [sys.executable, "-c", SERVER, str(tmp / "pki"), str(state), str(port), args.mode, str(args.steps)],
+            [
+                sys.executable,
+                "-c",
+                SERVER,
+                str(tmp / "pki"),
+                str(state),
+                str(port),
+                args.mode,
+                str(args.steps),
+                "auto" if args.sealed_downloads else "off",
+            ],
             stdout=subprocess.PIPE,
             stderr=log,
             text=True,
@@ -97,6 +114,7 @@ def main() -> int:
     acked: list[tuple[str, int]] = []  # (assignment id, seq) the devices were told
     errors: list[str] = []
     stop = threading.Event()
+    sealed = {"fetched": 0, "failed": 0}
 
     def device(i: int) -> None:
         conn = Connection(f"localhost:{port}", tokens[f"device-{i:03d}"], ca=str(paths["ca_pem"]), timeout_s=10)
@@ -108,11 +126,17 @@ def main() -> int:
                 time.sleep(0.1)
                 continue
             if ci.action == "done":
-                return
+                break
             if ci.action != "train":
                 time.sleep(ci.retry_after_s)
                 continue
             a, delta = ci.assignment, torch.randn(18, generator=g) * 1e-2
+            if args.sealed_downloads:
+                try:
+                    if not torch.isfinite(conn.download(a.version)).all():
+                        errors.append(f"a download of version {a.version} is not finite")
+                except Refused:
+                    pass  # the server went down mid-download, or the version is gone: upload anyway
             while not stop.is_set():  # the same upload again until the server answers
                 try:
                     seq, _ = conn.upload(a, delta, 10, train_loss=1.0, examples_seen=10)
@@ -129,6 +153,8 @@ def main() -> int:
                     if e.code in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL):
                         errors.append(str(e))
                     break
+        for k in sealed:
+            sealed[k] += conn.sealed_downloads[k]
         conn.close()
 
     threads = [threading.Thread(target=device, args=(i,), daemon=True) for i in range(args.devices)]
@@ -191,6 +217,7 @@ def main() -> int:
                 "steps": len(steps),
                 "accepted": len(accepted),
                 "acked": len(acked),
+                "sealed_downloads": sealed if args.sealed_downloads else None,
                 "recovered_metrics": sum(
                     "recovered metrics" in line or "wrote back the metrics" in line
                     for line in (tmp / "server.log").read_text().splitlines()
