@@ -27,7 +27,6 @@ import hashlib
 import hmac
 import logging
 import secrets
-import socket
 import struct
 import time
 from dataclasses import dataclass
@@ -157,12 +156,6 @@ class _Opener:
             raise SealedDownloadError(
                 f"version {self.version}'s bytes do not match the digest the server gave over TLS"
             )
-
-
-def fetch(host: str, offer, version: int, into, timeout_s: float) -> int:
-    """:func:`receive` over a fresh connection to ``host:offer.port`` (closed afterwards)."""
-    with socket.create_connection((host, offer.port), timeout=timeout_s) as sock:
-        return receive(sock, offer, version, into)
 
 
 @dataclass
