@@ -74,19 +74,9 @@ class DataPlane(ThreadedListener):
         context: ssl.SSLContext,
         handlers,
         loop: asyncio.AbstractEventLoop,
-        *,
-        max_connections: int = 128,
-        header_timeout_s: float = 10.0,
-        idle_timeout_s: float = 10.0,
-        transfer_timeout_s: float = 300.0,
+        **limits,  # ThreadedListener's: max_connections and the three timeouts
     ):
-        super().__init__(
-            max_connections=max_connections,
-            header_timeout_s=header_timeout_s,
-            idle_timeout_s=idle_timeout_s,
-            transfer_timeout_s=transfer_timeout_s,
-            name="data plane",
-        )
+        super().__init__(name="data plane", **limits)
         self.context = context
         self.handlers = handlers
         self.loop = loop

@@ -175,19 +175,10 @@ class SealedDownloadPort(ThreadedListener):
         self,
         *,
         on_sent=None,
-        max_connections: int = 128,
-        header_timeout_s: float = 10.0,
-        idle_timeout_s: float = 10.0,
-        transfer_timeout_s: float = 300.0,
         clock=time.monotonic,
+        **limits,  # ThreadedListener's: max_connections and the three timeouts
     ):
-        super().__init__(
-            max_connections=max_connections,
-            header_timeout_s=header_timeout_s,
-            idle_timeout_s=idle_timeout_s,
-            transfer_timeout_s=transfer_timeout_s,
-            name="sealed downloads",
-        )
+        super().__init__(name="sealed downloads", **limits)
         self.clock = clock
         self.on_sent = on_sent  # called with the plaintext bytes of each fetch sent (from the port's thread)
         self.counts = {"offered": 0, "sent": 0, "refused": 0, "sealed_versions": 0}

@@ -1057,22 +1057,12 @@ class FlotillaServer:
     def _start_dataplane(self, host: str) -> None:
         """Listen for check-ins, downloads and uploads on the data port too (with scale-out
         aggregators, which take the downloads and uploads, it carries the devices' check-ins)."""
-        setting = self.data_port
-        if setting in (None, "off"):
+        if self.data_port in (None, "off"):
             return
-        port = 0 if setting == "auto" else int(setting)
-        if not 0 <= port <= 65535:
-            raise ValueError(f"--data-port: must be between 0 and 65535, 'auto' or 'off', got {setting}")
         plane = data_plane(self, self.tls, self.limits)
-        try:
-            self.data_bound = plane.start(host, port)
-        except OSError as e:
-            if _in_use(host, port):
-                raise InUse(
-                    f"cannot listen on {host}:{port} (the data plane): the port is in use; choose another "
-                    "--data-port (or network.data_port: auto)"
-                ) from None
-            raise ValueError(f"cannot listen on {host}:{port} (the data plane): {e.strerror or e}") from None
+        self.data_bound = _start_listener(
+            plane, host, self.data_port, "the data plane", "--data-port (or network.data_port: auto)"
+        )
         self.dataplane = plane
 
     def _start_sealed_downloads(self, host: str) -> None:
@@ -1085,9 +1075,6 @@ class FlotillaServer:
                 "sealed_download_port: not with aggregators (the aggregators serve the downloads, over TLS); "
                 "set it to off"
             )
-        port = 0 if setting == "auto" else int(setting)
-        if not 0 <= port <= 65535:
-            raise ValueError(f"sealed_download_port: must be between 0 and 65535, 'auto' or 'off', got {setting}")
         from flotilla.network.sealed_downloads import SealedDownloadPort
 
         loop = asyncio.get_running_loop()
@@ -1098,15 +1085,7 @@ class FlotillaServer:
             idle_timeout_s=self.limits.data_idle_timeout_s,
             transfer_timeout_s=self.limits.upload_timeout_s + 1.0,
         )
-        try:
-            sealed.start(host, port)
-        except OSError as e:
-            if _in_use(host, port):
-                raise InUse(
-                    f"cannot listen on {host}:{port} (sealed downloads): the port is in use; choose another "
-                    "network.sealed_download_port (or auto)"
-                ) from None
-            raise ValueError(f"cannot listen on {host}:{port} (sealed downloads): {e.strerror or e}") from None
+        _start_listener(sealed, host, setting, "sealed downloads", "network.sealed_download_port (or auto)")
         self.sealed_port = sealed
 
     async def run_until_done(self, stop: asyncio.Event | None = None) -> None:
@@ -1168,6 +1147,23 @@ def data_plane(handlers, tls: TLSFiles, limits: Limits):
         idle_timeout_s=limits.data_idle_timeout_s,
         transfer_timeout_s=limits.upload_timeout_s + 1.0,  # the handler's own timeout answers first
     )
+
+
+def _start_listener(listener, host: str, setting, what: str, another: str) -> int:
+    """Start a threaded listener (the data plane, the sealed-download port) on ``setting`` ("auto":
+    any free port, or a number); returns the port.  A port in use, or an address that cannot be
+    bound, is refused in one line naming ``what`` listens there and the setting to change."""
+    port = 0 if setting == "auto" else int(setting)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"{what}: the port must be between 0 and 65535, 'auto' or 'off', got {setting}")
+    try:
+        return listener.start(host, port)
+    except OSError as e:
+        if _in_use(host, port):
+            raise InUse(
+                f"cannot listen on {host}:{port} ({what}): the port is in use; choose another {another}"
+            ) from None
+        raise ValueError(f"cannot listen on {host}:{port} ({what}): {e.strerror or e}") from None
 
 
 def _in_use(host: str, port: int) -> bool:
