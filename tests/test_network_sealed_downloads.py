@@ -9,6 +9,7 @@ give nothing to a connection it did not invite, nor anything twice.
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -195,6 +196,34 @@ def test_a_new_offer_revokes_the_devices_last_ticket_and_old_versions_go(port):
     assert again.key != second.key and again.sha256 != second.sha256
 
 
+def test_a_versions_in_memory_file_is_closed_once_nothing_holds_it(port):
+    import gc
+    import weakref
+
+    port.offer("dev", 1, b"one" * 1000, 60.0)
+    entry = weakref.ref(port._versions[1])
+    fd = entry().fd
+    assert fd >= 0 and os.pread(fd, 3, 0)
+    port.clock_.now += 2
+    port.offer("dev", 2, b"two" * 1000, 60.0)  # revokes the ticket for version 1; the prune drops it
+    assert set(port._versions) == {2}
+    gc.collect()
+    assert entry() is None
+    # closed: the number is free, or (reused meanwhile by someone else) no longer our in-memory file
+    link = f"/proc/self/fd/{fd}"
+    assert not os.path.exists(link) or "flotilla-sealed" not in os.readlink(link)
+
+
+def test_without_memfd_the_chunks_are_sent_from_memory(port, monkeypatch):
+    monkeypatch.delattr(sd.os, "memfd_create")
+    data = bytes(range(256)) * 20
+    a = port.offer("dev", 4, data, 60.0)
+    assert port._versions[4].fd == -1
+    out = bytearray(len(data))
+    sd.unseal(a, 4, fetch(port.port, a.ticket), memoryview(out))
+    assert bytes(out) == data
+
+
 def test_strangers_get_nothing_and_silent_ones_are_cut(port):
     with socket.create_connection(("127.0.0.1", port.port), timeout=5) as s:
         s.sendall(b"GET / HTTP/1.1\r\n\r\n")
@@ -261,9 +290,8 @@ def test_a_tampered_or_unreachable_port_falls_back_to_tls(pki, tmp_path):
         with Connection(f"localhost:{st.port}", pki.token(0), ca=pki.ca) as c:
             a = train(c)
             entry = st.call(lambda: sealed._versions[a.version])
-            bad = bytearray(entry.sealed[0])
-            bad[3] ^= 1
-            entry.sealed = [bytes(bad)]  # what an attacker on the path would deliver
+            first = os.pread(entry.fd, 4, 0)  # what an attacker on the path would deliver: a flipped bit
+            os.pwrite(entry.fd, bytes([first[0], first[1], first[2], first[3] ^ 1]), 0)
             assert torch.equal(c.download(a.version), st.server.coord.weights)
             assert c.sealed_downloads == {"fetched": 0, "failed": 1}
             assert st.server.dataplane.served["download"] == 1
