@@ -34,8 +34,7 @@ def pki(tmp_path_factory):
 
 
 def offer_for(version: int, data: bytes, *, key=None, sha=None) -> tuple[pb.SealedDownload, bytes]:
-    k, parts, digest = sd.seal(version, data)
-    sealed = b"".join(parts)
+    k, sealed, digest = sd.seal(version, data)
     return pb.SealedDownload(
         port=1, ticket=b"t" * 16, key=key or k, sha256=sha or digest, total_bytes=len(data)
     ), sealed
