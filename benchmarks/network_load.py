@@ -20,6 +20,9 @@ and fsyncs; "data" the data plane's threads: TLS, socket copies and the fingerpr
 server's own accepted/rejected counts, and the server's context switches per trip by thread
 (each hand-off of the GIL or of work between threads costs one or two).
 
+``--sealed-downloads`` has the server offer sealed downloads (network.sealed_download_port: the
+model over plain TCP, sealed once per version); the devices fetch and check them as the SDK does.
+
 ``--profile PATH`` writes a cProfile (pstats) of the server's event-loop thread over the window.
 
 ``--floor`` runs no server: it times, alone and on one core, the parts of a trip no server can
