@@ -152,7 +152,13 @@ def fetch(port: int, ticket: bytes) -> bytes | None:
         head = s.recv(8, socket.MSG_WAITALL)
         if len(head) < 8 or int.from_bytes(head, "big") == 0:
             return None
-        return s.recv(int.from_bytes(head, "big"), socket.MSG_WAITALL)
+        out = bytearray(int.from_bytes(head, "big"))
+        view, got = memoryview(out), 0
+        while got < len(out):  # (with a timeout, MSG_WAITALL may return early)
+            n = s.recv_into(view[got:])
+            assert n, "the port closed mid-download"
+            got += n
+        return bytes(out)
 
 
 @pytest.fixture
@@ -181,6 +187,15 @@ def test_a_ticket_buys_one_fetch_of_its_version_until_it_expires(port):
     port.clock_.now += 61
     assert fetch(port.port, b.ticket) is None  # expired
     assert port.counts == {"offered": 2, "sent": 1, "refused": 3, "sealed_versions": 1}
+
+
+def test_versions_of_other_sizes_are_sealed_each_right(port):
+    """The sealing buffer is reused from version to version, and grown when a download is larger."""
+    for version, data in enumerate([b"a" * 10, b"b" * (sd.CHUNK + 3), b"c" * 7, b"d" * (2 * sd.CHUNK)]):
+        o = port.offer(f"dev{version}", version, data, 60.0)
+        out = bytearray(len(data))
+        sd.unseal(o, version, fetch(port.port, o.ticket), memoryview(out))
+        assert bytes(out) == data
 
 
 def test_a_new_offer_revokes_the_devices_last_ticket_and_old_versions_go(port):

@@ -178,9 +178,7 @@ class _Sealed:
         self.version = version
         self.data = data  # the bytes object sealed (an entry counts only while the server serves that very object)
         self.size = sealed_size(len(data))
-        if len(scratch) < self.size:
-            scratch.extend(bytes(self.size - len(scratch)))
-        with memoryview(scratch) as out:
+        with memoryview(scratch) as out:  # at least ``size`` bytes (the port grows it)
             self.key, self.sha256 = seal_into(version, data, out[: self.size])
             self.fd, self.sealed = -1, None
             if hasattr(os, "memfd_create"):
@@ -229,6 +227,8 @@ class SealedDownloadPort(ThreadedListener):
         with self._lock:
             entry = self._versions.get(version)
         if entry is None or entry.data is not data:  # sealed outside the lock: the port keeps serving
+            if len(self._scratch) < sealed_size(len(data)):
+                self._scratch = bytearray(sealed_size(len(data)))
             entry = _Sealed(version, data, self._scratch)
             self.counts["sealed_versions"] += 1
         ticket = secrets.token_bytes(TICKET_BYTES)
