@@ -15,6 +15,8 @@ def local_ray():
         pytest.skip("Ray is not installed (pip install 'flotilla[ray]')")
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from flotilla.sim.ray_start import start_local
+
+    start_local(ray, num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()

@@ -202,6 +202,38 @@ def test_address_auto_without_a_cluster_is_one_line(monkeypatch):
 
 
 @needs_ray
+class FakeRay:
+    """ray.init failing ``fails`` times with ``error``, then starting."""
+
+    def __init__(self, fails: int, error: str):
+        self.fails, self.error, self.calls = fails, error, []
+
+    def init(self, **options):
+        self.calls.append(("init", options))
+        if self.fails:
+            self.fails -= 1
+            raise Exception(self.error)  # noqa: TRY002 - Ray raises a bare Exception
+
+    def shutdown(self):
+        self.calls.append(("shutdown", {}))
+
+
+def test_a_local_ray_whose_raylet_never_registers_is_started_once_more():
+    from flotilla.sim.ray_start import start_local
+
+    timeout = "The current node timed out during startup. This could happen because ..."
+    ray = FakeRay(1, timeout)
+    start_local(ray, num_cpus=2)
+    assert [c[0] for c in ray.calls] == ["init", "shutdown", "init"]
+    assert ray.calls[-1][1] == {"address": "local", "num_cpus": 2}
+    with pytest.raises(Exception, match="timed out during startup"):  # twice: it gives up
+        start_local(FakeRay(2, timeout), num_cpus=2)
+    other = FakeRay(1, "some other failure")
+    with pytest.raises(Exception, match="some other failure"):  # anything else: at once
+        start_local(other, num_cpus=2)
+    assert [c[0] for c in other.calls] == ["init"]
+
+
 def test_a_dead_address_is_one_line_within_seconds():
     import time
 

@@ -26,11 +26,24 @@ def check_reachable(address: str, key: str, timeout: float = 5.0) -> None:
         ) from None
 
 
+def start_local(ray, **options) -> None:
+    """``ray.init(address="local", **options)``, started a second time if the first start's raylet
+    never registers: a fresh-clone CI run saw that once, a second after the previous private Ray
+    had shut down (the raylet left no log at all; Ray gives up after 30 s)."""
+    try:
+        ray.init(address="local", **options)
+    except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for this
+        if "timed out during startup" not in str(e):
+            raise
+        ray.shutdown()
+        ray.init(address="local", **options)
+
+
 def init_ray(ray, address: str | None, num_cpus: int, key: str) -> None:
     """``ray.init`` for a private local Ray of ``num_cpus`` CPUs (address None) or the cluster at ``address``."""
     if address is None:
-        ray.init(
-            address="local",
+        start_local(
+            ray,
             num_cpus=max(1, num_cpus),
             include_dashboard=False,
             log_to_driver=False,
