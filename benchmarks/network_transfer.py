@@ -145,10 +145,11 @@ def _seal(aead, data: bytes) -> bytes:
     )
 
 
-def sealed_model(size: int, key: bytes) -> bytes:
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+def sealed_model(size: int) -> bytes:
+    """A random model of ``size`` bytes as the sealed-download port serves it (sealed_downloads.seal)."""
+    from flotilla.network.sealed_downloads import seal
 
-    return _seal(AESGCM(key), os.urandom(size))
+    return seal(0, os.urandom(size))[1]
 
 
 def serve_sealed(size: int, key: bytes, ready) -> None:
@@ -261,13 +262,14 @@ async def load(port: int, mode: str, clients: int, size: int, ca: bytes, trips, 
         ctx = ssl.create_default_context(cadata=ca.decode())
         reader, writer = await asyncio.open_connection("localhost", port, ssl=ctx, server_hostname="localhost")
         plain_reader, plain_writer = await asyncio.open_connection("127.0.0.1", plain_port)
-        sealed_size = size + 16 * -(-size // SEAL_CHUNK)
+        from flotilla.network.sealed_downloads import sealed_size
+
         while True:
             writer.write(struct.pack(">I", size))
             writer.write(body)
             await reader.readexactly(1)
             plain_writer.write(b"d")
-            await plain_reader.readexactly(sealed_size)
+            await plain_reader.readexactly(sealed_size(size))
             trips.value += 1
 
     device = {
@@ -315,7 +317,7 @@ def measure(mode: str, args, pki: Path) -> dict:
         "bare-aes128": (serve_bare, (pki, size, ready)),
         "dataplane": (serve_dataplane, (pki, size, args.clients, ready)),
         "sealed": (serve_sealed, (size, key, ready)),
-        "tls-up-sealed-down": (serve_bare, (pki, size, ready, sealed_model(size, key))),
+        "tls-up-sealed-down": (serve_bare, (pki, size, ready, sealed_model(size))),
     }[mode]
     server = ctx.Process(target=target, args=targs, daemon=True)
     server.start()
