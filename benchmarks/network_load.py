@@ -22,6 +22,8 @@ server's own accepted/rejected counts, and the server's context switches per tri
 
 ``--sealed-downloads`` has the server offer sealed downloads (network.sealed_download_port: the
 model over plain TCP, sealed once per version); the devices fetch and check them as the SDK does.
+``--sealed-uploads`` (with it) has the devices upload over the same port, sealed under a key per
+assignment (network.sealed_uploads), through the data plane's upload handler.
 
 ``--profile PATH`` writes a cProfile (pstats) of the server's event-loop thread over the window.
 
@@ -93,6 +95,7 @@ def serve(args, pki_dir: str, state_dir: str, ready, stop, profiling, profiled) 
         linger_s=0,
         data_port="auto" if args.transport == "data" else "off",
         sealed_download_port="auto" if args.sealed_downloads else "off",
+        sealed_uploads=args.sealed_uploads,
     )
     st = ServerThread(server)
     st.call(name_threads)
@@ -210,6 +213,63 @@ async def sealed_download(offer, version: int) -> int:
     return len(out)
 
 
+class _Pipe:
+    """The plain socket under a SealedChannel, as asyncio streams feed it: what the channel sends
+    is collected, what it reads was put in ``inbox``."""
+
+    def __init__(self):
+        self.out: list[bytes] = []
+        self.inbox = bytearray()
+
+    def sendall(self, data) -> None:
+        self.out.append(bytes(data))
+
+    def recv_into(self, view) -> int:
+        n = min(len(view), len(self.inbox))
+        view[:n] = self.inbox[:n]
+        del self.inbox[:n]
+        return n
+
+
+async def sealed_upload(offer, token: str, header, body: bytes):
+    """As the SDK (flotilla.network.sealed_uploads.upload), on asyncio streams: the upload sealed
+    under the assignment's key over plain TCP; returns the server's UploadReply."""
+    from flotilla.network import sealed_uploads as su
+    from flotilla.network.wire import frame, pb, read_frame
+
+    keys, pipe = su.DeviceKeys(offer), _Pipe()
+    channel = su.SealedChannel(pipe, send_key=keys.up)
+    reader, writer = await asyncio.open_connection("127.0.0.1", offer.port)
+
+    async def send() -> None:
+        writer.writelines(pipe.out)
+        pipe.out.clear()
+        await writer.drain()
+
+    async def reply():
+        head = await reader.readexactly(4)
+        pipe.inbox += head + await reader.readexactly(int.from_bytes(head, "big"))
+        r = pb.DataReply.FromString(read_frame(channel))
+        if r.code:
+            raise RuntimeError(f"{r.code}: {r.message}")
+        return r
+
+    try:
+        pipe.sendall(keys.hello())
+        channel.sendall(frame(pb.DataRequest(token=token, upload=header, body_bytes=len(body))))
+        await send()
+        status = await reader.readexactly(1 + su.SALT_BYTES)
+        if status[:1] != su.ACCEPTED:
+            raise RuntimeError("sealed upload refused")
+        channel.receive_with(keys.down(status[1:]))
+        await reply()
+        channel.sendall(body)
+        await send()
+        return (await reply()).upload
+    finally:
+        writer.close()
+
+
 async def rest(reply) -> None:
     """As the SDK (Device.run): an accepted upload's reply may say how long the server gives this
     device no work (UploadReply.rest_s); checking in sooner would only be told WAIT."""
@@ -267,7 +327,10 @@ async def device(
                     else:
                         await stream.download(a.version)
                     t1 = time.time()
-                    up = await stream.upload(h, body)
+                    if a.HasField("sealed_upload"):
+                        up = await sealed_upload(a.sealed_upload, token, h, body)
+                    else:
+                        up = await stream.upload(h, body)
                     t2 = time.time()
                     records.append((t2, t2 - t1, t1 - t0, True))
                     await rest(up)
@@ -487,6 +550,12 @@ def main() -> int:
         "TCP, sealed once per version; the devices check tags and digest as the SDK does",
     )
     ap.add_argument(
+        "--sealed-uploads",
+        action="store_true",
+        help="with --sealed-downloads: the devices upload over the sealed port too (network.sealed_uploads), "
+        "sealed under a key per assignment, as the SDK does",
+    )
+    ap.add_argument(
         "--transport",
         default="data",
         choices=["data", "grpc"],
@@ -603,6 +672,8 @@ def _run(args, tmp, paths, tokens, ctx, server, ready, stop, out, profiling, pro
         "server_upload_buffers_made": status.get("upload_buffers", {}).get("made"),
         # --sealed-downloads: offers made, fetches sent and refused, versions sealed (None: off)
         "sealed_downloads": status.get("sealed_downloads"),
+        # --sealed-uploads: offers made, tickets used and refused (None: off)
+        "sealed_uploads": status.get("sealed_uploads"),
         # check-ins per accepted update over the whole run (the first of each device went over gRPC)
         "data_plane_check_ins_per_accepted": round(
             (status.get("data_plane_served") or {}).get("check_in", 0) / max(status["accepted"], 1), 2

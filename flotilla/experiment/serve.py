@@ -144,6 +144,7 @@ def _build_server(task, net, cfg, state_dir, settings, user, sample, evaluate_fn
         channels=cfg.channels,
         data_port=net.data_port,
         sealed_download_port=net.sealed_download_port,
+        sealed_uploads=net.sealed_uploads,
     )
 
 

@@ -200,6 +200,13 @@ def _explain(reason: str, *, has_ca: bool, has_cert: bool) -> str:
     )
 
 
+def _data_refused(r) -> Refused:
+    """A data plane's (or sealed upload's) refusal, a pb.DataReply, as this SDK's exception."""
+    code = getattr(grpc.StatusCode, r.code, grpc.StatusCode.UNKNOWN)
+    after = r.retry_after_s if math.isfinite(r.retry_after_s) and r.retry_after_s >= 0 else None
+    return Refused(code, r.message, retry=r.retry or None, reason=r.reason or None, retry_after_s=after)
+
+
 def probe_tls(
     server: str,
     ca: bytes | None,
@@ -361,6 +368,10 @@ class Connection:
         self._sealed_offers: dict[int, Any] = {}
         self._sealed_off: tuple[int, float] = (0, 0.0)
         self.sealed_downloads = {"fetched": 0, "failed": 0}
+        # sealed uploads (flotilla.network.sealed_uploads): the last TRAIN check-in's offer, by the
+        # assignment's ticket (one try; any failure short of the server's reply: TLS); the counts
+        self._sealed_upload_offers: dict[str, Any] = {}
+        self.sealed_uploads = {"sent": 0, "failed": 0}
         # what the last accepted upload's reply asked: no work for this device for that many seconds
         # (async mode), so checking in sooner would only be told WAIT; 0: check in when ready
         self.rest_s = 0.0
@@ -420,12 +431,7 @@ class Connection:
                 f"{_explain(why, has_ca=self._ca is not None, has_cert=self._cert is not None)} [{why}]"
             ) from None
         except DataRefusal as e:
-            r = e.reply
-            code = getattr(grpc.StatusCode, r.code, grpc.StatusCode.UNKNOWN)
-            after = r.retry_after_s if math.isfinite(r.retry_after_s) and r.retry_after_s >= 0 else None
-            raise Refused(
-                code, r.message, retry=r.retry or None, reason=r.reason or None, retry_after_s=after
-            ) from None
+            raise _data_refused(e.reply) from None
         except TimeoutError as e:  # this call's own timeout_s, as gRPC's deadline
             raise Refused(grpc.StatusCode.DEADLINE_EXCEEDED, f"data plane: {e}") from None
         except OSError as e:  # the connection broke mid-way: worth sending again
@@ -488,11 +494,17 @@ class Connection:
         if action == "train":
             x = r.assignment
             self._sealed_offers.clear()
+            self._sealed_upload_offers.clear()
             if x.HasField("sealed_download"):
                 from flotilla.network.sealed_downloads import usable
 
                 if usable(x.sealed_download):
                     self._sealed_offers[x.version] = x.sealed_download
+            if x.HasField("sealed_upload"):
+                from flotilla.network import sealed_uploads
+
+                if sealed_uploads.usable(x.sealed_upload):
+                    self._sealed_upload_offers[x.ticket] = x.sealed_upload
             spec = json.loads(x.client_json)
             dp_sgd = spec.pop("dp_sgd", None)
             algorithm = spec.pop("algorithm", None)
@@ -585,6 +597,37 @@ class Connection:
             return False
         self.sealed_downloads["fetched"] += 1
         return True
+
+    def _send_sealed(self, offer, header, data):
+        """The server's UploadReply to a sealed upload (flotilla.network.sealed_uploads), or None
+        when anything short of that reply failed: the caller then uploads over TLS, which the
+        server answers as a retry if this one got in.  A refusal of the upload itself is final.
+        A port that cannot be reached is not tried again for a minute (nor for downloads)."""
+        from flotilla.network import sealed_uploads
+        from flotilla.network.dataplane_client import DataRefusal
+
+        off_port, off_until = self._sealed_off
+        if offer.port == off_port and time.monotonic() < off_until:
+            return None
+        try:
+            sock = socket.create_connection((self.host, offer.port), timeout=min(self.timeout_s, 10.0))
+        except OSError as e:
+            log.warning("sealed port %d unreachable (%s); uploading over TLS for a minute", offer.port, e)
+            self._sealed_off = (offer.port, time.monotonic() + 60.0)
+            self.sealed_uploads["failed"] += 1
+            return None
+        try:
+            with sock:
+                sock.settimeout(self.timeout_s)
+                reply = sealed_uploads.upload(sock, offer, self._token, header, data)
+        except DataRefusal as e:
+            raise _data_refused(e.reply) from None
+        except OSError as e:  # a refused ticket, a cut, a record failing its tag
+            log.warning("sealed upload failed (%s); uploading over TLS", e)
+            self.sealed_uploads["failed"] += 1
+            return None
+        self.sealed_uploads["sent"] += 1
+        return reply
 
     def _fetch(self, version: int, into) -> None:
         """``version``'s download bytes into ``into(total_bytes) -> writable memoryview`` (called once
@@ -703,7 +746,12 @@ class Connection:
             steps=steps,
             ephemeral_pk=ephemeral_pk,
         )
-        r = self._GRPC if chunk_bytes is not None else self._via_data(lambda d: d.upload(header, data))
+        r = None
+        offer = self._sealed_upload_offers.pop(ticket, None)
+        if offer is not None and chunk_bytes is None and self._data_client() is not None:
+            r = self._send_sealed(offer, header, data)
+        if r is None:
+            r = self._GRPC if chunk_bytes is not None else self._via_data(lambda d: d.upload(header, data))
         if r is self._GRPC:  # no data plane, or gRPC's own chunking asked for: the gRPC stream
 
             def parts():

@@ -53,6 +53,12 @@ class NetworkConfig(_Strict):
         "encrypts a version once, not once per device; uploads stay on TLS): auto (any free port), a number, "
         "or off",
     )
+    sealed_uploads: bool = Field(
+        False,
+        description="sealed uploads (docs/deployment.md): updates over plain TCP on the sealed_download_port, "
+        "AES-256-GCM-sealed under a key drawn for each assignment and given in the TLS check-in reply, through "
+        "the data plane's upload handler (needs sealed_download_port and data_port)",
+    )
     state_dir: str | None = Field(None, description="server state and run directory (default: output.dir/output.name)")
     # sync rounds
     over_selection: float = Field(
@@ -125,6 +131,18 @@ class NetworkConfig(_Strict):
             value = getattr(self, name)
             if isinstance(value, int) and not 0 <= value <= 65535:
                 raise ValueError(f"{name}: must be between 0 and 65535, auto or off, got {value}")
+        return self
+
+    @model_validator(mode="after")
+    def _sealed_uploads_need(self):
+        if self.sealed_uploads and self.sealed_download_port == "off":
+            raise ValueError(
+                "sealed_uploads: they travel on the sealed port; set sealed_download_port (auto or a number)"
+            )
+        if self.sealed_uploads and self.data_port == "off":
+            raise ValueError(
+                "sealed_uploads: they run through the data plane's upload handler; set data_port (auto or a number)"
+            )
         return self
 
     @model_validator(mode="after")

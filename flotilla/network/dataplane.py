@@ -96,41 +96,55 @@ class DataPlane(ThreadedListener):
             # the TLS socket first, then the handshake: the watchdog can cut a stalled handshake
             conn.sock = self.context.wrap_socket(conn.sock, server_side=True, do_handshake_on_connect=False)
             conn.sock.do_handshake()
-            while not self._stopping.is_set():
-                conn.deadline = time.monotonic() + self.idle_timeout_s
-                try:
-                    head = bytearray(1)
-                    if conn.sock.recv_into(head) == 0:
-                        return  # the device closed the connection between requests
-                    conn.deadline = time.monotonic() + self.header_timeout_s
-                    raw = read_frame(conn.sock, head[0])
-                    request = pb.DataRequest.FromString(raw)
-                    kind = request.WhichOneof("op")
-                    if kind is None:
-                        raise ValueError("neither a download nor an upload")
-                except FrameTooLong as e:
-                    self._framing(conn, f"data plane: {e}")
-                    return
-                except (_Gone, OSError):
-                    return
-                except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and friends
-                    self._framing(conn, f"data plane: the request is not a valid DataRequest ({type(e).__name__})")
-                    return
-                # from here the handler's own limits apply (an upload may wait for a slot up to
-                # upload_timeout_s); the watchdog only backs them up
-                conn.deadline = time.monotonic() + self.transfer_timeout_s
-                with self._lock:
-                    self.served[kind] += 1
-                serve = {"download": self._download, "upload": self._upload, "check_in": self._check_in}[kind]
-                keep = serve(conn, request)
-                if not keep:
-                    return
+            self._requests(conn)
         except (OSError, _Gone, ValueError):  # TLS handshake failed or cut, peer gone, socket closed
             return
         except Exception:  # noqa: BLE001 - never let a thread die silently
             log.exception("data plane: connection from %s failed", conn.peer)
         finally:
             self._release(conn)
+
+    def serve_sealed(self, conn: _Conn) -> None:
+        """One upload on a connection the sealed port accepted (``conn.sock``: its
+        flotilla.network.sealed_uploads.SealedChannel), through the same handler as over TLS.
+        Called on the sealed port's thread, which releases the connection."""
+        self._requests(conn, kinds=("upload",), once=True)
+
+    def _requests(self, conn: _Conn, kinds=("download", "upload", "check_in"), once: bool = False) -> None:
+        """Serve ``conn``'s requests of ``kinds`` until it closes (``once``: after the first)."""
+        while not self._stopping.is_set():
+            conn.deadline = time.monotonic() + self.idle_timeout_s
+            try:
+                head = bytearray(1)
+                if conn.sock.recv_into(head) == 0:
+                    return  # the device closed the connection between requests
+                conn.deadline = time.monotonic() + self.header_timeout_s
+                raw = read_frame(conn.sock, head[0])
+                request = pb.DataRequest.FromString(raw)
+                kind = request.WhichOneof("op")
+                if kind is None:
+                    raise ValueError("neither a download nor an upload")
+            except FrameTooLong as e:
+                self._framing(conn, f"data plane: {e}")
+                return
+            except (_Gone, OSError):
+                return
+            except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and friends
+                self._framing(conn, f"data plane: the request is not a valid DataRequest ({type(e).__name__})")
+                return
+            if kind not in kinds:
+                self._framing(
+                    conn, f"data plane: a sealed connection carries one upload, not a {kind.replace('_', '-')}"
+                )
+                return
+            # from here the handler's own limits apply (an upload may wait for a slot up to
+            # upload_timeout_s); the watchdog only backs them up
+            conn.deadline = time.monotonic() + self.transfer_timeout_s
+            with self._lock:
+                self.served[kind] += 1
+            serve = {"download": self._download, "upload": self._upload, "check_in": self._check_in}[kind]
+            if not serve(conn, request) or once:
+                return
 
     def _framing(self, conn: _Conn, message: str) -> None:
         err = Refused("INVALID_ARGUMENT", "invalid", message)

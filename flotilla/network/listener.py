@@ -20,9 +20,10 @@ from flotilla.network.wire import DATA_SOCKET_BUFFER
 
 def _shut(sock, how=socket.SHUT_RDWR) -> None:
     """Shut the socket's file descriptor down from any thread (a blocked recv returns at once).
-    socket.socket's own method: SSLSocket.shutdown would drop the TLS object under the reader."""
+    socket.socket's own method: SSLSocket.shutdown would drop the TLS object under the reader.
+    A sealed upload's channel (flotilla.network.sealed_uploads) is shut through its plain socket."""
     try:
-        socket.socket.shutdown(sock, how)
+        socket.socket.shutdown(getattr(sock, "raw", sock), how)
     except OSError:
         pass
 

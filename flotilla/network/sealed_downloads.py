@@ -18,7 +18,9 @@ short), and hands each device an offer inside its TLS check-in reply (pb.SealedD
 The wire format is in flotilla.proto (message SealedDownload).  The device checks tags and digest
 (:func:`receive`) and on any failure downloads over TLS instead (flotilla/network/client.py), so
 the worst a network attacker achieves is what dropping packets achieves: the slower path.
-Uploads still travel over TLS.
+
+With network.sealed_uploads the same port takes uploads too (flotilla/network/sealed_uploads.py:
+a key per assignment, and the data plane's own upload handler); without it uploads travel over TLS.
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ import weakref
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from flotilla.network import sealed_uploads
 from flotilla.network.listener import ThreadedListener, _Conn, _Gone
-from flotilla.network.wire import pb
+from flotilla.network.wire import pb, read_exact
 
 log = logging.getLogger("flotilla.network")
 
@@ -207,12 +210,16 @@ class SealedDownloadPort(ThreadedListener):
         self,
         *,
         on_sent=None,
+        uploads=None,
         clock=time.monotonic,
         **limits,  # ThreadedListener's: max_connections and the three timeouts
     ):
         super().__init__(name="sealed downloads", **limits)
         self.clock = clock
         self.on_sent = on_sent  # called with the plaintext bytes of each fetch sent (from the port's thread)
+        # sealed uploads (flotilla.network.sealed_uploads): (its UploadTickets, serve(conn) that runs
+        # the upload on the accepted channel: the data plane's serve_sealed); None: refused
+        self.uploads = uploads
         self.counts = {"offered": 0, "sent": 0, "refused": 0, "sealed_versions": 0}
         self._versions: dict[int, _Sealed] = {}
         self._tickets: dict[bytes, tuple[_Sealed, float]] = {}  # ticket -> (what it buys, expires at)
@@ -284,9 +291,13 @@ class SealedDownloadPort(ThreadedListener):
                         raise _Gone(got)
                     got += n
                     conn.deadline = time.monotonic() + self.header_timeout_s
-                if request[: len(MAGIC)] != MAGIC:
+                magic, ticket = bytes(request[: len(MAGIC)]), bytes(request[len(MAGIC) :])
+                if magic == sealed_uploads.MAGIC and self.uploads is not None:
+                    self._upload(conn, ticket)
+                    return
+                if magic != MAGIC:
                     return  # not this protocol: close without a word
-                entry = self._redeem(bytes(request[len(MAGIC) :]))
+                entry = self._redeem(ticket)
                 if entry is None:
                     sock.sendall(_LENGTH.pack(0))
                     return
@@ -301,3 +312,15 @@ class SealedDownloadPort(ThreadedListener):
             log.exception("sealed downloads: connection from %s failed", conn.peer)
         finally:
             self._release(conn)
+
+    def _upload(self, conn: _Conn, ticket: bytes) -> None:
+        """A sealed upload (flotilla.network.sealed_uploads): the device's salt, then the ticket's
+        channel; the upload itself runs through the data plane's handler on this thread."""
+        tickets, serve = self.uploads
+        salt = bytearray(sealed_uploads.SALT_BYTES)
+        read_exact(conn.sock, memoryview(salt))
+        channel = sealed_uploads.accept(conn.sock, ticket, bytes(salt), tickets)
+        if channel is None:
+            return
+        conn.sock = channel
+        serve(conn)

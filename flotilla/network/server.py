@@ -208,6 +208,7 @@ class FlotillaServer:
         aggregators: int | None = None,
         data_port: int | str | None = "auto",
         sealed_download_port: int | str | None = "off",
+        sealed_uploads: bool = False,
     ):
         if dp_sgd is not None:
             # sample-level DP runs on the devices (flotilla.client.Device); both sides make the model
@@ -221,6 +222,8 @@ class FlotillaServer:
         self.data_port: int | str | None = data_port
         # sealed downloads (flotilla.network.sealed_downloads): "auto", a number, or "off"
         self.sealed_download_port: int | str | None = sealed_download_port
+        # sealed uploads (flotilla.network.sealed_uploads) on that port, through the data plane's handler
+        self.sealed_uploads = sealed_uploads
         self._credentials = tls.credentials()  # read the certificate before touching the state directory
         self.tokens = tokens
         self.limits = limits
@@ -624,6 +627,9 @@ class FlotillaServer:
                         who.device, result.version, self._download_bytes(result.version, count=False), a.expires_in_s
                     )
                 )
+                if self.sealed_port.uploads is not None:
+                    tickets, _ = self.sealed_port.uploads
+                    a.sealed_upload.CopyFrom(tickets.offer(who.device, self.sealed_port.port, a.expires_in_s))
             if self.coord.sealed:
                 a.buffer_key, a.buffer_nonce = self.coord.seal_info(result)
                 a.seal_weight = 1.0 if self.coord.settings.weighting == "uniform" else 0.0  # 0: num_examples
@@ -945,6 +951,10 @@ class FlotillaServer:
             data_plane_served=None if self.dataplane is None else dict(self.dataplane.served),
             # sealed downloads: offers made, fetches sent and refused, versions sealed (None: off)
             sealed_downloads=None if self.sealed_port is None else dict(self.sealed_port.counts),
+            # sealed uploads: offers made, tickets used and refused (None: off)
+            sealed_uploads=None
+            if self.sealed_port is None or self.sealed_port.uploads is None
+            else dict(self.sealed_port.uploads[0].counts),
             state_dir=str(self.store.path),
             task=json.loads(self.task_json),
         )  # devices check their data against it before checking in
@@ -1069,6 +1079,10 @@ class FlotillaServer:
         """Serve sealed downloads (flotilla.network.sealed_downloads) when configured."""
         setting = self.sealed_download_port
         if setting in (None, "off"):
+            if self.sealed_uploads:
+                raise ValueError(
+                    "sealed_uploads: they travel on the sealed port; set sealed_download_port (auto or a number)"
+                )
             return
         if self.hub is not None:
             raise ValueError(
@@ -1077,9 +1091,19 @@ class FlotillaServer:
             )
         from flotilla.network.sealed_downloads import SealedDownloadPort
 
+        uploads = None
+        if self.sealed_uploads:
+            if self.dataplane is None:
+                raise ValueError(
+                    "sealed_uploads: they run through the data plane's upload handler; set data_port (auto or a number)"
+                )
+            from flotilla.network.sealed_uploads import UploadTickets
+
+            uploads = (UploadTickets(), self.dataplane.serve_sealed)
         loop = asyncio.get_running_loop()
         sealed = SealedDownloadPort(
             on_sent=lambda nbytes: loop.call_soon_threadsafe(self._sealed_sent, nbytes),
+            uploads=uploads,
             max_connections=self.limits.data_connections,
             header_timeout_s=self.limits.data_header_timeout_s,
             idle_timeout_s=self.limits.data_idle_timeout_s,
