@@ -18,7 +18,10 @@ end, what must hold after every crash:
 * with ``--sealed-downloads`` (the devices then download each assignment's model before they
   upload): every download passed the SDK's checks (sealed: every tag and the digest) and is
   finite; an offer a crash made stale falls back to TLS, and the restarted server's new port is
-  used (the summary counts sealed fetches that worked and failed).
+  used (the summary counts sealed fetches that worked and failed);
+* with ``--sealed-uploads`` (implies ``--sealed-downloads``): the first try of each upload goes
+  sealed; one a crash cut is sent again over TLS, and the books above still hold (the summary
+  counts sealed uploads sent and failed).
 
 Prints one JSON line; exits 1 if anything failed.
 """
@@ -47,14 +50,14 @@ from flotilla.network.auth import TokenTable
 from flotilla.network.coordinator import CoordinatorSettings
 from flotilla.network.server import FlotillaServer, TLSFiles
 pki, state, port, mode, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
-sealed = sys.argv[6]
+sealed, sealed_uploads = sys.argv[6], sys.argv[7] == "1"
 torch.manual_seed(0)
 kw = dict(cohort=3, over_selection=1.0) if mode == "sync" else dict(mode="async", concurrency=4, buffer_size=3)
 server = FlotillaServer(nn.Linear(5, 3), tls=TLSFiles(pki + "/server.pem", pki + "/server.key"),
                         tokens=TokenTable.load(pki + "/tokens.json"), state_dir=state, fsync=True, linger_s=2.0,
                         settings=CoordinatorSettings(total_steps=steps, selection_window_s=0.0, retry_after_s=0.05,
                                                      assignment_timeout_s=30.0, **kw),
-                        sealed_download_port=sealed)
+                        sealed_download_port=sealed, sealed_uploads=sealed_uploads)
 print("ready", flush=True)
 server.serve(port=port)
 """
@@ -68,7 +71,9 @@ def main() -> int:
     p.add_argument("--devices", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sealed-downloads", action="store_true", help="network.sealed_download_port: auto")
+    p.add_argument("--sealed-uploads", action="store_true", help="network.sealed_uploads (implies --sealed-downloads)")
     args = p.parse_args()
+    args.sealed_downloads = args.sealed_downloads or args.sealed_uploads
 
     import grpc
     import torch
@@ -101,6 +106,7 @@ def main() -> int:
                 args.mode,
                 str(args.steps),
                 "auto" if args.sealed_downloads else "off",
+                "1" if args.sealed_uploads else "0",
             ],
             stdout=subprocess.PIPE,
             stderr=log,
@@ -115,6 +121,7 @@ def main() -> int:
     errors: list[str] = []
     stop = threading.Event()
     sealed = {"fetched": 0, "failed": 0}
+    sealed_up = {"sent": 0, "failed": 0}
 
     def device(i: int) -> None:
         conn = Connection(f"localhost:{port}", tokens[f"device-{i:03d}"], ca=str(paths["ca_pem"]), timeout_s=10)
@@ -155,6 +162,8 @@ def main() -> int:
                     break
         for k in sealed:
             sealed[k] += conn.sealed_downloads[k]
+        for k in sealed_up:
+            sealed_up[k] += conn.sealed_uploads[k]
         conn.close()
 
     threads = [threading.Thread(target=device, args=(i,), daemon=True) for i in range(args.devices)]
@@ -204,6 +213,8 @@ def main() -> int:
     if rounds != steps:
         missing = sorted(set(steps) - set(rounds))
         bad.append(f"metrics records {len(rounds)} for {len(steps)} steps (missing {missing[:10]})")
+    if args.sealed_uploads and sealed_up["sent"] == 0:
+        bad.append("no upload went sealed")
     from safetensors.torch import load_file
 
     if not bool(torch.isfinite(load_file(str(state / "state.safetensors"))["weights"]).all()):
@@ -218,6 +229,7 @@ def main() -> int:
                 "accepted": len(accepted),
                 "acked": len(acked),
                 "sealed_downloads": sealed if args.sealed_downloads else None,
+                "sealed_uploads": sealed_up if args.sealed_uploads else None,
                 "recovered_metrics": sum(
                     "recovered metrics" in line or "wrote back the metrics" in line
                     for line in (tmp / "server.log").read_text().splitlines()

@@ -9,14 +9,17 @@ each holding a valid token, send random mixes of: garbage messages to every meth
 headers (signature, version, dtype, shape, numbers), hostile values (NaN, inf, 3e38, over-long and
 short bodies), replays of accepted uploads with other bytes, six check-ins in a row, stalled and
 duplicate upload streams, and random SecAggStep JSON; with ``--sealed-downloads``, also junk,
-random tickets, cut requests and second fetches of their own ticket on the sealed-download port.
+random tickets, cut requests and second fetches of their own ticket on the sealed-download port;
+with ``--sealed-uploads`` (implies it), also hostile sealed uploads under the device's own key
+(junk, random tickets, forged records, NaN and wrong-sized bodies, other requests, cut bodies).
 At the end it checks what must hold:
 
 * no answer was UNKNOWN or INTERNAL, and every refusal carried ``flotilla-retry``;
 * the ledger is dense and strict JSON; no assignment was accepted twice; every accepted update
   is applied in exactly one step or dropped with a reason; the model is finite;
 * honest devices kept training (their uploads were accepted; the run reached its step count or
-  kept stepping); with ``--sealed-downloads``, every honest download came sealed and checked out.
+  kept stepping); with ``--sealed-downloads``, every honest download came sealed and checked out;
+  with ``--sealed-uploads``, every honest upload went sealed.
 
 Prints one JSON summary line; exits 1 if an invariant failed.
 """
@@ -44,7 +47,9 @@ def main() -> int:
     p.add_argument("--mode", choices=["sync", "async"], default="sync")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sealed-downloads", action="store_true", help="the server offers sealed downloads too")
+    p.add_argument("--sealed-uploads", action="store_true", help="and sealed uploads (implies --sealed-downloads)")
     args = p.parse_args()
+    args.sealed_downloads = args.sealed_downloads or args.sealed_uploads
 
     import logging
 
@@ -77,8 +82,73 @@ def main() -> int:
     honest_ok = Counter()
     deadline = time.time() + args.seconds
 
-    server = {"sealed_download_port": "auto"} if args.sealed_downloads else None
+    server = {"sealed_download_port": "auto", "sealed_uploads": args.sealed_uploads} if args.sealed_downloads else None
     sealed_failed: Counter[str] = Counter()
+    sealed_up_failed: Counter[str] = Counter()
+
+    def sealed_upload_attack(offer, token: str, a, rng) -> None:
+        """One hostile sealed upload under the device's own (single-use) ticket and key: junk, a
+        random ticket, a forged record, a NaN or wrong-sized body, another request, a cut body.
+        What must hold: a refusal or a closed connection, never an acceptance of a bad body."""
+        import socket
+
+        import numpy as np
+
+        from flotilla.network import sealed_uploads as su
+        from flotilla.network.dataplane_client import DataRefusal
+        from flotilla.network.wire import frame, pb
+
+        kind = rng.choice(["junk", "random_ticket", "forged", "nan", "long", "short", "check_in", "cut"])
+        h = pb.UploadHeader(ticket=a.ticket, base_version=a.version, dtype="float32", shape=[NUMEL], num_examples=10)
+        body = np.full(NUMEL, 1e-3, np.float32)
+        if kind == "nan":
+            body[rng.randrange(NUMEL)] = np.nan
+        with socket.create_connection(("localhost", offer.port), timeout=10) as c:
+            try:
+                if kind == "junk":
+                    c.sendall(su.MAGIC + rng.randbytes(rng.randrange(0, 60)))
+                    c.shutdown(socket.SHUT_WR)
+                    got = c.recv(1)
+                    answers[f"sealed_up:{kind}:{'refused' if got == su.REFUSED else 'closed'}"] += 1
+                    return
+                if kind == "random_ticket":
+                    offer = pb.SealedUpload(port=offer.port, ticket=rng.randbytes(16), key=offer.key)
+                if kind == "forged":
+                    keys = su.DeviceKeys(offer)
+                    c.sendall(keys.hello() + (64).to_bytes(4, "big") + rng.randbytes(64))
+                    got = c.recv(1 + su.SALT_BYTES, socket.MSG_WAITALL)
+                    rest = c.recv(1)  # the port reads the forged record and closes
+                    answers[f"sealed_up:{kind}:{'closed' if not rest else 'answered'}"] += 1
+                    if rest:
+                        bad.append("sealed port answered a forged record")
+                    return
+                if kind in ("check_in", "cut"):
+                    keys = su.DeviceKeys(offer)
+                    ch = su.SealedChannel(c, send_key=keys.up)
+                    c.sendall(keys.hello())
+                    if kind == "check_in":
+                        ch.sendall(frame(pb.DataRequest(token=token, check_in=pb.CheckInRequest(num_examples=1))))
+                    else:
+                        ch.sendall(frame(pb.DataRequest(token=token, upload=h, body_bytes=4 * NUMEL)))
+                        ch.sendall(body.tobytes()[: rng.randrange(0, 4 * NUMEL)])
+                    c.shutdown(socket.SHUT_WR)
+                    answers[f"sealed_up:{kind}:done"] += 1
+                    return
+                data = body.tobytes()
+                if kind == "long":
+                    data += b"\0" * 4
+                elif kind == "short":
+                    data = data[:-4]
+                su.upload(c, offer, token, h, data)
+                answers[f"sealed_up:{kind}:accepted"] += 1
+                if kind != "random_ticket":  # a random ticket never gets in; the rest carry bad bodies
+                    bad.append(f"a hostile sealed upload ({kind}) was accepted")
+            except su.SealedUploadRefused:
+                answers[f"sealed_up:{kind}:ticket_refused"] += 1
+            except DataRefusal as e:
+                answers[f"sealed_up:{kind}:{e.reply.reason}"] += 1
+            except OSError:
+                answers[f"sealed_up:{kind}:closed"] += 1
 
     def sealed_attacks(offer, rng) -> None:
         """Hostile requests to the sealed-download port: junk, random tickets, a cut request, and a
@@ -141,6 +211,12 @@ def main() -> int:
                         sealed_attacks(offer, rng)
                     except OSError as e:
                         bad.append(f"sealed port: {e}")
+                up_offer = conn._sealed_upload_offers.get(a.ticket)
+                if up_offer is not None and rng.random() < 0.5:
+                    try:
+                        sealed_upload_attack(up_offer, pki.token(i), a, rng)
+                    except OSError as e:
+                        bad.append(f"sealed upload port: {e}")
                 attacks = list(_mutations(a, rng))
                 rng.shuffle(attacks)
                 for parts, why in attacks[: rng.randrange(1, 12)]:
@@ -210,6 +286,9 @@ def main() -> int:
                     honest_ok[e.code.name] += 1
                     time.sleep(0.05)
             sealed_failed[i] = conn.sealed_downloads["failed"]
+            sealed_up_failed[i] = conn.sealed_uploads["failed"]
+            if args.sealed_uploads and conn.sealed_uploads["sent"] == 0:
+                bad.append(f"honest device {i} uploaded nothing sealed")
             if args.sealed_downloads and conn.sealed_downloads["fetched"] == 0:
                 bad.append(f"honest device {i} fetched nothing sealed")
             conn.close()
@@ -241,6 +320,8 @@ def main() -> int:
         bad.append("the model is not finite")
     if sum(sealed_failed.values()):
         bad.append(f"honest sealed downloads failed: {dict(sealed_failed)}")
+    if sum(sealed_up_failed.values()):
+        bad.append(f"honest sealed uploads failed: {dict(sealed_up_failed)}")
     if honest_ok["accepted"] == 0 or s["version"] == 0:
         bad.append("honest devices made no progress")
     summary = {

@@ -99,10 +99,11 @@ class SealedChannel:
         self._seal = AESGCM(send_key)
         self._open = None if recv_key is None else AESGCM(recv_key)
         self._sent = self._received = 0
+        # buffers grow to the largest record seen, so a server's channel (small replies) stays small
         self._head, self._head_got = bytearray(_LENGTH.size), 0
-        self._cipher, self._cipher_got = bytearray(RECORD + TAG), 0
-        self._plain, self._plain_at, self._plain_end = bytearray(RECORD), 0, 0  # an opened record's unread rest
-        self._out = bytearray(_LENGTH.size + RECORD + TAG)
+        self._cipher, self._cipher_got = bytearray(), 0
+        self._plain, self._plain_at, self._plain_end = bytearray(), 0, 0  # an opened record's unread rest
+        self._out = bytearray()
 
     def receive_with(self, recv_key: bytes) -> None:
         self._open = AESGCM(recv_key)
@@ -119,6 +120,8 @@ class SealedChannel:
 
     def sendall(self, data) -> None:
         view = memoryview(data).cast("B")
+        if len(self._out) < _LENGTH.size + min(len(view), RECORD) + TAG:
+            self._out = bytearray(_LENGTH.size + min(len(view), RECORD) + TAG)
         out = memoryview(self._out)
         for at in range(0, len(view), RECORD):
             part = view[at : at + RECORD]
@@ -148,6 +151,8 @@ class SealedChannel:
         if size == 0:
             return 0
         plain = size - TAG
+        if plain > want and len(self._plain) < plain:
+            self._plain = bytearray(plain)
         into = view[:plain] if plain <= want else memoryview(self._plain)[:plain]
         try:
             self._open.decrypt_into(_nonce(self._received), memoryview(self._cipher)[:size], bytes(self._head), into)
@@ -179,6 +184,8 @@ class SealedChannel:
         (size,) = _LENGTH.unpack(self._head)
         if not TAG < size <= RECORD + TAG:
             raise SealedChannelError(f"a sealed record of {size} bytes (17 to {RECORD + TAG})")
+        if len(self._cipher) < size:
+            self._cipher = bytearray(size)
         cipher = memoryview(self._cipher)
         while self._cipher_got < size:
             n = self.raw.recv_into(cipher[self._cipher_got : size])
