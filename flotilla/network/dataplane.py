@@ -47,8 +47,9 @@ from concurrent.futures import CancelledError, Future
 import numpy as np
 
 from flotilla.network.coordinator import FINGERPRINT_BLOCK, crc32, fingerprint_text
-from flotilla.network.listener import ThreadedListener, _Conn, _Gone
+from flotilla.network.listener import ThreadedListener, _Conn, _Gone, _shut
 from flotilla.network.refusals import Refused
+from flotilla.network.sealed_uploads import SealedChannelError
 from flotilla.network.wire import FrameTooLong, frame, pb, read_frame
 
 log = logging.getLogger("flotilla.network")
@@ -268,7 +269,11 @@ class DataPlane(ThreadedListener):
                         raise _Gone(pos)
                     pos += n
                 crc = crc32(buf[start:end], crc)
-        except (OSError, _Gone):
+        except (OSError, _Gone) as e:
+            if isinstance(e, SealedChannelError):
+                # a sealed record failed its tag (or was cut): end the connection without a reply, as a
+                # TLS record failing its MAC does, so the device sends again rather than give the work up
+                _shut(conn.sock)
             return (
                 Refused(
                     "INVALID_ARGUMENT",
