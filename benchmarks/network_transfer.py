@@ -201,7 +201,7 @@ class PassThrough:
 
     async def data_upload(self, token, peer, header, receive):
         size = len(self.model)
-        view, _ = await receive(size, f"{size} bytes", self.bodies.take(size))
+        view, *_ = await receive(size, f"{size} bytes", self.bodies.take(size))
         self.bodies.give(view)
         from flotilla.network.wire import pb
 

@@ -227,3 +227,35 @@ def test_all_finite_is_exact_even_where_the_float32_sum_overflows():
     v = big.clone()
     v[3] = float("nan")
     assert not all_finite(v)
+
+
+def test_the_data_plane_sums_the_squares_as_the_body_arrives_and_gets_check_deltas_norm(pki, tmp_path, monkeypatch):
+    """The data plane sums each 256 KiB block's squares while the block is in the cache
+    (coordinator.block_squares); check_delta then takes that sum instead of a pass over the whole
+    update.  It is squared_norm's sum over the same blocks, so the ledger's norm is the same
+    whichever transport carried the update, and closer to the exact norm than a float32 pass."""
+    from flotilla.network import coordinator
+
+    passes = []
+    real = coordinator.squared_norm
+    monkeypatch.setattr(coordinator, "squared_norm", lambda d: passes.append(1) or real(d))
+    torch.manual_seed(1)
+    big = nn.Linear(600, 500)  # 300,500 parameters: 5 blocks, the last one short
+    delta = torch.randn(300_500) * 1e-2
+    norms = {}
+    with start_server(pki, tmp_path / "s", big, mode="async", buffer_size=4) as st:
+        for i, data_plane in ((0, True), (1, False)):
+            with Connection(f"localhost:{st.port}", pki.token(i), ca=pki.ca, data_plane=data_plane) as c:
+                a = c.check_in(10).assignment
+                if data_plane:
+                    a = c.check_in(10).assignment  # the second check-in goes over the data plane it named
+                before = len(passes)
+                c.upload(a, delta, 10)
+                norms[data_plane] = (len(passes) - before, st.server.dataplane.served["upload"])
+        ledger = [json.loads(x) for x in (tmp_path / "s" / "ledger.jsonl").read_text().splitlines()]
+    assert norms[True] == (0, 1)  # over the data plane: no pass over the update on the loop
+    assert norms[False] == (1, 1)  # over gRPC: check_delta's own pass (the data plane served nothing more)
+    accepted = [r["norm"] for r in ledger if r["event"] == "accepted"]
+    exact = float(torch.linalg.vector_norm(delta.double()))
+    assert accepted == [round(real(delta) ** 0.5, 6)] * 2
+    assert abs(accepted[0] - exact) < 1e-6 * exact

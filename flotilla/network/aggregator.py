@@ -307,7 +307,7 @@ class AggregatorServer:
                 raise Refused("INVALID_ARGUMENT", "invalid", "upload refused: the first message must be the header")
             return first.header
 
-        async def receive(size: int, what: str, into: memoryview | None = None) -> tuple[memoryview, str]:
+        async def receive(size: int, what: str, into: memoryview | None = None, squares: bool = False):
             buf, pos, crc = (memoryview(bytearray(size)) if into is None else into), 0, 0
             async for part in request_iterator:
                 n = len(part.data)
@@ -318,7 +318,7 @@ class AggregatorServer:
                 pos += n
             if pos != size:
                 raise Refused("INVALID_ARGUMENT", "truncated", f"upload refused: {pos} of {size} bytes")
-            return buf, fingerprint_text(crc, size)
+            return buf, fingerprint_text(crc, size), None  # check_delta sums the squares
 
         try:
             return await self.accept_upload(self._bearer(context), header, receive)
@@ -362,7 +362,9 @@ class AggregatorServer:
         size = 4 * self.numel
         try:
             async with asyncio.timeout(self.limits.upload_timeout_s), self._slots:
-                buf, digest = await receive(size, f"shape ({self.numel},) float32", self.bodies.take(size))
+                buf, digest, squares = await receive(
+                    size, f"shape ({self.numel},) float32", self.bodies.take(size), True
+                )
         except TimeoutError:
             raise Refused(
                 "DEADLINE_EXCEEDED", "stalled", "upload refused: stream too slow", retry_after_s=1.0
@@ -370,16 +372,16 @@ class AggregatorServer:
         # received: the buffer goes back once the upload is summed or refused (network/bodies.py); a
         # cancellation drops it instead (an executor thread may still be staging from it)
         try:
-            result = await self._received(buf, digest, h, device)
+            result = await self._received(buf, digest, h, device, squares)
         except Refused:
             self.bodies.give(buf)
             raise
         self.bodies.give(buf)
         return result
 
-    async def _received(self, buf: memoryview, digest: str, h, device: str) -> tuple[int, int]:
+    async def _received(self, buf: memoryview, digest: str, h, device: str, squares=None) -> tuple[int, int]:
         delta = torch.frombuffer(buf, dtype=torch.float32)
-        norm = Coordinator.check_delta(self._checks, delta, device)  # the coordinator's own value checks
+        norm = Coordinator.check_delta(self._checks, delta, device, squares)  # the coordinator's own value checks
         loop = asyncio.get_running_loop()
         # the name is taken (in `staging`) before the file exists, so a registration that cleans up
         # unknown files meanwhile cannot delete it

@@ -70,6 +70,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 # zlib's CRC-32, computed ~6x faster (ISA-L, carry-less multiply): 0.13 vs 0.82 ms per 4 MB, the
@@ -188,6 +189,24 @@ def fingerprint(data) -> str:
 # the bytes arrive, while each block is still in the cache (a pass over the whole body later costs
 # about twice as much CPU on a busy machine).
 FINGERPRINT_BLOCK = 256 << 10
+
+
+def block_squares(block) -> float:
+    """The sum of squares of one block of float32 bytes (a float32 inner product: one core, no
+    BLAS threads).  The data plane's receivers add these up in float64, block by block, while each
+    block is still in the cache (:func:`squared_norm` is the same sum over the same blocks): the
+    norm costs ~0.1 ms per 4 MB there against ~0.3 ms for a pass over the whole body later."""
+    f = np.frombuffer(block, np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):  # inf or NaN is the answer (check_delta looks closer)
+        return float(np.inner(f, f))
+
+
+def squared_norm(delta: torch.Tensor) -> float:
+    """:func:`block_squares` summed over ``delta``'s FINGERPRINT_BLOCK-byte blocks, in order: what
+    a data-plane receiver computed as the body arrived, so the norm does not depend on the transport."""
+    flat = delta.detach().reshape(-1).numpy()
+    step = FINGERPRINT_BLOCK // 4
+    return sum(block_squares(flat[i : i + step]) for i in range(0, flat.size, step))
 
 
 def fingerprint_text(crc: int, size: int) -> str:
@@ -727,11 +746,14 @@ class Coordinator:
                 f"(staleness {staleness} > max_staleness {self.settings.max_staleness})",
             )
 
-    def check_delta(self, delta: torch.Tensor, device: str) -> float:
-        norm = float(torch.linalg.vector_norm(delta))
+    def check_delta(self, delta: torch.Tensor, device: str, squares: float | None = None) -> float:
+        """The update's norm, or a refusal.  ``squares``: its :func:`squared_norm`, when the receiver
+        computed it as the bytes arrived."""
+        is_vector = delta.dtype == torch.float32 and delta.shape == (self.numel,)
+        norm = math.sqrt(squared_norm(delta) if squares is None else squares) if is_vector else math.nan
         # A NaN or inf anywhere makes the norm non-finite, so the full element-wise check (the
         # core's check_update, 3x the cost of the norm) runs only when the norm is not finite.
-        if not math.isfinite(norm) or delta.dtype != torch.float32 or delta.shape != (self.numel,):
+        if not math.isfinite(norm):
             try:
                 check_update(delta, self.numel, f"upload from {device}")
             except UpdateRejected as e:

@@ -25,8 +25,9 @@ The handlers object (the server's, or any process that mounts a data plane, e.g.
 
     async data_download(token, peer, request: pb.DownloadRequest) -> (bytes-like, version)
     async data_upload(token, peer, header: pb.UploadHeader, receive) -> pb.UploadReply
-        # await receive(size, what, into=None) -> (memoryview, digest): the body (what: "shape (n,)
-        # float32"), read into ``into`` (``size`` writable bytes) when given
+        # await receive(size, what, into=None, squares=False) -> (memoryview, digest, squares): the
+        # body (what: "shape (n,) float32"), read into ``into`` (``size`` writable bytes) when given;
+        # squares: with squares=True (a float32 vector) its coordinator.squared_norm, else None
     async data_check_in(token, peer, request: pb.CheckInRequest) -> pb.CheckInReply
         # optional (an aggregator has none: devices check in with the coordinator)
     data_refused(err: Refused, peer)       # a framing-level refusal (to count; called on the loop)
@@ -46,7 +47,7 @@ from concurrent.futures import CancelledError, Future
 
 import numpy as np
 
-from flotilla.network.coordinator import FINGERPRINT_BLOCK, crc32, fingerprint_text
+from flotilla.network.coordinator import FINGERPRINT_BLOCK, block_squares, crc32, fingerprint_text
 from flotilla.network.listener import ThreadedListener, _Conn, _Gone, _shut
 from flotilla.network.refusals import Refused
 from flotilla.network.sealed_uploads import SealedChannelError
@@ -201,9 +202,9 @@ class DataPlane(ThreadedListener):
         handoff: queue.SimpleQueue = queue.SimpleQueue()
         loop = self.loop
 
-        async def receive(size: int, what: str, into: memoryview | None = None):
+        async def receive(size: int, what: str, into: memoryview | None = None, squares: bool = False):
             got = loop.create_future()
-            handoff.put((size, what, into, got))
+            handoff.put((size, what, into, squares, got))
             return await got
 
         done = self._run(self.handlers.data_upload(request.token, conn.peer, request.upload, receive))
@@ -211,7 +212,7 @@ class DataPlane(ThreadedListener):
         item = handoff.get()
         whole = True  # the stream is at a frame boundary (no body bytes left unread)
         if item is not None:
-            size, what, into, got = item
+            size, what, into, squares, got = item
             result: tuple | BaseException
             if request.body_bytes != size:
                 more = request.body_bytes > size
@@ -224,7 +225,7 @@ class DataPlane(ThreadedListener):
                 )
             else:
                 conn.deadline = started + self.transfer_timeout_s
-                result, whole = self._receive_body(conn, size, what, done.done, into)
+                result, whole = self._receive_body(conn, size, what, done.done, into, squares)
             loop.call_soon_threadsafe(_settle, got, result)
             if handoff.get() is not None:  # pragma: no cover - one receive per upload
                 raise RuntimeError("data plane: the handler asked for the body twice")
@@ -237,16 +238,19 @@ class DataPlane(ThreadedListener):
         return self._reply(conn, reply) and whole
 
     def _receive_body(
-        self, conn: _Conn, size: int, what: str, gave_up, into: memoryview | None = None
+        self, conn: _Conn, size: int, what: str, gave_up, into: memoryview | None = None, squares: bool = False
     ) -> tuple[tuple | BaseException, bool]:
         """Read exactly ``size`` body bytes into ``into`` (else a fresh buffer), the fingerprint block by block
-        (== coordinator.fingerprint of the bytes).  Returns ((buffer, digest) or the refusal, whole).
+        (== coordinator.fingerprint of the bytes) and with ``squares`` the float32 sum of squares
+        (== coordinator.squared_norm), each block while it is in the cache.
+        Returns ((buffer, digest, squares or None) or the refusal, whole).
         A stream that stalls is given up when the handler has (``gave_up()``: its upload_timeout_s)."""
         if not self._reply(conn, pb.DataReply(body_bytes=size)):
             return Refused("INVALID_ARGUMENT", "truncated", "upload refused: the device hung up"), False
         # not zeroed: every byte is written below, or the upload is refused
         buf = memoryview(np.empty(size, np.uint8)) if into is None else into
         pos = crc = 0
+        sq = 0.0
         sock = conn.sock
         # waits for data wake up every _POLL_S to look whether the handler gave up (a shutdown of the
         # socket instead would put the TLS session in error, and the refusal could not be sent)
@@ -269,6 +273,8 @@ class DataPlane(ThreadedListener):
                         raise _Gone(pos)
                     pos += n
                 crc = crc32(buf[start:end], crc)
+                if squares:
+                    sq += block_squares(buf[start:end])
         except (OSError, _Gone) as e:
             if isinstance(e, SealedChannelError):
                 # a sealed record failed its tag (or was cut): end the connection without a reply, as a
@@ -284,7 +290,7 @@ class DataPlane(ThreadedListener):
             )
         finally:
             sock.settimeout(self.transfer_timeout_s)
-        return (buf, fingerprint_text(crc, size)), True
+        return (buf, fingerprint_text(crc, size), sq if squares else None), True
 
 
 def _settle(fut: asyncio.Future, result) -> None:

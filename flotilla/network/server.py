@@ -729,8 +729,8 @@ class FlotillaServer:
                 raise Refused("INVALID_ARGUMENT", "invalid", "upload refused: the first message must be the header")
             return first.header
 
-        async def receive(size: int, what: str, into: memoryview | None = None) -> tuple[memoryview, str]:
-            return await self._receive_body(request_iterator, size, what, into)
+        async def receive(size: int, what: str, into: memoryview | None = None, squares: bool = False):
+            return *(await self._receive_body(request_iterator, size, what, into)), None  # check_delta sums the squares
 
         try:
             seq, version = await self.accept_upload(who, header, receive)
@@ -795,7 +795,11 @@ class FlotillaServer:
                     # At most `upload_slots` deltas are held in memory at once, whatever the concurrency;
                     # the other streams wait here (gRPC: throttled by HTTP/2 flow control).
                     async with self._upload_slots:
-                        buf, digest = await receive(size, f"shape ({numel},) float32", self.bodies.take(size))
+                        # a plain float32 delta: the data plane sums its squares as it arrives (check_delta's norm)
+                        squares = not c.sealed and self.channels is None and c.variates is None
+                        buf, digest, sumsq = await receive(
+                            size, f"shape ({numel},) float32", self.bodies.take(size), squares
+                        )
                         body = buf
                         self.observed.bytes_in += len(buf)
             except TimeoutError:
@@ -836,7 +840,7 @@ class FlotillaServer:
                 else:
                     payload = torch.frombuffer(buf, dtype=torch.float32)
                 delta, control = (payload, None) if c.variates is None else (payload[: c.numel], payload[c.numel :])
-                norm = c.check_delta(delta, who.device)
+                norm = c.check_delta(delta, who.device, sumsq)
                 if control is not None:
                     c.check_control(control, who.device)
                 up = Upload(
