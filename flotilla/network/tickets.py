@@ -39,7 +39,7 @@ import hashlib
 import hmac
 import json
 from collections import Counter, OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from flotilla.network.refusals import Refused
@@ -56,7 +56,8 @@ class Ticket:
     boot: str = ""  # the issuing server process (tickets survive a restart; the table does not)
 
     def encode(self, secret: bytes) -> str:
-        payload = base64.urlsafe_b64encode(json.dumps(asdict(self), separators=(",", ":")).encode()).decode()
+        # vars(): the fields in order, as asdict gives them for these flat values, at a tenth of its cost
+        payload = base64.urlsafe_b64encode(json.dumps(vars(self), separators=(",", ":")).encode()).decode()
         return payload + "." + hmac.new(secret, payload.encode(), hashlib.sha256).hexdigest()
 
     @staticmethod
