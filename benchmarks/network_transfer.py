@@ -21,7 +21,8 @@ milliseconds per trip (one upload of the model's bytes, then one download of as 
   ``ssl`` cannot choose TLS 1.3 suites, so Flotilla does not).
 * ``sealed``: ``bare`` without TLS records: plain TCP carrying AES-GCM-sealed 1 MiB chunks
   (``cryptography``'s ``decrypt_into``), the key assumed handed over on a TLS channel beforehand,
-  the download sealed once and sent as it is.  Not a transport Flotilla has: what one would cost.
+  the download sealed once and sent as it is: what Flotilla's sealed downloads and sealed uploads
+  (network.sealed_uploads) do, without their handshake and handlers.
 * ``tls-up-sealed-down``: ``bare``'s TLS upload (answered with one byte), and the download sealed
   once and sent on a second, plain TCP port: what ``network.sealed_download_port`` changes
   (docs/deployment.md, "Sealed downloads").
