@@ -331,7 +331,8 @@ def pki(tmp_path_factory):
 @pytest.mark.parametrize("mode, sealed", [("sync", False), ("async", False), ("async", True)])
 def test_network_wire_is_the_compressed_format_with_the_simulators_byte_counts(pki, tmp_path, mode, sealed):
     """sealed: the downloads come from the sealed-download port (network.sealed_download_port), the
-    same encoded bytes, counted once each when the port sends them."""
+    same encoded bytes, counted once each when the port sends them; the compressed uploads go over
+    the same port too (network.sealed_uploads), counted as over TLS."""
     from flotilla.network.client import Device
 
     channels = {**TOPK_Q, "error_feedback": True}
@@ -347,7 +348,7 @@ def test_network_wire_is_the_compressed_format_with_the_simulators_byte_counts(p
         buffer_size=2,
         total_steps=2,
         linger_s=2.0,
-        server={"channels": channels, "sealed_download_port": "auto" if sealed else "off"},
+        server={"channels": channels, "sealed_download_port": "auto" if sealed else "off", "sealed_uploads": sealed},
     ) as st:
         reports = {}
 
@@ -363,9 +364,10 @@ def test_network_wire_is_the_compressed_format_with_the_simulators_byte_counts(p
             t.join(60)
         assert not any(t.is_alive() for t in threads)
         served = st.server.channels
-        sent = None if st.server.sealed_port is None else st.server.sealed_port.counts["sent"]
+        port = st.server.sealed_port
+        sent = None if port is None else (port.counts["sent"], port.uploads[0].counts["used"])
         bytes_out = st.server.observed.bytes_out
-    assert sent == (4 if sealed else None)
+    assert sent == ((4, 4) if sealed else None)
     assert bytes_out == served.bytes_down
     assert st.server.coord.version == 2
     uploads = sum(len(r.accepted) for r, _ in reports.values())
