@@ -575,16 +575,28 @@ class Connection:
         weights = codec.decode(buf)
         return weights if out is None else out.copy_(weights)
 
+    def _sealed_port_off(self, port: int) -> bool:
+        """Whether ``port`` could not be reached lately: not tried for a minute, for downloads and
+        uploads alike (another port, e.g. a restarted server's, is tried at once)."""
+        off_port, off_until = self._sealed_off
+        return port == off_port and time.monotonic() < off_until
+
+    def _sealed_socket(self, port: int, what: str):
+        """A plain connection to the sealed port, or None (then it is off for a minute)."""
+        try:
+            return socket.create_connection((self.host, port), timeout=min(self.timeout_s, 10.0))
+        except OSError as e:
+            log.warning("sealed port %d unreachable (%s); %s over TLS for a minute", port, e, what)
+            self._sealed_off = (port, time.monotonic() + 60.0)
+            return None
+
     def _fetch_sealed(self, offer, version: int, into) -> bool:
         """Whether ``offer`` (a pb.SealedDownload) delivered ``version`` into ``into``, tags and
-        digest checked; a port that cannot be reached is not tried again for a minute."""
+        digest checked."""
         from flotilla.network.sealed_downloads import SealedDownloadError, receive
 
-        try:
-            sock = socket.create_connection((self.host, offer.port), timeout=min(self.timeout_s, 10.0))
-        except OSError as e:
-            log.warning("sealed downloads: port %d unreachable (%s); downloading over TLS for a minute", offer.port, e)
-            self._sealed_off = (offer.port, time.monotonic() + 60.0)
+        sock = self._sealed_socket(offer.port, "downloading")
+        if sock is None:
             self.sealed_downloads["failed"] += 1
             return False
         try:
@@ -601,19 +613,14 @@ class Connection:
     def _send_sealed(self, offer, header, data):
         """The server's UploadReply to a sealed upload (flotilla.network.sealed_uploads), or None
         when anything short of that reply failed: the caller then uploads over TLS, which the
-        server answers as a retry if this one got in.  A refusal of the upload itself is final.
-        A port that cannot be reached is not tried again for a minute (nor for downloads)."""
+        server answers as a retry if this one got in.  A refusal of the upload itself is final."""
         from flotilla.network import sealed_uploads
         from flotilla.network.dataplane_client import DataRefusal
 
-        off_port, off_until = self._sealed_off
-        if offer.port == off_port and time.monotonic() < off_until:
+        if self._sealed_port_off(offer.port):
             return None
-        try:
-            sock = socket.create_connection((self.host, offer.port), timeout=min(self.timeout_s, 10.0))
-        except OSError as e:
-            log.warning("sealed port %d unreachable (%s); uploading over TLS for a minute", offer.port, e)
-            self._sealed_off = (offer.port, time.monotonic() + 60.0)
+        sock = self._sealed_socket(offer.port, "uploading")
+        if sock is None:
             self.sealed_uploads["failed"] += 1
             return None
         try:
@@ -635,12 +642,7 @@ class Connection:
         one, else gRPC's chunk stream, checked chunk by chunk.  A sealed-download offer for
         ``version`` (from the last check-in) is tried first, once; on any failure the TLS paths."""
         offer = self._sealed_offers.pop(version, None)
-        off_port, off_until = self._sealed_off
-        if (
-            offer is not None
-            and (offer.port != off_port or time.monotonic() >= off_until)
-            and self._fetch_sealed(offer, version, into)
-        ):
+        if offer is not None and not self._sealed_port_off(offer.port) and self._fetch_sealed(offer, version, into):
             return
         if self._via_data(lambda d: d.download(version, into)) is not self._GRPC:
             return
