@@ -311,7 +311,7 @@ def test_an_upload_ticket_buys_one_connection_until_it_expires():
     tickets = su.UploadTickets(clock=clock)
     a = tickets.offer("dev-a", 4321, 60.0)
     assert a.port == 4321 and su.usable(a)
-    assert tickets.redeem(bytes(a.ticket)) == bytes(a.key)
+    assert tickets.redeem(bytes(a.ticket)) == (bytes(a.key), "dev-a")  # the key, and whom it was offered to
     assert tickets.redeem(bytes(a.ticket)) is None  # used
     assert tickets.redeem(os.urandom(16)) is None  # never issued
     b = tickets.offer("dev-b", 4321, 60.0)
@@ -321,7 +321,7 @@ def test_an_upload_ticket_buys_one_connection_until_it_expires():
     first = tickets.offer("dev-c", 4321, 60.0)
     second = tickets.offer("dev-c", 4321, 60.0)  # a new offer revokes the device's last ticket
     assert tickets.redeem(bytes(first.ticket)) is None
-    assert tickets.redeem(bytes(second.ticket)) == bytes(second.key)
+    assert tickets.redeem(bytes(second.ticket)) == (bytes(second.key), "dev-c")
     assert tickets.counts == {"offered": 4, "used": 2, "refused": 4}
     # expired tickets are pruned when an offer comes a second or more later
     tickets.offer("dev-d", 4321, 1.0)
@@ -340,7 +340,8 @@ def test_accept_answers_a_ticket_with_the_connections_channel():
         keys = su.DeviceKeys(offer)
         assert su.accept(server, os.urandom(16), keys.salt, tickets) is None
         assert device.recv(2) == su.REFUSED
-        channel = su.accept(server, bytes(offer.ticket), keys.salt, tickets)
+        channel, whom = su.accept(server, bytes(offer.ticket), keys.salt, tickets)
+        assert whom == "dev"
         answer = device.recv(17, socket.MSG_WAITALL)
         assert answer[:1] == su.ACCEPTED and len(answer) == 17
         su.SealedChannel(device, send_key=keys.up).sendall(b"hello server")
@@ -433,7 +434,7 @@ def test_a_used_ticket_falls_back_to_tls_and_counts_once(pki, tmp_path):
     with start_server(pki, tmp_path / "s", server=SEALED, **ASYNC) as st, connect(pki, st) as c:
         a = train(c)
         offer = c._sealed_upload_offers[a.ticket]
-        assert st.call(lambda: tickets_of(st).redeem(bytes(offer.ticket))) == bytes(offer.key)  # someone else
+        assert st.call(lambda: tickets_of(st).redeem(bytes(offer.ticket)))[0] == bytes(offer.key)  # someone else
         assert c.upload(a, torch.full((NUMEL,), 0.01), 10) == (0, 0)
         assert c.sealed_uploads == {"sent": 0, "failed": 1}
         assert tickets_of(st).counts == {"offered": 1, "used": 1, "refused": 1}
@@ -508,6 +509,59 @@ def test_a_body_record_tampered_on_the_way_costs_only_the_slower_path(pki, tmp_p
         assert c.upload(a, torch.full((NUMEL,), 0.01), 10) == (0, 0)
         assert c.sealed_uploads == {"sent": 0, "failed": 1}
         assert status(st)["accepted"] == 1
+
+
+@pytest.mark.parametrize("cut_after", [2, 3])  # after the header's record; after the body's first record
+def test_a_stream_cut_at_a_record_boundary_costs_only_the_slower_path(pki, tmp_path, monkeypatch, cut_after):
+    """A FIN sent on the device's behalf right after a whole record (record lengths travel in the
+    clear): the server closes without a reply, as on a failing tag, and the device uploads over TLS
+    (before: a sealed refusal 'truncated', retry never, and the device gave the work up)."""
+    real = su.upload
+
+    class CutsAtABoundary:
+        def __init__(self, raw):
+            self.raw, self.sends = raw, 0
+
+        def sendall(self, data):
+            self.sends += 1  # 1: hello, 2: the header's record, 3: the body's first record, ...
+            if self.sends <= cut_after:
+                self.raw.sendall(data)
+                if self.sends == cut_after:
+                    self.raw.shutdown(socket.SHUT_WR)
+
+        def __getattr__(self, name):
+            return getattr(self.raw, name)
+
+    monkeypatch.setattr(su, "upload", lambda raw, *args: real(CutsAtABoundary(raw), *args))
+    big = nn.Linear(600, 500)  # 300,500 parameters: five body records
+    with start_server(pki, tmp_path / "s", big, server=SEALED, **ASYNC) as st, connect(pki, st) as c:
+        a = train(c)
+        assert c.upload(a, torch.full((300_500,), 0.01), 10) == (0, 0)
+        assert c.sealed_uploads == {"sent": 0, "failed": 1}
+        assert status(st)["accepted"] == 1
+
+
+def test_a_sealed_upload_under_another_devices_token_is_refused(pki, tmp_path):
+    """A ticket (and its key) names the device it was offered to: the token inside must name it too."""
+    from flotilla.network.dataplane_client import DataRefusal
+
+    with (
+        start_server(pki, tmp_path / "s", server=SEALED, **ASYNC) as st,
+        connect(pki, st, 0) as a0,
+        connect(pki, st, 1) as a1,
+    ):
+        mine, theirs = train(a0), train(a1)
+        offer = a0._sealed_upload_offers[mine.ticket]
+        header = pb.UploadHeader(
+            ticket=theirs.ticket, base_version=theirs.version, dtype="float32", shape=[NUMEL], num_examples=10
+        )
+        with socket.create_connection(("127.0.0.1", offer.port), timeout=10) as sock:
+            with pytest.raises(DataRefusal) as e:
+                su.upload(sock, offer, pki.token(1), header, bytes(4 * NUMEL))
+        assert (e.value.reply.code, e.value.reply.reason) == ("PERMISSION_DENIED", "ticket")
+        assert "offered to another device" in e.value.reply.message
+        assert status(st)["accepted"] == 0
+        assert a1.upload(theirs, torch.zeros(NUMEL), 10) == (0, 0)  # its own upload still goes in (over TLS or sealed)
 
 
 def _refusal(upload, c: Connection, a) -> Refused:

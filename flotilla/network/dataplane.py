@@ -50,7 +50,6 @@ import numpy as np
 from flotilla.network.coordinator import FINGERPRINT_BLOCK, block_squares, crc32, fingerprint_text
 from flotilla.network.listener import ThreadedListener, _Conn, _Gone, _shut
 from flotilla.network.refusals import Refused
-from flotilla.network.sealed_uploads import SealedChannelError
 from flotilla.network.wire import FrameTooLong, frame, pb, read_frame
 
 log = logging.getLogger("flotilla.network")
@@ -106,14 +105,18 @@ class DataPlane(ThreadedListener):
         finally:
             self._release(conn)
 
-    def serve_sealed(self, conn: _Conn) -> None:
+    def serve_sealed(self, conn: _Conn, device: str) -> None:
         """One upload on a connection the sealed port accepted (``conn.sock``: its
-        flotilla.network.sealed_uploads.SealedChannel), through the same handler as over TLS.
-        Called on the sealed port's thread, which releases the connection."""
-        self._requests(conn, kinds=("upload",), once=True)
+        flotilla.network.sealed_uploads.SealedChannel) for ``device`` (whom its ticket was offered
+        to), through the same handler as over TLS.  Called on the sealed port's thread, which
+        releases the connection."""
+        self._requests(conn, kinds=("upload",), once=True, device=device)
 
-    def _requests(self, conn: _Conn, kinds=("download", "upload", "check_in"), once: bool = False) -> None:
-        """Serve ``conn``'s requests of ``kinds`` until it closes (``once``: after the first)."""
+    def _requests(
+        self, conn: _Conn, kinds=("download", "upload", "check_in"), once: bool = False, device: str | None = None
+    ) -> None:
+        """Serve ``conn``'s requests of ``kinds`` until it closes (``once``: after the first);
+        ``device``: a sealed connection's, which its requests' token must name."""
         while not self._stopping.is_set():
             conn.deadline = time.monotonic() + self.idle_timeout_s
             try:
@@ -144,8 +147,12 @@ class DataPlane(ThreadedListener):
             conn.deadline = time.monotonic() + self.transfer_timeout_s
             with self._lock:
                 self.served[kind] += 1
-            serve = {"download": self._download, "upload": self._upload, "check_in": self._check_in}[kind]
-            if not serve(conn, request) or once:
+            if device is not None:
+                keep = self._upload(conn, request, device)
+            else:
+                serve = {"download": self._download, "upload": self._upload, "check_in": self._check_in}[kind]
+                keep = serve(conn, request)
+            if not keep or once:
                 return
 
     def _framing(self, conn: _Conn, message: str) -> None:
@@ -197,8 +204,9 @@ class DataPlane(ThreadedListener):
         conn.sock.sendall(data)
         return True
 
-    def _upload(self, conn: _Conn, request) -> bool:
+    def _upload(self, conn: _Conn, request, device: str | None = None) -> bool:
         started = time.monotonic()
+        sealed = device is not None
         handoff: queue.SimpleQueue = queue.SimpleQueue()
         loop = self.loop
 
@@ -207,7 +215,8 @@ class DataPlane(ThreadedListener):
             handoff.put((size, what, into, squares, got))
             return await got
 
-        done = self._run(self.handlers.data_upload(request.token, conn.peer, request.upload, receive))
+        extra = {"device": device} if sealed else {}  # the sealed connection's device: the token must name it
+        done = self._run(self.handlers.data_upload(request.token, conn.peer, request.upload, receive, **extra))
         done.add_done_callback(lambda _: handoff.put(None))
         item = handoff.get()
         whole = True  # the stream is at a frame boundary (no body bytes left unread)
@@ -226,6 +235,11 @@ class DataPlane(ThreadedListener):
             else:
                 conn.deadline = started + self.transfer_timeout_s
                 result, whole = self._receive_body(conn, size, what, done.done, into, squares)
+                if sealed and not whole:
+                    # the body did not all arrive (a cut, even at a record boundary, or a record failing
+                    # its tag): end the connection without a reply, as a broken TLS stream does, so the
+                    # device sends again over TLS rather than take a refusal for work an attacker spoiled
+                    _shut(conn.sock)
             loop.call_soon_threadsafe(_settle, got, result)
             if handoff.get() is not None:  # pragma: no cover - one receive per upload
                 raise RuntimeError("data plane: the handler asked for the body twice")
@@ -275,11 +289,7 @@ class DataPlane(ThreadedListener):
                 crc = crc32(buf[start:end], crc)
                 if squares:
                     sq += block_squares(buf[start:end])
-        except (OSError, _Gone) as e:
-            if isinstance(e, SealedChannelError):
-                # a sealed record failed its tag (or was cut): end the connection without a reply, as a
-                # TLS record failing its MAC does, so the device sends again rather than give the work up
-                _shut(conn.sock)
+        except (OSError, _Gone):
             return (
                 Refused(
                     "INVALID_ARGUMENT",

@@ -25,13 +25,10 @@ a key per assignment, and the data plane's own upload handler); without it uploa
 
 from __future__ import annotations
 
-import collections
 import hashlib
 import hmac
 import logging
-import mmap
 import os
-import secrets
 import struct
 import time
 import weakref
@@ -41,12 +38,12 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from flotilla.network import sealed_uploads
 from flotilla.network.listener import ThreadedListener, _Conn, _Gone
+from flotilla.network.port_tickets import TICKET_BYTES, PortTickets
 from flotilla.network.wire import pb, read_exact
 
 log = logging.getLogger("flotilla.network")
 
 MAGIC = b"FLSD"
-TICKET_BYTES = 16
 KEY_BYTES = 32
 CHUNK = 1 << 20  # plaintext bytes per sealed chunk
 TAG = 16
@@ -172,81 +169,37 @@ class _Opener:
             )
 
 
-class _Files:
-    """Anonymous in-memory files (memfd) for sealed versions, each mapped into memory, and kept
-    for the next version once no ticket or send holds theirs: a version is sealed straight into a
-    file's pages that already exist (a fresh file's pages cost their allocation and zeroing, ~1.2 ms
-    per 4 MB written into them; sealing into a fresh file's mapping measured no better).  At most
-    ``keep`` idle files are kept; ``close`` closes them and every one given back later."""
-
-    def __init__(self, keep: int = 4):
-        self.keep = keep
-        self._idle: collections.deque = collections.deque()  # (fd, mapping); appended from any thread
-        self._closed = False
-
-    def take(self, size: int) -> tuple[int, mmap.mmap]:
-        while self._idle:
-            try:
-                fd, mapping = self._idle.pop()
-            except IndexError:  # taken meanwhile: never, offers run on one thread
-                break
-            if len(mapping) == size:
-                return fd, mapping
-            self._discard(fd, mapping)
-        fd = os.memfd_create("flotilla-sealed", os.MFD_CLOEXEC)
-        try:
-            os.ftruncate(fd, size)
-            return fd, mmap.mmap(fd, size)
-        except BaseException:
-            os.close(fd)
-            raise
-
-    def give(self, fd: int, mapping: mmap.mmap) -> None:
-        """Back from an entry no ticket or send holds any more (its finalizer, on any thread)."""
-        if self._closed or len(self._idle) >= self.keep:
-            self._discard(fd, mapping)
-        else:
-            self._idle.append((fd, mapping))
-
-    @staticmethod
-    def _discard(fd: int, mapping: mmap.mmap) -> None:
-        mapping.close()
-        os.close(fd)
-
-    def close(self) -> None:
-        self._closed = True
-        while self._idle:
-            self._discard(*self._idle.pop())
-
-
 class _Sealed:
     """A version's download, sealed once.  On Linux it is kept in an anonymous in-memory file
-    (memfd, from the port's :class:`_Files`) and sent with sendfile: the kernel takes the file's
-    pages without a copy into the socket (the port's threads: 1.1 -> 0.45 ms of server CPU per 4 MB
-    sent, by schedstat).  Elsewhere it is sealed into ``scratch`` (the port's buffer) and kept as bytes."""
+    (memfd) and sent with sendfile: the kernel takes the file's pages without a copy into the
+    socket (the port's threads: 1.1 -> 0.45 ms of server CPU per 4 MB sent, by schedstat).  It is
+    sealed into ``scratch`` (the port's buffer, reused: no fresh 4 MB per version) and written to
+    the file in one call; sealing into an mmap of the file measured no better."""
 
-    def __init__(self, version: int, data, files: _Files | None, scratch: bytearray):
+    def __init__(self, version: int, data, scratch: bytearray):
         self.version = version
         self.data = data  # the bytes object sealed (an entry counts only while the server serves that very object)
         self.size = sealed_size(len(data))
-        self.fd, self.sealed = -1, None
-        if files is not None:
-            self.fd, mapping = files.take(self.size)
-            weakref.finalize(self, files.give, self.fd, mapping)  # once no ticket or send holds the entry
-            with memoryview(mapping) as out:
-                self.key, self.sha256 = seal_into(version, data, out)
-        else:
-            with memoryview(scratch) as out:  # at least ``size`` bytes (the port grows it)
-                self.key, self.sha256 = seal_into(version, data, out[: self.size])
+        with memoryview(scratch) as out:  # at least ``size`` bytes (the port grows it)
+            self.key, self.sha256 = seal_into(version, data, out[: self.size])
+            self.fd, self.sealed = -1, None
+            if hasattr(os, "memfd_create"):
+                self.fd = os.memfd_create("flotilla-sealed", os.MFD_CLOEXEC)
+                weakref.finalize(self, os.close, self.fd)  # once no ticket or send holds the entry
+                written = 0
+                while written < self.size:
+                    written += os.write(self.fd, out[written : self.size])
+            else:
                 self.sealed = bytes(out[: self.size])
 
     def send(self, sock) -> None:
         if self.fd < 0:
             sock.sendall(self.sealed)
             return
-        sent = 0
-        while sent < self.size:
-            sent += os.sendfile(sock.fileno(), self.fd, sent, self.size - sent)
+        # socket.sendfile, not os.sendfile: with a timeout the socket is non-blocking, and it waits
+        # for room in the send buffer (os.sendfile raises BlockingIOError once the buffer is full)
+        with open(self.fd, "rb", closefd=False) as f:
+            sock.sendfile(f, 0, self.size)
 
 
 class SealedDownloadPort(ThreadedListener):
@@ -267,68 +220,45 @@ class SealedDownloadPort(ThreadedListener):
         # sealed uploads (flotilla.network.sealed_uploads): (its UploadTickets, serve(conn) that runs
         # the upload on the accepted channel: the data plane's serve_sealed); None: refused
         self.uploads = uploads
-        self.counts = {"offered": 0, "sent": 0, "refused": 0, "sealed_versions": 0}
-        self._versions: dict[int, _Sealed] = {}
-        self._tickets: dict[bytes, tuple[_Sealed, float]] = {}  # ticket -> (what it buys, expires at)
-        self._by_device: dict[str, bytes] = {}  # a device's one live ticket (a new offer replaces it)
-        self._pruned_at = 0.0
-        self._scratch = bytearray()  # without memfd: sealing's buffer, reused (offers run on one thread: the loop)
-        self._files = _Files() if hasattr(os, "memfd_create") else None
+        self.sealed_versions = 0
+        self._versions: dict[int, _Sealed] = {}  # sealed versions some live ticket names (pruned with them)
+        self._tickets = PortTickets(clock, used="sent", on_prune=self._keep_named)
+        self._scratch = bytearray()  # sealing's buffer, reused (offers run on one thread: the server's loop)
 
     def offer(self, device: str, version: int, data, expires_in_s: float) -> pb.SealedDownload:
         """An offer of ``version``'s download bytes ``data`` to ``device``, good for one fetch
         within ``expires_in_s`` seconds (the assignment's life)."""
-        now = self.clock()
-        with self._lock:
-            entry = self._versions.get(version)
-        if entry is None or entry.data is not data:  # sealed outside the lock: the port keeps serving
-            if self._files is None and len(self._scratch) < sealed_size(len(data)):
+        entry = self._versions.get(version)
+        if entry is None or entry.data is not data:  # sealed before any lock: the port keeps serving
+            if len(self._scratch) < sealed_size(len(data)):
                 self._scratch = bytearray(sealed_size(len(data)))
-            entry = _Sealed(version, data, self._files, self._scratch)
-            self.counts["sealed_versions"] += 1
-        ticket = secrets.token_bytes(TICKET_BYTES)
-        with self._lock:
+            entry = _Sealed(version, data, self._scratch)
+            self.sealed_versions += 1
             self._versions[version] = entry
-            self._tickets.pop(self._by_device.get(device, b""), None)
-            self._tickets[ticket] = (entry, now + expires_in_s)
-            self._by_device[device] = ticket
-            self.counts["offered"] += 1
-            if now - self._pruned_at >= 1.0:
-                self._prune(now)
+        ticket = self._tickets.issue(device, entry, expires_in_s)
         return pb.SealedDownload(
             port=self.port or 0, ticket=ticket, key=entry.key, sha256=entry.sha256, total_bytes=len(data)
         )
 
-    def _prune(self, now: float) -> None:
-        """Drop expired tickets, and sealed versions no live ticket names (called with the lock held)."""
-        self._pruned_at = now
-        for t in [t for t, (_, expires) in self._tickets.items() if expires <= now]:
-            del self._tickets[t]
-        live = set(self._tickets)
-        for d in [d for d, t in self._by_device.items() if t not in live]:
-            del self._by_device[d]
-        wanted = {e.version for e, _ in self._tickets.values()}
+    def _keep_named(self, named: list) -> None:
+        """After the tickets' prune: drop sealed versions no live ticket names."""
+        wanted = {e.version for e in named}
         for v in [v for v in self._versions if v not in wanted]:
             del self._versions[v]
 
-    def _redeem(self, ticket: bytes) -> _Sealed | None:
-        """What a ticket buys (once), or None."""
-        with self._lock:
-            entry, expires = self._tickets.pop(ticket, (None, 0.0))
-            if entry is None or expires <= self.clock():
-                self.counts["refused"] += 1
-                return None
-            self.counts["sent"] += 1
-            return entry
-
-    def stop(self) -> None:
-        super().stop()
-        if self._files is not None:
-            self._files.close()  # the idle files now; the rest as their entries go
+    @property
+    def counts(self) -> dict[str, int]:
+        """Offers made, fetches sent, tickets refused, versions sealed."""
+        return {**self._tickets.counts, "sealed_versions": self.sealed_versions}
 
     @property
     def tickets(self) -> int:
         return len(self._tickets)
+
+    def stop(self) -> None:
+        super().stop()
+        self._tickets.clear()  # they buy nothing now; the sealed versions go with them
+        self._versions.clear()
 
     def _serve(self, conn: _Conn) -> None:
         sock = conn.sock
@@ -342,15 +272,16 @@ class SealedDownloadPort(ThreadedListener):
                     n = sock.recv_into(memoryview(request)[got:])
                     if not n:
                         raise _Gone(got)
+                    if not got:  # one deadline from the first byte for the whole request (and an upload's salt)
+                        conn.deadline = time.monotonic() + self.header_timeout_s
                     got += n
-                    conn.deadline = time.monotonic() + self.header_timeout_s
                 magic, ticket = bytes(request[: len(MAGIC)]), bytes(request[len(MAGIC) :])
                 if magic == sealed_uploads.MAGIC and self.uploads is not None:
                     self._upload(conn, ticket)
                     return
                 if magic != MAGIC:
                     return  # not this protocol: close without a word
-                entry = self._redeem(ticket)
+                entry = self._tickets.redeem(ticket)
                 if entry is None:
                     sock.sendall(_LENGTH.pack(0))
                     return
@@ -372,8 +303,8 @@ class SealedDownloadPort(ThreadedListener):
         tickets, serve = self.uploads
         salt = bytearray(sealed_uploads.SALT_BYTES)
         read_exact(conn.sock, memoryview(salt))
-        channel = sealed_uploads.accept(conn.sock, ticket, bytes(salt), tickets)
-        if channel is None:
+        accepted = sealed_uploads.accept(conn.sock, ticket, bytes(salt), tickets)
+        if accepted is None:
             return
-        conn.sock = channel
-        serve(conn)
+        conn.sock, device = accepted
+        serve(conn, device)

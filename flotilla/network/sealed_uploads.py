@@ -39,20 +39,18 @@ import logging
 import os
 import secrets
 import struct
-import threading
-import time
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from flotilla.network.port_tickets import TICKET_BYTES, PortTickets
 from flotilla.network.wire import frame, pb, read_exact, read_frame
 
 log = logging.getLogger("flotilla.network")
 
 MAGIC = b"FLSU"
-TICKET_BYTES = 16
 KEY_BYTES = 32
 SALT_BYTES = 16
 RECORD = 256 << 10  # plaintext bytes per record: the data plane's read block (coordinator.FINGERPRINT_BLOCK)
@@ -196,62 +194,27 @@ class SealedChannel:
 
 
 # -- the server's side -------------------------------------------------------------------------
-class UploadTickets:
-    """The server's live upload offers: ticket -> (key, expires at).  :meth:`offer` runs on the
-    server's loop, :meth:`redeem` on the port's threads."""
-
-    def __init__(self, clock=time.monotonic):
-        self.clock = clock
-        self.counts = {"offered": 0, "used": 0, "refused": 0}
-        self._tickets: dict[bytes, tuple[bytes, float]] = {}
-        self._by_device: dict[str, bytes] = {}  # a device's one live ticket (a new offer replaces it)
-        self._lock = threading.Lock()
-        self._pruned_at = 0.0
+class UploadTickets(PortTickets):
+    """The server's live upload offers: each ticket names a key drawn for one assignment, and the
+    device it was offered to (a sealed upload under another device's token is refused)."""
 
     def offer(self, device: str, port: int, expires_in_s: float) -> pb.SealedUpload:
-        now = self.clock()
-        ticket, key = secrets.token_bytes(TICKET_BYTES), secrets.token_bytes(KEY_BYTES)
-        with self._lock:
-            self._tickets.pop(self._by_device.get(device, b""), None)
-            self._tickets[ticket] = (key, now + expires_in_s)
-            self._by_device[device] = ticket
-            self.counts["offered"] += 1
-            if now - self._pruned_at >= 1.0:
-                self._prune(now)
-        return pb.SealedUpload(port=port, ticket=ticket, key=key)
-
-    def _prune(self, now: float) -> None:
-        self._pruned_at = now
-        for t in [t for t, (_, expires) in self._tickets.items() if expires <= now]:
-            del self._tickets[t]
-        for d in [d for d, t in self._by_device.items() if t not in self._tickets]:
-            del self._by_device[d]
-
-    def redeem(self, ticket: bytes) -> bytes | None:
-        """The key a ticket names (once), or None."""
-        with self._lock:
-            key, expires = self._tickets.pop(ticket, (None, 0.0))
-            if key is None or expires <= self.clock():
-                self.counts["refused"] += 1
-                return None
-            self.counts["used"] += 1
-            return key
-
-    def __len__(self) -> int:
-        return len(self._tickets)
+        key = secrets.token_bytes(KEY_BYTES)
+        return pb.SealedUpload(port=port, ticket=self.issue(device, (key, device), expires_in_s), key=key)
 
 
-def accept(raw, ticket: bytes, device_salt: bytes, tickets: UploadTickets) -> SealedChannel | None:
-    """The port's answer to ``"FLSU"`` + ticket + salt on ``raw``: the connection's channel, or
-    None (refused; the caller closes)."""
-    key = tickets.redeem(ticket)
-    if key is None:
+def accept(raw, ticket: bytes, device_salt: bytes, tickets: UploadTickets) -> tuple[SealedChannel, str] | None:
+    """The port's answer to ``"FLSU"`` + ticket + salt on ``raw``: the connection's channel and the
+    device the ticket was offered to, or None (refused; the caller closes)."""
+    named = tickets.redeem(ticket)
+    if named is None:
         raw.sendall(REFUSED)
         return None
+    key, device = named
     server_salt = os.urandom(SALT_BYTES)
     raw.sendall(ACCEPTED + server_salt)
     up, down = keys(key, ticket, device_salt, server_salt)
-    return SealedChannel(raw, send_key=down, recv_key=up)
+    return SealedChannel(raw, send_key=down, recv_key=up), device
 
 
 # -- the device's side -------------------------------------------------------------------------

@@ -924,8 +924,21 @@ class FlotillaServer:
     async def data_check_in(self, token: str, peer: str, request: pb.CheckInRequest) -> pb.CheckInReply:
         return self._check_in(self._who(token, peer), request)
 
-    async def data_upload(self, token: str, peer: str, header: pb.UploadHeader, receive) -> pb.UploadReply:
+    async def data_upload(
+        self, token: str, peer: str, header: pb.UploadHeader, receive, device: str | None = None
+    ) -> pb.UploadReply:
+        """``device``: a sealed upload's (flotilla.network.sealed_uploads): the device its ticket was
+        offered to, which the token must name."""
         who = self._who(token, peer)
+        if device is not None and who.device != device:
+            raise self.coord.refuse(
+                Refused(
+                    "PERMISSION_DENIED",
+                    "ticket",
+                    "upload refused: this sealed upload's ticket was offered to another device",
+                ),
+                who.device,
+            )
 
         async def given() -> pb.UploadHeader:
             return header
