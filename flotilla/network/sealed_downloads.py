@@ -29,6 +29,7 @@ import hashlib
 import hmac
 import logging
 import os
+import select
 import struct
 import time
 import weakref
@@ -196,10 +197,19 @@ class _Sealed:
         if self.fd < 0:
             sock.sendall(self.sealed)
             return
-        # socket.sendfile, not os.sendfile: with a timeout the socket is non-blocking, and it waits
-        # for room in the send buffer (os.sendfile raises BlockingIOError once the buffer is full)
-        with open(self.fd, "rb", closefd=False) as f:
-            sock.sendfile(f, 0, self.size)
+        # with a timeout the socket is non-blocking underneath: once its buffer is full, wait for room
+        # (up to the timeout; the watchdog's deadline cuts a stalled reader) and go on
+        out, sent, waiting = sock.fileno(), 0, None
+        while sent < self.size:
+            try:
+                sent += os.sendfile(out, self.fd, sent, self.size - sent)
+            except BlockingIOError:
+                if waiting is None:
+                    waiting = select.poll()
+                    waiting.register(out, select.POLLOUT)
+                timeout = sock.gettimeout()
+                if not waiting.poll(None if timeout is None else 1000 * timeout):
+                    raise TimeoutError(f"sealed download: no room to send for {timeout} s") from None
 
 
 class SealedDownloadPort(ThreadedListener):
