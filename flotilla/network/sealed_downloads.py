@@ -175,7 +175,9 @@ class _Sealed:
     (memfd) and sent with sendfile: the kernel takes the file's pages without a copy into the
     socket (the port's threads: 1.1 -> 0.45 ms of server CPU per 4 MB sent, by schedstat).  It is
     sealed into ``scratch`` (the port's buffer, reused: no fresh 4 MB per version) and written to
-    the file in one call; sealing into an mmap of the file measured no better."""
+    the file in one call; sealing into an mmap of the file measured no better.  A file is never
+    reused for a later version: after sendfile returns, a socket may still hold its pages (until the
+    peer has read them, on loopback), and sealing into them would change bytes in flight."""
 
     def __init__(self, version: int, data, scratch: bytearray):
         self.version = version
