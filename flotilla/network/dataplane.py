@@ -110,13 +110,11 @@ class DataPlane(ThreadedListener):
         flotilla.network.sealed_uploads.SealedChannel) for ``device`` (whom its ticket was offered
         to), through the same handler as over TLS.  Called on the sealed port's thread, which
         releases the connection."""
-        self._requests(conn, kinds=("upload",), once=True, device=device)
+        self._requests(conn, device)
 
-    def _requests(
-        self, conn: _Conn, kinds=("download", "upload", "check_in"), once: bool = False, device: str | None = None
-    ) -> None:
-        """Serve ``conn``'s requests of ``kinds`` until it closes (``once``: after the first);
-        ``device``: a sealed connection's, which its requests' token must name."""
+    def _requests(self, conn: _Conn, device: str | None = None) -> None:
+        """Serve ``conn``'s requests until it closes; with ``device`` (a sealed connection's, which
+        the token must name) one upload and nothing else."""
         while not self._stopping.is_set():
             conn.deadline = time.monotonic() + self.idle_timeout_s
             try:
@@ -137,7 +135,7 @@ class DataPlane(ThreadedListener):
             except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and friends
                 self._framing(conn, f"data plane: the request is not a valid DataRequest ({type(e).__name__})")
                 return
-            if kind not in kinds:
+            if device is not None and kind != "upload":
                 self._framing(
                     conn, f"data plane: a sealed connection carries one upload, not a {kind.replace('_', '-')}"
                 )
@@ -152,7 +150,7 @@ class DataPlane(ThreadedListener):
             else:
                 serve = {"download": self._download, "upload": self._upload, "check_in": self._check_in}[kind]
                 keep = serve(conn, request)
-            if not keep or once:
+            if not keep or device is not None:
                 return
 
     def _framing(self, conn: _Conn, message: str) -> None:
