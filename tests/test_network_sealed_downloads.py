@@ -33,10 +33,10 @@ def pki(tmp_path_factory):
     return PKI(tmp_path_factory.mktemp("pki"), devices=4)
 
 
-def offer_for(version: int, data: bytes, *, key=None, sha=None) -> tuple[pb.SealedDownload, bytes]:
-    k, sealed, digest = sd.seal(version, data)
+def offer_for(version: int, data: bytes, *, key=None, digest=None) -> tuple[pb.SealedDownload, bytes]:
+    k, sealed, plain_digest = sd.seal(version, data)
     return pb.SealedDownload(
-        port=1, ticket=b"t" * 16, key=key or k, sha256=sha or digest, total_bytes=len(data)
+        port=1, ticket=b"t" * 16, key=key or k, blake3=digest or plain_digest, total_bytes=len(data)
     ), sealed
 
 
@@ -127,10 +127,32 @@ def test_tampering_reordering_other_versions_and_forgeries_are_refused():
         receive(offer, 5, (0).to_bytes(8, "big"))
 
 
+def test_the_digest_is_blake3_and_an_older_servers_sha256_still_checks_out():
+    """The offer's digest is the plaintext's BLAKE3 (3.6x SHA-256's speed, once per version on the
+    server's loop); an offer from a server before it carries the SHA-256 instead, which the SDK
+    checks the same way, and a forgery fails under either."""
+    import hashlib
+
+    import blake3
+
+    data = bytes(range(256)) * 5000
+    offer, sealed = offer_for(3, data)
+    assert bytes(offer.blake3) == blake3.blake3(data).digest() and not offer.sha256
+    older = pb.SealedDownload()
+    older.CopyFrom(offer)
+    older.ClearField("blake3")
+    older.sha256 = hashlib.sha256(data).digest()
+    assert sd.usable(older)
+    assert bytes(receive(older, 3, framed(sealed))) == data
+    older.sha256 = hashlib.sha256(data + b"x").digest()
+    with pytest.raises(sd.SealedDownloadError, match="digest"):
+        receive(older, 3, framed(sealed))
+
+
 def test_malformed_offers_are_not_used():
     offer, _ = offer_for(1, b"abc")
     assert sd.usable(offer)
-    for field, bad in (("port", 0), ("port", 70000), ("ticket", b"x"), ("key", b"k" * 16), ("sha256", b"")):
+    for field, bad in (("port", 0), ("port", 70000), ("ticket", b"x"), ("key", b"k" * 16), ("blake3", b"")):
         o = pb.SealedDownload()
         o.CopyFrom(offer)
         setattr(o, field, bad)
@@ -207,7 +229,7 @@ def test_a_new_offer_revokes_the_devices_last_ticket_and_old_versions_go(port):
     port.offer("other", 2, b"two", 60.0)
     assert set(port._versions) == {2} and port.tickets == 1
     again = port.offer("dev", 2, b"TWO", 60.0)  # the server serves other bytes for the version: sealed anew
-    assert again.key != second.key and again.sha256 != second.sha256
+    assert again.key != second.key and again.blake3 != second.blake3
 
 
 def test_a_versions_in_memory_file_is_closed_once_nothing_holds_it(port):

@@ -9,9 +9,10 @@ short), and hands each device an offer inside its TLS check-in reply (pb.SealedD
 
 * the version's key, so what crosses the plain connection is unreadable to anyone the server did
   not give work;
-* the SHA-256 of the plaintext: every trained device holds the key, so the tag alone would let one
-  device that can tamper with another's traffic forge a model that decrypts; the digest, which
-  only TLS carries, cannot be forged;
+* the BLAKE3 digest of the plaintext: every trained device holds the key, so the tag alone would
+  let one device that can tamper with another's traffic forge a model that decrypts; the digest,
+  which only TLS carries, cannot be forged (BLAKE3: 0.7 ms per 4 MB here against SHA-256's 2.5,
+  once per version on the server's loop and once per download on the device);
 * a random 16-byte ticket, good for one fetch until the assignment expires, so the port sends
   nothing to a connection the server did not invite (no bandwidth for strangers) and nothing twice.
 
@@ -34,6 +35,7 @@ import struct
 import time
 import weakref
 
+import blake3
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -75,18 +77,18 @@ def _aad(version: int, i: int, last: bool) -> bytes:
 
 def seal_into(version: int, data, out: memoryview) -> tuple[bytes, bytes]:
     """Seal ``version``'s download bytes ``data`` into ``out`` (``sealed_size(len(data))`` writable
-    bytes); returns ``(key, sha256 of data)``."""
+    bytes); returns ``(key, BLAKE3 digest of data)``."""
     key = AESGCM.generate_key(bit_length=8 * KEY_BYTES)
     aead, view, n = AESGCM(key), memoryview(data).cast("B"), chunks(len(data))
     for i in range(n):
         part = view[i * CHUNK : (i + 1) * CHUNK]
         at = i * (CHUNK + TAG)
         aead.encrypt_into(_nonce(i), part, _aad(version, i, i == n - 1), out[at : at + len(part) + TAG])
-    return key, hashlib.sha256(view).digest()
+    return key, blake3.blake3(view).digest()
 
 
 def seal(version: int, data) -> tuple[bytes, bytes, bytes]:
-    """``(key, sealed bytes, sha256 of data)``: :func:`seal_into` a new buffer."""
+    """``(key, sealed bytes, BLAKE3 digest of data)``: :func:`seal_into` a new buffer."""
     out = bytearray(sealed_size(len(data)))
     key, digest = seal_into(version, data, memoryview(out))
     return key, bytes(out), digest
@@ -98,7 +100,7 @@ def usable(offer) -> bool:
         0 < offer.port <= 65535
         and len(offer.ticket) == TICKET_BYTES
         and len(offer.key) == KEY_BYTES
-        and len(offer.sha256) == 32
+        and (len(offer.blake3) == 32 or len(offer.sha256) == 32)  # a server before BLAKE3: SHA-256
         and offer.total_bytes >= 0
     )
 
@@ -154,7 +156,9 @@ class _Opener:
 
     def __init__(self, offer, version: int):
         self.aead, self.version, self.offer = AESGCM(bytes(offer.key)), version, offer
-        self.digest, self.n = hashlib.sha256(), chunks(offer.total_bytes)
+        self.expected = bytes(offer.blake3) or bytes(offer.sha256)
+        self.digest = blake3.blake3() if offer.blake3 else hashlib.sha256()
+        self.n = chunks(offer.total_bytes)
 
     def open(self, i: int, sealed, part: memoryview) -> None:
         try:
@@ -164,7 +168,7 @@ class _Opener:
         self.digest.update(part)
 
     def check(self) -> None:
-        if not hmac.compare_digest(self.digest.digest(), bytes(self.offer.sha256)):
+        if not hmac.compare_digest(self.digest.digest(), self.expected):
             raise SealedDownloadError(
                 f"version {self.version}'s bytes do not match the digest the server gave over TLS"
             )
@@ -184,7 +188,7 @@ class _Sealed:
         self.data = data  # the bytes object sealed (an entry counts only while the server serves that very object)
         self.size = sealed_size(len(data))
         with memoryview(scratch) as out:  # at least ``size`` bytes (the port grows it)
-            self.key, self.sha256 = seal_into(version, data, out[: self.size])
+            self.key, self.digest = seal_into(version, data, out[: self.size])
             self.fd, self.sealed = -1, None
             if hasattr(os, "memfd_create"):
                 self.fd = os.memfd_create("flotilla-sealed", os.MFD_CLOEXEC)
@@ -249,7 +253,7 @@ class SealedDownloadPort(ThreadedListener):
             self._versions[version] = entry
         ticket = self._tickets.issue(device, entry, expires_in_s)
         return pb.SealedDownload(
-            port=self.port or 0, ticket=ticket, key=entry.key, sha256=entry.sha256, total_bytes=len(data)
+            port=self.port or 0, ticket=ticket, key=entry.key, blake3=entry.digest, total_bytes=len(data)
         )
 
     def _keep_named(self, named: list) -> None:
