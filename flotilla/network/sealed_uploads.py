@@ -35,7 +35,6 @@ worst a network attacker achieves is what dropping packets achieves: the slower 
 
 from __future__ import annotations
 
-import logging
 import os
 import secrets
 import struct
@@ -47,8 +46,6 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from flotilla.network.port_tickets import TICKET_BYTES, PortTickets
 from flotilla.network.wire import frame, pb, read_exact, read_frame
-
-log = logging.getLogger("flotilla.network")
 
 MAGIC = b"FLSU"
 KEY_BYTES = 32
